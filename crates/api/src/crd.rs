@@ -1,0 +1,102 @@
+//! The CustomResourceDefinitions, generated from the Rust types.
+//!
+//! `charts/shardop/crds/` holds the same YAML; a test fails when they drift apart
+//! (`make crds` regenerates them).
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+use crate::{DatabaseCluster, Shard};
+
+/// Every CRD shardop installs.
+pub fn all() -> Vec<CustomResourceDefinition> {
+    vec![DatabaseCluster::crd(), Shard::crd()]
+}
+
+/// The file name a CRD is kept under in `charts/shardop/crds/`.
+pub fn file_name(crd: &CustomResourceDefinition) -> String {
+    format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"))
+}
+
+/// One CRD as the YAML document committed to the chart.
+pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
+    Ok(format!(
+        "# Generated from crates/api by `make crds`. Do not edit.\n{}",
+        serde_yaml::to_string(crd)?
+    ))
+}
+
+/// All CRDs as one multi-document YAML stream.
+pub fn all_to_yaml() -> Result<String, serde_yaml::Error> {
+    let docs = all().iter().map(to_yaml).collect::<Result<Vec<_>, _>>()?;
+    Ok(docs.join("---\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn chart_crd_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../charts/shardop/crds")
+    }
+
+    #[test]
+    fn chart_crds_match_the_rust_types() {
+        let dir = chart_crd_dir();
+        let mut expected_files = Vec::new();
+        for crd in all() {
+            let name = file_name(&crd);
+            let generated = to_yaml(&crd).unwrap();
+            let committed = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+            assert!(
+                committed == generated,
+                "charts/shardop/crds/{name} differs from the CRD generated from crates/api: run `make crds` and commit the result"
+            );
+            expected_files.push(name);
+        }
+        let mut present: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        present.sort();
+        expected_files.sort();
+        assert_eq!(
+            present, expected_files,
+            "stale files in charts/shardop/crds"
+        );
+    }
+
+    #[test]
+    fn database_cluster_crd_has_the_promised_shape() {
+        let crd = DatabaseCluster::crd();
+        assert_eq!(crd.spec.group, "shardop.dev");
+        assert_eq!(crd.spec.names.short_names, Some(vec!["dbc".to_owned()]));
+        let version = &crd.spec.versions[0];
+        let columns: Vec<&str> = version
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, ["Shard", "Replicas", "Ready", "Available", "Age"]);
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
+    }
+
+    #[test]
+    fn shard_crd_has_the_promised_columns() {
+        let crd = Shard::crd();
+        let columns: Vec<&str> = crd.spec.versions[0]
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            columns,
+            ["Index", "Holder", "State", "Objects", "Queue", "Age"]
+        );
+    }
+}

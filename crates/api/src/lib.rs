@@ -1,0 +1,19 @@
+//! shardop's shared API: the custom resources, the well-known names every component
+//! agrees on, and the pure logic of shard assignment and handover.
+//!
+//! Nothing in this crate talks to a cluster; the binaries wrap it in thin Kubernetes I/O.
+
+pub mod assignment;
+pub mod constants;
+pub mod crd;
+pub mod database_cluster;
+pub mod protocol;
+pub mod shard;
+pub mod shard_index;
+
+pub use assignment::shard_for;
+pub use database_cluster::{
+    DatabaseCluster, DatabaseClusterSpec, DatabaseClusterStatus, ReclaimPolicy, StorageSpec,
+};
+pub use shard::{Shard, ShardSpec, ShardState, ShardStatus};
+pub use shard_index::{ParseShardIndexError, ShardCount, ShardIndex};

@@ -1,0 +1,380 @@
+//! The state of a DatabaseCluster in the shard protocol, and the assigner's and the
+//! worker's next step for it (transitions A1–A10 and W1–W2 of `docs/shard-protocol.md`).
+
+use std::collections::BTreeMap;
+
+use crate::constants::{DRAIN_LABEL, SHARD_LABEL};
+use crate::shard_index::ShardIndex;
+
+/// Where an object stands, read from its labels alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectPlacement {
+    /// No shard label. `stray_drain` is a drain label left without a shard label.
+    Unassigned {
+        /// A drain label is present although no shard owns the object.
+        stray_drain: bool,
+    },
+    /// Owned by a shard, no move requested.
+    Owned(ShardIndex),
+    /// The assigner asked the owner to let go (phase 1 of a move).
+    Draining {
+        /// The current owner.
+        from: ShardIndex,
+    },
+    /// The shard label is not a canonical index: no worker's selector matches it.
+    Invalid {
+        /// The offending label value.
+        value: String,
+    },
+}
+
+impl ObjectPlacement {
+    /// Reads the placement from an object's labels.
+    pub fn from_labels(labels: Option<&BTreeMap<String, String>>) -> Self {
+        let get = |key: &str| labels.and_then(|l| l.get(key));
+        let drain = get(DRAIN_LABEL).is_some();
+        match get(SHARD_LABEL) {
+            None => Self::Unassigned { stray_drain: drain },
+            Some(value) => match value.parse::<ShardIndex>() {
+                Err(_) => Self::Invalid {
+                    value: value.clone(),
+                },
+                Ok(from) if drain => Self::Draining { from },
+                Ok(owner) => Self::Owned(owner),
+            },
+        }
+    }
+
+    /// The shard whose worker may be reconciling the object.
+    pub fn owner(&self) -> Option<ShardIndex> {
+        match self {
+            Self::Owned(shard) | Self::Draining { from: shard } => Some(*shard),
+            Self::Unassigned { .. } | Self::Invalid { .. } => None,
+        }
+    }
+}
+
+/// What the assigner does with one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AssignerAction {
+    /// The object is where it belongs.
+    Nothing,
+    /// Nothing can be done safely yet: waiting for an acknowledgement, for a live
+    /// destination, or for a live owner to finish a deletion.
+    Wait,
+    /// Set the shard label to `to` and remove any drain label (A1, A5, A7, A9).
+    Assign {
+        /// The destination shard.
+        to: ShardIndex,
+    },
+    /// Set the drain label to ask the live owner to let go (A4, phase 1).
+    RequestDrain {
+        /// The current, live owner.
+        from: ShardIndex,
+        /// The destination, recorded in the drain label for humans.
+        to: ShardIndex,
+    },
+    /// Remove the drain label: the object belongs to its current owner after all (A8).
+    CancelDrain,
+    /// Remove a drain label that no owner will ever acknowledge (A2).
+    ClearStrayDrain,
+}
+
+/// The assigner's next step for an object.
+///
+/// * `desired` is `shard_for(namespace, name, E)` for the effective shard count `E`;
+/// * `deleting` is whether the object has a deletion timestamp;
+/// * `is_live(i)` is whether shard `i`'s Lease is held right now.
+pub fn assigner_action(
+    placement: &ObjectPlacement,
+    deleting: bool,
+    desired: ShardIndex,
+    is_live: impl Fn(ShardIndex) -> bool,
+) -> AssignerAction {
+    match placement {
+        ObjectPlacement::Owned(owner) if *owner == desired => AssignerAction::Nothing,
+        ObjectPlacement::Draining { from } if *from == desired => AssignerAction::CancelDrain,
+        // A live owner keeps the object: a deletion is finished by it (A10), a move waits
+        // for its acknowledgement (A6) or is requested from it (A4).
+        ObjectPlacement::Owned(owner) if is_live(*owner) => {
+            if deleting {
+                AssignerAction::Nothing
+            } else {
+                AssignerAction::RequestDrain {
+                    from: *owner,
+                    to: desired,
+                }
+            }
+        }
+        ObjectPlacement::Draining { from } if is_live(*from) => AssignerAction::Wait,
+        // Nobody can be reconciling the object: move it straight to a live destination.
+        _ if is_live(desired) => AssignerAction::Assign { to: desired },
+        ObjectPlacement::Unassigned { stray_drain: true } => AssignerAction::ClearStrayDrain,
+        _ => AssignerAction::Wait,
+    }
+}
+
+/// What a worker serving `shard` does with an object it sees in that shard's cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerAction {
+    /// Converge the children and status (W1).
+    Reconcile,
+    /// Run the finalizer's cleanup: the object is being deleted.
+    Cleanup,
+    /// Remove the shard and drain labels in one patch (W2, phase 2 acknowledgement).
+    AcknowledgeDrain,
+    /// The object is not (or no longer) this shard's: do not touch it.
+    Ignore,
+}
+
+/// A worker's next step for an object, given the shard the reconcile runs for.
+///
+/// A deleting object is cleaned up even if a drain was requested: moving an object that is
+/// about to disappear would only delay its finalizer.
+pub fn worker_action(
+    placement: &ObjectPlacement,
+    shard: ShardIndex,
+    deleting: bool,
+) -> WorkerAction {
+    match placement.owner() {
+        Some(owner) if owner == shard => match (placement, deleting) {
+            (_, true) => WorkerAction::Cleanup,
+            (ObjectPlacement::Draining { .. }, false) => WorkerAction::AcknowledgeDrain,
+            _ => WorkerAction::Reconcile,
+        },
+        _ => WorkerAction::Ignore,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn placement(pairs: &[(&str, &str)]) -> ObjectPlacement {
+        ObjectPlacement::from_labels(Some(&labels(pairs)))
+    }
+
+    const S0: ShardIndex = ShardIndex(0);
+    const S1: ShardIndex = ShardIndex(1);
+    const S2: ShardIndex = ShardIndex(2);
+
+    #[test]
+    fn placement_from_labels() {
+        assert_eq!(
+            ObjectPlacement::from_labels(None),
+            ObjectPlacement::Unassigned { stray_drain: false }
+        );
+        assert_eq!(
+            placement(&[(DRAIN_LABEL, "2")]),
+            ObjectPlacement::Unassigned { stray_drain: true }
+        );
+        assert_eq!(placement(&[(SHARD_LABEL, "1")]), ObjectPlacement::Owned(S1));
+        assert_eq!(
+            placement(&[(SHARD_LABEL, "1"), (DRAIN_LABEL, "")]),
+            ObjectPlacement::Draining { from: S1 }
+        );
+        assert_eq!(
+            placement(&[(SHARD_LABEL, "01"), (DRAIN_LABEL, "2")]),
+            ObjectPlacement::Invalid { value: "01".into() }
+        );
+        assert_eq!(
+            placement(&[(SHARD_LABEL, "7")]),
+            ObjectPlacement::Owned(ShardIndex(7))
+        );
+    }
+
+    #[test]
+    fn assigner_transitions() {
+        let all_live = |_: ShardIndex| true;
+        let none_live = |_: ShardIndex| false;
+        let only_s1 = |x: ShardIndex| x == S1;
+        let unassigned = ObjectPlacement::Unassigned { stray_drain: false };
+        let stray = ObjectPlacement::Unassigned { stray_drain: true };
+        let owned = ObjectPlacement::Owned(S0);
+        let draining = ObjectPlacement::Draining { from: S0 };
+        let invalid = ObjectPlacement::Invalid { value: "x".into() };
+        let cases: Vec<(
+            &str,
+            &ObjectPlacement,
+            bool,
+            ShardIndex,
+            &dyn Fn(ShardIndex) -> bool,
+            AssignerAction,
+        )> = vec![
+            (
+                "A1",
+                &unassigned,
+                false,
+                S1,
+                &all_live,
+                AssignerAction::Assign { to: S1 },
+            ),
+            (
+                "A1 stray",
+                &stray,
+                false,
+                S1,
+                &all_live,
+                AssignerAction::Assign { to: S1 },
+            ),
+            (
+                "A2",
+                &unassigned,
+                false,
+                S1,
+                &none_live,
+                AssignerAction::Wait,
+            ),
+            (
+                "A2 stray",
+                &stray,
+                false,
+                S1,
+                &none_live,
+                AssignerAction::ClearStrayDrain,
+            ),
+            ("A3", &owned, false, S0, &all_live, AssignerAction::Nothing),
+            (
+                "A3 owner down",
+                &owned,
+                false,
+                S0,
+                &none_live,
+                AssignerAction::Nothing,
+            ),
+            (
+                "A4",
+                &owned,
+                false,
+                S1,
+                &all_live,
+                AssignerAction::RequestDrain { from: S0, to: S1 },
+            ),
+            (
+                "A5",
+                &owned,
+                false,
+                S1,
+                &only_s1,
+                AssignerAction::Assign { to: S1 },
+            ),
+            (
+                "A5 nowhere to go",
+                &owned,
+                false,
+                S1,
+                &none_live,
+                AssignerAction::Wait,
+            ),
+            ("A6", &draining, false, S1, &all_live, AssignerAction::Wait),
+            (
+                "A7",
+                &draining,
+                false,
+                S1,
+                &only_s1,
+                AssignerAction::Assign { to: S1 },
+            ),
+            (
+                "A7 nowhere to go",
+                &draining,
+                false,
+                S2,
+                &only_s1,
+                AssignerAction::Wait,
+            ),
+            (
+                "A8",
+                &draining,
+                false,
+                S0,
+                &all_live,
+                AssignerAction::CancelDrain,
+            ),
+            (
+                "A8 owner down",
+                &draining,
+                false,
+                S0,
+                &none_live,
+                AssignerAction::CancelDrain,
+            ),
+            (
+                "A9",
+                &invalid,
+                false,
+                S1,
+                &all_live,
+                AssignerAction::Assign { to: S1 },
+            ),
+            (
+                "A9 nowhere to go",
+                &invalid,
+                false,
+                S1,
+                &none_live,
+                AssignerAction::Wait,
+            ),
+            ("A10", &owned, true, S1, &all_live, AssignerAction::Nothing),
+            (
+                "A10 draining",
+                &draining,
+                true,
+                S1,
+                &all_live,
+                AssignerAction::Wait,
+            ),
+            (
+                "A10 owner gone",
+                &owned,
+                true,
+                S1,
+                &only_s1,
+                AssignerAction::Assign { to: S1 },
+            ),
+            (
+                "A10 unassigned",
+                &unassigned,
+                true,
+                S1,
+                &all_live,
+                AssignerAction::Assign { to: S1 },
+            ),
+        ];
+        for (name, placement, deleting, desired, live, expected) in cases {
+            assert_eq!(
+                assigner_action(placement, deleting, desired, live),
+                expected,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn worker_transitions() {
+        let owned = ObjectPlacement::Owned(S1);
+        let draining = ObjectPlacement::Draining { from: S1 };
+        assert_eq!(worker_action(&owned, S1, false), WorkerAction::Reconcile);
+        assert_eq!(worker_action(&owned, S1, true), WorkerAction::Cleanup);
+        assert_eq!(
+            worker_action(&draining, S1, false),
+            WorkerAction::AcknowledgeDrain
+        );
+        assert_eq!(worker_action(&draining, S1, true), WorkerAction::Cleanup);
+        assert_eq!(worker_action(&owned, S0, false), WorkerAction::Ignore);
+        assert_eq!(worker_action(&draining, S2, false), WorkerAction::Ignore);
+        for other in [
+            ObjectPlacement::Unassigned { stray_drain: true },
+            ObjectPlacement::Invalid { value: "1x".into() },
+        ] {
+            assert_eq!(worker_action(&other, S1, false), WorkerAction::Ignore);
+        }
+    }
+}

@@ -1,0 +1,101 @@
+# Helpers shared by hack/cluster-up.sh and hack/cluster-down.sh. Source it after lib.sh.
+# shellcheck shell=bash
+# The variables below are used by the scripts that source this file.
+# shellcheck disable=SC2034
+
+# In start order; cluster-down stops them in reverse.
+cluster_components=(etcd kube-apiserver kube-controller-manager)
+
+# Ports default away from the usual 2379/2380/6443 so a real kind/k3s/etcd on the same
+# machine does not clash with the local control plane.
+apiserver_port="${SHARDOP_APISERVER_PORT:-16443}"
+etcd_port="${SHARDOP_ETCD_PORT:-23790}"
+etcd_peer_port="${SHARDOP_ETCD_PEER_PORT:-23800}"
+
+# Absolute, because it ends up in process arguments that identify our processes.
+cluster_root=$(cluster_dir)
+[[ "$cluster_root" == /* ]] || cluster_root="$PWD/$cluster_root"
+
+pid_file() { echo "$cluster_root/$1.pid"; }
+
+# A pid only counts as ours if it runs the component's binary *and* mentions this cluster
+# directory in its arguments: pids get reused, and another checkout may run its own
+# control plane from the same tool cache.
+is_our_process() {
+  local pid=$1 component=$2 stat args
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  # Builtins only: the fallback in running_pid runs this for every process on the machine.
+  read -r stat 2>/dev/null <"/proc/$pid/stat" || return 1
+  # A zombie has exited; when PID 1 does not reap (some containers) it lingers in /proc.
+  stat=${stat##*) }
+  [[ "${stat:0:1}" != Z ]] || return 1
+  mapfile -d '' -t args 2>/dev/null <"/proc/$pid/cmdline" || return 1
+  [[ ${#args[@]} -gt 0 && "${args[0]##*/}" == "$component" ]] || return 1
+  [[ "${args[*]}" == *"$cluster_root/"* ]]
+}
+
+# Prints the pid of the running component of this cluster, or nothing.
+running_pid() {
+  local component=$1 pid
+  pid=$(cat "$(pid_file "$component")" 2>/dev/null) || true
+  if [[ -n "$pid" ]] && is_our_process "$pid" "$component"; then
+    echo "$pid"
+    return
+  fi
+  # The pid file can be gone while the process still runs (cargo clean wipes target/);
+  # fall back to the exact identity test over every process, never to a name match.
+  local p
+  for p in /proc/[0-9]*; do
+    p=${p#/proc/}
+    if is_our_process "$p" "$component"; then
+      echo "$p"
+      return
+    fi
+  done
+}
+
+process_gone() {
+  local stat
+  read -r stat 2>/dev/null <"/proc/$1/stat" || return 0
+  stat=${stat##*) }
+  [[ "${stat:0:1}" == Z ]]
+}
+
+# SIGTERM first so etcd and the apiserver shut down cleanly; SIGKILL if that takes too long.
+stop_component() {
+  local component=$1 timeout=${SHARDOP_STOP_TIMEOUT:-15} pid i
+  pid=$(running_pid "$component")
+  if [[ -z "$pid" ]]; then
+    rm -f "$(pid_file "$component")"
+    return 0
+  fi
+  echo "stopping $component (pid $pid)" >&2
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < timeout * 10; i++)); do
+    process_gone "$pid" && break
+    sleep 0.1
+  done
+  if ! process_gone "$pid"; then
+    echo "$component (pid $pid) ignored SIGTERM for ${timeout}s; sending SIGKILL" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+      process_gone "$pid" && break
+      sleep 0.1
+    done
+    process_gone "$pid" || die "$component (pid $pid) survived SIGKILL"
+  fi
+  rm -f "$(pid_file "$component")"
+}
+
+# Serialises cluster-up and cluster-down (parallel test jobs, make -j). The fd must not
+# leak into the control-plane processes, or they would hold the lock forever.
+take_cluster_lock() {
+  local lock_file
+  lock_file="$cluster_root/.lock"
+  mkdir -p "$cluster_root"
+  exec 9>"$lock_file"
+  if ! flock -n 9; then
+    echo "waiting for another cluster-up/cluster-down to finish ($lock_file)" >&2
+    flock 9
+  fi
+}
