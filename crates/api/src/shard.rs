@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
     status = "ShardStatus",
     category = "shardop",
     doc = "One shard of shardop's DatabaseCluster key space: who holds its Lease and how loaded it is. Created and retired by the assigner; status shared by the assigner and the shard's worker.",
-    validation = "self.metadata.name == 'shard-' + string(self.spec.index)",
     printcolumn(name = "Index", type_ = "integer", json_path = ".spec.index"),
     printcolumn(
         name = "Holder",

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# `make demo`: shardop on the local control plane. Starts the control plane, installs the
+# CRDs, runs the assigner and three workers as local processes (there is no kubelet to run
+# pods), creates sample DatabaseClusters without shard labels, and prints the shard table.
+#
+#   hack/demo.sh        start (idempotent) and print the tables
+#   hack/demo.sh down   stop the demo's processes (the control plane stays up)
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=hack/lib.sh
+source "$here/lib.sh"
+
+demo_dir="$repo_root/target/demo"
+operator_ns=shardop-system
+workers=${SHARDOP_DEMO_WORKERS:-3}
+target_dir=${CARGO_TARGET_DIR:-$repo_root/target}
+bin="$target_dir/debug"
+
+stop_processes() {
+  local pidfile pid
+  for pidfile in "$demo_dir"/*.pid; do
+    [[ -e "$pidfile" ]] || continue
+    pid=$(cat "$pidfile")
+    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q shardop-; then
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+  done
+}
+
+if [[ "${1:-}" == down ]]; then
+  stop_processes
+  echo "demo: stopped (the control plane is still running: make cluster-down)"
+  exit 0
+fi
+
+bash "$here/cluster-up.sh"
+export KUBECONFIG="$(cluster_dir)/kubeconfig"
+kubectl="$("$here/build-tools.sh")/kubectl"
+
+"$kubectl" apply --server-side --field-manager=shardop-demo -f "$repo_root/charts/shardop/crds/" >/dev/null
+"$kubectl" wait --for=condition=Established --timeout=30s crd/databaseclusters.shardop.dev crd/shards.shardop.dev >/dev/null
+for ns in "$operator_ns" demo-payments demo-search; do
+  "$kubectl" create namespace "$ns" --dry-run=client -o yaml | "$kubectl" apply -f - >/dev/null
+done
+
+# (Re)start the operator: stale processes from an earlier demo are stopped first.
+mkdir -p "$demo_dir"
+stop_processes
+start() {
+  local name=$1; shift
+  POD_NAME=$name RUST_LOG=${RUST_LOG:-info} setsid "$@" >"$demo_dir/$name.log" 2>&1 < /dev/null &
+  echo $! >"$demo_dir/$name.pid"
+}
+for i in $(seq 0 $((workers - 1))); do
+  start "shardop-worker-$i" "$bin/shardop-worker" run --operator-namespace "$operator_ns" \
+    --metrics-addr "127.0.0.1:$((19100 + i))" --health-addr "127.0.0.1:$((19200 + i))"
+done
+start shardop-assigner-0 "$bin/shardop-assigner" --operator-namespace "$operator_ns" --shards "$workers" \
+  --metrics-addr 127.0.0.1:19300 --health-addr 127.0.0.1:19301
+
+# Sample objects, created without shard labels: the assigner stamps them.
+for ns in demo-payments demo-search; do
+  for i in 1 2 3 4 5 6; do
+    cat <<YAML
+---
+apiVersion: shardop.dev/v1alpha1
+kind: DatabaseCluster
+metadata:
+  name: ${ns#demo-}-db-$i
+  namespace: $ns
+spec:
+  replicas: $(( (i % 3) + 1 ))
+  image: postgres:17
+  resources:
+    requests: { cpu: 250m, memory: 256Mi }
+  storage:
+    size: $((i * 5))Gi
+    reclaimPolicy: $([[ $((i % 2)) == 0 ]] && echo Delete || echo Retain)
+YAML
+  done
+done | "$kubectl" apply --server-side --field-manager=shardop-demo -f - >/dev/null
+
+echo "demo: waiting for every DatabaseCluster to be assigned and reconciled..."
+for _ in $(seq 1 60); do
+  pending=$("$kubectl" get dbc -A -o jsonpath='{range .items[*]}{.metadata.labels.shardop\.dev/shard}{"/"}{.status.observedGeneration}{"\n"}{end}' | grep -cE '^/|/$' || true)
+  [[ "$pending" == 0 ]] && break
+  sleep 1
+done
+
+echo
+echo "\$ kubectl get shards -n $operator_ns"
+"$kubectl" get shards -n "$operator_ns"
+echo
+echo "\$ kubectl get dbc -A"
+"$kubectl" get dbc -A
+cat <<EOF
+
+The operator keeps running in the background (logs: target/demo/*.log).
+  export KUBECONFIG=$KUBECONFIG
+  $kubectl get shards -n $operator_ns -w      # watch the shard table
+  make demo-down                              # stop the operator; make cluster-down stops the control plane
+EOF
