@@ -62,8 +62,10 @@ process_gone() {
 }
 
 # SIGTERM first so etcd and the apiserver shut down cleanly; SIGKILL if that takes too long.
+# The apiserver waits up to --request-timeout (60 s) for clients that keep connections open
+# (an operator still running with watches), which is not worth waiting for here.
 stop_component() {
-  local component=$1 timeout=${SHARDOP_STOP_TIMEOUT:-15} pid i
+  local component=$1 timeout=${SHARDOP_STOP_TIMEOUT:-10} pid i
   pid=$(running_pid "$component")
   if [[ -z "$pid" ]]; then
     rm -f "$(pid_file "$component")"
@@ -76,7 +78,7 @@ stop_component() {
     sleep 0.1
   done
   if ! process_gone "$pid"; then
-    echo "$component (pid $pid) ignored SIGTERM for ${timeout}s; sending SIGKILL" >&2
+    echo "$component (pid $pid) still running ${timeout}s after SIGTERM; sending SIGKILL" >&2
     kill -KILL "$pid" 2>/dev/null || true
     for ((i = 0; i < 100; i++)); do
       process_gone "$pid" && break

@@ -47,6 +47,7 @@ api_get() {
 
 cluster_ready() {
   local c
+  [[ -s "$kubeconfig" ]] || return 1
   for c in "${cluster_components[@]}"; do [[ -n "$(running_pid "$c")" ]] || return 1; done
   [[ "$(api_get /readyz)" == ok ]] || return 1
   # kube-system is created by the apiserver; the default ServiceAccount only appears once
@@ -127,7 +128,8 @@ issue_cert apiserver "/CN=kube-apiserver" serverAuth \
   "IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
 # O=system:masters is bound to cluster-admin by the default RBAC bootstrap policy.
 issue_cert admin "/CN=shardop-admin/O=system:masters" clientAuth
-# The default RBAC policy grants this exact user name what the controller manager needs.
+# The default RBAC policy grants this exact user name the right to mint the per-controller
+# ServiceAccount tokens (see --use-service-account-credentials below).
 issue_cert kube-controller-manager "/CN=system:kube-controller-manager" clientAuth
 
 # The apiserver verifies ServiceAccount tokens with the public half, the controller
@@ -189,14 +191,16 @@ port_in_use() { (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # setsid: Ctrl-C on a `make test` must not take the shared cluster down with it.
 # Inherited descriptors are closed so that a caller waiting for EOF on a pipe it handed
 # us (a test harness, make's jobserver, our own lock) is not held open by etcd for hours.
-spawn() { # <component> <port> <binary args...>
-  local component=$1 port=$2 log_file="$dir/$1.log" fd
+spawn() { # <component> <"ports it listens on"> <binary args...>
+  local component=$1 ports=$2 log_file="$dir/$1.log" fd port
   shift 2
-  if ((port != 0)) && port_in_use "$port"; then
-    die "127.0.0.1:$port (for $component) is already in use by another process." \
-      "Stop it, or pick other ports with SHARDOP_APISERVER_PORT / SHARDOP_ETCD_PORT / SHARDOP_ETCD_PEER_PORT" \
-      "(if it is a control plane left over from this checkout, run hack/cluster-down.sh)."
-  fi
+  for port in $ports; do
+    if port_in_use "$port"; then
+      die "127.0.0.1:$port (for $component) is already in use by another process." \
+        "Stop it, or pick other ports with SHARDOP_APISERVER_PORT / SHARDOP_ETCD_PORT / SHARDOP_ETCD_PEER_PORT" \
+        "(if it is a control plane left over from this checkout, run hack/cluster-down.sh)."
+    fi
+  done
   echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) started by hack/cluster-up.sh: $*" >"$log_file"
   (
     for fd in /proc/"$BASHPID"/fd/*; do
@@ -216,8 +220,9 @@ check_alive() {
   for c in "$@"; do
     pid=$(cat "$(pid_file "$c")" 2>/dev/null) || die "$c is not running (no pid file)"
     if process_gone "$pid"; then
-      echo "error: $c exited during startup; last lines of $dir/$c.log:" >&2
+      echo "error: $c (pid $pid) exited before the cluster became ready; last lines of $dir/$c.log:" >&2
       tail -n 25 "$dir/$c.log" >&2
+      echo "(hack/cluster-down.sh stops the components that are still running)" >&2
       exit 1
     fi
   done
@@ -232,7 +237,8 @@ wait_until() { # <what> <log component> <components to keep alive> -- <command..
   until "$@"; do
     check_alive "${alive[@]}"
     if ((SECONDS >= deadline)); then
-      die "timed out after ${timeout}s waiting for $what; see $dir/$component.log"
+      die "timed out after ${timeout}s waiting for $what; see $dir/$component.log" \
+        "(what did start is left running for inspection; hack/cluster-down.sh stops it)"
     fi
     sleep 0.2
   done
@@ -252,7 +258,7 @@ chmod 700 "$dir/etcd"
 if [[ -z "$(running_pid etcd)" ]]; then
   # Plain HTTP on loopback only. --unsafe-no-fsync: the data is disposable and fsync on
   # slow CI disks is what makes a test etcd slow.
-  spawn etcd "$etcd_port" "$bin_dir/etcd" \
+  spawn etcd "$etcd_port $etcd_peer_port" "$bin_dir/etcd" \
     --name=shardop \
     --data-dir="$dir/etcd" \
     --listen-client-urls="http://127.0.0.1:$etcd_port" \
@@ -299,14 +305,21 @@ fi
 wait_until "kube-apiserver /healthz" kube-apiserver etcd kube-apiserver -- api_healthz
 
 if [[ -z "$(running_pid kube-controller-manager)" ]]; then
+  # --use-service-account-credentials: every controller acts as its own ServiceAccount, as
+  # in kubeadm clusters. The default RBAC policy only grants system:kube-controller-manager
+  # enough to mint those tokens; using its own identity for everything ends in Forbidden.
+  # Each controller fetches a token at startup, which the default client rate limit
+  # (20 qps) stretches to ~5 s; a local test cluster can afford a higher limit.
   # --secure-port=0: no metrics endpoint, which also skips delegated authn/authz lookups
   # at startup. The CA doubles as the CSR signer so CertificateSigningRequests work too.
-  spawn kube-controller-manager 0 "$bin_dir/kube-controller-manager" \
+  spawn kube-controller-manager "" "$bin_dir/kube-controller-manager" \
     --kubeconfig="$dir/kube-controller-manager.kubeconfig" \
     --controllers='*' \
     --leader-elect=false \
     --secure-port=0 \
     --use-service-account-credentials=true \
+    --kube-api-qps=200 \
+    --kube-api-burst=400 \
     --service-account-private-key-file="$pki/sa.key" \
     --root-ca-file="$pki/ca.crt" \
     --cluster-signing-cert-file="$pki/ca.crt" \

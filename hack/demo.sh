@@ -35,7 +35,8 @@ if [[ "${1:-}" == down ]]; then
 fi
 
 bash "$here/cluster-up.sh"
-export KUBECONFIG="$(cluster_dir)/kubeconfig"
+KUBECONFIG="$(cluster_dir)/kubeconfig"
+export KUBECONFIG
 kubectl="$("$here/build-tools.sh")/kubectl"
 
 "$kubectl" apply --server-side --field-manager=shardop-demo -f "$repo_root/charts/shardop/crds/" >/dev/null
