@@ -68,3 +68,15 @@ demo: build tools ## Run shardop on the local control plane and show the shard t
 .PHONY: demo-down
 demo-down: ## Stop the demo's operator processes
 	@bash hack/demo.sh down
+
+CHART_ALL_FEATURES := metrics.serviceMonitor.enabled=true,prometheusRule.enabled=true,prometheusAdapter.rulesConfigMap=true,worker.autoscaling.enabled=true,apf.enabled=true,networkPolicy.enabled=true,dashboard.enabled=true
+
+.PHONY: chart-lint
+chart-lint: tools ## Lint charts/shardop (defaults, every feature, KEDA) and parse its PromQL with Prometheus' parser
+	@helm="$$(bash hack/build-tools.sh)/helm"; promql="$$(bash hack/build-promql-check.sh)"; \
+	  "$$helm" lint --strict charts/shardop; \
+	  "$$helm" lint --strict charts/shardop --set '$(CHART_ALL_FEATURES)'; \
+	  "$$helm" lint --strict charts/shardop --set keda.enabled=true,prometheusRule.enabled=true; \
+	  report="$$("$$helm" template shardop charts/shardop --set '$(CHART_ALL_FEATURES)' | "$$promql")" \
+	    || { echo "$$report" | grep -v '^ok'; exit 1; }; \
+	  echo "PromQL: $$(echo "$$report" | tail -n 1)"

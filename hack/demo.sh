@@ -57,7 +57,7 @@ for i in $(seq 0 $((workers - 1))); do
   start "shardop-worker-$i" "$bin/shardop-worker" run --operator-namespace "$operator_ns" \
     --metrics-addr "127.0.0.1:$((19100 + i))" --health-addr "127.0.0.1:$((19200 + i))"
 done
-start shardop-assigner-0 "$bin/shardop-assigner" --operator-namespace "$operator_ns" --shards "$workers" \
+start shardop-assigner-0 "$bin/shardop-assigner" run --operator-namespace "$operator_ns" --shards "$workers" \
   --metrics-addr 127.0.0.1:19300 --health-addr 127.0.0.1:19301
 
 # Sample objects, created without shard labels: the assigner stamps them.

@@ -58,6 +58,7 @@ impl ProcessSpec {
     /// An assigner replica `name` serving `operator_namespace`.
     pub fn assigner(test: &str, name: &str, operator_namespace: &str) -> Self {
         Self::new(test, "shardop-assigner", name)
+            .arg("run")
             .arg("--operator-namespace")
             .arg(operator_namespace)
     }
@@ -102,7 +103,10 @@ impl ProcessSpec {
             .args(&self.args)
             .env("KUBECONFIG", &cluster.kubeconfig)
             .env("POD_NAME", &self.name)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .envs(&self.env)
             .stdin(Stdio::null())

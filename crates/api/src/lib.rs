@@ -3,6 +3,9 @@
 //!
 //! Nothing in this crate talks to a cluster; the binaries wrap it in thin Kubernetes I/O.
 
+// Tests may panic on unexpected values; production code may not (workspace lints).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod assignment;
 pub mod constants;
 pub mod crd;
