@@ -124,18 +124,22 @@ pub async fn install_crds(cluster: &Cluster) -> anyhow::Result<()> {
     }
     for crd in shardop_api::crd::all() {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        wait_for(&format!("CRD {name} Established"), Duration::from_secs(30), || {
-            let crds = crds.clone();
-            let name = name.clone();
-            async move {
-                let crd = crds.get(&name).await.ok()?;
-                crd.status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(())
-            }
-        })
+        wait_for(
+            &format!("CRD {name} Established"),
+            Duration::from_secs(30),
+            || {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    let crd = crds.get(&name).await.ok()?;
+                    crd.status?
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                        .then_some(())
+                }
+            },
+        )
         .await?;
     }
     Ok(())
@@ -255,10 +259,14 @@ impl Drop for TestNamespace {
 pub async fn delete_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let _ = namespaces.delete(name, &DeleteParams::default()).await;
-    wait_for(&format!("namespace {name} gone"), Duration::from_secs(60), || {
-        let namespaces = namespaces.clone();
-        async move { namespaces.get_opt(name).await.ok()?.is_none().then_some(()) }
-    })
+    wait_for(
+        &format!("namespace {name} gone"),
+        Duration::from_secs(60),
+        || {
+            let namespaces = namespaces.clone();
+            async move { namespaces.get_opt(name).await.ok()?.is_none().then_some(()) }
+        },
+    )
     .await
 }
 

@@ -40,8 +40,13 @@ async fn crds_are_established_with_their_short_names() {
             .any(|c| c.type_ == "Established" && c.status == "True");
         assert!(established, "{name} is not Established");
     }
-    let resources = cluster.kubectl_ok(&["api-resources", "--api-group=shardop.dev"]).unwrap();
-    assert!(resources.contains("dbc"), "short name dbc missing:\n{resources}");
+    let resources = cluster
+        .kubectl_ok(&["api-resources", "--api-group=shardop.dev"])
+        .unwrap();
+    assert!(
+        resources.contains("dbc"),
+        "short name dbc missing:\n{resources}"
+    );
 }
 
 #[tokio::test]
@@ -55,14 +60,24 @@ async fn valid_database_cluster_shows_printer_columns() {
 
     let table = cluster.kubectl_ok(&["get", "dbc", "-n", &ns.name]).unwrap();
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "SHARD", "REPLICAS", "READY", "AVAILABLE", "AGE"], "{table}");
+    assert_eq!(
+        header,
+        ["NAME", "SHARD", "REPLICAS", "READY", "AVAILABLE", "AGE"],
+        "{table}"
+    );
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(&row[..3], ["orders", "2", "3"], "{table}");
 
     // The defaulted reclaimPolicy is visible in the stored object.
     let policy = cluster
         .kubectl_ok(&[
-            "get", "dbc", "orders", "-n", &ns.name, "-o", "jsonpath={.spec.storage.reclaimPolicy}",
+            "get",
+            "dbc",
+            "orders",
+            "-n",
+            &ns.name,
+            "-o",
+            "jsonpath={.spec.storage.reclaimPolicy}",
         ])
         .unwrap();
     assert_eq!(policy, "Retain");
@@ -79,18 +94,42 @@ async fn invalid_specs_are_rejected_naming_the_field() {
         spec
     };
     let cases = [
-        ("replicas-zero", with(json!({"replicas": 0})), "spec.replicas"),
-        ("replicas-ten", with(json!({"replicas": 10})), "spec.replicas"),
+        (
+            "replicas-zero",
+            with(json!({"replicas": 0})),
+            "spec.replicas",
+        ),
+        (
+            "replicas-ten",
+            with(json!({"replicas": 10})),
+            "spec.replicas",
+        ),
         ("empty-image", with(json!({"image": ""})), "spec.image"),
-        ("spaced-image", with(json!({"image": "postgres 17"})), "spec.image"),
-        ("bad-size", with(json!({"storage": {"size": "ten gigs"}})), "spec.storage.size"),
-        ("zero-size", with(json!({"storage": {"size": "0"}})), "spec.storage.size"),
+        (
+            "spaced-image",
+            with(json!({"image": "postgres 17"})),
+            "spec.image",
+        ),
+        (
+            "bad-size",
+            with(json!({"storage": {"size": "ten gigs"}})),
+            "spec.storage.size",
+        ),
+        (
+            "zero-size",
+            with(json!({"storage": {"size": "0"}})),
+            "spec.storage.size",
+        ),
         (
             "bad-policy",
             with(json!({"storage": {"size": "1Gi", "reclaimPolicy": "Shred"}})),
             "spec.storage.reclaimPolicy",
         ),
-        ("no-storage", json!({"replicas": 1, "image": "postgres:17"}), "spec.storage"),
+        (
+            "no-storage",
+            json!({"replicas": 1, "image": "postgres:17"}),
+            "spec.storage",
+        ),
     ];
     for (name, spec, field) in cases {
         let err = create_raw(&client, &ns.name, database_cluster_json(name, spec))
@@ -115,11 +154,20 @@ async fn immutability_rules_are_enforced_on_update() {
     let ns = TestNamespace::create(&client, "e2e-api").await.unwrap();
     let mut spec = valid_spec(1);
     spec["storage"] = json!({"size": "10Gi", "storageClassName": "fast"});
-    create_raw(&client, &ns.name, database_cluster_json("inventory", spec)).await.unwrap();
+    create_raw(&client, &ns.name, database_cluster_json("inventory", spec))
+        .await
+        .unwrap();
 
     let patch = |body: &str| {
         cluster.kubectl(&[
-            "patch", "dbc", "inventory", "-n", &ns.name, "--type=merge", "-p", body,
+            "patch",
+            "dbc",
+            "inventory",
+            "-n",
+            &ns.name,
+            "--type=merge",
+            "-p",
+            body,
         ])
     };
     let shrink = patch(r#"{"spec":{"storage":{"size":"5Gi"}}}"#).unwrap();
@@ -131,7 +179,11 @@ async fn immutability_rules_are_enforced_on_update() {
     assert!(String::from_utf8_lossy(&class.stderr).contains("storageClassName is immutable"));
 
     let grow = patch(r#"{"spec":{"storage":{"size":"20Gi"},"replicas":3}}"#).unwrap();
-    assert!(grow.status.success(), "{}", String::from_utf8_lossy(&grow.stderr));
+    assert!(
+        grow.status.success(),
+        "{}",
+        String::from_utf8_lossy(&grow.stderr)
+    );
 }
 
 #[tokio::test]
@@ -145,25 +197,50 @@ async fn shards_show_their_columns() {
         "metadata": { "name": "shard-0", "namespace": ns.name },
         "spec": { "index": 0 },
     });
-    let output = cluster.kubectl_with_input(&["apply", "-f", "-"], &manifest.to_string()).unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = cluster
+        .kubectl_with_input(&["apply", "-f", "-"], &manifest.to_string())
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let status = json!({"status": {"holder": "shardop-worker-0", "state": "Active", "objects": 12, "queueDepth": 3}});
     cluster
         .kubectl_ok(&[
-            "patch", "shard", "shard-0", "-n", &ns.name, "--subresource=status", "--type=merge", "-p",
+            "patch",
+            "shard",
+            "shard-0",
+            "-n",
+            &ns.name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
             &status.to_string(),
         ])
         .unwrap();
     let table = wait_for("shard status visible", Duration::from_secs(5), || async {
-        let table = cluster.kubectl_ok(&["get", "shards", "-n", &ns.name]).ok()?;
+        let table = cluster
+            .kubectl_ok(&["get", "shards", "-n", &ns.name])
+            .ok()?;
         table.contains("Active").then_some(table)
     })
     .await
     .unwrap();
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "INDEX", "HOLDER", "STATE", "OBJECTS", "QUEUE", "AGE"], "{table}");
+    assert_eq!(
+        header,
+        [
+            "NAME", "INDEX", "HOLDER", "STATE", "OBJECTS", "QUEUE", "AGE"
+        ],
+        "{table}"
+    );
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
-    assert_eq!(&row[..6], ["shard-0", "0", "shardop-worker-0", "Active", "12", "3"], "{table}");
+    assert_eq!(
+        &row[..6],
+        ["shard-0", "0", "shardop-worker-0", "Active", "12", "3"],
+        "{table}"
+    );
 }
 
 fn json_merge(target: &mut serde_json::Value, patch: serde_json::Value) {

@@ -46,12 +46,6 @@ const KEDA_FEATURES: &[&str] = &[
     "dashboard.enabled=true",
 ];
 
-/// Counters the chart's PromQL uses that a healthy run may not have incremented yet.
-const ONLY_AFTER_FIRST_EVENT: &[&str] = &[
-    "shardop_reconcile_errors_total",
-    "shardop_reconcile_retries_total",
-];
-
 fn chart_dir() -> PathBuf {
     shardop_e2e::repo_root().join("charts/shardop")
 }
@@ -1269,21 +1263,7 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
         if exposition.contains(&format!("# TYPE {family} ")) {
             continue;
         }
-        // prometheus-client prints a labelled family only once it has a child, so a counter
-        // of rare events (errors, retries) is absent from a healthy run. Those must at least
-        // be registered under that name by a binary.
-        let registered = || {
-            [
-                "crates/worker/src/metrics.rs",
-                "crates/assigner/src/metrics.rs",
-            ]
-            .iter()
-            .filter_map(|f| std::fs::read_to_string(cluster.repo_root.join(f)).ok())
-            .any(|source| source.contains(&format!("\"{family}\"")))
-        };
-        if !(ONLY_AFTER_FIRST_EVENT.contains(&name) && registered()) {
-            missing.push(name.to_owned());
-        }
+        missing.push(name.to_owned());
     }
     assert!(
         missing.is_empty(),
@@ -1298,7 +1278,7 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
         "no {hpa_metric}{{shard=...}} series"
     );
     // The lag SLO's threshold must be one of the histogram's bucket bounds.
-    let bound = "le=\"16.384\"";
+    let bound = "le=\"5.0\"";
     assert!(
         rendered.contains(bound),
         "the default SLO threshold changed; update this test"

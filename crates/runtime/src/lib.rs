@@ -1,1 +1,27 @@
-//! placeholder
+//! The Kubernetes I/O shared by shardop's binaries (worker and assigner), one concept per
+//! module:
+//!
+//! * [`client`]: kube clients with a user agent, a token-bucket rate limit, 429 handling and
+//!   request metrics;
+//! * [`telemetry`]: JSON/text logs with trace ids and optional OTLP trace export;
+//! * [`serve`]: `/metrics`, `/healthz` and `/readyz`;
+//! * [`lease`]: shard Lease acquire/renew/release, the write fence, and a watch over all
+//!   shard Leases;
+//! * [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
+
+// Tests may panic on unexpected values; production code may not (workspace lints).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod client;
+pub mod lease;
+pub mod serve;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use client::{ClientFactory, KubeClientArgs, KubeMetrics};
+pub use lease::{
+    HeldLease, LeaseError, LeaseGuard, LeaseLost, LeaseSettings, ShardLeaseWatch, ShardLeases,
+    watch_shard_leases,
+};
+pub use serve::{Endpoints, Readiness};
+pub use telemetry::{LogFormat, TelemetryGuard};

@@ -1,9 +1,33 @@
 //! `shardop-worker`: the sharded DatabaseCluster reconciler.
 
-use std::path::PathBuf;
+// Tests may panic on unexpected values; production code may not (workspace lints).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
+mod backoff;
+mod children;
+mod controller;
+mod failover;
+mod fault;
+mod filter;
+mod heartbeat;
+mod metrics;
+mod reconcile;
+mod status;
+mod supervisor;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use shardop_api::ShardIndex;
+use shardop_runtime::serve::{Endpoints, serve};
+use shardop_runtime::{
+    ClientFactory, KubeClientArgs, KubeMetrics, LeaseSettings, LogFormat, Readiness,
+};
 
 /// The sharded DatabaseCluster reconciler: serves the shard of its StatefulSet ordinal while
 /// it holds that shard's Lease, and takes over shards whose worker died.
@@ -16,6 +40,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the worker.
+    Run(Box<RunArgs>),
     /// Print every shardop CustomResourceDefinition as YAML (or write one file per CRD).
     Crd {
         /// Write `<crd-name>.yaml` files into this directory instead of printing.
@@ -24,12 +50,221 @@ enum Command {
     },
 }
 
+/// `auto` (the ordinal at the end of the identity) or a shard index.
+#[derive(Clone, Copy, Debug)]
+enum ShardArg {
+    Auto,
+    Index(ShardIndex),
+}
+
+impl FromStr for ShardArg {
+    type Err = String;
+    fn from_str(value: &str) -> Result<Self, String> {
+        if value == "auto" {
+            return Ok(Self::Auto);
+        }
+        value
+            .parse()
+            .map(Self::Index)
+            .map_err(|e: shardop_api::ParseShardIndexError| e.to_string())
+    }
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((value, "s"), |i| value.split_at(i));
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {value:?}"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {value:?} (use ms, s or m)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Home shard: `auto` takes the StatefulSet ordinal at the end of the identity
+    /// (`shardop-worker-2` → 2).
+    #[arg(long, env = "SHARDOP_SHARD", default_value = "auto")]
+    shard: ShardArg,
+    /// Holder identity in the shard Leases; the pod name.
+    #[arg(long, env = "POD_NAME")]
+    identity: String,
+    /// Namespace of the shard Leases and Shard objects.
+    #[arg(
+        long,
+        env = "SHARDOP_OPERATOR_NAMESPACE",
+        default_value = "shardop-system"
+    )]
+    operator_namespace: String,
+    /// Comma-separated namespaces to watch for DatabaseClusters; all namespaces when empty.
+    #[arg(long, env = "SHARDOP_WATCH_NAMESPACES", value_delimiter = ',', num_args = 0..)]
+    watch_namespaces: Vec<String>,
+    /// How long others wait after the last renew before a shard Lease counts as expired
+    /// (whole seconds).
+    #[arg(long, env = "SHARDOP_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// How long after its last successful renew the holder keeps writing. Must be less
+    /// than the lease duration.
+    #[arg(long, env = "SHARDOP_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    renew_deadline: Duration,
+    /// How often the holder renews; also the unit of the takeover stagger.
+    #[arg(long, env = "SHARDOP_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    retry_period: Duration,
+    /// Reconciles running at once per shard (and watched namespace).
+    #[arg(long, env = "SHARDOP_CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
+    /// Use streaming lists (WatchList) for the initial state of the watches.
+    #[arg(long, env = "SHARDOP_STREAMING_LISTS", default_value_t = true, action = clap::ArgAction::Set)]
+    streaming_lists: bool,
+    /// Backoff of transient reconcile errors: first delay.
+    #[arg(long, env = "SHARDOP_BACKOFF_BASE", default_value = "500ms", value_parser = parse_duration)]
+    backoff_base: Duration,
+    /// Backoff of transient reconcile errors: maximum delay.
+    #[arg(long, env = "SHARDOP_BACKOFF_CAP", default_value = "5m", value_parser = parse_duration)]
+    backoff_cap: Duration,
+    #[command(flatten)]
+    kube: KubeClientArgs,
+    /// Address of `/metrics` (port 0 = any free port, logged at start-up).
+    #[arg(long, env = "SHARDOP_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Address of `/healthz` and `/readyz`; may equal the metrics address.
+    #[arg(long, env = "SHARDOP_HEALTH_ADDR", default_value = "0.0.0.0:8081")]
+    health_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "SHARDOP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+    /// How long in-flight reconciles may run after SIGTERM (or a hand-back request)
+    /// before they are abandoned and the Leases released.
+    #[arg(long, env = "SHARDOP_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd { output_dir } => print_crds(output_dir),
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the Tokio runtime")?;
+            runtime.block_on(run(*args))
+        }
     }
 }
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut telemetry = shardop_runtime::telemetry::init(args.log_format, "shardop-worker")?;
+    let result = run_worker(args).await;
+    if let Err(err) = &result {
+        tracing::error!(error = format!("{err:#}"), "worker failed");
+    }
+    telemetry.shutdown();
+    result
+}
+
+async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
+    let home = match args.shard {
+        ShardArg::Index(index) => index,
+        ShardArg::Auto => {
+            shardop_api::protocol::home_shard_of(&args.identity).with_context(|| {
+                format!(
+                    "--shard auto: identity {:?} does not end in an ordinal",
+                    args.identity
+                )
+            })?
+        }
+    };
+    if args.renew_deadline >= args.lease_duration {
+        bail!("--renew-deadline must be shorter than --lease-duration");
+    }
+    if args.retry_period >= args.renew_deadline {
+        bail!("--retry-period must be shorter than --renew-deadline");
+    }
+    let shutdown = shardop_runtime::shutdown::on_signal();
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let kube_metrics = KubeMetrics::register(&mut registry);
+    let metrics = metrics::WorkerMetrics::register(&mut registry);
+    let registry = Arc::new(std::sync::Mutex::new(registry));
+    let readiness = Readiness::default();
+    let endpoints = Endpoints::new(registry, readiness.clone());
+    let servers = CancellationToken::new();
+    let (metrics_addr, metrics_server) =
+        serve(args.metrics_addr, endpoints.clone(), servers.clone()).await?;
+    let metrics_task = tokio::spawn(metrics_server);
+    // One listener serves all three paths; a second one only when the health address
+    // differs (two `:0` addresses mean two free ports).
+    let health_task = if args.health_addr == args.metrics_addr && args.metrics_addr.port() != 0 {
+        tracing::info!(health_addr = %metrics_addr, "serving /healthz and /readyz");
+        None
+    } else {
+        let (health_addr, health_server) =
+            serve(args.health_addr, endpoints, servers.clone()).await?;
+        tracing::info!(%health_addr, "serving /healthz and /readyz");
+        Some(tokio::spawn(health_server))
+    };
+    tracing::info!(%metrics_addr, "serving /metrics");
+
+    let clients = ClientFactory::infer(&args.kube, kube_metrics).await?;
+    tracing::info!(
+        identity = %args.identity,
+        home = %home,
+        operator_namespace = %args.operator_namespace,
+        watch_namespaces = ?args.watch_namespaces,
+        "starting shardop-worker"
+    );
+    let supervisor = supervisor::Supervisor {
+        clients,
+        lease_settings: LeaseSettings {
+            namespace: args.operator_namespace.clone(),
+            identity: args.identity.clone(),
+            lease_duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry_period: args.retry_period,
+        },
+        home,
+        controller: controller::ControllerSettings {
+            namespaces: args
+                .watch_namespaces
+                .iter()
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty())
+                .collect(),
+            concurrency: args.concurrency.max(1),
+            streaming_lists: args.streaming_lists,
+            backoff: backoff::BackoffPolicy {
+                base: args.backoff_base,
+                cap: args.backoff_cap,
+            },
+            retry_period: args.retry_period,
+        },
+        metrics,
+        readiness,
+        shutdown_timeout: args.shutdown_timeout,
+    };
+    let result = supervisor.run(shutdown).await;
+    servers.cancel();
+    let _ = metrics_task.await;
+    if let Some(task) = health_task {
+        let _ = task.await;
+    }
+    tracing::info!("shardop-worker stopped");
+    result
+}
+
+use tokio_util::sync::CancellationToken;
 
 fn print_crds(output_dir: Option<PathBuf>) -> anyhow::Result<()> {
     use std::io::Write;
@@ -39,8 +274,7 @@ fn print_crds(output_dir: Option<PathBuf>) -> anyhow::Result<()> {
             std::io::stdout().write_all(yaml.as_bytes())?;
         }
         Some(dir) => {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for crd in shardop_api::crd::all() {
                 let path = dir.join(shardop_api::crd::file_name(&crd));
                 std::fs::write(&path, shardop_api::crd::to_yaml(&crd)?)
@@ -49,4 +283,39 @@ fn print_crds(output_dir: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("4"), Ok(Duration::from_secs(4)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn cli_defaults_and_env_free_parse() {
+        let cli = Cli::try_parse_from([
+            "shardop-worker",
+            "run",
+            "--identity",
+            "shardop-worker-2",
+            "--watch-namespaces",
+            "a,b",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run expected")
+        };
+        assert!(matches!(args.shard, ShardArg::Auto));
+        assert_eq!(args.watch_namespaces, ["a", "b"]);
+        assert_eq!(args.lease_duration, Duration::from_secs(15));
+        assert_eq!(args.kube.kube_qps, 50.0);
+    }
 }

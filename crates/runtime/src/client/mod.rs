@@ -1,0 +1,492 @@
+//! Kubernetes clients that identify themselves, respect a client-side rate limit, wait out
+//! server throttling and count every request.
+//!
+//! Every client a [`ClientFactory`] builds shares one [`TokenBucket`]: the limit protects the
+//! API server from this *process*, however many shards it serves. Each client carries its own
+//! user agent, because a worker that took over shard `j` must appear in the audit log and in
+//! API Priority and Fairness as `shardop-worker/shard-j`.
+//!
+//! The request path, outermost first:
+//!
+//! 1. [`RequestPolicy`] (this module): sets the user agent, takes a token, counts the
+//!    response in `shardop_kube_requests_total{verb,code}`, and on `429 Too Many Requests`
+//!    sleeps for the server's `Retry-After` (clamped to 1..=30 s) and sends again — a
+//!    throttled request is not a failure, the reconcile never sees it;
+//! 2. kube's default stack from the inferred config (base URI, auth, extra headers, HTTP
+//!    tracing, TLS connector), behind a `tower::buffer::Buffer` so it can be cloned for
+//!    resends. kube's own retry layer is switched off: it follows `Retry-After` without a cap
+//!    (up to 1000 s) and its retries are invisible to our metrics.
+
+mod token_bucket;
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http::header::{HeaderValue, RETRY_AFTER, USER_AGENT};
+use http::{Method, Request, Response, StatusCode};
+use kube::client::{Body, ClientBuilder};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tower::buffer::Buffer;
+use tower::{BoxError, Layer, Service, ServiceExt};
+
+pub use token_bucket::TokenBucket;
+
+/// How many times one request is resent after `429 Too Many Requests` before the 429 is
+/// returned to the caller (who then backs off like for any transient error).
+const MAX_THROTTLE_RETRIES: u32 = 10;
+/// Bounds of the wait after a 429: at least 1 s so a missing/zero header cannot spin, at
+/// most 30 s so a misconfigured server cannot park a reconcile for minutes.
+const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Requests queued in front of kube's default stack; same as kube's own buffer.
+const BUFFER_CAPACITY: usize = 1024;
+
+/// Client flags shared by every shardop binary (`#[command(flatten)]`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct KubeClientArgs {
+    /// Client-side request rate limit: sustained requests per second to the API server
+    /// (token bucket refill rate, shared by all shards this process serves). 0 = no limit.
+    #[arg(long, env = "SHARDOP_KUBE_QPS", default_value_t = 50.0)]
+    pub kube_qps: f32,
+    /// Client-side request rate limit: burst size (token bucket capacity).
+    #[arg(long, env = "SHARDOP_KUBE_BURST", default_value_t = 100)]
+    pub kube_burst: u32,
+}
+
+impl Default for KubeClientArgs {
+    fn default() -> Self {
+        Self {
+            kube_qps: 50.0,
+            kube_burst: 100,
+        }
+    }
+}
+
+/// Why a client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Neither in-cluster config nor a kubeconfig was found.
+    #[error("inferring the Kubernetes client configuration: {0}")]
+    InferConfig(#[from] kube::config::InferConfigError),
+    /// kube rejected the configuration (TLS, auth plugin, ...).
+    #[error("building the Kubernetes client: {0}")]
+    Build(#[from] kube::Error),
+    /// The user agent contains characters not allowed in an HTTP header.
+    #[error("invalid user agent {0:?}")]
+    UserAgent(String),
+}
+
+/// Labels of `shardop_kube_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Kubernetes verb: get, list, watch, create, update, patch, delete, deletecollection.
+    pub verb: &'static str,
+    /// HTTP status code, or `error` when no response arrived.
+    pub code: String,
+}
+
+/// Client-side request metrics.
+#[derive(Clone, Debug, Default)]
+pub struct KubeMetrics {
+    /// `shardop_kube_requests_total{verb,code}`: every response (or transport error),
+    /// including each throttled attempt.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `shardop_kube_throttled_retries_total`: resends after `429 Too Many Requests`.
+    pub throttled_retries: Counter,
+}
+
+impl KubeMetrics {
+    /// Creates the metrics and registers them.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "shardop_kube_requests",
+            "Requests to the Kubernetes API server by verb and HTTP status code",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "shardop_kube_throttled_retries",
+            "Requests resent after 429 Too Many Requests, following Retry-After",
+            metrics.throttled_retries.clone(),
+        );
+        metrics
+    }
+}
+
+/// Builds clients from one inferred config, all sharing one rate limit and one set of
+/// metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct ClientFactory {
+    config: kube::Config,
+    bucket: TokenBucket,
+    metrics: KubeMetrics,
+}
+
+impl ClientFactory {
+    /// Infers the config (in-cluster, then `KUBECONFIG` / `~/.kube/config`).
+    pub async fn infer(args: &KubeClientArgs, metrics: KubeMetrics) -> Result<Self, ClientError> {
+        let config = kube::Config::infer().await?;
+        Ok(Self::new(config, args, metrics))
+    }
+
+    /// Uses the given config.
+    pub fn new(mut config: kube::Config, args: &KubeClientArgs, metrics: KubeMetrics) -> Self {
+        // Our RequestPolicy handles 429 with a capped, counted Retry-After (see module docs).
+        config.default_retry = false;
+        Self {
+            config,
+            bucket: TokenBucket::new(args.kube_qps, args.kube_burst),
+            metrics,
+        }
+    }
+
+    /// The config the clients are built from.
+    pub fn config(&self) -> &kube::Config {
+        &self.config
+    }
+
+    /// The request metrics shared by all clients.
+    pub fn metrics(&self) -> &KubeMetrics {
+        &self.metrics
+    }
+
+    /// A client whose requests carry `user_agent`, e.g.
+    /// `shardop-worker/shard-1 (shardop-worker-0)`. Must be called inside a Tokio runtime.
+    pub fn client(&self, user_agent: &str) -> Result<kube::Client, ClientError> {
+        let user_agent = HeaderValue::from_str(user_agent)
+            .map_err(|_| ClientError::UserAgent(user_agent.to_owned()))?;
+        let layer = RequestPolicyLayer {
+            shared: Arc::new(Shared {
+                user_agent,
+                bucket: self.bucket.clone(),
+                metrics: self.metrics.clone(),
+            }),
+        };
+        let builder = ClientBuilder::try_from(self.config.clone())?;
+        Ok(builder.with_layer(&layer).build())
+    }
+}
+
+struct Shared {
+    user_agent: HeaderValue,
+    bucket: TokenBucket,
+    metrics: KubeMetrics,
+}
+
+/// Wraps kube's default stack in a [`RequestPolicy`].
+#[derive(Clone)]
+struct RequestPolicyLayer {
+    shared: Arc<Shared>,
+}
+
+type InnerFuture<R> = BoxFuture<'static, Result<R, BoxError>>;
+
+impl<S, R> Layer<S> for RequestPolicyLayer
+where
+    S: Service<Request<Body>, Response = R, Error = BoxError> + Send + 'static,
+    S::Future: Send + 'static,
+    R: Send + 'static,
+{
+    type Service = RequestPolicy<Buffer<Request<Body>, InnerFuture<R>>>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        // kube's default stack is a non-Clone BoxService; a Buffer makes it clonable so a
+        // throttled request can be sent again from inside our future.
+        let inner = inner.map_future(|f| -> InnerFuture<R> { Box::pin(f) });
+        RequestPolicy {
+            inner: Buffer::new(inner, BUFFER_CAPACITY),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// User agent, token bucket, request metrics and 429 handling around an inner service.
+#[derive(Clone)]
+pub struct RequestPolicy<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S, B> Service<Request<Body>> for RequestPolicy<S>
+where
+    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send,
+    B: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Response<B>, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Readiness of the inner service is awaited on a clone inside the future, so the
+        // rate-limit wait never blocks the caller's buffer worker.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let shared = self.shared.clone();
+        request
+            .headers_mut()
+            .insert(USER_AGENT, shared.user_agent.clone());
+        let verb = verb_of(request.method(), request.uri());
+        Box::pin(async move {
+            let mut attempt = 0;
+            loop {
+                let resend = (attempt < MAX_THROTTLE_RETRIES)
+                    .then(|| clone_request(&request))
+                    .flatten();
+                shared.bucket.acquire().await;
+                let result = match inner.ready().await {
+                    Ok(ready) => ready.call(request).await.map_err(Into::into),
+                    Err(err) => Err(err.into()),
+                };
+                let code = match &result {
+                    Ok(response) => response.status().as_u16().to_string(),
+                    Err(_) => "error".to_owned(),
+                };
+                shared
+                    .metrics
+                    .requests
+                    .get_or_create(&RequestLabels { verb, code })
+                    .inc();
+                match (result, resend) {
+                    (Ok(response), Some(next))
+                        if response.status() == StatusCode::TOO_MANY_REQUESTS =>
+                    {
+                        let wait = retry_after(response.headers().get(RETRY_AFTER));
+                        drop(response);
+                        shared.metrics.throttled_retries.inc();
+                        tracing::debug!(
+                            verb,
+                            wait_ms = wait.as_millis() as u64,
+                            "throttled by the API server (429), waiting for Retry-After"
+                        );
+                        tokio::time::sleep(wait).await;
+                        request = next;
+                        attempt += 1;
+                    }
+                    (result, _) => return result,
+                }
+            }
+        })
+    }
+}
+
+/// A copy of a request for resending; `None` for streaming bodies (never used by kube's
+/// typed API calls, which send buffered JSON).
+fn clone_request(request: &Request<Body>) -> Option<Request<Body>> {
+    let body = request.body().try_clone()?;
+    let mut copy = Request::new(body);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    Some(copy)
+}
+
+/// The wait a `Retry-After` header asks for, clamped to `1..=30` s. Only the delay-seconds
+/// form is used by kube-apiserver; an HTTP date or garbage falls back to the minimum.
+pub fn retry_after(header: Option<&HeaderValue>) -> Duration {
+    header
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(MIN_RETRY_AFTER, Duration::from_secs)
+        .clamp(MIN_RETRY_AFTER, MAX_RETRY_AFTER)
+}
+
+/// The Kubernetes verb of a request, from its method and path.
+///
+/// Paths are `/api/v1/...` or `/apis/<group>/<version>/...`, then optionally
+/// `namespaces/<ns>/`, then `<resource>[/<name>[/<subresource>]]`. A GET of a collection is
+/// a `list`, or a `watch` with `watch=true`/`watch=1`.
+pub fn verb_of(method: &Method, uri: &http::Uri) -> &'static str {
+    let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    let rest: &[&str] = match segments.as_slice() {
+        ["api", _version, rest @ ..] => rest,
+        ["apis", _group, _version, rest @ ..] => rest,
+        _ => &[],
+    };
+    let resource_path = match rest {
+        // `namespaces/<ns>/<resource>...` is namespaced; `namespaces[/<ns>]` itself is the
+        // cluster-scoped namespace resource.
+        ["namespaces", _ns, tail @ ..] if !tail.is_empty() => tail,
+        other => other,
+    };
+    let named = resource_path.len() >= 2;
+    let watch = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    match *method {
+        Method::GET if watch => "watch",
+        Method::GET if named => "get",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE if named => "delete",
+        Method::DELETE => "deletecollection",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verb(method: Method, uri: &str) -> &'static str {
+        verb_of(&method, &uri.parse().unwrap())
+    }
+
+    #[test]
+    fn verbs_from_paths() {
+        let dbc = "/apis/shardop.dev/v1alpha1/namespaces/ns/databaseclusters";
+        assert_eq!(verb(Method::GET, dbc), "list");
+        assert_eq!(
+            verb(
+                Method::GET,
+                &format!("{dbc}?labelSelector=a%3Db&watch=true")
+            ),
+            "watch"
+        );
+        assert_eq!(verb(Method::GET, &format!("{dbc}/db-1")), "get");
+        assert_eq!(verb(Method::PATCH, &format!("{dbc}/db-1/status")), "patch");
+        assert_eq!(verb(Method::POST, dbc), "create");
+        assert_eq!(
+            verb(
+                Method::PUT,
+                "/apis/coordination.k8s.io/v1/namespaces/x/leases/l"
+            ),
+            "update"
+        );
+        assert_eq!(
+            verb(
+                Method::DELETE,
+                "/api/v1/namespaces/x/persistentvolumeclaims"
+            ),
+            "deletecollection"
+        );
+        assert_eq!(
+            verb(
+                Method::DELETE,
+                "/api/v1/namespaces/x/persistentvolumeclaims/p"
+            ),
+            "delete"
+        );
+        assert_eq!(verb(Method::GET, "/api/v1/namespaces"), "list");
+        assert_eq!(verb(Method::GET, "/api/v1/namespaces/x"), "get");
+        assert_eq!(
+            verb(
+                Method::GET,
+                "/apis/shardop.dev/v1alpha1/databaseclusters?watch=1"
+            ),
+            "watch"
+        );
+    }
+
+    #[test]
+    fn retry_after_is_clamped() {
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(retry_after(None), Duration::from_secs(1));
+        assert_eq!(retry_after(Some(&h("0"))), Duration::from_secs(1));
+        assert_eq!(retry_after(Some(&h("7"))), Duration::from_secs(7));
+        assert_eq!(retry_after(Some(&h("3600"))), Duration::from_secs(30));
+        assert_eq!(
+            retry_after(Some(&h("Wed, 21 Oct 2015 07:28:00 GMT"))),
+            Duration::from_secs(1)
+        );
+    }
+
+    /// A fake API server: answers 429 `throttles` times, then 200.
+    #[derive(Clone)]
+    struct Fake {
+        throttles: Arc<std::sync::atomic::AtomicU32>,
+        seen_agents: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Service<Request<Body>> for Fake {
+        type Response = Response<()>;
+        type Error = BoxError;
+        type Future = BoxFuture<'static, Result<Response<()>, BoxError>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: Request<Body>) -> Self::Future {
+            use std::sync::atomic::Ordering;
+            let agent = req
+                .headers()
+                .get(USER_AGENT)
+                .map(|v| v.to_str().unwrap().to_owned());
+            self.seen_agents
+                .lock()
+                .unwrap()
+                .push(agent.unwrap_or_default());
+            let throttle = self
+                .throttles
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            Box::pin(async move {
+                let status = if throttle {
+                    StatusCode::TOO_MANY_REQUESTS
+                } else {
+                    StatusCode::OK
+                };
+                Ok(Response::builder()
+                    .status(status)
+                    .header(RETRY_AFTER, "2")
+                    .body(())?)
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttled_requests_are_resent_after_retry_after() {
+        let fake = Fake {
+            throttles: Arc::new(2.into()),
+            seen_agents: Arc::default(),
+        };
+        let metrics = KubeMetrics::default();
+        let mut service = RequestPolicy {
+            inner: fake.clone(),
+            shared: Arc::new(Shared {
+                user_agent: HeaderValue::from_static("shardop-worker/shard-1 (w-0)"),
+                bucket: TokenBucket::new(0.0, 1),
+                metrics: metrics.clone(),
+            }),
+        };
+        let start = tokio::time::Instant::now();
+        let request = Request::builder()
+            .method(Method::PATCH)
+            .uri("/api/v1/namespaces/a/services/b")
+            .body(Body::from(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+        let response = service.ready().await.unwrap().call(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(4),
+            "two waits of Retry-After 2 s"
+        );
+        assert_eq!(metrics.throttled_retries.get(), 2);
+        let count = |code: &str| {
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    verb: "patch",
+                    code: code.into(),
+                })
+                .get()
+        };
+        assert_eq!((count("429"), count("200")), (2, 1));
+        let agents = fake.seen_agents.lock().unwrap();
+        assert_eq!(agents.len(), 3);
+        assert!(agents.iter().all(|a| a == "shardop-worker/shard-1 (w-0)"));
+    }
+}

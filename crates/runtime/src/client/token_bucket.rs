@@ -1,0 +1,129 @@
+//! A token bucket with reservations: `qps` tokens per second refill a bucket of `burst`
+//! tokens; each request takes one.
+//!
+//! Why not `tower::limit::RateLimit`: it is a fixed window (`n` requests per period, then
+//! wait for the next period), so it has no notion of burst and lets a full window through
+//! at once at every period boundary. Why not `governor`: it is a fine GCRA implementation,
+//! but we need about forty lines of behaviour (client-go's `flowcontrol` semantics: wait,
+//! never reject) and one more dependency tree for every binary is not worth it.
+//!
+//! Waiters *reserve* a token (the balance may go negative) and then sleep until the instant
+//! their token exists, like Go's `rate.Limiter.Wait`. That makes the limiter fair (first
+//! come, first served) without a queue, and cheap: one short mutex section per request.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A shared, clonable token bucket.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    inner: Arc<Mutex<Bucket>>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// Tokens per second; `f64::INFINITY` disables limiting.
+    rate: f64,
+    burst: f64,
+    /// Tokens available at `last`; negative when reserved ahead.
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// Takes one token and returns how long the caller must wait until it exists.
+    fn reserve(&mut self, now: Instant) -> Duration {
+        if !self.rate.is_finite() {
+            return Duration::ZERO;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+impl TokenBucket {
+    /// A bucket refilled with `qps` tokens per second, holding at most `burst` (at least 1).
+    /// A non-positive or non-finite `qps` disables limiting.
+    pub fn new(qps: f32, burst: u32) -> Self {
+        let rate = if qps.is_finite() && qps > 0.0 {
+            f64::from(qps)
+        } else {
+            f64::INFINITY
+        };
+        let burst = f64::from(burst.max(1));
+        Self {
+            inner: Arc::new(Mutex::new(Bucket {
+                rate,
+                burst,
+                tokens: burst,
+                last: Instant::now(),
+            })),
+        }
+    }
+
+    /// Reserves one token and returns the wait until it may be used.
+    pub fn reserve(&self) -> Duration {
+        // A poisoned lock only means another thread panicked mid-update of two floats;
+        // the state is still usable.
+        let mut bucket = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        bucket.reserve(Instant::now())
+    }
+
+    /// Waits until a token is available and takes it.
+    pub async fn acquire(&self) {
+        let wait = self.reserve();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_steady_rate() {
+        let bucket = TokenBucket::new(10.0, 5);
+        for _ in 0..5 {
+            assert_eq!(bucket.reserve(), Duration::ZERO, "the burst is free");
+        }
+        // The next tokens are reserved 100 ms apart.
+        let waits: Vec<u128> = (0..3).map(|_| bucket.reserve().as_millis()).collect();
+        assert_eq!(waits, [100, 200, 300]);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // After a long pause the bucket is full again, but never more than `burst`.
+        for _ in 0..5 {
+            assert_eq!(bucket.reserve(), Duration::ZERO);
+        }
+        assert_eq!(bucket.reserve().as_millis(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_paces_requests() {
+        let bucket = TokenBucket::new(50.0, 1);
+        let start = Instant::now();
+        for _ in 0..11 {
+            bucket.acquire().await;
+        }
+        // One free token, then ten at 20 ms each.
+        assert_eq!(start.elapsed().as_millis(), 200);
+    }
+
+    #[test]
+    fn zero_qps_disables_limiting() {
+        let bucket = TokenBucket::new(0.0, 1);
+        for _ in 0..1000 {
+            assert_eq!(bucket.reserve(), Duration::ZERO);
+        }
+    }
+}

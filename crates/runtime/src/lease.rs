@@ -1,0 +1,617 @@
+//! Shard Lease I/O: acquire, renew, release and hand-back requests for the
+//! `coordination.k8s.io/v1` Leases `shardop-shard-<i>`, a fence that every write checks, and
+//! one watch over all shard Leases.
+//!
+//! The *judgement* (is a Lease held, expired, released; whose home shard is it) is
+//! `shardop_api::protocol::lease`; this module only reads and writes Lease objects.
+//!
+//! Why not kube-lease-manager: it exposes one `bool` watch channel per lease, polls every
+//! lease separately, has no notion of a fencing deadline that a write can check
+//! synchronously, and cannot carry our hand-back and retirement annotations. See
+//! `docs/worker.md`.
+//!
+//! # Fencing
+//!
+//! [`LeaseGuard::is_valid`] is true until `sent + renew_deadline`, where `sent` is the
+//! monotonic instant at which the last *successful* acquire/renew request was sent. The
+//! request may have been applied by the server at any moment after `sent`, so the server's
+//! `renewTime` is never earlier than `sent` by our clock (up to skew); other parties wait the
+//! full `leaseDurationSeconds` after `renewTime`. The gap `lease_duration − renew_deadline`
+//! absorbs clock-rate skew and the latency of one write in flight.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use shardop_api::ShardIndex;
+use shardop_api::constants::{RELEASE_REQUESTED_ANNOTATION, SHARD_LEASE_LABEL};
+use shardop_api::protocol::lease::{LeaseSnapshot, LeaseState};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// Timing and identity of a Lease holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// Namespace of the shard Leases (the operator namespace).
+    pub namespace: String,
+    /// Holder identity written into `holderIdentity`: the pod name.
+    pub identity: String,
+    /// `leaseDurationSeconds`: how long others wait after `renewTime` before the Lease
+    /// counts as expired. Whole seconds (the API field is an integer).
+    pub lease_duration: Duration,
+    /// How long after the last successful renew *send* this holder still writes.
+    /// Must be less than `lease_duration`.
+    pub renew_deadline: Duration,
+    /// How often the holder renews.
+    pub retry_period: Duration,
+}
+
+impl LeaseSettings {
+    /// `leaseDurationSeconds` as written to the Lease (at least 1).
+    pub fn lease_duration_seconds(&self) -> i32 {
+        i32::try_from(self.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX)
+    }
+}
+
+/// A failed Lease request.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The API server rejected or did not answer a request.
+    #[error("shard lease request failed: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// A write was refused because the shard's Lease is not (or no longer) held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the lease of shard {0} is not held: write skipped")]
+pub struct LeaseLost(pub ShardIndex);
+
+/// The fence of one held shard Lease. Cheap to clone; check it right before every write.
+#[derive(Clone, Debug)]
+pub struct LeaseGuard {
+    inner: Arc<GuardInner>,
+}
+
+#[derive(Debug)]
+struct GuardInner {
+    shard: ShardIndex,
+    valid_until: Mutex<Instant>,
+    /// Cancelled once the guard is invalid for good (renew deadline passed, Lease taken by
+    /// someone else, or released).
+    lost: CancellationToken,
+}
+
+impl LeaseGuard {
+    fn new(shard: ShardIndex, valid_until: Instant) -> Self {
+        Self {
+            inner: Arc::new(GuardInner {
+                shard,
+                valid_until: Mutex::new(valid_until),
+                lost: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// A guard that is valid until `valid_until` and is never renewed; for tests of code
+    /// that takes a guard.
+    pub fn detached(shard: ShardIndex, valid_until: Instant) -> Self {
+        Self::new(shard, valid_until)
+    }
+
+    /// The shard this guard fences.
+    pub fn shard(&self) -> ShardIndex {
+        self.inner.shard
+    }
+
+    /// The monotonic instant until which writes are allowed (if not lost earlier).
+    pub fn valid_until(&self) -> Instant {
+        *self
+            .inner
+            .valid_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn extend(&self, until: Instant) {
+        let mut valid_until = self
+            .inner
+            .valid_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *valid_until = (*valid_until).max(until);
+    }
+
+    /// Whether this process may write for the shard right now.
+    pub fn is_valid(&self) -> bool {
+        !self.inner.lost.is_cancelled() && Instant::now() < self.valid_until()
+    }
+
+    /// `Ok` if [`Self::is_valid`], for use with `?` right before a write.
+    pub fn check(&self) -> Result<(), LeaseLost> {
+        if self.is_valid() {
+            Ok(())
+        } else {
+            Err(LeaseLost(self.inner.shard))
+        }
+    }
+
+    /// Completes once the guard has become invalid for good.
+    pub fn cancelled(&self) -> WaitForCancellationFutureOwned {
+        self.inner.lost.clone().cancelled_owned()
+    }
+
+    /// A token cancelled when the guard becomes invalid for good.
+    pub fn token(&self) -> CancellationToken {
+        self.inner.lost.child_token()
+    }
+
+    /// Marks the guard invalid for good.
+    fn invalidate(&self) {
+        self.inner.lost.cancel();
+    }
+}
+
+/// Reads and writes shard Leases for one holder identity.
+#[derive(Clone)]
+pub struct ShardLeases {
+    api: Api<Lease>,
+    settings: Arc<LeaseSettings>,
+}
+
+impl ShardLeases {
+    /// Lease I/O in `settings.namespace` through `client`. The client's user agent shows up
+    /// in the audit log for every acquire, renew and release.
+    pub fn new(client: Client, settings: LeaseSettings) -> Self {
+        Self {
+            api: Api::namespaced(client, &settings.namespace),
+            settings: Arc::new(settings),
+        }
+    }
+
+    /// The holder settings.
+    pub fn settings(&self) -> &LeaseSettings {
+        &self.settings
+    }
+
+    /// Reads a shard Lease.
+    pub async fn get(&self, shard: ShardIndex) -> Result<Option<Lease>, LeaseError> {
+        Ok(self.api.get_opt(&shard.lease_name()).await?)
+    }
+
+    /// Tries to acquire shard `shard`'s Lease, given `observed`, the caller's latest view of
+    /// it (`None` = no Lease exists). Whether acquiring is allowed is the caller's
+    /// judgement; this only makes the write conditional on `observed` being current (create
+    /// fails if it exists, update carries `observed`'s resourceVersion). Losing that race
+    /// returns `Ok(None)`.
+    ///
+    /// On success the Lease is renewed in the background until [`HeldLease::release`] or
+    /// until renewing fails for `renew_deadline`.
+    pub async fn acquire(
+        &self,
+        shard: ShardIndex,
+        observed: Option<&Lease>,
+    ) -> Result<Option<HeldLease>, LeaseError> {
+        let sent = Instant::now();
+        let now = MicroTime(jiff::Timestamp::now());
+        let result = match observed {
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(shard.lease_name()),
+                        namespace: Some(self.settings.namespace.clone()),
+                        labels: Some(BTreeMap::from([(
+                            SHARD_LEASE_LABEL.to_owned(),
+                            shard.label_value(),
+                        )])),
+                        ..Default::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(self.settings.identity.clone()),
+                        lease_duration_seconds: Some(self.settings.lease_duration_seconds()),
+                        acquire_time: Some(now.clone()),
+                        renew_time: Some(now),
+                        lease_transitions: Some(0),
+                        ..Default::default()
+                    }),
+                };
+                self.api.create(&PostParams::default(), &lease).await
+            }
+            Some(observed) => {
+                let mut lease = observed.clone();
+                lease.metadata.managed_fields = None;
+                lease
+                    .labels_mut()
+                    .insert(SHARD_LEASE_LABEL.to_owned(), shard.label_value());
+                // A new holder starts without a pending hand-back request.
+                lease.annotations_mut().remove(RELEASE_REQUESTED_ANNOTATION);
+                let spec = lease.spec.get_or_insert_with(Default::default);
+                let previous = spec.holder_identity.clone().filter(|h| !h.is_empty());
+                if previous.as_deref() != Some(self.settings.identity.as_str()) {
+                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                }
+                spec.holder_identity = Some(self.settings.identity.clone());
+                spec.lease_duration_seconds = Some(self.settings.lease_duration_seconds());
+                spec.acquire_time = Some(now.clone());
+                spec.renew_time = Some(now);
+                self.api
+                    .replace(&shard.lease_name(), &PostParams::default(), &lease)
+                    .await
+            }
+        };
+        let lease = match result {
+            Ok(lease) => lease,
+            Err(err) if is_conflict(&err) => return Ok(None),
+            Err(err) => return Err(err.into()),
+        };
+        let guard = LeaseGuard::new(shard, sent + self.settings.renew_deadline);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(renew_loop(self.clone(), lease, guard.clone(), stop.clone()));
+        tracing::info!(%shard, identity = %self.settings.identity, "acquired shard lease");
+        Ok(Some(HeldLease {
+            guard,
+            stop,
+            task: Some(task),
+            leases: self.clone(),
+        }))
+    }
+
+    /// Asks the holder of `observed` to release it by setting the
+    /// `shardop.dev/release-requested-by` annotation to `by` (a merge patch with
+    /// `observed`'s resourceVersion as precondition). Returns whether the patch applied.
+    pub async fn request_release(
+        &self,
+        shard: ShardIndex,
+        observed: &Lease,
+        by: &str,
+    ) -> Result<bool, LeaseError> {
+        let patch = serde_json::json!({
+            "metadata": {
+                "resourceVersion": observed.resource_version(),
+                "annotations": { RELEASE_REQUESTED_ANNOTATION: by },
+            }
+        });
+        match self
+            .api
+            .patch(
+                &shard.lease_name(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(err) if is_conflict(&err) || is_not_found(&err) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// One renew: `renewTime = now` on top of `current`, conditional on its resourceVersion.
+    async fn renew(&self, current: &Lease) -> Result<Lease, kube::Error> {
+        let mut lease = current.clone();
+        lease.metadata.managed_fields = None;
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+        spec.lease_duration_seconds = Some(self.settings.lease_duration_seconds());
+        self.api
+            .replace(&current.name_any(), &PostParams::default(), &lease)
+            .await
+    }
+
+    /// Clears the holder of `current` (keeping `acquireTime`, so the shard still counts as
+    /// acquired once), removes any hand-back request, and stamps `renewTime` with the
+    /// release time so others can tell how long it has been released.
+    async fn release_lease(&self, current: &Lease) -> Result<(), kube::Error> {
+        let mut lease = current.clone();
+        lease.metadata.managed_fields = None;
+        lease.annotations_mut().remove(RELEASE_REQUESTED_ANNOTATION);
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        spec.holder_identity = None;
+        spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+        self.api
+            .replace(&current.name_any(), &PostParams::default(), &lease)
+            .await
+            .map(drop)
+    }
+
+    fn holds(&self, lease: &Lease) -> bool {
+        LeaseSnapshot::from_lease(lease).holder.as_deref() == Some(self.settings.identity.as_str())
+    }
+}
+
+/// A shard Lease this process holds and renews in the background.
+pub struct HeldLease {
+    guard: LeaseGuard,
+    stop: CancellationToken,
+    task: Option<JoinHandle<Option<Lease>>>,
+    leases: ShardLeases,
+}
+
+impl HeldLease {
+    /// The shard.
+    pub fn shard(&self) -> ShardIndex {
+        self.guard.shard()
+    }
+
+    /// The fence to check before every write for this shard.
+    pub fn guard(&self) -> LeaseGuard {
+        self.guard.clone()
+    }
+
+    /// Whether the Lease has been lost (renew deadline passed or taken by someone else).
+    pub fn is_lost(&self) -> bool {
+        !self.guard.is_valid()
+    }
+
+    /// Stops renewing and releases the Lease, if it is still ours. The guard becomes invalid
+    /// *before* the release is written, so no write for the shard can follow the release.
+    /// Callers must have stopped (and waited for) their work for the shard first.
+    pub async fn release(mut self) -> Result<(), LeaseError> {
+        let shard = self.guard.shard();
+        self.stop.cancel();
+        let latest = match self.task.take() {
+            Some(task) => task.await.ok().flatten(),
+            None => None,
+        };
+        let still_valid = self.guard.is_valid();
+        self.guard.invalidate();
+        let Some(latest) = latest.filter(|_| still_valid) else {
+            tracing::info!(%shard, "shard lease already lost, nothing to release");
+            return Ok(());
+        };
+        let mut current = latest;
+        // One retry on conflict: an annotation (hand-back request, retirement) may have
+        // been added since our last renew.
+        for _ in 0..2 {
+            match self.leases.release_lease(&current).await {
+                Ok(()) => {
+                    tracing::info!(%shard, "released shard lease");
+                    return Ok(());
+                }
+                Err(err) if is_conflict(&err) => match self.leases.get(shard).await? {
+                    Some(fresh) if self.leases.holds(&fresh) => current = fresh,
+                    _ => return Ok(()),
+                },
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        // Dropping without release stops renewing; the Lease then expires on its own.
+        self.stop.cancel();
+        self.guard.invalidate();
+    }
+}
+
+/// Renews every `retry_period` until stopped (returns the latest Lease object) or until the
+/// renew deadline passes / someone else holds the Lease (returns `None`).
+async fn renew_loop(
+    leases: ShardLeases,
+    mut latest: Lease,
+    guard: LeaseGuard,
+    stop: CancellationToken,
+) -> Option<Lease> {
+    let shard = guard.shard();
+    let settings = leases.settings.clone();
+    let mut next = Instant::now() + settings.retry_period;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return Some(latest),
+            () = tokio::time::sleep_until(guard.valid_until()) => {
+                tracing::warn!(%shard, "shard lease not renewed within the renew deadline, giving it up");
+                guard.invalidate();
+                return None;
+            }
+            () = tokio::time::sleep_until(next) => {}
+        }
+        let sent = Instant::now();
+        next = sent + settings.retry_period;
+        // Bounded by the fence: a renew still in flight at the deadline is abandoned so the
+        // loop can give the Lease up on time.
+        let renewed = tokio::time::timeout_at(guard.valid_until(), leases.renew(&latest)).await;
+        let Ok(renewed) = renewed else { continue };
+        match renewed {
+            Ok(renewed) => {
+                latest = renewed;
+                guard.extend(sent + settings.renew_deadline);
+            }
+            Err(err) if is_conflict(&err) => {
+                // Someone wrote the Lease: a hand-back request, retirement, or a new holder.
+                match leases.get(shard).await {
+                    Ok(Some(fresh)) if leases.holds(&fresh) => {
+                        latest = fresh;
+                        next = Instant::now();
+                    }
+                    Ok(_) => {
+                        tracing::warn!(%shard, "shard lease is held by someone else now");
+                        guard.invalidate();
+                        return None;
+                    }
+                    Err(err) => tracing::warn!(%shard, %err, "reading the shard lease failed"),
+                }
+            }
+            Err(err) if is_not_found(&err) => {
+                tracing::warn!(%shard, "shard lease was deleted");
+                guard.invalidate();
+                return None;
+            }
+            Err(err) => tracing::warn!(%shard, %err, "renewing the shard lease failed, retrying"),
+        }
+    }
+}
+
+fn is_conflict(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 409)
+}
+
+fn is_not_found(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 404)
+}
+
+/// A cache of every shard Lease in a namespace, kept current by one watch with the
+/// selector `shardop.dev/shard-lease`. Cheap to clone.
+#[derive(Clone)]
+pub struct ShardLeaseWatch {
+    store: Store<Lease>,
+    namespace: String,
+    changes: watch::Receiver<u64>,
+    /// Cancelled once the initial list is in the store. Used instead of
+    /// `Store::wait_until_ready`, which wakes only one of several concurrent waiters.
+    ready: CancellationToken,
+}
+
+/// Starts watching the shard Leases of `namespace`. The returned future drives the watch
+/// (with kube-runtime's default backoff on errors) and must be spawned or polled.
+pub fn watch_shard_leases(
+    client: Client,
+    namespace: &str,
+    streaming_lists: bool,
+) -> (ShardLeaseWatch, BoxFuture<'static, ()>) {
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    let mut config = watcher::Config::default().labels(SHARD_LEASE_LABEL);
+    if streaming_lists {
+        config = config.streaming_lists();
+    }
+    let (store, writer) = reflector::store();
+    let (tx, rx) = watch::channel(0_u64);
+    let ready = CancellationToken::new();
+    let ready_signal = ready.clone();
+    let driver = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .for_each(move |event| {
+            match event {
+                Ok(event) => {
+                    if matches!(event, watcher::Event::InitDone) {
+                        ready_signal.cancel();
+                    }
+                    tx.send_modify(|n| *n = n.wrapping_add(1));
+                }
+                Err(err) => tracing::warn!(%err, "watching shard leases failed, retrying"),
+            }
+            futures::future::ready(())
+        });
+    (
+        ShardLeaseWatch {
+            store,
+            namespace: namespace.to_owned(),
+            changes: rx,
+            ready,
+        },
+        Box::pin(driver),
+    )
+}
+
+impl ShardLeaseWatch {
+    /// Waits until the initial list has been received. Any number of tasks may wait.
+    pub async fn wait_until_ready(&self) {
+        self.ready.cancelled().await;
+    }
+
+    /// Whether the initial list has been received.
+    pub fn is_ready(&self) -> bool {
+        self.ready.is_cancelled()
+    }
+
+    /// Completes when any shard Lease changed since the last call (or the watch restarted).
+    pub async fn changed(&mut self) {
+        if self.changes.changed().await.is_err() {
+            // The driver is gone; never complete rather than spin.
+            futures::future::pending::<()>().await;
+        }
+    }
+
+    /// The Lease of `shard`, if it exists.
+    pub fn get(&self, shard: ShardIndex) -> Option<Arc<Lease>> {
+        self.store
+            .get(&ObjectRef::new(&shard.lease_name()).within(&self.namespace))
+    }
+
+    /// The protocol snapshot of `shard`'s Lease, if it exists.
+    pub fn snapshot(&self, shard: ShardIndex) -> Option<LeaseSnapshot> {
+        self.get(shard).map(|l| LeaseSnapshot::from_lease(&l))
+    }
+
+    /// The state of `shard`'s Lease at wall-clock time `now`.
+    pub fn state(&self, shard: ShardIndex, now: jiff::Timestamp) -> LeaseState {
+        LeaseState::of(self.snapshot(shard).as_ref(), now)
+    }
+
+    /// Every shard Lease, by shard index (Leases whose name is not a shard Lease name are
+    /// skipped).
+    pub fn all(&self) -> BTreeMap<ShardIndex, Arc<Lease>> {
+        self.store
+            .state()
+            .into_iter()
+            .filter_map(|lease| Some((ShardIndex::from_lease_name(&lease.name_any())?, lease)))
+            .collect()
+    }
+
+    /// The shards whose Lease is live at `now`.
+    pub fn live_shards(&self, now: jiff::Timestamp) -> BTreeSet<ShardIndex> {
+        self.all()
+            .into_iter()
+            .filter(|(_, lease)| LeaseSnapshot::from_lease(lease).state(now).is_live())
+            .map(|(shard, _)| shard)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn guard_is_valid_until_its_deadline() {
+        let guard = LeaseGuard::new(ShardIndex(1), Instant::now() + Duration::from_secs(10));
+        assert!(guard.is_valid());
+        assert_eq!(guard.check(), Ok(()));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        guard.extend(Instant::now() + Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(guard.is_valid(), "extended by the renew");
+        // Extending never moves the deadline backwards.
+        guard.extend(Instant::now());
+        assert!(guard.is_valid());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(guard.check(), Err(LeaseLost(ShardIndex(1))));
+    }
+
+    #[tokio::test]
+    async fn invalidation_is_final_and_observable() {
+        let guard = LeaseGuard::new(ShardIndex(0), Instant::now() + Duration::from_secs(60));
+        let token = guard.token();
+        let cancelled = guard.cancelled();
+        guard.invalidate();
+        cancelled.await;
+        assert!(token.is_cancelled());
+        assert!(!guard.is_valid());
+        guard.extend(Instant::now() + Duration::from_secs(60));
+        assert!(!guard.is_valid(), "a lost guard stays lost");
+    }
+
+    #[test]
+    fn lease_duration_is_whole_seconds() {
+        let settings = LeaseSettings {
+            namespace: "ns".into(),
+            identity: "w-0".into(),
+            lease_duration: Duration::from_millis(500),
+            renew_deadline: Duration::from_millis(300),
+            retry_period: Duration::from_millis(100),
+        };
+        assert_eq!(settings.lease_duration_seconds(), 1);
+    }
+}

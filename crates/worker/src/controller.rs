@@ -1,0 +1,523 @@
+//! One kube-runtime Controller per served shard (and per watched namespace): label-filtered
+//! watches, the event filter, queue/backlog bookkeeping for metrics, and graceful stop.
+//! The reconcile itself is in [`crate::reconcile`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::Api;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::{Client, Resource, ResourceExt};
+use shardop_api::{DatabaseCluster, ShardIndex};
+use shardop_runtime::LeaseGuard;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::{BackoffPolicy, FailureCounts};
+use crate::filter::reconcile_fingerprint;
+use crate::metrics::WorkerMetrics;
+use crate::reconcile;
+use crate::status::{TerminalProblem, is_behind};
+
+/// Settings shared by every shard controller of the process.
+#[derive(Clone, Debug)]
+pub struct ControllerSettings {
+    /// Namespaces to watch; empty = all namespaces.
+    pub namespaces: Vec<String>,
+    /// Reconciles running at once per controller.
+    pub concurrency: u16,
+    /// Use streaming lists (WatchList) for the initial state.
+    pub streaming_lists: bool,
+    /// Backoff of transient errors.
+    pub backoff: BackoffPolicy,
+    /// How long the Lease may be unusable before a reconcile gives up waiting.
+    pub retry_period: Duration,
+}
+
+/// `namespace/name`, the key of an object in the bookkeeping maps.
+pub type ObjectKey = String;
+
+/// Per-object bookkeeping of one shard, shared by its controllers and its reconciles.
+#[derive(Default)]
+pub struct Bookkeeping {
+    /// Objects with an event not yet picked up by a reconcile (queue depth).
+    pub pending: HashSet<ObjectKey>,
+    /// Reconciles running, with their start.
+    pub running: HashMap<ObjectKey, Instant>,
+    /// When a spec change of an object was first seen, for the lag histogram.
+    pub unconverged_since: HashMap<ObjectKey, Instant>,
+    /// The last terminal problem per object UID and the generation it belongs to: the
+    /// same generation is not re-applied (no requeue storm).
+    pub terminal: HashMap<String, (Option<i64>, TerminalProblem)>,
+    /// The last server-side apply of each child (`Kind/namespace/name`): fingerprint of the
+    /// desired object, resourceVersion and object returned. Lets a reconcile that runs
+    /// before the watch delivered our own write skip re-applying it.
+    pub applied: HashMap<String, (u64, Option<u64>, AppliedObject)>,
+    /// UIDs whose drain this shard acknowledged: a stale cache entry must not be
+    /// reconciled again.
+    pub acknowledged: HashSet<String>,
+}
+
+/// A child object as returned by its last apply (a StatefulSet or a Service).
+pub type AppliedObject = Arc<dyn std::any::Any + Send + Sync>;
+
+impl Bookkeeping {
+    /// Forgets the apply memo of a DatabaseCluster's children.
+    pub fn forget_children(&mut self, namespace: &str, name: &str) {
+        self.applied
+            .remove(&format!("StatefulSet/{namespace}/{name}"));
+        self.applied.remove(&format!(
+            "Service/{namespace}/{}",
+            crate::children::service_name(name)
+        ));
+    }
+}
+
+/// What the reconciles of one shard share.
+pub struct ShardShared {
+    /// The shard.
+    pub shard: ShardIndex,
+    /// Its Lease fence.
+    pub guard: LeaseGuard,
+    /// Metrics.
+    pub metrics: WorkerMetrics,
+    /// Backoff shape.
+    pub backoff: BackoffPolicy,
+    /// Consecutive failures per object.
+    pub failures: FailureCounts<ObjectKey>,
+    /// Queue and lag bookkeeping.
+    pub book: Mutex<Bookkeeping>,
+    /// Requeue delay when the Lease is not valid.
+    pub retry_period: Duration,
+}
+
+impl ShardShared {
+    /// Locks the bookkeeping (poisoning only means a panic elsewhere; the maps stay usable).
+    pub fn book(&self) -> std::sync::MutexGuard<'_, Bookkeeping> {
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What one controller's reconciles see: the shard's shared state plus the caches of one
+/// namespace scope.
+pub struct ScopeContext {
+    /// The shard's shared state.
+    pub shared: Arc<ShardShared>,
+    /// Client acting as the shard (`shardop-worker/shard-<i>` user agent).
+    pub client: Client,
+    /// Cached StatefulSets of the shard.
+    pub stateful_sets: Store<StatefulSet>,
+    /// Cached Services of the shard.
+    pub services: Store<Service>,
+}
+
+/// The key of an object.
+pub fn key_of<K: Resource>(object: &K) -> ObjectKey {
+    format!(
+        "{}/{}",
+        object.meta().namespace.as_deref().unwrap_or_default(),
+        object.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Counts from the caches, for metrics and the Shard heartbeat.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardCounts {
+    /// Objects in the cache.
+    pub objects: i64,
+    /// Objects behind their generation.
+    pub backlog: i64,
+    /// Objects being deleted.
+    pub terminating: i64,
+    /// Objects waiting for a reconcile.
+    pub queue_depth: i64,
+}
+
+/// A running controller for one shard.
+pub struct ShardController {
+    shared: Arc<ShardShared>,
+    stores: Vec<Store<DatabaseCluster>>,
+    synced: Arc<AtomicUsize>,
+    scopes: usize,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl ShardController {
+    /// Starts the shard's controllers. `client` must carry the shard's user agent.
+    pub fn start(
+        shard: ShardIndex,
+        guard: LeaseGuard,
+        client: Client,
+        metrics: WorkerMetrics,
+        settings: &ControllerSettings,
+    ) -> Self {
+        let shared = Arc::new(ShardShared {
+            shard,
+            guard: guard.clone(),
+            metrics,
+            backoff: settings.backoff,
+            failures: FailureCounts::default(),
+            book: Mutex::default(),
+            retry_period: settings.retry_period,
+        });
+        let stop = CancellationToken::new();
+        let synced = Arc::new(AtomicUsize::new(0));
+        let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
+            vec![None]
+        } else {
+            settings.namespaces.iter().cloned().map(Some).collect()
+        };
+        let mut stores = Vec::new();
+        let mut runs = Vec::new();
+        for namespace in &scopes {
+            let (store, run) = scope_controller(
+                shared.clone(),
+                client.clone(),
+                namespace.as_deref(),
+                settings,
+                stop.clone(),
+                synced.clone(),
+            );
+            stores.push(store);
+            runs.push(run);
+        }
+        let task = tokio::spawn(async move {
+            futures::future::join_all(runs).await;
+        });
+        tracing::info!(%shard, "shard controller started");
+        Self {
+            shared,
+            stores,
+            synced,
+            scopes: scopes.len(),
+            stop,
+            task,
+        }
+    }
+
+    /// Whether every cache of the shard has its initial list.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire) >= self.scopes
+    }
+
+    /// Current counts from the caches and the bookkeeping.
+    pub fn counts(&self) -> ShardCounts {
+        let mut counts = ShardCounts::default();
+        for store in &self.stores {
+            for object in store.state() {
+                counts.objects += 1;
+                counts.backlog += i64::from(is_behind(&object));
+                counts.terminating += i64::from(object.metadata.deletion_timestamp.is_some());
+            }
+        }
+        // Only objects still in a cache count: an object that left the shard (drain
+        // acknowledged, deleted) before its queued reconcile ran is not waiting any more.
+        let mut book = self.shared.book();
+        let stores = &self.stores;
+        book.pending.retain(|key| {
+            key.split_once('/').is_some_and(|(namespace, name)| {
+                stores.iter().any(|store| {
+                    store
+                        .get(&reflector::ObjectRef::new(name).within(namespace))
+                        .is_some()
+                })
+            })
+        });
+        counts.queue_depth = i64::try_from(book.pending.len()).unwrap_or(i64::MAX);
+        counts
+    }
+
+    /// Publishes the gauges of this shard.
+    pub fn update_gauges(&self) {
+        let counts = self.counts();
+        let metrics = &self.shared.metrics;
+        let label = WorkerMetrics::shard(self.shared.shard);
+        metrics
+            .shard_objects
+            .get_or_create(&label)
+            .set(counts.objects);
+        metrics.backlog.get_or_create(&label).set(counts.backlog);
+        metrics
+            .terminating
+            .get_or_create(&label)
+            .set(counts.terminating);
+        metrics
+            .queue_depth
+            .get_or_create(&label)
+            .set(counts.queue_depth);
+        let longest = {
+            let book = self.shared.book();
+            book.running
+                .values()
+                .map(|started| started.elapsed().as_secs_f64())
+                .fold(0.0, f64::max)
+        };
+        metrics.longest_running.get_or_create(&label).set(longest);
+    }
+
+    /// Stops taking work, lets in-flight reconciles finish for up to `timeout`, then
+    /// aborts whatever is left. Returns whether it stopped cleanly.
+    pub async fn stop(self, timeout: Duration) -> bool {
+        let shard = self.shared.shard;
+        self.stop.cancel();
+        let mut task = self.task;
+        let clean = match tokio::time::timeout(timeout, &mut task).await {
+            Ok(_) => true,
+            Err(_) => {
+                tracing::warn!(%shard, ?timeout, "in-flight reconciles did not finish in time, aborting them");
+                task.abort();
+                let _ = task.await;
+                false
+            }
+        };
+        tracing::info!(%shard, clean, "shard controller stopped");
+        clean
+    }
+}
+
+/// Builds the controller of one namespace scope (`None` = all namespaces).
+fn scope_controller(
+    shared: Arc<ShardShared>,
+    client: Client,
+    namespace: Option<&str>,
+    settings: &ControllerSettings,
+    stop: CancellationToken,
+    synced: Arc<AtomicUsize>,
+) -> (
+    Store<DatabaseCluster>,
+    futures::future::BoxFuture<'static, ()>,
+) {
+    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let shard = shared.shard;
+    let mut config = watcher::Config::default().labels(&shard.selector());
+    if settings.streaming_lists {
+        config = config.streaming_lists();
+    }
+
+    let (clusters, cluster_writer) = reflector::store::<DatabaseCluster>();
+    let (stateful_sets, sts_writer) = reflector::store::<StatefulSet>();
+    let (services, svc_writer) = reflector::store::<Service>();
+    let clusters_synced = CancellationToken::new();
+    let sts_synced = CancellationToken::new();
+    let svc_synced = CancellationToken::new();
+
+    // The child caches are driven by their own tasks, not by the controller: kube-runtime
+    // stops polling its trigger streams while the runner waits for its main store or is at
+    // full concurrency, and a reconcile compares children with these caches. Their events
+    // reach the controller through unbounded channels (bounded in practice by the number
+    // of children and how long a stall lasts).
+    let (sts_task, sts_events) = drive_children(
+        sts_writer,
+        watcher(api::<StatefulSet>(&client, namespace), config.clone()),
+        sts_fingerprint,
+        sts_synced.clone(),
+        shared.clone(),
+    );
+    let (svc_task, svc_events) = drive_children(
+        svc_writer,
+        watcher(api::<Service>(&client, namespace), config.clone()),
+        predicates::resource_version,
+        svc_synced.clone(),
+        shared.clone(),
+    );
+
+    // DatabaseCluster events start flowing only once the child caches are complete, so the
+    // first reconcile of every object sees its children (no blind re-apply after start-up).
+    let book_for_clusters = shared.clone();
+    let children_synced = {
+        let (sts, svc) = (sts_synced.clone(), svc_synced.clone());
+        async move {
+            sts.cancelled().await;
+            svc.cancelled().await;
+        }
+    };
+    let cluster_stream = reflector::reflector(
+        cluster_writer,
+        watcher(api::<DatabaseCluster>(&client, namespace), config),
+    )
+    .default_backoff()
+    .inspect({
+        let synced = clusters_synced.clone();
+        move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                synced.cancel();
+            }
+        }
+    })
+    .applied_objects()
+    .predicate_filter(
+        reconcile_fingerprint,
+        kube::runtime::PredicateConfig::default(),
+    )
+    .inspect_ok(move |cluster| {
+        let key = key_of(cluster);
+        let mut book = book_for_clusters.book();
+        if is_behind(cluster) {
+            book.unconverged_since
+                .entry(key.clone())
+                .or_insert_with(Instant::now);
+        }
+        book.pending.insert(key);
+    });
+    let cluster_events = futures::stream::once(async move {
+        children_synced.await;
+        cluster_stream
+    })
+    .flatten();
+
+    let context = Arc::new(ScopeContext {
+        shared: shared.clone(),
+        client,
+        stateful_sets,
+        services,
+    });
+    let controller = Controller::for_stream(cluster_events, clusters.clone())
+        .owns_stream(sts_events)
+        .owns_stream(svc_events)
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .graceful_shutdown_on({
+            let guard = shared.guard.clone();
+            async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = guard.cancelled() => {}
+                }
+            }
+        });
+
+    let shard = shared.shard;
+    let report_synced = {
+        let tokens = [clusters_synced, sts_synced, svc_synced];
+        async move {
+            for token in &tokens {
+                token.cancelled().await;
+            }
+            synced.fetch_add(1, Ordering::AcqRel);
+            tracing::info!(%shard, "shard caches synced");
+        }
+    };
+    let run = controller
+        .run(reconcile::reconcile, reconcile::error_policy, context)
+        .for_each(move |result| {
+            if let Err(err) = result {
+                tracing::debug!(%shard, %err, "controller event");
+            }
+            futures::future::ready(())
+        });
+    let run = async move {
+        // Dropped both when the controller ends and when this future is aborted (stop
+        // timeout): the helper tasks never outlive their controller.
+        let _helpers = AbortOnDrop(vec![tokio::spawn(report_synced), sts_task, svc_task]);
+        run.await;
+    };
+    (clusters, Box::pin(run))
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Drives a child reflector in its own task; returns the task and the stream of (filtered)
+/// child events for the controller. Every event marks the parent as pending.
+fn drive_children<K, W, P>(
+    writer: reflector::store::Writer<K>,
+    watch: W,
+    predicate: P,
+    synced: CancellationToken,
+    shared: Arc<ShardShared>,
+) -> (
+    JoinHandle<()>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+    W: futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+    P: kube::runtime::Predicate<K> + Send + 'static,
+{
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    let driver = reflector::reflector(writer, watch)
+        .default_backoff()
+        .inspect(move |event| {
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                synced.cancel();
+            }
+        })
+        .applied_objects()
+        .predicate_filter(predicate, kube::runtime::PredicateConfig::default())
+        .for_each(move |event| {
+            match event {
+                Ok(child) => {
+                    if let Some(parent) = child.parent_key() {
+                        shared.book().pending.insert(parent);
+                    }
+                    // The receiver is gone only when the controller stopped.
+                    let _ = tx.unbounded_send(Ok(child));
+                }
+                Err(err) => tracing::warn!(%err, "watching children failed, retrying"),
+            }
+            futures::future::ready(())
+        });
+    (tokio::spawn(driver), rx)
+}
+
+/// What of a StatefulSet matters to its parent: its spec (generation, drift by others),
+/// labels (shard), and the status fields the DatabaseCluster status is computed from.
+fn sts_fingerprint(sts: &StatefulSet) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let status = sts.status.clone().unwrap_or_default();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (
+        sts.metadata.generation,
+        status.observed_generation,
+        status.replicas,
+        status.ready_replicas,
+        status.updated_replicas,
+        sts.metadata.labels.as_ref(),
+    )
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+/// The parent DatabaseCluster of a child, from its controller owner reference.
+trait ChildMeta {
+    fn parent_key(&self) -> Option<ObjectKey>;
+}
+
+impl<K: Resource> ChildMeta for K {
+    fn parent_key(&self) -> Option<ObjectKey> {
+        let owner = self
+            .owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true) && o.kind == "DatabaseCluster")?;
+        Some(format!(
+            "{}/{}",
+            self.meta().namespace.as_deref().unwrap_or_default(),
+            owner.name
+        ))
+    }
+}

@@ -1,0 +1,266 @@
+//! Which shard Leases a worker acquires, asks back, or lets go (no I/O).
+//!
+//! This is the worker's column of "Lease transitions" in `docs/shard-protocol.md`; the
+//! Lease state itself is judged by `shardop_api::protocol::lease`.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use shardop_api::ShardIndex;
+use shardop_api::protocol::lease::{LeaseSnapshot, LeaseState};
+
+/// What the worker does about a shard it does not serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Acquisition {
+    /// Try to acquire the Lease now.
+    Acquire,
+    /// Ask the current holder to hand the home shard back (set the annotation).
+    RequestHandBack,
+    /// Nothing yet (held by someone else, retired, or the takeover stagger is not over).
+    Wait,
+}
+
+/// The worker's situation.
+#[derive(Clone, Debug)]
+pub struct Me<'a> {
+    /// Holder identity (pod name).
+    pub identity: &'a str,
+    /// The home shard (the pod ordinal).
+    pub home: ShardIndex,
+    /// Lease duration, for "released long enough ago".
+    pub lease_duration: Duration,
+    /// Retry period, the unit of the takeover stagger.
+    pub retry_period: Duration,
+}
+
+/// Ring distance from `shard` forward to `home` among `shards` shards: the worker right
+/// after a dead shard is at distance 1 and goes first.
+pub fn ring_distance(shard: ShardIndex, home: ShardIndex, shards: u32) -> u32 {
+    let n = shards.max(1);
+    (home.0 % n + n - shard.0 % n) % n
+}
+
+/// Decides about shard `shard`'s Lease (`None` = absent) at wall-clock `now`.
+/// `shards` is the number of shards known (for the stagger).
+pub fn acquisition(
+    me: &Me<'_>,
+    shard: ShardIndex,
+    lease: Option<&LeaseSnapshot>,
+    shards: u32,
+    now: Timestamp,
+) -> Acquisition {
+    let home = shard == me.home;
+    let Some(lease) = lease else {
+        // Only the home worker creates a shard's first Lease: a shard nobody ever served
+        // is not part of the desired count yet (expansion gating).
+        return if home {
+            Acquisition::Acquire
+        } else {
+            Acquisition::Wait
+        };
+    };
+    if lease.retired {
+        // Workers never take over a retired shard, and a home worker whose shard is
+        // retired is on its way out: it keeps what it holds but acquires nothing.
+        return Acquisition::Wait;
+    }
+    let state = lease.state(now);
+    if home {
+        return match state {
+            LeaseState::Held { holder } if holder != me.identity => {
+                if lease.release_requested_by.as_deref() == Some(me.identity) {
+                    Acquisition::Wait
+                } else {
+                    Acquisition::RequestHandBack
+                }
+            }
+            // Absent, Released, Expired, or held by a previous incarnation of this pod.
+            _ => Acquisition::Acquire,
+        };
+    }
+    let stagger = me
+        .retry_period
+        .saturating_mul(ring_distance(shard, me.home, shards));
+    let free_since = match state {
+        LeaseState::Held { holder } if holder == me.identity => return Acquisition::Acquire,
+        LeaseState::Held { .. } | LeaseState::Absent => return Acquisition::Wait,
+        // Expired: the holder stopped renewing at `expires_at`.
+        LeaseState::Expired { .. } => lease.expires_at(),
+        // Released on purpose: wait 2 × lease duration for its home worker to come back.
+        // The releaser stamps renewTime with the release time.
+        LeaseState::Released => lease.renew_time.and_then(|released| {
+            let grace = SignedDuration::try_from(me.lease_duration.saturating_mul(2)).ok()?;
+            released.checked_add(grace).ok()
+        }),
+    };
+    let Some(free_since) = free_since else {
+        // No usable timestamps: judge it free now, after the stagger like everyone else.
+        return Acquisition::Wait;
+    };
+    let due = SignedDuration::try_from(stagger)
+        .ok()
+        .and_then(|s| free_since.checked_add(s).ok());
+    match due {
+        Some(due) if now >= due => Acquisition::Acquire,
+        _ => Acquisition::Wait,
+    }
+}
+
+/// Whether the worker should let go of a shard it serves: a hand-back or retirement was
+/// requested and the shard is not its home (a home worker keeps its own shard).
+pub fn should_release(me: &Me<'_>, shard: ShardIndex, lease: Option<&LeaseSnapshot>) -> bool {
+    shard != me.home
+        && lease.is_some_and(|l| {
+            l.release_requested_by
+                .as_deref()
+                .is_some_and(|by| by != me.identity)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W1: &str = "shardop-worker-1";
+
+    fn me() -> Me<'static> {
+        Me {
+            identity: W1,
+            home: ShardIndex(1),
+            lease_duration: Duration::from_secs(15),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+
+    fn ts(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    fn lease(holder: Option<&str>, renewed: i64) -> LeaseSnapshot {
+        LeaseSnapshot {
+            holder: holder.map(str::to_owned),
+            acquired_once: true,
+            renew_time: Some(ts(renewed)),
+            duration: Some(Duration::from_secs(15)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ring_distance_wraps() {
+        assert_eq!(ring_distance(ShardIndex(0), ShardIndex(1), 3), 1);
+        assert_eq!(ring_distance(ShardIndex(2), ShardIndex(1), 3), 2);
+        assert_eq!(ring_distance(ShardIndex(1), ShardIndex(1), 3), 0);
+        assert_eq!(ring_distance(ShardIndex(5), ShardIndex(0), 3), 1);
+    }
+
+    #[test]
+    fn home_shard() {
+        let home = ShardIndex(1);
+        assert_eq!(
+            acquisition(&me(), home, None, 3, ts(0)),
+            Acquisition::Acquire
+        );
+        let released = lease(None, 100);
+        assert_eq!(
+            acquisition(&me(), home, Some(&released), 3, ts(101)),
+            Acquisition::Acquire
+        );
+        let expired = lease(Some("shardop-worker-0"), 100);
+        assert_eq!(
+            acquisition(&me(), home, Some(&expired), 3, ts(116)),
+            Acquisition::Acquire
+        );
+        let mine = lease(Some(W1), 100);
+        assert_eq!(
+            acquisition(&me(), home, Some(&mine), 3, ts(101)),
+            Acquisition::Acquire
+        );
+        let taken = lease(Some("shardop-worker-0"), 100);
+        assert_eq!(
+            acquisition(&me(), home, Some(&taken), 3, ts(101)),
+            Acquisition::RequestHandBack
+        );
+        let asked = LeaseSnapshot {
+            release_requested_by: Some(W1.into()),
+            ..taken
+        };
+        assert_eq!(
+            acquisition(&me(), home, Some(&asked), 3, ts(101)),
+            Acquisition::Wait
+        );
+    }
+
+    #[test]
+    fn takeover_after_expiry_and_stagger() {
+        // Shard 0 is at distance 1 from worker 1: expiry at 115 + 1 × 2 s.
+        let expired = lease(Some("shardop-worker-0"), 100);
+        let take = |now| acquisition(&me(), ShardIndex(0), Some(&expired), 3, ts(now));
+        assert_eq!(take(114), Acquisition::Wait, "still held");
+        assert_eq!(take(116), Acquisition::Wait, "stagger");
+        assert_eq!(take(117), Acquisition::Acquire);
+        // Shard 2 is at distance 2: worker 0 goes first.
+        let expired2 = lease(Some("shardop-worker-2"), 100);
+        assert_eq!(
+            acquisition(&me(), ShardIndex(2), Some(&expired2), 3, ts(118)),
+            Acquisition::Wait
+        );
+        assert_eq!(
+            acquisition(&me(), ShardIndex(2), Some(&expired2), 3, ts(119)),
+            Acquisition::Acquire
+        );
+    }
+
+    #[test]
+    fn released_shards_wait_for_their_home_worker() {
+        let released = lease(None, 100);
+        let take = |now| acquisition(&me(), ShardIndex(0), Some(&released), 3, ts(now));
+        assert_eq!(take(120), Acquisition::Wait);
+        assert_eq!(take(131), Acquisition::Wait);
+        assert_eq!(take(132), Acquisition::Acquire, "2 × 15 s + 1 × 2 s");
+    }
+
+    #[test]
+    fn never_absent_or_retired_shards_of_others() {
+        assert_eq!(
+            acquisition(&me(), ShardIndex(0), None, 3, ts(0)),
+            Acquisition::Wait
+        );
+        let retired = LeaseSnapshot {
+            retired: true,
+            ..lease(Some("shardop-worker-0"), 0)
+        };
+        assert_eq!(
+            acquisition(&me(), ShardIndex(0), Some(&retired), 3, ts(1000)),
+            Acquisition::Wait
+        );
+        assert_eq!(
+            acquisition(
+                &me(),
+                ShardIndex(1),
+                Some(&LeaseSnapshot {
+                    retired: true,
+                    ..lease(None, 0)
+                }),
+                3,
+                ts(1000)
+            ),
+            Acquisition::Wait
+        );
+    }
+
+    #[test]
+    fn release_on_request_except_home() {
+        let asked = LeaseSnapshot {
+            release_requested_by: Some("shardop-worker-0".into()),
+            ..lease(Some(W1), 100)
+        };
+        assert!(should_release(&me(), ShardIndex(0), Some(&asked)));
+        assert!(!should_release(&me(), ShardIndex(1), Some(&asked)));
+        assert!(!should_release(
+            &me(),
+            ShardIndex(0),
+            Some(&lease(Some(W1), 100))
+        ));
+    }
+}

@@ -1,0 +1,199 @@
+//! The worker's Prometheus metrics (names and labels as promised in issue 3 and
+//! `docs/worker.md`). `shardop_kube_requests_total` lives in `shardop_runtime::client`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use shardop_api::ShardIndex;
+
+/// `{shard}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabel {
+    /// Shard index.
+    pub shard: String,
+}
+
+/// `{shard,result}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// Shard index.
+    pub shard: String,
+    /// `success`, `error`, `terminal`, `skipped`.
+    pub result: &'static str,
+}
+
+/// `{shard,reason}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Shard index.
+    pub shard: String,
+    /// Error class, e.g. `conflict`, `api`, `lease_lost`, `invalid`.
+    pub reason: &'static str,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+fn histogram_1ms_to_16s() -> Histogram {
+    // 1 ms, 2 ms, ... 16.384 s: 15 buckets.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Lag is seconds to minutes, and SLOs are stated in round seconds (p99 ≤ 5 s), so its
+/// buckets are round numbers up to 5 min that alert thresholds can name exactly.
+fn lag_histogram() -> Histogram {
+    Histogram::new(LAG_BUCKETS.iter().copied())
+}
+
+/// Bucket bounds of `shardop_reconcile_lag_seconds`.
+pub const LAG_BUCKETS: [f64; 15] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+/// All worker metrics. Cheap to clone.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    /// `shardop_reconcile_duration_seconds{shard,result}`.
+    pub reconcile_duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
+    /// `shardop_reconcile_errors_total{shard,reason}`.
+    pub reconcile_errors: Family<ReasonLabels, Counter>,
+    /// `shardop_queue_depth{shard}`.
+    pub queue_depth: Family<ShardLabel, Gauge>,
+    /// `shardop_backlog_objects{shard}`.
+    pub backlog: Family<ShardLabel, Gauge>,
+    /// `shardop_longest_running_reconcile_seconds{shard}`.
+    pub longest_running: Family<ShardLabel, FloatGauge>,
+    /// `shardop_reconcile_retries_total{shard}`.
+    pub retries: Family<ShardLabel, Counter>,
+    /// `shardop_terminating_objects{shard}`.
+    pub terminating: Family<ShardLabel, Gauge>,
+    /// `shardop_reconcile_lag_seconds{shard}`.
+    pub reconcile_lag: Family<ShardLabel, Histogram, fn() -> Histogram>,
+    /// `shardop_shard_objects{shard}`.
+    pub shard_objects: Family<ShardLabel, Gauge>,
+    /// `shardop_shard_leader{shard}`.
+    pub shard_leader: Family<ShardLabel, Gauge>,
+    /// `shardop_drains_total{shard}`.
+    pub drains: Family<ShardLabel, Counter>,
+    /// `shardop_reconciles_total{shard,action}`-like count of reconcile starts, used by
+    /// the e2e tests to prove "no requeue storm": `shardop_reconcile_runs_total{shard}`.
+    pub runs: Family<ShardLabel, Counter>,
+}
+
+impl WorkerMetrics {
+    /// Creates and registers every worker metric.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            reconcile_duration: Family::new_with_constructor(histogram_1ms_to_16s),
+            reconcile_errors: Family::default(),
+            queue_depth: Family::default(),
+            backlog: Family::default(),
+            longest_running: Family::default(),
+            retries: Family::default(),
+            terminating: Family::default(),
+            reconcile_lag: Family::new_with_constructor(lag_histogram),
+            shard_objects: Family::default(),
+            shard_leader: Family::default(),
+            drains: Family::default(),
+            runs: Family::default(),
+        };
+        registry.register(
+            "shardop_reconcile_duration_seconds",
+            "Duration of reconciles by shard and result",
+            metrics.reconcile_duration.clone(),
+        );
+        registry.register(
+            "shardop_reconcile_errors",
+            "Failed reconciles by shard and reason",
+            metrics.reconcile_errors.clone(),
+        );
+        registry.register(
+            "shardop_queue_depth",
+            "Objects waiting for a reconcile",
+            metrics.queue_depth.clone(),
+        );
+        registry.register(
+            "shardop_backlog_objects",
+            "Objects whose observedGeneration is behind their generation",
+            metrics.backlog.clone(),
+        );
+        registry.register(
+            "shardop_longest_running_reconcile_seconds",
+            "Age of the oldest reconcile still running",
+            metrics.longest_running.clone(),
+        );
+        registry.register(
+            "shardop_reconcile_retries",
+            "Reconciles requeued with backoff after a transient error",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "shardop_terminating_objects",
+            "Objects with a deletion timestamp waiting for cleanup",
+            metrics.terminating.clone(),
+        );
+        registry.register(
+            "shardop_reconcile_lag_seconds",
+            "Time from seeing a spec change to having converged it",
+            metrics.reconcile_lag.clone(),
+        );
+        registry.register(
+            "shardop_shard_objects",
+            "DatabaseClusters in the shard's cache",
+            metrics.shard_objects.clone(),
+        );
+        registry.register(
+            "shardop_shard_leader",
+            "1 while this process holds the shard's Lease",
+            metrics.shard_leader.clone(),
+        );
+        registry.register(
+            "shardop_drains",
+            "Drain acknowledgements (objects handed to the assigner for a move)",
+            metrics.drains.clone(),
+        );
+        registry.register(
+            "shardop_reconcile_runs",
+            "Reconciles started",
+            metrics.runs.clone(),
+        );
+        metrics
+    }
+
+    /// The `{shard}` label of a shard.
+    pub fn shard(shard: ShardIndex) -> ShardLabel {
+        ShardLabel {
+            shard: shard.label_value(),
+        }
+    }
+
+    /// Creates the counters of a shard at zero, so dashboards and alerts see a series (and
+    /// `rate()` a starting point) before the first error or retry happens.
+    pub fn start_shard(&self, shard: ShardIndex) {
+        let label = Self::shard(shard);
+        self.retries.get_or_create(&label).inc_by(0);
+        self.drains.get_or_create(&label).inc_by(0);
+        self.runs.get_or_create(&label).inc_by(0);
+        for reason in crate::reconcile::ReconcileError::REASONS {
+            self.reconcile_errors
+                .get_or_create(&ReasonLabels {
+                    shard: label.shard.clone(),
+                    reason,
+                })
+                .inc_by(0);
+        }
+    }
+
+    /// Resets the gauges of a shard this process stopped serving.
+    pub fn forget_shard(&self, shard: ShardIndex) {
+        let label = Self::shard(shard);
+        self.queue_depth.get_or_create(&label).set(0);
+        self.backlog.get_or_create(&label).set(0);
+        self.longest_running.get_or_create(&label).set(0.0);
+        self.terminating.get_or_create(&label).set(0);
+        self.shard_objects.get_or_create(&label).set(0);
+        self.shard_leader.get_or_create(&label).set(0);
+    }
+}

@@ -1,0 +1,579 @@
+//! The DatabaseCluster reconcile: the protocol decides (`worker_action`), this module carries
+//! it out with as few writes as possible, each one fenced by the shard's Lease.
+//!
+//! Writes of a new object: finalizer (merge patch), Service and StatefulSet (server-side
+//! apply), status (merge patch on the status subresource). A converged object costs none:
+//! children are compared with the cache before applying, status before writing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use shardop_api::constants::{DRAIN_LABEL, FINALIZER, SHARD_LABEL, WORKER_FIELD_MANAGER};
+use shardop_api::protocol::{ObjectPlacement, WorkerAction, worker_action};
+use shardop_api::{DatabaseCluster, ReclaimPolicy};
+use shardop_runtime::LeaseLost;
+use tracing::Instrument;
+
+use crate::backoff::jitter_unit;
+use crate::children::{self, desired_service, desired_stateful_set, is_subset};
+use crate::controller::{AppliedObject, ScopeContext, key_of};
+use crate::metrics::{ReasonLabels, ResultLabels, WorkerMetrics};
+use crate::status::{Observed, TerminalProblem, desired_status};
+
+/// Requeue of a converged object: a safety net only, changes arrive by watch.
+const RESYNC: Duration = Duration::from_secs(30 * 60);
+/// Requeue of an object whose spec cannot be applied: it waits for a spec change.
+const TERMINAL_RESYNC: Duration = Duration::from_secs(10 * 60);
+/// Requeue while deleted claims are still terminating.
+const CLEANUP_POLL: Duration = Duration::from_secs(1);
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The shard's Lease is not held: nothing was written.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
+    /// A request failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What was being done.
+        action: &'static str,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl ReconcileError {
+    fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Self {
+        move |source| Self::Kube { action, source }
+    }
+
+    /// Every value [`reason`](Self::reason) can return.
+    pub const REASONS: [&'static str; 8] = [
+        "lease_lost",
+        "conflict",
+        "not_found",
+        "throttled",
+        "invalid",
+        "server",
+        "api",
+        "transport",
+    ];
+
+    /// A short class for the errors metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::LeaseLost(_) => "lease_lost",
+            Self::Kube { source, .. } => match source {
+                kube::Error::Api(status) => match status.code {
+                    409 => "conflict",
+                    404 => "not_found",
+                    429 => "throttled",
+                    400 | 422 => "invalid",
+                    500..=599 => "server",
+                    _ => "api",
+                },
+                _ => "transport",
+            },
+        }
+    }
+}
+
+/// A terminal problem in an apply error: the request was well-formed but the API server
+/// will never accept it for this spec (422 Invalid, e.g. an immutable StatefulSet field, or
+/// 400 Bad Request).
+fn terminal_problem(err: &kube::Error, child: &'static str) -> Option<TerminalProblem> {
+    match err {
+        kube::Error::Api(status) if status.code == 422 || status.code == 400 => {
+            Some(TerminalProblem {
+                reason: format!("{child}Rejected"),
+                message: status.message.clone(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// kube-runtime's reconcile entry point.
+pub async fn reconcile(
+    cluster: Arc<DatabaseCluster>,
+    ctx: Arc<ScopeContext>,
+) -> Result<Action, ReconcileError> {
+    let shared = ctx.shared.clone();
+    let key = key_of(cluster.as_ref());
+    let shard = shared.shard;
+    let span = tracing::info_span!(
+        "reconcile",
+        object = %key,
+        shard = %shard,
+        generation = cluster.metadata.generation,
+        action = tracing::field::Empty,
+        result = tracing::field::Empty,
+    );
+    {
+        let mut book = shared.book();
+        book.pending.remove(&key);
+        book.running
+            .insert(key.clone(), tokio::time::Instant::now());
+    }
+    shared
+        .metrics
+        .runs
+        .get_or_create(&WorkerMetrics::shard(shard))
+        .inc();
+    let started = std::time::Instant::now();
+    let outcome = reconcile_inner(&cluster, &ctx, &key)
+        .instrument(span.clone())
+        .await;
+    let result = match &outcome {
+        Ok(Outcome::Done) => "success",
+        Ok(Outcome::Terminal) => "terminal",
+        Ok(Outcome::Skipped) => "skipped",
+        Ok(Outcome::CleanupPending) => "cleanup_pending",
+        Err(_) => "error",
+    };
+    span.record("result", result);
+    shared.book().running.remove(&key);
+    shared
+        .metrics
+        .reconcile_duration
+        .get_or_create(&ResultLabels {
+            shard: shard.label_value(),
+            result,
+        })
+        .observe(started.elapsed().as_secs_f64());
+    match outcome {
+        Ok(Outcome::Done) => {
+            shared.failures.reset(&key);
+            Ok(Action::requeue(RESYNC))
+        }
+        Ok(Outcome::Terminal) => {
+            shared.failures.reset(&key);
+            Ok(Action::requeue(TERMINAL_RESYNC))
+        }
+        Ok(Outcome::Skipped) => Ok(Action::await_change()),
+        Ok(Outcome::CleanupPending) => Ok(Action::requeue(CLEANUP_POLL)),
+        Err(err) => {
+            span.in_scope(|| tracing::warn!(error = %err, "reconcile failed"));
+            Err(err)
+        }
+    }
+}
+
+/// kube-runtime's error policy: per-object exponential backoff.
+pub fn error_policy(
+    cluster: Arc<DatabaseCluster>,
+    err: &ReconcileError,
+    ctx: Arc<ScopeContext>,
+) -> Action {
+    let shared = &ctx.shared;
+    let shard = shared.shard;
+    shared
+        .metrics
+        .reconcile_errors
+        .get_or_create(&ReasonLabels {
+            shard: shard.label_value(),
+            reason: err.reason(),
+        })
+        .inc();
+    if matches!(err, ReconcileError::LeaseLost(_)) {
+        // Not the object's fault; the controller is being stopped anyway.
+        return Action::requeue(shared.retry_period);
+    }
+    shared
+        .metrics
+        .retries
+        .get_or_create(&WorkerMetrics::shard(shard))
+        .inc();
+    let failures = shared.failures.record_failure(key_of(cluster.as_ref()));
+    Action::requeue(shared.backoff.jittered(failures, jitter_unit()))
+}
+
+enum Outcome {
+    /// Converged (or cleaned up, or drained).
+    Done,
+    /// The spec cannot be applied; Degraded is set.
+    Terminal,
+    /// Not this shard's business (or nothing left to do for it).
+    Skipped,
+    /// Deleted claims are still terminating; look again shortly (their deletion produces
+    /// no event on the DatabaseCluster).
+    CleanupPending,
+}
+
+async fn reconcile_inner(
+    cluster: &DatabaseCluster,
+    ctx: &ScopeContext,
+    key: &str,
+) -> Result<Outcome, ReconcileError> {
+    let shared = &ctx.shared;
+    let shard = shared.shard;
+    let placement = ObjectPlacement::from_labels(cluster.metadata.labels.as_ref());
+    let deleting = cluster.metadata.deletion_timestamp.is_some();
+    let action = worker_action(&placement, shard, deleting);
+    tracing::Span::current().record("action", tracing::field::debug(action));
+    let uid = cluster.uid().unwrap_or_default();
+    {
+        let mut book = shared.book();
+        if book.acknowledged.contains(&uid) {
+            if matches!(placement, ObjectPlacement::Draining { .. }) {
+                // A stale cache entry of an object we already let go of.
+                return Ok(Outcome::Skipped);
+            }
+            // The object came back to this shard.
+            book.acknowledged.remove(&uid);
+        }
+    }
+    match action {
+        WorkerAction::Ignore => Ok(Outcome::Skipped),
+        WorkerAction::AcknowledgeDrain => acknowledge_drain(cluster, ctx).await,
+        WorkerAction::Cleanup => cleanup(cluster, ctx, key).await,
+        WorkerAction::Reconcile => converge(cluster, ctx, key).await,
+    }
+}
+
+fn api(ctx: &ScopeContext, namespace: &str) -> Api<DatabaseCluster> {
+    Api::namespaced(ctx.client.clone(), namespace)
+}
+
+fn params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(WORKER_FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// W2: remove the shard and drain labels in one patch, conditional on the version we
+/// decided on. After it, the object leaves this shard's watch.
+async fn acknowledge_drain(
+    cluster: &DatabaseCluster,
+    ctx: &ScopeContext,
+) -> Result<Outcome, ReconcileError> {
+    let shared = &ctx.shared;
+    let namespace = cluster.namespace().unwrap_or_default();
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": cluster.resource_version(),
+            "labels": { SHARD_LABEL: null, DRAIN_LABEL: null },
+        }
+    });
+    shared.guard.check()?;
+    api(ctx, &namespace)
+        .patch(&cluster.name_any(), &params(), &Patch::Merge(&patch))
+        .await
+        .map_err(ReconcileError::kube("acknowledging the drain"))?;
+    {
+        let mut book = shared.book();
+        book.acknowledged.insert(cluster.uid().unwrap_or_default());
+        book.unconverged_since.remove(&key_of(cluster));
+        book.forget_children(&namespace, &cluster.name_any());
+    }
+    shared
+        .metrics
+        .drains
+        .get_or_create(&WorkerMetrics::shard(shared.shard))
+        .inc();
+    tracing::info!("drain acknowledged: shard and drain labels removed");
+    Ok(Outcome::Skipped)
+}
+
+/// Adds or removes our finalizer with a resourceVersion precondition (a merge patch
+/// replaces the whole list, so it must be based on the list we saw).
+async fn set_finalizer(
+    cluster: &DatabaseCluster,
+    ctx: &ScopeContext,
+    present: bool,
+) -> Result<DatabaseCluster, ReconcileError> {
+    let mut finalizers: Vec<String> = cluster
+        .finalizers()
+        .iter()
+        .filter(|f| f.as_str() != FINALIZER)
+        .cloned()
+        .collect();
+    if present {
+        finalizers.push(FINALIZER.to_owned());
+    }
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": cluster.resource_version(),
+            "finalizers": finalizers,
+        }
+    });
+    ctx.shared.guard.check()?;
+    api(ctx, &cluster.namespace().unwrap_or_default())
+        .patch(&cluster.name_any(), &params(), &Patch::Merge(&patch))
+        .await
+        .map_err(ReconcileError::kube(if present {
+            "adding the finalizer"
+        } else {
+            "removing the finalizer"
+        }))
+}
+
+fn cached<K>(
+    store: &kube::runtime::reflector::Store<K>,
+    namespace: &str,
+    name: &str,
+) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.get(&ObjectRef::new(name).within(namespace))
+}
+
+/// Server-side applies `desired` unless the cached object already matches it. Returns the
+/// object as the server has it (cached or freshly applied).
+async fn apply_if_changed<K>(
+    ctx: &ScopeContext,
+    desired: &K,
+    cached: Option<Arc<K>>,
+    action: &'static str,
+) -> Result<K, ReconcileError>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    if let Some(actual) = cached.as_deref()
+        && is_subset(desired, actual)
+    {
+        return Ok(actual.clone());
+    }
+    let namespace = desired.meta().namespace.clone().unwrap_or_default();
+    let name = desired.meta().name.clone().unwrap_or_default();
+    let memo_key = format!("{}/{namespace}/{name}", K::kind(&()));
+    let fingerprint = fingerprint(desired);
+    // The watch cache lags our own writes by a few milliseconds; a reconcile triggered in
+    // that window must not apply the same object again.
+    let cached_version = cached.as_deref().and_then(numeric_resource_version);
+    if let Some((applied_fingerprint, applied_version, applied)) =
+        ctx.shared.book().applied.get(&memo_key).cloned()
+        && applied_fingerprint == fingerprint
+        && cached_version.is_none_or(|cached| applied_version.is_some_and(|a| cached < a))
+        && let Some(applied) = applied.downcast_ref::<K>()
+    {
+        return Ok(applied.clone());
+    }
+    ctx.shared.guard.check()?;
+    tracing::debug!(child = %children::describe(desired), "applying");
+    let applied = Api::<K>::namespaced(ctx.client.clone(), &namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(WORKER_FIELD_MANAGER).force(),
+            &Patch::Apply(desired),
+        )
+        .await
+        .map_err(ReconcileError::kube(action))?;
+    crate::fault::after_write();
+    ctx.shared.book().applied.insert(
+        memo_key,
+        (
+            fingerprint,
+            numeric_resource_version(&applied),
+            Arc::new(applied.clone()) as AppliedObject,
+        ),
+    );
+    Ok(applied)
+}
+
+/// A hash of an object's JSON form.
+fn fingerprint<T: serde::Serialize>(object: &T) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(object)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The resourceVersion as a number. Kubernetes calls it opaque, but with etcd it is the
+/// store revision; it is only used to tell "the cache has not caught up with our own write
+/// yet" from "someone changed the object since", and anything unparsable means "apply".
+fn numeric_resource_version<K: Resource>(object: &K) -> Option<u64> {
+    object.meta().resource_version.as_deref()?.parse().ok()
+}
+
+/// Splits an apply error into a terminal problem (recorded as Degraded) or a real error.
+fn classify(err: ReconcileError, child: &'static str) -> Result<TerminalProblem, ReconcileError> {
+    match &err {
+        ReconcileError::Kube { source, .. } => terminal_problem(source, child).ok_or(err),
+        ReconcileError::LeaseLost(_) => Err(err),
+    }
+}
+
+/// W1: converge the children and the status.
+async fn converge(
+    cluster: &DatabaseCluster,
+    ctx: &ScopeContext,
+    key: &str,
+) -> Result<Outcome, ReconcileError> {
+    let shared = &ctx.shared;
+    let shard = shared.shard;
+    let namespace = cluster.namespace().unwrap_or_default();
+    let name = cluster.name_any();
+    let uid = cluster.uid().unwrap_or_default();
+    let generation = cluster.metadata.generation;
+
+    crate::fault::before_writes(&name).await;
+    let mut cluster = cluster.clone();
+    if !cluster.finalizers().iter().any(|f| f == FINALIZER) {
+        cluster = set_finalizer(&cluster, ctx, true).await?;
+    }
+
+    let known_problem = shared
+        .book()
+        .terminal
+        .get(&uid)
+        .filter(|(g, _)| *g == generation)
+        .map(|(_, p)| p.clone());
+    let cached_sts = cached(&ctx.stateful_sets, &namespace, &name);
+    let (stateful_set, problem) = match known_problem {
+        // The same spec was rejected before: do not hammer the API server with it.
+        Some(problem) => (cached_sts.as_deref().cloned(), Some(problem)),
+        None => {
+            let service = desired_service(&cluster, shard);
+            let cached_svc = cached(&ctx.services, &namespace, &children::service_name(&name));
+            let mut problem =
+                match apply_if_changed(ctx, &service, cached_svc, "applying the Service").await {
+                    Ok(_) => None,
+                    Err(err) => Some(classify(err, "Service")?),
+                };
+            let sts = desired_stateful_set(&cluster, shard);
+            let stateful_set =
+                match apply_if_changed(ctx, &sts, cached_sts.clone(), "applying the StatefulSet")
+                    .await
+                {
+                    Ok(applied) => Some(applied),
+                    Err(err) => {
+                        let terminal = classify(err, "StatefulSet")?;
+                        problem.get_or_insert(terminal);
+                        cached_sts.as_deref().cloned()
+                    }
+                };
+            shared.guard.check()?;
+            let mut book = shared.book();
+            match &problem {
+                Some(p) => {
+                    book.terminal.insert(uid.clone(), (generation, p.clone()));
+                }
+                None => {
+                    book.terminal.remove(&uid);
+                }
+            }
+            (stateful_set, problem)
+        }
+    };
+    if let Some(problem) = &problem {
+        tracing::warn!(reason = %problem.reason, detail = %problem.message, "spec cannot be applied");
+    }
+
+    let status = desired_status(&Observed {
+        cluster: &cluster,
+        stateful_set: stateful_set.as_ref(),
+        problem: problem.as_ref(),
+        shard,
+        now: jiff::Timestamp::now(),
+    });
+    if cluster.status.as_ref() != Some(&status) {
+        shared.guard.check()?;
+        api(ctx, &namespace)
+            .patch_status(&name, &params(), &Patch::Merge(json!({ "status": status })))
+            .await
+            .map_err(ReconcileError::kube("writing the status"))?;
+    }
+
+    if problem.is_some() {
+        return Ok(Outcome::Terminal);
+    }
+    // The status now describes the current generation: the change is converged.
+    let seen = shared.book().unconverged_since.remove(key);
+    if let Some(seen) = seen {
+        shared
+            .metrics
+            .reconcile_lag
+            .get_or_create(&WorkerMetrics::shard(shard))
+            .observe(seen.elapsed().as_secs_f64());
+    }
+    Ok(Outcome::Done)
+}
+
+/// Finalizer cleanup: with reclaimPolicy Delete, delete the StatefulSet (so it cannot
+/// recreate claims) and then the claims its controller created; then remove the finalizer.
+/// Every step is idempotent; a step that cannot finish returns an error and is retried
+/// with backoff, without blocking other objects.
+async fn cleanup(
+    cluster: &DatabaseCluster,
+    ctx: &ScopeContext,
+    key: &str,
+) -> Result<Outcome, ReconcileError> {
+    let shared = &ctx.shared;
+    if !cluster.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Outcome::Skipped);
+    }
+    let namespace = cluster.namespace().unwrap_or_default();
+    let name = cluster.name_any();
+    if cluster.spec.storage.reclaim_policy == ReclaimPolicy::Delete {
+        let stateful_sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+        let sts = cached(&ctx.stateful_sets, &namespace, &name);
+        if sts.is_some_and(|s| s.metadata.deletion_timestamp.is_none()) {
+            shared.guard.check()?;
+            let params = DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                ..Default::default()
+            };
+            match stateful_sets.delete(&name, &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(err) => return Err(ReconcileError::kube("deleting the StatefulSet")(err)),
+            }
+        }
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+        let selector = children::selector_string(&name);
+        let existing = claims
+            .list_metadata(&ListParams::default().labels(&selector))
+            .await
+            .map_err(ReconcileError::kube("listing the volume claims"))?;
+        let mut deleted = 0;
+        for claim in existing
+            .items
+            .iter()
+            .filter(|c| c.metadata.deletion_timestamp.is_none())
+        {
+            let claim_name = claim.name_any();
+            shared.guard.check()?;
+            match claims.delete(&claim_name, &DeleteParams::default()).await {
+                Ok(_) => deleted += 1,
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(err) => return Err(ReconcileError::kube("deleting a volume claim")(err)),
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(claims = deleted, "deleted volume claims");
+            // Look again shortly: a claim created between list and delete is caught then.
+            return Ok(Outcome::CleanupPending);
+        }
+    }
+    set_finalizer(cluster, ctx, false).await?;
+    {
+        let mut book = shared.book();
+        book.terminal.remove(&cluster.uid().unwrap_or_default());
+        book.unconverged_since.remove(key);
+        book.forget_children(&namespace, &name);
+    }
+    shared.failures.reset(&key.to_owned());
+    tracing::info!("cleanup finished, finalizer removed");
+    Ok(Outcome::Skipped)
+}

@@ -1,0 +1,256 @@
+//! The status of a DatabaseCluster, computed from what the worker observed (no I/O).
+//!
+//! Conditions keep their `lastTransitionTime` while their status stays the same, so a
+//! recomputation of an unchanged world yields an identical status and no write.
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use shardop_api::constants::condition::{AVAILABLE, DEGRADED, PROGRESSING};
+use shardop_api::{DatabaseCluster, DatabaseClusterStatus, ShardIndex};
+
+/// A problem retrying cannot fix, shown as `Degraded=True`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TerminalProblem {
+    /// CamelCase reason, e.g. `StatefulSetRejected`.
+    pub reason: String,
+    /// Human-readable detail (the API server's message).
+    pub message: String,
+}
+
+/// What the status is computed from.
+pub struct Observed<'a> {
+    /// The DatabaseCluster as last read.
+    pub cluster: &'a DatabaseCluster,
+    /// Its StatefulSet, if it exists.
+    pub stateful_set: Option<&'a StatefulSet>,
+    /// A terminal problem with the current generation, if any.
+    pub problem: Option<&'a TerminalProblem>,
+    /// The shard reconciling it.
+    pub shard: ShardIndex,
+    /// The current time, for conditions that transition now.
+    pub now: jiff::Timestamp,
+}
+
+/// The status the object should have.
+pub fn desired_status(observed: &Observed<'_>) -> DatabaseClusterStatus {
+    let cluster = observed.cluster;
+    let generation = cluster.metadata.generation;
+    let desired = cluster.spec.replicas;
+    let sts_status = observed.stateful_set.and_then(|s| s.status.as_ref());
+    let replicas = sts_status.map_or(0, |s| s.replicas);
+    let ready = sts_status.and_then(|s| s.ready_replicas).unwrap_or(0);
+    let updated = sts_status.and_then(|s| s.updated_replicas).unwrap_or(0);
+    let sts_current = observed.stateful_set.is_some_and(|s| {
+        s.status.as_ref().and_then(|st| st.observed_generation) >= s.metadata.generation
+    });
+    let rolled_out = sts_current && updated >= desired && replicas == desired;
+    let previous = cluster
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+
+    let available = if ready >= desired {
+        (
+            "True",
+            "AllReplicasReady",
+            format!("{ready}/{desired} replicas ready"),
+        )
+    } else {
+        (
+            "False",
+            "ReplicasNotReady",
+            format!("{ready}/{desired} replicas ready"),
+        )
+    };
+    let progressing = match observed.problem {
+        Some(_) => (
+            "False",
+            "Blocked",
+            "the spec cannot be applied, see Degraded".to_owned(),
+        ),
+        None if observed.stateful_set.is_none() => {
+            ("True", "Creating", "creating the StatefulSet".to_owned())
+        }
+        None if !rolled_out => (
+            "True",
+            "RollingOut",
+            format!("{updated}/{desired} replicas updated"),
+        ),
+        None if ready < desired => (
+            "True",
+            "WaitingForReplicas",
+            format!("{ready}/{desired} replicas ready"),
+        ),
+        None => (
+            "False",
+            "Converged",
+            "all replicas updated and ready".to_owned(),
+        ),
+    };
+    let degraded = match observed.problem {
+        Some(problem) => ("True", problem.reason.as_str(), problem.message.clone()),
+        None => (
+            "False",
+            "Reconciled",
+            "the children match the spec".to_owned(),
+        ),
+    };
+
+    let condition = |type_: &str, (status, reason, message): (&str, &str, String)| {
+        let last_transition_time = previous
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map_or_else(|| Time(observed.now), |c| c.last_transition_time.clone());
+        Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            observed_generation: generation,
+            last_transition_time,
+        }
+    };
+    DatabaseClusterStatus {
+        observed_generation: generation,
+        replicas,
+        ready_replicas: ready,
+        conditions: vec![
+            condition(AVAILABLE, available),
+            condition(PROGRESSING, progressing),
+            condition(DEGRADED, degraded),
+        ],
+        shard: Some(observed.shard.0),
+    }
+}
+
+/// Whether the object still waits for a reconcile of its current spec.
+pub fn is_behind(cluster: &DatabaseCluster) -> bool {
+    cluster.status.as_ref().and_then(|s| s.observed_generation) < cluster.metadata.generation
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::StatefulSetStatus;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use shardop_api::{DatabaseClusterSpec, ReclaimPolicy, StorageSpec};
+
+    fn cluster(generation: i64) -> DatabaseCluster {
+        let mut c = DatabaseCluster::new(
+            "db",
+            DatabaseClusterSpec {
+                replicas: 2,
+                image: "postgres:17".into(),
+                resources: None,
+                storage: StorageSpec {
+                    storage_class_name: None,
+                    size: Quantity("1Gi".into()),
+                    reclaim_policy: ReclaimPolicy::Retain,
+                },
+            },
+        );
+        c.metadata.generation = Some(generation);
+        c
+    }
+
+    fn sts(replicas: i32, ready: i32) -> StatefulSet {
+        StatefulSet {
+            metadata: kube::api::ObjectMeta {
+                generation: Some(1),
+                ..Default::default()
+            },
+            status: Some(StatefulSetStatus {
+                observed_generation: Some(1),
+                replicas,
+                ready_replicas: Some(ready),
+                updated_replicas: Some(replicas),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn at(seconds: i64) -> jiff::Timestamp {
+        jiff::Timestamp::from_second(seconds).unwrap()
+    }
+
+    fn cond<'a>(status: &'a DatabaseClusterStatus, type_: &str) -> &'a Condition {
+        status.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn new_object_is_progressing_and_not_available() {
+        let c = cluster(1);
+        let status = desired_status(&Observed {
+            cluster: &c,
+            stateful_set: None,
+            problem: None,
+            shard: ShardIndex(1),
+            now: at(100),
+        });
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(status.shard, Some(1));
+        assert_eq!(cond(&status, AVAILABLE).status, "False");
+        assert_eq!(cond(&status, PROGRESSING).reason, "Creating");
+        assert_eq!(cond(&status, DEGRADED).status, "False");
+        assert!(is_behind(&c));
+    }
+
+    #[test]
+    fn recomputation_is_stable_and_transition_times_move_only_on_change() {
+        let mut c = cluster(1);
+        let s = sts(2, 0);
+        let observe = |c: &DatabaseCluster, s: &StatefulSet, now| {
+            desired_status(&Observed {
+                cluster: c,
+                stateful_set: Some(s),
+                problem: None,
+                shard: ShardIndex(0),
+                now: at(now),
+            })
+        };
+        let first = observe(&c, &s, 100);
+        c.status = Some(first.clone());
+        assert!(!is_behind(&c));
+        assert_eq!(
+            observe(&c, &s, 200),
+            first,
+            "nothing changed, nothing to write"
+        );
+
+        let ready = sts(2, 2);
+        let second = observe(&c, &ready, 300);
+        assert_eq!(cond(&second, AVAILABLE).status, "True");
+        assert_eq!(cond(&second, AVAILABLE).last_transition_time, Time(at(300)));
+        assert_eq!(
+            cond(&second, DEGRADED).last_transition_time,
+            Time(at(100)),
+            "Degraded did not change"
+        );
+        assert_eq!(cond(&second, PROGRESSING).reason, "Converged");
+    }
+
+    #[test]
+    fn terminal_problem_is_degraded() {
+        let c = cluster(3);
+        let problem = TerminalProblem {
+            reason: "StatefulSetRejected".into(),
+            message: "spec: Forbidden".into(),
+        };
+        let status = desired_status(&Observed {
+            cluster: &c,
+            stateful_set: None,
+            problem: Some(&problem),
+            shard: ShardIndex(0),
+            now: at(1),
+        });
+        let degraded = cond(&status, DEGRADED);
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "StatefulSetRejected")
+        );
+        assert_eq!(degraded.observed_generation, Some(3));
+        assert_eq!(cond(&status, PROGRESSING).status, "False");
+    }
+}

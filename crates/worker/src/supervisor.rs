@@ -1,0 +1,282 @@
+//! The worker's main loop: which shards it serves. It acquires its home shard's Lease,
+//! takes over expired shards of dead workers, hands taken-over shards back on request,
+//! starts a controller for every held Lease and stops it when the Lease is lost, and on
+//! shutdown stops everything and releases every Lease.
+//!
+//! The decisions are in [`crate::failover`]; this module only observes (one watch over all
+//! shard Leases) and acts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use shardop_api::{Shard, ShardIndex};
+use shardop_runtime::{
+    ClientFactory, HeldLease, LeaseSettings, Readiness, ShardLeaseWatch, ShardLeases,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::controller::{ControllerSettings, ShardController};
+use crate::failover::{self, Acquisition, Me};
+use crate::heartbeat::{Heartbeat, Report};
+use crate::metrics::WorkerMetrics;
+
+/// Everything the supervisor needs.
+pub struct Supervisor {
+    /// Builds one client per shard (user agent `shardop-worker/shard-<i> (<pod>)`).
+    pub clients: ClientFactory,
+    /// Lease identity and timing.
+    pub lease_settings: LeaseSettings,
+    /// The home shard.
+    pub home: ShardIndex,
+    /// Controller settings.
+    pub controller: ControllerSettings,
+    /// Metrics.
+    pub metrics: WorkerMetrics,
+    /// `/readyz`.
+    pub readiness: Readiness,
+    /// How long in-flight reconciles may take on hand-back and shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+struct Served {
+    lease: HeldLease,
+    controller: ShardController,
+    heartbeat: Heartbeat,
+    shards: Api<Shard>,
+}
+
+/// Clients (and Lease I/O) acting as each shard, created on first use.
+struct ShardClients {
+    factory: ClientFactory,
+    identity: String,
+    settings: LeaseSettings,
+    clients: HashMap<ShardIndex, kube::Client>,
+}
+
+impl ShardClients {
+    fn client(&mut self, shard: ShardIndex) -> anyhow::Result<kube::Client> {
+        if let Some(client) = self.clients.get(&shard) {
+            return Ok(client.clone());
+        }
+        let agent = format!("shardop-worker/shard-{shard} ({})", self.identity);
+        let client = self.factory.client(&agent)?;
+        self.clients.insert(shard, client.clone());
+        Ok(client)
+    }
+
+    fn leases(&mut self, shard: ShardIndex) -> anyhow::Result<ShardLeases> {
+        Ok(ShardLeases::new(self.client(shard)?, self.settings.clone()))
+    }
+}
+
+impl Supervisor {
+    /// Runs until `shutdown` is cancelled, then stops every controller and releases every
+    /// Lease.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let identity = self.lease_settings.identity.clone();
+        let namespace = self.lease_settings.namespace.clone();
+        let watch_client = self
+            .clients
+            .client(&format!("shardop-worker/leases ({identity})"))?;
+        let (mut watch, driver) = shardop_runtime::watch_shard_leases(
+            watch_client,
+            &namespace,
+            self.controller.streaming_lists,
+        );
+        let driver = tokio::spawn(driver);
+        let mut clients = ShardClients {
+            factory: self.clients.clone(),
+            identity: identity.clone(),
+            settings: self.lease_settings.clone(),
+            clients: HashMap::new(),
+        };
+        tokio::select! {
+            () = watch.wait_until_ready() => {}
+            () = shutdown.cancelled() => {
+                driver.abort();
+                return Ok(());
+            }
+        }
+        tracing::info!(home = %self.home, %identity, "watching shard leases");
+
+        let mut served: BTreeMap<ShardIndex, Served> = BTreeMap::new();
+        let retry_period = self.lease_settings.retry_period;
+        let mut tick = tokio::time::interval(retry_period.min(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = watch.changed() => {}
+                _ = tick.tick() => {}
+            }
+            if let Err(err) = self.step(&watch, &mut clients, &mut served).await {
+                tracing::warn!(error = %err, "supervisor step failed");
+            }
+        }
+
+        // Graceful shutdown: stop taking work, finish in flight, release.
+        self.readiness.set(false);
+        tracing::info!(
+            shards = served.len(),
+            "shutting down: stopping controllers and releasing leases"
+        );
+        let stops = served.into_values().map(|s| {
+            let metrics = self.metrics.clone();
+            let timeout = self.shutdown_timeout;
+            async move {
+                let shard = s.lease.shard();
+                s.controller.stop(timeout).await;
+                if let Err(err) = s.lease.release().await {
+                    tracing::warn!(%shard, error = %err, "releasing the shard lease failed");
+                }
+                metrics.forget_shard(shard);
+            }
+        });
+        futures::future::join_all(stops).await;
+        driver.abort();
+        Ok(())
+    }
+
+    async fn step(
+        &self,
+        watch: &ShardLeaseWatch,
+        clients: &mut ShardClients,
+        served: &mut BTreeMap<ShardIndex, Served>,
+    ) -> anyhow::Result<()> {
+        let me = Me {
+            identity: &self.lease_settings.identity,
+            home: self.home,
+            lease_duration: self.lease_settings.lease_duration,
+            retry_period: self.lease_settings.retry_period,
+        };
+        let leases = watch.all();
+
+        // 1. Lost Leases (renew deadline passed, or someone else holds them): the fence has
+        //    already stopped every write; stop the controller.
+        let lost: Vec<ShardIndex> = served
+            .iter()
+            .filter(|(_, s)| s.lease.is_lost())
+            .map(|(shard, _)| *shard)
+            .collect();
+        for shard in lost {
+            if let Some(s) = served.remove(&shard) {
+                tracing::warn!(%shard, "shard lease lost, stopping its controller");
+                s.controller.stop(self.shutdown_timeout).await;
+                drop(s.lease);
+                self.metrics.forget_shard(shard);
+            }
+        }
+
+        // 2. Hand-back / retirement requests for shards we serve.
+        let to_release: Vec<ShardIndex> = served
+            .keys()
+            .copied()
+            .filter(|shard| {
+                let snapshot = leases
+                    .get(shard)
+                    .map(|l| shardop_api::protocol::LeaseSnapshot::from_lease(l));
+                failover::should_release(&me, *shard, snapshot.as_ref())
+            })
+            .collect();
+        for shard in to_release {
+            if let Some(s) = served.remove(&shard) {
+                tracing::info!(%shard, "release requested: stopping the shard controller, then releasing its lease");
+                s.controller.stop(self.shutdown_timeout).await;
+                s.lease.release().await?;
+                self.metrics.forget_shard(shard);
+            }
+        }
+
+        // 3. Acquisitions: the home shard, and every known shard we do not serve.
+        let now = jiff::Timestamp::now();
+        let shard_count = leases
+            .keys()
+            .map(|s| s.0 + 1)
+            .chain([self.home.0 + 1])
+            .max()
+            .unwrap_or(1);
+        let mut candidates: Vec<ShardIndex> = leases.keys().copied().collect();
+        if !candidates.contains(&self.home) {
+            candidates.push(self.home);
+        }
+        // Home first: it matters most and must not wait behind takeovers.
+        candidates.sort_by_key(|s| (*s != self.home, s.0));
+        for shard in candidates {
+            if served.contains_key(&shard) {
+                continue;
+            }
+            let lease: Option<&Arc<Lease>> = leases.get(&shard);
+            let snapshot = lease.map(|l| shardop_api::protocol::LeaseSnapshot::from_lease(l));
+            match failover::acquisition(&me, shard, snapshot.as_ref(), shard_count, now) {
+                Acquisition::Wait => {}
+                Acquisition::RequestHandBack => {
+                    if let Some(lease) = lease {
+                        let asked = clients
+                            .leases(shard)?
+                            .request_release(shard, lease, &self.lease_settings.identity)
+                            .await?;
+                        if asked {
+                            tracing::info!(%shard, "home shard is held by another worker: hand-back requested");
+                        }
+                    }
+                }
+                Acquisition::Acquire => {
+                    let Some(held) = clients
+                        .leases(shard)?
+                        .acquire(shard, lease.map(|l| l.as_ref()))
+                        .await?
+                    else {
+                        continue;
+                    };
+                    if shard != self.home {
+                        tracing::warn!(%shard, "took over the shard of a worker that stopped renewing");
+                    }
+                    let client = clients.client(shard)?;
+                    self.metrics.start_shard(shard);
+                    let controller = ShardController::start(
+                        shard,
+                        held.guard(),
+                        client.clone(),
+                        self.metrics.clone(),
+                        &self.controller,
+                    );
+                    served.insert(
+                        shard,
+                        Served {
+                            lease: held,
+                            controller,
+                            heartbeat: Heartbeat::default(),
+                            shards: Api::namespaced(client, &self.lease_settings.namespace),
+                        },
+                    );
+                }
+            }
+        }
+
+        // 4. Metrics, heartbeats, readiness.
+        for (shard, s) in served.iter_mut() {
+            s.controller.update_gauges();
+            self.metrics
+                .shard_leader
+                .get_or_create(&WorkerMetrics::shard(*shard))
+                .set(1);
+            let counts = s.controller.counts();
+            let report = Report {
+                holder: self.lease_settings.identity.clone(),
+                queue_depth: counts.queue_depth,
+                backlog: counts.backlog,
+            };
+            s.heartbeat
+                .maybe_send(&s.shards, *shard, &s.lease.guard(), report)
+                .await;
+        }
+        let ready = served
+            .get(&self.home)
+            .is_some_and(|s| s.controller.is_synced() && !s.lease.is_lost());
+        self.readiness.set(ready);
+        Ok(())
+    }
+}

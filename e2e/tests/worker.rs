@@ -1,0 +1,900 @@
+//! End-to-end tests of `shardop-worker` against the real control plane (etcd,
+//! kube-apiserver with audit log, kube-controller-manager; no kubelet, so pods never run and
+//! `readyReplicas` stays 0).
+//!
+//! Every test runs its own worker processes with their own operator namespace (Leases) and
+//! `--watch-namespaces` pointing at their own object namespace, so tests run in parallel.
+//! The tests set the shard labels themselves (the assigner is not involved).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use shardop_api::DatabaseCluster;
+use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL, condition};
+use shardop_e2e::audit::{self, AuditEvent};
+use shardop_e2e::process::{ProcessSpec, ShardopProcess};
+use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Lease timing for tests that wait for expiry: 4 s / 3 s / 1 s instead of 15 / 10 / 2.
+const FAST_LEASES: [&str; 6] = [
+    "--lease-duration",
+    "4s",
+    "--renew-deadline",
+    "3s",
+    "--retry-period",
+    "1s",
+];
+
+struct Env {
+    cluster: &'static Cluster,
+    client: Client,
+    test: &'static str,
+    operator: TestNamespace,
+    objects: TestNamespace,
+}
+
+impl Env {
+    async fn new(test: &'static str) -> Self {
+        let cluster = cluster();
+        let client = cluster.client().await.unwrap();
+        let operator = TestNamespace::create(&client, &format!("{test}-op"))
+            .await
+            .unwrap();
+        let objects = TestNamespace::create(&client, test).await.unwrap();
+        Self {
+            cluster,
+            client,
+            test,
+            operator,
+            objects,
+        }
+    }
+
+    fn worker(&self, ordinal: u32, extra: &[&str]) -> ShardopProcess {
+        let mut spec = ProcessSpec::worker(
+            self.test,
+            &format!("shardop-worker-{ordinal}"),
+            &self.operator.name,
+        )
+        .arg("--watch-namespaces")
+        .arg(&self.objects.name);
+        for arg in extra {
+            spec = spec.arg(*arg);
+        }
+        spec.spawn(self.cluster).unwrap()
+    }
+
+    fn clusters(&self) -> Api<DatabaseCluster> {
+        Api::namespaced(self.client.clone(), &self.objects.name)
+    }
+
+    fn stateful_sets(&self) -> Api<StatefulSet> {
+        Api::namespaced(self.client.clone(), &self.objects.name)
+    }
+
+    fn leases(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), &self.operator.name)
+    }
+
+    async fn create(&self, name: &str, shard: Option<u32>, spec: serde_json::Value) {
+        let mut manifest = shardop_e2e::database_cluster_json(name, spec);
+        if let Some(shard) = shard {
+            manifest["metadata"]["labels"] = json!({ SHARD_LABEL: shard.to_string() });
+        }
+        let object: DatabaseCluster = serde_json::from_value(manifest).unwrap();
+        self.clusters()
+            .create(&PostParams::default(), &object)
+            .await
+            .with_context(|| format!("creating {name}"))
+            .unwrap();
+    }
+
+    async fn patch_spec(&self, name: &str, spec: serde_json::Value) {
+        self.clusters()
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": spec })),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn patch_labels(&self, name: &str, labels: serde_json::Value) {
+        self.clusters()
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "labels": labels } })),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn lease_holder(&self, shard: u32) -> Option<String> {
+        let lease = self
+            .leases()
+            .get_opt(&format!("shardop-shard-{shard}"))
+            .await
+            .ok()??;
+        lease.spec?.holder_identity.filter(|h| !h.is_empty())
+    }
+
+    async fn wait_holder(
+        &self,
+        shard: u32,
+        accept: impl Fn(Option<&str>) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
+        wait_for(&format!("holder of lease {shard}"), timeout, || async {
+            let holder = self.lease_holder(shard).await;
+            accept(holder.as_deref()).then_some(holder)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Removes shardop's finalizer from every object of the test, so that the namespace
+    /// can be deleted after the workers are gone (the harness deletes it on drop).
+    async fn release_objects(&self) {
+        let api = self.clusters();
+        let Ok(list) = api.list(&ListParams::default()).await else {
+            return;
+        };
+        futures::stream::iter(list.items)
+            .for_each_concurrent(16, |object| {
+                let api = api.clone();
+                async move {
+                    let _ = api
+                        .patch(
+                            &object.name_any(),
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+                        )
+                        .await;
+                }
+            })
+            .await;
+    }
+
+    /// Successful writes by shardop workers, anywhere.
+    fn worker_writes(&self) -> Vec<AuditEvent> {
+        let log = self.cluster.audit_log().unwrap();
+        audit::read_events(log)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.user_agent.starts_with("shardop-worker/") && e.is_successful_write())
+            .collect()
+    }
+
+    /// Successful writes by shardop workers to objects of the test's object namespace.
+    fn object_writes(&self) -> Vec<AuditEvent> {
+        self.worker_writes()
+            .into_iter()
+            .filter(|e| e.in_namespace(&self.objects.name))
+            .collect()
+    }
+}
+
+/// The pod in a worker user agent `shardop-worker/shard-<i> (<pod>)`.
+fn agent_pod(event: &AuditEvent) -> &str {
+    event
+        .user_agent
+        .rsplit_once('(')
+        .map_or("", |(_, pod)| pod.trim_end_matches(')'))
+}
+
+/// The DatabaseCluster an audited write belongs to.
+fn owner_name(event: &AuditEvent) -> Option<String> {
+    let (resource, name) = event.target()?;
+    match resource {
+        "databaseclusters" | "statefulsets" => Some(name.to_owned()),
+        "services" => name.strip_suffix("-headless").map(str::to_owned),
+        "persistentvolumeclaims" => {
+            // data-<name>-<ordinal>
+            let rest = name.strip_prefix("data-")?;
+            rest.rsplit_once('-').map(|(n, _)| n.to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// Reads the worker's metrics address from its log (it binds port 0 in tests).
+async fn metrics_addr(process: &ShardopProcess) -> SocketAddr {
+    wait_for(
+        "metrics address in the log",
+        Duration::from_secs(20),
+        || async {
+            process.log().lines().find_map(|line| {
+                let value: serde_json::Value = serde_json::from_str(line).ok()?;
+                value["fields"]["metrics_addr"].as_str()?.parse().ok()
+            })
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Reads the worker's health address from its log.
+async fn health_addr(process: &ShardopProcess) -> SocketAddr {
+    wait_for(
+        "health address in the log",
+        Duration::from_secs(20),
+        || async {
+            process.log().lines().find_map(|line| {
+                let value: serde_json::Value = serde_json::from_str(line).ok()?;
+                value["fields"]["health_addr"].as_str()?.parse().ok()
+            })
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// A raw HTTP/1.1 GET; returns the whole response.
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    let response = get(addr, "/metrics").await?;
+    if !response.starts_with("HTTP/1.1 200") {
+        bail!("scrape failed: {response}");
+    }
+    Ok(response)
+}
+
+/// The sum of every sample of `metric` whose label set contains all of `labels`.
+fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+            (name == metric
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+fn converged(object: &DatabaseCluster, shard: u32) -> bool {
+    object.status.as_ref().is_some_and(|s| {
+        s.observed_generation == object.metadata.generation && s.shard == Some(shard)
+    })
+}
+
+fn label_shard(object: &DatabaseCluster) -> Option<u32> {
+    object.labels().get(SHARD_LABEL)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_objects_converge_on_their_own_shards_and_a_second_pass_writes_nothing() {
+    let env = Env::new("w-converge").await;
+    let mut workers: Vec<ShardopProcess> = (0..3).map(|i| env.worker(i, &[])).collect();
+
+    const OBJECTS: u32 = 300;
+    let started = Instant::now();
+    futures::stream::iter(0..OBJECTS)
+        .map(|i| {
+            let env = &env;
+            async move {
+                env.create(&format!("db-{i:03}"), Some(i % 3), valid_spec(1))
+                    .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let created = started.elapsed();
+
+    // Converged: status describes the current generation, written by the labelled shard,
+    // and the StatefulSet has created its pod (so its status settles).
+    wait_for(
+        "300 objects converged",
+        Duration::from_secs(120),
+        || async {
+            let list = env.clusters().list(&ListParams::default()).await.ok()?;
+            let done = list.items.iter().filter(|o| {
+                converged(o, label_shard(o).unwrap_or(u32::MAX))
+                    && o.status.as_ref().is_some_and(|s| s.replicas == 1)
+            });
+            (done.count() == OBJECTS as usize).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let converged_after = started.elapsed();
+
+    // Wait for quiet: no new worker writes for 3 s.
+    let mut last = env.object_writes().len();
+    let quiet = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = env.object_writes().len();
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(
+            quiet.elapsed() < Duration::from_secs(60),
+            "writes never settle"
+        );
+    }
+
+    // Ownership from the audit log: every write to an object or its children came from
+    // the worker serving its shard, acting as that shard.
+    let writes = env.object_writes();
+    let mut per_object: BTreeMap<String, usize> = BTreeMap::new();
+    for event in &writes {
+        let Some(owner) = owner_name(event) else {
+            continue;
+        };
+        let index: u32 = owner.trim_start_matches("db-").parse().unwrap();
+        let shard = index % 3;
+        assert_eq!(
+            event.worker_shard(),
+            Some(shard),
+            "{owner} written with user agent {:?}",
+            event.user_agent
+        );
+        assert_eq!(agent_pod(event), format!("shardop-worker-{shard}"));
+        *per_object.entry(owner).or_default() += 1;
+    }
+    assert_eq!(per_object.len(), OBJECTS as usize);
+    let total: usize = per_object.values().sum();
+    eprintln!(
+        "created {OBJECTS} objects in {created:?}, converged after {converged_after:?}; \
+         {total} writes = {:.2} per object",
+        total as f64 / f64::from(OBJECTS)
+    );
+
+    // Second pass: restart every worker; each reconciles all its objects again from a
+    // fresh cache and must write nothing.
+    for worker in &mut workers {
+        worker.terminate(Duration::from_secs(30)).unwrap();
+    }
+    let before = env.object_writes().len();
+    let workers: Vec<ShardopProcess> = (0..3).map(|i| env.worker(i, &[])).collect();
+    let mut addrs = Vec::new();
+    for worker in &workers {
+        addrs.push(metrics_addr(worker).await);
+    }
+    let pass = Instant::now();
+    wait_for(
+        "second pass reconciled every object",
+        Duration::from_secs(60),
+        || async {
+            let mut runs = 0.0;
+            for addr in &addrs {
+                runs += metric_value(
+                    &scrape(*addr).await.ok()?,
+                    "shardop_reconcile_runs_total",
+                    &[],
+                );
+            }
+            (runs >= f64::from(OBJECTS)).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "second pass over {OBJECTS} objects took {:?}",
+        pass.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = env.object_writes();
+    assert_eq!(
+        after.len(),
+        before,
+        "the second pass wrote: {:?}",
+        after[before..]
+            .iter()
+            .map(|e| (&e.verb, e.target()))
+            .collect::<Vec<_>>()
+    );
+    drop(workers);
+    env.release_objects().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spec_updates_reach_the_stateful_set_and_deletion_removes_claims_and_children() {
+    let env = Env::new("w-lifecycle").await;
+    // The assigner creates Shard objects; here the test does, to see the worker's heartbeat.
+    let shards: Api<shardop_api::Shard> = Api::namespaced(env.client.clone(), &env.operator.name);
+    shards
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "shardop.dev/v1alpha1",
+                "kind": "Shard",
+                "metadata": { "name": "shard-0" },
+                "spec": { "index": 0 },
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let worker = env.worker(0, &[]);
+    let health = health_addr(&worker).await;
+    wait_for("/readyz", Duration::from_secs(30), || async {
+        get(health, "/readyz")
+            .await
+            .ok()?
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    assert!(
+        get(health, "/healthz")
+            .await
+            .unwrap()
+            .starts_with("HTTP/1.1 200")
+    );
+    let heartbeat = wait_for("Shard heartbeat", Duration::from_secs(30), || async {
+        let status = shards.get("shard-0").await.ok()?.status?;
+        (status.holder.as_deref() == Some("shardop-worker-0")).then_some(status)
+    })
+    .await
+    .unwrap();
+    assert!(heartbeat.last_heartbeat_time.is_some());
+    assert_eq!(heartbeat.queue_depth, Some(0));
+    let mut spec = valid_spec(1);
+    spec["storage"]["reclaimPolicy"] = json!("Delete");
+    env.create("db", Some(0), spec).await;
+
+    let sts_api = env.stateful_sets();
+    wait_for("StatefulSet created", Duration::from_secs(30), || async {
+        sts_api.get_opt("db").await.ok()?.map(|_| ())
+    })
+    .await
+    .unwrap();
+
+    env.patch_spec("db", json!({ "replicas": 3, "image": "postgres:18" }))
+        .await;
+    let sts = wait_for(
+        "StatefulSet follows the spec",
+        Duration::from_secs(30),
+        || async {
+            let sts = sts_api.get_opt("db").await.ok()??;
+            let spec = sts.spec.as_ref()?;
+            let image = spec.template.spec.as_ref()?.containers[0]
+                .image
+                .as_deref()?;
+            (spec.replicas == Some(3) && image == "postgres:18").then_some(sts)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(sts.labels()[SHARD_LABEL], "0");
+    let owner = &sts.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("DatabaseCluster", Some(true))
+    );
+
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &env.objects.name);
+    let selector = "app.kubernetes.io/instance=db,app.kubernetes.io/name=databasecluster";
+    wait_for(
+        "3 claims created by the StatefulSet controller",
+        Duration::from_secs(30),
+        || async {
+            let list = claims
+                .list(&ListParams::default().labels(selector))
+                .await
+                .ok()?;
+            (list.items.len() == 3).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    env.clusters()
+        .delete("db", &DeleteParams::default())
+        .await
+        .unwrap();
+    let clusters = env.clusters();
+    wait_for(
+        "DatabaseCluster gone (finalizer removed)",
+        Duration::from_secs(30),
+        || async { clusters.get_opt("db").await.ok()?.is_none().then_some(()) },
+    )
+    .await
+    .unwrap();
+    wait_for("claims gone", Duration::from_secs(60), || async {
+        let list = claims
+            .list(&ListParams::default().labels(selector))
+            .await
+            .ok()?;
+        list.items.is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.objects.name);
+    wait_for(
+        "children garbage-collected",
+        Duration::from_secs(60),
+        || async {
+            let sts = sts_api.get_opt("db").await.ok()?;
+            let svc = services.get_opt("db-headless").await.ok()?;
+            (sts.is_none() && svc.is_none()).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_shard_is_taken_over_without_relabeling_and_handed_back() {
+    let env = Env::new("w-failover").await;
+    let mut workers: BTreeMap<u32, ShardopProcess> =
+        (0..3).map(|i| (i, env.worker(i, &FAST_LEASES))).collect();
+    for shard in 0..3 {
+        env.create(&format!("db-{shard}"), Some(shard), valid_spec(1))
+            .await;
+    }
+    let clusters = env.clusters();
+    wait_for("objects converged", Duration::from_secs(30), || async {
+        let list = clusters.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .all(|o| converged(o, label_shard(o).unwrap()))
+            .then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Crash worker 1.
+    workers.get_mut(&1).unwrap().kill_9().unwrap();
+    let crashed = Instant::now();
+    let taker = env
+        .wait_holder(
+            1,
+            |h| h.is_some_and(|h| h != "shardop-worker-1"),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    let takeover = crashed.elapsed();
+    eprintln!("lease 1 taken over by {taker} {takeover:?} after the crash");
+    assert!(
+        takeover < Duration::from_secs(4 + 6),
+        "takeover took {takeover:?}"
+    );
+
+    // The taker reconciles a spec change of a shard-1 object, acting as shard 1.
+    env.patch_spec("db-1", json!({ "replicas": 2 })).await;
+    let sts_api = env.stateful_sets();
+    wait_for(
+        "taker applies the change",
+        Duration::from_secs(20),
+        || async {
+            let sts = sts_api.get_opt("db-1").await.ok()??;
+            (sts.spec?.replicas == Some(2)).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let object = clusters.get("db-1").await.unwrap();
+    assert_eq!(
+        object.labels().get(SHARD_LABEL).map(String::as_str),
+        Some("1")
+    );
+    assert!(!object.labels().contains_key(DRAIN_LABEL));
+    let taker_sts_write = env
+        .object_writes()
+        .into_iter()
+        .rfind(|e| e.target() == Some(("statefulsets", "db-1")))
+        .unwrap();
+    assert_eq!(taker_sts_write.worker_shard(), Some(1));
+    assert_eq!(agent_pod(&taker_sts_write), taker);
+    // No label was rewritten: nobody but the test wrote db-1's metadata after the crash.
+    for event in env.object_writes() {
+        if event.target() == Some(("databaseclusters", "db-1")) {
+            let subresource = event
+                .object_ref
+                .as_ref()
+                .and_then(|o| o.subresource.as_deref());
+            assert!(
+                subresource == Some("status") || agent_pod(&event) == "shardop-worker-1",
+                "db-1 metadata written by {}",
+                event.user_agent
+            );
+        }
+    }
+
+    // Worker 1 comes back: the taker hands shard 1 back.
+    let restarted_at = Timestamp::now();
+    workers.insert(1, env.worker(1, &FAST_LEASES));
+    env.wait_holder(
+        1,
+        |h| h == Some("shardop-worker-1"),
+        Duration::from_secs(20),
+    )
+    .await;
+    env.patch_spec("db-1", json!({ "replicas": 3 })).await;
+    wait_for(
+        "home worker applies the change",
+        Duration::from_secs(20),
+        || async {
+            let sts = sts_api.get_opt("db-1").await.ok()??;
+            (sts.spec?.replicas == Some(3)).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    // No overlap: every write the taker made as shard 1 precedes the first write of the
+    // restarted home worker as shard 1.
+    let writes = env.worker_writes();
+    let as_shard_1 = |pod: &str| -> Vec<Timestamp> {
+        writes
+            .iter()
+            .filter(|e| {
+                e.worker_shard() == Some(1)
+                    && agent_pod(e) == pod
+                    && e.request_received_timestamp >= restarted_at
+                    // The hand-back request (an annotation patch on the Lease) is the
+                    // home worker asking, not serving.
+                    && !(e.verb == "patch" && e.target().is_some_and(|(r, _)| r == "leases"))
+            })
+            .map(|e| e.request_received_timestamp)
+            .collect()
+    };
+    let taker_last = as_shard_1(&taker)
+        .into_iter()
+        .max()
+        .expect("the taker released the lease");
+    let home_first = as_shard_1("shardop-worker-1").into_iter().min().unwrap();
+    assert!(
+        taker_last < home_first,
+        "taker wrote as shard 1 at {taker_last}, after the home worker started at {home_first}"
+    );
+    let last_sts = env
+        .object_writes()
+        .into_iter()
+        .rfind(|e| e.target() == Some(("statefulsets", "db-1")))
+        .unwrap();
+    assert_eq!(agent_pod(&last_sts), "shardop-worker-1");
+    drop(workers);
+    env.release_objects().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_is_acknowledged_once_and_sigterm_releases_the_lease_at_once() {
+    let env = Env::new("w-drain").await;
+    let mut worker0 = env.worker(0, &FAST_LEASES);
+    let _worker1 = env.worker(1, &FAST_LEASES);
+    env.create("db", Some(0), valid_spec(1)).await;
+    let clusters = env.clusters();
+    wait_for("converged on shard 0", Duration::from_secs(30), || async {
+        converged(&clusters.get("db").await.ok()?, 0).then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Drain: the worker removes both labels in one patch.
+    env.patch_labels("db", json!({ DRAIN_LABEL: "1" })).await;
+    wait_for("drain acknowledged", Duration::from_secs(20), || async {
+        let object = clusters.get("db").await.ok()?;
+        let labels = object.labels();
+        (!labels.contains_key(SHARD_LABEL) && !labels.contains_key(DRAIN_LABEL)).then_some(())
+    })
+    .await
+    .unwrap();
+    let ack = env
+        .object_writes()
+        .into_iter()
+        .rfind(|e| {
+            e.target() == Some(("databaseclusters", "db"))
+                && e.object_ref.as_ref().unwrap().subresource.is_none()
+        })
+        .unwrap();
+    assert_eq!(ack.worker_shard(), Some(0));
+
+    // The new owner (here: the test plays the assigner) relabels the children.
+    env.patch_labels("db", json!({ SHARD_LABEL: "1" })).await;
+    let sts_api = env.stateful_sets();
+    wait_for(
+        "shard 1 relabelled the children",
+        Duration::from_secs(20),
+        || async {
+            let sts = sts_api.get_opt("db").await.ok()??;
+            let object = clusters.get("db").await.ok()?;
+            (sts.labels().get(SHARD_LABEL).map(String::as_str) == Some("1")
+                && converged(&object, 1))
+            .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let late: Vec<_> = env
+        .object_writes()
+        .into_iter()
+        .filter(|e| {
+            e.worker_shard() == Some(0)
+                && owner_name(e).as_deref() == Some("db")
+                && e.request_received_timestamp > ack.request_received_timestamp
+        })
+        .map(|e| (e.verb.clone(), e.target().map(|(r, n)| format!("{r}/{n}"))))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "shard 0 wrote after its acknowledgement: {late:?}"
+    );
+
+    // SIGTERM: the lease is released at once, not left to expire.
+    assert_eq!(
+        env.lease_holder(0).await.as_deref(),
+        Some("shardop-worker-0")
+    );
+    let signalled = Instant::now();
+    let status = worker0.terminate(Duration::from_secs(10)).unwrap();
+    let exited = signalled.elapsed();
+    assert!(status.success(), "worker exited with {status}");
+    assert_eq!(env.lease_holder(0).await, None, "lease 0 not released");
+    eprintln!("SIGTERM → exit with lease released in {exited:?}");
+    assert!(exited < Duration::from_secs(3));
+    env.release_objects().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_but_unappliable_spec_ends_degraded_without_a_requeue_storm() {
+    let env = Env::new("w-invalid").await;
+    let worker = env.worker(0, &[]);
+    let mut spec = valid_spec(1);
+    // The CRD schema accepts any ResourceRequirements; StatefulSet validation does not.
+    spec["resources"] = json!({ "requests": { "cpu": "2" }, "limits": { "cpu": "1" } });
+    env.create("bad", Some(0), spec).await;
+    let clusters = env.clusters();
+    let degraded = wait_for("Degraded", Duration::from_secs(30), || async {
+        let object = clusters.get("bad").await.ok()?;
+        let degraded = object.condition(condition::DEGRADED)?.clone();
+        (degraded.status == "True").then_some(degraded)
+    })
+    .await
+    .unwrap();
+    assert_eq!(degraded.reason, "StatefulSetRejected");
+    assert!(degraded.message.contains("cpu"), "{}", degraded.message);
+
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let addr = metrics_addr(&worker).await;
+    let metrics = scrape(addr).await.unwrap();
+    let runs = metric_value(&metrics, "shardop_reconcile_runs_total", &[("shard", "0")]);
+    assert!(runs <= 3.0, "{runs} reconciles of one broken object");
+    let log = env.cluster.audit_log().unwrap();
+    let attempts = audit::events_in_namespace(log, &env.objects.name)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.target() == Some(("statefulsets", "bad")))
+        .count();
+    assert!(attempts <= 2, "{attempts} StatefulSet apply attempts");
+    let errors = metric_value(
+        &metrics,
+        "shardop_reconcile_errors_total",
+        &[("shard", "0")],
+    );
+    assert_eq!(errors, 0.0, "a terminal problem is not a retried error");
+
+    // Fixing the spec clears Degraded.
+    env.patch_spec(
+        "bad",
+        json!({ "resources": { "requests": { "cpu": "1" }, "limits": { "cpu": "1" } } }),
+    )
+    .await;
+    wait_for("Degraded cleared", Duration::from_secs(30), || async {
+        let object = clusters.get("bad").await.ok()?;
+        (object.condition(condition::DEGRADED)?.status == "False").then_some(())
+    })
+    .await
+    .unwrap();
+    env.release_objects().await;
+}
+
+/// Throughput measurement, not run by default (`cargo test -p shardop-e2e --test worker
+/// -- --ignored --nocapture`): 1,000 objects are created with no worker running, then
+/// `SHARDOP_BENCH_WORKERS` workers (default 3) start and the time until every object has a
+/// status for its generation gives reconciles per second of the first pass. A second pass
+/// (restart, converged objects, zero writes) is timed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly"]
+async fn bench_first_pass_reconciles_per_second() {
+    let workers: u32 = std::env::var("SHARDOP_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let objects: u32 = std::env::var("SHARDOP_BENCH_OBJECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let env = Env::new("w-bench").await;
+    futures::stream::iter(0..objects)
+        .map(|i| {
+            let env = &env;
+            async move {
+                env.create(&format!("db-{i:04}"), Some(i % workers), valid_spec(1))
+                    .await
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    let reconciled = |env: &Env| {
+        let clusters = env.clusters();
+        async move {
+            let list = clusters.list(&ListParams::default()).await.ok()?;
+            let done = list
+                .items
+                .iter()
+                .filter(|o| converged(o, label_shard(o).unwrap_or(u32::MAX)))
+                .count();
+            (done == objects as usize).then_some(())
+        }
+    };
+    let extra: Vec<String> = std::env::var("SHARDOP_BENCH_ARGS")
+        .map(|v| v.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let mut running: Vec<ShardopProcess> = (0..workers).map(|i| env.worker(i, &extra)).collect();
+    wait_for("first pass", Duration::from_secs(600), || reconciled(&env))
+        .await
+        .unwrap();
+    let first = started.elapsed();
+    let writes = env.object_writes().len();
+    eprintln!(
+        "BENCH workers={workers} objects={objects} first pass {first:?} = {:.1} objects/s, {writes} writes ({:.2}/object)",
+        f64::from(objects) / first.as_secs_f64(),
+        writes as f64 / f64::from(objects)
+    );
+    for worker in &mut running {
+        worker.terminate(Duration::from_secs(30)).unwrap();
+    }
+    let running: Vec<ShardopProcess> = (0..workers).map(|i| env.worker(i, &extra)).collect();
+    let mut addrs = Vec::new();
+    for worker in &running {
+        addrs.push(metrics_addr(worker).await);
+    }
+    let second = Instant::now();
+    wait_for("second pass", Duration::from_secs(300), || async {
+        let mut runs = 0.0;
+        for addr in &addrs {
+            runs += metric_value(
+                &scrape(*addr).await.ok()?,
+                "shardop_reconcile_runs_total",
+                &[],
+            );
+        }
+        (runs >= f64::from(objects)).then_some(())
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "BENCH workers={workers} objects={objects} second pass (restart, converged) {:?}",
+        second.elapsed()
+    );
+    drop(running);
+    env.release_objects().await;
+}
