@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: shardop on the local control plane. Starts the control plane, installs the
-# CRDs, runs the assigner and three workers as local processes (there is no kubelet to run
-# pods), creates sample DatabaseClusters without shard labels, and prints the shard table.
+# chart (CRDs, RBAC, StatefulSet, ...), runs the assigner and three workers as local
+# processes with the chart's credentials (there is no kubelet to run pods), creates sample
+# DatabaseClusters without shard labels, and prints the shard table.
 #
 #   hack/demo.sh        start (idempotent) and print the tables
 #   hack/demo.sh down   stop the demo's processes (the control plane stays up)
@@ -10,26 +11,11 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=hack/lib.sh
 source "$here/lib.sh"
 
-demo_dir="$repo_root/target/demo"
 operator_ns=shardop-system
 workers=${SHARDOP_DEMO_WORKERS:-3}
-target_dir=${CARGO_TARGET_DIR:-$repo_root/target}
-bin="$target_dir/debug"
-
-stop_processes() {
-  local pidfile pid
-  for pidfile in "$demo_dir"/*.pid; do
-    [[ -e "$pidfile" ]] || continue
-    pid=$(cat "$pidfile")
-    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q shardop-; then
-      kill -TERM "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
-  done
-}
 
 if [[ "${1:-}" == down ]]; then
-  stop_processes
+  bash "$here/demo-chart.sh" down
   echo "demo: stopped (the control plane is still running: make cluster-down)"
   exit 0
 fi
@@ -45,20 +31,10 @@ for ns in "$operator_ns" demo-payments demo-search; do
   "$kubectl" create namespace "$ns" --dry-run=client -o yaml | "$kubectl" apply -f - >/dev/null
 done
 
-# (Re)start the operator: stale processes from an earlier demo are stopped first.
-mkdir -p "$demo_dir"
-stop_processes
-start() {
-  local name=$1; shift
-  POD_NAME=$name RUST_LOG=${RUST_LOG:-info} setsid "$@" >"$demo_dir/$name.log" 2>&1 < /dev/null &
-  echo $! >"$demo_dir/$name.pid"
-}
-for i in $(seq 0 $((workers - 1))); do
-  start "shardop-worker-$i" "$bin/shardop-worker" run --operator-namespace "$operator_ns" \
-    --metrics-addr "127.0.0.1:$((19100 + i))" --health-addr "127.0.0.1:$((19200 + i))"
-done
-start shardop-assigner-0 "$bin/shardop-assigner" run --operator-namespace "$operator_ns" --shards "$workers" \
-  --metrics-addr 127.0.0.1:19300 --health-addr 127.0.0.1:19301
+# The operator, installed by its Helm chart; its binaries run as local processes with the
+# chart's ServiceAccount tokens (there is no kubelet to run the pods). The watch list keeps
+# the demo's workers away from any e2e test namespaces on the same control plane.
+bash "$here/demo-chart.sh" up --set "worker.replicas=$workers" --set 'watchNamespaces={demo-payments,demo-search}'
 
 # Sample objects, created without shard labels: the assigner stamps them.
 for ns in demo-payments demo-search; do

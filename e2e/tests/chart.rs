@@ -6,8 +6,8 @@
 //! Helm and kubectl are the ones `hack/build-tools.sh` builds; the PromQL checker is
 //! Prometheus' own parser, built by `hack/build-promql-check.sh`.
 
-// A failed expectation in a test is a panic with a message.
-#![allow(clippy::expect_used, clippy::unwrap_used)]
+// Tests fail by panicking; the workspace lints forbid unwrap/expect only in production code.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};

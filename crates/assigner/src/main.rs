@@ -1,1 +1,175 @@
-fn main() {}
+//! `shardop-assigner`: stamps shard labels on DatabaseClusters and moves them between
+//! shards when the shard count changes, following `docs/shard-protocol.md`.
+
+// Tests may panic on unexpected values; production code may not (workspace lints).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod args;
+mod engine;
+mod leader;
+mod metrics;
+mod objects;
+mod shard_count;
+mod shard_objects;
+mod writes;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use shardop_runtime::serve::{Endpoints, serve};
+use shardop_runtime::{ClientFactory, KubeMetrics, Readiness, watch_shard_leases};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::{Cli, Command, RunArgs};
+
+fn main() -> anyhow::Result<()> {
+    let Command::Run(args) = Cli::parse_from(with_run_subcommand(std::env::args_os())).command;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the Tokio runtime")?;
+    runtime.block_on(run(*args))
+}
+
+/// `run` is the only subcommand, so it may be left out: `shardop-assigner --shards 3`
+/// means `shardop-assigner run --shards 3` (the chart spells it out, scripts need not).
+fn with_run_subcommand(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = args.into_iter().collect();
+    let explicit = args
+        .get(1)
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| matches!(a, "run" | "help" | "-h" | "--help" | "-V" | "--version"));
+    if !explicit {
+        args.insert(args.len().min(1), "run".into());
+    }
+    args
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut telemetry = shardop_runtime::telemetry::init(args.log_format, "shardop-assigner")?;
+    let result = run_assigner(args).await;
+    if let Err(err) = &result {
+        tracing::error!(error = format!("{err:#}"), "assigner failed");
+    }
+    telemetry.shutdown();
+    result
+}
+
+async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
+    let identity = args.identity();
+    let shutdown = shardop_runtime::shutdown::on_signal();
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let kube_metrics = KubeMetrics::register(&mut registry);
+    let metrics = metrics::AssignerMetrics::register(&mut registry);
+    let registry = Arc::new(std::sync::Mutex::new(registry));
+    // A standby is as ready as the leader: it only waits for its turn.
+    let readiness = Readiness::default();
+    readiness.set(true);
+    let endpoints = Endpoints::new(registry, readiness);
+    let servers = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let (metrics_addr, metrics_server) =
+        serve(args.metrics_addr, endpoints.clone(), servers.clone()).await?;
+    tasks.spawn(metrics_server);
+    tracing::info!(%metrics_addr, "serving /metrics");
+    if args.health_addr != args.metrics_addr {
+        let (health_addr, health_server) =
+            serve(args.health_addr, endpoints, servers.clone()).await?;
+        tasks.spawn(health_server);
+        tracing::info!(%health_addr, "serving /healthz and /readyz");
+    }
+
+    let clients = ClientFactory::infer(&args.kube, kube_metrics).await?;
+    let client = clients.client(&format!("shardop-assigner ({identity})"))?;
+    tracing::info!(
+        %identity,
+        operator_namespace = %args.operator_namespace,
+        worker_statefulset = ?args.worker_statefulset,
+        shards = ?args.shards,
+        watch_namespaces = ?args.namespaces(),
+        "starting shardop-assigner"
+    );
+
+    let settings = engine::Settings {
+        operator_namespace: args.operator_namespace.clone(),
+        watch_namespaces: args.namespaces(),
+        max_concurrent_moves: args.max_concurrent_moves.max(1),
+        max_concurrent_writes: args.max_concurrent_writes.max(1),
+        status_interval: args.status_interval,
+        resync_period: args
+            .resync_period
+            .max(std::time::Duration::from_millis(100)),
+    };
+    let election = leader::Election {
+        namespace: args.operator_namespace.clone(),
+        identity,
+        duration: args.leader_lease_duration,
+        grace: args.leader_lease_grace,
+    };
+    let lead = |term: CancellationToken| {
+        let client = client.clone();
+        let settings = settings.clone();
+        let metrics = metrics.clone();
+        let args = args.clone();
+        async move {
+            metrics.is_leader.set(1);
+            lead(client, settings, metrics.clone(), &args, term).await;
+            metrics.is_leader.set(0);
+        }
+    };
+    let result = leader::run(client.clone(), election, shutdown, lead).await;
+    servers.cancel();
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("shardop-assigner stopped");
+    result
+}
+
+/// One term as leader: start the watches, run the engine until `term` is cancelled.
+async fn lead(
+    client: kube::Client,
+    settings: engine::Settings,
+    metrics: metrics::AssignerMetrics,
+    args: &RunArgs,
+    term: CancellationToken,
+) {
+    let mut drivers = JoinSet::new();
+    let (leases, lease_driver) =
+        watch_shard_leases(client.clone(), &settings.operator_namespace, false);
+    drivers.spawn(lease_driver);
+    let (shard_count, count_driver) = match (args.shards, &args.worker_statefulset) {
+        (Some(n), _) => shard_count::fixed(n),
+        (None, Some(name)) => {
+            shard_count::from_statefulset(client.clone(), &settings.operator_namespace, name)
+        }
+        // clap requires one of the two.
+        (None, None) => shard_count::fixed(shardop_api::ShardCount::MIN),
+    };
+    drivers.spawn(count_driver);
+    let (engine, events) =
+        engine::Engine::start(client, settings, metrics, leases, shard_count, &mut drivers);
+    engine.run(events, term).await;
+    drivers.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_may_be_left_out() {
+        let parse = |args: &[&str]| {
+            let args = with_run_subcommand(args.iter().map(std::ffi::OsString::from));
+            Cli::try_parse_from(args).map(|cli| {
+                let Command::Run(run) = cli.command;
+                run.shards.map(|n| n.get())
+            })
+        };
+        assert_eq!(parse(&["a", "--shards", "3"]).unwrap(), Some(3));
+        assert_eq!(parse(&["a", "run", "--shards", "2"]).unwrap(), Some(2));
+    }
+}

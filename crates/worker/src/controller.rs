@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
-use crate::filter::reconcile_fingerprint;
+use crate::filter::ChangeFilter;
 use crate::metrics::WorkerMetrics;
 use crate::reconcile;
 use crate::status::{TerminalProblem, is_behind};
@@ -362,11 +362,14 @@ fn scope_controller(
             }
         }
     })
-    .applied_objects()
-    .predicate_filter(
-        reconcile_fingerprint,
-        kube::runtime::PredicateConfig::default(),
-    )
+    .scan(ChangeFilter::default(), |filter, event| {
+        let admitted = match event {
+            Ok(event) => filter.admit(event).map(Ok),
+            Err(error) => Some(Err(error)),
+        };
+        futures::future::ready(Some(admitted))
+    })
+    .filter_map(futures::future::ready)
     .inspect_ok(move |cluster| {
         let key = key_of(cluster);
         let mut book = book_for_clusters.book();

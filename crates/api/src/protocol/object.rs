@@ -80,37 +80,69 @@ pub enum AssignerAction {
     ClearStrayDrain,
 }
 
-/// The assigner's next step for an object.
+/// The assigner's next step for an object, in the simple model where every shard that is
+/// not live counts as fenced.
 ///
 /// * `desired` is `shard_for(namespace, name, E)` for the effective shard count `E`;
 /// * `deleting` is whether the object has a deletion timestamp;
 /// * `is_live(i)` is whether shard `i`'s Lease is held right now.
+///
+/// The assigner binary uses [`assigner_decision`] (through
+/// [`plan_object`](super::plan::plan_object)) instead: a shard that is merely not live may
+/// be acquired again at any moment, so relabelling its objects directly is only safe once
+/// it is fenced (see "Transitions" in `docs/shard-protocol.md`).
 pub fn assigner_action(
     placement: &ObjectPlacement,
     deleting: bool,
     desired: ShardIndex,
     is_live: impl Fn(ShardIndex) -> bool,
 ) -> AssignerAction {
+    assigner_decision(
+        placement,
+        deleting,
+        Some(desired),
+        |i| !is_live(i),
+        &is_live,
+    )
+}
+
+/// The assigner's next step for an object (transitions A1–A10).
+///
+/// * `desired` is `shard_for(namespace, name, E)`, `None` while there is no `E`;
+/// * `deleting` is whether the object has a deletion timestamp;
+/// * `is_fenced(i)`: nobody reconciles shard `i`'s objects and nobody can start to, so they
+///   may be relabelled directly;
+/// * `is_live(i)`: shard `i`'s Lease is held right now (a valid destination).
+pub fn assigner_decision(
+    placement: &ObjectPlacement,
+    deleting: bool,
+    desired: Option<ShardIndex>,
+    is_fenced: impl Fn(ShardIndex) -> bool,
+    is_live: impl Fn(ShardIndex) -> bool,
+) -> AssignerAction {
+    let live_destination = desired.filter(|&d| is_live(d));
     match placement {
-        ObjectPlacement::Owned(owner) if *owner == desired => AssignerAction::Nothing,
-        ObjectPlacement::Draining { from } if *from == desired => AssignerAction::CancelDrain,
-        // A live owner keeps the object: a deletion is finished by it (A10), a move waits
-        // for its acknowledgement (A6) or is requested from it (A4).
-        ObjectPlacement::Owned(owner) if is_live(*owner) => {
-            if deleting {
-                AssignerAction::Nothing
-            } else {
-                AssignerAction::RequestDrain {
-                    from: *owner,
-                    to: desired,
-                }
+        ObjectPlacement::Owned(owner) if Some(*owner) == desired => AssignerAction::Nothing,
+        ObjectPlacement::Draining { from } if Some(*from) == desired => AssignerAction::CancelDrain,
+        // An owner that is not fenced keeps the object: a deletion is finished by it (A10),
+        // a move is requested from it (A4) and then waits for its acknowledgement (A6).
+        // Draining only toward a live destination keeps the acknowledged object from
+        // sitting unassigned.
+        ObjectPlacement::Owned(owner) if !is_fenced(*owner) => match live_destination {
+            _ if deleting => AssignerAction::Nothing,
+            Some(to) => AssignerAction::RequestDrain { from: *owner, to },
+            None => AssignerAction::Wait,
+        },
+        ObjectPlacement::Draining { from } if !is_fenced(*from) => AssignerAction::Wait,
+        // Nobody is or can become the object's reconciler: move it straight to a live
+        // destination (A1, A5, A7, A9).
+        _ => match (live_destination, placement) {
+            (Some(to), _) => AssignerAction::Assign { to },
+            (None, ObjectPlacement::Unassigned { stray_drain: true }) => {
+                AssignerAction::ClearStrayDrain
             }
-        }
-        ObjectPlacement::Draining { from } if is_live(*from) => AssignerAction::Wait,
-        // Nobody can be reconciling the object: move it straight to a live destination.
-        _ if is_live(desired) => AssignerAction::Assign { to: desired },
-        ObjectPlacement::Unassigned { stray_drain: true } => AssignerAction::ClearStrayDrain,
-        _ => AssignerAction::Wait,
+            (None, _) => AssignerAction::Wait,
+        },
     }
 }
 
@@ -190,6 +222,16 @@ mod tests {
         );
     }
 
+    /// Name, placement, deleting, desired shard, liveness, expected action.
+    type Case<'a> = (
+        &'a str,
+        &'a ObjectPlacement,
+        bool,
+        ShardIndex,
+        &'a dyn Fn(ShardIndex) -> bool,
+        AssignerAction,
+    );
+
     #[test]
     fn assigner_transitions() {
         let all_live = |_: ShardIndex| true;
@@ -200,14 +242,7 @@ mod tests {
         let owned = ObjectPlacement::Owned(S0);
         let draining = ObjectPlacement::Draining { from: S0 };
         let invalid = ObjectPlacement::Invalid { value: "x".into() };
-        let cases: Vec<(
-            &str,
-            &ObjectPlacement,
-            bool,
-            ShardIndex,
-            &dyn Fn(ShardIndex) -> bool,
-            AssignerAction,
-        )> = vec![
+        let cases: Vec<Case<'_>> = vec![
             (
                 "A1",
                 &unassigned,
@@ -354,6 +389,109 @@ mod tests {
                 expected,
                 "{name}"
             );
+        }
+    }
+
+    /// Every placement × deletion × desired shard × fenced/live combination over three
+    /// shards: each action the assigner may take is safe, and whenever progress is
+    /// possible it is made.
+    #[test]
+    fn assigner_decision_is_safe_and_live_in_every_combination() {
+        let shards = [S0, S1, S2];
+        let mut placements = vec![
+            ObjectPlacement::Unassigned { stray_drain: false },
+            ObjectPlacement::Unassigned { stray_drain: true },
+            ObjectPlacement::Invalid { value: "x".into() },
+        ];
+        for s in shards {
+            placements.push(ObjectPlacement::Owned(s));
+            placements.push(ObjectPlacement::Draining { from: s });
+        }
+        let desireds = [None, Some(S0), Some(S1), Some(S2)];
+        let mut checked = 0;
+        for placement in &placements {
+            for deleting in [false, true] {
+                for desired in desireds {
+                    for fenced_bits in 0..8_u32 {
+                        for live_bits in 0..8_u32 {
+                            // A fenced shard is never live.
+                            if fenced_bits & live_bits != 0 {
+                                continue;
+                            }
+                            let fenced = |s: ShardIndex| fenced_bits & (1 << s.0) != 0;
+                            let live = |s: ShardIndex| live_bits & (1 << s.0) != 0;
+                            let action =
+                                assigner_decision(placement, deleting, desired, fenced, live);
+                            check(placement, deleting, desired, &fenced, &live, &action);
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 9 * 2 * 4 * 27);
+    }
+
+    fn check(
+        placement: &ObjectPlacement,
+        deleting: bool,
+        desired: Option<ShardIndex>,
+        fenced: &dyn Fn(ShardIndex) -> bool,
+        live: &dyn Fn(ShardIndex) -> bool,
+        action: &AssignerAction,
+    ) {
+        let case = format!("{placement:?} deleting={deleting} desired={desired:?} -> {action:?}");
+        let owner = placement.owner();
+        let live_desired = desired.filter(|&d| live(d));
+        let draining = matches!(placement, ObjectPlacement::Draining { .. });
+        match action {
+            // Safety: a label is only written where nobody is or can become the reconciler,
+            // and only toward the desired, live shard.
+            AssignerAction::Assign { to } => {
+                assert_eq!(Some(*to), live_desired, "{case}");
+                assert!(owner.is_none_or(fenced), "{case}");
+            }
+            AssignerAction::RequestDrain { from, to } => {
+                assert_eq!(placement, &ObjectPlacement::Owned(*from), "{case}");
+                assert!(!fenced(*from) && !deleting, "{case}");
+                assert_eq!(Some(*to), live_desired, "{case}");
+            }
+            AssignerAction::CancelDrain => {
+                assert!(draining && owner == desired, "{case}");
+            }
+            AssignerAction::ClearStrayDrain => {
+                assert_eq!(
+                    placement,
+                    &ObjectPlacement::Unassigned { stray_drain: true },
+                    "{case}"
+                );
+                assert_eq!(live_desired, None, "{case}");
+            }
+            AssignerAction::Nothing | AssignerAction::Wait => {}
+        }
+        // Liveness: with a live destination, every misplaced object makes progress unless
+        // a live owner must finish a deletion or acknowledge a drain first.
+        if let Some(to) = live_desired
+            && owner != Some(to)
+        {
+            let owner_keeps = owner.is_some_and(|o| !fenced(o)) && (deleting || draining);
+            if !owner_keeps {
+                assert!(
+                    matches!(
+                        action,
+                        AssignerAction::Assign { .. } | AssignerAction::RequestDrain { .. }
+                    ),
+                    "{case}"
+                );
+            }
+        }
+        if owner.is_some() && owner == desired {
+            let expected = if draining {
+                AssignerAction::CancelDrain
+            } else {
+                AssignerAction::Nothing
+            };
+            assert_eq!(action, &expected, "{case}");
         }
     }
 

@@ -1,0 +1,906 @@
+//! A model of the shard protocol, checked by exploring interleavings.
+//!
+//! The model keeps the objects' labels and the shard Leases as the API server does (every
+//! write is a compare-and-swap on a resourceVersion), and runs the assigner and the
+//! workers as independent actors that decide from *stale* observations:
+//!
+//! * the assigner decides from a snapshot taken at some earlier step, and its writes land
+//!   at any later step (or never, if it restarts first — a new leader only starts after the
+//!   old one's requests have timed out);
+//! * each worker reconciles from its own cache of each object, refreshed at arbitrary
+//!   steps (and with a fresh list when it acquires a Lease);
+//! * workers crash (their in-flight reconciles die with them) and their Leases expire
+//!   later; they restart, take over Leases of other shards, release on request; the
+//!   desired shard count changes.
+//!
+//! After every step it checks the safety property, **at most one shard reconciles an
+//! object at any time**, and from every explored state it runs a fair completion (no more
+//! failures, every worker in range running) that must end with every object owned by its
+//! desired, live shard.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::lease::LeaseSnapshot;
+use super::object::{AssignerAction, ObjectPlacement};
+use super::plan::{LeaseStep, ObjectFacts, plan_object, plan_shard};
+use super::shards::ShardTable;
+use crate::assignment::{jump_consistent_hash, object_key_hash};
+use crate::constants::{DRAIN_LABEL, SHARD_LABEL};
+use crate::shard_index::{ShardCount, ShardIndex};
+
+/// Shards (and workers: worker `w` is home for shard `w`) in the model.
+const SHARDS: usize = 3;
+const NOW: i64 = 1_000_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Label {
+    Absent,
+    Shard(u32),
+    Garbage,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Obj {
+    label: Label,
+    drain: bool,
+    rv: u32,
+}
+
+impl Obj {
+    fn placement(&self) -> ObjectPlacement {
+        let mut labels = std::collections::BTreeMap::new();
+        match &self.label {
+            Label::Absent => {}
+            Label::Shard(s) => {
+                labels.insert(SHARD_LABEL.to_owned(), s.to_string());
+            }
+            Label::Garbage => {
+                labels.insert(SHARD_LABEL.to_owned(), "x".to_owned());
+            }
+        }
+        if self.drain {
+            labels.insert(DRAIN_LABEL.to_owned(), "d".to_owned());
+        }
+        ObjectPlacement::from_labels(Some(&labels))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+struct Lease {
+    exists: bool,
+    holder: Option<usize>,
+    /// Held and renewed; becomes false only once the holder is dead (expiry) or released.
+    live: bool,
+    acquired_once: bool,
+    retired: bool,
+    release_requested: bool,
+    rv: u32,
+}
+
+impl Lease {
+    fn snapshot(&self) -> LeaseSnapshot {
+        let renewed = if self.live { NOW - 1 } else { NOW - 3_600 };
+        LeaseSnapshot {
+            holder: self.holder.map(|w| format!("shardop-worker-{w}")),
+            acquired_once: self.acquired_once,
+            renew_time: Some(Timestamp::from_second(renewed).unwrap_or(Timestamp::UNIX_EPOCH)),
+            duration: Some(Duration::from_secs(15)),
+            release_requested_by: self.release_requested.then(|| "x".to_owned()),
+            retired: self.retired,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Worker {
+    alive: bool,
+    cache: Vec<Option<Obj>>,
+    /// In-flight reconciles: (shard, object).
+    reconciling: BTreeSet<(u32, usize)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Write {
+    Object {
+        obj: usize,
+        rv: u32,
+        label: Label,
+        drain: bool,
+        /// The owner the decision moved the object away from, for in-flight tracking.
+        from: Option<u32>,
+    },
+    Lease {
+        shard: usize,
+        rv: u32,
+        step: LeaseStep,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Seen {
+    n: u32,
+    objs: Vec<Obj>,
+    leases: Vec<Lease>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Assigner {
+    seen: Option<Seen>,
+    last_owner: Vec<Option<u32>>,
+    pending: Vec<Write>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+struct Budget {
+    crashes: u8,
+    stops: u8,
+    assigner_restarts: u8,
+    n_changes: u8,
+    tampers: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct World {
+    n: u32,
+    objs: Vec<Obj>,
+    leases: Vec<Lease>,
+    workers: Vec<Worker>,
+    assigner: Assigner,
+    budget: Budget,
+    tampered: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Step {
+    Observe,
+    DecideObject(usize),
+    DecideShard(usize),
+    Land(usize),
+    AssignerRestart,
+    Acquire(usize, usize),
+    Sync(usize, usize),
+    StartReconcile(usize, usize, usize),
+    FinishReconcile(usize, usize, usize),
+    Ack(usize, usize, usize),
+    Release(usize, usize),
+    Crash(usize),
+    GracefulStop(usize),
+    Expire(usize),
+    RestartWorker(usize),
+    ChangeN(u32),
+    Tamper(usize, Label),
+}
+
+struct Model {
+    keys: Vec<u64>,
+}
+
+impl Model {
+    fn table(&self, seen: &Seen) -> ShardTable {
+        ShardTable::new(
+            ShardCount::new(seen.n).unwrap_or(ShardCount::MIN),
+            seen.leases
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.exists)
+                .map(|(i, l)| (ShardIndex(i as u32), l.snapshot())),
+            Timestamp::from_second(NOW).unwrap_or(Timestamp::UNIX_EPOCH),
+        )
+    }
+
+    fn steps(&self, w: &World) -> Vec<Step> {
+        let mut steps = Vec::new();
+        let current = Seen {
+            n: w.n,
+            objs: w.objs.clone(),
+            leases: w.leases.clone(),
+        };
+        if w.assigner.seen.as_ref() != Some(&current) {
+            steps.push(Step::Observe);
+        }
+        if w.assigner.seen.is_some() {
+            for o in 0..w.objs.len() {
+                if self.decide_object(w, o).is_some() {
+                    steps.push(Step::DecideObject(o));
+                }
+            }
+            for s in 0..SHARDS {
+                if self.decide_shard(w, s).is_some() {
+                    steps.push(Step::DecideShard(s));
+                }
+            }
+        }
+        steps.extend((0..w.assigner.pending.len()).map(Step::Land));
+        if w.budget.assigner_restarts > 0 {
+            steps.push(Step::AssignerRestart);
+        }
+        for (wi, worker) in w.workers.iter().enumerate() {
+            if !worker.alive {
+                if w.leases.iter().all(|l| !(l.live && l.holder == Some(wi))) {
+                    steps.push(Step::RestartWorker(wi));
+                }
+                continue;
+            }
+            for s in 0..SHARDS {
+                if can_acquire(w, wi, s) {
+                    steps.push(Step::Acquire(wi, s));
+                }
+                let holds = holds(w, wi, s);
+                if holds
+                    && w.leases[s].release_requested
+                    && !worker.reconciling.iter().any(|(rs, _)| *rs as usize == s)
+                {
+                    steps.push(Step::Release(wi, s));
+                }
+                for o in 0..w.objs.len() {
+                    let key = (s as u32, o);
+                    if worker.reconciling.contains(&key) {
+                        steps.push(Step::FinishReconcile(wi, s, o));
+                        continue;
+                    }
+                    if !holds {
+                        continue;
+                    }
+                    if let Some(cached) = &worker.cache[o]
+                        && cached.label == Label::Shard(s as u32)
+                    {
+                        steps.push(if cached.drain {
+                            Step::Ack(wi, s, o)
+                        } else {
+                            Step::StartReconcile(wi, s, o)
+                        });
+                    }
+                }
+            }
+            for o in 0..w.objs.len() {
+                if worker.cache[o].as_ref() != Some(&w.objs[o]) {
+                    steps.push(Step::Sync(wi, o));
+                }
+            }
+            if w.budget.crashes > 0 {
+                steps.push(Step::Crash(wi));
+            }
+            if w.budget.stops > 0 && worker.reconciling.is_empty() {
+                steps.push(Step::GracefulStop(wi));
+            }
+        }
+        for (s, lease) in w.leases.iter().enumerate() {
+            if lease.live && lease.holder.is_some_and(|h| !w.workers[h].alive) {
+                steps.push(Step::Expire(s));
+            }
+        }
+        if w.budget.n_changes > 0 {
+            for n in 1..=SHARDS as u32 {
+                if n != w.n {
+                    steps.push(Step::ChangeN(n));
+                }
+            }
+        }
+        if w.budget.tampers > 0 {
+            for o in 0..w.objs.len() {
+                for label in [
+                    Label::Absent,
+                    Label::Garbage,
+                    Label::Shard(0),
+                    Label::Shard(2),
+                ] {
+                    if w.objs[o].label != label {
+                        steps.push(Step::Tamper(o, label));
+                    }
+                }
+            }
+        }
+        steps
+    }
+
+    fn decide_object(&self, w: &World, o: usize) -> Option<Write> {
+        let seen = w.assigner.seen.as_ref()?;
+        if w.assigner
+            .pending
+            .iter()
+            .any(|p| matches!(p, Write::Object { obj, .. } if *obj == o))
+        {
+            return None;
+        }
+        let obj = &seen.objs[o];
+        let placement = obj.placement();
+        let action = plan_object(
+            ObjectFacts {
+                placement: &placement,
+                deleting: false,
+                key_hash: self.keys[o],
+                last_owner: w.assigner.last_owner[o].map(ShardIndex),
+            },
+            &self.table(seen),
+        );
+        let (label, drain) = match action {
+            AssignerAction::Nothing | AssignerAction::Wait => return None,
+            AssignerAction::Assign { to } => (Label::Shard(to.0), false),
+            AssignerAction::RequestDrain { .. } => (obj.label.clone(), true),
+            AssignerAction::CancelDrain | AssignerAction::ClearStrayDrain => {
+                (obj.label.clone(), false)
+            }
+        };
+        Some(Write::Object {
+            obj: o,
+            rv: obj.rv,
+            from: placement
+                .owner()
+                .map(|s| s.0)
+                .filter(|_| label != obj.label),
+            label,
+            drain,
+        })
+    }
+
+    fn decide_shard(&self, w: &World, s: usize) -> Option<Write> {
+        let seen = w.assigner.seen.as_ref()?;
+        if w.assigner
+            .pending
+            .iter()
+            .any(|p| matches!(p, Write::Lease { shard, .. } if *shard == s))
+        {
+            return None;
+        }
+        let labelled = seen
+            .objs
+            .iter()
+            .filter(|o| o.label == Label::Shard(s as u32))
+            .count();
+        let in_flight = w
+            .assigner
+            .pending
+            .iter()
+            .any(|p| matches!(p, Write::Object { from: Some(f), .. } if *f as usize == s));
+        let plan = plan_shard(ShardIndex(s as u32), &self.table(seen), labelled, in_flight);
+        plan.lease_step.map(|step| Write::Lease {
+            shard: s,
+            rv: seen.leases[s].rv,
+            step,
+        })
+    }
+
+    fn apply(&self, w: &mut World, step: &Step) {
+        match step {
+            Step::Observe => {
+                for (o, obj) in w.objs.iter().enumerate() {
+                    w.assigner.last_owner[o] = match (&obj.label, obj.drain) {
+                        (Label::Shard(s), false) => Some(*s),
+                        (Label::Shard(_), true) => None,
+                        _ => w.assigner.last_owner[o],
+                    };
+                }
+                w.assigner.seen = Some(Seen {
+                    n: w.n,
+                    objs: w.objs.clone(),
+                    leases: w.leases.clone(),
+                });
+            }
+            Step::DecideObject(o) => {
+                if let Some(write) = self.decide_object(w, *o) {
+                    w.assigner.pending.push(write);
+                }
+            }
+            Step::DecideShard(s) => {
+                if let Some(write) = self.decide_shard(w, *s) {
+                    w.assigner.pending.push(write);
+                }
+            }
+            Step::Land(i) => {
+                let write = w.assigner.pending.remove(*i);
+                land(w, write);
+            }
+            Step::AssignerRestart => {
+                w.budget.assigner_restarts -= 1;
+                // The old leader's requests have landed or timed out before a new leader
+                // acts (its leader Lease outlives the request timeout): drop the rest.
+                w.assigner = Assigner {
+                    seen: None,
+                    last_owner: vec![None; w.objs.len()],
+                    pending: Vec::new(),
+                };
+            }
+            Step::Acquire(wi, s) => {
+                let lease = &mut w.leases[*s];
+                *lease = Lease {
+                    exists: true,
+                    holder: Some(*wi),
+                    live: true,
+                    acquired_once: true,
+                    retired: false,
+                    release_requested: false,
+                    rv: lease.rv + 1,
+                };
+                // A controller for a newly acquired shard starts from a fresh list.
+                w.workers[*wi].cache = w.objs.iter().cloned().map(Some).collect();
+            }
+            Step::Sync(wi, o) => w.workers[*wi].cache[*o] = Some(w.objs[*o].clone()),
+            Step::StartReconcile(wi, s, o) => {
+                w.workers[*wi].reconciling.insert((*s as u32, *o));
+            }
+            Step::FinishReconcile(wi, s, o) => {
+                w.workers[*wi].reconciling.remove(&(*s as u32, *o));
+            }
+            Step::Ack(wi, _, o) => {
+                let cached_rv = w.workers[*wi].cache[*o].as_ref().map(|c| c.rv);
+                let obj = &mut w.objs[*o];
+                if cached_rv == Some(obj.rv) {
+                    obj.label = Label::Absent;
+                    obj.drain = false;
+                    obj.rv += 1;
+                }
+            }
+            Step::Release(_, s) => release(&mut w.leases[*s]),
+            Step::Crash(wi) => {
+                w.budget.crashes -= 1;
+                let worker = &mut w.workers[*wi];
+                worker.alive = false;
+                worker.reconciling.clear();
+                worker.cache.iter_mut().for_each(|c| *c = None);
+            }
+            Step::GracefulStop(wi) => {
+                w.budget.stops -= 1;
+                for lease in &mut w.leases {
+                    if lease.live && lease.holder == Some(*wi) {
+                        release(lease);
+                    }
+                }
+                let worker = &mut w.workers[*wi];
+                worker.alive = false;
+                worker.cache.iter_mut().for_each(|c| *c = None);
+            }
+            Step::Expire(s) => w.leases[*s].live = false,
+            Step::RestartWorker(wi) => w.workers[*wi].alive = true,
+            Step::ChangeN(n) => {
+                w.budget.n_changes -= 1;
+                w.n = *n;
+            }
+            Step::Tamper(o, label) => {
+                w.budget.tampers -= 1;
+                w.tampered = true;
+                let obj = &mut w.objs[*o];
+                obj.label = label.clone();
+                obj.rv += 1;
+            }
+        }
+    }
+
+    /// At most one (worker, shard) pair reconciles each object.
+    fn check_safety(&self, w: &World, trace: &[Step]) {
+        if w.tampered {
+            return; // a user editing labels by hand is outside the protocol's promise
+        }
+        for o in 0..w.objs.len() {
+            let reconcilers: Vec<(usize, u32)> = w
+                .workers
+                .iter()
+                .enumerate()
+                .flat_map(|(wi, worker)| {
+                    worker
+                        .reconciling
+                        .iter()
+                        .filter(move |(_, ro)| *ro == o)
+                        .map(move |(s, _)| (wi, *s))
+                })
+                .collect();
+            assert!(
+                reconcilers.len() <= 1,
+                "object {o} reconciled by {reconcilers:?}\ntrace: {trace:#?}\nworld: {w:#?}"
+            );
+        }
+    }
+
+    /// From `w`, with no more failures and every in-range worker running, the system ends
+    /// with every object owned by its desired, live shard and nothing left draining.
+    fn check_liveness(&self, start: &World, trace: &[Step]) {
+        let mut w = start.clone();
+        w.budget = Budget::default();
+        let n = w.n as usize;
+        while let Some(write) = w.assigner.pending.pop() {
+            land(&mut w, write);
+        }
+        for wi in 0..SHARDS {
+            let worker = &mut w.workers[wi];
+            worker.reconciling.clear();
+            if wi >= n {
+                worker.alive = false; // scaled in: the StatefulSet removed the pod
+            }
+            for lease in &mut w.leases {
+                if lease.holder == Some(wi) && !w.workers[wi].alive {
+                    lease.live = false;
+                }
+            }
+            w.workers[wi].alive = wi < n;
+        }
+        for _round in 0..12 {
+            for wi in 0..n {
+                for o in 0..w.objs.len() {
+                    w.workers[wi].cache[o] = Some(w.objs[o].clone());
+                }
+                for s in 0..SHARDS {
+                    if holds(&w, wi, s) && w.leases[s].release_requested {
+                        release(&mut w.leases[s]);
+                    }
+                    // Hand-back: a taker releases a shard whose home worker is running.
+                    if holds(&w, wi, s) && s != wi && s < n {
+                        release(&mut w.leases[s]);
+                    }
+                }
+                if can_acquire(&w, wi, wi) {
+                    self.apply(&mut w, &Step::Acquire(wi, wi));
+                }
+                for s in 0..SHARDS {
+                    for o in 0..w.objs.len() {
+                        let cached = w.workers[wi].cache[o].clone();
+                        if holds(&w, wi, s)
+                            && cached.is_some_and(|c| c.label == Label::Shard(s as u32) && c.drain)
+                        {
+                            self.apply(&mut w, &Step::Ack(wi, s, o));
+                        }
+                    }
+                }
+            }
+            self.apply(&mut w, &Step::Observe);
+            for o in 0..w.objs.len() {
+                self.apply(&mut w, &Step::DecideObject(o));
+            }
+            for s in 0..SHARDS {
+                self.apply(&mut w, &Step::DecideShard(s));
+            }
+            while !w.assigner.pending.is_empty() {
+                let write = w.assigner.pending.remove(0);
+                land(&mut w, write);
+            }
+        }
+        for (o, obj) in w.objs.iter().enumerate() {
+            let desired = jump_consistent_hash(self.keys[o], w.n);
+            assert!(
+                obj.label == Label::Shard(desired) && !obj.drain && w.leases[desired as usize].live,
+                "object {o} did not converge to shard {desired}: {obj:?}\ntrace: {trace:#?}\nfinal: {w:#?}"
+            );
+        }
+        for (s, lease) in w.leases.iter().enumerate() {
+            assert!(
+                s < n || !lease.exists,
+                "retired shard {s} not cleaned up: {lease:?}\ntrace: {trace:#?}\nfinal: {w:#?}"
+            );
+        }
+    }
+
+    /// Explores every interleaving from `start` up to `depth` steps (states deduplicated),
+    /// checking safety at each state and liveness from each. Returns the states visited.
+    fn explore(&self, start: World, depth: usize, max_states: usize) -> usize {
+        let mut seen = HashSet::new();
+        let mut queue = VecDeque::from([(start, Vec::new())]);
+        while let Some((w, trace)) = queue.pop_front() {
+            if !seen.insert(w.clone()) {
+                continue;
+            }
+            self.check_safety(&w, &trace);
+            self.check_liveness(&w, &trace);
+            if trace.len() >= depth || seen.len() >= max_states {
+                continue;
+            }
+            for step in self.steps(&w) {
+                let mut next = w.clone();
+                self.apply(&mut next, &step);
+                let mut next_trace = trace.clone();
+                next_trace.push(step);
+                queue.push_back((next, next_trace));
+            }
+        }
+        seen.len()
+    }
+
+    /// A random walk of `len` steps, checking safety after each step and liveness at the end.
+    fn walk(&self, start: World, len: usize, seed: u64) {
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut w = start;
+        let mut trace = Vec::new();
+        for _ in 0..len {
+            let steps = self.steps(&w);
+            if steps.is_empty() {
+                break;
+            }
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let step = steps[(rng % steps.len() as u64) as usize].clone();
+            self.apply(&mut w, &step);
+            trace.push(step);
+            self.check_safety(&w, &trace);
+        }
+        self.check_liveness(&w, &trace);
+    }
+}
+
+fn holds(w: &World, wi: usize, s: usize) -> bool {
+    w.workers[wi].alive && w.leases[s].live && w.leases[s].holder == Some(wi)
+}
+
+/// The worker side of "Lease transitions": the home worker acquires a Lease that is absent,
+/// released or expired; others take over only one that was served before; nobody acquires
+/// a retired Lease.
+fn can_acquire(w: &World, wi: usize, s: usize) -> bool {
+    let lease = &w.leases[s];
+    w.workers[wi].alive
+        && !lease.live
+        && !lease.retired
+        && (wi == s || (lease.exists && lease.acquired_once))
+}
+
+fn release(lease: &mut Lease) {
+    lease.holder = None;
+    lease.live = false;
+    lease.release_requested = false;
+    lease.rv += 1;
+}
+
+/// Applies an assigner write if its resourceVersion precondition still holds.
+fn land(w: &mut World, write: Write) {
+    match write {
+        Write::Object {
+            obj,
+            rv,
+            label,
+            drain,
+            ..
+        } => {
+            let current = &mut w.objs[obj];
+            if current.rv == rv {
+                // The patch response tells the assigner what it wrote, as in the binary.
+                w.assigner.last_owner[obj] = match (&label, drain) {
+                    (Label::Shard(s), false) => Some(*s),
+                    _ => None,
+                };
+                current.label = label;
+                current.drain = drain;
+                current.rv += 1;
+            }
+        }
+        Write::Lease { shard, rv, step } => {
+            let lease = &mut w.leases[shard];
+            match step {
+                LeaseStep::CreateRetired if !lease.exists => {
+                    *lease = Lease {
+                        exists: true,
+                        retired: true,
+                        rv: lease.rv + 1,
+                        ..Lease::default()
+                    };
+                }
+                LeaseStep::CreateRetired => {}
+                _ if !lease.exists || lease.rv != rv => {}
+                LeaseStep::MarkRetired => lease.retired = true,
+                LeaseStep::LiftRetirement => lease.retired = false,
+                LeaseStep::RequestRelease => lease.release_requested = true,
+                LeaseStep::Delete => {
+                    *lease = Lease {
+                        rv: lease.rv,
+                        ..Lease::default()
+                    };
+                }
+            }
+            if lease.exists || step == LeaseStep::Delete {
+                lease.rv += 1;
+            }
+        }
+    }
+}
+
+/// Object keys whose desired shards differ between 2 and 3 shards in useful ways: the first
+/// moves to shard 2 when growing 2 -> 3, the second stays on shard 1, the third on 0.
+fn keys() -> Vec<u64> {
+    let find = |at2: u32, at3: u32| {
+        (0..)
+            .map(|i| object_key_hash("ns", &format!("db-{i}")))
+            .find(|&h| jump_consistent_hash(h, 2) == at2 && jump_consistent_hash(h, 3) == at3)
+            .unwrap_or(0)
+    };
+    vec![find(0, 2), find(1, 1), find(0, 0)]
+}
+
+/// A steady state: `n` shards served by their home workers, objects on their desired
+/// shards, every worker (also those beyond `n`) running.
+fn steady(objects: usize, n: u32, budget: Budget) -> (Model, World) {
+    let keys: Vec<u64> = keys().into_iter().take(objects).collect();
+    let objs = keys
+        .iter()
+        .map(|&k| Obj {
+            label: Label::Shard(jump_consistent_hash(k, n)),
+            drain: false,
+            rv: 1,
+        })
+        .collect::<Vec<_>>();
+    let leases = (0..SHARDS)
+        .map(|s| {
+            if (s as u32) < n {
+                Lease {
+                    exists: true,
+                    holder: Some(s),
+                    live: true,
+                    acquired_once: true,
+                    rv: 1,
+                    ..Lease::default()
+                }
+            } else {
+                Lease::default()
+            }
+        })
+        .collect();
+    let workers = (0..SHARDS)
+        .map(|_| Worker {
+            alive: true,
+            cache: objs.iter().cloned().map(Some).collect(),
+            reconciling: BTreeSet::new(),
+        })
+        .collect();
+    let world = World {
+        n,
+        assigner: Assigner {
+            seen: None,
+            last_owner: vec![None; objs.len()],
+            pending: Vec::new(),
+        },
+        objs,
+        leases,
+        workers,
+        budget,
+        tampered: false,
+    };
+    (Model { keys }, world)
+}
+
+/// Runs `f` on a copy of `w` to build a scenario's starting point.
+fn with(mut w: World, model: &Model, steps: &[Step]) -> World {
+    for step in steps {
+        model.apply(&mut w, step);
+    }
+    w
+}
+
+/// States explored per scenario; `SHARDOP_SIM_STATES` raises it for a deeper run.
+fn max_states() -> usize {
+    std::env::var("SHARDOP_SIM_STATES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6_000)
+}
+
+#[test]
+fn expansion_with_owner_dying_mid_drain() {
+    // 2 -> 3 has happened and worker 2 holds its Lease; object 0 (on shard 0) must move
+    // to shard 2. Worker 0 may crash at any point of the move; worker 1 may take over.
+    let (model, w) = steady(
+        1,
+        2,
+        Budget {
+            crashes: 1,
+            ..Budget::default()
+        },
+    );
+    let w = with(w, &model, &[Step::Acquire(2, 2)]);
+    let w = World { n: 3, ..w };
+    let states = model.explore(w, 16, max_states());
+    assert!(states > 1_000, "explored only {states} states");
+}
+
+#[test]
+fn assigner_restarting_mid_move() {
+    let (model, w) = steady(
+        2,
+        2,
+        Budget {
+            assigner_restarts: 2,
+            ..Budget::default()
+        },
+    );
+    let w = with(w, &model, &[Step::Acquire(2, 2)]);
+    let w = World { n: 3, ..w };
+    model.explore(w, 16, max_states());
+}
+
+#[test]
+fn shard_count_changing_again_during_a_rebalance() {
+    // 2 -> 3 starts, then N goes back to 2 (or to 1) while objects are mid-move.
+    let (model, w) = steady(
+        2,
+        2,
+        Budget {
+            n_changes: 2,
+            ..Budget::default()
+        },
+    );
+    let w = with(w, &model, &[Step::Acquire(2, 2)]);
+    let w = World { n: 3, ..w };
+    model.explore(w, 15, max_states());
+}
+
+#[test]
+fn worker_ack_racing_a_drain_cancel() {
+    // Object 0 is draining 0 -> 2 and N drops back to 2: the assigner cancels while worker
+    // 0 acknowledges. Exactly one write wins; either way the object ends on shard 0.
+    let (model, w) = steady(1, 2, Budget::default());
+    let mut w = with(w, &model, &[Step::Acquire(2, 2)]);
+    w.objs[0].drain = true;
+    w.objs[0].rv += 1;
+    w.workers[0].cache[0] = Some(w.objs[0].clone());
+    w.budget.n_changes = 1;
+    w.n = 3;
+    model.explore(w, 14, max_states());
+}
+
+#[test]
+fn scale_in_with_the_removed_worker_running_stopping_or_crashing() {
+    let (model, w) = steady(
+        3,
+        3,
+        Budget {
+            crashes: 1,
+            stops: 1,
+            ..Budget::default()
+        },
+    );
+    let w = World { n: 2, ..w };
+    model.explore(w, 14, max_states());
+}
+
+#[test]
+fn takeover_of_a_retired_shard_is_asked_to_release() {
+    // Worker 2 died earlier and worker 1 took shard 2 over; then N drops to 2.
+    let (model, w) = steady(3, 3, Budget::default());
+    let mut w = with(w, &model, &[]);
+    w.workers[2].alive = false;
+    w.leases[2].holder = Some(1);
+    w.leases[2].rv += 1;
+    w.n = 2;
+    w.budget.crashes = 1;
+    model.explore(w, 14, max_states());
+}
+
+#[test]
+fn tampered_labels_are_repaired() {
+    let (model, w) = steady(
+        2,
+        3,
+        Budget {
+            tampers: 2,
+            ..Budget::default()
+        },
+    );
+    model.explore(w, 10, max_states());
+}
+
+#[test]
+fn random_walks_with_every_kind_of_failure() {
+    for seed in 0..400 {
+        let (model, w) = steady(
+            3,
+            1 + (seed % 3) as u32,
+            Budget {
+                crashes: 3,
+                stops: 2,
+                assigner_restarts: 2,
+                n_changes: 3,
+                tampers: 0,
+            },
+        );
+        model.walk(w, 250, seed);
+    }
+    for seed in 0..100 {
+        let (model, w) = steady(
+            3,
+            3,
+            Budget {
+                crashes: 1,
+                n_changes: 2,
+                tampers: 3,
+                ..Budget::default()
+            },
+        );
+        model.walk(w, 150, 10_000 + seed);
+    }
+}

@@ -1,0 +1,154 @@
+//! Command-line flags, each with an environment fallback so the chart can set them.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use shardop_runtime::{KubeClientArgs, LogFormat};
+
+/// Decides which shard owns each DatabaseCluster and moves objects between shards when the
+/// shard count changes, without ever letting two shards reconcile the same object.
+#[derive(Parser, Debug)]
+#[command(name = "shardop-assigner", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the assigner (one leader at a time; other replicas stand by).
+    Run(Box<RunArgs>),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Namespace of the shard Leases, the Shard objects, the worker StatefulSet and the
+    /// assigner's own leader-election Lease.
+    #[arg(
+        long,
+        env = "SHARDOP_OPERATOR_NAMESPACE",
+        default_value = "shardop-system"
+    )]
+    pub operator_namespace: String,
+    /// Worker StatefulSet whose `spec.replicas` is the desired shard count N.
+    #[arg(
+        long,
+        env = "SHARDOP_WORKER_STATEFULSET",
+        conflicts_with = "shards",
+        required_unless_present = "shards"
+    )]
+    pub worker_statefulset: Option<String>,
+    /// A fixed desired shard count N instead of following the worker StatefulSet.
+    #[arg(long, env = "SHARDOP_SHARDS")]
+    pub shards: Option<NonZeroU32>,
+    /// Objects being moved at once (between the drain request and the new label).
+    #[arg(long, env = "SHARDOP_MAX_CONCURRENT_MOVES", default_value_t = 100)]
+    pub max_concurrent_moves: usize,
+    /// Label writes in flight at once (assignments, moves, cancellations).
+    #[arg(long, env = "SHARDOP_MAX_CONCURRENT_WRITES", default_value_t = 64)]
+    pub max_concurrent_writes: usize,
+    /// Comma-separated namespaces to watch for DatabaseClusters; all namespaces when empty.
+    #[arg(long, env = "SHARDOP_WATCH_NAMESPACES", value_delimiter = ',', num_args = 0..)]
+    pub watch_namespaces: Vec<String>,
+    /// Holder identity in the leader-election Lease; the pod name.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Leader-election Lease duration (whole seconds).
+    #[arg(long, env = "SHARDOP_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_lease_duration: Duration,
+    /// The leader renews this long before its Lease would expire (whole seconds).
+    #[arg(long, env = "SHARDOP_LEADER_LEASE_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub leader_lease_grace: Duration,
+    /// Minimum interval between two status writes to the same Shard object.
+    #[arg(long, env = "SHARDOP_STATUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub status_interval: Duration,
+    /// Full re-evaluation period even without any change (Lease expiry is a change of
+    /// time, not of an object).
+    #[arg(long, env = "SHARDOP_RESYNC_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub resync_period: Duration,
+    #[command(flatten)]
+    pub kube: KubeClientArgs,
+    /// Address of `/metrics` (port 0 = any free port, logged at start-up).
+    #[arg(long, env = "SHARDOP_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Address of `/healthz` and `/readyz`; may equal the metrics address.
+    #[arg(long, env = "SHARDOP_HEALTH_ADDR", default_value = "0.0.0.0:8081")]
+    pub health_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "SHARDOP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    /// The identity: `--identity`/`POD_NAME`, else the host name.
+    pub fn identity(&self) -> String {
+        self.identity
+            .clone()
+            .filter(|i| !i.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .unwrap_or_else(|| "shardop-assigner".to_owned())
+    }
+
+    /// The watched namespaces, blanks removed; empty = all namespaces.
+    pub fn namespaces(&self) -> Vec<String> {
+        self.watch_namespaces
+            .iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect()
+    }
+}
+
+/// Parses `500ms`, `15s`, `5m` or a bare number of seconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((value, "s"), |i| value.split_at(i));
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {value:?}"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {value:?} (use ms, s or m)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_or_statefulset_but_not_both() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        let cli = parse(&["a", "run", "--shards", "3", "--watch-namespaces", "x, y"]).unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.shards, NonZeroU32::new(3));
+        assert_eq!(args.namespaces(), ["x", "y"]);
+        assert_eq!(args.max_concurrent_moves, 100);
+        assert!(parse(&["a", "run"]).is_err(), "N must come from somewhere");
+        assert!(parse(&["a", "run", "--shards", "3", "--worker-statefulset", "w"]).is_err());
+        assert!(parse(&["a", "run", "--worker-statefulset", "shardop-worker"]).is_ok());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("1h").is_err());
+    }
+}

@@ -1,0 +1,643 @@
+//! The leader's loop: observe DatabaseCluster metadata, shard Leases, Shard objects and N;
+//! on any change (and periodically, because Leases expire by the passage of time) plan every
+//! object and shard with `shardop_api::protocol::plan`, and carry the plan out with bounded
+//! concurrency. Nothing here is needed by the next leader: all progress is in labels and
+//! Leases, and what is kept in memory (move start times, write back-off) only serves
+//! metrics and pacing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{BoxStream, SelectAll};
+use futures::{FutureExt, StreamExt};
+use jiff::Timestamp;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use shardop_api::protocol::{
+    AssignerAction, LeaseSnapshot, LeaseStep, ObjectFacts, ObjectPlacement, ShardTable,
+    plan_object, plan_shard,
+};
+use shardop_api::{DatabaseCluster, Shard, ShardCount, ShardIndex, ShardState};
+use shardop_runtime::ShardLeaseWatch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{AssignerMetrics, ShardLabel};
+use crate::objects::{ObjectKey, ObjectStore, Source};
+use crate::shard_count::ShardCountRx;
+use crate::shard_objects::{self, AssignerStatus};
+use crate::writes::{self, Outcome};
+
+/// Passes run at most this often, so an event storm is handled in batches.
+const PASS_INTERVAL: Duration = Duration::from_millis(100);
+/// After a failed write (not a conflict), the object is left alone this long.
+const ERROR_BACKOFF: Duration = Duration::from_secs(2);
+/// A conflicted object waits for a newer observation, but not forever.
+const STALE_HOLD: Duration = Duration::from_secs(10);
+/// A Lease or Shard-object write is not repeated before the watch shows its effect,
+/// or this long.
+const SHARD_WRITE_HOLD: Duration = Duration::from_secs(5);
+
+/// What the engine needs from start-up.
+#[derive(Clone)]
+pub struct Settings {
+    pub operator_namespace: String,
+    pub watch_namespaces: Vec<String>,
+    pub max_concurrent_moves: usize,
+    pub max_concurrent_writes: usize,
+    pub status_interval: Duration,
+    pub resync_period: Duration,
+}
+
+type ObjectEvent = (
+    Source,
+    Result<watcher::Event<PartialObjectMeta<DatabaseCluster>>, watcher::Error>,
+);
+
+/// Why an object is left alone for now.
+enum Hold {
+    /// Its write conflicted: wait until a newer resourceVersion is observed.
+    UntilChanged(Box<str>, Instant),
+    /// Its write failed: wait a moment.
+    Until(Instant),
+}
+
+type LabelResult = Result<Outcome<PartialObjectMeta<DatabaseCluster>>, kube::Error>;
+
+/// A label write to make: the object, what to do, and when it was created.
+type Candidate = (Option<Timestamp>, ObjectKey, AssignerAction);
+
+/// A label write in flight.
+struct LabelWrite {
+    key: ObjectKey,
+    action: AssignerAction,
+    /// The valid owner the object had when the write was decided.
+    owner: Option<ShardIndex>,
+    /// Whether this is the object's first shard label (for assignment latency).
+    first: Option<Timestamp>,
+    /// The resourceVersion the write was decided on (and is conditional on).
+    resource_version: Box<str>,
+}
+
+enum Done {
+    Label(Box<(LabelWrite, LabelResult)>),
+    Lease(ShardIndex, LeaseStep, Result<Outcome<()>, kube::Error>),
+    ShardObject(ShardIndex, &'static str, Result<(), kube::Error>),
+}
+
+/// The leader's state; dropped with the leadership.
+pub struct Engine {
+    client: Client,
+    settings: Settings,
+    metrics: AssignerMetrics,
+    leases: ShardLeaseWatch,
+    shards: Store<Shard>,
+    shard_count: ShardCountRx,
+    objects: ObjectStore,
+    sources: usize,
+    scopes: Vec<Option<String>>,
+    writes: JoinSet<Done>,
+    /// Objects with a label write in flight, and the owner it moves them off (if any).
+    in_flight: HashMap<ObjectKey, Option<ShardIndex>>,
+    holds: HashMap<ObjectKey, Hold>,
+    /// Objects in a move (from the drain request or direct relabel to the new label).
+    moves: HashMap<ObjectKey, Instant>,
+    /// Shards with a Lease or Shard-object write in flight or recently done.
+    shard_holds: HashMap<(ShardIndex, &'static str), (Option<String>, Instant)>,
+    /// The status last applied to each Shard object, and when.
+    statuses: HashMap<ShardIndex, (AssignerStatus, Instant)>,
+    exported_shards: BTreeSet<ShardIndex>,
+}
+
+impl Engine {
+    /// Starts the watches (their drivers are spawned into `drivers`).
+    pub fn start(
+        client: Client,
+        settings: Settings,
+        metrics: AssignerMetrics,
+        leases: ShardLeaseWatch,
+        shard_count: ShardCountRx,
+        drivers: &mut JoinSet<()>,
+    ) -> (Self, SelectAll<BoxStream<'static, ObjectEvent>>) {
+        let scopes: Vec<Option<String>> = if settings.watch_namespaces.is_empty() {
+            vec![None]
+        } else {
+            settings
+                .watch_namespaces
+                .iter()
+                .cloned()
+                .map(Some)
+                .collect()
+        };
+        let mut events = SelectAll::new();
+        for (source, scope) in scopes.iter().enumerate() {
+            // Metadata only: labels, resourceVersion and timestamps are all the protocol
+            // needs, and they are a small fraction of a full object.
+            let api: Api<PartialObjectMeta<DatabaseCluster>> = match scope {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            };
+            let stream = watcher(api, watcher::Config::default().any_semantic())
+                .default_backoff()
+                .map(move |event| (source, event))
+                .boxed();
+            events.push(stream);
+        }
+        let shard_api: Api<Shard> = Api::namespaced(client.clone(), &settings.operator_namespace);
+        let (shards, writer) = reflector::store();
+        drivers.spawn(
+            watcher(shard_api, watcher::Config::default())
+                .default_backoff()
+                .reflect(writer)
+                .for_each(|event| {
+                    if let Err(err) = event {
+                        tracing::warn!(%err, "watching Shard objects failed, retrying");
+                    }
+                    futures::future::ready(())
+                }),
+        );
+        let engine = Self {
+            client,
+            settings,
+            metrics,
+            leases,
+            shards,
+            shard_count,
+            objects: ObjectStore::default(),
+            sources: scopes.len(),
+            scopes,
+            writes: JoinSet::new(),
+            in_flight: HashMap::new(),
+            holds: HashMap::new(),
+            moves: HashMap::new(),
+            shard_holds: HashMap::new(),
+            statuses: HashMap::new(),
+            exported_shards: BTreeSet::new(),
+        };
+        (engine, events)
+    }
+
+    /// Runs until `stop` is cancelled. Writes still in flight are abandoned: each is
+    /// conditional, so the next leader cannot be confused by one landing late.
+    pub async fn run(
+        mut self,
+        mut events: SelectAll<BoxStream<'static, ObjectEvent>>,
+        stop: CancellationToken,
+    ) {
+        let mut resync = tokio::time::interval(self.settings.resync_period);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut dirty = true;
+        let mut next_pass = Instant::now();
+        loop {
+            // Checked before waiting, so a steady stream of events cannot starve planning.
+            if dirty && Instant::now() >= next_pass {
+                self.pass();
+                dirty = false;
+                next_pass = Instant::now() + PASS_INTERVAL;
+            }
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                Some(done) = self.writes.join_next(), if !self.writes.is_empty() => {
+                    match done {
+                        Ok(done) => self.on_done(done),
+                        Err(err) => tracing::error!(%err, "a write task failed"),
+                    }
+                    dirty = true;
+                }
+                Some((source, event)) = events.next() => {
+                    dirty |= self.on_event(source, event);
+                    // Take whatever else is already queued before planning.
+                    for _ in 0..1024 {
+                        match events.next().now_or_never() {
+                            Some(Some((source, event))) => dirty |= self.on_event(source, event),
+                            _ => break,
+                        }
+                    }
+                }
+                () = self.leases.changed() => dirty = true,
+                Ok(()) = self.shard_count.changed() => dirty = true,
+                _ = resync.tick() => dirty = true,
+                () = tokio::time::sleep_until(next_pass), if dirty => {}
+            }
+        }
+        self.writes.abort_all();
+    }
+
+    fn on_event(
+        &mut self,
+        source: Source,
+        event: Result<watcher::Event<PartialObjectMeta<DatabaseCluster>>, watcher::Error>,
+    ) -> bool {
+        match event {
+            Ok(event) => {
+                let scope = self.scopes.get(source).cloned().flatten();
+                self.objects.apply(source, scope.as_deref(), event)
+            }
+            Err(err) => {
+                tracing::warn!(%err, "watching DatabaseClusters failed, retrying");
+                false
+            }
+        }
+    }
+
+    /// One planning pass over every object and shard.
+    #[tracing::instrument(level = "debug", skip_all)]
+    fn pass(&mut self) {
+        let n = *self.shard_count.borrow();
+        self.metrics
+            .desired_shards
+            .set(n.map_or(0, |n| i64::from(n.get())));
+        let Some(n) = n else { return };
+        // Never decide on a partial view: "no object carries label i" must be true.
+        if !self.objects.is_ready(self.sources) || !self.leases.is_ready() {
+            return;
+        }
+        let now = Timestamp::now();
+        let leases = self.leases.all();
+        let table = ShardTable::new(
+            n,
+            leases
+                .iter()
+                .map(|(i, l)| (*i, LeaseSnapshot::from_lease(l))),
+            now,
+        );
+        self.metrics
+            .effective_shards
+            .set(table.effective_count().map_or(0, |e| i64::from(e.get())));
+
+        let (labelled, candidates) = self.plan_objects(&table);
+        self.dispatch_labels(candidates);
+        self.plan_shards(&table, n, &labelled, &leases);
+    }
+
+    /// Counts objects per shard and collects the label writes to make, oldest object first.
+    fn plan_objects(
+        &mut self,
+        table: &ShardTable,
+    ) -> (BTreeMap<ShardIndex, usize>, Vec<Candidate>) {
+        let now = Instant::now();
+        let mut labelled: BTreeMap<ShardIndex, usize> = BTreeMap::new();
+        let mut unassigned = 0_i64;
+        let mut candidates = Vec::new();
+        let mut in_move = HashSet::new();
+        for (key, record) in self.objects.iter() {
+            match record.placement.owner() {
+                Some(owner) => *labelled.entry(owner).or_default() += 1,
+                None => unassigned += 1,
+            }
+            // A move is under way while the drain label is set, and between the
+            // acknowledgement and the new label.
+            let moving = matches!(record.placement, ObjectPlacement::Draining { .. })
+                || (self.moves.contains_key(key) && record.placement.owner().is_none());
+            if moving || self.in_flight.get(key).is_some_and(Option::is_some) {
+                in_move.insert(key.clone());
+            }
+            if self.in_flight.contains_key(key) {
+                continue;
+            }
+            match self.holds.get(key) {
+                Some(Hold::UntilChanged(rv, until))
+                    if *rv == record.resource_version && now < *until =>
+                {
+                    continue;
+                }
+                Some(Hold::Until(until)) if now < *until => continue,
+                Some(_) => {
+                    self.holds.remove(key);
+                }
+                None => {}
+            }
+            let action = plan_object(
+                ObjectFacts {
+                    placement: &record.placement,
+                    deleting: record.deleting,
+                    key_hash: record.key_hash,
+                    last_owner: record.last_owner,
+                },
+                table,
+            );
+            if writes::label_patch(&action).is_some() {
+                candidates.push((record.created, key.clone(), action));
+            }
+        }
+        // Holds of deleted objects would otherwise stay forever.
+        let objects = &self.objects;
+        self.holds.retain(|key, _| objects.get(key).is_some());
+        // Moves that ended without our write (object deleted, relabelled by someone else)
+        // are forgotten; moves found in progress (a previous leader's) are adopted.
+        self.moves.retain(|key, _| in_move.contains(key));
+        for key in in_move {
+            self.moves.entry(key).or_insert(now);
+        }
+        self.metrics.unassigned_objects.set(unassigned);
+        self.metrics
+            .moves_in_flight
+            .set(i64::try_from(self.moves.len()).unwrap_or(i64::MAX));
+        for (shard, count) in &labelled {
+            self.metrics
+                .shard_objects
+                .get_or_create(&ShardLabel {
+                    shard: shard.to_string(),
+                })
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
+        for gone in self
+            .exported_shards
+            .iter()
+            .filter(|s| !labelled.contains_key(s))
+        {
+            self.metrics.shard_objects.remove(&ShardLabel {
+                shard: gone.to_string(),
+            });
+        }
+        self.exported_shards = labelled.keys().copied().collect();
+        // Oldest first keeps the assignment latency of a creation storm fair.
+        candidates.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        (labelled, candidates)
+    }
+
+    /// Starts label writes within the concurrency bounds.
+    fn dispatch_labels(&mut self, candidates: Vec<Candidate>) {
+        let mut moves = self.moves.len();
+        for (_, key, action) in candidates {
+            if self.writes.len() >= self.settings.max_concurrent_writes {
+                break;
+            }
+            let Some(record) = self.objects.get(&key) else {
+                continue;
+            };
+            let owner = record.placement.owner();
+            let starts_move = match action {
+                AssignerAction::RequestDrain { .. } => true,
+                AssignerAction::Assign { .. } => owner.is_some() && !self.moves.contains_key(&key),
+                _ => false,
+            };
+            if starts_move {
+                if moves >= self.settings.max_concurrent_moves {
+                    continue;
+                }
+                moves += 1;
+                self.moves.insert(key.clone(), Instant::now());
+            }
+            let Some(labels) = writes::label_patch(&action) else {
+                continue;
+            };
+            let direct_from = matches!(action, AssignerAction::Assign { .. })
+                .then_some(owner)
+                .flatten();
+            self.in_flight.insert(key.clone(), direct_from);
+            let write = LabelWrite {
+                key: key.clone(),
+                owner,
+                first: (!record.ever_owned && matches!(action, AssignerAction::Assign { .. }))
+                    .then_some(record.created)
+                    .flatten(),
+                action,
+                resource_version: record.resource_version.clone(),
+            };
+            let client = self.client.clone();
+            tracing::debug!(object = %key, action = ?write.action, "label write");
+            self.writes.spawn(async move {
+                let result =
+                    writes::patch_labels(client, &write.key, &write.resource_version, labels).await;
+                Done::Label(Box::new((write, result)))
+            });
+        }
+    }
+
+    /// Shard objects, their status, and the Lease steps of retirement.
+    fn plan_shards(
+        &mut self,
+        table: &ShardTable,
+        n: ShardCount,
+        labelled: &BTreeMap<ShardIndex, usize>,
+        leases: &BTreeMap<ShardIndex, Arc<k8s_openapi::api::coordination::v1::Lease>>,
+    ) {
+        let shard_objects: BTreeMap<ShardIndex, Arc<Shard>> = self
+            .shards
+            .state()
+            .into_iter()
+            .map(|s| (ShardIndex(s.spec.index), s))
+            .collect();
+        let direct_from: HashSet<ShardIndex> = self.in_flight.values().flatten().copied().collect();
+        let indices: BTreeSet<ShardIndex> = (0..n.get())
+            .map(ShardIndex)
+            .chain(leases.keys().copied())
+            .chain(labelled.keys().copied())
+            .chain(shard_objects.keys().copied())
+            .collect();
+        let now = Instant::now();
+        self.shard_holds.retain(|_, (_, until)| now < *until);
+        for shard in indices {
+            let count = labelled.get(&shard).copied().unwrap_or(0);
+            let plan = plan_shard(shard, table, count, direct_from.contains(&shard));
+            let lease = leases.get(&shard);
+            let lease_rv = lease.and_then(|l| l.resource_version());
+            if let Some(step) = plan.lease_step {
+                self.shard_write(shard, "lease", lease_rv.clone(), |client, ns| {
+                    async move {
+                        let result =
+                            writes::lease_step(client, &ns, shard, lease_rv.as_deref(), step).await;
+                        Done::Lease(shard, step, result)
+                    }
+                    .boxed()
+                });
+            }
+            let object = shard_objects.get(&shard);
+            if object.is_none() && table.in_range(shard) {
+                self.shard_write(shard, "create", None, |client, ns| {
+                    async move {
+                        Done::ShardObject(
+                            shard,
+                            "create",
+                            shard_objects::create(client, &ns, shard).await,
+                        )
+                    }
+                    .boxed()
+                });
+            }
+            if object.is_some() && plan.delete_shard_object {
+                self.shard_write(shard, "delete", None, |client, ns| {
+                    async move {
+                        Done::ShardObject(
+                            shard,
+                            "delete",
+                            shard_objects::delete(client, &ns, shard).await,
+                        )
+                    }
+                    .boxed()
+                });
+            }
+            if let Some(object) = object {
+                self.maybe_write_status(shard, plan.state, count, table, object);
+            }
+        }
+        self.statuses.retain(|s, _| shard_objects.contains_key(s));
+    }
+
+    fn maybe_write_status(
+        &mut self,
+        shard: ShardIndex,
+        state: ShardState,
+        count: usize,
+        table: &ShardTable,
+        object: &Arc<Shard>,
+    ) {
+        let desired = AssignerStatus::new(state, count, &table.lease_state(shard));
+        let now = Instant::now();
+        match self.statuses.get(&shard) {
+            Some((last, _)) if *last == desired => return,
+            Some((_, at)) if now < *at + self.settings.status_interval => return,
+            _ => {}
+        }
+        if desired.matches(object.status.as_ref()) {
+            self.statuses.insert(shard, (desired, now));
+            return;
+        }
+        if self.shard_holds.contains_key(&(shard, "status")) {
+            return;
+        }
+        self.statuses.insert(shard, (desired.clone(), now));
+        let previous = object.status.clone();
+        self.shard_write(shard, "status", None, move |client, ns| {
+            async move {
+                let result =
+                    shard_objects::apply_status(client, &ns, shard, &desired, previous.as_ref())
+                        .await;
+                Done::ShardObject(shard, "status", result)
+            }
+            .boxed()
+        });
+    }
+
+    /// Starts a shard-level write unless the same kind is in flight or was just made for
+    /// the same observed resourceVersion.
+    fn shard_write(
+        &mut self,
+        shard: ShardIndex,
+        kind: &'static str,
+        observed_rv: Option<String>,
+        write: impl FnOnce(Client, String) -> futures::future::BoxFuture<'static, Done>,
+    ) {
+        if let Some((rv, _)) = self.shard_holds.get(&(shard, kind))
+            && (*rv == observed_rv || kind != "lease")
+        {
+            return;
+        }
+        self.shard_holds.insert(
+            (shard, kind),
+            (observed_rv, Instant::now() + SHARD_WRITE_HOLD),
+        );
+        let future = write(
+            self.client.clone(),
+            self.settings.operator_namespace.clone(),
+        );
+        self.writes.spawn(future);
+    }
+
+    fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Label(done) => {
+                let (write, result) = *done;
+                self.on_label_done(write, result);
+            }
+            Done::Lease(shard, step, result) => match result {
+                Ok(Outcome::Applied(())) => tracing::info!(%shard, ?step, "shard lease updated"),
+                Ok(Outcome::Stale) => {
+                    tracing::debug!(%shard, ?step, "shard lease changed meanwhile");
+                    self.shard_holds.remove(&(shard, "lease"));
+                }
+                Err(err) => tracing::warn!(%shard, ?step, %err, "updating the shard lease failed"),
+            },
+            Done::ShardObject(shard, kind, result) => match result {
+                // The status interval is enforced by `statuses`; the hold only prevents two
+                // status writes in flight at once.
+                Ok(()) if kind == "status" => {
+                    self.shard_holds.remove(&(shard, kind));
+                }
+                Ok(()) => tracing::info!(%shard, kind, "shard object updated"),
+                Err(err) => {
+                    tracing::warn!(%shard, kind, %err, "writing the Shard object failed");
+                    self.statuses.remove(&shard);
+                }
+            },
+        }
+    }
+
+    fn on_label_done(&mut self, write: LabelWrite, result: LabelResult) {
+        self.in_flight.remove(&write.key);
+        let key = &write.key;
+        match result {
+            Ok(Outcome::Applied(meta)) => {
+                self.objects.observe_write(&meta);
+                match write.action {
+                    AssignerAction::Assign { to } => {
+                        if let Some(started) = self.moves.remove(key) {
+                            let phase = if write.owner.is_some() {
+                                "direct"
+                            } else {
+                                "complete"
+                            };
+                            self.metrics.move_step(phase);
+                            self.metrics
+                                .move_duration
+                                .observe(started.elapsed().as_secs_f64());
+                            tracing::info!(object = %key, shard = %to, phase, "move finished");
+                        } else {
+                            self.metrics.assignments.inc();
+                            if let Some(created) = write.first {
+                                let latency = Timestamp::now().duration_since(created);
+                                self.metrics
+                                    .assignment_latency
+                                    .observe(latency.as_secs_f64().max(0.0));
+                            }
+                            tracing::debug!(object = %key, shard = %to, "assigned");
+                        }
+                    }
+                    AssignerAction::RequestDrain { from, to } => {
+                        self.metrics.move_step("drain");
+                        tracing::info!(object = %key, %from, %to, "drain requested");
+                    }
+                    AssignerAction::CancelDrain => {
+                        self.metrics.move_step("cancel");
+                        self.moves.remove(key);
+                        tracing::info!(object = %key, "drain cancelled");
+                    }
+                    AssignerAction::ClearStrayDrain => {
+                        tracing::info!(object = %key, "stray drain label cleared");
+                    }
+                    AssignerAction::Nothing | AssignerAction::Wait => {}
+                }
+            }
+            Ok(Outcome::Stale) => {
+                self.metrics.conflicts.inc();
+                if write.owner.is_some() && !matches!(write.action, AssignerAction::CancelDrain) {
+                    // Not started after all; a later pass re-decides.
+                    if !self
+                        .objects
+                        .get(key)
+                        .is_some_and(|r| matches!(r.placement, ObjectPlacement::Draining { .. }))
+                    {
+                        self.moves.remove(key);
+                    }
+                }
+                // Wait for a newer observation than the one the write was decided on (the
+                // watch may already have brought it).
+                self.holds.insert(
+                    key.clone(),
+                    Hold::UntilChanged(write.resource_version, Instant::now() + STALE_HOLD),
+                );
+            }
+            Err(err) => {
+                tracing::warn!(object = %key, %err, "label write failed");
+                self.holds
+                    .insert(key.clone(), Hold::Until(Instant::now() + ERROR_BACKOFF));
+            }
+        }
+    }
+}

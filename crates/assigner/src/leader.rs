@@ -1,0 +1,103 @@
+//! Leader election over the `shardop-assigner` Lease (kube-lease-manager). Only the leader
+//! plans and writes; a standby takes over within one Lease duration of the leader's death
+//! and, because every bit of progress is in labels and Leases, simply continues.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context;
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+use shardop_api::constants::{ASSIGNER_FIELD_MANAGER, ASSIGNER_LEASE_NAME};
+use tokio_util::sync::CancellationToken;
+
+/// Leader-election settings.
+pub struct Election {
+    pub namespace: String,
+    pub identity: String,
+    pub duration: Duration,
+    pub grace: Duration,
+}
+
+/// Runs `lead` whenever this replica holds the leader Lease, cancelling the token it gets
+/// as soon as leadership is lost, until `shutdown`; then releases the Lease so a standby
+/// takes over at once.
+pub async fn run<F, Fut>(
+    client: Client,
+    election: Election,
+    shutdown: CancellationToken,
+    mut lead: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let seconds = |d: Duration| d.as_secs().max(1);
+    let duration = seconds(election.duration);
+    let grace = seconds(election.grace).min(duration - 1).max(1);
+    anyhow::ensure!(
+        duration > grace,
+        "--leader-lease-duration must exceed the grace"
+    );
+    let manager = LeaseManagerBuilder::new(client, ASSIGNER_LEASE_NAME)
+        .with_namespace(&election.namespace)
+        .with_identity(&election.identity)
+        .with_duration(duration)
+        .with_grace(grace)
+        .with_field_manager(ASSIGNER_FIELD_MANAGER)
+        .build()
+        .await
+        .context("setting up leader election")?;
+    let (mut leader, task) = manager.watch().await;
+    tracing::info!(identity = %election.identity, "waiting for leadership");
+    loop {
+        // Wait to become leader.
+        while !*leader.borrow_and_update() {
+            tokio::select! {
+                () = shutdown.cancelled() => return finish(leader, task).await,
+                changed = leader.changed() => {
+                    changed.context("leader election stopped")?;
+                }
+            }
+        }
+        tracing::info!(identity = %election.identity, "became leader");
+        let term = CancellationToken::new();
+        let work = lead(term.clone());
+        tokio::pin!(work);
+        let mut shutting_down = false;
+        loop {
+            tokio::select! {
+                () = &mut work => break,
+                () = shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    term.cancel();
+                }
+                changed = leader.changed(), if !term.is_cancelled() => {
+                    if changed.is_err() || !*leader.borrow_and_update() {
+                        tracing::warn!("lost leadership, stopping");
+                        term.cancel();
+                    }
+                }
+            }
+        }
+        if shutting_down || shutdown.is_cancelled() {
+            return finish(leader, task).await;
+        }
+    }
+}
+
+/// Drops the control channel, which makes the manager release the Lease, and waits a
+/// moment for that release.
+async fn finish(
+    leader: tokio::sync::watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+) -> anyhow::Result<()> {
+    drop(leader);
+    match tokio::time::timeout(Duration::from_secs(5), task).await {
+        Ok(Ok(Ok(_))) => tracing::info!("leader lease released"),
+        Ok(Ok(Err(err))) => tracing::warn!(%err, "releasing the leader lease failed"),
+        Ok(Err(err)) => tracing::warn!(%err, "leader election task failed"),
+        Err(_) => tracing::warn!("releasing the leader lease timed out"),
+    }
+    Ok(())
+}

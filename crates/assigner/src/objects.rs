@@ -1,0 +1,275 @@
+//! A compact record per DatabaseCluster, fed by a metadata-only watch: just what the
+//! protocol needs (labels reduced to a placement, resourceVersion, deletion, key hash), so
+//! memory stays a small fraction of a worker's full-object caches.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use kube::core::PartialObjectMeta;
+use kube::runtime::watcher;
+use shardop_api::assignment::object_key_hash;
+use shardop_api::protocol::ObjectPlacement;
+use shardop_api::{DatabaseCluster, ShardIndex};
+
+/// `namespace/name` of an object; namespaces are interned.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub namespace: Arc<str>,
+    pub name: Box<str>,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What the assigner remembers about one object.
+#[derive(Clone, Debug)]
+pub struct ObjectRecord {
+    pub resource_version: Box<str>,
+    pub placement: ObjectPlacement,
+    pub deleting: bool,
+    pub key_hash: u64,
+    pub created: Option<Timestamp>,
+    /// The last valid shard label seen without a drain label (tampering repair).
+    pub last_owner: Option<ShardIndex>,
+    /// It carried a valid shard label at some point while this process watched.
+    pub ever_owned: bool,
+}
+
+impl ObjectRecord {
+    /// Takes in a newer observation, carrying over what is only known from history.
+    fn observe(&mut self, newer: ObjectRecord) {
+        let previous_owner = self.last_owner;
+        let ever_owned = self.ever_owned;
+        *self = newer;
+        self.ever_owned |= ever_owned;
+        self.last_owner = match &self.placement {
+            ObjectPlacement::Owned(shard) => Some(*shard),
+            ObjectPlacement::Draining { .. } => None,
+            _ => previous_owner,
+        };
+    }
+}
+
+/// Which watch stream an event came from: one per watched namespace, or one for all.
+pub type Source = usize;
+
+/// All records, plus the book-keeping of relists.
+#[derive(Default)]
+pub struct ObjectStore {
+    records: HashMap<ObjectKey, ObjectRecord>,
+    namespaces: HashSet<Arc<str>>,
+    /// Sources whose initial list has completed at least once.
+    ready: HashSet<Source>,
+    /// Keys seen during a relist in progress, per source.
+    relisting: HashMap<Source, HashSet<ObjectKey>>,
+}
+
+impl ObjectStore {
+    /// Applies one watch event from `source` (which covers `scope`: a namespace, or all).
+    /// Returns whether anything changed.
+    pub fn apply(
+        &mut self,
+        source: Source,
+        scope: Option<&str>,
+        event: watcher::Event<PartialObjectMeta<DatabaseCluster>>,
+    ) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisting.insert(source, HashSet::new());
+                false
+            }
+            watcher::Event::InitApply(meta) => {
+                if let Some(key) = self.upsert(&meta)
+                    && let Some(seen) = self.relisting.get_mut(&source)
+                {
+                    seen.insert(key);
+                }
+                true
+            }
+            watcher::Event::InitDone => {
+                // Objects deleted while the watch was down never get a Delete event.
+                let seen = self.relisting.remove(&source).unwrap_or_default();
+                self.records.retain(|key, _| {
+                    scope.is_some_and(|ns| &*key.namespace != ns) || seen.contains(key)
+                });
+                self.ready.insert(source);
+                true
+            }
+            watcher::Event::Apply(meta) => self.upsert(&meta).is_some(),
+            watcher::Event::Delete(meta) => self
+                .key_of(&meta)
+                .is_some_and(|key| self.records.remove(&key).is_some()),
+        }
+    }
+
+    /// Whether every source has completed its initial list.
+    pub fn is_ready(&self, sources: usize) -> bool {
+        (0..sources).all(|s| self.ready.contains(&s))
+    }
+
+    pub fn get(&self, key: &ObjectKey) -> Option<&ObjectRecord> {
+        self.records.get(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&ObjectKey, &ObjectRecord)> {
+        self.records.iter()
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Takes in the metadata a label patch returned (newer than anything watched so far).
+    pub fn observe_write(&mut self, meta: &PartialObjectMeta<DatabaseCluster>) {
+        self.upsert(meta);
+    }
+
+    fn key_of(&mut self, meta: &PartialObjectMeta<DatabaseCluster>) -> Option<ObjectKey> {
+        let namespace = meta.metadata.namespace.as_deref()?;
+        let name = meta.metadata.name.as_deref()?;
+        let namespace = match self.namespaces.get(namespace) {
+            Some(interned) => interned.clone(),
+            None => {
+                let interned: Arc<str> = Arc::from(namespace);
+                self.namespaces.insert(interned.clone());
+                interned
+            }
+        };
+        Some(ObjectKey {
+            namespace,
+            name: name.into(),
+        })
+    }
+
+    fn upsert(&mut self, meta: &PartialObjectMeta<DatabaseCluster>) -> Option<ObjectKey> {
+        let key = self.key_of(meta)?;
+        let record = record_of(&key, meta);
+        match self.records.get_mut(&key) {
+            Some(existing) => existing.observe(record),
+            None => {
+                self.records.insert(key.clone(), record);
+            }
+        }
+        Some(key)
+    }
+}
+
+fn record_of(key: &ObjectKey, meta: &PartialObjectMeta<DatabaseCluster>) -> ObjectRecord {
+    let m = &meta.metadata;
+    let placement = ObjectPlacement::from_labels(m.labels.as_ref());
+    ObjectRecord {
+        resource_version: m.resource_version.as_deref().unwrap_or_default().into(),
+        deleting: m.deletion_timestamp.is_some(),
+        key_hash: object_key_hash(&key.namespace, &key.name),
+        created: m.creation_timestamp.as_ref().map(|t| t.0),
+        last_owner: match placement {
+            ObjectPlacement::Owned(shard) => Some(shard),
+            _ => None,
+        },
+        ever_owned: placement.owner().is_some(),
+        placement,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+    use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL};
+    use std::collections::BTreeMap;
+
+    fn meta(
+        ns: &str,
+        name: &str,
+        rv: &str,
+        labels: &[(&str, &str)],
+    ) -> PartialObjectMeta<DatabaseCluster> {
+        PartialObjectMeta {
+            types: None,
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                resource_version: Some(rv.into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect::<BTreeMap<_, _>>(),
+                ),
+                ..Default::default()
+            },
+            _phantom: Default::default(),
+        }
+    }
+
+    #[test]
+    fn relist_drops_objects_deleted_while_away_and_keeps_history() {
+        let mut store = ObjectStore::default();
+        store.apply(0, None, watcher::Event::Init);
+        store.apply(
+            0,
+            None,
+            watcher::Event::InitApply(meta("a", "x", "1", &[(SHARD_LABEL, "1")])),
+        );
+        store.apply(0, None, watcher::Event::InitApply(meta("a", "y", "1", &[])));
+        assert!(!store.is_ready(1));
+        store.apply(0, None, watcher::Event::InitDone);
+        assert!(store.is_ready(1));
+        assert_eq!(store.len(), 2);
+        // The label is garbled: the last owner is remembered.
+        store.apply(
+            0,
+            None,
+            watcher::Event::Apply(meta("a", "x", "2", &[(SHARD_LABEL, "x1")])),
+        );
+        let key = ObjectKey {
+            namespace: "a".into(),
+            name: "x".into(),
+        };
+        assert_eq!(store.get(&key).unwrap().last_owner, Some(ShardIndex(1)));
+        // A drain is the assigner's own doing: the acknowledgement that follows is not
+        // tampering.
+        store.apply(
+            0,
+            None,
+            watcher::Event::Apply(meta(
+                "a",
+                "x",
+                "3",
+                &[(SHARD_LABEL, "1"), (DRAIN_LABEL, "2")],
+            )),
+        );
+        store.apply(0, None, watcher::Event::Apply(meta("a", "x", "4", &[])));
+        assert_eq!(store.get(&key).unwrap().last_owner, None);
+        assert!(store.get(&key).unwrap().ever_owned);
+        // Relist without y.
+        store.apply(0, None, watcher::Event::Init);
+        store.apply(0, None, watcher::Event::InitApply(meta("a", "x", "4", &[])));
+        store.apply(0, None, watcher::Event::InitDone);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn relist_of_one_namespace_keeps_the_others() {
+        let mut store = ObjectStore::default();
+        store.apply(
+            0,
+            Some("a"),
+            watcher::Event::Apply(meta("a", "x", "1", &[])),
+        );
+        store.apply(
+            1,
+            Some("b"),
+            watcher::Event::Apply(meta("b", "x", "1", &[])),
+        );
+        store.apply(0, Some("a"), watcher::Event::Init);
+        store.apply(0, Some("a"), watcher::Event::InitDone);
+        assert_eq!(store.len(), 1);
+        assert!(!store.is_ready(2));
+    }
+}

@@ -1,0 +1,173 @@
+//! The assigner's writes, each conditional on what it decided from: label patches and
+//! Lease edits carry the observed resourceVersion, creates fail if the object exists.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
+use kube::core::PartialObjectMeta;
+use kube::{Api, Client};
+use serde_json::json;
+use shardop_api::constants::{
+    ASSIGNER_FIELD_MANAGER, DRAIN_LABEL, RELEASE_REQUESTED_ANNOTATION, RETIRED_ANNOTATION,
+    SHARD_LABEL, SHARD_LEASE_LABEL,
+};
+use shardop_api::protocol::{AssignerAction, LeaseStep};
+use shardop_api::{DatabaseCluster, ShardIndex};
+
+use crate::objects::ObjectKey;
+
+/// How a conditional write ended.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    /// Applied; the server's answer.
+    Applied(T),
+    /// The precondition failed (409) or the object is gone (404): re-decide from the next
+    /// observation.
+    Stale,
+}
+
+fn classify<T>(result: Result<T, kube::Error>) -> Result<Outcome<T>, kube::Error> {
+    match result {
+        Ok(value) => Ok(Outcome::Applied(value)),
+        Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => {
+            Ok(Outcome::Stale)
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// The labels part of the merge patch that carries out `action` (`None`: not a write).
+pub fn label_patch(action: &AssignerAction) -> Option<serde_json::Value> {
+    Some(match action {
+        AssignerAction::Assign { to } => {
+            json!({ SHARD_LABEL: to.label_value(), DRAIN_LABEL: null })
+        }
+        AssignerAction::RequestDrain { to, .. } => json!({ DRAIN_LABEL: to.label_value() }),
+        AssignerAction::CancelDrain | AssignerAction::ClearStrayDrain => {
+            json!({ DRAIN_LABEL: null })
+        }
+        AssignerAction::Nothing | AssignerAction::Wait => return None,
+    })
+}
+
+/// Applies `labels` to the object as a JSON merge patch on `metadata.labels`, conditional
+/// on `resource_version`. Returns the object's metadata after the write.
+pub async fn patch_labels(
+    client: Client,
+    key: &ObjectKey,
+    resource_version: &str,
+    labels: serde_json::Value,
+) -> Result<Outcome<PartialObjectMeta<DatabaseCluster>>, kube::Error> {
+    let api: Api<DatabaseCluster> = Api::namespaced(client, &key.namespace);
+    let patch = json!({
+        "metadata": { "resourceVersion": resource_version, "labels": labels }
+    });
+    let params = PatchParams {
+        field_manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    classify(
+        api.patch_metadata(&key.name, &params, &Patch::Merge(&patch))
+            .await,
+    )
+}
+
+/// Carries out a Lease step for `shard`, conditional on `resource_version` (the observed
+/// Lease; ignored for a create).
+pub async fn lease_step(
+    client: Client,
+    namespace: &str,
+    shard: ShardIndex,
+    resource_version: Option<&str>,
+    step: LeaseStep,
+) -> Result<Outcome<()>, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    let name = shard.lease_name();
+    let annotate = |value: serde_json::Value| json!({ "metadata": { "resourceVersion": resource_version, "annotations": value } });
+    let params = PatchParams {
+        field_manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    let result = match step {
+        LeaseStep::CreateRetired => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name),
+                    namespace: Some(namespace.to_owned()),
+                    labels: Some(BTreeMap::from([(
+                        SHARD_LEASE_LABEL.to_owned(),
+                        shard.label_value(),
+                    )])),
+                    annotations: Some(BTreeMap::from([(
+                        RETIRED_ANNOTATION.to_owned(),
+                        "true".to_owned(),
+                    )])),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec::default()),
+            };
+            let params = PostParams {
+                field_manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+                ..Default::default()
+            };
+            api.create(&params, &lease).await.map(drop)
+        }
+        LeaseStep::MarkRetired => {
+            let patch = annotate(json!({ RETIRED_ANNOTATION: "true" }));
+            api.patch(&name, &params, &Patch::Merge(&patch))
+                .await
+                .map(drop)
+        }
+        LeaseStep::LiftRetirement => {
+            let patch = annotate(json!({ RETIRED_ANNOTATION: null }));
+            api.patch(&name, &params, &Patch::Merge(&patch))
+                .await
+                .map(drop)
+        }
+        LeaseStep::RequestRelease => {
+            let patch = annotate(json!({ RELEASE_REQUESTED_ANNOTATION: ASSIGNER_FIELD_MANAGER }));
+            api.patch(&name, &params, &Patch::Merge(&patch))
+                .await
+                .map(drop)
+        }
+        LeaseStep::Delete => {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    resource_version: resource_version.map(str::to_owned),
+                    uid: None,
+                }),
+                ..Default::default()
+            };
+            api.delete(&name, &params).await.map(drop)
+        }
+    };
+    classify(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patches_touch_only_the_protocol_labels() {
+        let to = ShardIndex(3);
+        assert_eq!(
+            label_patch(&AssignerAction::Assign { to }),
+            Some(json!({ "shardop.dev/shard": "3", "shardop.dev/drain": null }))
+        );
+        assert_eq!(
+            label_patch(&AssignerAction::RequestDrain {
+                from: ShardIndex(1),
+                to
+            }),
+            Some(json!({ "shardop.dev/drain": "3" }))
+        );
+        assert_eq!(
+            label_patch(&AssignerAction::CancelDrain),
+            Some(json!({ "shardop.dev/drain": null }))
+        );
+        assert_eq!(label_patch(&AssignerAction::Wait), None);
+        assert_eq!(label_patch(&AssignerAction::Nothing), None);
+    }
+}
