@@ -119,9 +119,11 @@ case "${1:-}" in
     if compgen -G "$repo_root/charts/shardop/crds/*.yaml" >/dev/null; then
       "$kubectl" apply --server-side --field-manager=shardop-demo -f "$repo_root/charts/shardop/crds/" >/dev/null
     fi
+    # --force-conflicts: `scale` below (like any `kubectl scale`) takes ownership of
+    # .spec.replicas; re-running the demo resets it to the demo's worker count.
     log "helm upgrade --install $release charts/shardop -n $namespace --set worker.replicas=$workers $*"
     "$helm" upgrade --install "$release" "$repo_root/charts/shardop" -n "$namespace" --create-namespace \
-      --set "worker.replicas=$workers" "$@" >/dev/null
+      --force-conflicts --set "worker.replicas=$workers" "$@" >/dev/null
     worker_config=$(service_account_kubeconfig shardop-worker)
     assigner_config=$(service_account_kubeconfig shardop-assigner)
     replicas=$("$kubectl" get statefulset shardop-worker -n "$namespace" -o jsonpath='{.spec.replicas}')

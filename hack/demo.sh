@@ -34,7 +34,7 @@ done
 # The operator, installed by its Helm chart; its binaries run as local processes with the
 # chart's ServiceAccount tokens (there is no kubelet to run the pods). The watch list keeps
 # the demo's workers away from any e2e test namespaces on the same control plane.
-bash "$here/demo-chart.sh" up --set "worker.replicas=$workers" --set 'watchNamespaces={demo-payments,demo-search}'
+bash "$here/demo-chart.sh" up --set 'watchNamespaces={demo-payments,demo-search}'
 
 # Sample objects, created without shard labels: the assigner stamps them.
 for ns in demo-payments demo-search; do
@@ -46,6 +46,8 @@ kind: DatabaseCluster
 metadata:
   name: ${ns#demo-}-db-$i
   namespace: $ns
+  labels:
+    shardop.dev/demo: "true"
 spec:
   replicas: $(( (i % 3) + 1 ))
   image: postgres:17
@@ -60,7 +62,7 @@ done | "$kubectl" apply --server-side --field-manager=shardop-demo -f - >/dev/nu
 
 echo "demo: waiting for every DatabaseCluster to be assigned and reconciled..."
 for _ in $(seq 1 60); do
-  pending=$("$kubectl" get dbc -A -o jsonpath='{range .items[*]}{.metadata.labels.shardop\.dev/shard}{"/"}{.status.observedGeneration}{"\n"}{end}' | grep -cE '^/|/$' || true)
+  pending=$("$kubectl" get dbc -A -l shardop.dev/demo=true -o jsonpath='{range .items[*]}{.metadata.labels.shardop\.dev/shard}{"/"}{.status.observedGeneration}{"\n"}{end}' | grep -cE '^/|/$' || true)
   [[ "$pending" == 0 ]] && break
   sleep 1
 done
@@ -69,8 +71,8 @@ echo
 echo "\$ kubectl get shards -n $operator_ns"
 "$kubectl" get shards -n "$operator_ns"
 echo
-echo "\$ kubectl get dbc -A"
-"$kubectl" get dbc -A
+echo "\$ kubectl get dbc -A -l shardop.dev/demo=true"
+"$kubectl" get dbc -A -l shardop.dev/demo=true
 cat <<EOF
 
 The operator keeps running in the background (logs: target/demo/*.log).

@@ -245,14 +245,67 @@ impl Drop for TestNamespace {
         if std::env::var_os("SHARDOP_E2E_KEEP_NAMESPACES").is_some() {
             return;
         }
-        // Synchronous on purpose: Drop cannot await, and the namespace controller finishes
-        // the deletion in the background.
-        let _ = Command::new(&self.kubectl)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(["delete", "namespace", &self.name, "--wait=false"])
-            .output();
+        // The test's workers are gone by now, so nobody would ever remove the finalizers of
+        // DatabaseClusters it left behind, and the namespace would hang in Terminating.
+        // Drop cannot await: do it on a thread with a runtime of its own.
+        let name = self.name.clone();
+        let kubeconfig = self.kubeconfig.clone();
+        let cleaned = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(release_finalizers_and_delete(&kubeconfig, &name))
+        })
+        .join();
+        if !matches!(cleaned, Ok(Ok(()))) {
+            // Fall back to a plain deletion; the namespace controller does the rest.
+            let _ = Command::new(&self.kubectl)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(["delete", "namespace", &self.name, "--wait=false"])
+                .output();
+        }
     }
+}
+
+async fn release_finalizers_and_delete(kubeconfig: &Path, namespace: &str) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use shardop_api::DatabaseCluster;
+
+    let kubeconfig = Kubeconfig::read_from(kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .delete(namespace, &DeleteParams::background())
+        .await?;
+    let clusters: Api<DatabaseCluster> = Api::namespaced(client, namespace);
+    let names: Vec<String> = clusters
+        .list_metadata(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|c| {
+            c.metadata
+                .finalizers
+                .as_ref()
+                .is_some_and(|f| !f.is_empty())
+        })
+        .filter_map(|c| c.metadata.name)
+        .collect();
+    let patch = serde_json::json!({ "metadata": { "finalizers": null } });
+    futures::stream::iter(names)
+        .for_each_concurrent(16, |name| {
+            let clusters = clusters.clone();
+            let patch = patch.clone();
+            async move {
+                let _ = clusters
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+            }
+        })
+        .await;
+    Ok(())
 }
 
 /// Deletes a namespace and waits until it is gone.
