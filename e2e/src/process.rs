@@ -21,6 +21,17 @@ pub fn bin_dir() -> PathBuf {
     target.join("debug")
 }
 
+/// Worker Lease timing for tests that wait for expiry: 4 s / 3 s / 1 s instead of the
+/// production 15 s / 10 s / 2 s, keeping the same ratios (renew deadline < duration).
+pub const FAST_LEASES: [&str; 6] = [
+    "--lease-duration",
+    "4s",
+    "--renew-deadline",
+    "3s",
+    "--retry-period",
+    "1s",
+];
+
 /// A running shardop process, killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct ShardopProcess {

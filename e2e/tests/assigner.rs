@@ -25,19 +25,9 @@ use serde_json::json;
 use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL};
 use shardop_api::{DatabaseCluster, Shard, ShardCount, ShardState, shard_for};
 use shardop_e2e::audit::{self, AuditEvent};
-use shardop_e2e::process::{ProcessSpec, ShardopProcess};
+use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess};
 use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Worker Lease timing: 4 s / 3 s / 1 s instead of 15 / 10 / 2, so stops are quick.
-const FAST_LEASES: [&str; 6] = [
-    "--lease-duration",
-    "4s",
-    "--renew-deadline",
-    "3s",
-    "--retry-period",
-    "1s",
-];
 
 /// Objects per test (`SHARDOP_E2E_ASSIGNER_OBJECTS`, default 300).
 fn objects() -> usize {

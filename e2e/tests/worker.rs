@@ -25,19 +25,9 @@ use serde_json::json;
 use shardop_api::DatabaseCluster;
 use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL, condition};
 use shardop_e2e::audit::{self, AuditEvent};
-use shardop_e2e::process::{ProcessSpec, ShardopProcess};
+use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess};
 use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Lease timing for tests that wait for expiry: 4 s / 3 s / 1 s instead of 15 / 10 / 2.
-const FAST_LEASES: [&str; 6] = [
-    "--lease-duration",
-    "4s",
-    "--renew-deadline",
-    "3s",
-    "--retry-period",
-    "1s",
-];
 
 struct Env {
     cluster: &'static Cluster,

@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use shardop_runtime::{KubeClientArgs, LogFormat};
+use shardop_runtime::{KubeClientArgs, LogFormat, parse_duration};
 
 /// Decides which shard owns each DatabaseCluster and moves objects between shards when the
 /// shard count changes, without ever letting two shards reconcile the same object.
@@ -106,28 +106,6 @@ impl RunArgs {
     }
 }
 
-/// Parses `500ms`, `15s`, `5m` or a bare number of seconds.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let (number, unit) = value
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((value, "s"), |i| value.split_at(i));
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {value:?}"))?;
-    let seconds = match unit {
-        "ms" => number / 1000.0,
-        "s" => number,
-        "m" => number * 60.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {value:?} (use ms, s or m)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,12 +121,5 @@ mod tests {
         assert!(parse(&["a", "run"]).is_err(), "N must come from somewhere");
         assert!(parse(&["a", "run", "--shards", "3", "--worker-statefulset", "w"]).is_err());
         assert!(parse(&["a", "run", "--worker-statefulset", "shardop-worker"]).is_ok());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert!(parse_duration("1h").is_err());
     }
 }

@@ -13,12 +13,14 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod client;
+pub mod duration;
 pub mod lease;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use client::{ClientFactory, KubeClientArgs, KubeMetrics};
+pub use duration::parse_duration;
 pub use lease::{
     HeldLease, LeaseError, LeaseGuard, LeaseLost, LeaseSettings, ShardLeaseWatch, ShardLeases,
     watch_shard_leases,

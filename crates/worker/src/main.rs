@@ -26,7 +26,7 @@ use clap::{Args, Parser, Subcommand};
 use shardop_api::ShardIndex;
 use shardop_runtime::serve::{Endpoints, serve};
 use shardop_runtime::{
-    ClientFactory, KubeClientArgs, KubeMetrics, LeaseSettings, LogFormat, Readiness,
+    ClientFactory, KubeClientArgs, KubeMetrics, LeaseSettings, LogFormat, Readiness, parse_duration,
 };
 
 /// The sharded DatabaseCluster reconciler: serves the shard of its StatefulSet ordinal while
@@ -68,27 +68,6 @@ impl FromStr for ShardArg {
             .map(Self::Index)
             .map_err(|e: shardop_api::ParseShardIndexError| e.to_string())
     }
-}
-
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let (number, unit) = value
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((value, "s"), |i| value.split_at(i));
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {value:?}"))?;
-    let seconds = match unit {
-        "ms" => number / 1000.0,
-        "s" => number,
-        "m" => number * 60.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {value:?} (use ms, s or m)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
 }
 
 #[derive(Args, Debug)]

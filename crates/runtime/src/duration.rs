@@ -1,0 +1,46 @@
+//! Durations on the command line: `500ms`, `15s`, `5m`, or a bare number of seconds.
+
+use std::time::Duration;
+
+/// Parses a flag value such as `500ms`, `15s`, `5m` or `2.5` (seconds), for clap's
+/// `value_parser`.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((value, "s"), |i| value.split_at(i));
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {value:?}"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {value:?} (use ms, s or m)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration(" 2.5 "), Ok(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in ["", "s", "5h", "abc", "-1s", "1e3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+}
