@@ -59,7 +59,7 @@ e2e: build tools ## End-to-end tests against the local control plane (KEEP_CLUST
 	  if [[ -z "$${KEEP_CLUSTER:-}" ]]; then bash hack/cluster-down.sh; fi; exit $$status
 
 .PHONY: test
-test: toolchain fmt-check clippy unit e2e ## The whole suite: fmt, clippy, unit and e2e tests
+test: toolchain fmt-check clippy unit e2e bench-smoke ## The whole suite: fmt, clippy, unit, e2e tests and the benchmark smoke runs
 
 .PHONY: demo
 demo: build tools ## Run shardop on the local control plane and show the shard table
@@ -80,3 +80,59 @@ chart-lint: tools ## Lint charts/shardop (defaults, every feature, KEDA) and par
 	  report="$$("$$helm" template shardop charts/shardop --set '$(CHART_ALL_FEATURES)' | "$$promql")" \
 	    || { echo "$$report" | grep -v '^ok'; exit 1; }; \
 	  echo "PromQL: $$(echo "$$report" | tail -n 1)"
+
+# ---------------------------------------------------------------------------------------
+# Benchmarks (crates/bench, docs/performance.md). They run on a control plane of their own
+# (target/bench-cluster, other ports), so they never disturb the e2e suite's cluster, and
+# with worker builds that include the fault hook (cargo feature fault-injection).
+# ---------------------------------------------------------------------------------------
+BENCH_APISERVER_PORT ?= 17443
+BENCH_ETCD_PORT ?= 24790
+BENCH_ETCD_PEER_PORT ?= 24800
+BENCH_CLUSTER_ENV := SHARDOP_CLUSTER_DIR=$(CURDIR)/target/bench-cluster SHARDOP_APISERVER_PORT=$(BENCH_APISERVER_PORT) SHARDOP_ETCD_PORT=$(BENCH_ETCD_PORT) SHARDOP_ETCD_PEER_PORT=$(BENCH_ETCD_PEER_PORT)
+# Where cargo puts binaries (.ci/run moves the target directory out of the clone).
+TARGET_DIR = $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+BENCH_FEATURES := --features shardop-worker/fault-injection
+# release (default) or dev; the figures in docs/performance.md are from release builds.
+BENCH_PROFILE ?= release
+BENCH_BIN_DIR = $(TARGET_DIR)/$(if $(filter dev,$(BENCH_PROFILE)),debug,$(BENCH_PROFILE))
+SCENARIO ?= create
+
+.PHONY: bench
+bench: toolchain tools ## Run benchmark SCENARIO (one or more of raw create restart rescale failover delete throttle churn slowdep crash; knobs OBJECTS SHARDS DURATION RATE ...)
+	$(CARGO) build --profile $(BENCH_PROFILE) -p shardop-worker -p shardop-assigner -p shardop-bench $(BENCH_FEATURES)
+	@export $(BENCH_CLUSTER_ENV) SHARDOP_BIN_DIR=$(BENCH_BIN_DIR); status=0; \
+	  for scenario in $(SCENARIO); do \
+	    "$(BENCH_BIN_DIR)/shardop-bench" "$$scenario" || status=$$?; \
+	  done; \
+	  if [[ -z "$${KEEP_CLUSTER:-}" ]]; then bash hack/cluster-down.sh 2>/dev/null; fi; exit $$status
+
+.PHONY: bench-report
+bench-report: ## Regenerate docs/performance.md from target/bench/*.json
+	$(CARGO) run -q -p shardop-bench -- report
+
+# Every scenario, small: OBJECTS=200 (60 for throttle, whose priority level admits only
+# ~12 writes/s), 30 s of churn, a 5 s slow dependency. They share one
+# fresh control plane (REUSE_CLUSTER) to stay within a few minutes, and fail on any
+# violated correctness field (writes on restart, dual ownership, relabels, overlap, stuck or
+# orphaned objects, duplicated side effects).
+SMOKE_SCENARIOS := raw create restart rescale failover delete throttle churn slowdep crash
+SMOKE_KNOBS := OBJECTS=200 RAW_OBJECTS=100 SHARDS=3 DURATION=30s CREATE_RATE=40 SLOW_OBJECTS=3 SLOW_DELAY=5s CRASHES=2 TIMEOUT=240s BENCH_DIR=$(CURDIR)/target/bench-smoke REUSE_CLUSTER=true
+
+.PHONY: bench-smoke
+bench-smoke: toolchain tools ## A fast version of every benchmark scenario (part of the test suite)
+	$(CARGO) build --workspace --bins $(BENCH_FEATURES)
+	@export $(BENCH_CLUSTER_ENV) SHARDOP_BIN_DIR=$(TARGET_DIR)/debug; \
+	  mkdir -p target/bench-smoke; bash hack/cluster-down.sh 2>/dev/null; status=0; \
+	  for scenario in $(SMOKE_SCENARIOS); do \
+	    started=$$SECONDS; extra=; \
+	    if [[ "$$scenario" == throttle ]]; then extra=OBJECTS=60; fi; \
+	    if env $(SMOKE_KNOBS) $$extra "$(TARGET_DIR)/debug/shardop-bench" "$$scenario" \
+	         >"target/bench-smoke/$$scenario.out" 2>"target/bench-smoke/$$scenario.log"; then \
+	      echo "bench-smoke: $$scenario ok ($$((SECONDS - started)) s)"; \
+	    else \
+	      status=1; echo "bench-smoke: $$scenario FAILED ($$((SECONDS - started)) s); last lines of target/bench-smoke/$$scenario.log:"; \
+	      tail -n 20 "target/bench-smoke/$$scenario.log"; cat "target/bench-smoke/$$scenario.out"; \
+	    fi; \
+	  done; \
+	  bash hack/cluster-down.sh 2>/dev/null; exit $$status

@@ -2,21 +2,30 @@
 //!
 //! Each scenario starts from a clean local control plane, runs the assigner and workers as
 //! processes, drives load, writes `target/bench/<scenario>.json` and `.png`, and prints the
-//! JSON as the last line on stdout.
+//! JSON as the last line on stdout. Correctness fields that must hold (writes == 0 on
+//! restart, dual_ownership == 0, ...) make the binary exit non-zero when violated.
 
+// Tests may panic on unexpected values; production code may not (workspace lints).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod apf;
+mod audit_tail;
+mod convergence;
+mod env;
 mod load;
+mod markdown;
 mod plot;
 mod procs;
 mod raw;
 mod report;
+mod run;
+mod scenarios;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use prometheus_client::registry::Registry;
-use shardop_runtime::{ClientFactory, KubeClientArgs, KubeMetrics};
 
 use crate::plot::Panel;
 use crate::report::Report;
@@ -27,15 +36,16 @@ struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
     #[command(flatten)]
-    common: CommonArgs,
+    knobs: Knobs,
 }
 
+/// The knobs every scenario reads (flags or the environment variables `make bench` sets).
 #[derive(clap::Args, Debug, Clone)]
-struct CommonArgs {
+pub struct Knobs {
     /// How many DatabaseClusters the scenario works with.
     #[arg(long, env = "OBJECTS", default_value_t = 1000, global = true)]
-    objects: usize,
-    /// Shard counts (comma-separated; scenarios that compare counts run each).
+    pub objects: usize,
+    /// Shard counts (comma-separated; `create` runs each, the others use the first).
     #[arg(
         long,
         env = "SHARDS",
@@ -43,35 +53,181 @@ struct CommonArgs {
         default_value = "3",
         global = true
     )]
-    shards: Vec<u32>,
+    pub shards: Vec<u32>,
     /// Requests in flight from the load generator.
     #[arg(long, env = "CONCURRENCY", default_value_t = 32, global = true)]
-    concurrency: usize,
+    pub concurrency: usize,
     /// Where the JSON and PNG files go.
     #[arg(long, env = "BENCH_DIR", default_value = "target/bench", global = true)]
-    output_dir: PathBuf,
+    pub output_dir: PathBuf,
     /// Reuse a running control plane instead of starting from a clean one.
     #[arg(long, env = "REUSE_CLUSTER", global = true)]
-    reuse_cluster: bool,
+    pub reuse_cluster: bool,
+    /// Objects of the raw probe every scenario runs first (0 = min(OBJECTS, 1000)).
+    #[arg(long, env = "RAW_OBJECTS", default_value_t = 0, global = true)]
+    pub raw_objects: usize,
+    /// `churn`: how long the load runs (e.g. 15m, 30s).
+    #[arg(long, env = "DURATION", default_value = "15m", value_parser = parse_duration, global = true)]
+    pub duration: Duration,
+    /// `churn`: scales the reference load (12 creates/s, 2 deletes/s).
+    #[arg(long, env = "RATE", default_value_t = 1.0, global = true)]
+    pub rate: f64,
+    /// `slowdep`, `crash`: objects created per second.
+    #[arg(long, env = "CREATE_RATE", default_value_t = 50.0, global = true)]
+    pub create_rate: f64,
+    /// `slowdep`: objects whose reconcile waits on the slow dependency.
+    #[arg(long, env = "SLOW_OBJECTS", default_value_t = 5, global = true)]
+    pub slow_objects: usize,
+    /// `slowdep`: how long the slow dependency takes.
+    #[arg(long, env = "SLOW_DELAY", default_value = "30s", value_parser = parse_duration, global = true)]
+    pub slow_delay: Duration,
+    /// `crash`: how many times worker 0 crashes before it is left running.
+    #[arg(long, env = "CRASHES", default_value_t = 3, global = true)]
+    pub crashes: usize,
+    /// Upper bound of every wait for convergence (0 = 120 s + 0.3 s per object).
+    #[arg(long, env = "TIMEOUT", default_value = "0s", value_parser = parse_duration, global = true)]
+    pub timeout: Duration,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+impl Knobs {
+    /// Objects of the raw probe.
+    pub fn raw_objects(&self) -> usize {
+        match self.raw_objects {
+            0 => self.objects.clamp(100, 1000),
+            n => n,
+        }
+    }
+
+    /// The shard count of scenarios that run one.
+    pub fn first_shards(&self) -> u32 {
+        self.shards.first().copied().unwrap_or(3).max(1)
+    }
+
+    /// How long to wait for convergence.
+    pub fn converge_timeout(&self) -> Duration {
+        if self.timeout.is_zero() {
+            Duration::from_secs(120) + Duration::from_millis(300) * self.objects as u32
+        } else {
+            self.timeout
+        }
+    }
+}
+
+/// `15m`, `30s`, `1500ms`, `1h`, or plain seconds.
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let (number, unit) = value
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((value, "s"), |i| value.split_at(i));
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("not a duration: {value}"))?;
+    let seconds = match unit {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {value}")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
     /// The API server's raw write capacity with shardop's client stack.
     Raw,
+    /// Create OBJECTS as fast as the API accepts them, for each shard count in SHARDS.
+    Create,
+    /// Restart every worker at once over converged objects.
+    Restart,
+    /// 3 → 4 → 2 shards.
+    Rescale,
+    /// kill -9 one worker, takeover, hand-back.
+    Failover,
+    /// Delete OBJECTS with finalizers.
+    Delete,
+    /// Real 429s from an APF priority level sized too small.
+    Throttle,
+    /// Steady create/delete/change load for DURATION.
+    Churn,
+    /// A slow dependency in a few objects' reconciles.
+    Slowdep,
+    /// A worker aborting mid-reconcile, restarted.
+    Crash,
+    /// Regenerate docs/performance.md from the JSON files in BENCH_DIR.
+    Report,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+impl Scenario {
+    fn needs_cluster(self) -> bool {
+        self != Self::Report
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber_init();
     let cli = Cli::parse();
-    if !cli.common.reuse_cluster {
+    if cli.scenario == Scenario::Report {
+        return markdown::regenerate(
+            &cli.knobs.output_dir,
+            &shardop_e2e::repo_root().join("docs/performance.md"),
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(cli))
+}
+
+/// Logs go to stderr (`RUST_LOG`, default info): stdout is reserved for the summary and
+/// the JSON line.
+fn tracing_subscriber_init() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let knobs = &cli.knobs;
+    if cli.scenario.needs_cluster() && !knobs.reuse_cluster {
         fresh_control_plane()?;
     }
-    let cluster = shardop_e2e::cluster();
-    let report = match cli.scenario {
-        Scenario::Raw => raw_scenario(cluster, &cli.common).await?,
+    let _cluster = shardop_e2e::cluster();
+    let outcome = match cli.scenario {
+        Scenario::Raw => scenarios::Outcome {
+            report: raw_scenario(knobs).await?,
+            checks: Vec::new(),
+        },
+        Scenario::Create => scenarios::create(knobs).await?,
+        Scenario::Restart => scenarios::restart(knobs).await?,
+        Scenario::Rescale => scenarios::rescale(knobs).await?,
+        Scenario::Failover => scenarios::failover(knobs).await?,
+        Scenario::Delete => scenarios::delete(knobs).await?,
+        Scenario::Throttle => scenarios::throttle(knobs).await?,
+        Scenario::Churn => scenarios::churn(knobs).await?,
+        Scenario::Slowdep => scenarios::slowdep(knobs).await?,
+        Scenario::Crash => scenarios::crash(knobs).await?,
+        Scenario::Report => return Ok(()),
     };
-    report.finish(&cli.common.output_dir)?;
+    let mut report = outcome.report;
+    let failed: Vec<&str> = outcome
+        .checks
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let checks: serde_json::Map<String, serde_json::Value> = outcome
+        .checks
+        .iter()
+        .map(|(name, ok)| (name.clone(), (*ok).into()))
+        .collect();
+    report.set("checks", checks);
+    println!("{}", report.summary());
+    report.finish(&knobs.output_dir)?;
+    anyhow::ensure!(failed.is_empty(), "checks failed: {}", failed.join(", "));
     Ok(())
 }
 
@@ -84,50 +240,69 @@ fn fresh_control_plane() -> anyhow::Result<()> {
     let status = std::process::Command::new("bash")
         .arg(shardop_e2e::repo_root().join("hack/cluster-down.sh"))
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
         .context("running hack/cluster-down.sh")?;
     anyhow::ensure!(status.success(), "hack/cluster-down.sh failed");
     Ok(())
 }
 
-/// A client with shardop's stack (user agent, metrics, 429 handling) and no client-side
-/// rate limit, so the API server is the only limit measured.
-async fn unlimited_client(cluster: &shardop_e2e::Cluster) -> anyhow::Result<kube::Client> {
-    let kubeconfig = Kubeconfig::read_from(&cluster.kubeconfig)?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    let args = KubeClientArgs {
-        kube_qps: 0.0,
-        kube_burst: 0,
-    };
-    let factory = ClientFactory::new(
-        config,
-        &args,
-        KubeMetrics::register(&mut Registry::default()),
-    );
-    Ok(factory.client("shardop-bench/loadgen")?)
+/// Between the runs of one invocation (`create` with several shard counts): a clean
+/// control plane again, with the CRDs installed.
+pub async fn restart_control_plane() -> anyhow::Result<()> {
+    if std::env::var_os("KUBECONFIG").is_some() {
+        return Ok(());
+    }
+    fresh_control_plane()?;
+    let root = shardop_e2e::repo_root();
+    let status = std::process::Command::new("bash")
+        .arg(root.join("hack/cluster-up.sh"))
+        .current_dir(&root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("running hack/cluster-up.sh")?;
+    anyhow::ensure!(status.success(), "hack/cluster-up.sh failed");
+    shardop_e2e::install_crds(shardop_e2e::cluster()).await
 }
 
-async fn raw_scenario(cluster: &shardop_e2e::Cluster, args: &CommonArgs) -> anyhow::Result<Report> {
-    let client = unlimited_client(cluster).await?;
+async fn raw_scenario(knobs: &Knobs) -> anyhow::Result<Report> {
+    let client = env::unlimited_client(shardop_e2e::cluster()).await?;
     let namespace = shardop_e2e::TestNamespace::create(&client, "bench-raw").await?;
     let mut panel = Panel::new("raw API capacity", "operations/s");
     let started = std::time::Instant::now();
     let capacity = raw::measure(
         &client,
         &namespace.name,
-        args.objects,
-        args.concurrency,
+        knobs.objects,
+        knobs.concurrency,
         &mut panel,
     )
     .await?;
-    let mut report = Report::new("raw", args.objects, &args.shards);
+    let mut report = Report::new("raw", knobs.objects, &knobs.shards);
     report
         .set("seconds", started.elapsed().as_secs_f64())
-        .set("concurrency", args.concurrency)
+        .set("concurrency", knobs.concurrency)
         .set("creates_per_s", capacity.creates_per_s)
         .set("status_patches_per_s", capacity.status_patches_per_s)
         .set("label_patches_per_s", capacity.label_patches_per_s);
-    plot::draw(&args.output_dir.join("raw.png"), "raw", &[panel])?;
+    plot::draw(&knobs.output_dir.join("raw.png"), "raw", &[panel])?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(
+            parse_duration("1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("3d").is_err());
+    }
 }

@@ -40,8 +40,28 @@ impl Report {
     }
 
     /// Reads a field back.
+    #[cfg(test)]
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.fields.get(key)
+    }
+
+    /// A human summary: the scalar fields, one `key = value` per line.
+    pub fn summary(&self) -> String {
+        let mut out = format!("== {} ==", self.scenario);
+        for (key, value) in &self.fields {
+            match value {
+                Value::Number(_) | Value::Bool(_) | Value::String(_) => {
+                    out.push_str(&format!("\n  {key:<24} {value}"));
+                }
+                Value::Object(map) if key == "checks" => {
+                    for (check, ok) in map {
+                        out.push_str(&format!("\n  check {check:<18} {ok}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
     }
 
     /// Writes `<dir>/<scenario>.json` and prints the JSON as one line.

@@ -1,0 +1,436 @@
+//! The API server's audit log as the ground truth of who wrote what: read incrementally
+//! (scenarios poll it while they run), filtered to one namespace, and analysed for the
+//! correctness fields (writes, dual ownership, overlap, relabels, duplicated side effects,
+//! 429s).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::PathBuf;
+
+use jiff::Timestamp;
+use serde::Deserialize;
+
+/// One completed request about an object in the watched namespace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// create, patch, update, delete, ...
+    pub verb: String,
+    /// The client's User-Agent header.
+    #[serde(default)]
+    pub user_agent: String,
+    /// The object.
+    #[serde(default)]
+    pub object_ref: Option<ObjectRef>,
+    /// The response.
+    #[serde(default)]
+    pub response_status: Option<Status>,
+    /// When the request arrived.
+    pub request_received_timestamp: Timestamp,
+    /// When the response was complete.
+    pub stage_timestamp: Timestamp,
+    #[serde(default)]
+    stage: String,
+}
+
+/// The object of an event.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ObjectRef {
+    /// Plural resource.
+    #[serde(default)]
+    pub resource: String,
+    /// Name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Subresource.
+    #[serde(default)]
+    pub subresource: Option<String>,
+}
+
+/// A response status.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Status {
+    /// HTTP code.
+    #[serde(default)]
+    pub code: u16,
+}
+
+impl Event {
+    fn code(&self) -> u16 {
+        self.response_status.as_ref().map_or(0, |s| s.code)
+    }
+
+    /// A write the API server carried out.
+    pub fn is_successful_write(&self) -> bool {
+        matches!(
+            self.verb.as_str(),
+            "create" | "update" | "patch" | "delete" | "deletecollection"
+        ) && (200..300).contains(&self.code())
+    }
+
+    /// The shard of a `shardop-worker/shard-<i> (<pod>)` user agent.
+    pub fn worker_shard(&self) -> Option<u32> {
+        let rest = self.user_agent.strip_prefix("shardop-worker/shard-")?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    }
+
+    /// The pod of a `shardop-worker/shard-<i> (<pod>)` user agent.
+    pub fn worker_pod(&self) -> Option<&str> {
+        self.worker_shard()?;
+        let (_, rest) = self.user_agent.split_once('(')?;
+        rest.split_once(')').map(|(pod, _)| pod)
+    }
+
+    /// Whether the assigner made this request.
+    pub fn by_assigner(&self) -> bool {
+        self.user_agent.starts_with("shardop-assigner")
+    }
+
+    fn resource(&self) -> &str {
+        self.object_ref.as_ref().map_or("", |o| o.resource.as_str())
+    }
+
+    fn name(&self) -> &str {
+        self.object_ref
+            .as_ref()
+            .and_then(|o| o.name.as_deref())
+            .unwrap_or("")
+    }
+
+    fn subresource(&self) -> Option<&str> {
+        self.object_ref
+            .as_ref()
+            .and_then(|o| o.subresource.as_deref())
+    }
+
+    /// The DatabaseCluster this event is about: the object itself, or the parent of a
+    /// child (`<name>` StatefulSet, `<name>-headless` Service).
+    pub fn parent(&self) -> Option<&str> {
+        let name = self.name();
+        match self.resource() {
+            "databaseclusters" | "statefulsets" => Some(name),
+            "services" => name.strip_suffix("-headless"),
+            _ => None,
+        }
+        .filter(|n| !n.is_empty())
+    }
+
+    /// A label-only write by the assigner on a DatabaseCluster (it writes nothing else to
+    /// DatabaseClusters).
+    pub fn is_assigner_label_write(&self) -> bool {
+        self.by_assigner()
+            && self.resource() == "databaseclusters"
+            && self.subresource().is_none()
+            && self.is_successful_write()
+    }
+
+    /// Whether this is a write of a child object (StatefulSet or Service, not status).
+    pub fn is_child_write(&self) -> bool {
+        matches!(self.resource(), "statefulsets" | "services")
+            && self.subresource().is_none()
+            && self.is_successful_write()
+    }
+}
+
+/// An audit log read incrementally, keeping the events of one namespace.
+pub struct AuditTail {
+    path: PathBuf,
+    offset: u64,
+    needle: String,
+    /// Completed events in the namespace, in log order.
+    pub events: Vec<Event>,
+}
+
+impl AuditTail {
+    /// Starts at the current end of `path`: only events from now on are kept.
+    pub fn from_now(path: PathBuf, namespace: &str) -> Self {
+        let offset = std::fs::metadata(&path).map_or(0, |m| m.len());
+        Self {
+            path,
+            offset,
+            needle: format!("\"namespace\":\"{namespace}\""),
+            events: Vec::new(),
+        }
+    }
+
+    /// Reads what was appended since the last call.
+    pub fn poll(&mut self) -> anyhow::Result<()> {
+        let mut file = std::fs::File::open(&self.path)?;
+        let len = file.metadata()?.len();
+        if len < self.offset {
+            // Rotated: start over at the new file (the bench never fills 1 GiB).
+            self.offset = 0;
+        }
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = reader.read_line(&mut line)?;
+            if read == 0 || !line.ends_with('\n') {
+                break;
+            }
+            self.offset += read as u64;
+            if !line.contains(&self.needle) {
+                continue;
+            }
+            if let Ok(event) = serde_json::from_str::<Event>(&line)
+                && event.stage == "ResponseComplete"
+            {
+                self.events.push(event);
+            }
+        }
+        Ok(())
+    }
+
+    /// Successful writes by any worker since `since`.
+    pub fn worker_writes_since(&self, since: Timestamp) -> usize {
+        self.events
+            .iter()
+            .filter(|e| e.request_received_timestamp >= since)
+            .filter(|e| e.worker_shard().is_some() && e.is_successful_write())
+            .count()
+    }
+
+    /// The last time a worker wrote (successfully) anything in the namespace.
+    pub fn last_worker_write(&self) -> Option<Timestamp> {
+        self.events
+            .iter()
+            .filter(|e| e.worker_shard().is_some() && e.is_successful_write())
+            .map(|e| e.stage_timestamp)
+            .max()
+    }
+
+    /// Successful assigner label writes since `since`.
+    pub fn assigner_label_writes_since(&self, since: Timestamp) -> usize {
+        self.events
+            .iter()
+            .filter(|e| e.request_received_timestamp >= since && e.is_assigner_label_write())
+            .count()
+    }
+
+    /// Writes by a shard outside its ownership of the object: two consecutive worker writes
+    /// to one DatabaseCluster (or its children) by different shards must be separated by an
+    /// assigner label write that started after the first completed and completed before the
+    /// second started (the handover: acknowledgement, then the new label). Returns the
+    /// number of violating writes.
+    pub fn dual_ownership(&self) -> usize {
+        let mut by_object: HashMap<&str, Vec<&Event>> = HashMap::new();
+        for event in &self.events {
+            let relevant = (event.worker_shard().is_some() || event.is_assigner_label_write())
+                && event.is_successful_write();
+            if let (true, Some(parent)) = (relevant, event.parent()) {
+                by_object.entry(parent).or_default().push(event);
+            }
+        }
+        let mut violations = 0;
+        for events in by_object.values_mut() {
+            events.sort_by_key(|e| e.request_received_timestamp);
+            let mut last_worker: Option<&Event> = None;
+            let mut separated = false;
+            for event in events.iter() {
+                if event.is_assigner_label_write() {
+                    if let Some(previous) = last_worker
+                        && event.request_received_timestamp >= previous.stage_timestamp
+                    {
+                        separated = true;
+                    }
+                    continue;
+                }
+                if let Some(previous) = last_worker
+                    && previous.worker_shard() != event.worker_shard()
+                    && !separated
+                {
+                    violations += 1;
+                    tracing::warn!(
+                        object = event.parent().unwrap_or(""),
+                        earlier = %previous.user_agent,
+                        later = %event.user_agent,
+                        "write by a shard outside its ownership interval"
+                    );
+                }
+                // The separation must follow the previous shard's *last* write.
+                separated = false;
+                last_worker = Some(event);
+            }
+        }
+        violations
+    }
+
+    /// Writes as `shard` by `taker_pod` that started after `home_pod`'s first write as
+    /// `shard` since `since`, plus writes by the home pod before the taker's last one:
+    /// both serve the shard at once (must be 0).
+    pub fn overlap(&self, shard: u32, taker_pod: &str, home_pod: &str, since: Timestamp) -> usize {
+        let writes = |pod: &str| -> Vec<&Event> {
+            self.events
+                .iter()
+                .filter(|e| e.request_received_timestamp >= since && e.is_successful_write())
+                .filter(|e| e.worker_shard() == Some(shard) && e.worker_pod() == Some(pod))
+                .collect()
+        };
+        let taker = writes(taker_pod);
+        let home = writes(home_pod);
+        let Some(home_first) = home.iter().map(|e| e.request_received_timestamp).min() else {
+            return 0;
+        };
+        let Some(taker_last) = taker.iter().map(|e| e.stage_timestamp).max() else {
+            return 0;
+        };
+        let late_taker = taker
+            .iter()
+            .filter(|e| e.stage_timestamp > home_first)
+            .count();
+        let early_home = home
+            .iter()
+            .filter(|e| e.request_received_timestamp < taker_last)
+            .count();
+        late_taker.max(early_home)
+    }
+
+    /// Successful writes by `pod` as `shard` since `since`.
+    pub fn writes_by(&self, shard: u32, pod: &str, since: Timestamp) -> usize {
+        self.events
+            .iter()
+            .filter(|e| e.request_received_timestamp >= since && e.is_successful_write())
+            .filter(|e| e.worker_shard() == Some(shard) && e.worker_pod() == Some(pod))
+            .count()
+    }
+
+    /// Children (StatefulSets, Services) that workers applied more than once although the
+    /// desired child did not change (one generation per object in the crash scenarios):
+    /// the number of extra applies.
+    pub fn duplicated_child_writes(&self) -> usize {
+        let mut applies: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        for event in &self.events {
+            if event.worker_shard().is_some() && event.is_child_write() && event.verb == "patch" {
+                *applies.entry((event.resource(), event.name())).or_default() += 1;
+            }
+        }
+        applies.values().map(|n| n.saturating_sub(1)).sum()
+    }
+
+    /// 429 responses to workers, how many were retried sooner than one second (the
+    /// smallest Retry-After) after the 429 arrived, and the smallest such gap in seconds.
+    pub fn throttling(&self) -> (usize, usize, Option<f64>) {
+        let mut early = 0;
+        let mut throttled = 0;
+        let mut min_gap: Option<f64> = None;
+        for (index, event) in self.events.iter().enumerate() {
+            if event.worker_shard().is_none() || event.code() != 429 {
+                continue;
+            }
+            throttled += 1;
+            let same = |e: &&Event| {
+                e.user_agent == event.user_agent
+                    && e.verb == event.verb
+                    && e.resource() == event.resource()
+                    && e.name() == event.name()
+                    && e.subresource() == event.subresource()
+                    && e.request_received_timestamp > event.request_received_timestamp
+            };
+            if let Some(next) = self.events[index + 1..].iter().find(same) {
+                let gap = next
+                    .request_received_timestamp
+                    .duration_since(event.stage_timestamp)
+                    .as_secs_f64();
+                // 20 ms of slack for the response to travel back.
+                if gap < 0.98 {
+                    early += 1;
+                }
+                min_gap = Some(min_gap.map_or(gap, |m: f64| m.min(gap)));
+            }
+        }
+        (throttled, early, min_gap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(ua: &str, resource: &str, name: &str, at: i64, code: u16) -> Event {
+        Event {
+            verb: "patch".into(),
+            user_agent: ua.into(),
+            object_ref: Some(ObjectRef {
+                resource: resource.into(),
+                name: Some(name.into()),
+                subresource: None,
+            }),
+            response_status: Some(Status { code }),
+            request_received_timestamp: Timestamp::from_millisecond(at * 1000).unwrap(),
+            stage_timestamp: Timestamp::from_millisecond(at * 1000 + 10).unwrap(),
+            stage: "ResponseComplete".into(),
+        }
+    }
+
+    fn tail(events: Vec<Event>) -> AuditTail {
+        AuditTail {
+            path: PathBuf::new(),
+            offset: 0,
+            needle: String::new(),
+            events,
+        }
+    }
+
+    #[test]
+    fn handover_through_the_assigner_is_not_dual_ownership() {
+        let a = "shardop-worker/shard-0 (shardop-worker-0)";
+        let b = "shardop-worker/shard-3 (shardop-worker-3)";
+        let ok = tail(vec![
+            event(a, "databaseclusters", "db", 1, 200),
+            event("shardop-assigner (x)", "databaseclusters", "db", 2, 200),
+            event(a, "databaseclusters", "db", 3, 200),
+            event("shardop-assigner (x)", "databaseclusters", "db", 4, 200),
+            event(b, "statefulsets", "db", 5, 200),
+            event(b, "services", "db-headless", 6, 200),
+        ]);
+        assert_eq!(ok.dual_ownership(), 0);
+        let bad = tail(vec![
+            event(a, "databaseclusters", "db", 1, 200),
+            event("shardop-assigner (x)", "databaseclusters", "db", 2, 200),
+            event(b, "statefulsets", "db", 3, 200),
+            event(a, "databaseclusters", "db", 4, 200),
+        ]);
+        assert_eq!(bad.dual_ownership(), 1);
+    }
+
+    #[test]
+    fn overlap_and_duplicates() {
+        let taker = "shardop-worker/shard-1 (shardop-worker-2)";
+        let home = "shardop-worker/shard-1 (shardop-worker-1)";
+        let since = Timestamp::from_second(0).unwrap();
+        let clean = tail(vec![
+            event(taker, "statefulsets", "a", 1, 200),
+            event(home, "statefulsets", "b", 2, 200),
+        ]);
+        assert_eq!(
+            clean.overlap(1, "shardop-worker-2", "shardop-worker-1", since),
+            0
+        );
+        assert_eq!(clean.duplicated_child_writes(), 0);
+        let overlapping = tail(vec![
+            event(home, "statefulsets", "b", 2, 200),
+            event(taker, "statefulsets", "b", 3, 200),
+        ]);
+        assert_eq!(
+            overlapping.overlap(1, "shardop-worker-2", "shardop-worker-1", since),
+            1
+        );
+        assert_eq!(overlapping.duplicated_child_writes(), 1);
+    }
+
+    #[test]
+    fn retry_after_gap() {
+        let ua = "shardop-worker/shard-0 (shardop-worker-0)";
+        let t = tail(vec![
+            event(ua, "statefulsets", "a", 1, 429),
+            event(ua, "statefulsets", "a", 3, 200),
+        ]);
+        let (n, early, gap) = t.throttling();
+        assert_eq!(n, 1);
+        assert_eq!(early, 0);
+        assert!(gap.unwrap() > 1.9);
+    }
+}

@@ -1,0 +1,259 @@
+//! The environment of one scenario run: the control plane, the operator's processes
+//! (assigner and workers, as a StatefulSet would run them), and what we sample from them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use prometheus_client::registry::Registry;
+use shardop_e2e::process::{ProcessSpec, ShardopProcess};
+use shardop_e2e::{Cluster, TestNamespace};
+use shardop_runtime::{ClientFactory, KubeClientArgs, KubeMetrics};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::procs;
+
+/// The operator under test and the namespaces it works in.
+pub struct BenchEnv {
+    /// The control plane.
+    pub cluster: &'static Cluster,
+    /// The load generator's client: shardop's stack, no client-side rate limit.
+    pub client: Client,
+    /// Where the Leases and Shard objects live.
+    pub operator_ns: TestNamespace,
+    /// Where the DatabaseClusters live.
+    pub objects_ns: TestNamespace,
+    /// Running workers by home shard.
+    pub workers: BTreeMap<u32, Process>,
+    /// The running assigner, if started.
+    pub assigner: Option<Process>,
+    scenario: String,
+}
+
+/// One shardop process and its metrics port.
+pub struct Process {
+    /// The process.
+    pub process: ShardopProcess,
+    /// Its `/metrics` port on 127.0.0.1.
+    pub metrics_port: u16,
+}
+
+/// Worker flags the scenarios share: Lease timings short enough that failover scenarios
+/// finish quickly, but with the production ratios (renew deadline < duration).
+pub const WORKER_LEASE_FLAGS: [&str; 6] = [
+    "--lease-duration",
+    "6s",
+    "--renew-deadline",
+    "4s",
+    "--retry-period",
+    "1s",
+];
+
+impl BenchEnv {
+    /// Creates the namespaces for `scenario` on `cluster`.
+    pub async fn new(cluster: &'static Cluster, scenario: &str) -> anyhow::Result<Self> {
+        let client = unlimited_client(cluster).await?;
+        let operator_ns = TestNamespace::create(&client, &format!("bench-{scenario}-op")).await?;
+        let objects_ns = TestNamespace::create(&client, &format!("bench-{scenario}")).await?;
+        Ok(Self {
+            cluster,
+            client,
+            operator_ns,
+            objects_ns,
+            workers: BTreeMap::new(),
+            assigner: None,
+            scenario: scenario.to_owned(),
+        })
+    }
+
+    /// Starts worker `shardop-worker-<index>` with `extra` flags.
+    pub fn start_worker(&mut self, index: u32, extra: &[&str]) -> anyhow::Result<()> {
+        self.start_worker_with(index, extra, &[])
+    }
+
+    /// Starts worker `shardop-worker-<index>` with `extra` flags and environment.
+    pub fn start_worker_with(
+        &mut self,
+        index: u32,
+        extra: &[&str],
+        environment: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let mut spec = ProcessSpec::worker(
+            &format!("bench-{}", self.scenario),
+            &format!("shardop-worker-{index}"),
+            &self.operator_ns.name,
+        )
+        .arg("--watch-namespaces")
+        .arg(&self.objects_ns.name)
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--kube-qps")
+        .arg("200")
+        .arg("--kube-burst")
+        .arg("400");
+        for arg in WORKER_LEASE_FLAGS.iter().chain(extra) {
+            spec = spec.arg(*arg);
+        }
+        for (key, value) in environment {
+            spec = spec.env(*key, *value);
+        }
+        let process = spec.spawn(self.cluster)?;
+        self.workers.insert(
+            index,
+            Process {
+                process,
+                metrics_port: port,
+            },
+        );
+        Ok(())
+    }
+
+    /// Starts the assigner with a fixed shard count (`Some`), or with `extra` naming the
+    /// source of N (`--worker-statefulset`).
+    pub fn start_assigner(&mut self, shards: Option<u32>, extra: &[&str]) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let mut spec = ProcessSpec::assigner(
+            &format!("bench-{}", self.scenario),
+            "shardop-assigner-0",
+            &self.operator_ns.name,
+        );
+        if let Some(shards) = shards {
+            spec = spec.arg("--shards").arg(shards.to_string());
+        }
+        spec = spec
+            .arg("--watch-namespaces")
+            .arg(&self.objects_ns.name)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--kube-qps")
+            .arg("500")
+            .arg("--kube-burst")
+            .arg("1000");
+        for arg in extra {
+            spec = spec.arg(*arg);
+        }
+        self.assigner = Some(Process {
+            process: spec.spawn(self.cluster)?,
+            metrics_port: port,
+        });
+        Ok(())
+    }
+
+    /// Resource use of every running operator process, by process name.
+    pub fn sample_processes(&self) -> BTreeMap<String, procs::ProcessSample> {
+        self.workers
+            .values()
+            .chain(self.assigner.iter())
+            .filter_map(|p| Some((p.process.name.clone(), procs::sample(p.process.pid())?)))
+            .collect()
+    }
+
+    /// Sum of metric `name` (all label sets matching `label`) over every running worker.
+    pub async fn worker_metric_sum(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
+        let mut total = 0.0;
+        for worker in self.workers.values() {
+            if let Ok(text) = scrape(worker.metrics_port).await {
+                total += metric_sum(&text, name, label);
+            }
+        }
+        total
+    }
+}
+
+/// The load generator's client: shardop's stack (user agent, metrics, 429 handling) and no
+/// client-side rate limit, so the API server is the only limit.
+pub async fn unlimited_client(cluster: &Cluster) -> anyhow::Result<Client> {
+    let kubeconfig = Kubeconfig::read_from(&cluster.kubeconfig)?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    let args = KubeClientArgs {
+        kube_qps: 0.0,
+        kube_burst: 0,
+    };
+    let factory = ClientFactory::new(
+        config,
+        &args,
+        KubeMetrics::register(&mut Registry::default()),
+    );
+    Ok(factory.client("shardop-bench/loadgen")?)
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `GET /metrics` on 127.0.0.1:`port` (plain HTTP/1.0: one request, then close).
+pub async fn scrape(port: u16) -> anyhow::Result<String> {
+    let request = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        anyhow::Ok(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), request)
+        .await
+        .context("scrape timed out")??;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .context("malformed HTTP response")?;
+    Ok(body)
+}
+
+/// Sums the samples of metric `name` whose labels contain `label` (`key`, `value`).
+pub fn metric_sum(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((metric, labels)) => (metric, labels),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            if let Some((key, wanted)) = label
+                && !labels.contains(&format!("{key}=\"{wanted}\""))
+            {
+                return None;
+            }
+            value.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_matching_series() {
+        let text = "# TYPE shardop_queue_depth gauge\n\
+                    shardop_queue_depth{shard=\"0\"} 3\n\
+                    shardop_queue_depth{shard=\"1\"} 4\n\
+                    shardop_queue_depth_other 100\n\
+                    shardop_reconcile_duration_seconds_count{shard=\"0\",result=\"success\"} 7\n";
+        assert_eq!(metric_sum(text, "shardop_queue_depth", None), 7.0);
+        assert_eq!(
+            metric_sum(text, "shardop_queue_depth", Some(("shard", "1"))),
+            4.0
+        );
+        assert_eq!(
+            metric_sum(
+                text,
+                "shardop_reconcile_duration_seconds_count",
+                Some(("result", "success"))
+            ),
+            7.0
+        );
+    }
+}

@@ -1,0 +1,1027 @@
+//! The load and failure scenarios of issue 6. Each returns its report; the fields every
+//! scenario must carry are documented in `docs/performance.md`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::{StreamExt, TryStreamExt};
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use shardop_api::{DatabaseCluster, shard_for};
+
+use crate::convergence::{ChangeKind, Convergence, quantile};
+use crate::env;
+use crate::plot;
+use crate::raw::RawCapacity;
+use crate::report::Report;
+use crate::run::{self, Run, names, on_shard, round1};
+use crate::{Knobs, apf};
+
+/// A scenario's result and the correctness checks it must pass.
+pub struct Outcome {
+    /// The JSON report.
+    pub report: Report,
+    /// (field, holds) pairs; a false one makes the binary exit non-zero.
+    pub checks: Vec<(String, bool)>,
+}
+
+/// Common start of a scenario: the raw probe and the run.
+async fn begin(scenario: &str, knobs: &Knobs) -> anyhow::Result<(Run, RawCapacity, Value)> {
+    tracing::info!(scenario, "raw probe");
+    let (capacity, raw) = run::raw_probe(knobs.raw_objects(), knobs.concurrency).await?;
+    let run = Run::new(scenario).await?;
+    Ok((run, capacity, raw))
+}
+
+/// A report with the common fields.
+fn report(scenario: &str, knobs: &Knobs, shards: &[u32], seconds: f64, raw: Value) -> Report {
+    let mut report = Report::new(scenario, knobs.objects, shards);
+    report.set("seconds", seconds).set("raw", raw);
+    report
+}
+
+/// Draws the run's panels to `<dir>/<name>.png`.
+fn draw(run: &Run, knobs: &Knobs, name: &str) -> anyhow::Result<()> {
+    plot::draw(
+        &knobs.output_dir.join(format!("{name}.png")),
+        name,
+        &run.panels(),
+    )
+}
+
+/// Creates OBJECTS and waits for convergence and quiet: the common preparation.
+async fn populate(run: &mut Run, knobs: &Knobs) -> anyhow::Result<()> {
+    let objects = names("db", 0..knobs.objects);
+    run.create_objects(objects, knobs.concurrency, 0.0).await?;
+    run.wait_converged(knobs.objects, knobs.converge_timeout())
+        .await?;
+    // The StatefulSet controller creates a pod and a claim per object at its own client
+    // limit (200 QPS) and the status follows; at 10,000 objects that takes minutes.
+    let settle_timeout =
+        Duration::from_secs(120) + Duration::from_millis(50) * knobs.objects as u32;
+    run.settle(Duration::from_secs(10), settle_timeout).await
+}
+
+/// `create`: OBJECTS unlabelled objects as fast as the API server accepts them, per shard
+/// count in SHARDS, each on a fresh control plane.
+pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let mut runs = Vec::new();
+    let mut first_raw = Value::Null;
+    let mut total = 0.0;
+    for (index, &shards) in knobs.shards.iter().enumerate() {
+        if index > 0 && !knobs.reuse_cluster {
+            crate::restart_control_plane().await?;
+        }
+        let (mut run, capacity, raw) = begin("create", knobs).await?;
+        run.start_operator(shards, &[], &[]).await?;
+        let since = Timestamp::now();
+        let started = Instant::now();
+        tracing::info!(shards, objects = knobs.objects, "creating");
+        run.create_objects(names("db", 0..knobs.objects), knobs.concurrency, 0.0)
+            .await?;
+        run.wait_converged(knobs.objects, knobs.converge_timeout())
+            .await?;
+        let seconds = started.elapsed().as_secs_f64();
+        run.settle(Duration::from_secs(5), Duration::from_secs(120))
+            .await?;
+        let writes = run.audit()?.worker_writes_since(since);
+        let reconciles_per_s = knobs.objects as f64 / seconds;
+        let writes_per_reconcile = writes as f64 / knobs.objects as f64;
+        let raw_writes_per_s = capacity.writes_per_s();
+        let efficiency = reconciles_per_s / (raw_writes_per_s / writes_per_reconcile.max(1e-9));
+        let lags = run.conv.lags(ChangeKind::Create, None);
+        let runs_total = run
+            .env
+            .worker_metric_sum("shardop_reconcile_runs_total", None)
+            .await;
+        let assigner_rss = run
+            .processes
+            .get("shardop-assigner-0")
+            .map_or(0.0, |f| round1(f.peak_rss_mib));
+        let worker_cpu = run.worker_cpu();
+        let worker_cpu_total: f64 = worker_cpu.values().sum();
+        let entry = json!({
+            "shards": shards,
+            "seconds": seconds,
+            "raw": raw,
+            "reconciles_per_s": reconciles_per_s,
+            "writes": writes,
+            "writes_per_reconcile": writes_per_reconcile,
+            "efficiency": efficiency,
+            "lag_p50_s": quantile(&lags, 0.5),
+            "lag_p99_s": quantile(&lags, 0.99),
+            "worker_rss_mib": run.worker_rss(),
+            "assigner_rss_mib": assigner_rss,
+            "worker_cpu_s": worker_cpu,
+            "worker_cpu_s_total": worker_cpu_total,
+            "reconcile_runs": runs_total,
+            "processes": run.process_table(),
+        });
+        tracing::info!(%entry, "create run done");
+        if index == 0 {
+            first_raw = raw.clone();
+        }
+        total += seconds;
+        let name = if knobs.shards.len() == 1 {
+            "create".to_owned()
+        } else {
+            format!("create-{shards}")
+        };
+        draw(&run, knobs, &name)?;
+        runs.push(entry);
+        run.finish();
+    }
+    let mut report = report("create", knobs, &knobs.shards, total, first_raw);
+    // The top-level figures are those of the largest shard count; `runs` has each.
+    if let Some(Value::Object(last)) = runs.last() {
+        for key in [
+            "reconciles_per_s",
+            "writes_per_reconcile",
+            "efficiency",
+            "lag_p50_s",
+            "lag_p99_s",
+            "worker_rss_mib",
+            "assigner_rss_mib",
+            "worker_cpu_s",
+        ] {
+            if let Some(value) = last.get(key) {
+                report.set(key, value.clone());
+            }
+        }
+    }
+    report.set("runs", runs);
+    Ok(Outcome {
+        report,
+        checks: Vec::new(),
+    })
+}
+
+/// `restart`: with OBJECTS converged, every worker restarts at once.
+pub async fn restart(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let shards = knobs.first_shards();
+    let (mut run, _, raw) = begin("restart", knobs).await?;
+    let started = Instant::now();
+    run.start_operator(shards, &[], &[]).await?;
+    populate(&mut run, knobs).await?;
+    let since = Timestamp::now();
+    tracing::info!("restarting every worker at once");
+    for worker in run.env.workers.values_mut() {
+        // SIGTERM to all first, like a rollout that deletes every pod at once.
+        std::process::Command::new("kill")
+            .args(["-TERM", &worker.process.pid().to_string()])
+            .status()?;
+    }
+    for worker in run.env.workers.values_mut() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while worker.process.is_running() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for index in 0..shards {
+        run.process_restarted(&format!("shardop-worker-{index}"));
+        run.env.start_worker(index, &[])?;
+    }
+    let objects = knobs.objects as f64;
+    let reverify = run
+        .wait_until_async(knobs.converge_timeout(), async |env, _| {
+            let runs = env
+                .worker_metric_sum("shardop_reconcile_runs_total", None)
+                .await;
+            let queued = env.worker_metric_sum("shardop_queue_depth", None).await;
+            let held = env.worker_metric_sum("shardop_shard_leader", None).await;
+            runs >= objects && queued == 0.0 && held >= f64::from(shards)
+        })
+        .await
+        .context("the restarted workers did not see every object again")?;
+    run.settle(Duration::from_secs(5), Duration::from_secs(60))
+        .await?;
+    let writes = run.audit()?.worker_writes_since(since);
+    let mut report = report(
+        "restart",
+        knobs,
+        &[shards],
+        started.elapsed().as_secs_f64(),
+        raw,
+    );
+    report
+        .set("reverify_s", reverify)
+        .set("writes", writes)
+        .set("worker_rss_mib", run.worker_rss())
+        .set("processes", run.process_table());
+    draw(&run, knobs, "restart")?;
+    run.finish();
+    Ok(Outcome {
+        report,
+        checks: vec![("writes == 0".into(), writes == 0)],
+    })
+}
+
+/// The worker StatefulSet whose replicas the assigner reads as N (no kubelet runs its
+/// pods; it is only the source of N, as `kubectl scale` would set it).
+async fn worker_statefulset(run: &Run, replicas: i32) -> anyhow::Result<()> {
+    let api: Api<StatefulSet> = Api::namespaced(run.env.client.clone(), &run.env.operator_ns.name);
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": { "name": "shardop-worker" },
+        "spec": {
+            "replicas": replicas,
+            "serviceName": "shardop-worker",
+            "selector": { "matchLabels": { "app": "bench-shardop-worker" } },
+            "template": {
+                "metadata": { "labels": { "app": "bench-shardop-worker" } },
+                "spec": { "containers": [ { "name": "worker", "image": "shardop-worker:bench" } ] }
+            }
+        }
+    }))?;
+    api.patch(
+        "shardop-worker",
+        &PatchParams::apply("shardop-bench").force(),
+        &Patch::Apply(&sts),
+    )
+    .await?;
+    Ok(())
+}
+
+fn desired_shard(namespace: &str, shards: u32) -> impl Fn(&str) -> u32 + '_ {
+    move |name| {
+        let count = NonZeroU32::new(shards).unwrap_or(NonZeroU32::MIN);
+        shard_for(namespace, name, count).0
+    }
+}
+
+/// `rescale`: 3 → 4, then 4 → 2.
+pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let (mut run, _, raw) = begin("rescale", knobs).await?;
+    let started = Instant::now();
+    worker_statefulset(&run, 3).await?;
+    for index in 0..3 {
+        run.env.start_worker(index, &[])?;
+    }
+    run.env
+        .start_assigner(None, &["--worker-statefulset", "shardop-worker"])?;
+    run.wait_for_operator(3).await?;
+    populate(&mut run, knobs).await?;
+    let namespace = run.env.objects_ns.name.clone();
+    let mut steps = Vec::new();
+    for (from, to) in [(3_u32, 4_u32), (4, 2)] {
+        let before = run.conv.shards();
+        run.conv.take_max_unassigned();
+        let step_started = Instant::now();
+        tracing::info!(from, to, "rescaling");
+        if to > from {
+            for index in from..to {
+                run.env.start_worker(index, &[])?;
+            }
+            worker_statefulset(&run, i32::try_from(to)?).await?;
+        } else {
+            worker_statefulset(&run, i32::try_from(to)?).await?;
+            // The StatefulSet controller deletes the highest ordinals.
+            for index in (to..from).rev() {
+                if let Some(mut worker) = run.env.workers.remove(&index) {
+                    worker.process.terminate(Duration::from_secs(30))?;
+                }
+            }
+        }
+        let desired = desired_shard(&namespace, to);
+        let rebalance = run
+            .wait_until(knobs.converge_timeout(), |run| run.conv.placed(&desired))
+            .await
+            .with_context(|| format!("{from} → {to}: objects not on their desired shards"))?;
+        let rebalance_s = step_started.elapsed().as_secs_f64().max(rebalance);
+        let after = run.conv.shards();
+        let moved = after
+            .iter()
+            .filter(|(name, shard)| before.get(*name) != Some(shard))
+            .count();
+        let mut per_shard: BTreeMap<u32, usize> = BTreeMap::new();
+        for shard in after.values().flatten() {
+            *per_shard.entry(*shard).or_default() += 1;
+        }
+        let max = per_shard.values().copied().max().unwrap_or(0) as f64;
+        let mean = after.len() as f64 / f64::from(to);
+        let objects = after.len().max(1) as f64;
+        steps.push(json!({
+            "from": from,
+            "to": to,
+            "moved_fraction": moved as f64 / objects,
+            "ideal_fraction": f64::from(from.abs_diff(to)) / f64::from(from.max(to)),
+            "rebalance_s": rebalance_s,
+            "max_unassigned": run.conv.take_max_unassigned(),
+            "imbalance": max / mean.max(1e-9),
+            "objects_per_shard": per_shard,
+        }));
+    }
+    run.settle(Duration::from_secs(3), Duration::from_secs(60))
+        .await?;
+    let dual_ownership = run.audit()?.dual_ownership();
+    let mut report = report(
+        "rescale",
+        knobs,
+        &[3, 4, 2],
+        started.elapsed().as_secs_f64(),
+        raw,
+    );
+    for key in [
+        "moved_fraction",
+        "ideal_fraction",
+        "rebalance_s",
+        "max_unassigned",
+        "imbalance",
+    ] {
+        let values: Vec<Value> = steps.iter().map(|s| s[key].clone()).collect();
+        report.set(key, values);
+    }
+    report
+        .set("dual_ownership", dual_ownership)
+        .set("steps", steps)
+        .set("processes", run.process_table());
+    draw(&run, knobs, "rescale")?;
+    run.finish();
+    Ok(Outcome {
+        report,
+        checks: vec![("dual_ownership == 0".into(), dual_ownership == 0)],
+    })
+}
+
+/// Changes the spec (image) of every object in `names` once; records the changes.
+async fn change_specs(
+    run: &Run,
+    names: &[String],
+    round: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let api = run.api();
+    let conv = run.conv.clone();
+    futures::stream::iter(names.iter().cloned())
+        .map(|name| {
+            let api = api.clone();
+            let conv = conv.clone();
+            async move { change_spec(&api, &conv, &name, round).await }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .try_for_each(|()| async { Ok(()) })
+        .await
+}
+
+async fn change_spec(
+    api: &Api<DatabaseCluster>,
+    conv: &Convergence,
+    name: &str,
+    round: usize,
+) -> anyhow::Result<()> {
+    let patch = json!({ "spec": { "image": format!("postgres:17.{round}") } });
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(changed) => {
+            conv.changed(
+                name,
+                changed.metadata.generation.unwrap_or(0),
+                ChangeKind::Change,
+            );
+            Ok(())
+        }
+        // Deleted meanwhile (churn).
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("changing {name}")),
+    }
+}
+
+/// Which worker process holds `shard`'s Lease (by process name), if any.
+async fn holder_of(run: &Run, shard: u32) -> Option<String> {
+    for (index, worker) in &run.env.workers {
+        let Ok(text) = env::scrape(worker.metrics_port).await else {
+            continue;
+        };
+        let held = env::metric_sum(
+            &text,
+            "shardop_shard_leader",
+            Some(("shard", &shard.to_string())),
+        );
+        if held >= 1.0 {
+            return Some(format!("shardop-worker-{index}"));
+        }
+    }
+    None
+}
+
+/// `failover`: kill -9 one worker; takeover, then hand-back.
+pub async fn failover(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let shards = knobs.first_shards().max(2);
+    let victim = 1_u32;
+    let (mut run, _, raw) = begin("failover", knobs).await?;
+    let started = Instant::now();
+    run.start_operator(shards, &[], &[]).await?;
+    populate(&mut run, knobs).await?;
+    let slice: Vec<String> = on_shard(&run.conv, victim).into_iter().collect();
+    let slice_set: HashSet<String> = slice.iter().cloned().collect();
+    tracing::info!(objects = slice.len(), "kill -9 shardop-worker-{victim}");
+    let killed_at = Timestamp::now();
+    if let Some(mut worker) = run.env.workers.remove(&victim) {
+        worker.process.kill_9()?;
+    }
+    let kill_instant = Instant::now();
+    // The slice changes right after the crash: it is reconciled again once someone took
+    // the shard over.
+    change_specs(&run, &slice, 1, knobs.concurrency).await?;
+    run.wait_until(knobs.converge_timeout(), |run| {
+        run.conv.all_converged(&slice_set)
+    })
+    .await
+    .context("the dead worker's slice was not taken over")?;
+    let takeover_s = kill_instant.elapsed().as_secs_f64();
+    let taker = holder_of(&run, victim).await.unwrap_or_default();
+    tracing::info!(%taker, takeover_s, "taken over; restarting the home worker");
+    let back_at = Timestamp::now();
+    let back_instant = Instant::now();
+    run.process_restarted(&format!("shardop-worker-{victim}"));
+    run.env.start_worker(victim, &[])?;
+    change_specs(&run, &slice, 2, knobs.concurrency).await?;
+    let home = format!("shardop-worker-{victim}");
+    let victim_label = victim.to_string();
+    let home_port = run.env.workers.get(&victim).map(|w| w.metrics_port);
+    let slice_for_probe = slice_set.clone();
+    run.wait_until_async(knobs.converge_timeout(), async |_, conv| {
+        let done = conv.all_converged(&slice_for_probe);
+        let home_holds = match home_port {
+            Some(port) => env::scrape(port).await.is_ok_and(|text| {
+                env::metric_sum(
+                    &text,
+                    "shardop_shard_leader",
+                    Some(("shard", &victim_label)),
+                ) >= 1.0
+            }),
+            None => false,
+        };
+        done && home_holds
+    })
+    .await
+    .context("the shard was not handed back")?;
+    let handback_s = back_instant.elapsed().as_secs_f64();
+    run.settle(Duration::from_secs(3), Duration::from_secs(60))
+        .await?;
+    let audit = run.audit()?;
+    let relabels = audit.assigner_label_writes_since(killed_at);
+    let overlap = audit.overlap(victim, &taker, &home, back_at);
+    let taker_writes = audit.writes_by(victim, &taker, killed_at);
+    let home_writes = audit.writes_by(victim, &home, back_at);
+    let mut report = report(
+        "failover",
+        knobs,
+        &[shards],
+        started.elapsed().as_secs_f64(),
+        raw,
+    );
+    report
+        .set("slice_objects", slice.len())
+        .set("takeover_s", takeover_s)
+        .set("taker", taker)
+        .set("relabels", relabels)
+        .set("handback_s", handback_s)
+        .set("overlap", overlap)
+        .set("taker_writes", taker_writes)
+        .set("home_writes_after_restart", home_writes)
+        .set("processes", run.process_table());
+    draw(&run, knobs, "failover")?;
+    run.finish();
+    Ok(Outcome {
+        report,
+        checks: vec![
+            ("relabels == 0".into(), relabels == 0),
+            ("overlap == 0".into(), overlap == 0),
+            ("taker wrote as the shard".into(), taker_writes > 0),
+        ],
+    })
+}
+
+/// Children left in the namespace: StatefulSets, Services and claims.
+async fn children_left(run: &Run) -> anyhow::Result<usize> {
+    let ns = &run.env.objects_ns.name;
+    let client = run.env.client.clone();
+    let sts = Api::<StatefulSet>::namespaced(client.clone(), ns)
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .len();
+    let svc = Api::<Service>::namespaced(client.clone(), ns)
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .len();
+    let pvc = Api::<PersistentVolumeClaim>::namespaced(client, ns)
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .len();
+    Ok(sts + svc + pvc)
+}
+
+/// `delete`: delete OBJECTS with finalizers; drain, stuck and orphans.
+pub async fn delete(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let shards = knobs.first_shards();
+    let (mut run, _, raw) = begin("delete", knobs).await?;
+    let started = Instant::now();
+    run.start_operator(shards, &[], &[]).await?;
+    populate(&mut run, knobs).await?;
+    let children_before = children_left(&run).await?;
+    let api = run.api();
+    let deleting = Instant::now();
+    tracing::info!(objects = knobs.objects, children_before, "deleting");
+    let names = names("db", 0..knobs.objects);
+    let task = tokio::spawn({
+        let concurrency = knobs.concurrency;
+        async move {
+            futures::stream::iter(names)
+                .map(|name| {
+                    let api = api.clone();
+                    async move {
+                        match api.delete(&name, &DeleteParams::default()).await {
+                            Ok(_) => Ok(()),
+                            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+                            Err(e) => Err(anyhow::Error::from(e)),
+                        }
+                    }
+                })
+                .buffer_unordered(concurrency.max(1))
+                .try_for_each(|()| async { Ok(()) })
+                .await
+        }
+    });
+    while !task.is_finished() {
+        run.sample().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    task.await??;
+    let drained = run
+        .wait_until(knobs.converge_timeout(), |run| run.conv.live() == 0)
+        .await;
+    let drain_s = deleting.elapsed().as_secs_f64();
+    let stuck_terminating = run.conv.live();
+    // The garbage collector removes the children through their owner references.
+    let mut orphaned_children = children_left(&run).await?;
+    let gc_started = Instant::now();
+    while orphaned_children > 0 && gc_started.elapsed() < Duration::from_secs(120) {
+        run.sample().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        orphaned_children = children_left(&run).await?;
+    }
+    let gc_s = gc_started.elapsed().as_secs_f64();
+    let mut report = report(
+        "delete",
+        knobs,
+        &[shards],
+        started.elapsed().as_secs_f64(),
+        raw,
+    );
+    report
+        .set("drain_s", drain_s)
+        .set("drained", drained.is_some())
+        .set("stuck_terminating", stuck_terminating)
+        .set("children_before", children_before)
+        .set("orphaned_children", orphaned_children)
+        .set("gc_s", gc_s)
+        .set("processes", run.process_table());
+    draw(&run, knobs, "delete")?;
+    run.finish();
+    Ok(Outcome {
+        report,
+        checks: vec![
+            ("stuck_terminating == 0".into(), stuck_terminating == 0),
+            ("orphaned_children == 0".into(), orphaned_children == 0),
+        ],
+    })
+}
+
+/// `throttle`: the workers' writes go through an APF priority level far too small for
+/// them; the API server answers 429 and the operator recovers by itself.
+pub async fn throttle(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let shards = knobs.first_shards();
+    let (mut run, _, raw) = begin("throttle", knobs).await?;
+    let started = Instant::now();
+    let throttling = apf::Throttle::install(&run).await?;
+    let kubeconfig = throttling.kubeconfig.display().to_string();
+    let outcome = async {
+        run.start_operator(shards, &[("KUBECONFIG", kubeconfig.as_str())], &[])
+            .await?;
+        run.create_objects(names("db", 0..knobs.objects), knobs.concurrency, 0.0)
+            .await?;
+        let last_create = Instant::now();
+        run.wait_converged(knobs.objects, knobs.converge_timeout())
+            .await?;
+        let recover_s = last_create.elapsed().as_secs_f64();
+        run.settle(Duration::from_secs(3), Duration::from_secs(60))
+            .await?;
+        anyhow::Ok(recover_s)
+    }
+    .await;
+    let recover_s = match outcome {
+        Ok(recover_s) => recover_s,
+        Err(err) => {
+            run.env.workers.clear();
+            throttling.remove(&run).await;
+            return Err(err);
+        }
+    };
+    let metric_429s = run
+        .env
+        .worker_metric_sum("shardop_kube_requests_total", Some(("code", "429")))
+        .await;
+    let resends = run
+        .env
+        .worker_metric_sum("shardop_kube_throttled_retries_total", None)
+        .await;
+    let (audited_429s, early_retries, min_gap) = run.audit()?.throttling();
+    let honoured = early_retries == 0;
+    // The workers go first: without the binding they would only collect 403s.
+    run.env.workers.clear();
+    throttling.remove(&run).await;
+    let lags = run.conv.lags(ChangeKind::Create, None);
+    let mut report = report(
+        "throttle",
+        knobs,
+        &[shards],
+        started.elapsed().as_secs_f64(),
+        raw,
+    );
+    report
+        .set("429s", metric_429s)
+        .set("429s_in_audit_log", audited_429s)
+        .set("throttled_resends", resends)
+        .set("recover_s", recover_s)
+        .set("retry_after_honoured", honoured)
+        .set("early_retries", early_retries)
+        .set("min_resend_gap_s", min_gap)
+        .set("lag_p99_s", quantile(&lags, 0.99))
+        .set("priority_level", throttling.describe())
+        .set("processes", run.process_table());
+    draw(&run, knobs, "throttle")?;
+    run.finish();
+    Ok(Outcome {
+        report,
+        // retry_after_honoured is reported, not enforced: after 10 resends the client hands
+        // the 429 to the reconcile, whose error backoff (0.5 s) may come back sooner.
+        checks: vec![("429s > 0".into(), metric_429s > 0.0 || audited_429s > 0)],
+    })
+}
+
+/// `churn`: create 12·RATE/s, delete 2·RATE/s, change every live object's spec once a
+/// minute, for DURATION.
+pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let shards = knobs.first_shards();
+    let (mut run, _, raw) = begin("churn", knobs).await?;
+    run.start_operator(shards, &[], &[]).await?;
+    let create_rate = 12.0 * knobs.rate;
+    let delete_rate = 2.0 * knobs.rate;
+    let duration = knobs.duration;
+    let lag_before = lag_buckets(&run).await;
+    let started = Instant::now();
+    let load_started = Instant::now();
+    let api = run.api();
+    let conv = run.conv.clone();
+    let concurrency = knobs.concurrency;
+    tracing::info!(?duration, create_rate, delete_rate, "churn");
+    let load = tokio::spawn(async move {
+        churn_load(api, conv, duration, create_rate, delete_rate, concurrency).await
+    });
+    while !load.is_finished() {
+        run.sample().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (created, deleted, changes) = load.await??;
+    let load_s = load_started.elapsed().as_secs_f64();
+    // Let the last changes converge before reading the figures.
+    let live = run.conv.live();
+    let _ = run
+        .wait_until(Duration::from_secs(60), |run| {
+            run.conv.converged() >= run.conv.live()
+        })
+        .await;
+    let lag_after = lag_buckets(&run).await;
+    let worker_lag = run::histogram_delta(&lag_after, &lag_before);
+    let queue_p99 = run::histogram_quantile(&worker_lag, 0.99);
+    let change_lags = run.conv.lags(ChangeKind::Change, None);
+    let create_lags = run.conv.lags(ChangeKind::Create, None);
+    let lag_p99 = quantile(&change_lags, 0.99);
+    let mut report = report(
+        "churn",
+        knobs,
+        &[shards],
+        started.elapsed().as_secs_f64(),
+        raw,
+    );
+    report
+        .set("duration_s", load_s)
+        .set("rate", knobs.rate)
+        .set("created", created)
+        .set("deleted", deleted)
+        .set("live_at_end", live)
+        .set("changes", changes)
+        .set("changes_per_s", changes as f64 / load_s)
+        .set("queue_p99_s", queue_p99)
+        .set(
+            "queue_p99_note",
+            "upper bound: p99 of shardop_reconcile_lag_seconds (event seen by the worker → status written, bucket bound), which contains the queue wait plus the reconcile itself",
+        )
+        .set("lag_p50_s", quantile(&change_lags, 0.5))
+        .set("lag_p99_s", lag_p99)
+        .set("create_lag_p99_s", quantile(&create_lags, 0.99))
+        .set(
+            "slo_met",
+            queue_p99.is_some_and(|q| q <= 1.0) && lag_p99 <= 5.0,
+        )
+        .set("longest_running_s", run.longest_running_s)
+        .set("processes", run.process_table())
+        .set("over_time", run.timeline.clone());
+    draw(&run, knobs, "churn")?;
+    run.finish();
+    Ok(Outcome {
+        report,
+        checks: Vec::new(),
+    })
+}
+
+async fn lag_buckets(run: &Run) -> Vec<(f64, f64)> {
+    let mut total: Vec<(f64, f64)> = Vec::new();
+    for worker in run.env.workers.values() {
+        if let Ok(text) = env::scrape(worker.metrics_port).await {
+            let buckets = run::histogram_buckets(&text, "shardop_reconcile_lag_seconds");
+            if total.is_empty() {
+                total = buckets;
+            } else {
+                for (t, b) in total.iter_mut().zip(buckets) {
+                    t.1 += b.1;
+                }
+            }
+        }
+    }
+    total
+}
+
+/// The churn load generator: returns (created, deleted, spec changes).
+async fn churn_load(
+    api: Api<DatabaseCluster>,
+    conv: Convergence,
+    duration: Duration,
+    create_rate: f64,
+    delete_rate: f64,
+    concurrency: usize,
+) -> anyhow::Result<(usize, usize, usize)> {
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut live: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut rotation: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let mut deleted_names: HashSet<String> = HashSet::new();
+    let (mut created, mut deleted, mut changes) = (0_usize, 0_usize, 0_usize);
+    let mut round = 0_usize;
+    let mut change_budget = 0.0_f64;
+    let tick = Duration::from_millis(100);
+    let mut next = started;
+    while started.elapsed() < duration {
+        next += tick;
+        tokio::time::sleep_until(next.into()).await;
+        let t = started.elapsed().as_secs_f64();
+        round += 1;
+        // Creates due by now.
+        while (created as f64) < t * create_rate {
+            let name = format!("churn-{created:06}");
+            created += 1;
+            live.push_back(name.clone());
+            rotation.push_back(name.clone());
+            let (api, conv, permit) = (api.clone(), conv.clone(), semaphore.clone());
+            tasks.spawn(async move {
+                let _permit = permit.acquire_owned().await?;
+                let object = api
+                    .create(
+                        &PostParams::default(),
+                        &crate::load::database_cluster(&name, 1),
+                    )
+                    .await?;
+                conv.changed(
+                    &name,
+                    object.metadata.generation.unwrap_or(1),
+                    ChangeKind::Create,
+                );
+                anyhow::Ok(())
+            });
+        }
+        // Deletes due by now: the oldest objects (older than a minute, so they have been
+        // changed at least once).
+        while (deleted as f64) < t * delete_rate {
+            let Some(name) = live.pop_front() else { break };
+            deleted += 1;
+            deleted_names.insert(name.clone());
+            let (api, permit) = (api.clone(), semaphore.clone());
+            tasks.spawn(async move {
+                let _permit = permit.acquire_owned().await?;
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) | Err(kube::Error::Api(_)) => anyhow::Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            });
+        }
+        // Spec changes: every live object once a minute, oldest change first.
+        change_budget += live.len() as f64 * tick.as_secs_f64() / 60.0;
+        while change_budget >= 1.0 {
+            change_budget -= 1.0;
+            let Some(name) = rotation.pop_front() else {
+                break;
+            };
+            if deleted_names.contains(&name) {
+                continue;
+            }
+            // A new object joins the back of the rotation, so its first change comes about a
+            // minute after its creation.
+            rotation.push_back(name.clone());
+            changes += 1;
+            let (api, conv, permit) = (api.clone(), conv.clone(), semaphore.clone());
+            tasks.spawn(async move {
+                let _permit = permit.acquire_owned().await?;
+                change_spec(&api, &conv, &name, round).await
+            });
+        }
+        while let Some(result) = tasks.try_join_next() {
+            result??;
+        }
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok((created, deleted, changes))
+}
+
+/// The objects the fault scenarios create: `slow` prefixed ones first, then the others at
+/// CREATE_RATE.
+fn fault_names(knobs: &Knobs, slow: usize) -> (Vec<String>, Vec<String>) {
+    (names("slow", 0..slow), names("db", 0..knobs.objects))
+}
+
+/// `slowdep`: a few objects' reconciles wait on a slow dependency.
+pub async fn slowdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let shards = knobs.first_shards();
+    let (mut run, _, raw) = begin("slowdep", knobs).await?;
+    let started = Instant::now();
+    let slow_setting = format!("slow-={}s", knobs.slow_delay.as_secs_f64());
+    run.start_operator(
+        shards,
+        &[("SHARDOP_FAULT_SLOW", slow_setting.as_str())],
+        &[],
+    )
+    .await?;
+    let (slow, others) = fault_names(knobs, knobs.slow_objects);
+    run.create_objects(slow.clone(), knobs.concurrency, 0.0)
+        .await?;
+    run.create_objects(others.clone(), knobs.concurrency, knobs.create_rate)
+        .await?;
+    let others_set: HashSet<String> = others.iter().cloned().collect();
+    run.wait_until(knobs.converge_timeout(), |run| {
+        run.conv.all_converged(&others_set)
+    })
+    .await
+    .context("the other objects did not converge")?;
+    let others_done = run.t();
+    let slow_set: HashSet<String> = slow.iter().cloned().collect();
+    let slow_timeout = knobs.slow_delay * 4 + Duration::from_secs(60);
+    let slow_converged = run
+        .wait_until(slow_timeout, |run| run.conv.all_converged(&slow_set))
+        .await
+        .is_some();
+    run.settle(Duration::from_secs(3), Duration::from_secs(60))
+        .await?;
+    let lags = run.conv.lags_of(&others_set);
+    let slow_lags = run.conv.lags_of(&slow_set);
+    let duplicated = run.audit()?.duplicated_child_writes();
+    let p99 = quantile(&lags, 0.99);
+    let mut report = report(
+        "slowdep",
+        knobs,
+        &[shards],
+        started.elapsed().as_secs_f64(),
+        raw,
+    );
+    report
+        .set("slow_objects", slow.len())
+        .set("slow_delay_s", knobs.slow_delay.as_secs_f64())
+        .set("create_rate", knobs.create_rate)
+        .set("others_lag_p50_s", quantile(&lags, 0.5))
+        .set("others_lag_p99_s", p99)
+        .set("others_converged_at_s", others_done)
+        .set("within_slo", p99 <= 5.0)
+        .set("longest_running_s", run.longest_running_s)
+        .set("slow_lag_max_s", quantile(&slow_lags, 1.0))
+        .set("slow_converged", slow_converged)
+        .set("duplicated_side_effects", duplicated)
+        .set("processes", run.process_table());
+    draw(&run, knobs, "slowdep")?;
+    let longest_running_s = run.longest_running_s;
+    run.finish();
+    Ok(Outcome {
+        report,
+        checks: vec![
+            ("duplicated_side_effects == 0".into(), duplicated == 0),
+            ("slow objects converged".into(), slow_converged),
+            (
+                "longest_running shows the slow reconcile".into(),
+                longest_running_s >= 0.8 * knobs.slow_delay.as_secs_f64(),
+            ),
+        ],
+    })
+}
+
+/// `crash`: worker 0 aborts in the middle of reconciles (after a number of writes), is
+/// restarted like a kubelet would, and crashes again, CRASHES times.
+pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let shards = knobs.first_shards();
+    let (mut run, _, raw) = begin("crash", knobs).await?;
+    let started = Instant::now();
+    let crash_after = (knobs.objects / 20).clamp(10, 500).to_string();
+    let fault = [("SHARDOP_FAULT_CRASH_AFTER_WRITES", crash_after.as_str())];
+    for index in 0..shards {
+        let environment: &[(&str, &str)] = if index == 0 { &fault } else { &[] };
+        run.env.start_worker_with(index, &[], environment)?;
+    }
+    run.env.start_assigner(Some(shards), &[])?;
+    run.wait_for_operator(shards).await?;
+    let (_, objects) = fault_names(knobs, 0);
+    let api = run.api();
+    let conv = run.conv.clone();
+    let (concurrency, rate) = (knobs.concurrency, knobs.create_rate);
+    let creates = tokio::spawn(run::create_all(
+        api,
+        conv,
+        objects.clone(),
+        concurrency,
+        rate,
+    ));
+    let all: HashSet<String> = objects.iter().cloned().collect();
+    let mut crashes = 0_usize;
+    let deadline = Instant::now() + knobs.converge_timeout();
+    loop {
+        run.sample().await;
+        let crashed = run
+            .env
+            .workers
+            .get_mut(&0)
+            .is_some_and(|w| !w.process.is_running());
+        if crashed {
+            crashes += 1;
+            tracing::info!(crashes, "worker 0 crashed; restarting it");
+            run.process_restarted("shardop-worker-0");
+            let environment: &[(&str, &str)] = if crashes < knobs.crashes { &fault } else { &[] };
+            run.env.start_worker_with(0, &[], environment)?;
+        }
+        if creates.is_finished() && run.conv.all_converged(&all) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("not converged after {:?}", knobs.converge_timeout());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    creates.await??;
+    run.settle(Duration::from_secs(3), Duration::from_secs(60))
+        .await?;
+    let shard0: HashSet<String> = on_shard(&run.conv, 0);
+    let others: HashSet<String> = all.difference(&shard0).cloned().collect();
+    let other_lags = run.conv.lags_of(&others);
+    let crashed_lags = run.conv.lags_of(&shard0);
+    let duplicated = run.audit()?.duplicated_child_writes();
+    let mut report = report(
+        "crash",
+        knobs,
+        &[shards],
+        started.elapsed().as_secs_f64(),
+        raw,
+    );
+    let p99 = quantile(&other_lags, 0.99);
+    report
+        .set("crashes", crashes)
+        .set(
+            "crash_after_writes",
+            crash_after.parse::<u64>().unwrap_or(0),
+        )
+        .set("create_rate", knobs.create_rate)
+        .set("others_lag_p50_s", quantile(&other_lags, 0.5))
+        .set("others_lag_p99_s", p99)
+        .set("within_slo", p99 <= 5.0)
+        .set("crashed_shard_lag_p99_s", quantile(&crashed_lags, 0.99))
+        .set("longest_running_s", run.longest_running_s)
+        .set("duplicated_side_effects", duplicated)
+        .set("processes", run.process_table());
+    draw(&run, knobs, "crash")?;
+    run.finish();
+    Ok(Outcome {
+        report,
+        checks: vec![
+            ("duplicated_side_effects == 0".into(), duplicated == 0),
+            ("worker crashed mid-reconcile".into(), crashes > 0),
+        ],
+    })
+}
