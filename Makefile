@@ -55,7 +55,7 @@ unit: toolchain ## Unit tests (no cluster needed)
 .PHONY: e2e
 e2e: build tools ## End-to-end tests against the local control plane (KEEP_CLUSTER=1 leaves it running)
 	@bash hack/cluster-up.sh
-	@status=0; $(CARGO) test -p shardop-e2e -- --test-threads=$(E2E_TEST_THREADS) || status=$$?; \
+	@status=0; $(CARGO) test -p shardop-e2e --tests -- --test-threads=$(E2E_TEST_THREADS) || status=$$?; \
 	  if [[ -z "$${KEEP_CLUSTER:-}" ]]; then bash hack/cluster-down.sh; fi; exit $$status
 
 .PHONY: test
@@ -123,16 +123,17 @@ SMOKE_KNOBS := OBJECTS=200 RAW_OBJECTS=100 SHARDS=3 DURATION=30s CREATE_RATE=40 
 bench-smoke: toolchain tools ## A fast version of every benchmark scenario (part of the test suite)
 	$(CARGO) build --workspace --bins $(BENCH_FEATURES)
 	@export $(BENCH_CLUSTER_ENV) SHARDOP_BIN_DIR=$(TARGET_DIR)/debug; \
-	  mkdir -p target/bench-smoke; bash hack/cluster-down.sh 2>/dev/null; status=0; \
+	  mkdir -p target/bench-smoke; bash hack/cluster-down.sh 2>/dev/null; status=0; passed=0; failed=0; \
 	  for scenario in $(SMOKE_SCENARIOS); do \
 	    started=$$SECONDS; extra=; \
 	    if [[ "$$scenario" == throttle ]]; then extra=OBJECTS=60; fi; \
 	    if env $(SMOKE_KNOBS) $$extra "$(TARGET_DIR)/debug/shardop-bench" "$$scenario" \
 	         >"target/bench-smoke/$$scenario.out" 2>"target/bench-smoke/$$scenario.log"; then \
-	      echo "bench-smoke: $$scenario ok ($$((SECONDS - started)) s)"; \
+	      passed=$$((passed + 1)); echo "bench-smoke: $$scenario ok ($$((SECONDS - started)) s)"; \
 	    else \
-	      status=1; echo "bench-smoke: $$scenario FAILED ($$((SECONDS - started)) s); last lines of target/bench-smoke/$$scenario.log:"; \
+	      status=1; failed=$$((failed + 1)); echo "bench-smoke: $$scenario FAILED ($$((SECONDS - started)) s); last lines of target/bench-smoke/$$scenario.log:"; \
 	      tail -n 20 "target/bench-smoke/$$scenario.log"; cat "target/bench-smoke/$$scenario.out"; \
 	    fi; \
 	  done; \
-	  bash hack/cluster-down.sh 2>/dev/null; exit $$status
+	  bash hack/cluster-down.sh 2>/dev/null; \
+	  echo "bench-smoke: $$passed passed, $$failed failed"; exit $$status

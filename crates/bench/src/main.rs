@@ -268,6 +268,11 @@ pub async fn restart_control_plane() -> anyhow::Result<()> {
 
 async fn raw_scenario(knobs: &Knobs) -> anyhow::Result<Report> {
     let client = env::unlimited_client(shardop_e2e::cluster()).await?;
+    // The same warm-up as every scenario's probe: right after a start the API server is
+    // still busy with the CRDs.
+    let warmup = shardop_e2e::TestNamespace::create(&client, "bench-warmup").await?;
+    let mut panel = Panel::new("warm-up", "operations/s");
+    raw::measure(&client, &warmup.name, 50, knobs.concurrency, &mut panel).await?;
     let namespace = shardop_e2e::TestNamespace::create(&client, "bench-raw").await?;
     let mut panel = Panel::new("raw API capacity", "operations/s");
     let started = std::time::Instant::now();
