@@ -92,6 +92,21 @@ impl AuditEvent {
         Some((object.resource.as_str(), object.name.as_deref()?))
     }
 
+    /// The DatabaseCluster an audited write belongs to: the object itself, or the one whose
+    /// StatefulSet, `<name>-headless` Service or `data-<name>-<ordinal>` claim it is.
+    pub fn database_cluster(&self) -> Option<String> {
+        let (resource, name) = self.target()?;
+        match resource {
+            "databaseclusters" | "statefulsets" => Some(name.to_owned()),
+            "services" => name.strip_suffix("-headless").map(str::to_owned),
+            "persistentvolumeclaims" => {
+                let rest = name.strip_prefix("data-")?;
+                rest.rsplit_once('-').map(|(n, _)| n.to_owned())
+            }
+            _ => None,
+        }
+    }
+
     /// The shard in a `shardop-worker/shard-<i>` user agent.
     pub fn worker_shard(&self) -> Option<u32> {
         let rest = self.user_agent.strip_prefix("shardop-worker/shard-")?;

@@ -179,6 +179,21 @@ impl ShardopProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The metrics address the process logged at start-up (tests bind port 0).
+    pub async fn metrics_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        crate::wait_for(
+            &format!("the metrics address in {}'s log", self.name),
+            Duration::from_secs(30),
+            || async {
+                self.log().lines().find_map(|line| {
+                    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+                    value["fields"]["metrics_addr"].as_str()?.parse().ok()
+                })
+            },
+        )
+        .await
+    }
+
     /// The process's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

@@ -312,7 +312,8 @@ impl Env {
         let timeline = self.timeline.lock().unwrap();
         let mut violations = Vec::new();
         for event in &writes {
-            let (Some(owner), Some(shard)) = (owner_name(event), event.worker_shard()) else {
+            let (Some(owner), Some(shard)) = (event.database_cluster(), event.worker_shard())
+            else {
                 continue;
             };
             let Some(entries) = timeline.get(&owner) else {
@@ -383,36 +384,6 @@ fn converged(object: &DatabaseCluster, shard: &str) -> bool {
         s.observed_generation == object.metadata.generation
             && s.shard.map(|s| s.to_string()).as_deref() == Some(shard)
     })
-}
-
-/// The DatabaseCluster an audited write belongs to.
-fn owner_name(event: &AuditEvent) -> Option<String> {
-    let (resource, name) = event.target()?;
-    match resource {
-        "databaseclusters" | "statefulsets" => Some(name.to_owned()),
-        "services" => name.strip_suffix("-headless").map(str::to_owned),
-        "persistentvolumeclaims" => {
-            let rest = name.strip_prefix("data-")?;
-            rest.rsplit_once('-').map(|(n, _)| n.to_owned())
-        }
-        _ => None,
-    }
-}
-
-/// The metrics address a process logged at start-up (it binds port 0 in tests).
-async fn metrics_addr(process: &ShardopProcess) -> SocketAddr {
-    wait_for(
-        "metrics address in the log",
-        Duration::from_secs(30),
-        || async {
-            process.log().lines().find_map(|line| {
-                let value: serde_json::Value = serde_json::from_str(line).ok()?;
-                value["fields"]["metrics_addr"].as_str()?.parse().ok()
-            })
-        },
-    )
-    .await
-    .unwrap()
 }
 
 async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
@@ -487,7 +458,7 @@ async fn a_creation_storm_is_assigned_balanced_and_converges() {
     let workers: Vec<ShardopProcess> = (0..3).map(|i| env.worker(i)).collect();
     let assigner = env.assigner("shardop-assigner-0", &[]);
     let count = objects();
-    let addr = metrics_addr(&assigner).await;
+    let addr = assigner.metrics_addr().await.unwrap();
     // Latency is measured from a running system: the assigner leads and every shard is
     // served (E = 3).
     wait_for("E = 3", Duration::from_secs(30), || async {
@@ -677,7 +648,9 @@ async fn scale_out_then_in_moves_the_minimum_without_dual_ownership() {
     .await
     .unwrap();
 
-    let metrics = scrape(metrics_addr(&assigner).await).await.unwrap();
+    let metrics = scrape(assigner.metrics_addr().await.unwrap())
+        .await
+        .unwrap();
     let drains = metric_value(
         &metrics,
         "shardop_assigner_moves_total",
@@ -982,7 +955,7 @@ async fn bench_the_assigner_with_stand_in_workers() {
         stand_ins.insert(shard, StandIn::start(&env, shard).await);
     }
     let assigner = env.assigner("shardop-assigner-0", &["--max-concurrent-moves", "200"]);
-    let addr = metrics_addr(&assigner).await;
+    let addr = assigner.metrics_addr().await.unwrap();
     wait_for("E = 3", Duration::from_secs(30), || async {
         let metrics = scrape(addr).await.ok()?;
         (metric_value(&metrics, "shardop_assigner_effective_shards", &[]) == 3.0).then_some(())

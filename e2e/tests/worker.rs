@@ -188,37 +188,6 @@ fn agent_pod(event: &AuditEvent) -> &str {
         .map_or("", |(_, pod)| pod.trim_end_matches(')'))
 }
 
-/// The DatabaseCluster an audited write belongs to.
-fn owner_name(event: &AuditEvent) -> Option<String> {
-    let (resource, name) = event.target()?;
-    match resource {
-        "databaseclusters" | "statefulsets" => Some(name.to_owned()),
-        "services" => name.strip_suffix("-headless").map(str::to_owned),
-        "persistentvolumeclaims" => {
-            // data-<name>-<ordinal>
-            let rest = name.strip_prefix("data-")?;
-            rest.rsplit_once('-').map(|(n, _)| n.to_owned())
-        }
-        _ => None,
-    }
-}
-
-/// Reads the worker's metrics address from its log (it binds port 0 in tests).
-async fn metrics_addr(process: &ShardopProcess) -> SocketAddr {
-    wait_for(
-        "metrics address in the log",
-        Duration::from_secs(20),
-        || async {
-            process.log().lines().find_map(|line| {
-                let value: serde_json::Value = serde_json::from_str(line).ok()?;
-                value["fields"]["metrics_addr"].as_str()?.parse().ok()
-            })
-        },
-    )
-    .await
-    .unwrap()
-}
-
 /// Reads the worker's health address from its log.
 async fn health_addr(process: &ShardopProcess) -> SocketAddr {
     wait_for(
@@ -338,7 +307,7 @@ async fn three_hundred_objects_converge_on_their_own_shards_and_a_second_pass_wr
     let writes = env.object_writes();
     let mut per_object: BTreeMap<String, usize> = BTreeMap::new();
     for event in &writes {
-        let Some(owner) = owner_name(event) else {
+        let Some(owner) = event.database_cluster() else {
             continue;
         };
         let index: u32 = owner.trim_start_matches("db-").parse().unwrap();
@@ -369,7 +338,7 @@ async fn three_hundred_objects_converge_on_their_own_shards_and_a_second_pass_wr
     let workers: Vec<ShardopProcess> = (0..3).map(|i| env.worker(i, &[])).collect();
     let mut addrs = Vec::new();
     for worker in &workers {
-        addrs.push(metrics_addr(worker).await);
+        addrs.push(worker.metrics_addr().await.unwrap());
     }
     let pass = Instant::now();
     wait_for(
@@ -726,7 +695,7 @@ async fn drain_is_acknowledged_once_and_sigterm_releases_the_lease_at_once() {
         .into_iter()
         .filter(|e| {
             e.worker_shard() == Some(0)
-                && owner_name(e).as_deref() == Some("db")
+                && e.database_cluster().as_deref() == Some("db")
                 && e.request_received_timestamp > ack.request_received_timestamp
         })
         .map(|e| (e.verb.clone(), e.target().map(|(r, n)| format!("{r}/{n}"))))
@@ -771,7 +740,7 @@ async fn an_admitted_but_unappliable_spec_ends_degraded_without_a_requeue_storm(
     assert!(degraded.message.contains("cpu"), "{}", degraded.message);
 
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let addr = metrics_addr(&worker).await;
+    let addr = worker.metrics_addr().await.unwrap();
     let metrics = scrape(addr).await.unwrap();
     let runs = metric_value(&metrics, "shardop_reconcile_runs_total", &[("shard", "0")]);
     assert!(runs <= 3.0, "{runs} reconciles of one broken object");
@@ -866,7 +835,7 @@ async fn bench_first_pass_reconciles_per_second() {
     let running: Vec<ShardopProcess> = (0..workers).map(|i| env.worker(i, &extra)).collect();
     let mut addrs = Vec::new();
     for worker in &running {
-        addrs.push(metrics_addr(worker).await);
+        addrs.push(worker.metrics_addr().await.unwrap());
     }
     let second = Instant::now();
     wait_for("second pass", Duration::from_secs(300), || async {

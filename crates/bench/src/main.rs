@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use shardop_runtime::parse_duration;
 
 use crate::plot::Panel;
 use crate::report::Report;
@@ -111,25 +112,6 @@ impl Knobs {
             self.timeout
         }
     }
-}
-
-/// `15m`, `30s`, `1500ms`, `1h`, or plain seconds.
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let (number, unit) = value
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((value, "s"), |i| value.split_at(i));
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("not a duration: {value}"))?;
-    let seconds = match unit {
-        "ms" => number / 1000.0,
-        "s" => number,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        other => return Err(format!("unknown unit {other:?} in {value}")),
-    };
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,21 +275,4 @@ async fn raw_scenario(knobs: &Knobs) -> anyhow::Result<Report> {
         .set("label_patches_per_s", capacity.label_patches_per_s);
     plot::draw(&knobs.output_dir.join("raw.png"), "raw", &[panel])?;
     Ok(report)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(
-            parse_duration("1500ms").unwrap(),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
-        assert!(parse_duration("3d").is_err());
-    }
 }

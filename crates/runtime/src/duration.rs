@@ -1,8 +1,8 @@
-//! Durations on the command line: `500ms`, `15s`, `5m`, or a bare number of seconds.
+//! Durations on the command line: `500ms`, `15s`, `5m`, `1h`, or a bare number of seconds.
 
 use std::time::Duration;
 
-/// Parses a flag value such as `500ms`, `15s`, `5m` or `2.5` (seconds), for clap's
+/// Parses a flag value such as `500ms`, `15s`, `5m`, `1h` or `2.5` (seconds), for clap's
 /// `value_parser`.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let value = value.trim();
@@ -16,9 +16,10 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         "ms" => number / 1000.0,
         "s" => number,
         "m" => number * 60.0,
+        "h" => number * 3600.0,
         _ => {
             return Err(format!(
-                "invalid duration unit in {value:?} (use ms, s or m)"
+                "invalid duration unit in {value:?} (use ms, s, m or h)"
             ));
         }
     };
@@ -34,12 +35,13 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration(" 2.5 "), Ok(Duration::from_millis(2500)));
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "s", "5h", "abc", "-1s", "1e3s"] {
+        for bad in ["", "s", "5d", "abc", "-1s", "1e3s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
         }
     }
