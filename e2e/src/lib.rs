@@ -43,7 +43,11 @@ static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
 /// The repository root (the parent of `e2e/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // Cargo sets the variable when it runs a test too; the run-time value follows the checkout
+    // even when a shared target directory reuses a binary built from another one.
+    let manifest_dir =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    Path::new(&manifest_dir)
         .parent()
         .expect("e2e/ has a parent")
         .to_path_buf()

@@ -38,7 +38,11 @@ mod tests {
     use std::path::PathBuf;
 
     fn chart_crd_dir() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../charts/shardop/crds")
+        // Cargo sets the variable when it runs the test too; the run-time value follows the
+        // checkout even when a shared target directory reuses a binary built elsewhere.
+        let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")
+            .unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+        PathBuf::from(manifest_dir).join("../../charts/shardop/crds")
     }
 
     #[test]

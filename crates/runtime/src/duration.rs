@@ -36,6 +36,7 @@ mod tests {
         assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("4"), Ok(Duration::from_secs(4)));
         assert_eq!(parse_duration(" 2.5 "), Ok(Duration::from_millis(2500)));
     }
 

@@ -269,16 +269,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("4"), Ok(Duration::from_secs(4)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("5h").is_err());
-        assert!(parse_duration("x").is_err());
-    }
-
-    #[test]
     fn cli_defaults_and_env_free_parse() {
         let cli = Cli::try_parse_from([
             "shardop-worker",
