@@ -404,17 +404,32 @@ pub fn series(text: &str, name: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// The `q`-quantile upper bound from cumulative histogram buckets `(le, count)`.
+/// The `q`-quantile from cumulative histogram buckets `(le, count)`, estimated as PromQL does.
 pub fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     let total = buckets.iter().map(|b| b.1).fold(0.0, f64::max);
     if total <= 0.0 {
         return None;
     }
+    // As PromQL's histogram_quantile: linear inside the bucket the rank falls into, from
+    // 0 for the first bucket; a rank in +Inf reads as the highest finite bound.
     let rank = q * total;
-    buckets
-        .iter()
-        .find(|(_, count)| *count >= rank)
-        .map(|(le, _)| *le)
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower.0);
+            }
+            let in_bucket = count - lower.1;
+            let share = if in_bucket > 0.0 {
+                (rank - lower.1) / in_bucket
+            } else {
+                1.0
+            };
+            return Some(lower.0 + (le - lower.0) * share);
+        }
+        lower = (le, count);
+    }
+    Some(lower.0)
 }
 
 /// Cumulative buckets of histogram `name` summed over every label set, from scrape `text`.
@@ -532,4 +547,28 @@ pub fn on_shard(conv: &Convergence, shard: u32) -> HashSet<String> {
         .filter(|(_, s)| *s == Some(shard))
         .map(|(n, _)| n)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantile_interpolates_like_promql() {
+        // 100 observations: 50 ≤ 0.1, 40 in (0.1, 0.5], 10 in (0.5, 1].
+        let buckets = [
+            (0.1, 50.0),
+            (0.5, 90.0),
+            (1.0, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        let at = |q| histogram_quantile(&buckets, q).unwrap();
+        assert!((at(0.25) - 0.05).abs() < 1e-9);
+        assert!((at(0.7) - 0.3).abs() < 1e-9);
+        assert!((at(0.99) - 0.95).abs() < 1e-9);
+        // Beyond the highest finite bound: that bound.
+        let overflow = [(1.0, 10.0), (f64::INFINITY, 100.0)];
+        assert_eq!(histogram_quantile(&overflow, 0.99), Some(1.0));
+        assert_eq!(histogram_quantile(&[(1.0, 0.0)], 0.99), None);
+    }
 }

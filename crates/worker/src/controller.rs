@@ -48,8 +48,9 @@ pub type ObjectKey = String;
 /// Per-object bookkeeping of one shard, shared by its controllers and its reconciles.
 #[derive(Default)]
 pub struct Bookkeeping {
-    /// Objects with an event not yet picked up by a reconcile (queue depth).
-    pub pending: HashSet<ObjectKey>,
+    /// Objects with an event not yet picked up by a reconcile (queue depth), with when the
+    /// first of those events arrived (queue wait).
+    pub pending: HashMap<ObjectKey, Instant>,
     /// Reconciles running, with their start.
     pub running: HashMap<ObjectKey, Instant>,
     /// When a spec change of an object was first seen, for the lag histogram.
@@ -59,7 +60,8 @@ pub struct Bookkeeping {
     pub terminal: HashMap<String, (Option<i64>, TerminalProblem)>,
     /// The last server-side apply of each child (`Kind/namespace/name`): fingerprint of the
     /// desired object, resourceVersion and object returned. Lets a reconcile that runs
-    /// before the watch delivered our own write skip re-applying it.
+    /// before the watch delivered our own write skip re-applying it; an entry is dropped as
+    /// soon as the watch delivers that version, so the memo holds only writes in flight.
     pub applied: HashMap<String, (u64, Option<u64>, AppliedObject)>,
     /// UIDs whose drain this shard acknowledged: a stale cache entry must not be
     /// reconciled again.
@@ -70,13 +72,48 @@ pub struct Bookkeeping {
 pub type AppliedObject = Arc<dyn std::any::Any + Send + Sync>;
 
 impl Bookkeeping {
+    /// Records an event for an object; an object already waiting keeps its first event's
+    /// time, since that is how long it has been waiting.
+    pub fn mark_pending(&mut self, key: ObjectKey) {
+        self.pending.entry(key).or_insert_with(Instant::now);
+    }
+
+    /// A reconcile of the object starts: it stops waiting. Returns how long it waited for
+    /// a reconcile slot, or `None` for a run no event asked for (a requeue or resync).
+    pub fn start_running(&mut self, key: &ObjectKey) -> Option<Duration> {
+        self.running.insert(key.clone(), Instant::now());
+        self.pending.remove(key).map(|since| since.elapsed())
+    }
+
+    /// The apply memo key of a child.
+    pub fn applied_key(kind: &str, namespace: &str, name: &str) -> String {
+        format!("{kind}/{namespace}/{name}")
+    }
+
+    /// Drops the apply memo of a child once the watch delivered the applied version (or a
+    /// later one): from then on the cache answers for it.
+    pub fn forget_applied_once_seen<K: Resource<DynamicType = ()>>(&mut self, child: &K) {
+        let key = Self::applied_key(
+            &K::kind(&()),
+            child.meta().namespace.as_deref().unwrap_or_default(),
+            child.meta().name.as_deref().unwrap_or_default(),
+        );
+        let seen = crate::reconcile::numeric_resource_version(child);
+        if let Some((_, applied_version, _)) = self.applied.get(&key)
+            && seen.is_some_and(|seen| applied_version.is_none_or(|applied| seen >= applied))
+        {
+            self.applied.remove(&key);
+        }
+    }
+
     /// Forgets the apply memo of a DatabaseCluster's children.
     pub fn forget_children(&mut self, namespace: &str, name: &str) {
         self.applied
-            .remove(&format!("StatefulSet/{namespace}/{name}"));
-        self.applied.remove(&format!(
-            "Service/{namespace}/{}",
-            crate::children::service_name(name)
+            .remove(&Self::applied_key("StatefulSet", namespace, name));
+        self.applied.remove(&Self::applied_key(
+            "Service",
+            namespace,
+            &crate::children::service_name(name),
         ));
     }
 }
@@ -223,7 +260,7 @@ impl ShardController {
         // acknowledged, deleted) before its queued reconcile ran is not waiting any more.
         let mut book = self.shared.book();
         let stores = &self.stores;
-        book.pending.retain(|key| {
+        book.pending.retain(|key, _| {
             key.split_once('/').is_some_and(|(namespace, name)| {
                 stores.iter().any(|store| {
                     store
@@ -326,14 +363,14 @@ fn scope_controller(
     // of children and how long a stall lasts).
     let (sts_task, sts_events) = drive_children(
         sts_writer,
-        watcher(api::<StatefulSet>(&client, namespace), config.clone()),
+        watcher(api::<StatefulSet>(&client, namespace), config.clone()).modify(drop_managed_fields),
         sts_fingerprint,
         sts_synced.clone(),
         shared.clone(),
     );
     let (svc_task, svc_events) = drive_children(
         svc_writer,
-        watcher(api::<Service>(&client, namespace), config.clone()),
+        watcher(api::<Service>(&client, namespace), config.clone()).modify(drop_managed_fields),
         predicates::resource_version,
         svc_synced.clone(),
         shared.clone(),
@@ -351,7 +388,7 @@ fn scope_controller(
     };
     let cluster_stream = reflector::reflector(
         cluster_writer,
-        watcher(api::<DatabaseCluster>(&client, namespace), config),
+        watcher(api::<DatabaseCluster>(&client, namespace), config).modify(drop_managed_fields),
     )
     .default_backoff()
     .inspect({
@@ -378,7 +415,7 @@ fn scope_controller(
                 .entry(key.clone())
                 .or_insert_with(Instant::now);
         }
-        book.pending.insert(key);
+        book.mark_pending(key);
     });
     let cluster_events = futures::stream::once(async move {
         children_synced.await;
@@ -434,6 +471,13 @@ fn scope_controller(
     (clusters, Box::pin(run))
 }
 
+/// Cached objects do without `managedFields`: nothing reads them, and they are a large
+/// share of every object (one entry per field manager: ours, the assigner's, the
+/// controller manager's status writes).
+fn drop_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 /// Aborts its tasks when dropped.
 struct AbortOnDrop(Vec<JoinHandle<()>>);
 
@@ -471,12 +515,16 @@ where
             }
         })
         .applied_objects()
+        .inspect_ok({
+            let shared = shared.clone();
+            move |child| shared.book().forget_applied_once_seen(child)
+        })
         .predicate_filter(predicate, kube::runtime::PredicateConfig::default())
         .for_each(move |event| {
             match event {
                 Ok(child) => {
                     if let Some(parent) = child.parent_key() {
-                        shared.book().pending.insert(parent);
+                        shared.book().mark_pending(parent);
                     }
                     // The receiver is gone only when the controller stopped.
                     let _ = tx.unbounded_send(Ok(child));
@@ -522,5 +570,29 @@ impl<K: Resource> ChildMeta for K {
             self.meta().namespace.as_deref().unwrap_or_default(),
             owner.name
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_wait_runs_from_the_first_unhandled_event() {
+        let mut book = Bookkeeping::default();
+        let key: ObjectKey = "ns/a".into();
+        book.mark_pending(key.clone());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // A second event while waiting does not restart the clock.
+        book.mark_pending(key.clone());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(book.start_running(&key), Some(Duration::from_secs(3)));
+        assert!(book.running.contains_key(&key));
+        // A requeue or resync run was not asked for by an event: no queue wait.
+        assert_eq!(book.start_running(&key), None);
+        // An event during a run waits from then on.
+        book.mark_pending(key.clone());
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert_eq!(book.start_running(&key), Some(Duration::from_millis(250)));
     }
 }

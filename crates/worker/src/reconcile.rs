@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::backoff::jitter_unit;
 use crate::children::{self, desired_service, desired_stateful_set, is_subset};
-use crate::controller::{AppliedObject, ScopeContext, key_of};
+use crate::controller::{AppliedObject, Bookkeeping, ScopeContext, key_of};
 use crate::metrics::{ReasonLabels, ResultLabels, WorkerMetrics};
 use crate::status::{Observed, TerminalProblem, desired_status};
 
@@ -118,17 +118,16 @@ pub async fn reconcile(
         action = tracing::field::Empty,
         result = tracing::field::Empty,
     );
-    {
-        let mut book = shared.book();
-        book.pending.remove(&key);
-        book.running
-            .insert(key.clone(), tokio::time::Instant::now());
+    let queue_wait = shared.book().start_running(&key);
+    let shard_label = WorkerMetrics::shard(shard);
+    if let Some(waited) = queue_wait {
+        shared
+            .metrics
+            .queue_wait
+            .get_or_create(&shard_label)
+            .observe(waited.as_secs_f64());
     }
-    shared
-        .metrics
-        .runs
-        .get_or_create(&WorkerMetrics::shard(shard))
-        .inc();
+    shared.metrics.runs.get_or_create(&shard_label).inc();
     let started = std::time::Instant::now();
     let outcome = reconcile_inner(&cluster, &ctx, &key)
         .instrument(span.clone())
@@ -354,7 +353,7 @@ where
     }
     let namespace = desired.meta().namespace.clone().unwrap_or_default();
     let name = desired.meta().name.clone().unwrap_or_default();
-    let memo_key = format!("{}/{namespace}/{name}", K::kind(&()));
+    let memo_key = Bookkeeping::applied_key(&K::kind(&()), &namespace, &name);
     let fingerprint = fingerprint(desired);
     // The watch cache lags our own writes by a few milliseconds; a reconcile triggered in
     // that window must not apply the same object again.
@@ -378,12 +377,14 @@ where
         .await
         .map_err(ReconcileError::kube(action))?;
     crate::fault::after_write();
+    let mut memo = applied.clone();
+    memo.meta_mut().managed_fields = None;
     ctx.shared.book().applied.insert(
         memo_key,
         (
             fingerprint,
             numeric_resource_version(&applied),
-            Arc::new(applied.clone()) as AppliedObject,
+            Arc::new(memo) as AppliedObject,
         ),
     );
     Ok(applied)
@@ -402,7 +403,7 @@ fn fingerprint<T: serde::Serialize>(object: &T) -> u64 {
 /// The resourceVersion as a number. Kubernetes calls it opaque, but with etcd it is the
 /// store revision; it is only used to tell "the cache has not caught up with our own write
 /// yet" from "someone changed the object since", and anything unparsable means "apply".
-fn numeric_resource_version<K: Resource>(object: &K) -> Option<u64> {
+pub(crate) fn numeric_resource_version<K: Resource>(object: &K) -> Option<u64> {
     object.meta().resource_version.as_deref()?.parse().ok()
 }
 

@@ -11,7 +11,9 @@
 //! 1. [`RequestPolicy`] (this module): sets the user agent, takes a token, counts the
 //!    response in `shardop_kube_requests_total{verb,code}`, and on `429 Too Many Requests`
 //!    sleeps for the server's `Retry-After` (clamped to 1..=30 s) and sends again — a
-//!    throttled request is not a failure, the reconcile never sees it;
+//!    throttled request is not a failure, the reconcile never sees it. After
+//!    `MAX_THROTTLE_RETRIES` resends the 429 goes to the caller, still only after its
+//!    `Retry-After`, so no request ever follows a 429 sooner than the server asked;
 //! 2. kube's default stack from the inferred config (base URI, auth, extra headers, HTTP
 //!    tracing, TLS connector), behind a `tower::buffer::Buffer` so it can be cloned for
 //!    resends. kube's own retry layer is switched off: it follows `Retry-After` without a cap
@@ -256,24 +258,33 @@ where
                     .requests
                     .get_or_create(&RequestLabels { verb, code })
                     .inc();
-                match (result, resend) {
-                    (Ok(response), Some(next))
-                        if response.status() == StatusCode::TOO_MANY_REQUESTS =>
-                    {
-                        let wait = retry_after(response.headers().get(RETRY_AFTER));
-                        drop(response);
-                        shared.metrics.throttled_retries.inc();
-                        tracing::debug!(
-                            verb,
-                            wait_ms = wait.as_millis() as u64,
-                            "throttled by the API server (429), waiting for Retry-After"
-                        );
-                        tokio::time::sleep(wait).await;
-                        request = next;
-                        attempt += 1;
-                    }
-                    (result, _) => return result,
-                }
+                let response = match result {
+                    Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => response,
+                    other => return other,
+                };
+                let wait = retry_after(response.headers().get(RETRY_AFTER));
+                let Some(next) = resend else {
+                    // Out of resends: the caller gets the 429, but only after the wait the
+                    // server asked for, so whatever backoff it adds comes on top of it
+                    // and its next request cannot arrive early.
+                    tracing::debug!(
+                        verb,
+                        wait_ms = wait.as_millis() as u64,
+                        "still throttled (429) after {MAX_THROTTLE_RETRIES} resends, returning it after Retry-After"
+                    );
+                    tokio::time::sleep(wait).await;
+                    return Ok(response);
+                };
+                drop(response);
+                shared.metrics.throttled_retries.inc();
+                tracing::debug!(
+                    verb,
+                    wait_ms = wait.as_millis() as u64,
+                    "throttled by the API server (429), waiting for Retry-After"
+                );
+                tokio::time::sleep(wait).await;
+                request = next;
+                attempt += 1;
             }
         })
     }
@@ -488,5 +499,38 @@ mod tests {
         let agents = fake.seen_agents.lock().unwrap();
         assert_eq!(agents.len(), 3);
         assert!(agents.iter().all(|a| a == "shardop-worker/shard-1 (w-0)"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_handed_back_after_the_last_resend_still_waits_for_retry_after() {
+        let fake = Fake {
+            throttles: Arc::new(u32::MAX.into()),
+            seen_agents: Arc::default(),
+        };
+        let metrics = KubeMetrics::default();
+        let mut service = RequestPolicy {
+            inner: fake.clone(),
+            shared: Arc::new(Shared {
+                user_agent: HeaderValue::from_static("shardop-worker/shard-0 (w-0)"),
+                bucket: TokenBucket::new(0.0, 1),
+                metrics: metrics.clone(),
+            }),
+        };
+        let start = tokio::time::Instant::now();
+        let request = Request::builder()
+            .method(Method::PATCH)
+            .uri("/api/v1/namespaces/a/services/b")
+            .body(Body::from(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+        let response = service.ready().await.unwrap().call(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let sends = MAX_THROTTLE_RETRIES + 1;
+        assert_eq!(fake.seen_agents.lock().unwrap().len(), sends as usize);
+        assert_eq!(
+            metrics.throttled_retries.get(),
+            u64::from(MAX_THROTTLE_RETRIES)
+        );
+        // Every one of the 429s, the last included, was followed by its 2 s Retry-After.
+        assert_eq!(start.elapsed(), Duration::from_secs(2 * u64::from(sends)));
     }
 }
