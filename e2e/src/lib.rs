@@ -11,6 +11,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod audit;
+pub mod metrics;
 pub mod process;
 
 use std::future::Future;

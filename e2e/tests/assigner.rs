@@ -9,11 +9,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -25,9 +24,9 @@ use serde_json::json;
 use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL};
 use shardop_api::{DatabaseCluster, Shard, ShardCount, ShardState, shard_for};
 use shardop_e2e::audit::{self, AuditEvent};
+use shardop_e2e::metrics::{metric_value, scrape};
 use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess};
 use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Objects per test (`SHARDOP_E2E_ASSIGNER_OBJECTS`, default 300).
 fn objects() -> usize {
@@ -384,35 +383,6 @@ fn converged(object: &DatabaseCluster, shard: &str) -> bool {
         s.observed_generation == object.metadata.generation
             && s.shard.map(|s| s.to_string()).as_deref() == Some(shard)
     })
-}
-
-async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: assigner\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    if !response.starts_with("HTTP/1.1 200") {
-        bail!("scrape failed: {response}");
-    }
-    Ok(response)
-}
-
-/// The sum of every sample of `metric` whose label set contains all of `labels`.
-fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
-            (name == metric
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
 }
 
 /// The upper bound of the histogram bucket holding quantile `q` of `metric`.

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -25,9 +25,9 @@ use serde_json::json;
 use shardop_api::DatabaseCluster;
 use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL, condition};
 use shardop_e2e::audit::{self, AuditEvent};
+use shardop_e2e::metrics::{http_get, metric_value, scrape};
 use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess};
 use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Env {
     cluster: &'static Cluster,
@@ -204,40 +204,6 @@ async fn health_addr(process: &ShardopProcess) -> SocketAddr {
     .unwrap()
 }
 
-/// A raw HTTP/1.1 GET; returns the whole response.
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    Ok(response)
-}
-
-async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let response = get(addr, "/metrics").await?;
-    if !response.starts_with("HTTP/1.1 200") {
-        bail!("scrape failed: {response}");
-    }
-    Ok(response)
-}
-
-/// The sum of every sample of `metric` whose label set contains all of `labels`.
-fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
-            (name == metric
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
 fn converged(object: &DatabaseCluster, shard: u32) -> bool {
     object.status.as_ref().is_some_and(|s| {
         s.observed_generation == object.metadata.generation && s.shard == Some(shard)
@@ -398,7 +364,7 @@ async fn spec_updates_reach_the_stateful_set_and_deletion_removes_claims_and_chi
     let worker = env.worker(0, &[]);
     let health = health_addr(&worker).await;
     wait_for("/readyz", Duration::from_secs(30), || async {
-        get(health, "/readyz")
+        http_get(health, "/readyz")
             .await
             .ok()?
             .starts_with("HTTP/1.1 200")
@@ -407,7 +373,7 @@ async fn spec_updates_reach_the_stateful_set_and_deletion_removes_claims_and_chi
     .await
     .unwrap();
     assert!(
-        get(health, "/healthz")
+        http_get(health, "/healthz")
             .await
             .unwrap()
             .starts_with("HTTP/1.1 200")

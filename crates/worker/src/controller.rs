@@ -595,4 +595,29 @@ mod tests {
         tokio::time::advance(Duration::from_millis(250)).await;
         assert_eq!(book.start_running(&key), Some(Duration::from_millis(250)));
     }
+
+    #[test]
+    fn the_apply_memo_is_dropped_once_the_watch_delivers_the_applied_version() {
+        let service = |version: &str| Service {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some("a-headless".into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut book = Bookkeeping::default();
+        let key = Bookkeeping::applied_key("Service", "ns", "a-headless");
+        book.applied.insert(
+            key.clone(),
+            (1, Some(7), Arc::new(service("7")) as AppliedObject),
+        );
+        // An older version (the watch is still behind our write) keeps it.
+        book.forget_applied_once_seen(&service("6"));
+        assert!(book.applied.contains_key(&key));
+        // The applied version, or a later one, makes the cache authoritative again.
+        book.forget_applied_once_seen(&service("7"));
+        assert!(!book.applied.contains_key(&key));
+    }
 }

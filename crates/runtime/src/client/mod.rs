@@ -457,34 +457,43 @@ mod tests {
         }
     }
 
+    impl Fake {
+        fn throttling(times: u32) -> Self {
+            Self {
+                throttles: Arc::new(times.into()),
+                seen_agents: Arc::default(),
+            }
+        }
+
+        /// Sends one PATCH through a [`RequestPolicy`] in front of this fake; returns the
+        /// response status, the time it took and the policy's metrics.
+        async fn patch_through_policy(&self) -> (StatusCode, Duration, KubeMetrics) {
+            let metrics = KubeMetrics::default();
+            let mut service = RequestPolicy {
+                inner: self.clone(),
+                shared: Arc::new(Shared {
+                    user_agent: HeaderValue::from_static("shardop-worker/shard-1 (w-0)"),
+                    bucket: TokenBucket::new(0.0, 1),
+                    metrics: metrics.clone(),
+                }),
+            };
+            let start = tokio::time::Instant::now();
+            let request = Request::builder()
+                .method(Method::PATCH)
+                .uri("/api/v1/namespaces/a/services/b")
+                .body(Body::from(bytes::Bytes::from_static(b"{}")))
+                .unwrap();
+            let response = service.ready().await.unwrap().call(request).await.unwrap();
+            (response.status(), start.elapsed(), metrics)
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn throttled_requests_are_resent_after_retry_after() {
-        let fake = Fake {
-            throttles: Arc::new(2.into()),
-            seen_agents: Arc::default(),
-        };
-        let metrics = KubeMetrics::default();
-        let mut service = RequestPolicy {
-            inner: fake.clone(),
-            shared: Arc::new(Shared {
-                user_agent: HeaderValue::from_static("shardop-worker/shard-1 (w-0)"),
-                bucket: TokenBucket::new(0.0, 1),
-                metrics: metrics.clone(),
-            }),
-        };
-        let start = tokio::time::Instant::now();
-        let request = Request::builder()
-            .method(Method::PATCH)
-            .uri("/api/v1/namespaces/a/services/b")
-            .body(Body::from(bytes::Bytes::from_static(b"{}")))
-            .unwrap();
-        let response = service.ready().await.unwrap().call(request).await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(
-            start.elapsed(),
-            Duration::from_secs(4),
-            "two waits of Retry-After 2 s"
-        );
+        let fake = Fake::throttling(2);
+        let (status, took, metrics) = fake.patch_through_policy().await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(took, Duration::from_secs(4), "two waits of Retry-After 2 s");
         assert_eq!(metrics.throttled_retries.get(), 2);
         let count = |code: &str| {
             metrics
@@ -503,27 +512,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_429_handed_back_after_the_last_resend_still_waits_for_retry_after() {
-        let fake = Fake {
-            throttles: Arc::new(u32::MAX.into()),
-            seen_agents: Arc::default(),
-        };
-        let metrics = KubeMetrics::default();
-        let mut service = RequestPolicy {
-            inner: fake.clone(),
-            shared: Arc::new(Shared {
-                user_agent: HeaderValue::from_static("shardop-worker/shard-0 (w-0)"),
-                bucket: TokenBucket::new(0.0, 1),
-                metrics: metrics.clone(),
-            }),
-        };
-        let start = tokio::time::Instant::now();
-        let request = Request::builder()
-            .method(Method::PATCH)
-            .uri("/api/v1/namespaces/a/services/b")
-            .body(Body::from(bytes::Bytes::from_static(b"{}")))
-            .unwrap();
-        let response = service.ready().await.unwrap().call(request).await.unwrap();
-        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        let fake = Fake::throttling(u32::MAX);
+        let (status, took, metrics) = fake.patch_through_policy().await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         let sends = MAX_THROTTLE_RETRIES + 1;
         assert_eq!(fake.seen_agents.lock().unwrap().len(), sends as usize);
         assert_eq!(
@@ -531,6 +522,6 @@ mod tests {
             u64::from(MAX_THROTTLE_RETRIES)
         );
         // Every one of the 429s, the last included, was followed by its 2 s Retry-After.
-        assert_eq!(start.elapsed(), Duration::from_secs(2 * u64::from(sends)));
+        assert_eq!(took, Duration::from_secs(2 * u64::from(sends)));
     }
 }

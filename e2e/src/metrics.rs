@@ -1,0 +1,41 @@
+//! Reading the binaries' HTTP endpoints: `/metrics`, `/healthz`, `/readyz`.
+
+use std::net::SocketAddr;
+
+use anyhow::bail;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A raw HTTP/1.1 GET; returns the whole response, status line and headers included.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: shardop\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+/// The `/metrics` page of a process; an error unless it answered 200.
+pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    let response = http_get(addr, "/metrics").await?;
+    if !response.starts_with("HTTP/1.1 200") {
+        bail!("scrape failed: {response}");
+    }
+    Ok(response)
+}
+
+/// The sum of every sample of `metric` whose label set contains all of `labels`.
+pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
+            (name == metric
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
