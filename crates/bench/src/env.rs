@@ -151,6 +151,35 @@ impl BenchEnv {
             .collect()
     }
 
+    /// Cumulative buckets of histogram `name`, summed over every running worker.
+    pub async fn worker_histogram(&self, name: &str) -> Vec<(f64, f64)> {
+        let mut total: Vec<(f64, f64)> = Vec::new();
+        for worker in self.workers.values() {
+            if let Ok(text) = scrape(worker.metrics_port).await {
+                let buckets = crate::run::histogram_buckets(&text, name);
+                if total.is_empty() {
+                    total = buckets;
+                } else {
+                    for (sum, bucket) in total.iter_mut().zip(buckets) {
+                        sum.1 += bucket.1;
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// Cumulative buckets of the assigner's histogram `name` (empty without an assigner).
+    pub async fn assigner_histogram(&self, name: &str) -> Vec<(f64, f64)> {
+        match &self.assigner {
+            Some(assigner) => scrape(assigner.metrics_port)
+                .await
+                .map(|text| crate::run::histogram_buckets(&text, name))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
     /// Sum of metric `name` (all label sets matching `label`) over every running worker.
     pub async fn worker_metric_sum(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
         let mut total = 0.0;

@@ -105,6 +105,14 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             .map_or(0.0, |f| round1(f.peak_rss_mib));
         let worker_cpu = run.worker_cpu();
         let worker_cpu_total: f64 = worker_cpu.values().sum();
+        let reconcile_durations = run
+            .env
+            .worker_histogram("shardop_reconcile_duration_seconds")
+            .await;
+        let assignment_latency = run
+            .env
+            .assigner_histogram("shardop_assigner_assignment_latency_seconds")
+            .await;
         let entry = json!({
             "shards": shards,
             "seconds": seconds,
@@ -115,6 +123,9 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             "efficiency": efficiency,
             "lag_p50_s": quantile(&lags, 0.5),
             "lag_p99_s": quantile(&lags, 0.99),
+            "reconcile_p50_s": run::histogram_quantile(&reconcile_durations, 0.5),
+            "reconcile_p99_s": run::histogram_quantile(&reconcile_durations, 0.99),
+            "assignment_p99_s": run::histogram_quantile(&assignment_latency, 0.99),
             "worker_rss_mib": run.worker_rss(),
             "assigner_rss_mib": assigner_rss,
             "worker_cpu_s": worker_cpu,
@@ -681,8 +692,8 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let create_rate = 12.0 * knobs.rate;
     let delete_rate = 2.0 * knobs.rate;
     let duration = knobs.duration;
-    let queue_before = worker_histogram(&run, QUEUE_WAIT).await;
-    let lag_before = worker_histogram(&run, RECONCILE_LAG).await;
+    let queue_before = run.env.worker_histogram(QUEUE_WAIT).await;
+    let lag_before = run.env.worker_histogram(RECONCILE_LAG).await;
     let started = Instant::now();
     let load_started = Instant::now();
     let api = run.api();
@@ -705,9 +716,10 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
             run.conv.converged() >= run.conv.live()
         })
         .await;
-    let queue_wait = run::histogram_delta(&worker_histogram(&run, QUEUE_WAIT).await, &queue_before);
+    let queue_wait =
+        run::histogram_delta(&run.env.worker_histogram(QUEUE_WAIT).await, &queue_before);
     let worker_lag =
-        run::histogram_delta(&worker_histogram(&run, RECONCILE_LAG).await, &lag_before);
+        run::histogram_delta(&run.env.worker_histogram(RECONCILE_LAG).await, &lag_before);
     let queue_p99 = run::histogram_quantile(&queue_wait, 0.99);
     let change_lags = run.conv.lags(ChangeKind::Change, None);
     let create_lags = run.conv.lags(ChangeKind::Create, None);
@@ -755,24 +767,6 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
 const QUEUE_WAIT: &str = "shardop_queue_wait_seconds";
 /// The workers' lag: spec change seen → status of that generation written.
 const RECONCILE_LAG: &str = "shardop_reconcile_lag_seconds";
-
-/// Histogram `name` summed over every worker.
-async fn worker_histogram(run: &Run, name: &str) -> Vec<(f64, f64)> {
-    let mut total: Vec<(f64, f64)> = Vec::new();
-    for worker in run.env.workers.values() {
-        if let Ok(text) = env::scrape(worker.metrics_port).await {
-            let buckets = run::histogram_buckets(&text, name);
-            if total.is_empty() {
-                total = buckets;
-            } else {
-                for (t, b) in total.iter_mut().zip(buckets) {
-                    t.1 += b.1;
-                }
-            }
-        }
-    }
-    total
-}
 
 /// The churn load generator: returns (created, deleted, spec changes).
 async fn churn_load(
