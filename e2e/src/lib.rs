@@ -42,15 +42,21 @@ pub struct Cluster {
 
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
 
-/// The repository root (the parent of `e2e/`).
+/// The repository root: the closest directory holding `Cargo.lock` above the package cargo
+/// is running (an e2e test, or `cargo run -p shardop-bench`).
 pub fn repo_root() -> PathBuf {
-    // Cargo sets the variable when it runs a test too; the run-time value follows the checkout
-    // even when a shared target directory reuses a binary built from another one.
+    // Cargo sets the variable at run time too; that value follows the checkout even when a
+    // shared target directory reuses a binary built from another one.
     let manifest_dir =
         std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
     Path::new(&manifest_dir)
-        .parent()
-        .expect("e2e/ has a parent")
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").is_file())
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap_or(Path::new("."))
+        })
         .to_path_buf()
 }
 

@@ -576,9 +576,15 @@ pub async fn delete(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let drain_s = deleting.elapsed().as_secs_f64();
     let stuck_terminating = run.conv.live();
     // The garbage collector removes the children through their owner references.
+    // The collector works through the children at its own pace (130–180 deletes/s on two
+    // cores), so its window grows with their number: 120 s plus 10 ms per child.
+    let gc_window = Duration::from_secs(120)
+        + Duration::from_millis(10)
+            .saturating_mul(u32::try_from(children_before).unwrap_or(u32::MAX));
     let mut orphaned_children = children_left(&run).await?;
+    let children_after_drain = orphaned_children;
     let gc_started = Instant::now();
-    while orphaned_children > 0 && gc_started.elapsed() < Duration::from_secs(120) {
+    while orphaned_children > 0 && gc_started.elapsed() < gc_window {
         run.sample().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         orphaned_children = children_left(&run).await?;
@@ -597,6 +603,8 @@ pub async fn delete(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("stuck_terminating", stuck_terminating)
         .set("children_before", children_before)
         .set("orphaned_children", orphaned_children)
+        .set("children_after_drain", children_after_drain)
+        .set("gc_window_s", gc_window.as_secs_f64())
         .set("gc_s", gc_s)
         .set("processes", run.process_table());
     draw(&run, knobs, "delete")?;
