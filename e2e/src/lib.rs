@@ -60,6 +60,26 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A worker StatefulSet named `shardop-worker` with `replicas`: the assigner's source of N
+/// (`--worker-statefulset`), as `kubectl scale` sets it. Its pods never run (no kubelet).
+pub fn worker_stateful_set(replicas: i32) -> k8s_openapi::api::apps::v1::StatefulSet {
+    let manifest = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": { "name": "shardop-worker" },
+        "spec": {
+            "replicas": replicas,
+            "serviceName": "shardop-worker",
+            "selector": { "matchLabels": { "app": "shardop-worker" } },
+            "template": {
+                "metadata": { "labels": { "app": "shardop-worker" } },
+                "spec": { "containers": [{ "name": "worker", "image": "shardop-worker:test" }] }
+            }
+        }
+    });
+    serde_json::from_value(manifest).expect("the worker StatefulSet manifest is well-formed")
+}
+
 /// Starts or reuses the control plane and installs the CRDs, once per test binary.
 ///
 /// Setup runs on a plain thread with its own runtime: a kube `Client` is bound to the

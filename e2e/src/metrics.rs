@@ -1,8 +1,9 @@
 //! Reading the binaries' HTTP endpoints: `/metrics`, `/healthz`, `/readyz`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A raw HTTP/1.1 GET; returns the whole response, status line and headers included.
@@ -15,13 +16,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(response)
 }
 
-/// The `/metrics` page of a process; an error unless it answered 200.
+/// The `/metrics` page of a process (the body); an error unless it answered 200 within 5 s.
 pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let response = http_get(addr, "/metrics").await?;
+    let response = tokio::time::timeout(Duration::from_secs(5), http_get(addr, "/metrics"))
+        .await
+        .context("scrape timed out")??;
     if !response.starts_with("HTTP/1.1 200") {
         bail!("scrape failed: {response}");
     }
-    Ok(response)
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .context("malformed HTTP response")
 }
 
 /// The sum of every sample of `metric` whose label set contains all of `labels`.

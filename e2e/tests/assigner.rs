@@ -76,21 +76,7 @@ impl Env {
 
     /// The worker StatefulSet whose `spec.replicas` is N. Its pods never run (no kubelet).
     async fn create_worker_statefulset(&self, replicas: i32) {
-        let sts: StatefulSet = serde_json::from_value(json!({
-            "apiVersion": "apps/v1",
-            "kind": "StatefulSet",
-            "metadata": { "name": "shardop-worker" },
-            "spec": {
-                "replicas": replicas,
-                "serviceName": "shardop-worker",
-                "selector": { "matchLabels": { "app": "shardop-worker" } },
-                "template": {
-                    "metadata": { "labels": { "app": "shardop-worker" } },
-                    "spec": { "containers": [{ "name": "worker", "image": "shardop-worker:e2e" }] }
-                }
-            }
-        }))
-        .unwrap();
+        let sts = shardop_e2e::worker_stateful_set(replicas);
         Api::<StatefulSet>::namespaced(self.client.clone(), &self.operator.name)
             .create(&PostParams::default(), &sts)
             .await

@@ -2,16 +2,13 @@
 //! (assigner and workers, as a StatefulSet would run them), and what we sample from them.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use anyhow::Context;
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use prometheus_client::registry::Registry;
 use shardop_e2e::process::{ProcessSpec, ShardopProcess};
 use shardop_e2e::{Cluster, TestNamespace};
 use shardop_runtime::{ClientFactory, KubeClientArgs, KubeMetrics};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::procs;
 
@@ -216,25 +213,9 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// `GET /metrics` on 127.0.0.1:`port` (plain HTTP/1.0: one request, then close).
+/// `GET /metrics` on 127.0.0.1:`port`: the body.
 pub async fn scrape(port: u16) -> anyhow::Result<String> {
-    let request = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        anyhow::Ok(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(5), request)
-        .await
-        .context("scrape timed out")??;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .context("malformed HTTP response")?;
-    Ok(body)
+    shardop_e2e::metrics::scrape(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await
 }
 
 /// Sums the samples of metric `name` whose labels contain `label` (`key`, `value`).

@@ -236,20 +236,7 @@ pub async fn restart(knobs: &Knobs) -> anyhow::Result<Outcome> {
 /// pods; it is only the source of N, as `kubectl scale` would set it).
 async fn worker_statefulset(run: &Run, replicas: i32) -> anyhow::Result<()> {
     let api: Api<StatefulSet> = Api::namespaced(run.env.client.clone(), &run.env.operator_ns.name);
-    let sts: StatefulSet = serde_json::from_value(json!({
-        "apiVersion": "apps/v1",
-        "kind": "StatefulSet",
-        "metadata": { "name": "shardop-worker" },
-        "spec": {
-            "replicas": replicas,
-            "serviceName": "shardop-worker",
-            "selector": { "matchLabels": { "app": "bench-shardop-worker" } },
-            "template": {
-                "metadata": { "labels": { "app": "bench-shardop-worker" } },
-                "spec": { "containers": [ { "name": "worker", "image": "shardop-worker:bench" } ] }
-            }
-        }
-    }))?;
+    let sts = shardop_e2e::worker_stateful_set(replicas);
     api.patch(
         "shardop-worker",
         &PatchParams::apply("shardop-bench").force(),
