@@ -45,3 +45,29 @@ pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_the_series_with_all_the_labels() {
+        let text = "# TYPE shardop_queue_depth gauge\n\
+                    shardop_queue_depth{shard=\"0\"} 3\n\
+                    shardop_queue_depth{shard=\"1\"} 4\n\
+                    shardop_queue_depth_other 100\n\
+                    shardop_reconcile_duration_seconds_count{shard=\"0\",result=\"success\"} 7\n\
+                    shardop_reconcile_duration_seconds_count{shard=\"1\",result=\"error\"} 2\n";
+        assert_eq!(metric_value(text, "shardop_queue_depth", &[]), 7.0);
+        assert_eq!(
+            metric_value(text, "shardop_queue_depth", &[("shard", "1")]),
+            4.0
+        );
+        let runs = "shardop_reconcile_duration_seconds_count";
+        assert_eq!(metric_value(text, runs, &[("result", "success")]), 7.0);
+        assert_eq!(
+            metric_value(text, runs, &[("shard", "1"), ("result", "success")]),
+            0.0
+        );
+    }
+}

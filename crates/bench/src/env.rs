@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use kube::Client;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use prometheus_client::registry::Registry;
+use shardop_e2e::metrics::metric_value;
 use shardop_e2e::process::{ProcessSpec, ShardopProcess};
 use shardop_e2e::{Cluster, TestNamespace};
 use shardop_runtime::{ClientFactory, KubeClientArgs, KubeMetrics};
@@ -182,7 +183,7 @@ impl BenchEnv {
         let mut total = 0.0;
         for worker in self.workers.values() {
             if let Ok(text) = scrape(worker.metrics_port).await {
-                total += metric_sum(&text, name, label);
+                total += metric_value(&text, name, label.as_slice());
             }
         }
         total
@@ -216,54 +217,4 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// `GET /metrics` on 127.0.0.1:`port`: the body.
 pub async fn scrape(port: u16) -> anyhow::Result<String> {
     shardop_e2e::metrics::scrape(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await
-}
-
-/// Sums the samples of metric `name` whose labels contain `label` (`key`, `value`).
-pub fn metric_sum(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, labels) = match series.split_once('{') {
-                Some((metric, labels)) => (metric, labels),
-                None => (series, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            if let Some((key, wanted)) = label
-                && !labels.contains(&format!("{key}=\"{wanted}\""))
-            {
-                return None;
-            }
-            value.parse::<f64>().ok()
-        })
-        .sum()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sums_matching_series() {
-        let text = "# TYPE shardop_queue_depth gauge\n\
-                    shardop_queue_depth{shard=\"0\"} 3\n\
-                    shardop_queue_depth{shard=\"1\"} 4\n\
-                    shardop_queue_depth_other 100\n\
-                    shardop_reconcile_duration_seconds_count{shard=\"0\",result=\"success\"} 7\n";
-        assert_eq!(metric_sum(text, "shardop_queue_depth", None), 7.0);
-        assert_eq!(
-            metric_sum(text, "shardop_queue_depth", Some(("shard", "1"))),
-            4.0
-        );
-        assert_eq!(
-            metric_sum(
-                text,
-                "shardop_reconcile_duration_seconds_count",
-                Some(("result", "success"))
-            ),
-            7.0
-        );
-    }
 }

@@ -9,6 +9,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod apf;
+mod api_requests;
 mod audit_tail;
 mod convergence;
 mod env;
@@ -73,8 +74,10 @@ pub struct Knobs {
     /// `churn`: scales the reference load (12 creates/s, 2 deletes/s).
     #[arg(long, env = "RATE", default_value_t = 1.0, global = true)]
     pub rate: f64,
-    /// `slowdep`, `crash`: objects created per second.
-    #[arg(long, env = "CREATE_RATE", default_value_t = 50.0, global = true)]
+    /// `slowdep`, `crash`: objects created per second. The default is a rate the whole
+    /// control plane sustains on a 2-core machine, so the lag of the other objects shows the
+    /// fault and not a backlog of creates.
+    #[arg(long, env = "CREATE_RATE", default_value_t = 20.0, global = true)]
     pub create_rate: f64,
     /// `slowdep`: objects whose reconcile waits on the slow dependency.
     #[arg(long, env = "SLOW_OBJECTS", default_value_t = 5, global = true)]

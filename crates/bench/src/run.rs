@@ -9,6 +9,7 @@ use anyhow::Context;
 use kube::Api;
 use serde_json::{Value, json};
 use shardop_api::DatabaseCluster;
+use shardop_e2e::metrics::metric_value;
 
 use crate::audit_tail::AuditTail;
 use crate::convergence::{ChangeKind, Convergence};
@@ -259,7 +260,7 @@ impl Run {
                 let held = env.worker_metric_sum("shardop_shard_leader", None).await;
                 let effective = match assigner_port {
                     Some(port) => env::scrape(port).await.map_or(0.0, |text| {
-                        env::metric_sum(&text, "shardop_assigner_effective_shards", None)
+                        metric_value(&text, "shardop_assigner_effective_shards", &[])
                     }),
                     None => f64::from(shards),
                 };

@@ -13,7 +13,9 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use shardop_api::{DatabaseCluster, shard_for};
+use shardop_e2e::metrics::metric_value;
 
+use crate::api_requests::RequestTimes;
 use crate::convergence::{ChangeKind, Convergence, quantile};
 use crate::env;
 use crate::plot;
@@ -398,10 +400,10 @@ async fn holder_of(run: &Run, shard: u32) -> Option<String> {
         let Ok(text) = env::scrape(worker.metrics_port).await else {
             continue;
         };
-        let held = env::metric_sum(
+        let held = metric_value(
             &text,
             "shardop_shard_leader",
-            Some(("shard", &shard.to_string())),
+            &[("shard", &shard.to_string())],
         );
         if held >= 1.0 {
             return Some(format!("shardop-worker-{index}"));
@@ -450,11 +452,7 @@ pub async fn failover(knobs: &Knobs) -> anyhow::Result<Outcome> {
         let done = conv.all_converged(&slice_for_probe);
         let home_holds = match home_port {
             Some(port) => env::scrape(port).await.is_ok_and(|text| {
-                env::metric_sum(
-                    &text,
-                    "shardop_shard_leader",
-                    Some(("shard", &victim_label)),
-                ) >= 1.0
+                metric_value(&text, "shardop_shard_leader", &[("shard", &victim_label)]) >= 1.0
             }),
             None => false,
         };
@@ -689,6 +687,7 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let duration = knobs.duration;
     let queue_before = run.env.worker_histogram(QUEUE_WAIT).await;
     let lag_before = run.env.worker_histogram(RECONCILE_LAG).await;
+    let requests_before = RequestTimes::read(&run.env.client).await?;
     let started = Instant::now();
     let load_started = Instant::now();
     let api = run.api();
@@ -704,6 +703,10 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     }
     let (created, deleted, changes) = load.await??;
     let load_s = load_started.elapsed().as_secs_f64();
+    let api_server_requests = RequestTimes::read(&run.env.client)
+        .await?
+        .since(&requests_before)
+        .top(12);
     // Let the last changes converge before reading the figures.
     let live = run.conv.live();
     let _ = run
@@ -748,6 +751,7 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
             queue_p99.is_some_and(|q| q <= 1.0) && lag_p99 <= 5.0,
         )
         .set("longest_running_s", run.longest_running_s)
+        .set("api_server_requests", api_server_requests)
         .set("processes", run.process_table())
         .set("over_time", run.timeline.clone());
     draw(&run, knobs, "churn")?;
