@@ -125,6 +125,26 @@ impl Event {
             && self.is_successful_write()
     }
 
+    /// A patch of a DatabaseCluster itself (not its status) by a worker: how the old owner
+    /// acknowledges a drain (it also adds and removes the finalizer this way).
+    fn is_worker_object_patch(&self) -> bool {
+        self.worker_shard().is_some()
+            && self.verb == "patch"
+            && self.resource() == "databaseclusters"
+            && self.subresource().is_none()
+    }
+
+    /// Whether this assigner label write comes after the worker write `previous` in the
+    /// handover order: it started after `previous` completed. The old owner's acknowledgement
+    /// is the exception: the assigner acts on its commit, which the assigner's watch can
+    /// deliver before the API server has finished (and audited) the acknowledgement's
+    /// response on a busy machine, so starting after it started is enough there.
+    fn follows(&self, previous: &Event) -> bool {
+        self.request_received_timestamp >= previous.stage_timestamp
+            || (previous.is_worker_object_patch()
+                && self.request_received_timestamp >= previous.request_received_timestamp)
+    }
+
     /// Whether this is a write of a child object (StatefulSet or Service, not status).
     pub fn is_child_write(&self) -> bool {
         matches!(self.resource(), "statefulsets" | "services")
@@ -212,9 +232,10 @@ impl AuditTail {
 
     /// Writes by a shard outside its ownership of the object: two consecutive worker writes
     /// to one DatabaseCluster (or its children) by different shards must be separated by an
-    /// assigner label write that started after the first completed and completed before the
-    /// second started (the handover: acknowledgement, then the new label). Returns the
-    /// number of violating writes.
+    /// assigner label write that started after the first one completed (see
+    /// [`Event::follows`] for the acknowledgement) and before the second one started (the
+    /// handover: acknowledgement, then the new label). Returns the number of violating
+    /// writes.
     pub fn dual_ownership(&self) -> usize {
         let mut by_object: HashMap<&str, Vec<&Event>> = HashMap::new();
         for event in &self.events {
@@ -232,7 +253,7 @@ impl AuditTail {
             for event in events.iter() {
                 if event.is_assigner_label_write() {
                     if let Some(previous) = last_worker
-                        && event.request_received_timestamp >= previous.stage_timestamp
+                        && event.follows(previous)
                     {
                         separated = true;
                     }
@@ -246,7 +267,14 @@ impl AuditTail {
                     tracing::warn!(
                         object = event.parent().unwrap_or(""),
                         earlier = %previous.user_agent,
+                        earlier_verb = %previous.verb,
+                        earlier_resource = previous.resource(),
+                        earlier_received = %previous.request_received_timestamp,
+                        earlier_completed = %previous.stage_timestamp,
                         later = %event.user_agent,
+                        later_verb = %event.verb,
+                        later_resource = event.resource(),
+                        later_received = %event.request_received_timestamp,
                         "write by a shard outside its ownership interval"
                     );
                 }
@@ -350,17 +378,33 @@ mod tests {
     use super::*;
 
     fn event(ua: &str, resource: &str, name: &str, at: i64, code: u16) -> Event {
+        timed(ua, resource, name, at * 1000, at * 1000 + 10, code)
+    }
+
+    /// An event received at `received` ms and completed at `completed` ms.
+    fn timed(
+        ua: &str,
+        resource: &str,
+        name: &str,
+        received: i64,
+        completed: i64,
+        code: u16,
+    ) -> Event {
+        let (resource, subresource) = match resource.split_once('/') {
+            Some((resource, sub)) => (resource, Some(sub.to_owned())),
+            None => (resource, None),
+        };
         Event {
             verb: "patch".into(),
             user_agent: ua.into(),
             object_ref: Some(ObjectRef {
                 resource: resource.into(),
                 name: Some(name.into()),
-                subresource: None,
+                subresource,
             }),
             response_status: Some(Status { code }),
-            request_received_timestamp: Timestamp::from_millisecond(at * 1000).unwrap(),
-            stage_timestamp: Timestamp::from_millisecond(at * 1000 + 10).unwrap(),
+            request_received_timestamp: Timestamp::from_millisecond(received).unwrap(),
+            stage_timestamp: Timestamp::from_millisecond(completed).unwrap(),
             stage: "ResponseComplete".into(),
         }
     }
@@ -394,6 +438,38 @@ mod tests {
             event(a, "databaseclusters", "db", 4, 200),
         ]);
         assert_eq!(bad.dual_ownership(), 1);
+    }
+
+    #[test]
+    fn the_assigner_may_act_on_the_acknowledgement_before_its_response_is_audited() {
+        let old = "shardop-worker/shard-2 (shardop-worker-2)";
+        let new = "shardop-worker/shard-3 (shardop-worker-3)";
+        let assigner = "shardop-assigner (x)";
+        // The acknowledgement commits, the assigner's watch sees it and relabels while the
+        // API server is still finishing the acknowledgement's response.
+        let ack_then_label = tail(vec![
+            timed(old, "databaseclusters/status", "db", 0, 50, 200),
+            timed(old, "databaseclusters", "db", 1000, 1400, 200),
+            timed(assigner, "databaseclusters", "db", 1300, 1800, 200),
+            timed(new, "statefulsets", "db", 1900, 1950, 200),
+        ]);
+        assert_eq!(ack_then_label.dual_ownership(), 0);
+        // Any other write of the old owner still has to complete before the label write
+        // starts: a status write in flight while the object is relabelled is a violation.
+        let status_in_flight = tail(vec![
+            timed(old, "databaseclusters", "db", 0, 50, 200),
+            timed(old, "databaseclusters/status", "db", 1000, 1400, 200),
+            timed(assigner, "databaseclusters", "db", 1300, 1800, 200),
+            timed(new, "statefulsets", "db", 1900, 1950, 200),
+        ]);
+        assert_eq!(status_in_flight.dual_ownership(), 1);
+        // A label write that started before the acknowledgement does not separate anything.
+        let label_first = tail(vec![
+            timed(assigner, "databaseclusters", "db", 900, 1800, 200),
+            timed(old, "databaseclusters", "db", 1000, 1400, 200),
+            timed(new, "statefulsets", "db", 1900, 1950, 200),
+        ]);
+        assert_eq!(label_first.dual_ownership(), 1);
     }
 
     #[test]

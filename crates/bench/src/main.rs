@@ -180,7 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.scenario.needs_cluster() && !knobs.reuse_cluster {
         fresh_control_plane()?;
     }
-    let _cluster = shardop_e2e::cluster();
+    let cluster = shardop_e2e::cluster();
     let outcome = match cli.scenario {
         Scenario::Raw => scenarios::Outcome {
             report: raw_scenario(knobs).await?,
@@ -212,6 +212,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     report.set("checks", checks);
     println!("{}", report.summary());
     report.finish(&knobs.output_dir)?;
+    if !failed.is_empty()
+        && let Some(audit_log) = &cluster.audit_log
+    {
+        // The next scenario's fresh control plane starts a new log: keep the evidence.
+        let kept = knobs
+            .output_dir
+            .join(format!("{:?}.audit.log", cli.scenario).to_lowercase());
+        match std::fs::copy(audit_log, &kept) {
+            Ok(_) => {
+                tracing::warn!(audit_log = %kept.display(), "kept the audit log of the failed run")
+            }
+            Err(err) => tracing::warn!(%err, "could not keep the audit log"),
+        }
+    }
     anyhow::ensure!(failed.is_empty(), "checks failed: {}", failed.join(", "));
     Ok(())
 }
