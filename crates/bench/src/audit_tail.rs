@@ -246,6 +246,7 @@ impl AuditTail {
             }
         }
         let mut violations = 0;
+        let mut early_label_writes = 0;
         for events in by_object.values_mut() {
             events.sort_by_key(|e| e.request_received_timestamp);
             let mut last_worker: Option<&Event> = None;
@@ -256,6 +257,9 @@ impl AuditTail {
                         && event.follows(previous)
                     {
                         separated = true;
+                        if event.request_received_timestamp < previous.stage_timestamp {
+                            early_label_writes += 1;
+                        }
                     }
                     continue;
                 }
@@ -282,6 +286,12 @@ impl AuditTail {
                 separated = false;
                 last_worker = Some(event);
             }
+        }
+        if early_label_writes > 0 {
+            tracing::info!(
+                early_label_writes,
+                "assigner label writes that started before the acknowledgement they follow was audited as complete"
+            );
         }
         violations
     }
