@@ -153,6 +153,16 @@ impl Event {
     }
 }
 
+/// A worker process that died: it was last seen running at `alive_at` and found dead at
+/// `noticed_at`.
+#[derive(Clone, Debug)]
+pub struct WorkerDeath {
+    /// Its pod name (the user agent's `(<pod>)`).
+    pub pod: String,
+    pub alive_at: Timestamp,
+    pub noticed_at: Timestamp,
+}
+
 /// An audit log read incrementally, keeping the events of one namespace.
 pub struct AuditTail {
     path: PathBuf,
@@ -335,17 +345,54 @@ impl AuditTail {
             .count()
     }
 
-    /// Children (StatefulSets, Services) that workers applied more than once although the
-    /// desired child did not change (one generation per object in the crash scenarios):
-    /// the number of extra applies.
-    pub fn duplicated_child_writes(&self) -> usize {
-        let mut applies: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    /// Applies of a child (StatefulSet, Service) beyond its first, although the desired child
+    /// did not change (one generation per object in the fault scenarios):
+    /// `(duplicated, reapplied_after_death)`.
+    ///
+    /// A re-apply is not a duplicated side effect when the apply before it was still in
+    /// flight when its worker died (`deaths`): the dead process never learnt whether it
+    /// landed, and its successor, whose cache was filled before the API server finished
+    /// that request, applies the same desired object once more, which server-side apply
+    /// turns into a no-op. Those are counted apart; every other re-apply is a duplicate.
+    pub fn duplicated_child_writes(&self, deaths: &[WorkerDeath]) -> (usize, usize) {
+        let mut applies: BTreeMap<(&str, &str), Vec<&Event>> = BTreeMap::new();
         for event in &self.events {
             if event.worker_shard().is_some() && event.is_child_write() && event.verb == "patch" {
-                *applies.entry((event.resource(), event.name())).or_default() += 1;
+                applies
+                    .entry((event.resource(), event.name()))
+                    .or_default()
+                    .push(event);
             }
         }
-        applies.values().map(|n| n.saturating_sub(1)).sum()
+        let (mut duplicated, mut reapplied) = (0, 0);
+        for ((resource, name), mut writes) in applies {
+            writes.sort_by_key(|e| e.request_received_timestamp);
+            for pair in writes.windows(2) {
+                let (earlier, later) = (pair[0], pair[1]);
+                let in_flight_at_death = deaths.iter().any(|death| {
+                    earlier.worker_pod() == Some(death.pod.as_str())
+                        && earlier.request_received_timestamp <= death.noticed_at
+                        && earlier.stage_timestamp >= death.alive_at
+                        && later.request_received_timestamp >= death.alive_at
+                });
+                if in_flight_at_death {
+                    reapplied += 1;
+                } else {
+                    duplicated += 1;
+                    tracing::warn!(
+                        resource,
+                        name,
+                        earlier = %earlier.user_agent,
+                        earlier_received = %earlier.request_received_timestamp,
+                        earlier_completed = %earlier.stage_timestamp,
+                        later = %later.user_agent,
+                        later_received = %later.request_received_timestamp,
+                        "child applied again"
+                    );
+                }
+            }
+        }
+        (duplicated, reapplied)
     }
 
     /// 429 responses to workers, how many were retried sooner than one second (the
@@ -495,7 +542,7 @@ mod tests {
             clean.overlap(1, "shardop-worker-2", "shardop-worker-1", since),
             0
         );
-        assert_eq!(clean.duplicated_child_writes(), 0);
+        assert_eq!(clean.duplicated_child_writes(&[]), (0, 0));
         let overlapping = tail(vec![
             event(home, "statefulsets", "b", 2, 200),
             event(taker, "statefulsets", "b", 3, 200),
@@ -504,7 +551,43 @@ mod tests {
             overlapping.overlap(1, "shardop-worker-2", "shardop-worker-1", since),
             1
         );
-        assert_eq!(overlapping.duplicated_child_writes(), 1);
+        assert_eq!(overlapping.duplicated_child_writes(&[]), (1, 0));
+    }
+
+    #[test]
+    fn a_reapply_of_a_write_in_flight_at_a_crash_is_not_a_duplicate() {
+        let worker = "shardop-worker/shard-0 (shardop-worker-0)";
+        let death = WorkerDeath {
+            pod: "shardop-worker-0".into(),
+            alive_at: Timestamp::from_millisecond(1000).unwrap(),
+            noticed_at: Timestamp::from_millisecond(1200).unwrap(),
+        };
+        // Sent at 0.9 s, finished at 1.5 s: the worker died (between 1.0 and 1.2 s) with it
+        // in flight, and its successor applied the same child at 1.3 s.
+        let in_flight = tail(vec![
+            timed(worker, "statefulsets", "db", 900, 1500, 200),
+            timed(worker, "statefulsets", "db", 1300, 1350, 200),
+        ]);
+        assert_eq!(
+            in_flight.duplicated_child_writes(std::slice::from_ref(&death)),
+            (0, 1)
+        );
+        // Finished at 0.95 s, before the worker was last seen alive: a real duplicate.
+        let finished = tail(vec![
+            timed(worker, "statefulsets", "db", 900, 950, 200),
+            timed(worker, "statefulsets", "db", 1300, 1350, 200),
+        ]);
+        assert_eq!(
+            finished.duplicated_child_writes(std::slice::from_ref(&death)),
+            (1, 0)
+        );
+        // Another pod's write is not excused by this pod's death.
+        let other = "shardop-worker/shard-1 (shardop-worker-1)";
+        let other_pod = tail(vec![
+            timed(other, "statefulsets", "db", 900, 1500, 200),
+            timed(other, "statefulsets", "db", 1300, 1350, 200),
+        ]);
+        assert_eq!(other_pod.duplicated_child_writes(&[death]), (1, 0));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use shardop_api::{DatabaseCluster, shard_for};
 use shardop_e2e::metrics::metric_value;
 
 use crate::api_requests::RequestTimes;
+use crate::audit_tail::WorkerDeath;
 use crate::convergence::{ChangeKind, Convergence, quantile};
 use crate::env;
 use crate::plot;
@@ -900,7 +901,7 @@ pub async fn slowdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .await?;
     let lags = run.conv.lags_of(&others_set);
     let slow_lags = run.conv.lags_of(&slow_set);
-    let duplicated = run.audit()?.duplicated_child_writes();
+    let (duplicated, _) = run.audit()?.duplicated_child_writes(&[]);
     let p99 = quantile(&lags, 0.99);
     let mut report = report(
         "slowdep",
@@ -965,6 +966,8 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
     ));
     let all: HashSet<String> = objects.iter().cloned().collect();
     let mut crashes = 0_usize;
+    let mut deaths: Vec<WorkerDeath> = Vec::new();
+    let mut alive_at = Timestamp::now();
     let deadline = Instant::now() + knobs.converge_timeout();
     loop {
         run.sample().await;
@@ -973,8 +976,15 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
             .workers
             .get_mut(&0)
             .is_some_and(|w| !w.process.is_running());
-        if crashed {
+        if !crashed {
+            alive_at = Timestamp::now();
+        } else {
             crashes += 1;
+            deaths.push(WorkerDeath {
+                pod: "shardop-worker-0".into(),
+                alive_at,
+                noticed_at: Timestamp::now(),
+            });
             tracing::info!(crashes, "worker 0 crashed; restarting it");
             run.process_restarted("shardop-worker-0");
             let environment: &[(&str, &str)] = if crashes < knobs.crashes { &fault } else { &[] };
@@ -995,7 +1005,7 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let others: HashSet<String> = all.difference(&shard0).cloned().collect();
     let other_lags = run.conv.lags_of(&others);
     let crashed_lags = run.conv.lags_of(&shard0);
-    let duplicated = run.audit()?.duplicated_child_writes();
+    let (duplicated, reapplied) = run.audit()?.duplicated_child_writes(&deaths);
     let mut report = report(
         "crash",
         knobs,
@@ -1017,6 +1027,7 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("crashed_shard_lag_p99_s", quantile(&crashed_lags, 0.99))
         .set("longest_running_s", run.longest_running_s)
         .set("duplicated_side_effects", duplicated)
+        .set("reapplied_after_crash", reapplied)
         .set("processes", run.process_table());
     draw(&run, knobs, "crash")?;
     run.finish();
