@@ -328,12 +328,12 @@ where
     store.get(&ObjectRef::new(name).within(namespace))
 }
 
-/// Server-side applies `desired` unless the cached object already matches it. Returns the
-/// object as the server has it (cached or freshly applied).
+/// Server-side applies `desired` unless the server already has it. Returns the object as
+/// the server has it (cached, as last applied, or freshly applied).
 async fn apply_if_changed<K>(
     ctx: &ScopeContext,
     desired: &K,
-    cached: Option<Arc<K>>,
+    store: &kube::runtime::reflector::Store<K>,
     action: &'static str,
 ) -> Result<K, ReconcileError>
 where
@@ -346,25 +346,18 @@ where
         + Sync
         + 'static,
 {
-    if let Some(actual) = cached.as_deref()
-        && is_subset(desired, actual)
-    {
-        return Ok(actual.clone());
-    }
     let namespace = desired.meta().namespace.clone().unwrap_or_default();
     let name = desired.meta().name.clone().unwrap_or_default();
     let memo_key = Bookkeeping::applied_key(&K::kind(&()), &namespace, &name);
     let fingerprint = fingerprint(desired);
-    // The watch cache lags our own writes by a few milliseconds; a reconcile triggered in
-    // that window must not apply the same object again.
-    let cached_version = cached.as_deref().and_then(numeric_resource_version);
-    if let Some((applied_fingerprint, applied_version, applied)) =
-        ctx.shared.book().applied.get(&memo_key).cloned()
-        && applied_fingerprint == fingerprint
-        && cached_version.is_none_or(|cached| applied_version.is_some_and(|a| cached < a))
-        && let Some(applied) = applied.downcast_ref::<K>()
-    {
-        return Ok(applied.clone());
+    // The memo before the cache: the child watch updates the cache *before* it forgets the
+    // memo of the version it delivered, so a memo that is gone by now means the cache read
+    // next already holds our write. Read the other way round, a delivery on another thread
+    // between the two reads left neither, and the same child was applied twice.
+    let memo = ctx.shared.book().applied.get(&memo_key).cloned();
+    let cached = cached(store, &namespace, &name);
+    if let Some(current) = already_applied(desired, fingerprint, memo.as_ref(), cached.as_deref()) {
+        return Ok(current);
     }
     ctx.shared.guard.check()?;
     tracing::debug!(child = %children::describe(desired), "applying");
@@ -388,6 +381,34 @@ where
         ),
     );
     Ok(applied)
+}
+
+/// The child as the server has it when no apply is needed: the cached object if it already
+/// contains `desired`, or the object of our last apply of the same desired child
+/// (`fingerprint`) while the cache has not caught up with that write yet (the watch lags
+/// our own writes by a few milliseconds, and a reconcile triggered in that window must not
+/// apply the same object again). `None`: apply.
+fn already_applied<K>(
+    desired: &K,
+    fingerprint: u64,
+    memo: Option<&(u64, Option<u64>, AppliedObject)>,
+    cached: Option<&K>,
+) -> Option<K>
+where
+    K: Resource + Clone + serde::Serialize + 'static,
+{
+    if let Some(actual) = cached
+        && is_subset(desired, actual)
+    {
+        return Some(actual.clone());
+    }
+    let (applied_fingerprint, applied_version, applied) = memo?;
+    let cached_version = cached.and_then(numeric_resource_version);
+    let cache_behind =
+        cached_version.is_none_or(|cached| applied_version.is_some_and(|a| cached < a));
+    (*applied_fingerprint == fingerprint && cache_behind)
+        .then(|| applied.downcast_ref::<K>().cloned())
+        .flatten()
 }
 
 /// A hash of an object's JSON form.
@@ -446,15 +467,20 @@ async fn converge(
         Some(problem) => (cached_sts.as_deref().cloned(), Some(problem)),
         None => {
             let service = desired_service(&cluster, shard);
-            let cached_svc = cached(&ctx.services, &namespace, &children::service_name(&name));
-            let mut problem =
-                match apply_if_changed(ctx, &service, cached_svc, "applying the Service").await {
-                    Ok(_) => None,
-                    Err(err) => Some(classify(err, "Service")?),
-                };
+            let mut problem = match apply_if_changed(
+                ctx,
+                &service,
+                &ctx.services,
+                "applying the Service",
+            )
+            .await
+            {
+                Ok(_) => None,
+                Err(err) => Some(classify(err, "Service")?),
+            };
             let sts = desired_stateful_set(&cluster, shard);
             let stateful_set =
-                match apply_if_changed(ctx, &sts, cached_sts.clone(), "applying the StatefulSet")
+                match apply_if_changed(ctx, &sts, &ctx.stateful_sets, "applying the StatefulSet")
                     .await
                 {
                     Ok(applied) => Some(applied),
@@ -577,4 +603,71 @@ async fn cleanup(
     shared.failures.reset(&key.to_owned());
     tracing::info!("cleanup finished, finalizer removed");
     Ok(Outcome::Skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+
+    fn service(cluster_ip: &str, resource_version: Option<&str>) -> Service {
+        Service {
+            metadata: kube::api::ObjectMeta {
+                name: Some("db-headless".into()),
+                namespace: Some("ns".into()),
+                resource_version: resource_version.map(str::to_owned),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(cluster_ip.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn memo(fingerprint: u64, version: u64, object: Service) -> (u64, Option<u64>, AppliedObject) {
+        (
+            fingerprint,
+            Some(version),
+            Arc::new(object) as AppliedObject,
+        )
+    }
+
+    fn version(object: Option<Service>) -> Option<String> {
+        object?.metadata.resource_version
+    }
+
+    #[test]
+    fn a_cached_child_that_contains_the_desired_one_is_not_applied() {
+        let desired = service("None", None);
+        let cached = service("None", Some("12"));
+        let found = already_applied(&desired, 1, None, Some(&cached));
+        assert_eq!(version(found), Some("12".into()));
+    }
+
+    #[test]
+    fn our_own_write_is_not_applied_again_while_the_cache_lags_it() {
+        let desired = service("None", None);
+        let applied = memo(1, 20, service("None", Some("20")));
+        // Not cached yet, or cached at an older version.
+        for cached in [None, Some(service("10.0.0.9", Some("19")))] {
+            let found = already_applied(&desired, 1, Some(&applied), cached.as_ref());
+            assert_eq!(version(found), Some("20".into()));
+        }
+    }
+
+    #[test]
+    fn apply_when_the_spec_changed_or_someone_else_wrote_after_us() {
+        let desired = service("None", None);
+        // The memo is of another desired child (the spec changed since).
+        let other = memo(2, 20, service("None", Some("20")));
+        assert!(already_applied(&desired, 1, Some(&other), None).is_none());
+        // The cache is newer than our write and no longer matches: someone changed it.
+        let ours = memo(1, 20, service("None", Some("20")));
+        let drifted = service("10.0.0.9", Some("21"));
+        assert!(already_applied(&desired, 1, Some(&ours), Some(&drifted)).is_none());
+        // Never applied and not cached.
+        assert!(already_applied(&desired, 1, None, None).is_none());
+    }
 }
