@@ -502,23 +502,22 @@ mod tests {
         let old = "shardop-worker/shard-2 (shardop-worker-2)";
         let new = "shardop-worker/shard-3 (shardop-worker-3)";
         let assigner = "shardop-assigner (x)";
-        // The acknowledgement commits, the assigner's watch sees it and relabels while the
-        // API server is still finishing the acknowledgement's response.
-        let ack_then_label = tail(vec![
-            timed(old, "databaseclusters/status", "db", 0, 50, 200),
-            timed(old, "databaseclusters", "db", 1000, 1400, 200),
-            timed(assigner, "databaseclusters", "db", 1300, 1800, 200),
-            timed(new, "statefulsets", "db", 1900, 1950, 200),
-        ]);
+        // The old owner writes `first`, then `last`; the assigner's label write starts while
+        // the API server is still finishing `last`.
+        let handover = |first: &str, last: &str| {
+            tail(vec![
+                timed(old, first, "db", 0, 50, 200),
+                timed(old, last, "db", 1000, 1400, 200),
+                timed(assigner, "databaseclusters", "db", 1300, 1800, 200),
+                timed(new, "statefulsets", "db", 1900, 1950, 200),
+            ])
+        };
+        // `last` is the acknowledgement: the assigner acted on its commit.
+        let ack_then_label = handover("databaseclusters/status", "databaseclusters");
         assert_eq!(ack_then_label.dual_ownership(), 0);
-        // Any other write of the old owner still has to complete before the label write
-        // starts: a status write in flight while the object is relabelled is a violation.
-        let status_in_flight = tail(vec![
-            timed(old, "databaseclusters", "db", 0, 50, 200),
-            timed(old, "databaseclusters/status", "db", 1000, 1400, 200),
-            timed(assigner, "databaseclusters", "db", 1300, 1800, 200),
-            timed(new, "statefulsets", "db", 1900, 1950, 200),
-        ]);
+        // Any other write of the old owner has to complete before the label write starts: a
+        // status write in flight while the object is relabelled is a violation.
+        let status_in_flight = handover("databaseclusters", "databaseclusters/status");
         assert_eq!(status_in_flight.dual_ownership(), 1);
         // A label write that started before the acknowledgement does not separate anything.
         let label_first = tail(vec![
@@ -562,32 +561,23 @@ mod tests {
             alive_at: Timestamp::from_millisecond(1000).unwrap(),
             noticed_at: Timestamp::from_millisecond(1200).unwrap(),
         };
-        // Sent at 0.9 s, finished at 1.5 s: the worker died (between 1.0 and 1.2 s) with it
-        // in flight, and its successor applied the same child at 1.3 s.
-        let in_flight = tail(vec![
-            timed(worker, "statefulsets", "db", 900, 1500, 200),
-            timed(worker, "statefulsets", "db", 1300, 1350, 200),
-        ]);
-        assert_eq!(
-            in_flight.duplicated_child_writes(std::slice::from_ref(&death)),
-            (0, 1)
-        );
+        // `ua` applies the child at 0.9 s (finished at `finished` ms) and again at 1.3 s.
+        let twice = |ua: &str, finished: i64| {
+            tail(vec![
+                timed(ua, "statefulsets", "db", 900, finished, 200),
+                timed(ua, "statefulsets", "db", 1300, 1350, 200),
+            ])
+            .duplicated_child_writes(std::slice::from_ref(&death))
+        };
+        // Finished at 1.5 s: the worker died (between 1.0 and 1.2 s) with it in flight.
+        assert_eq!(twice(worker, 1500), (0, 1));
         // Finished at 0.95 s, before the worker was last seen alive: a real duplicate.
-        let finished = tail(vec![
-            timed(worker, "statefulsets", "db", 900, 950, 200),
-            timed(worker, "statefulsets", "db", 1300, 1350, 200),
-        ]);
+        assert_eq!(twice(worker, 950), (1, 0));
+        // Another pod's write is not excused by this pod's death.
         assert_eq!(
-            finished.duplicated_child_writes(std::slice::from_ref(&death)),
+            twice("shardop-worker/shard-1 (shardop-worker-1)", 1500),
             (1, 0)
         );
-        // Another pod's write is not excused by this pod's death.
-        let other = "shardop-worker/shard-1 (shardop-worker-1)";
-        let other_pod = tail(vec![
-            timed(other, "statefulsets", "db", 900, 1500, 200),
-            timed(other, "statefulsets", "db", 1300, 1350, 200),
-        ]);
-        assert_eq!(other_pod.duplicated_child_writes(&[death]), (1, 0));
     }
 
     #[test]
