@@ -30,19 +30,67 @@ pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
         .context("malformed HTTP response")
 }
 
-/// The sum of every sample of `metric` whose label set contains all of `labels`.
-pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+/// One sample line of the Prometheus text format: `name{labels} value`.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample<'a> {
+    pub name: &'a str,
+    /// The label set without its braces, e.g. `shard="0",result="success"`.
+    pub labels: &'a str,
+    pub value: f64,
+}
+
+impl Sample<'_> {
+    /// The value of label `key`, if the sample has it (escapes resolved).
+    pub fn label(&self, key: &str) -> Option<String> {
+        let mut rest = self.labels;
+        while let Some((name, after)) = rest.split_once("=\"") {
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let mut end = after.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next().map(|(_, escaped)| escaped)),
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            if name.trim_start_matches(',').trim() == key {
+                return Some(value);
+            }
+            rest = &after[end..];
+        }
+        None
+    }
+}
+
+/// The sample lines of a `/metrics` page (comments and malformed lines skipped).
+pub fn samples(text: &str) -> impl Iterator<Item = Sample<'_>> {
     text.lines()
-        .filter(|l| !l.starts_with('#'))
+        .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
-            let (name, rest) = series.split_once('{').unwrap_or((series, ""));
-            (name == metric
+            let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+            Some(Sample {
+                name,
+                labels: labels.strip_suffix('}').unwrap_or(labels),
+                value: value.parse().ok()?,
+            })
+        })
+}
+
+/// The sum of every sample of `metric` whose label set contains all of `labels`.
+pub fn metric_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(text)
+        .filter(|sample| {
+            sample.name == metric
                 && labels
                     .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())?
+                    .all(|(k, v)| sample.label(k).is_some_and(|value| value == *v))
         })
+        .map(|sample| sample.value)
         .sum()
 }
 
@@ -69,5 +117,15 @@ mod tests {
             metric_value(text, runs, &[("shard", "1"), ("result", "success")]),
             0.0
         );
+    }
+
+    #[test]
+    fn labels_with_commas_and_escapes() {
+        let text = "m{a=\"x,y\",b=\"say \\\"hi\\\"\",c=\"\"} 1\n";
+        let sample = samples(text).next().unwrap();
+        assert_eq!(sample.label("a").as_deref(), Some("x,y"));
+        assert_eq!(sample.label("b").as_deref(), Some("say \"hi\""));
+        assert_eq!(sample.label("c").as_deref(), Some(""));
+        assert_eq!(sample.label("d"), None);
     }
 }

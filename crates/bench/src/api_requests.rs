@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use kube::Client;
 use serde_json::{Value, json};
+use shardop_e2e::metrics::samples;
 
 const SUM: &str = "apiserver_request_duration_seconds_sum";
 const COUNT: &str = "apiserver_request_duration_seconds_count";
@@ -43,39 +44,21 @@ impl RequestTimes {
     /// their duration is how long a client stayed connected, not work.
     pub fn parse(text: &str) -> Self {
         let mut times = BTreeMap::<RequestKind, Served>::new();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let Some((name, labels)) = series.split_once('{') else {
-                continue;
-            };
-            if name != SUM && name != COUNT {
-                continue;
-            }
-            let Ok(value) = value.parse::<f64>() else {
-                continue;
-            };
-            let labels = parse_labels(labels.trim_end_matches('}'));
-            let label = |key: &str| labels.get(key).map(String::as_str).unwrap_or_default();
+        for sample in samples(text).filter(|s| s.name == SUM || s.name == COUNT) {
+            let label = |key: &str| sample.label(key).unwrap_or_default();
             let verb = label("verb");
-            if matches!(verb, "WATCH" | "WATCHLIST" | "CONNECT" | "") {
+            if matches!(verb.as_str(), "WATCH" | "WATCHLIST" | "CONNECT" | "") {
                 continue;
             }
-            let resource = match label("subresource") {
-                "" => label("resource").to_owned(),
+            let resource = match label("subresource").as_str() {
+                "" => label("resource"),
                 sub => format!("{}/{sub}", label("resource")),
             };
-            let served = times
-                .entry(RequestKind {
-                    verb: verb.to_owned(),
-                    resource,
-                })
-                .or_default();
-            if name == SUM {
-                served.seconds += value;
+            let served = times.entry(RequestKind { verb, resource }).or_default();
+            if sample.name == SUM {
+                served.seconds += sample.value;
             } else {
-                served.requests += value;
+                served.requests += sample.value;
             }
         }
         Self(times)
@@ -124,34 +107,6 @@ impl RequestTimes {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
-}
-
-/// `a="x",b="y"` → {a: x, b: y}; values may contain commas and escaped quotes.
-fn parse_labels(text: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    let mut rest = text;
-    while let Some((key, after)) = rest.split_once("=\"") {
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some((_, escaped)) = chars.next() {
-                        value.push(escaped);
-                    }
-                }
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        labels.insert(key.trim_start_matches(',').trim().to_owned(), value);
-        rest = &after[end..];
-    }
-    labels
 }
 
 #[cfg(test)]
@@ -210,13 +165,5 @@ mod tests {
         assert_eq!(top["top"][0]["share"], 0.667);
         assert_eq!(top["top"][1]["verb"], "APPLY");
         assert_eq!(top["top"].as_array().map(Vec::len), Some(2));
-    }
-
-    #[test]
-    fn labels_with_commas_and_escapes() {
-        let labels = parse_labels(r#"a="x,y",b="say \"hi\"",c="""#);
-        assert_eq!(labels["a"], "x,y");
-        assert_eq!(labels["b"], "say \"hi\"");
-        assert_eq!(labels["c"], "");
     }
 }

@@ -178,12 +178,12 @@ impl BenchEnv {
         }
     }
 
-    /// Sum of metric `name` (all label sets matching `label`) over every running worker.
-    pub async fn worker_metric_sum(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
+    /// Sum of metric `name` (every label set containing all of `labels`) over every running worker.
+    pub async fn worker_metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let mut total = 0.0;
         for worker in self.workers.values() {
             if let Ok(text) = scrape(worker.metrics_port).await {
-                total += metric_value(&text, name, label.as_slice());
+                total += metric_value(&text, name, labels);
             }
         }
         total

@@ -9,7 +9,7 @@ use anyhow::Context;
 use kube::Api;
 use serde_json::{Value, json};
 use shardop_api::DatabaseCluster;
-use shardop_e2e::metrics::metric_value;
+use shardop_e2e::metrics::{metric_value, samples};
 
 use crate::audit_tail::AuditTail;
 use crate::convergence::{ChangeKind, Convergence};
@@ -257,7 +257,7 @@ impl Run {
         let assigner_port = self.env.assigner.as_ref().map(|a| a.metrics_port);
         let ready = self
             .wait_until_async(Duration::from_secs(60), async |env, _| {
-                let held = env.worker_metric_sum("shardop_shard_leader", None).await;
+                let held = env.worker_metric_sum("shardop_shard_leader", &[]).await;
                 let effective = match assigner_port {
                     Some(port) => env::scrape(port).await.map_or(0.0, |text| {
                         metric_value(&text, "shardop_assigner_effective_shards", &[])
@@ -437,29 +437,12 @@ pub fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
 pub fn histogram_buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
     let bucket = format!("{name}_bucket");
     let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
+    for sample in samples(text).filter(|s| s.name == bucket) {
+        let Some(le) = sample.label("le") else {
             continue;
         };
-        let Some((metric, labels)) = series.split_once('{') else {
-            continue;
-        };
-        if metric != bucket {
-            continue;
-        }
-        let Some(le) = labels
-            .split("le=\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .map(|le| le.parse::<f64>().unwrap_or(f64::INFINITY))
-        else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let entry = by_le.entry(le.to_bits()).or_insert((le, 0.0));
-        entry.1 += value;
+        let le = le.parse::<f64>().unwrap_or(f64::INFINITY);
+        by_le.entry(le.to_bits()).or_insert((le, 0.0)).1 += sample.value;
     }
     let mut buckets: Vec<(f64, f64)> = by_le.into_values().collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));

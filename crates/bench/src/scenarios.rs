@@ -100,7 +100,7 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
         let lags = run.conv.lags(ChangeKind::Create, None);
         let runs_total = run
             .env
-            .worker_metric_sum("shardop_reconcile_runs_total", None)
+            .worker_metric_sum("shardop_reconcile_runs_total", &[])
             .await;
         let assigner_rss = run
             .processes
@@ -204,10 +204,10 @@ pub async fn restart(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let reverify = run
         .wait_until_async(knobs.converge_timeout(), async |env, _| {
             let runs = env
-                .worker_metric_sum("shardop_reconcile_runs_total", None)
+                .worker_metric_sum("shardop_reconcile_runs_total", &[])
                 .await;
-            let queued = env.worker_metric_sum("shardop_queue_depth", None).await;
-            let held = env.worker_metric_sum("shardop_shard_leader", None).await;
+            let queued = env.worker_metric_sum("shardop_queue_depth", &[]).await;
+            let held = env.worker_metric_sum("shardop_shard_leader", &[]).await;
             runs >= objects && queued == 0.0 && held >= f64::from(shards)
         })
         .await
@@ -636,11 +636,11 @@ pub async fn throttle(knobs: &Knobs) -> anyhow::Result<Outcome> {
     };
     let metric_429s = run
         .env
-        .worker_metric_sum("shardop_kube_requests_total", Some(("code", "429")))
+        .worker_metric_sum("shardop_kube_requests_total", &[("code", "429")])
         .await;
     let resends = run
         .env
-        .worker_metric_sum("shardop_kube_throttled_retries_total", None)
+        .worker_metric_sum("shardop_kube_throttled_retries_total", &[])
         .await;
     let (audited_429s, early_retries, min_gap) = run.audit()?.throttling();
     let honoured = early_retries == 0;
