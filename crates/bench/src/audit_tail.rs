@@ -223,6 +223,27 @@ impl AuditTail {
             .count()
     }
 
+    /// Successful writes by any worker since `since`, by `<verb> <resource>[/<subresource>]`
+    /// (a server-side apply is a `patch`).
+    pub fn worker_writes_by_kind_since(&self, since: Timestamp) -> BTreeMap<String, usize> {
+        let mut kinds = BTreeMap::new();
+        for event in self
+            .events
+            .iter()
+            .filter(|e| e.request_received_timestamp >= since)
+            .filter(|e| e.worker_shard().is_some() && e.is_successful_write())
+        {
+            let resource = match event.subresource() {
+                Some(sub) => format!("{}/{sub}", event.resource()),
+                None => event.resource().to_owned(),
+            };
+            *kinds
+                .entry(format!("{} {resource}", event.verb))
+                .or_insert(0) += 1;
+        }
+        kinds
+    }
+
     /// The last time a worker wrote (successfully) anything in the namespace.
     pub fn last_worker_write(&self) -> Option<Timestamp> {
         self.events
@@ -473,6 +494,26 @@ mod tests {
             needle: String::new(),
             events,
         }
+    }
+
+    #[test]
+    fn worker_writes_are_counted_by_kind_from_a_time_on() {
+        let a = "shardop-worker/shard-0 (shardop-worker-0)";
+        let log = tail(vec![
+            event(a, "databaseclusters/status", "db", 1, 200),
+            event(a, "databaseclusters/status", "db", 2, 200),
+            event(a, "databaseclusters/status", "db", 3, 409),
+            event(a, "statefulsets", "db", 4, 201),
+            event("shardop-assigner (x)", "databaseclusters", "db", 5, 200),
+        ]);
+        let kinds = log.worker_writes_by_kind_since(Timestamp::from_second(2).unwrap());
+        assert_eq!(
+            kinds.into_iter().collect::<Vec<_>>(),
+            [
+                ("patch databaseclusters/status".to_owned(), 1),
+                ("patch statefulsets".to_owned(), 1),
+            ]
+        );
     }
 
     #[test]

@@ -689,6 +689,7 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let queue_before = run.env.worker_histogram(QUEUE_WAIT).await;
     let lag_before = run.env.worker_histogram(RECONCILE_LAG).await;
     let requests_before = RequestTimes::read(&run.env.client).await?;
+    let since = Timestamp::now();
     let started = Instant::now();
     let load_started = Instant::now();
     let api = run.api();
@@ -723,6 +724,9 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let change_lags = run.conv.lags(ChangeKind::Change, None);
     let create_lags = run.conv.lags(ChangeKind::Create, None);
     let lag_p99 = quantile(&change_lags, 0.99);
+    // What the workers wrote for that load (including their converging after it).
+    let worker_writes = run.audit()?.worker_writes_by_kind_since(since);
+    let worker_writes_total: usize = worker_writes.values().sum();
     let mut report = report(
         "churn",
         knobs,
@@ -753,6 +757,17 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
         )
         .set("longest_running_s", run.longest_running_s)
         .set("api_server_requests", api_server_requests)
+        .set(
+            "worker_writes",
+            json!({
+                "total": worker_writes_total,
+                "per_create_or_change": (1000.0 * worker_writes_total as f64
+                    / (created + changes).max(1) as f64)
+                    .round()
+                    / 1000.0,
+                "by_kind": worker_writes,
+            }),
+        )
         .set("processes", run.process_table())
         .set("over_time", run.timeline.clone());
     draw(&run, knobs, "churn")?;

@@ -25,7 +25,7 @@ use crate::backoff::{BackoffPolicy, FailureCounts};
 use crate::filter::ChangeFilter;
 use crate::metrics::WorkerMetrics;
 use crate::reconcile;
-use crate::status::{TerminalProblem, is_behind};
+use crate::status::{TerminalProblem, WrittenStatus, is_behind};
 
 /// Settings shared by every shard controller of the process.
 #[derive(Clone, Debug)]
@@ -63,6 +63,9 @@ pub struct Bookkeeping {
     /// before the watch delivered our own write skip re-applying it; an entry is dropped as
     /// soon as the watch delivers that version, so the memo holds only writes in flight.
     pub applied: HashMap<String, (u64, Option<u64>, AppliedObject)>,
+    /// The last status written per object, until the watch delivers that write: a
+    /// reconcile in between compares with it instead of the stale cached status.
+    pub status_written: HashMap<ObjectKey, WrittenStatus>,
     /// UIDs whose drain this shard acknowledged: a stale cache entry must not be
     /// reconciled again.
     pub acknowledged: HashSet<String>,
@@ -106,8 +109,28 @@ impl Bookkeeping {
         }
     }
 
+    /// Drops the status memo of an object once the watch delivered the written version
+    /// (or a later one).
+    pub fn forget_status_once_seen(&mut self, cluster: &DatabaseCluster) {
+        let key = key_of(cluster);
+        if self
+            .status_written
+            .get(&key)
+            .is_some_and(|written| written.is_seen_in(cluster))
+        {
+            self.status_written.remove(&key);
+        }
+    }
+
+    /// Forgets what this shard wrote for an object that leaves it (drained, deleted):
+    /// the status memo and the apply memo of its children.
+    pub fn forget_object(&mut self, namespace: &str, name: &str) {
+        self.status_written.remove(&format!("{namespace}/{name}"));
+        self.forget_children(namespace, name);
+    }
+
     /// Forgets the apply memo of a DatabaseCluster's children.
-    pub fn forget_children(&mut self, namespace: &str, name: &str) {
+    fn forget_children(&mut self, namespace: &str, name: &str) {
         self.applied
             .remove(&Self::applied_key("StatefulSet", namespace, name));
         self.applied.remove(&Self::applied_key(
@@ -393,10 +416,18 @@ fn scope_controller(
     .default_backoff()
     .inspect({
         let synced = clusters_synced.clone();
-        move |event| {
-            if matches!(event, Ok(watcher::Event::InitDone)) {
-                synced.cancel();
+        let shared = shared.clone();
+        move |event| match event {
+            Ok(watcher::Event::InitDone) => synced.cancel(),
+            // After the reflector stored the object: a reconcile that finds the memo gone
+            // finds the write in the cache.
+            Ok(watcher::Event::Apply(cluster) | watcher::Event::InitApply(cluster)) => {
+                shared.book().forget_status_once_seen(cluster);
             }
+            Ok(watcher::Event::Delete(cluster)) => {
+                shared.book().status_written.remove(&key_of(cluster));
+            }
+            Ok(watcher::Event::Init) | Err(_) => {}
         }
     })
     .scan(ChangeFilter::default(), |filter, event| {
@@ -619,5 +650,38 @@ mod tests {
         // The applied version, or a later one, makes the cache authoritative again.
         book.forget_applied_once_seen(&service("7"));
         assert!(!book.applied.contains_key(&key));
+    }
+
+    #[test]
+    fn the_status_memo_is_dropped_once_the_watch_delivers_the_write() {
+        let cluster = |version: &str| -> DatabaseCluster {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "shardop.dev/v1alpha1",
+                "kind": "DatabaseCluster",
+                "metadata": { "namespace": "ns", "name": "a", "resourceVersion": version },
+                "spec": { "replicas": 1, "image": "postgres:17", "storage": { "size": "1Gi" } },
+            }))
+            .unwrap()
+        };
+        let mut book = Bookkeeping::default();
+        let written = WrittenStatus {
+            resource_version: 7,
+            status: Default::default(),
+        };
+        book.status_written.insert("ns/a".into(), written);
+        book.forget_status_once_seen(&cluster("6"));
+        assert!(book.status_written.contains_key("ns/a"));
+        book.forget_status_once_seen(&cluster("8"));
+        assert!(book.status_written.is_empty());
+
+        book.status_written.insert(
+            "ns/a".into(),
+            WrittenStatus {
+                resource_version: 9,
+                status: Default::default(),
+            },
+        );
+        book.forget_object("ns", "a");
+        assert!(book.status_written.is_empty());
     }
 }

@@ -23,9 +23,9 @@ use tracing::Instrument;
 
 use crate::backoff::jitter_unit;
 use crate::children::{self, desired_service, desired_stateful_set, is_subset};
-use crate::controller::{AppliedObject, Bookkeeping, ScopeContext, key_of};
+use crate::controller::{AppliedObject, Bookkeeping, ScopeContext, ShardShared, key_of};
 use crate::metrics::{ReasonLabels, ResultLabels, WorkerMetrics};
-use crate::status::{Observed, TerminalProblem, desired_status};
+use crate::status::{Observed, TerminalProblem, WrittenStatus, desired_status, known_status};
 
 /// Requeue of a converged object: a safety net only, changes arrive by watch.
 const RESYNC: Duration = Duration::from_secs(30 * 60);
@@ -273,7 +273,7 @@ async fn acknowledge_drain(
         let mut book = shared.book();
         book.acknowledged.insert(cluster.uid().unwrap_or_default());
         book.unconverged_since.remove(&key_of(cluster));
-        book.forget_children(&namespace, &cluster.name_any());
+        book.forget_object(&namespace, &cluster.name_any());
     }
     shared
         .metrics
@@ -507,19 +507,33 @@ async fn converge(
         tracing::warn!(reason = %problem.reason, detail = %problem.message, "spec cannot be applied");
     }
 
+    let written = {
+        let mut book = shared.book();
+        match book.status_written.get(key) {
+            // The object we read already holds that write (the watch beat the response).
+            Some(written) if written.is_seen_in(&cluster) => {
+                book.status_written.remove(key);
+                None
+            }
+            written => written.cloned(),
+        }
+    };
+    let current_status = known_status(&cluster, written.as_ref());
     let status = desired_status(&Observed {
         cluster: &cluster,
+        current_status,
         stateful_set: stateful_set.as_ref(),
         problem: problem.as_ref(),
         shard,
         now: jiff::Timestamp::now(),
     });
-    if cluster.status.as_ref() != Some(&status) {
+    if current_status != Some(&status) {
         shared.guard.check()?;
-        api(ctx, &namespace)
+        let updated = api(ctx, &namespace)
             .patch_status(&name, &params(), &Patch::Merge(json!({ "status": status })))
             .await
             .map_err(ReconcileError::kube("writing the status"))?;
+        remember_status(shared, key, updated);
     }
 
     if problem.is_some() {
@@ -535,6 +549,29 @@ async fn converge(
             .observe(seen.elapsed().as_secs_f64());
     }
     Ok(Outcome::Done)
+}
+
+/// Keeps the status just written until the watch delivers it (see [`known_status`]). When
+/// the watch was faster than the response, the entry is dropped by the next reconcile.
+fn remember_status(shared: &ShardShared, key: &str, updated: DatabaseCluster) {
+    let Some(resource_version) = numeric_resource_version(&updated) else {
+        return;
+    };
+    let Some(status) = updated.status else {
+        return;
+    };
+    let written = WrittenStatus {
+        resource_version,
+        status,
+    };
+    let mut book = shared.book();
+    if book
+        .status_written
+        .get(key)
+        .is_none_or(|previous| previous.resource_version < resource_version)
+    {
+        book.status_written.insert(key.to_owned(), written);
+    }
 }
 
 /// Finalizer cleanup: with reclaimPolicy Delete, delete the StatefulSet (so it cannot
@@ -598,7 +635,7 @@ async fn cleanup(
         let mut book = shared.book();
         book.terminal.remove(&cluster.uid().unwrap_or_default());
         book.unconverged_since.remove(key);
-        book.forget_children(&namespace, &name);
+        book.forget_object(&namespace, &name);
     }
     shared.failures.reset(&key.to_owned());
     tracing::info!("cleanup finished, finalizer removed");

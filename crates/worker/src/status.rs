@@ -2,6 +2,12 @@
 //!
 //! Conditions keep their `lastTransitionTime` while their status stays the same, so a
 //! recomputation of an unchanged world yields an identical status and no write.
+//!
+//! "The status the object has" is not always the cached one: the watch delivers our own
+//! status write a few milliseconds after the write returns, and a reconcile triggered in
+//! that window (typically by the StatefulSet event of the apply just made) would compare
+//! with the status from before the write, see a difference and write the same status
+//! again. [`known_status`] prefers the status we wrote while the cache lags it.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -17,10 +23,46 @@ pub struct TerminalProblem {
     pub message: String,
 }
 
+/// A status this worker wrote, kept until the watch delivers the write (or a later version).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WrittenStatus {
+    /// The object's resourceVersion our write produced.
+    pub resource_version: u64,
+    /// The status as the server returned it.
+    pub status: DatabaseClusterStatus,
+}
+
+impl WrittenStatus {
+    /// Whether `cached` already holds this write or a later version of the object. A
+    /// resourceVersion that is not a number counts as seen: the cache answers then, and
+    /// the worst outcome is one redundant write.
+    pub fn is_seen_in(&self, cached: &DatabaseCluster) -> bool {
+        crate::reconcile::numeric_resource_version(cached)
+            .is_none_or(|seen| seen >= self.resource_version)
+    }
+}
+
+/// The status the server holds as far as this worker knows: the one it wrote itself while
+/// the cache has not caught up with that write, else the cached one. Only the worker
+/// owning the shard writes the status subresource, so nothing else can have replaced our
+/// write without the cache showing a later version.
+pub fn known_status<'a>(
+    cached: &'a DatabaseCluster,
+    written: Option<&'a WrittenStatus>,
+) -> Option<&'a DatabaseClusterStatus> {
+    match written {
+        Some(written) if !written.is_seen_in(cached) => Some(&written.status),
+        _ => cached.status.as_ref(),
+    }
+}
+
 /// What the status is computed from.
 pub struct Observed<'a> {
     /// The DatabaseCluster as last read.
     pub cluster: &'a DatabaseCluster,
+    /// The status it has (see [`known_status`]); conditions keep their transition times
+    /// from it.
+    pub current_status: Option<&'a DatabaseClusterStatus>,
     /// Its StatefulSet, if it exists.
     pub stateful_set: Option<&'a StatefulSet>,
     /// A terminal problem with the current generation, if any.
@@ -44,9 +86,8 @@ pub fn desired_status(observed: &Observed<'_>) -> DatabaseClusterStatus {
         s.status.as_ref().and_then(|st| st.observed_generation) >= s.metadata.generation
     });
     let rolled_out = sts_current && updated >= desired && replicas == desired;
-    let previous = cluster
-        .status
-        .as_ref()
+    let previous = observed
+        .current_status
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
 
@@ -184,6 +225,7 @@ mod tests {
         let c = cluster(1);
         let status = desired_status(&Observed {
             cluster: &c,
+            current_status: c.status.as_ref(),
             stateful_set: None,
             problem: None,
             shard: ShardIndex(1),
@@ -204,6 +246,7 @@ mod tests {
         let observe = |c: &DatabaseCluster, s: &StatefulSet, now| {
             desired_status(&Observed {
                 cluster: c,
+                current_status: c.status.as_ref(),
                 stateful_set: Some(s),
                 problem: None,
                 shard: ShardIndex(0),
@@ -231,6 +274,71 @@ mod tests {
         assert_eq!(cond(&second, PROGRESSING).reason, "Converged");
     }
 
+    fn at_version(mut c: DatabaseCluster, version: &str) -> DatabaseCluster {
+        c.metadata.resource_version = Some(version.into());
+        c
+    }
+
+    #[test]
+    fn our_status_write_is_not_repeated_while_the_cache_lags_it() {
+        let cached = at_version(cluster(1), "10");
+        let s = sts(2, 0);
+        let observe = |current: Option<&DatabaseClusterStatus>, now| {
+            desired_status(&Observed {
+                cluster: &cached,
+                current_status: current,
+                stateful_set: Some(&s),
+                problem: None,
+                shard: ShardIndex(0),
+                now: at(now),
+            })
+        };
+        let written = WrittenStatus {
+            resource_version: 11,
+            status: observe(known_status(&cached, None), 100),
+        };
+        // A reconcile right after the write, before the watch delivered it: the cache
+        // still has no status, yet the status to compare with is the one written.
+        let current = known_status(&cached, Some(&written));
+        assert_eq!(current, Some(&written.status));
+        assert_eq!(observe(current, 101), written.status, "nothing to write");
+        // Compared with the stale cache instead, the same world looks different (fresh
+        // transition times): the redundant write this avoids.
+        assert_ne!(observe(cached.status.as_ref(), 101), written.status);
+    }
+
+    #[test]
+    fn the_cache_answers_once_it_holds_our_write_or_a_later_version() {
+        let mut later = cluster(2);
+        later.status = Some(DatabaseClusterStatus {
+            observed_generation: Some(2),
+            ..Default::default()
+        });
+        let written = WrittenStatus {
+            resource_version: 11,
+            status: DatabaseClusterStatus {
+                observed_generation: Some(1),
+                ..Default::default()
+            },
+        };
+        for (version, expected) in [
+            ("10", &written.status),
+            ("11", later.status.as_ref().unwrap()),
+            ("12", later.status.as_ref().unwrap()),
+        ] {
+            let cached = at_version(later.clone(), version);
+            assert_eq!(
+                known_status(&cached, Some(&written)),
+                Some(expected),
+                "{version}"
+            );
+        }
+        // A resourceVersion that is not a number: trust the cache (a write at worst).
+        let opaque = at_version(later.clone(), "opaque");
+        assert_eq!(known_status(&opaque, Some(&written)), later.status.as_ref());
+        assert_eq!(known_status(&later, None), later.status.as_ref());
+    }
+
     #[test]
     fn terminal_problem_is_degraded() {
         let c = cluster(3);
@@ -240,6 +348,7 @@ mod tests {
         };
         let status = desired_status(&Observed {
             cluster: &c,
+            current_status: c.status.as_ref(),
             stateful_set: None,
             problem: Some(&problem),
             shard: ShardIndex(0),
