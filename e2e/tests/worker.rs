@@ -23,11 +23,14 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shardop_api::DatabaseCluster;
-use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL, condition};
+use shardop_api::constants::{DRAIN_LABEL, FINALIZER, SHARD_LABEL, condition};
 use shardop_e2e::audit::{self, AuditEvent};
 use shardop_e2e::metrics::{http_get, metric_value, scrape};
 use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess};
 use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
+
+/// A finalizer of some other controller.
+const OTHER_FINALIZER: &str = "backup.example.com/final-snapshot";
 
 struct Env {
     cluster: &'static Cluster,
@@ -388,7 +391,18 @@ async fn spec_updates_reach_the_stateful_set_and_deletion_removes_claims_and_chi
     assert_eq!(heartbeat.queue_depth, Some(0));
     let mut spec = valid_spec(1);
     spec["storage"]["reclaimPolicy"] = json!("Delete");
-    env.create("db", Some(0), spec).await;
+    // Someone else's finalizer: adding ours (server-side apply) and removing it (merge
+    // patch) must both keep it.
+    let mut manifest = shardop_e2e::database_cluster_json("db", spec);
+    manifest["metadata"]["labels"] = json!({ SHARD_LABEL: "0" });
+    manifest["metadata"]["finalizers"] = json!([OTHER_FINALIZER]);
+    env.clusters()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(manifest).unwrap(),
+        )
+        .await
+        .unwrap();
 
     let sts_api = env.stateful_sets();
     wait_for("StatefulSet created", Duration::from_secs(30), || async {
@@ -396,6 +410,15 @@ async fn spec_updates_reach_the_stateful_set_and_deletion_removes_claims_and_chi
     })
     .await
     .unwrap();
+    let mut finalizers = env
+        .clusters()
+        .get("db")
+        .await
+        .unwrap()
+        .finalizers()
+        .to_vec();
+    finalizers.sort();
+    assert_eq!(finalizers, [OTHER_FINALIZER, FINALIZER]);
 
     env.patch_spec("db", json!({ "replicas": 3, "image": "postgres:18" }))
         .await;
@@ -442,10 +465,26 @@ async fn spec_updates_reach_the_stateful_set_and_deletion_removes_claims_and_chi
         .unwrap();
     let clusters = env.clusters();
     wait_for(
-        "DatabaseCluster gone (finalizer removed)",
+        "shardop's finalizer removed, the other one kept",
         Duration::from_secs(30),
-        || async { clusters.get_opt("db").await.ok()?.is_none().then_some(()) },
+        || async {
+            let finalizers = clusters.get("db").await.ok()?.finalizers().to_vec();
+            (finalizers == [OTHER_FINALIZER]).then_some(())
+        },
     )
+    .await
+    .unwrap();
+    clusters
+        .patch(
+            "db",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+        )
+        .await
+        .unwrap();
+    wait_for("DatabaseCluster gone", Duration::from_secs(30), || async {
+        clusters.get_opt("db").await.ok()?.is_none().then_some(())
+    })
     .await
     .unwrap();
     wait_for("claims gone", Duration::from_secs(60), || async {

@@ -284,22 +284,44 @@ async fn acknowledge_drain(
     Ok(Outcome::Skipped)
 }
 
-/// Adds or removes our finalizer with a resourceVersion precondition (a merge patch
-/// replaces the whole list, so it must be based on the list we saw).
-async fn set_finalizer(
+/// Adds our finalizer by server-side apply: `metadata.finalizers` is a set, so the apply
+/// adds our entry and leaves everyone else's alone without needing the latest version. A
+/// merge patch would replace the whole list and so needs a resourceVersion precondition,
+/// which a spec change racing the first reconcile turns into a conflict and a backoff (a
+/// quarter of all creates in `churn`, where objects are changed a minute after creation).
+async fn add_finalizer(
     cluster: &DatabaseCluster,
     ctx: &ScopeContext,
-    present: bool,
 ) -> Result<DatabaseCluster, ReconcileError> {
-    let mut finalizers: Vec<String> = cluster
+    let name = cluster.name_any();
+    let patch = json!({
+        "apiVersion": DatabaseCluster::api_version(&()),
+        "kind": DatabaseCluster::kind(&()),
+        "metadata": { "name": name, "finalizers": [FINALIZER] },
+    });
+    ctx.shared.guard.check()?;
+    api(ctx, &cluster.namespace().unwrap_or_default())
+        .patch(
+            &name,
+            &PatchParams::apply(WORKER_FIELD_MANAGER),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(ReconcileError::kube("adding the finalizer"))
+}
+
+/// Removes our finalizer with a resourceVersion precondition: the cleanup was done for the
+/// version we saw, and nothing may have changed since (a merge patch replaces the whole
+/// list, so it must be based on the list we saw).
+async fn remove_finalizer(
+    cluster: &DatabaseCluster,
+    ctx: &ScopeContext,
+) -> Result<DatabaseCluster, ReconcileError> {
+    let finalizers: Vec<&String> = cluster
         .finalizers()
         .iter()
         .filter(|f| f.as_str() != FINALIZER)
-        .cloned()
         .collect();
-    if present {
-        finalizers.push(FINALIZER.to_owned());
-    }
     let patch = json!({
         "metadata": {
             "resourceVersion": cluster.resource_version(),
@@ -310,11 +332,7 @@ async fn set_finalizer(
     api(ctx, &cluster.namespace().unwrap_or_default())
         .patch(&cluster.name_any(), &params(), &Patch::Merge(&patch))
         .await
-        .map_err(ReconcileError::kube(if present {
-            "adding the finalizer"
-        } else {
-            "removing the finalizer"
-        }))
+        .map_err(ReconcileError::kube("removing the finalizer"))
 }
 
 fn cached<K>(
@@ -452,7 +470,14 @@ async fn converge(
     crate::fault::before_writes(&name).await;
     let mut cluster = cluster.clone();
     if !cluster.finalizers().iter().any(|f| f == FINALIZER) {
-        cluster = set_finalizer(&cluster, ctx, true).await?;
+        cluster = add_finalizer(&cluster, ctx).await?;
+        // The apply had no precondition, so it returns the latest version: if that one has
+        // left the shard or is being drained meanwhile, its own watch event decides.
+        let placement = ObjectPlacement::from_labels(cluster.metadata.labels.as_ref());
+        let deleting = cluster.metadata.deletion_timestamp.is_some();
+        if worker_action(&placement, shard, deleting) != WorkerAction::Reconcile {
+            return Ok(Outcome::Skipped);
+        }
     }
 
     let known_problem = shared
@@ -630,7 +655,7 @@ async fn cleanup(
             return Ok(Outcome::CleanupPending);
         }
     }
-    set_finalizer(cluster, ctx, false).await?;
+    remove_finalizer(cluster, ctx).await?;
     {
         let mut book = shared.book();
         book.terminal.remove(&cluster.uid().unwrap_or_default());
