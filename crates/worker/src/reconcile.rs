@@ -1,9 +1,9 @@
 //! The DatabaseCluster reconcile: the protocol decides (`worker_action`), this module carries
 //! it out with as few writes as possible, each one fenced by the shard's Lease.
 //!
-//! Writes of a new object: finalizer (merge patch), Service and StatefulSet (server-side
-//! apply), status (merge patch on the status subresource). A converged object costs none:
-//! children are compared with the cache before applying, status before writing.
+//! Writes of a new object: finalizer, Service and StatefulSet (server-side apply), status
+//! (merge patch on the status subresource). A converged object costs none: children are
+//! compared with the cache before applying, status before writing.
 
 use std::sync::Arc;
 use std::time::Duration;
