@@ -177,6 +177,8 @@ pub struct ScopeContext {
     pub stateful_sets: Store<StatefulSet>,
     /// Cached Services of the shard.
     pub services: Store<Service>,
+    /// Cached DatabaseClusters of the shard (the controller's own store).
+    pub clusters: Store<DatabaseCluster>,
 }
 
 /// The key of an object.
@@ -459,6 +461,7 @@ fn scope_controller(
         client,
         stateful_sets,
         services,
+        clusters: clusters.clone(),
     });
     let controller = Controller::for_stream(cluster_events, clusters.clone())
         .owns_stream(sts_events)

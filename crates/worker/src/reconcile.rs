@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::backoff::jitter_unit;
 use crate::children::{self, desired_service, desired_stateful_set, is_subset};
-use crate::controller::{AppliedObject, Bookkeeping, ScopeContext, ShardShared, key_of};
+use crate::controller::{AppliedObject, Bookkeeping, ScopeContext, key_of};
 use crate::metrics::{ReasonLabels, ResultLabels, WorkerMetrics};
 use crate::status::{Observed, TerminalProblem, WrittenStatus, desired_status, known_status};
 
@@ -535,7 +535,7 @@ async fn converge(
     let written = {
         let mut book = shared.book();
         match book.status_written.get(key) {
-            // The object we read already holds that write (the watch beat the response).
+            // The object we read already holds that write: the cache answers again.
             Some(written) if written.is_seen_in(&cluster) => {
                 book.status_written.remove(key);
                 None
@@ -558,7 +558,7 @@ async fn converge(
             .patch_status(&name, &params(), &Patch::Merge(json!({ "status": status })))
             .await
             .map_err(ReconcileError::kube("writing the status"))?;
-        remember_status(shared, key, updated);
+        remember_status(ctx, key, updated);
     }
 
     if problem.is_some() {
@@ -576,20 +576,30 @@ async fn converge(
     Ok(Outcome::Done)
 }
 
-/// Keeps the status just written until the watch delivers it (see [`known_status`]). When
-/// the watch was faster than the response, the entry is dropped by the next reconcile.
-fn remember_status(shared: &ShardShared, key: &str, updated: DatabaseCluster) {
-    let Some(resource_version) = numeric_resource_version(&updated) else {
-        return;
-    };
-    let Some(status) = updated.status else {
+/// Keeps the status just written until the watch delivers it (see [`known_status`]),
+/// unless the cache holds it already (the watch beat the response). The cache is read
+/// under the bookkeeping lock, which the watch takes after storing a version to drop the
+/// memo it delivers: either the cache read sees the write, or the drop comes after the
+/// insert. No entry outlives its delivery.
+fn remember_status(ctx: &ScopeContext, key: &str, updated: DatabaseCluster) {
+    let (Some(resource_version), Some(status)) =
+        (numeric_resource_version(&updated), updated.status.clone())
+    else {
         return;
     };
     let written = WrittenStatus {
         resource_version,
         status,
     };
-    let mut book = shared.book();
+    let mut book = ctx.shared.book();
+    let cached = cached(
+        &ctx.clusters,
+        &updated.namespace().unwrap_or_default(),
+        &updated.name_any(),
+    );
+    if cached.is_some_and(|cached| written.is_seen_in(&cached)) {
+        return;
+    }
     if book
         .status_written
         .get(key)
