@@ -214,25 +214,24 @@ impl AuditTail {
         Ok(())
     }
 
-    /// Successful writes by any worker since `since`.
-    pub fn worker_writes_since(&self, since: Timestamp) -> usize {
+    /// Successful writes by any worker received since `since`.
+    fn worker_writes(&self, since: Timestamp) -> impl Iterator<Item = &Event> {
         self.events
             .iter()
-            .filter(|e| e.request_received_timestamp >= since)
+            .filter(move |e| e.request_received_timestamp >= since)
             .filter(|e| e.worker_shard().is_some() && e.is_successful_write())
-            .count()
+    }
+
+    /// Successful writes by any worker since `since`.
+    pub fn worker_writes_since(&self, since: Timestamp) -> usize {
+        self.worker_writes(since).count()
     }
 
     /// Successful writes by any worker since `since`, by `<verb> <resource>[/<subresource>]`
     /// (a server-side apply is a `patch`).
     pub fn worker_writes_by_kind_since(&self, since: Timestamp) -> BTreeMap<String, usize> {
         let mut kinds = BTreeMap::new();
-        for event in self
-            .events
-            .iter()
-            .filter(|e| e.request_received_timestamp >= since)
-            .filter(|e| e.worker_shard().is_some() && e.is_successful_write())
-        {
+        for event in self.worker_writes(since) {
             let resource = match event.subresource() {
                 Some(sub) => format!("{}/{sub}", event.resource()),
                 None => event.resource().to_owned(),

@@ -761,10 +761,8 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
             "worker_writes",
             json!({
                 "total": worker_writes_total,
-                "per_create_or_change": (1000.0 * worker_writes_total as f64
-                    / (created + changes).max(1) as f64)
-                    .round()
-                    / 1000.0,
+                "per_create_or_change":
+                    worker_writes_total as f64 / (created + changes).max(1) as f64,
                 "by_kind": worker_writes,
             }),
         )

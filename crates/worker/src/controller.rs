@@ -124,9 +124,12 @@ impl Bookkeeping {
 
     /// Forgets what this shard wrote for an object that leaves it (drained, deleted):
     /// the status memo and the apply memo of its children.
-    pub fn forget_object(&mut self, namespace: &str, name: &str) {
-        self.status_written.remove(&format!("{namespace}/{name}"));
-        self.forget_children(namespace, name);
+    pub fn forget_object(&mut self, cluster: &DatabaseCluster) {
+        self.status_written.remove(&key_of(cluster));
+        self.forget_children(
+            cluster.meta().namespace.as_deref().unwrap_or_default(),
+            cluster.meta().name.as_deref().unwrap_or_default(),
+        );
     }
 
     /// Forgets the apply memo of a DatabaseCluster's children.
@@ -684,7 +687,7 @@ mod tests {
                 status: Default::default(),
             },
         );
-        book.forget_object("ns", "a");
+        book.forget_object(&cluster("9"));
         assert!(book.status_written.is_empty());
     }
 }

@@ -273,7 +273,7 @@ async fn acknowledge_drain(
         let mut book = shared.book();
         book.acknowledged.insert(cluster.uid().unwrap_or_default());
         book.unconverged_since.remove(&key_of(cluster));
-        book.forget_object(&namespace, &cluster.name_any());
+        book.forget_object(cluster);
     }
     shared
         .metrics
@@ -534,14 +534,9 @@ async fn converge(
 
     let written = {
         let mut book = shared.book();
-        match book.status_written.get(key) {
-            // The object we read already holds that write: the cache answers again.
-            Some(written) if written.is_seen_in(&cluster) => {
-                book.status_written.remove(key);
-                None
-            }
-            written => written.cloned(),
-        }
+        // The object we read may already hold that write: the cache answers again then.
+        book.forget_status_once_seen(&cluster);
+        book.status_written.get(key).cloned()
     };
     let current_status = known_status(&cluster, written.as_ref());
     let status = desired_status(&Observed {
@@ -582,21 +577,18 @@ async fn converge(
 /// memo it delivers: either the cache read sees the write, or the drop comes after the
 /// insert. No entry outlives its delivery.
 fn remember_status(ctx: &ScopeContext, key: &str, updated: DatabaseCluster) {
-    let (Some(resource_version), Some(status)) =
-        (numeric_resource_version(&updated), updated.status.clone())
-    else {
+    let Some(resource_version) = numeric_resource_version(&updated) else {
+        return;
+    };
+    let mut book = ctx.shared.book();
+    let cached = ctx.clusters.get(&ObjectRef::from_obj(&updated));
+    let Some(status) = updated.status else {
         return;
     };
     let written = WrittenStatus {
         resource_version,
         status,
     };
-    let mut book = ctx.shared.book();
-    let cached = cached(
-        &ctx.clusters,
-        &updated.namespace().unwrap_or_default(),
-        &updated.name_any(),
-    );
     if cached.is_some_and(|cached| written.is_seen_in(&cached)) {
         return;
     }
@@ -670,7 +662,7 @@ async fn cleanup(
         let mut book = shared.book();
         book.terminal.remove(&cluster.uid().unwrap_or_default());
         book.unconverged_since.remove(key);
-        book.forget_object(&namespace, &name);
+        book.forget_object(cluster);
     }
     shared.failures.reset(&key.to_owned());
     tracing::info!("cleanup finished, finalizer removed");
