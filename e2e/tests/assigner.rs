@@ -340,6 +340,7 @@ impl Env {
             "dual ownership by revision:\n{}",
             ownership.violations().join("\n")
         );
+        assert!(!ownership.writes.is_empty() && ownership.holder_unknown() == 0);
         writes.len()
     }
 

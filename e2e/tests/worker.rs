@@ -651,6 +651,9 @@ async fn a_dead_workers_shard_is_taken_over_without_relabeling_and_handed_back()
         "{}",
         ownership.violations().join("\n")
     );
+    let by_pod = |pod: &str| ownership.writes.iter().filter(|w| w.pod == pod).count();
+    assert!(by_pod(&taker) > 0 && by_pod("shardop-worker-1") > 0);
+    assert_eq!(ownership.holder_unknown(), 0);
     drop(workers);
     env.release_objects().await;
 }

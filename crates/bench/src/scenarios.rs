@@ -1024,7 +1024,9 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let others: HashSet<String> = all.difference(&shard0).cloned().collect();
     let other_lags = run.conv.lags_of(&others);
     let crashed_lags = run.conv.lags_of(&shard0);
-    let (duplicated, reapplied) = run.audit()?.duplicated_child_writes(&deaths);
+    let audit = run.audit()?;
+    let (duplicated, reapplied) = audit.duplicated_child_writes(&deaths);
+    let dual_ownership = audit.dual_ownership();
     let mut report = report(
         "crash",
         knobs,
@@ -1047,6 +1049,7 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("longest_running_s", run.longest_running_s)
         .set("duplicated_side_effects", duplicated)
         .set("reapplied_after_crash", reapplied)
+        .set("dual_ownership", dual_ownership)
         .set("processes", run.process_table());
     draw(&run, knobs, "crash")?;
     run.finish();
@@ -1054,6 +1057,7 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
         report,
         checks: vec![
             ("duplicated_side_effects == 0".into(), duplicated == 0),
+            ("dual_ownership == 0".into(), dual_ownership == 0),
             ("worker crashed mid-reconcile".into(), crashes > 0),
         ],
     })

@@ -261,6 +261,16 @@ impl AuditEvent {
             && self.is_successful_write()
     }
 
+    /// A label write by the assigner that was applied or may have been (504: a killed
+    /// assigner's write can land; the new owner acting on the label shows it did).
+    pub fn is_assigner_label_request(&self) -> bool {
+        self.by_assigner()
+            && self.resource() == "databaseclusters"
+            && self.subresource().is_none()
+            && self.is_write()
+            && self.outcome() != Outcome::Rejected
+    }
+
     /// Whether this is a successful write of a child object (StatefulSet or Service, not
     /// status).
     pub fn is_child_write(&self) -> bool {

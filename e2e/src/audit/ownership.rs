@@ -15,8 +15,9 @@
 //!
 //! Writes by anyone else — the assigner's label writes, the garbage collector, the
 //! namespace controller, a user — are not shard writes. A write audited as 504 or without a
-//! status may still have been applied: it is checked as if it had, at its request time,
-//! and flagged.
+//! status may still have been applied: a shard write is checked as if it had, at its
+//! request time, and flagged; an assigner label write separates a handover at its request
+//! time (a leader killed mid-write leaves a 504 whose label the new owner then acts on).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -217,7 +218,7 @@ enum Entry {
 impl Entry {
     fn of(event: &AuditEvent, clock: &RevisionClock, leases: &LeaseHistory<'_>) -> Option<Self> {
         let object = event.owner()?.to_owned();
-        if event.is_assigner_label_write() {
+        if event.is_assigner_label_request() {
             let (position, _) = clock.place(event);
             return Some(Self::Label { object, position });
         }

@@ -180,6 +180,36 @@ fn a_request_whose_client_was_killed_is_checked_at_its_request_time_and_flagged(
 }
 
 #[test]
+fn a_label_write_of_a_killed_assigner_separates_the_handover_at_its_request_time() {
+    let old = worker(2, 2);
+    let new = worker(3, 3);
+    // Seen in an e2e run: the leader was killed while its relabel was in flight; the
+    // request is audited as 504 without a response, yet the label landed and the new owner
+    // acted on it.
+    let lines = [
+        lease(&old, 2, Some(2), 1, 0),
+        lease(&new, 3, Some(3), 2, 0),
+        write(&old, "databaseclusters", "db", 31_126, 1_541).at(1_541, 2_186),
+        Line::new("patch", ASSIGNER, "databaseclusters", NS, "db")
+            .code(504)
+            .at(2_747, 2_976),
+        write(&new, "services", "db-headless", 31_211, 3_282),
+    ];
+    let ownership = check(&lines);
+    assert_eq!(ownership.writes.len(), 2);
+    assert_eq!(
+        ownership.dual_ownership(),
+        0,
+        "{:?}",
+        ownership.violations()
+    );
+    // A refused label write separates nothing.
+    let mut refused = lines.to_vec();
+    refused[3] = refused[3].clone().code(409);
+    assert_eq!(check(&refused).cross_shard.len(), 1);
+}
+
+#[test]
 fn label_writes_answered_with_partial_object_metadata_order_the_handover() {
     let old = worker(2, 2);
     let new = worker(3, 3);
