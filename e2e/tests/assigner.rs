@@ -286,7 +286,8 @@ impl Env {
     /// Every successful worker write to an object of this test (or a child of it) happened
     /// while the writing shard owned the object, as the test's watch saw the labels. The
     /// start of an ownership interval is widened by 2 s (the watch sees a label a moment
-    /// after it is written), its end by 0.5 s.
+    /// after it is written), its end by 0.5 s. The ownership oracle confirms it from the
+    /// audit log alone.
     fn assert_single_owner(&self) -> usize {
         let log = self.cluster.audit_log().unwrap();
         let writes: Vec<AuditEvent> = audit::events_in_namespace(log, &self.objects.name)
@@ -330,6 +331,16 @@ impl Env {
             writes.len(),
             violations.join("\n")
         );
+        // The audit log's own order: by revision, every shard write came from the process
+        // holding the shard's Lease, and no two shards wrote an object between relabels.
+        let ownership = audit::ownership(log, &self.operator.name, &self.objects.name).unwrap();
+        assert_eq!(
+            ownership.dual_ownership(),
+            0,
+            "dual ownership by revision:\n{}",
+            ownership.violations().join("\n")
+        );
+        assert!(!ownership.writes.is_empty() && ownership.holder_unknown() == 0);
         writes.len()
     }
 

@@ -642,6 +642,18 @@ async fn a_dead_workers_shard_is_taken_over_without_relabeling_and_handed_back()
         .rfind(|e| e.target() == Some(("statefulsets", "db-1")))
         .unwrap();
     assert_eq!(agent_pod(&last_sts), "shardop-worker-1");
+    // By revision: every write came from the process holding its shard's Lease then.
+    let log = env.cluster.audit_log().unwrap();
+    let ownership = audit::ownership(log, &env.operator.name, &env.objects.name).unwrap();
+    assert_eq!(
+        ownership.dual_ownership(),
+        0,
+        "{}",
+        ownership.violations().join("\n")
+    );
+    let by_pod = |pod: &str| ownership.writes.iter().filter(|w| w.pod == pod).count();
+    assert!(by_pod(&taker) > 0 && by_pod("shardop-worker-1") > 0);
+    assert_eq!(ownership.holder_unknown(), 0);
     drop(workers);
     env.release_objects().await;
 }

@@ -1,156 +1,32 @@
 //! The API server's audit log as the ground truth of who wrote what: read incrementally
-//! (scenarios poll it while they run), filtered to one namespace, and analysed for the
-//! correctness fields (writes, dual ownership, overlap, relabels, duplicated side effects,
-//! 429s).
+//! (scenarios poll it while they run) with the e2e crate's reader, kept for the objects'
+//! namespace and the operator's shard Leases, and analysed for the correctness fields
+//! (writes, dual ownership, overlap, relabels, duplicated side effects, 429s).
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use jiff::Timestamp;
-use serde::Deserialize;
+use serde::Serialize;
+use shardop_e2e::audit::{AuditEvent, LogTail, Ownership, Position, RevisionClock, Scope};
 
-/// One completed request about an object in the watched namespace.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Event {
-    /// create, patch, update, delete, ...
-    pub verb: String,
-    /// The client's User-Agent header.
-    #[serde(default)]
-    pub user_agent: String,
-    /// The object.
-    #[serde(default)]
-    pub object_ref: Option<ObjectRef>,
-    /// The response.
-    #[serde(default)]
-    pub response_status: Option<Status>,
-    /// When the request arrived.
-    pub request_received_timestamp: Timestamp,
-    /// When the response was complete.
-    pub stage_timestamp: Timestamp,
-    #[serde(default)]
-    stage: String,
-}
-
-/// The object of an event.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ObjectRef {
-    /// Plural resource.
-    #[serde(default)]
-    pub resource: String,
-    /// Name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Subresource.
-    #[serde(default)]
-    pub subresource: Option<String>,
-}
-
-/// A response status.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Status {
-    /// HTTP code.
-    #[serde(default)]
-    pub code: u16,
-}
-
-impl Event {
-    fn code(&self) -> u16 {
-        self.response_status.as_ref().map_or(0, |s| s.code)
-    }
-
-    /// A write the API server carried out.
-    pub fn is_successful_write(&self) -> bool {
-        matches!(
-            self.verb.as_str(),
-            "create" | "update" | "patch" | "delete" | "deletecollection"
-        ) && (200..300).contains(&self.code())
-    }
-
-    /// The shard of a `shardop-worker/shard-<i> (<pod>)` user agent.
-    pub fn worker_shard(&self) -> Option<u32> {
-        let rest = self.user_agent.strip_prefix("shardop-worker/shard-")?;
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
-    }
-
-    /// The pod of a `shardop-worker/shard-<i> (<pod>)` user agent.
-    pub fn worker_pod(&self) -> Option<&str> {
-        self.worker_shard()?;
-        let (_, rest) = self.user_agent.split_once('(')?;
-        rest.split_once(')').map(|(pod, _)| pod)
-    }
-
-    /// Whether the assigner made this request.
-    pub fn by_assigner(&self) -> bool {
-        self.user_agent.starts_with("shardop-assigner")
-    }
-
-    fn resource(&self) -> &str {
-        self.object_ref.as_ref().map_or("", |o| o.resource.as_str())
-    }
-
-    fn name(&self) -> &str {
-        self.object_ref
-            .as_ref()
-            .and_then(|o| o.name.as_deref())
-            .unwrap_or("")
-    }
-
-    fn subresource(&self) -> Option<&str> {
-        self.object_ref
-            .as_ref()
-            .and_then(|o| o.subresource.as_deref())
-    }
-
-    /// The DatabaseCluster this event is about: the object itself, or the parent of a
-    /// child (`<name>` StatefulSet, `<name>-headless` Service).
-    pub fn parent(&self) -> Option<&str> {
-        let name = self.name();
-        match self.resource() {
-            "databaseclusters" | "statefulsets" => Some(name),
-            "services" => name.strip_suffix("-headless"),
-            _ => None,
-        }
-        .filter(|n| !n.is_empty())
-    }
-
-    /// A label-only write by the assigner on a DatabaseCluster (it writes nothing else to
-    /// DatabaseClusters).
-    pub fn is_assigner_label_write(&self) -> bool {
-        self.by_assigner()
-            && self.resource() == "databaseclusters"
-            && self.subresource().is_none()
-            && self.is_successful_write()
-    }
-
-    /// A patch of a DatabaseCluster itself (not its status) by a worker: how the old owner
-    /// acknowledges a drain (it also adds and removes the finalizer this way).
-    fn is_worker_object_patch(&self) -> bool {
-        self.worker_shard().is_some()
-            && self.verb == "patch"
-            && self.resource() == "databaseclusters"
-            && self.subresource().is_none()
-    }
-
-    /// Whether this assigner label write comes after the worker write `previous` in the
-    /// handover order: it started after `previous` completed. The old owner's acknowledgement
-    /// is the exception: the assigner acts on its commit, which the assigner's watch can
-    /// deliver before the API server has finished (and audited) the acknowledgement's
-    /// response on a busy machine, so starting after it started is enough there.
-    fn follows(&self, previous: &Event) -> bool {
-        self.request_received_timestamp >= previous.stage_timestamp
-            || (previous.is_worker_object_patch()
-                && self.request_received_timestamp >= previous.request_received_timestamp)
-    }
-
-    /// Whether this is a write of a child object (StatefulSet or Service, not status).
-    pub fn is_child_write(&self) -> bool {
-        matches!(self.resource(), "statefulsets" | "services")
-            && self.subresource().is_none()
-            && self.is_successful_write()
-    }
+/// The ownership oracle's counts (docs/performance.md defines them).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OwnershipFigures {
+    /// Writes that are foreign or cross-shard (each once): must be 0.
+    pub dual_ownership: usize,
+    /// Writes by a process that did not hold the shard's Lease at their revision.
+    pub foreign_writes: usize,
+    /// Writes to an object another shard wrote last, with no assigner label write since.
+    pub cross_shard_writes: usize,
+    /// Every shard write to an object or its children.
+    pub shard_writes: usize,
+    /// Shard writes placed by request time: no-ops and writes without a response revision.
+    pub ordered_by_request_time: usize,
+    /// Shard writes audited as 504 or without a status, checked as if applied.
+    pub possibly_applied: usize,
+    /// Shard writes with no Lease write of their shard before them in the log.
+    pub holder_unknown: usize,
 }
 
 /// A worker process that died: it was last seen running at `alive_at` and found dead at
@@ -163,59 +39,58 @@ pub struct WorkerDeath {
     pub noticed_at: Timestamp,
 }
 
-/// An audit log read incrementally, keeping the events of one namespace.
+/// An audit log read incrementally, keeping the events of the objects' namespace and the
+/// Lease writes of the operator's.
 pub struct AuditTail {
-    path: PathBuf,
-    offset: u64,
-    needle: String,
-    /// Completed events in the namespace, in log order.
-    pub events: Vec<Event>,
+    log: LogTail,
+    objects_namespace: String,
+    operator_namespace: String,
+    /// Completed events about objects in the objects' namespace, in log order.
+    pub events: Vec<AuditEvent>,
+    /// Completed Lease events in the operator's namespace, in log order.
+    pub lease_events: Vec<AuditEvent>,
 }
 
 impl AuditTail {
     /// Starts at the current end of `path`: only events from now on are kept.
-    pub fn from_now(path: PathBuf, namespace: &str) -> Self {
-        let offset = std::fs::metadata(&path).map_or(0, |m| m.len());
+    pub fn from_now(path: PathBuf, objects_namespace: &str, operator_namespace: &str) -> Self {
         Self {
-            path,
-            offset,
-            needle: format!("\"namespace\":\"{namespace}\""),
+            log: LogTail::from_now(path),
+            objects_namespace: objects_namespace.to_owned(),
+            operator_namespace: operator_namespace.to_owned(),
             events: Vec::new(),
+            lease_events: Vec::new(),
         }
     }
 
     /// Reads what was appended since the last call.
     pub fn poll(&mut self) -> anyhow::Result<()> {
-        let mut file = std::fs::File::open(&self.path)?;
-        let len = file.metadata()?.len();
-        if len < self.offset {
-            // Rotated: start over at the new file (the bench never fills 1 GiB).
-            self.offset = 0;
-        }
-        file.seek(SeekFrom::Start(self.offset))?;
-        let mut reader = BufReader::with_capacity(1 << 20, file);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let read = reader.read_line(&mut line)?;
-            if read == 0 || !line.ends_with('\n') {
-                break;
-            }
-            self.offset += read as u64;
-            if !line.contains(&self.needle) {
-                continue;
-            }
-            if let Ok(event) = serde_json::from_str::<Event>(&line)
-                && event.stage == "ResponseComplete"
-            {
+        let objects = shardop_e2e::audit::namespace_needle(&self.objects_namespace);
+        let operator = shardop_e2e::audit::namespace_needle(&self.operator_namespace);
+        let events = self
+            .log
+            .read_new(|line| line.contains(&objects) || line.contains(&operator))?;
+        for event in events {
+            if event.in_namespace(&self.objects_namespace) {
                 self.events.push(event);
+            } else if event.in_namespace(&self.operator_namespace) && event.resource() == "leases" {
+                self.lease_events.push(event);
             }
         }
         Ok(())
     }
 
+    /// The ownership oracle over everything read so far.
+    pub fn ownership(&self) -> Ownership {
+        let scope = Scope {
+            leases_namespace: &self.operator_namespace,
+            objects_namespace: &self.objects_namespace,
+        };
+        Ownership::check(self.events.iter().chain(&self.lease_events), scope)
+    }
+
     /// Successful writes by any worker received since `since`.
-    fn worker_writes(&self, since: Timestamp) -> impl Iterator<Item = &Event> {
+    fn worker_writes(&self, since: Timestamp) -> impl Iterator<Item = &AuditEvent> {
         self.events
             .iter()
             .filter(move |e| e.request_received_timestamp >= since)
@@ -260,99 +135,51 @@ impl AuditTail {
             .count()
     }
 
-    /// Writes by a shard outside its ownership of the object: two consecutive worker writes
-    /// to one DatabaseCluster (or its children) by different shards must be separated by an
-    /// assigner label write that started after the first one completed (see
-    /// [`Event::follows`] for the acknowledgement) and before the second one started (the
-    /// handover: acknowledgement, then the new label). Returns the number of violating
-    /// writes.
+    /// Writes outside single ownership ([`Ownership::dual_ownership`]): foreign writes (by
+    /// a process that did not hold the shard's Lease at the write's revision) and
+    /// cross-shard writes (another shard wrote the object last, with no assigner label write
+    /// since), each write counted once. Every violation is logged.
     pub fn dual_ownership(&self) -> usize {
-        let mut by_object: HashMap<&str, Vec<&Event>> = HashMap::new();
-        for event in &self.events {
-            let relevant = (event.worker_shard().is_some() || event.is_assigner_label_write())
-                && event.is_successful_write();
-            if let (true, Some(parent)) = (relevant, event.parent()) {
-                by_object.entry(parent).or_default().push(event);
-            }
-        }
-        let mut violations = 0;
-        let mut early_label_writes = 0;
-        for events in by_object.values_mut() {
-            events.sort_by_key(|e| e.request_received_timestamp);
-            let mut last_worker: Option<&Event> = None;
-            let mut separated = false;
-            for event in events.iter() {
-                if event.is_assigner_label_write() {
-                    if let Some(previous) = last_worker
-                        && event.follows(previous)
-                    {
-                        separated = true;
-                        if event.request_received_timestamp < previous.stage_timestamp {
-                            early_label_writes += 1;
-                        }
-                    }
-                    continue;
-                }
-                if let Some(previous) = last_worker
-                    && previous.worker_shard() != event.worker_shard()
-                    && !separated
-                {
-                    violations += 1;
-                    tracing::warn!(
-                        object = event.parent().unwrap_or(""),
-                        earlier = %previous.user_agent,
-                        earlier_verb = %previous.verb,
-                        earlier_resource = previous.resource(),
-                        earlier_received = %previous.request_received_timestamp,
-                        earlier_completed = %previous.stage_timestamp,
-                        later = %event.user_agent,
-                        later_verb = %event.verb,
-                        later_resource = event.resource(),
-                        later_received = %event.request_received_timestamp,
-                        "write by a shard outside its ownership interval"
-                    );
-                }
-                // The separation must follow the previous shard's *last* write.
-                separated = false;
-                last_worker = Some(event);
-            }
-        }
-        if early_label_writes > 0 {
-            tracing::info!(
-                early_label_writes,
-                "assigner label writes that started before the acknowledgement they follow was audited as complete"
-            );
-        }
-        violations
+        self.ownership_figures().dual_ownership
     }
 
-    /// Writes as `shard` by `taker_pod` that started after `home_pod`'s first write as
-    /// `shard` since `since`, plus writes by the home pod before the taker's last one:
-    /// both serve the shard at once (must be 0).
+    /// The oracle's figures for a report; every violation is logged.
+    pub fn ownership_figures(&self) -> OwnershipFigures {
+        let ownership = self.ownership();
+        for violation in ownership.violations() {
+            tracing::warn!(%violation, "write outside single ownership");
+        }
+        OwnershipFigures {
+            dual_ownership: ownership.dual_ownership(),
+            foreign_writes: ownership.foreign.len(),
+            cross_shard_writes: ownership.cross_shard.len(),
+            shard_writes: ownership.writes.len(),
+            ordered_by_request_time: ownership.ordered_by_request_time(),
+            possibly_applied: ownership.possibly_applied(),
+            holder_unknown: ownership.holder_unknown(),
+        }
+    }
+
+    /// Writes as `shard` by `taker_pod` placed after `home_pod`'s first write as `shard`
+    /// since `since`, plus writes by the home pod placed before the taker's last one, in
+    /// revision order: both serve the shard at once (must be 0).
     pub fn overlap(&self, shard: u32, taker_pod: &str, home_pod: &str, since: Timestamp) -> usize {
-        let writes = |pod: &str| -> Vec<&Event> {
+        let clock = RevisionClock::new(self.events.iter().chain(&self.lease_events));
+        let positions = |pod: &str| -> Vec<Position> {
             self.events
                 .iter()
                 .filter(|e| e.request_received_timestamp >= since && e.is_successful_write())
                 .filter(|e| e.worker_shard() == Some(shard) && e.worker_pod() == Some(pod))
+                .map(|e| clock.place(e).0)
                 .collect()
         };
-        let taker = writes(taker_pod);
-        let home = writes(home_pod);
-        let Some(home_first) = home.iter().map(|e| e.request_received_timestamp).min() else {
+        let taker = positions(taker_pod);
+        let home = positions(home_pod);
+        let (Some(home_first), Some(taker_last)) = (home.iter().min(), taker.iter().max()) else {
             return 0;
         };
-        let Some(taker_last) = taker.iter().map(|e| e.stage_timestamp).max() else {
-            return 0;
-        };
-        let late_taker = taker
-            .iter()
-            .filter(|e| e.stage_timestamp > home_first)
-            .count();
-        let early_home = home
-            .iter()
-            .filter(|e| e.request_received_timestamp < taker_last)
-            .count();
+        let late_taker = taker.iter().filter(|p| *p > home_first).count();
+        let early_home = home.iter().filter(|p| *p < taker_last).count();
         late_taker.max(early_home)
     }
 
@@ -375,7 +202,7 @@ impl AuditTail {
     /// that request, applies the same desired object once more, which server-side apply
     /// turns into a no-op. Those are counted apart; every other re-apply is a duplicate.
     pub fn duplicated_child_writes(&self, deaths: &[WorkerDeath]) -> (usize, usize) {
-        let mut applies: BTreeMap<(&str, &str), Vec<&Event>> = BTreeMap::new();
+        let mut applies: BTreeMap<(&str, &str), Vec<&AuditEvent>> = BTreeMap::new();
         for event in &self.events {
             if event.worker_shard().is_some() && event.is_child_write() && event.verb == "patch" {
                 applies
@@ -422,11 +249,11 @@ impl AuditTail {
         let mut throttled = 0;
         let mut min_gap: Option<f64> = None;
         for (index, event) in self.events.iter().enumerate() {
-            if event.worker_shard().is_none() || event.code() != 429 {
+            if event.worker_shard().is_none() || event.code() != Some(429) {
                 continue;
             }
             throttled += 1;
-            let same = |e: &&Event| {
+            let same = |e: &&AuditEvent| {
                 e.user_agent == event.user_agent
                     && e.verb == event.verb
                     && e.resource() == event.resource()
@@ -454,11 +281,15 @@ impl AuditTail {
 mod tests {
     use super::*;
 
-    fn event(ua: &str, resource: &str, name: &str, at: i64, code: u16) -> Event {
+    use shardop_e2e::audit::synthetic::Line;
+
+    /// A patch received at `at` s, complete 10 ms later, committed at revision `at` × 10.
+    fn event(ua: &str, resource: &str, name: &str, at: i64, code: u16) -> AuditEvent {
         timed(ua, resource, name, at * 1000, at * 1000 + 10, code)
     }
 
-    /// An event received at `received` ms and completed at `completed` ms.
+    /// A patch received at `received` ms and complete at `completed` ms; when successful,
+    /// answered with the object at revision `completed` / 100.
     fn timed(
         ua: &str,
         resource: &str,
@@ -466,32 +297,44 @@ mod tests {
         received: i64,
         completed: i64,
         code: u16,
-    ) -> Event {
-        let (resource, subresource) = match resource.split_once('/') {
-            Some((resource, sub)) => (resource, Some(sub.to_owned())),
-            None => (resource, None),
+    ) -> AuditEvent {
+        let revision = u64::try_from(completed / 100).unwrap();
+        let line = Line::new("patch", ua, resource, "objs", name)
+            .at(received, completed)
+            .code(code);
+        let line = if (200..300).contains(&code) {
+            line.response("Object", revision)
+        } else {
+            line
         };
-        Event {
-            verb: "patch".into(),
-            user_agent: ua.into(),
-            object_ref: Some(ObjectRef {
-                resource: resource.into(),
-                name: Some(name.into()),
-                subresource,
-            }),
-            response_status: Some(Status { code }),
-            request_received_timestamp: Timestamp::from_millisecond(received).unwrap(),
-            stage_timestamp: Timestamp::from_millisecond(completed).unwrap(),
-            stage: "ResponseComplete".into(),
-        }
+        line.event().unwrap()
     }
 
-    fn tail(events: Vec<Event>) -> AuditTail {
+    /// Lease `shard` updated by `pod` (holder afterwards: `holder`) at `at` s.
+    fn lease(shard: u32, pod: u32, holder: Option<u32>, at: i64) -> AuditEvent {
+        let holder = holder.map(|h| format!("shardop-worker-{h}"));
+        let agent = format!("shardop-worker/shard-{shard} (shardop-worker-{pod})");
+        Line::new(
+            "update",
+            &agent,
+            "leases",
+            "op",
+            &format!("shardop-shard-{shard}"),
+        )
+        .at(at * 1000, at * 1000 + 10)
+        .lease(holder.as_deref(), u64::try_from(at * 10).unwrap())
+        .event()
+        .unwrap()
+    }
+
+    fn tail(events: Vec<AuditEvent>) -> AuditTail {
+        let (events, lease_events) = events.into_iter().partition(|e| e.in_namespace("objs"));
         AuditTail {
-            path: PathBuf::new(),
-            offset: 0,
-            needle: String::new(),
+            log: LogTail::from_start(PathBuf::new()),
+            objects_namespace: "objs".into(),
+            operator_namespace: "op".into(),
             events,
+            lease_events,
         }
     }
 
@@ -538,34 +381,18 @@ mod tests {
     }
 
     #[test]
-    fn the_assigner_may_act_on_the_acknowledgement_before_its_response_is_audited() {
-        let old = "shardop-worker/shard-2 (shardop-worker-2)";
-        let new = "shardop-worker/shard-3 (shardop-worker-3)";
-        let assigner = "shardop-assigner (x)";
-        // The old owner writes `first`, then `last`; the assigner's label write starts while
-        // the API server is still finishing `last`.
-        let handover = |first: &str, last: &str| {
-            tail(vec![
-                timed(old, first, "db", 0, 50, 200),
-                timed(old, last, "db", 1000, 1400, 200),
-                timed(assigner, "databaseclusters", "db", 1300, 1800, 200),
-                timed(new, "statefulsets", "db", 1900, 1950, 200),
-            ])
-        };
-        // `last` is the acknowledgement: the assigner acted on its commit.
-        let ack_then_label = handover("databaseclusters/status", "databaseclusters");
-        assert_eq!(ack_then_label.dual_ownership(), 0);
-        // Any other write of the old owner has to complete before the label write starts: a
-        // status write in flight while the object is relabelled is a violation.
-        let status_in_flight = handover("databaseclusters", "databaseclusters/status");
-        assert_eq!(status_in_flight.dual_ownership(), 1);
-        // A label write that started before the acknowledgement does not separate anything.
-        let label_first = tail(vec![
-            timed(assigner, "databaseclusters", "db", 900, 1800, 200),
-            timed(old, "databaseclusters", "db", 1000, 1400, 200),
-            timed(new, "statefulsets", "db", 1900, 1950, 200),
+    fn a_process_writing_as_a_shard_whose_lease_another_one_took_is_dual_ownership() {
+        let frozen = "shardop-worker/shard-1 (shardop-worker-1)";
+        let taker = "shardop-worker/shard-1 (shardop-worker-2)";
+        let log = tail(vec![
+            lease(1, 1, Some(1), 1),
+            event(frozen, "statefulsets", "db", 2, 200),
+            lease(1, 2, Some(2), 20),
+            event(taker, "databaseclusters/status", "db", 21, 200),
+            event(frozen, "statefulsets", "db", 28, 200),
         ]);
-        assert_eq!(label_first.dual_ownership(), 1);
+        assert_eq!(log.dual_ownership(), 1);
+        assert_eq!(log.ownership().foreign.len(), 1);
     }
 
     #[test]

@@ -46,7 +46,13 @@ const SCENARIOS: &[(&str, &[&str])] = &[
     ),
     (
         "failover",
-        &["takeover_s", "relabels", "handback_s", "overlap"],
+        &[
+            "takeover_s",
+            "relabels",
+            "handback_s",
+            "overlap",
+            "dual_ownership",
+        ],
     ),
     (
         "delete",

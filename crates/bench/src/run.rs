@@ -38,7 +38,8 @@ pub struct Run {
     /// Convergence and labels of the objects.
     pub conv: Convergence,
     watch: tokio::task::JoinHandle<()>,
-    /// The audit log, from the start of the run, for the objects namespace.
+    /// The audit log, from the start of the run, for the objects' namespace and the shard
+    /// Leases.
     pub audit: Option<AuditTail>,
     /// When the run started.
     pub started: Instant,
@@ -71,7 +72,7 @@ impl Run {
         let audit = cluster
             .audit_log
             .clone()
-            .map(|path| AuditTail::from_now(path, &env.objects_ns.name));
+            .map(|path| AuditTail::from_now(path, &env.objects_ns.name, &env.operator_ns.name));
         let marker = cluster
             .kubeconfig
             .parent()

@@ -320,7 +320,8 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
     }
     run.settle(Duration::from_secs(3), Duration::from_secs(60))
         .await?;
-    let dual_ownership = run.audit()?.dual_ownership();
+    let ownership = run.audit()?.ownership_figures();
+    let dual_ownership = ownership.dual_ownership;
     let mut report = report(
         "rescale",
         knobs,
@@ -340,6 +341,7 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
     }
     report
         .set("dual_ownership", dual_ownership)
+        .set("ownership", ownership)
         .set("steps", steps)
         .set("processes", run.process_table());
     draw(&run, knobs, "rescale")?;
@@ -469,6 +471,7 @@ pub async fn failover(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let overlap = audit.overlap(victim, &taker, &home, back_at);
     let taker_writes = audit.writes_by(victim, &taker, killed_at);
     let home_writes = audit.writes_by(victim, &home, back_at);
+    let ownership = audit.ownership_figures();
     let mut report = report(
         "failover",
         knobs,
@@ -483,6 +486,8 @@ pub async fn failover(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("relabels", relabels)
         .set("handback_s", handback_s)
         .set("overlap", overlap)
+        .set("dual_ownership", ownership.dual_ownership)
+        .set("ownership", ownership)
         .set("taker_writes", taker_writes)
         .set("home_writes_after_restart", home_writes)
         .set("processes", run.process_table());
@@ -493,6 +498,7 @@ pub async fn failover(knobs: &Knobs) -> anyhow::Result<Outcome> {
         checks: vec![
             ("relabels == 0".into(), relabels == 0),
             ("overlap == 0".into(), overlap == 0),
+            ("dual_ownership == 0".into(), ownership.dual_ownership == 0),
             ("taker wrote as the shard".into(), taker_writes > 0),
         ],
     })
@@ -1018,7 +1024,9 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let others: HashSet<String> = all.difference(&shard0).cloned().collect();
     let other_lags = run.conv.lags_of(&others);
     let crashed_lags = run.conv.lags_of(&shard0);
-    let (duplicated, reapplied) = run.audit()?.duplicated_child_writes(&deaths);
+    let audit = run.audit()?;
+    let (duplicated, reapplied) = audit.duplicated_child_writes(&deaths);
+    let dual_ownership = audit.dual_ownership();
     let mut report = report(
         "crash",
         knobs,
@@ -1041,6 +1049,7 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("longest_running_s", run.longest_running_s)
         .set("duplicated_side_effects", duplicated)
         .set("reapplied_after_crash", reapplied)
+        .set("dual_ownership", dual_ownership)
         .set("processes", run.process_table());
     draw(&run, knobs, "crash")?;
     run.finish();
@@ -1048,6 +1057,7 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
         report,
         checks: vec![
             ("duplicated_side_effects == 0".into(), duplicated == 0),
+            ("dual_ownership == 0".into(), dual_ownership == 0),
             ("worker crashed mid-reconcile".into(), crashes > 0),
         ],
     })
