@@ -155,7 +155,7 @@ impl Engine {
                 .reflect(writer)
                 .for_each(|event| {
                     if let Err(err) = event {
-                        tracing::warn!(%err, "watching Shard objects failed, retrying");
+                        shardop_runtime::reachability::log_watch_error("Shard objects", &err);
                     }
                     futures::future::ready(())
                 }),
@@ -239,7 +239,7 @@ impl Engine {
                 self.objects.apply(source, scope.as_deref(), event)
             }
             Err(err) => {
-                tracing::warn!(%err, "watching DatabaseClusters failed, retrying");
+                shardop_runtime::reachability::log_watch_error("DatabaseClusters", &err);
                 false
             }
         }
