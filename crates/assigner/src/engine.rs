@@ -562,7 +562,12 @@ impl Engine {
                 }
                 Ok(()) => tracing::info!(%shard, kind, "shard object updated"),
                 Err(err) => {
-                    tracing::warn!(%shard, kind, %err, "writing the Shard object failed");
+                    if shardop_runtime::reachability::is_transport_error(&err) {
+                        // The outage is logged once by the reachability tracker.
+                        tracing::debug!(%shard, kind, %err, "writing the Shard object failed");
+                    } else {
+                        tracing::warn!(%shard, kind, %err, "writing the Shard object failed");
+                    }
                     self.statuses.remove(&shard);
                 }
             },
