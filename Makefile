@@ -62,11 +62,13 @@ e2e: build tools ## End-to-end tests against the local control plane (KEEP_CLUST
 test: toolchain fmt-check clippy unit e2e bench-smoke ## The whole suite: fmt, clippy, unit, e2e tests and the benchmark smoke runs
 
 .PHONY: demo
-demo: build tools ## Run shardop on the local control plane and show the shard table
+# The demo runs on a control plane of its own (target/demo-cluster, port 16543), so
+# `make test` can run (and stop its own cluster) while the demo keeps running.
+demo: build tools ## Run shardop on a control plane of its own (target/demo-cluster) and show the shard table
 	@bash hack/demo.sh
 
 .PHONY: demo-down
-demo-down: ## Stop the demo's operator processes
+demo-down: ## Stop the demo: its operator processes and its control plane (only stops things)
 	@bash hack/demo.sh down
 
 CHART_ALL_FEATURES := metrics.serviceMonitor.enabled=true,prometheusRule.enabled=true,prometheusAdapter.rulesConfigMap=true,worker.autoscaling.enabled=true,apf.enabled=true,networkPolicy.enabled=true,dashboard.enabled=true

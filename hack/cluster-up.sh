@@ -12,6 +12,10 @@
 #   SHARDOP_ETCD_PORT        (23790)  etcd client port
 #   SHARDOP_ETCD_PEER_PORT   (23800)  etcd peer port
 #   SHARDOP_CLUSTER_TIMEOUT  (90)     seconds to wait for the cluster to become ready
+#   SHARDOP_APISERVER_FEATURE_GATES   (none) extra kube-apiserver --feature-gates, e.g.
+#                                     WatchList=false (a server without streaming lists).
+#                                     Applies when kube-apiserver starts: use a cluster
+#                                     directory of its own rather than a running cluster.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=hack/lib.sh
@@ -34,6 +38,7 @@ pki="$dir/pki"
 kubeconfig="$dir/kubeconfig"
 timeout="${SHARDOP_CLUSTER_TIMEOUT:-90}"
 api_url="https://127.0.0.1:$apiserver_port"
+feature_gates="${SHARDOP_APISERVER_FEATURE_GATES:-}"
 
 take_cluster_lock
 
@@ -298,7 +303,8 @@ if [[ -z "$(running_pid kube-apiserver)" ]]; then
     --audit-log-mode=blocking \
     --audit-log-maxsize=1024 \
     --audit-log-maxbackup=1 \
-    --profiling=false
+    --profiling=false \
+    ${feature_gates:+"--feature-gates=$feature_gates"}
 fi
 # The controller manager gives up if the apiserver is not healthy within 10 s of its own
 # start, so it is only started once /healthz answers.

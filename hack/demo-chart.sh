@@ -15,6 +15,8 @@
 # Each process gets exactly the arguments the chart renders for its pod, except the listen
 # addresses (local ports instead of the pod's). Logs and pid files: target/demo/.
 # Environment: SHARDOP_DEMO_NAMESPACE (shardop-system), SHARDOP_DEMO_WORKERS (3).
+# The control plane is the demo's own (use_demo_cluster in hack/lib.sh); `down` never
+# starts it.
 #
 # Without watchNamespaces the workers serve every namespace, including those of e2e tests
 # running on the same control plane; `up --set 'watchNamespaces={ns1,ns2}'` (namespaces
@@ -23,6 +25,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=hack/lib.sh
 source "$here/lib.sh"
+use_demo_cluster
 
 namespace=${SHARDOP_DEMO_NAMESPACE:-shardop-system}
 release=shardop
@@ -35,6 +38,43 @@ case "${1:-}" in
   *) die "usage: $0 up [--set k=v ...] | scale <N> | down | uninstall" ;;
 esac
 
+# Stops the processes started from pid files matching $1 (a glob below target/demo/):
+# SIGTERM, then up to 30 s for them to release their Leases and exit, then SIGKILL.
+stop() {
+  local pidfile pid pids=() i alive
+  for pidfile in "$demo_dir"/$1.pid; do
+    [[ -e "$pidfile" ]] || continue
+    pid=$(cat "$pidfile")
+    # Only our own shardop processes: a stale pid may belong to something else by now.
+    if is_shardop "$pid"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+    rm -f "$pidfile"
+  done
+  for ((i = 0; i < 300; i++)); do
+    alive=0
+    for pid in "${pids[@]}"; do is_shardop "$pid" && alive=1; done
+    ((alive)) || return 0
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do is_shardop "$pid" && kill -KILL "$pid" 2>/dev/null; done
+  return 0
+}
+
+is_shardop() { # <pid>: a live (not zombie) shardop process
+  local stat
+  read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
+  stat=${stat##*) }
+  [[ "${stat:0:1}" != Z ]] && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -q shardop-
+}
+
+if [[ "${1:-}" == down ]]; then
+  stop 'shardop-*'
+  log "stopped (the release stays installed: $0 uninstall removes it)"
+  exit 0
+fi
+
 bash "$here/cluster-up.sh" >/dev/null
 KUBECONFIG="$(cluster_dir)/kubeconfig"
 export KUBECONFIG
@@ -42,20 +82,6 @@ tools=$("$here/build-tools.sh")
 kubectl="$tools/kubectl"
 helm="$tools/helm"
 mkdir -p "$demo_dir"
-
-# Stops the processes started from pid files matching $1 (a glob below target/demo/).
-stop() {
-  local pidfile pid
-  for pidfile in "$demo_dir"/$1.pid; do
-    [[ -e "$pidfile" ]] || continue
-    pid=$(cat "$pidfile")
-    # Only our own shardop processes: a stale pid may belong to something else by now.
-    if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q shardop-; then
-      kill -TERM "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
-  done
-}
 
 running() {
   local pidfile="$demo_dir/$1.pid"
@@ -140,10 +166,6 @@ case "${1:-}" in
     log "N=$2; the assigner rebalances (about 1/N of the objects move)"
     sleep 5
     "$kubectl" get shards -n "$namespace"
-    ;;
-  down)
-    stop 'shardop-*'
-    log "stopped (the release stays installed: $0 uninstall removes it)"
     ;;
   uninstall)
     stop 'shardop-*'

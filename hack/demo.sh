@@ -4,19 +4,25 @@
 # processes with the chart's credentials (there is no kubelet to run pods), creates sample
 # DatabaseClusters without shard labels, and prints the shard table.
 #
+# The demo has a control plane of its own (target/demo-cluster, apiserver port 16543; see
+# use_demo_cluster in hack/lib.sh), so `make test` and `make demo` coexist.
+#
 #   hack/demo.sh        start (idempotent) and print the tables
-#   hack/demo.sh down   stop the demo's processes (the control plane stays up)
+#   hack/demo.sh down   stop the demo's processes and its control plane (only stops
+#                       things; idempotent)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=hack/lib.sh
 source "$here/lib.sh"
+use_demo_cluster
 
 operator_ns=shardop-system
 workers=${SHARDOP_DEMO_WORKERS:-3}
 
 if [[ "${1:-}" == down ]]; then
   bash "$here/demo-chart.sh" down
-  echo "demo: stopped (the control plane is still running: make cluster-down)"
+  bash "$here/cluster-down.sh"
+  echo "demo: stopped (operator processes and the demo's control plane in $SHARDOP_CLUSTER_DIR)"
   exit 0
 fi
 
@@ -78,5 +84,5 @@ cat <<EOF
 The operator keeps running in the background (logs: target/demo/*.log).
   export KUBECONFIG=$KUBECONFIG
   $kubectl get shards -n $operator_ns -w      # watch the shard table
-  make demo-down                              # stop the operator; make cluster-down stops the control plane
+  make demo-down                              # stop the operator and the demo's control plane
 EOF

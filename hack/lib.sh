@@ -20,3 +20,15 @@ tools_cache_dir() {
 tools_bin_dir() { echo "$(tools_cache_dir)/bin"; }
 
 cluster_dir() { echo "${SHARDOP_CLUSTER_DIR:-$repo_root/target/cluster}"; }
+
+# `make demo` runs on a control plane of its own (target/demo-cluster, other ports), so the
+# test suite, which starts and finally stops the default one (target/cluster), never pulls
+# it from under the demo, and `make demo-down` never touches the tests' cluster.
+# SHARDOP_DEMO_CLUSTER_DIR / SHARDOP_DEMO_APISERVER_PORT / SHARDOP_DEMO_ETCD_PORT /
+# SHARDOP_DEMO_ETCD_PEER_PORT choose others.
+use_demo_cluster() {
+  export SHARDOP_CLUSTER_DIR="${SHARDOP_DEMO_CLUSTER_DIR:-$repo_root/target/demo-cluster}"
+  export SHARDOP_APISERVER_PORT="${SHARDOP_DEMO_APISERVER_PORT:-16543}"
+  export SHARDOP_ETCD_PORT="${SHARDOP_DEMO_ETCD_PORT:-23890}"
+  export SHARDOP_ETCD_PEER_PORT="${SHARDOP_DEMO_ETCD_PEER_PORT:-23900}"
+}

@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use shardop_runtime::{KubeClientArgs, LogFormat, parse_duration};
+use shardop_runtime::{KubeClientArgs, LogFormat, parse_positive_duration};
 
 /// Decides which shard owns each DatabaseCluster and moves objects between shards when the
 /// shard count changes, without ever letting two shards reconcile the same object.
@@ -44,10 +44,10 @@ pub struct RunArgs {
     #[arg(long, env = "SHARDOP_SHARDS")]
     pub shards: Option<NonZeroU32>,
     /// Objects being moved at once (between the drain request and the new label).
-    #[arg(long, env = "SHARDOP_MAX_CONCURRENT_MOVES", default_value_t = 100)]
+    #[arg(long, env = "SHARDOP_MAX_CONCURRENT_MOVES", default_value_t = 100, value_parser = parse_at_least_one)]
     pub max_concurrent_moves: usize,
     /// Label writes in flight at once (assignments, moves, cancellations).
-    #[arg(long, env = "SHARDOP_MAX_CONCURRENT_WRITES", default_value_t = 64)]
+    #[arg(long, env = "SHARDOP_MAX_CONCURRENT_WRITES", default_value_t = 64, value_parser = parse_at_least_one)]
     pub max_concurrent_writes: usize,
     /// Comma-separated namespaces to watch for DatabaseClusters; all namespaces when empty.
     #[arg(long, env = "SHARDOP_WATCH_NAMESPACES", value_delimiter = ',', num_args = 0..)]
@@ -56,17 +56,17 @@ pub struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
     /// Leader-election Lease duration (whole seconds).
-    #[arg(long, env = "SHARDOP_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "SHARDOP_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_positive_duration)]
     pub leader_lease_duration: Duration,
     /// The leader renews this long before its Lease would expire (whole seconds).
-    #[arg(long, env = "SHARDOP_LEADER_LEASE_GRACE", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "SHARDOP_LEADER_LEASE_GRACE", default_value = "5s", value_parser = parse_positive_duration)]
     pub leader_lease_grace: Duration,
     /// Minimum interval between two status writes to the same Shard object.
-    #[arg(long, env = "SHARDOP_STATUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "SHARDOP_STATUS_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
     pub status_interval: Duration,
     /// Full re-evaluation period even without any change (Lease expiry is a change of
     /// time, not of an object).
-    #[arg(long, env = "SHARDOP_RESYNC_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "SHARDOP_RESYNC_PERIOD", default_value = "2s", value_parser = parse_positive_duration)]
     pub resync_period: Duration,
     #[command(flatten)]
     pub kube: KubeClientArgs,
@@ -106,6 +106,15 @@ impl RunArgs {
     }
 }
 
+/// A count where 0 would stop all progress (concurrency limits): at least 1.
+fn parse_at_least_one(value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(0) => Err("0 would stop all progress: use at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{value:?} is not a whole number ≥ 1")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +130,29 @@ mod tests {
         assert!(parse(&["a", "run"]).is_err(), "N must come from somewhere");
         assert!(parse(&["a", "run", "--shards", "3", "--worker-statefulset", "w"]).is_err());
         assert!(parse(&["a", "run", "--worker-statefulset", "shardop-worker"]).is_ok());
+    }
+
+    #[test]
+    fn knobs_that_would_stop_progress_are_rejected() {
+        let parse = |extra: &[&str]| {
+            let args = ["a", "run", "--shards", "1"].iter().chain(extra).copied();
+            Cli::try_parse_from(args)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(parse(&["--max-concurrent-writes", "1"]).is_ok());
+        for bad in [
+            &["--max-concurrent-moves", "0"][..],
+            &["--max-concurrent-writes=0"],
+            &["--resync-period", "0s"],
+            &["--status-interval=0"],
+            &["--leader-lease-duration", "0ms"],
+            &["--kube-qps=-1"],
+            &["--kube-qps", "NaN"],
+            &["--kube-burst", "0"],
+        ] {
+            let err = parse(bad).expect_err(&format!("{bad:?} must be rejected"));
+            assert!(err.contains(bad[0].split('=').next().unwrap()), "{err}");
+        }
     }
 }

@@ -155,7 +155,7 @@ impl Engine {
                 .reflect(writer)
                 .for_each(|event| {
                     if let Err(err) = event {
-                        tracing::warn!(%err, "watching Shard objects failed, retrying");
+                        shardop_runtime::reachability::log_watch_error("Shard objects", &err);
                     }
                     futures::future::ready(())
                 }),
@@ -239,7 +239,7 @@ impl Engine {
                 self.objects.apply(source, scope.as_deref(), event)
             }
             Err(err) => {
-                tracing::warn!(%err, "watching DatabaseClusters failed, retrying");
+                shardop_runtime::reachability::log_watch_error("DatabaseClusters", &err);
                 false
             }
         }
@@ -562,7 +562,12 @@ impl Engine {
                 }
                 Ok(()) => tracing::info!(%shard, kind, "shard object updated"),
                 Err(err) => {
-                    tracing::warn!(%shard, kind, %err, "writing the Shard object failed");
+                    if shardop_runtime::reachability::is_transport_error(&err) {
+                        // The outage is logged once by the reachability tracker.
+                        tracing::debug!(%shard, kind, %err, "writing the Shard object failed");
+                    } else {
+                        tracing::warn!(%shard, kind, %err, "writing the Shard object failed");
+                    }
                     self.statuses.remove(&shard);
                 }
             },

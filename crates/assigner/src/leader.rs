@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kube::Client;
-use kube_lease_manager::LeaseManagerBuilder;
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder, LeaseManagerError};
 use shardop_api::constants::{ASSIGNER_FIELD_MANAGER, ASSIGNER_LEASE_NAME};
+use shardop_runtime::reachability::{chain_has_transport_error, error_chain};
+use shardop_runtime::retry::{RetrySchedule, jitter_unit};
 use tokio_util::sync::CancellationToken;
 
 /// Leader-election settings.
@@ -39,15 +41,9 @@ where
         duration > grace,
         "--leader-lease-duration must exceed the grace"
     );
-    let manager = LeaseManagerBuilder::new(client, ASSIGNER_LEASE_NAME)
-        .with_namespace(&election.namespace)
-        .with_identity(&election.identity)
-        .with_duration(duration)
-        .with_grace(grace)
-        .with_field_manager(ASSIGNER_FIELD_MANAGER)
-        .build()
-        .await
-        .context("setting up leader election")?;
+    let Some(manager) = build_manager(client, &election, duration, grace, &shutdown).await else {
+        return Ok(());
+    };
     let (mut leader, task) = manager.watch().await;
     tracing::info!(identity = %election.identity, "waiting for leadership");
     loop {
@@ -84,6 +80,53 @@ where
             return finish(leader, task).await;
         }
     }
+}
+
+/// Sets up the election, which reads (or creates) the leader Lease: retried with the
+/// API-server backoff until it succeeds, so an assigner started before the API server
+/// answers waits for it instead of exiting. `None` when `shutdown` comes first.
+async fn build_manager(
+    client: Client,
+    election: &Election,
+    duration: u64,
+    grace: u64,
+    shutdown: &CancellationToken,
+) -> Option<LeaseManager> {
+    let mut schedule = RetrySchedule::api_default();
+    loop {
+        let built = LeaseManagerBuilder::new(client.clone(), ASSIGNER_LEASE_NAME)
+            .with_namespace(&election.namespace)
+            .with_identity(&election.identity)
+            .with_duration(duration)
+            .with_grace(grace)
+            .with_field_manager(ASSIGNER_FIELD_MANAGER)
+            .build();
+        let error = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            built = built => match built {
+                Ok(manager) => return Some(manager),
+                Err(error) => error,
+            },
+        };
+        let delay = schedule.next_delay(jitter_unit());
+        let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let cause = error_chain(&error);
+        if lease_error_is_transport(&error) {
+            // The outage itself is logged once by the reachability tracker.
+            tracing::debug!(error = %cause, retry_in_ms, "setting up leader election failed");
+        } else {
+            tracing::warn!(error = %cause, retry_in_ms, "setting up leader election failed");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Whether kube-lease-manager failed because no response arrived.
+fn lease_error_is_transport(error: &LeaseManagerError) -> bool {
+    chain_has_transport_error(error)
 }
 
 /// Drops the control channel, which makes the manager release the Lease, and waits a

@@ -67,10 +67,14 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
     let kube_metrics = KubeMetrics::register(&mut registry);
     let metrics = metrics::AssignerMetrics::register(&mut registry);
     let registry = Arc::new(std::sync::Mutex::new(registry));
-    // A standby is as ready as the leader: it only waits for its turn.
+    // Reads the kubeconfig only (no request), so a bad one fails start-up at once.
+    let clients = ClientFactory::infer(&args.kube, kube_metrics).await?;
+    // A standby is as ready as the leader: it only waits for its turn. Neither is while
+    // the API server does not answer.
     let readiness = Readiness::default();
     readiness.set(true);
-    let endpoints = Endpoints::new(registry, readiness);
+    let endpoints =
+        Endpoints::new(registry, readiness).requiring_api(clients.reachability().clone());
     let servers = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let (metrics_addr, metrics_server) =
@@ -84,10 +88,10 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(%health_addr, "serving /healthz and /readyz");
     }
 
-    let clients = ClientFactory::infer(&args.kube, kube_metrics).await?;
     let client = clients.client(&format!("shardop-assigner ({identity})"))?;
     tracing::info!(
         %identity,
+        api_server = clients.reachability().server(),
         operator_namespace = %args.operator_namespace,
         worker_statefulset = ?args.worker_statefulset,
         shards = ?args.shards,

@@ -56,7 +56,9 @@ pub fn from_statefulset(
                     tx.send_replace(None);
                 }
                 Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
-                Err(err) => tracing::warn!(%err, "watching the worker StatefulSet failed, retrying"),
+                Err(err) => {
+                    shardop_runtime::reachability::log_watch_error("worker StatefulSet", &err);
+                }
             }
             futures::future::ready(())
         });

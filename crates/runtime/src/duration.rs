@@ -26,6 +26,16 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
 }
 
+/// [`parse_duration`] for settings where zero means nothing sensible (a Lease duration, a
+/// retry period, a backoff): `0s` is rejected with a clear message.
+pub fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    let duration = parse_duration(value)?;
+    if duration.is_zero() {
+        return Err(format!("{value:?} is zero: use a duration greater than 0"));
+    }
+    Ok(duration)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,6 +48,16 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("4"), Ok(Duration::from_secs(4)));
         assert_eq!(parse_duration(" 2.5 "), Ok(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn positive_durations_reject_zero() {
+        assert_eq!(parse_positive_duration("1ms"), Ok(Duration::from_millis(1)));
+        for zero in ["0", "0s", "0ms", "0.0m"] {
+            let err = parse_positive_duration(zero).expect_err(zero);
+            assert!(err.contains("greater than 0"), "{err}");
+        }
+        assert!(parse_positive_duration("-1s").is_err());
     }
 
     #[test]

@@ -500,7 +500,7 @@ pub fn watch_shard_leases(
                     }
                     tx.send_modify(|n| *n = n.wrapping_add(1));
                 }
-                Err(err) => tracing::warn!(%err, "watching shard leases failed, retrying"),
+                Err(err) => crate::reachability::log_watch_error("shard leases", &err),
             }
             futures::future::ready(())
         });

@@ -5,6 +5,9 @@
 //!   request metrics;
 //! * [`telemetry`]: JSON/text logs with trace ids and optional OTLP trace export;
 //! * [`serve`]: `/metrics`, `/healthz` and `/readyz`;
+//! * [`reachability`]: whether the API server answers, and the one place an outage is logged;
+//! * [`retry`]: the capped, jittered exponential backoff both binaries retry with;
+//! * [`watch_list`]: streaming lists only where the API server serves them;
 //! * [`lease`]: shard Lease acquire/renew/release, the write fence, and a watch over all
 //!   shard Leases;
 //! * [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
@@ -15,15 +18,20 @@
 pub mod client;
 pub mod duration;
 pub mod lease;
+pub mod reachability;
+pub mod retry;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
+pub mod watch_list;
 
 pub use client::{ClientFactory, KubeClientArgs, KubeMetrics};
-pub use duration::parse_duration;
+pub use duration::{parse_duration, parse_positive_duration};
 pub use lease::{
     HeldLease, LeaseError, LeaseGuard, LeaseLost, LeaseSettings, ShardLeaseWatch, ShardLeases,
     watch_shard_leases,
 };
+pub use reachability::ApiReachability;
+pub use retry::RetrySchedule;
 pub use serve::{Endpoints, Readiness};
 pub use telemetry::{LogFormat, TelemetryGuard};

@@ -2,8 +2,10 @@
 //!
 //! * `/metrics`: the prometheus-client registry in OpenMetrics text format;
 //! * `/healthz`: `200 ok` while the process serves HTTP at all (liveness: a wedged runtime
-//!   stops answering and gets restarted);
-//! * `/readyz`: `200` when the caller's readiness check says so, else `503`.
+//!   stops answering and gets restarted). It stays `200` while the API server is away:
+//!   restarting the process would not bring the API server back;
+//! * `/readyz`: `200` when the caller's readiness check says so (and, with
+//!   [`Endpoints::requiring_api`], the API server answers), else `503`.
 //!
 //! The metrics and the health endpoints may share one address or use two; each call of
 //! [`serve`] binds one listener and answers all three paths, so pointing both flags at the
@@ -22,6 +24,8 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::reachability::ApiReachability;
 
 /// Content type of the OpenMetrics text exposition format.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -66,6 +70,16 @@ impl Endpoints {
         Self {
             registry,
             ready: Arc::new(move || readiness.get()),
+        }
+    }
+
+    /// `/readyz` additionally false while the API server does not answer: a process that
+    /// cannot reach it can do no work, whatever it last knew.
+    pub fn requiring_api(self, reachability: ApiReachability) -> Self {
+        let ready = self.ready;
+        Self {
+            registry: self.registry,
+            ready: Arc::new(move || ready() && reachability.is_reachable()),
         }
     }
 }

@@ -81,13 +81,32 @@ pub fn otlp_requested() -> bool {
         || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 }
 
+/// kube's HTTP trace layer logs `ERROR failed with error ...` for every request that gets no
+/// response, on every retry, without the API server's address; the reachability tracker
+/// ([`crate::reachability`]) logs an outage once, with the address and the cause. So that
+/// target is off unless `RUST_LOG` names `kube_client` itself.
+const KUBE_CLIENT_TRACE_TARGET: &str = "kube_client::client::builder";
+
+fn quiet_kube_client(filter: EnvFilter, rust_log: &str) -> EnvFilter {
+    if rust_log.contains("kube_client") {
+        return filter;
+    }
+    match format!("{KUBE_CLIENT_TRACE_TARGET}=off").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
 /// Installs the global subscriber. `service_name` is used when `OTEL_SERVICE_NAME` is not
 /// set; all other `OTEL_*` variables (endpoint, protocol, headers, resource attributes,
 /// sampler) are read by the OpenTelemetry SDK itself.
 pub fn init(format: LogFormat, service_name: &str) -> Result<TelemetryGuard, TelemetryError> {
-    let filter = EnvFilter::builder()
-        .with_default_directive(tracing::level_filters::LevelFilter::INFO.into())
-        .from_env()?;
+    let filter = quiet_kube_client(
+        EnvFilter::builder()
+            .with_default_directive(tracing::level_filters::LevelFilter::INFO.into())
+            .from_env()?,
+        &std::env::var("RUST_LOG").unwrap_or_default(),
+    );
 
     let mut builder = SdkTracerProvider::builder();
     let mut resource = Resource::builder();

@@ -566,7 +566,7 @@ where
                     // The receiver is gone only when the controller stopped.
                     let _ = tx.unbounded_send(Ok(child));
                 }
-                Err(err) => tracing::warn!(%err, "watching children failed, retrying"),
+                Err(err) => shardop_runtime::reachability::log_watch_error("children", &err),
             }
             futures::future::ready(())
         });

@@ -13,6 +13,7 @@ mod heartbeat;
 mod metrics;
 mod reconcile;
 mod status;
+mod step_retry;
 mod supervisor;
 
 use std::net::SocketAddr;
@@ -26,7 +27,8 @@ use clap::{Args, Parser, Subcommand};
 use shardop_api::ShardIndex;
 use shardop_runtime::serve::{Endpoints, serve};
 use shardop_runtime::{
-    ClientFactory, KubeClientArgs, KubeMetrics, LeaseSettings, LogFormat, Readiness, parse_duration,
+    ClientFactory, KubeClientArgs, KubeMetrics, LeaseSettings, LogFormat, Readiness,
+    parse_positive_duration,
 };
 
 /// The sharded DatabaseCluster reconciler: serves the shard of its StatefulSet ordinal while
@@ -91,26 +93,26 @@ struct RunArgs {
     watch_namespaces: Vec<String>,
     /// How long others wait after the last renew before a shard Lease counts as expired
     /// (whole seconds).
-    #[arg(long, env = "SHARDOP_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "SHARDOP_LEASE_DURATION", default_value = "15s", value_parser = parse_positive_duration)]
     lease_duration: Duration,
     /// How long after its last successful renew the holder keeps writing. Must be less
     /// than the lease duration.
-    #[arg(long, env = "SHARDOP_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "SHARDOP_RENEW_DEADLINE", default_value = "10s", value_parser = parse_positive_duration)]
     renew_deadline: Duration,
     /// How often the holder renews; also the unit of the takeover stagger.
-    #[arg(long, env = "SHARDOP_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "SHARDOP_RETRY_PERIOD", default_value = "2s", value_parser = parse_positive_duration)]
     retry_period: Duration,
     /// Reconciles running at once per shard (and watched namespace).
-    #[arg(long, env = "SHARDOP_CONCURRENCY", default_value_t = 16)]
+    #[arg(long, env = "SHARDOP_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
     /// Use streaming lists (WatchList) for the initial state of the watches.
     #[arg(long, env = "SHARDOP_STREAMING_LISTS", default_value_t = true, action = clap::ArgAction::Set)]
     streaming_lists: bool,
     /// Backoff of transient reconcile errors: first delay.
-    #[arg(long, env = "SHARDOP_BACKOFF_BASE", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "SHARDOP_BACKOFF_BASE", default_value = "500ms", value_parser = parse_positive_duration)]
     backoff_base: Duration,
     /// Backoff of transient reconcile errors: maximum delay.
-    #[arg(long, env = "SHARDOP_BACKOFF_CAP", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "SHARDOP_BACKOFF_CAP", default_value = "5m", value_parser = parse_positive_duration)]
     backoff_cap: Duration,
     #[command(flatten)]
     kube: KubeClientArgs,
@@ -125,7 +127,7 @@ struct RunArgs {
     log_format: LogFormat,
     /// How long in-flight reconciles may run after SIGTERM (or a hand-back request)
     /// before they are abandoned and the Leases released.
-    #[arg(long, env = "SHARDOP_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "SHARDOP_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_positive_duration)]
     shutdown_timeout: Duration,
 }
 
@@ -177,8 +179,11 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     let kube_metrics = KubeMetrics::register(&mut registry);
     let metrics = metrics::WorkerMetrics::register(&mut registry);
     let registry = Arc::new(std::sync::Mutex::new(registry));
+    // Reads the kubeconfig only (no request), so a bad one fails start-up at once.
+    let clients = ClientFactory::infer(&args.kube, kube_metrics).await?;
     let readiness = Readiness::default();
-    let endpoints = Endpoints::new(registry, readiness.clone());
+    let endpoints =
+        Endpoints::new(registry, readiness.clone()).requiring_api(clients.reachability().clone());
     let servers = CancellationToken::new();
     let (metrics_addr, metrics_server) =
         serve(args.metrics_addr, endpoints.clone(), servers.clone()).await?;
@@ -196,14 +201,27 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     };
     tracing::info!(%metrics_addr, "serving /metrics");
 
-    let clients = ClientFactory::infer(&args.kube, kube_metrics).await?;
     tracing::info!(
         identity = %args.identity,
         home = %home,
         operator_namespace = %args.operator_namespace,
         watch_namespaces = ?args.watch_namespaces,
+        api_server = clients.reachability().server(),
         "starting shardop-worker"
     );
+    let probe = clients.client(&format!("shardop-worker/probe ({})", args.identity))?;
+    let streaming_lists = shardop_runtime::watch_list::resolve_streaming_lists(
+        probe,
+        &args.operator_namespace,
+        args.streaming_lists,
+        &shutdown,
+    )
+    .await;
+    let Some(streaming_lists) = streaming_lists else {
+        // Shut down before the API server ever answered.
+        servers.cancel();
+        return Ok(());
+    };
     let supervisor = supervisor::Supervisor {
         clients,
         lease_settings: LeaseSettings {
@@ -221,8 +239,8 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
                 .map(|n| n.trim().to_owned())
                 .filter(|n| !n.is_empty())
                 .collect(),
-            concurrency: args.concurrency.max(1),
-            streaming_lists: args.streaming_lists,
+            concurrency: args.concurrency,
+            streaming_lists,
             backoff: backoff::BackoffPolicy {
                 base: args.backoff_base,
                 cap: args.backoff_cap,
@@ -286,5 +304,34 @@ mod tests {
         assert_eq!(args.watch_namespaces, ["a", "b"]);
         assert_eq!(args.lease_duration, Duration::from_secs(15));
         assert_eq!(args.kube.kube_qps, 50.0);
+    }
+
+    #[test]
+    fn knobs_that_make_no_sense_are_rejected_at_start() {
+        let parse = |extra: &[&str]| {
+            let args = ["shardop-worker", "run", "--identity", "w-0"]
+                .iter()
+                .chain(extra)
+                .copied();
+            Cli::try_parse_from(args)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert!(parse(&["--concurrency", "1", "--kube-qps", "0"]).is_ok());
+        for bad in [
+            &["--concurrency", "0"][..],
+            &["--lease-duration=0s"],
+            &["--renew-deadline", "0"],
+            &["--retry-period", "0ms"],
+            &["--backoff-base=0s"],
+            &["--backoff-cap", "0m"],
+            &["--shutdown-timeout", "0s"],
+            &["--kube-qps=-1"],
+            &["--kube-qps=NaN"],
+            &["--kube-burst", "0"],
+        ] {
+            let err = parse(bad).expect_err(&format!("{bad:?} must be rejected"));
+            assert!(err.contains(bad[0].split('=').next().unwrap()), "{err}");
+        }
     }
 }

@@ -22,6 +22,7 @@ use crate::controller::{ControllerSettings, ShardController};
 use crate::failover::{self, Acquisition, Me};
 use crate::heartbeat::{Heartbeat, Report};
 use crate::metrics::WorkerMetrics;
+use crate::step_retry::StepRetry;
 
 /// Everything the supervisor needs.
 pub struct Supervisor {
@@ -106,15 +107,26 @@ impl Supervisor {
         let retry_period = self.lease_settings.retry_period;
         let mut tick = tokio::time::interval(retry_period.min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = StepRetry::default();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = watch.changed() => {}
                 _ = tick.tick() => {}
             }
-            if let Err(err) = self.step(&watch, &mut clients, &mut served).await {
-                tracing::warn!(error = %err, "supervisor step failed");
+            // Local work runs at every tick; steps that talk to the API server wait out
+            // the backoff while it is unreachable.
+            self.stop_lost(&mut served).await;
+            let api_reachable = self.clients.reachability().is_reachable();
+            if retry.is_due(tokio::time::Instant::now(), api_reachable) {
+                match self.step(&watch, &mut clients, &mut served).await {
+                    Ok(()) => retry.succeeded(),
+                    Err(err) => {
+                        retry.failed(&err, tokio::time::Instant::now());
+                    }
+                }
             }
+            self.publish_readiness(&served);
         }
 
         // Graceful shutdown: stop taking work, finish in flight, release.
@@ -154,21 +166,8 @@ impl Supervisor {
         };
         let leases = watch.all();
 
-        // 1. Lost Leases (renew deadline passed, or someone else holds them): the fence has
-        //    already stopped every write; stop the controller.
-        let lost: Vec<ShardIndex> = served
-            .iter()
-            .filter(|(_, s)| s.lease.is_lost())
-            .map(|(shard, _)| *shard)
-            .collect();
-        for shard in lost {
-            if let Some(s) = served.remove(&shard) {
-                tracing::warn!(%shard, "shard lease lost, stopping its controller");
-                s.controller.stop(self.shutdown_timeout).await;
-                drop(s.lease);
-                self.metrics.forget_shard(shard);
-            }
-        }
+        // 1. Lost Leases.
+        self.stop_lost(served).await;
 
         // 2. Hand-back / retirement requests for shards we serve.
         let to_release: Vec<ShardIndex> = served
@@ -256,7 +255,7 @@ impl Supervisor {
             }
         }
 
-        // 4. Metrics, heartbeats, readiness.
+        // 4. Metrics and heartbeats (readiness: `publish_readiness`).
         for (shard, s) in served.iter_mut() {
             s.controller.update_gauges();
             self.metrics
@@ -273,10 +272,34 @@ impl Supervisor {
                 .maybe_send(&s.shards, *shard, &s.lease.guard(), report)
                 .await;
         }
+        Ok(())
+    }
+
+    /// Lost Leases (renew deadline passed, or someone else holds them): the fence has
+    /// already stopped every write; stop the controller. No API request.
+    async fn stop_lost(&self, served: &mut BTreeMap<ShardIndex, Served>) {
+        let lost: Vec<ShardIndex> = served
+            .iter()
+            .filter(|(_, s)| s.lease.is_lost())
+            .map(|(shard, _)| *shard)
+            .collect();
+        for shard in lost {
+            if let Some(s) = served.remove(&shard) {
+                tracing::warn!(%shard, "shard lease lost, stopping its controller");
+                s.controller.stop(self.shutdown_timeout).await;
+                drop(s.lease);
+                self.metrics.forget_shard(shard);
+            }
+        }
+    }
+
+    /// Ready while the home shard is served with synced caches (`/readyz` also requires
+    /// the API server to answer, see `main.rs`). Set after every tick, whether or not the
+    /// step ran or failed.
+    fn publish_readiness(&self, served: &BTreeMap<ShardIndex, Served>) {
         let ready = served
             .get(&self.home)
             .is_some_and(|s| s.controller.is_synced() && !s.lease.is_lost());
         self.readiness.set(ready);
-        Ok(())
     }
 }

@@ -38,6 +38,8 @@ use tower::{BoxError, Layer, Service, ServiceExt};
 
 pub use token_bucket::TokenBucket;
 
+use crate::reachability::{ApiReachability, ReachabilityLayer};
+
 /// How many times one request is resent after `429 Too Many Requests` before the 429 is
 /// returned to the caller (who then backs off like for any transient error).
 const MAX_THROTTLE_RETRIES: u32 = 10;
@@ -53,11 +55,26 @@ const BUFFER_CAPACITY: usize = 1024;
 pub struct KubeClientArgs {
     /// Client-side request rate limit: sustained requests per second to the API server
     /// (token bucket refill rate, shared by all shards this process serves). 0 = no limit.
-    #[arg(long, env = "SHARDOP_KUBE_QPS", default_value_t = 50.0)]
+    #[arg(long, env = "SHARDOP_KUBE_QPS", default_value_t = 50.0, value_parser = parse_qps)]
     pub kube_qps: f32,
-    /// Client-side request rate limit: burst size (token bucket capacity).
-    #[arg(long, env = "SHARDOP_KUBE_BURST", default_value_t = 100)]
+    /// Client-side request rate limit: burst size (token bucket capacity), at least 1.
+    #[arg(long, env = "SHARDOP_KUBE_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub kube_burst: u32,
+}
+
+/// `--kube-qps`: a finite number ≥ 0, where 0 means no limit. A negative or NaN rate is
+/// rejected instead of silently switching the limit off.
+pub fn parse_qps(value: &str) -> Result<f32, String> {
+    let qps: f32 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    if !qps.is_finite() || qps < 0.0 {
+        return Err(format!(
+            "{value:?} is not a request rate: use a finite number ≥ 0 (0 = no limit)"
+        ));
+    }
+    Ok(qps)
 }
 
 impl Default for KubeClientArgs {
@@ -127,6 +144,7 @@ pub struct ClientFactory {
     config: kube::Config,
     bucket: TokenBucket,
     metrics: KubeMetrics,
+    reachability: ApiReachability,
 }
 
 impl ClientFactory {
@@ -140,10 +158,12 @@ impl ClientFactory {
     pub fn new(mut config: kube::Config, args: &KubeClientArgs, metrics: KubeMetrics) -> Self {
         // Our RequestPolicy handles 429 with a capped, counted Retry-After (see module docs).
         config.default_retry = false;
+        let reachability = ApiReachability::new(&config.cluster_url.to_string());
         Self {
             config,
             bucket: TokenBucket::new(args.kube_qps, args.kube_burst),
             metrics,
+            reachability,
         }
     }
 
@@ -155,6 +175,11 @@ impl ClientFactory {
     /// The request metrics shared by all clients.
     pub fn metrics(&self) -> &KubeMetrics {
         &self.metrics
+    }
+
+    /// Whether the API server answers, as seen by every client of this factory.
+    pub fn reachability(&self) -> &ApiReachability {
+        &self.reachability
     }
 
     /// A client whose requests carry `user_agent`, e.g.
@@ -170,7 +195,9 @@ impl ClientFactory {
             }),
         };
         let builder = ClientBuilder::try_from(self.config.clone())?;
-        Ok(builder.with_layer(&layer).build())
+        // Inside the policy: every attempt, each resend after a 429 included, is observed.
+        let reachability = ReachabilityLayer::new(self.reachability.clone());
+        Ok(builder.with_layer(&reachability).with_layer(&layer).build())
     }
 }
 
@@ -400,6 +427,45 @@ mod tests {
             ),
             "watch"
         );
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Flags {
+        #[command(flatten)]
+        kube: KubeClientArgs,
+    }
+
+    #[test]
+    fn invalid_rate_limits_are_rejected() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            Flags::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .map(|f| (f.kube.kube_qps, f.kube.kube_burst))
+        };
+        assert_eq!(parse(&[]).unwrap(), (50.0, 100));
+        assert_eq!(
+            parse(&["--kube-qps", "0"]).unwrap(),
+            (0.0, 100),
+            "0 = no limit"
+        );
+        assert_eq!(
+            parse(&["--kube-qps=2.5", "--kube-burst=1"]).unwrap(),
+            (2.5, 1)
+        );
+        for bad in [
+            &["--kube-qps=-1"][..],
+            &["--kube-qps=NaN"],
+            &["--kube-qps=inf"],
+            &["--kube-qps=fast"],
+            &["--kube-burst", "0"],
+            &["--kube-burst=-5"],
+        ] {
+            let err = parse(bad).expect_err(&format!("{bad:?} must be rejected"));
+            let message = err.to_string();
+            assert!(message.contains("--kube-"), "{bad:?}: {message}");
+        }
+        let message = parse(&["--kube-qps=-1"]).unwrap_err().to_string();
+        assert!(message.contains("0 = no limit"), "{message}");
     }
 
     #[test]
