@@ -133,6 +133,21 @@ async fn invalid_specs_are_rejected_naming_the_field() {
             json!({"replicas": 1, "image": "postgres:17"}),
             "spec.storage",
         ),
+        (
+            "cpu-lots",
+            with(json!({"resources": {"requests": {"cpu": "lots"}}})),
+            "spec.resources.requests[cpu]",
+        ),
+        (
+            "memory-lots",
+            with(json!({"resources": {"limits": {"memory": "a lot"}}})),
+            "spec.resources.limits[memory]",
+        ),
+        (
+            "negative-cpu",
+            with(json!({"resources": {"limits": {"cpu": "-1"}}})),
+            "spec.resources.limits[cpu]",
+        ),
     ];
     for (name, spec, field) in cases {
         let err = create_raw(&client, &ns.name, database_cluster_json(name, spec))
@@ -148,6 +163,114 @@ async fn invalid_specs_are_rejected_naming_the_field() {
             status.message
         );
     }
+}
+
+#[tokio::test]
+async fn resource_quantities_in_any_spelling_are_admitted() {
+    let cluster = cluster();
+    let client = cluster.client().await.unwrap();
+    let ns = TestNamespace::create(&client, "e2e-api").await.unwrap();
+    let mut spec = valid_spec(1);
+    spec["resources"] = json!({
+        "requests": { "cpu": "0.5", "memory": "1024Mi" },
+        "limits": { "cpu": 2, "memory": "1e9" },
+    });
+    create_raw(&client, &ns.name, database_cluster_json("spelled", spec))
+        .await
+        .unwrap();
+}
+
+/// A name whose derived names cannot exist is rejected with the limit and the reason; the
+/// longest admitted name does run (e2e/tests/worker.rs
+/// `the_longest_admitted_name_gets_its_children_and_its_pod`).
+#[tokio::test]
+async fn names_whose_children_cannot_exist_are_rejected_saying_why() {
+    let cluster = cluster();
+    let client = cluster.client().await.unwrap();
+    let ns = TestNamespace::create(&client, "e2e-api").await.unwrap();
+    let create = |metadata: serde_json::Value| {
+        let mut manifest = database_cluster_json("unused", valid_spec(1));
+        manifest["metadata"] = metadata;
+        create_raw(&client, &ns.name, manifest)
+    };
+    let longest = "n".repeat(52);
+    create(json!({ "name": longest })).await.unwrap();
+    create(json!({ "generateName": "g".repeat(47) }))
+        .await
+        .unwrap();
+
+    let cases = [
+        (
+            json!({ "name": "n".repeat(53) }),
+            "metadata.name must be at most 52 characters",
+        ),
+        (
+            json!({ "name": "orders.eu" }),
+            "metadata.name must start with a lowercase letter",
+        ),
+        (
+            json!({ "name": "1orders" }),
+            "metadata.name must start with a lowercase letter",
+        ),
+        (
+            json!({ "generateName": "g".repeat(48) }),
+            "metadata.generateName must be at most 47 characters",
+        ),
+        (
+            json!({ "generateName": "9-" }),
+            "metadata.name must start with a lowercase letter",
+        ),
+    ];
+    for (metadata, expected) in cases {
+        let err = create(metadata.clone())
+            .await
+            .expect_err(&format!("{metadata} must be rejected"));
+        let kube::Error::Api(status) = err else {
+            panic!("{metadata}: expected an API error, got {err}");
+        };
+        assert_eq!(status.code, 422, "{metadata}: {status:?}");
+        assert!(
+            status.message.contains(expected),
+            "{metadata}: {}",
+            status.message
+        );
+    }
+    // The message says why.
+    let err = create(json!({ "name": "n".repeat(53) })).await.unwrap_err();
+    assert!(
+        err.to_string().contains("controller-revision-hash"),
+        "{err}"
+    );
+}
+
+/// `kubectl` prints no warning for the chart's CRDs (it used to print
+/// `Warning: unrecognized format "uint32"`). Each is created under another group with a
+/// server-side dry run, so that the API server runs the create path, where it warns.
+#[test]
+fn the_chart_crds_install_without_warnings() {
+    let cluster = cluster();
+    let dir = shardop_e2e::repo_root().join("charts/shardop/crds");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let renamed = yaml
+            .replace(".shardop.dev\n", ".formats.e2e.shardop.dev\n")
+            .replace("group: shardop.dev", "group: formats.e2e.shardop.dev");
+        assert_ne!(renamed, yaml);
+        let output = cluster
+            .kubectl_with_input(&["create", "--dry-run=server", "-f", "-"], &renamed)
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{}: {stderr}", path.display());
+        assert!(
+            !stderr.contains("Warning"),
+            "{}: kubectl warned: {stderr}",
+            path.display()
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
 }
 
 #[tokio::test]

@@ -875,3 +875,201 @@ async fn bench_first_pass_reconciles_per_second() {
     drop(running);
     env.release_objects().await;
 }
+
+/// Waits until no worker write to the test's objects has appeared for 3 s.
+async fn wait_for_quiet_writes(env: &Env) {
+    let mut last = env.object_writes().len();
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = env.object_writes().len();
+        if now == last {
+            return;
+        }
+        last = now;
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "writes never settle"
+        );
+    }
+}
+
+/// The longest name admission lets through (52 characters: the pods' label
+/// `controller-revision-hash=<name>-<hash>` is then at most 63) really runs: the worker
+/// creates its StatefulSet and Service, and the StatefulSet controller creates its pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_admitted_name_gets_its_children_and_its_pod() {
+    let env = Env::new("w-longname").await;
+    let _worker = env.worker(0, &[]);
+    let name = format!("long-{}", "n".repeat(47));
+    assert_eq!(
+        name.len(),
+        52,
+        "shardop_api::database_cluster::MAX_NAME_LENGTH"
+    );
+    env.create(&name, Some(0), valid_spec(1)).await;
+
+    let clusters = env.clusters();
+    wait_for("converged", Duration::from_secs(60), || async {
+        let object = clusters.get(&name).await.ok()?;
+        converged(&object, 0).then_some(())
+    })
+    .await
+    .unwrap();
+    env.stateful_sets().get(&name).await.unwrap();
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.objects.name);
+    services.get(&format!("{name}-headless")).await.unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(env.client.clone(), &env.objects.name);
+    let pod = wait_for("the StatefulSet's pod", Duration::from_secs(60), || async {
+        pods.get_opt(&format!("{name}-0")).await.ok()?
+    })
+    .await
+    .unwrap();
+    let revision = &pod.labels()["controller-revision-hash"];
+    assert!(revision.starts_with(&format!("{name}-")), "{revision}");
+    assert!(revision.len() <= 63);
+    env.release_objects().await;
+}
+
+/// Quantities written the way people write them (`0.5`, `1000m`, `1024Mi`, `1e9`) are
+/// stored by the API server in canonical form; the worker compares amounts, so converged
+/// objects stay at zero writes when a fresh worker reconciles them all again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_canonical_quantities_converge_and_a_second_pass_writes_nothing() {
+    let env = Env::new("w-quantity").await;
+    let mut worker = env.worker(0, &[]);
+    let specs = [
+        json!({ "requests": { "cpu": "0.5", "memory": "1024Mi" }, "limits": { "cpu": "1000m", "memory": "2e9" } }),
+        json!({ "requests": { "cpu": "250000000n", "memory": "0.5Gi" }, "limits": { "cpu": 2 } }),
+        json!({ "requests": { "cpu": "1.5", "memory": "1536Mi" } }),
+    ];
+    let sizes = ["1024Mi", "0.5Gi", "2048Ki"];
+    for (i, (resources, size)) in specs.iter().zip(sizes).enumerate() {
+        let mut spec = valid_spec(1);
+        spec["resources"] = resources.clone();
+        spec["storage"]["size"] = size.into();
+        env.create(&format!("q-{i}"), Some(0), spec).await;
+    }
+    let clusters = env.clusters();
+    wait_for("converged", Duration::from_secs(60), || async {
+        let list = clusters.list(&ListParams::default()).await.ok()?;
+        let done = list
+            .items
+            .iter()
+            .filter(|o| converged(o, 0) && o.status.as_ref().is_some_and(|s| s.replicas == 1));
+        (done.count() == specs.len()).then_some(())
+    })
+    .await
+    .unwrap();
+    // The API server did store other spellings.
+    let sts = env.stateful_sets().get("q-0").await.unwrap();
+    let stored =
+        serde_json::to_value(&sts.spec.unwrap().template.spec.unwrap().containers[0]).unwrap();
+    assert_eq!(stored["resources"]["requests"]["memory"], "1Gi", "{stored}");
+    wait_for_quiet_writes(&env).await;
+
+    worker.terminate(Duration::from_secs(30)).unwrap();
+    let before = env.object_writes().len();
+    let worker = env.worker(0, &[]);
+    let addr = worker.metrics_addr().await.unwrap();
+    wait_for(
+        "second pass reconciled every object",
+        Duration::from_secs(60),
+        || async {
+            let runs = metric_value(
+                &scrape(addr).await.ok()?,
+                "shardop_reconcile_runs_total",
+                &[],
+            );
+            (runs >= specs.len() as f64).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = env.object_writes();
+    assert_eq!(
+        after.len(),
+        before,
+        "the second pass wrote: {:?}",
+        after[before..]
+            .iter()
+            .map(|e| (&e.verb, e.target()))
+            .collect::<Vec<_>>()
+    );
+    drop(worker);
+    env.release_objects().await;
+}
+
+/// An object that cannot converge for a reason retrying may fix (here a ResourceQuota that
+/// forbids StatefulSets: 403 on every apply) shows in
+/// `shardop_oldest_unconverged_seconds`, which grows while it is stuck and drops to 0 once
+/// it converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_object_shows_in_the_oldest_unconverged_gauge() {
+    let env = Env::new("w-stuck").await;
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> =
+        Api::namespaced(env.client.clone(), &env.objects.name);
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": { "name": "no-statefulsets" },
+        "spec": { "hard": { "count/statefulsets.apps": "0" } },
+    }))
+    .unwrap();
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    // Admission enforces a quota once its controller has filled in its status.
+    wait_for("quota observed", Duration::from_secs(30), || async {
+        let quota = quotas.get("no-statefulsets").await.ok()?;
+        quota.status?.hard.map(|_| ())
+    })
+    .await
+    .unwrap();
+
+    let worker = env.worker(0, &["--backoff-cap", "2s"]);
+    let addr = worker.metrics_addr().await.unwrap();
+    env.create("stuck", Some(0), valid_spec(1)).await;
+    let oldest = || async {
+        let text = scrape(addr).await.ok()?;
+        Some(metric_value(
+            &text,
+            "shardop_oldest_unconverged_seconds",
+            &[("shard", "0")],
+        ))
+    };
+    let first = wait_for(
+        "the stuck object shows",
+        Duration::from_secs(60),
+        || async { oldest().await.filter(|age| *age >= 5.0) },
+    )
+    .await
+    .unwrap();
+    let later = wait_for("its age grows", Duration::from_secs(60), || async {
+        oldest().await.filter(|age| *age >= first + 3.0)
+    })
+    .await
+    .unwrap();
+    eprintln!("oldest unconverged change: {first:.1} s, then {later:.1} s");
+
+    quotas
+        .delete("no-statefulsets", &DeleteParams::default())
+        .await
+        .unwrap();
+    let clusters = env.clusters();
+    wait_for(
+        "converged once allowed",
+        Duration::from_secs(60),
+        || async {
+            let object = clusters.get("stuck").await.ok()?;
+            converged(&object, 0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    wait_for("the gauge drops to 0", Duration::from_secs(30), || async {
+        oldest().await.filter(|age| *age == 0.0)
+    })
+    .await
+    .unwrap();
+    drop(worker);
+    env.release_objects().await;
+}

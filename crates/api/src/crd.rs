@@ -71,6 +71,43 @@ mod tests {
         );
     }
 
+    /// Every `format` in a schema with the type it applies to.
+    fn formats(schema: &serde_json::Value, found: &mut Vec<(Option<String>, String)>) {
+        match schema {
+            serde_json::Value::Object(object) => {
+                if let Some(format) = object.get("format").and_then(|f| f.as_str()) {
+                    let type_ = object.get("type").and_then(|t| t.as_str());
+                    found.push((type_.map(str::to_owned), format.to_owned()));
+                }
+                object.values().for_each(|v| formats(v, found));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| formats(v, found)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn no_crd_schema_carries_a_format_the_api_server_does_not_know() {
+        for crd in all() {
+            let mut found = Vec::new();
+            for version in &crd.spec.versions {
+                let schema = serde_json::to_value(&version.schema).unwrap();
+                formats(&schema, &mut found);
+            }
+            assert!(
+                !found.is_empty(),
+                "the walk finds formats (int32, date-time)"
+            );
+            for (type_, format) in found {
+                assert!(
+                    crate::schema::is_known_format(type_.as_deref(), &format),
+                    "{}: format {format:?} on type {type_:?} makes kubectl warn `unrecognized format`",
+                    file_name(&crd)
+                );
+            }
+        }
+    }
+
     #[test]
     fn database_cluster_crd_has_the_promised_shape() {
         let crd = DatabaseCluster::crd();

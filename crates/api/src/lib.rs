@@ -11,6 +11,7 @@ pub mod constants;
 pub mod crd;
 pub mod database_cluster;
 pub mod protocol;
+pub mod schema;
 pub mod shard;
 pub mod shard_index;
 

@@ -45,6 +45,7 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::known_formats_only)]
 pub struct ShardSpec {
     /// The shard index; the object is named `shard-<index>`. Immutable.
     #[schemars(range(max = 9999))]
@@ -72,6 +73,7 @@ pub enum ShardState {
 /// applies only its own fields, with its own field manager).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::known_formats_only)]
 pub struct ShardStatus {
     /// Identity (pod name) of the worker that holds the shard Lease.
     #[serde(default, skip_serializing_if = "Option::is_none")]

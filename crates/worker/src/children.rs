@@ -168,23 +168,52 @@ pub fn desired_stateful_set(cluster: &DatabaseCluster, shard: ShardIndex) -> Sta
 ///
 /// Objects are compared as JSON: every key of a desired object must exist in the actual one
 /// with a matching value; arrays must have the same length and match element-wise. Fields
-/// the API server defaults (and status) are extra keys and do not matter.
+/// the API server defaults (and status) are extra keys and do not matter. Quantities
+/// (`resources.limits` and `resources.requests` values) match by amount, since the API
+/// server stores them in canonical form (`1024Mi` as `1Gi`).
 pub fn is_subset<T: serde::Serialize, U: serde::Serialize>(desired: &T, actual: &U) -> bool {
     match (serde_json::to_value(desired), serde_json::to_value(actual)) {
-        (Ok(desired), Ok(actual)) => json_subset(&desired, &actual),
+        (Ok(desired), Ok(actual)) => json_subset(&desired, &actual, Position::Other),
         _ => false,
     }
 }
 
-fn json_subset(desired: &serde_json::Value, actual: &serde_json::Value) -> bool {
+/// Where a JSON value sits, as far as quantities are concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Position {
+    Other,
+    /// A `resources` object (of a container or a claim).
+    Resources,
+    /// Its `limits` or `requests` map.
+    QuantityMap,
+    /// A value of that map.
+    Quantity,
+}
+
+impl Position {
+    fn child(self, key: &str) -> Self {
+        match (self, key) {
+            (Self::Resources, "limits" | "requests") => Self::QuantityMap,
+            (Self::QuantityMap, _) => Self::Quantity,
+            (_, "resources") => Self::Resources,
+            _ => Self::Other,
+        }
+    }
+}
+
+fn json_subset(desired: &serde_json::Value, actual: &serde_json::Value, at: Position) -> bool {
     use serde_json::Value;
     match (desired, actual) {
         (Value::Object(d), Value::Object(a)) => d
             .iter()
-            .all(|(k, dv)| a.get(k).is_some_and(|av| json_subset(dv, av))),
+            .all(|(k, dv)| a.get(k).is_some_and(|av| json_subset(dv, av, at.child(k)))),
         (Value::Array(d), Value::Array(a)) => {
-            d.len() == a.len() && d.iter().zip(a).all(|(dv, av)| json_subset(dv, av))
+            d.len() == a.len()
+                && d.iter()
+                    .zip(a)
+                    .all(|(dv, av)| json_subset(dv, av, Position::Other))
         }
+        (d, a) if at == Position::Quantity => crate::quantity::same_quantity_json(d, a),
         (d, a) => d == a,
     }
 }
@@ -289,6 +318,43 @@ mod tests {
             !is_subset(&moved, &actual),
             "the shard label must be rewritten"
         );
+    }
+
+    #[test]
+    fn quantities_match_by_amount_not_by_spelling() {
+        let mut spec = cluster();
+        spec.spec.storage.size = Quantity("1024Mi".into());
+        spec.spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("0.5".into())),
+                ("memory".to_owned(), Quantity("1e9".into())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "cpu".to_owned(),
+                Quantity("1000m".into()),
+            )])),
+            ..Default::default()
+        });
+        let desired = desired_stateful_set(&spec, ShardIndex(1));
+        // What the API server stores for it.
+        let mut actual = serde_json::to_value(&desired).unwrap();
+        let container = &mut actual["spec"]["template"]["spec"]["containers"][0];
+        container["resources"]["requests"]["cpu"] = "500m".into();
+        container["resources"]["requests"]["memory"] = "1G".into();
+        container["resources"]["limits"]["cpu"] = "1".into();
+        actual["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] =
+            "1Gi".into();
+        assert!(is_subset(&desired, &actual));
+        actual["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] =
+            "2".into();
+        assert!(!is_subset(&desired, &actual), "a different amount");
+        // Only quantities compare by amount: an image tag `1e3` is not `1k`.
+        let mut image = cluster();
+        image.spec.image = "1e3".into();
+        let desired = desired_stateful_set(&image, ShardIndex(1));
+        let mut actual = serde_json::to_value(&desired).unwrap();
+        actual["spec"]["template"]["spec"]["containers"][0]["image"] = "1k".into();
+        assert!(!is_subset(&desired, &actual));
     }
 
     #[test]

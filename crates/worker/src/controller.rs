@@ -122,6 +122,34 @@ impl Bookkeeping {
         }
     }
 
+    /// Age of the oldest change the shard is still working on: objects seen behind their
+    /// generation and not converged since, still in the shard (`cached` finds them), and not
+    /// Degraded for their current generation: those wait for the user to change the spec,
+    /// their condition says why, and counting them would keep the gauge high for a problem
+    /// the operator cannot fix. Zero when there is none.
+    pub fn oldest_unconverged(
+        &self,
+        now: Instant,
+        cached: impl Fn(&str) -> Option<Arc<DatabaseCluster>>,
+    ) -> Duration {
+        self.unconverged_since
+            .iter()
+            .filter(|(key, _)| cached(key).is_some_and(|object| !self.is_degraded(&object)))
+            .map(|(_, since)| now.saturating_duration_since(*since))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Whether the object's current generation was found impossible to apply.
+    fn is_degraded(&self, object: &DatabaseCluster) -> bool {
+        object
+            .metadata
+            .uid
+            .as_ref()
+            .and_then(|uid| self.terminal.get(uid))
+            .is_some_and(|(generation, _)| *generation == object.metadata.generation)
+    }
+
     /// Forgets what this shard wrote for an object that leaves it (drained, deleted):
     /// the status memo and the apply memo of its children.
     pub fn forget_object(&mut self, cluster: &DatabaseCluster) {
@@ -327,6 +355,21 @@ impl ShardController {
                 .fold(0.0, f64::max)
         };
         metrics.longest_running.get_or_create(&label).set(longest);
+        let oldest = self
+            .shared
+            .book()
+            .oldest_unconverged(Instant::now(), |key| self.cached_object(key));
+        metrics
+            .oldest_unconverged
+            .get_or_create(&label)
+            .set(oldest.as_secs_f64());
+    }
+
+    /// The cached DatabaseCluster of a `namespace/name` key, from any scope's store.
+    fn cached_object(&self, key: &str) -> Option<Arc<DatabaseCluster>> {
+        let (namespace, name) = key.split_once('/')?;
+        let object = reflector::ObjectRef::new(name).within(namespace);
+        self.stores.iter().find_map(|store| store.get(&object))
     }
 
     /// Stops taking work, lets in-flight reconciles finish for up to `timeout`, then
@@ -631,6 +674,74 @@ mod tests {
         book.mark_pending(key.clone());
         tokio::time::advance(Duration::from_millis(250)).await;
         assert_eq!(book.start_running(&key), Some(Duration::from_millis(250)));
+    }
+
+    fn cached_cluster(name: &str, uid: &str, generation: i64) -> Arc<DatabaseCluster> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "shardop.dev/v1alpha1",
+                "kind": "DatabaseCluster",
+                "metadata": { "namespace": "ns", "name": name, "uid": uid, "generation": generation },
+                "spec": { "replicas": 1, "image": "postgres:17", "storage": { "size": "1Gi" } },
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_oldest_unconverged_change_counts_objects_still_in_the_shard_and_not_degraded() {
+        let mut book = Bookkeeping::default();
+        let cache: HashMap<&str, Arc<DatabaseCluster>> = HashMap::from([
+            ("ns/stuck", cached_cluster("stuck", "u-stuck", 1)),
+            ("ns/fresh", cached_cluster("fresh", "u-fresh", 1)),
+            ("ns/degraded", cached_cluster("degraded", "u-degraded", 2)),
+        ]);
+        let cached = |key: &str| cache.get(key).cloned();
+        assert_eq!(
+            book.oldest_unconverged(Instant::now(), cached),
+            Duration::ZERO
+        );
+
+        book.unconverged_since
+            .insert("ns/degraded".into(), Instant::now());
+        book.unconverged_since
+            .insert("ns/gone".into(), Instant::now());
+        book.terminal.insert(
+            "u-degraded".into(),
+            (
+                Some(2),
+                TerminalProblem {
+                    reason: "StatefulSetRejected".into(),
+                    message: "invalid".into(),
+                },
+            ),
+        );
+        tokio::time::advance(Duration::from_secs(100)).await;
+        book.unconverged_since
+            .insert("ns/stuck".into(), Instant::now());
+        tokio::time::advance(Duration::from_secs(30)).await;
+        book.unconverged_since
+            .insert("ns/fresh".into(), Instant::now());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Degraded and no longer cached (left the shard) are older but do not count.
+        assert_eq!(
+            book.oldest_unconverged(Instant::now(), cached),
+            Duration::from_secs(35)
+        );
+        // A new generation of the Degraded object is being worked on again.
+        let cache = HashMap::from([("ns/degraded", cached_cluster("degraded", "u-degraded", 3))]);
+        assert_eq!(
+            book.oldest_unconverged(Instant::now(), |key: &str| cache.get(key).cloned()),
+            Duration::from_secs(135)
+        );
+        // Converged: gone from the map.
+        book.unconverged_since.remove("ns/stuck");
+        book.unconverged_since.remove("ns/fresh");
+        book.unconverged_since.remove("ns/degraded");
+        assert_eq!(
+            book.oldest_unconverged(Instant::now(), cached),
+            Duration::ZERO
+        );
     }
 
     #[test]

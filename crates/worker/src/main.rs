@@ -11,6 +11,7 @@ mod fault;
 mod filter;
 mod heartbeat;
 mod metrics;
+mod quantity;
 mod reconcile;
 mod status;
 mod step_retry;

@@ -73,6 +73,8 @@ pub struct WorkerMetrics {
     pub queue_wait: Family<ShardLabel, Histogram, fn() -> Histogram>,
     /// `shardop_reconcile_lag_seconds{shard}`.
     pub reconcile_lag: Family<ShardLabel, Histogram, fn() -> Histogram>,
+    /// `shardop_oldest_unconverged_seconds{shard}`.
+    pub oldest_unconverged: Family<ShardLabel, FloatGauge>,
     /// `shardop_shard_objects{shard}`.
     pub shard_objects: Family<ShardLabel, Gauge>,
     /// `shardop_shard_leader{shard}`.
@@ -97,6 +99,7 @@ impl WorkerMetrics {
             terminating: Family::default(),
             queue_wait: Family::new_with_constructor(lag_histogram),
             reconcile_lag: Family::new_with_constructor(lag_histogram),
+            oldest_unconverged: Family::default(),
             shard_objects: Family::default(),
             shard_leader: Family::default(),
             drains: Family::default(),
@@ -146,6 +149,11 @@ impl WorkerMetrics {
             "shardop_reconcile_lag_seconds",
             "Time from seeing a spec change to having converged it",
             metrics.reconcile_lag.clone(),
+        );
+        registry.register(
+            "shardop_oldest_unconverged_seconds",
+            "Age of the oldest spec change the shard is still working on (Degraded objects excluded)",
+            metrics.oldest_unconverged.clone(),
         );
         registry.register(
             "shardop_shard_objects",
@@ -200,6 +208,7 @@ impl WorkerMetrics {
         self.queue_depth.get_or_create(&label).set(0);
         self.backlog.get_or_create(&label).set(0);
         self.longest_running.get_or_create(&label).set(0.0);
+        self.oldest_unconverged.get_or_create(&label).set(0.0);
         self.terminating.get_or_create(&label).set(0);
         self.shard_objects.get_or_create(&label).set(0);
         self.shard_leader.get_or_create(&label).set(0);

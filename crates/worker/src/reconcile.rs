@@ -27,8 +27,14 @@ use crate::controller::{AppliedObject, Bookkeeping, ScopeContext, key_of};
 use crate::metrics::{ReasonLabels, ResultLabels, WorkerMetrics};
 use crate::status::{Observed, TerminalProblem, WrittenStatus, desired_status, known_status};
 
-/// Requeue of a converged object: a safety net only, changes arrive by watch.
-const RESYNC: Duration = Duration::from_secs(30 * 60);
+/// Shortest requeue of a converged object. Changes arrive by watch; the resync is a safety
+/// net against an event lost to a bug in event filtering, and costs no API request (the
+/// comparison is with the caches). Hours, not minutes: at 10,000 objects it is ~2
+/// cache-only reconciles per second.
+const RESYNC_MIN: Duration = Duration::from_secs(60 * 60);
+/// The resync is spread over this much more, so that objects converged together (a mass
+/// creation, a restart) do not come back together.
+const RESYNC_SPREAD: Duration = Duration::from_secs(30 * 60);
 /// Requeue of an object whose spec cannot be applied: it waits for a spec change.
 const TERMINAL_RESYNC: Duration = Duration::from_secs(10 * 60);
 /// Requeue while deleted claims are still terminating.
@@ -87,12 +93,17 @@ impl ReconcileError {
     }
 }
 
-/// A terminal problem in an apply error: the request was well-formed but the API server
-/// will never accept it for this spec (422 Invalid, e.g. an immutable StatefulSet field, or
-/// 400 Bad Request).
+/// A terminal problem in an apply error: the API server will never accept this child for
+/// this spec. That is a 422 Invalid (e.g. an immutable StatefulSet field), a 400 Bad
+/// Request, or a 500 that says our own object could not be decoded: the API server answers
+/// `cpu: lots` in a container's resources with 500 "failed to convert new object ...:
+/// quantities must match the regular expression ...", and retrying it as a server error
+/// would loop forever without a condition saying why.
 fn terminal_problem(err: &kube::Error, child: &'static str) -> Option<TerminalProblem> {
     match err {
-        kube::Error::Api(status) if status.code == 422 || status.code == 400 => {
+        kube::Error::Api(status)
+            if status.code == 422 || status.code == 400 || is_undecodable_object(status) =>
+        {
             Some(TerminalProblem {
                 reason: format!("{child}Rejected"),
                 message: status.message.clone(),
@@ -100,6 +111,22 @@ fn terminal_problem(err: &kube::Error, child: &'static str) -> Option<TerminalPr
         }
         _ => None,
     }
+}
+
+/// Messages of a 500 with which the API server rejects the object in the request itself
+/// (decoding or converting it, or building the apply patch from it) rather than failing
+/// on its own side (etcd, timeouts, webhooks): the same request fails the same way again.
+const UNDECODABLE_OBJECT_MESSAGES: [&str; 3] = [
+    "failed to convert new object",
+    "unable to convert unstructured object",
+    "failed to create typed patch object",
+];
+
+fn is_undecodable_object(status: &kube::core::Status) -> bool {
+    status.code == 500
+        && UNDECODABLE_OBJECT_MESSAGES
+            .iter()
+            .any(|m| status.message.contains(m))
 }
 
 /// kube-runtime's reconcile entry point.
@@ -152,7 +179,7 @@ pub async fn reconcile(
     match outcome {
         Ok(Outcome::Done) => {
             shared.failures.reset(&key);
-            Ok(Action::requeue(RESYNC))
+            Ok(Action::requeue(resync_after(jitter_unit())))
         }
         Ok(Outcome::Terminal) => {
             shared.failures.reset(&key);
@@ -165,6 +192,12 @@ pub async fn reconcile(
             Err(err)
         }
     }
+}
+
+/// When a converged object is looked at again: [`RESYNC_MIN`] plus `unit` (in `[0, 1)`,
+/// random) of [`RESYNC_SPREAD`].
+fn resync_after(unit: f64) -> Duration {
+    RESYNC_MIN + RESYNC_SPREAD.mul_f64(unit.clamp(0.0, 1.0))
 }
 
 /// kube-runtime's error policy: per-object exponential backoff.
@@ -700,6 +733,67 @@ mod tests {
 
     fn version(object: Option<Service>) -> Option<String> {
         object?.metadata.resource_version
+    }
+
+    fn api_error(code: u16, message: &str) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure(message, "")
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn a_child_the_api_server_cannot_decode_is_terminal_and_quotes_the_server() {
+        // What the API server answers to a StatefulSet apply with `cpu: lots`.
+        let message = "failed to convert new object (ns/db; apps/v1, Kind=StatefulSet) to proper version: \
+            unable to convert unstructured object to apps/v1, Kind=StatefulSet: \
+            quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'";
+        let problem = terminal_problem(&api_error(500, message), "StatefulSet").unwrap();
+        assert_eq!(problem.reason, "StatefulSetRejected");
+        assert_eq!(problem.message, message);
+        for code in [400, 422] {
+            assert!(terminal_problem(&api_error(code, "invalid"), "Service").is_some());
+        }
+    }
+
+    #[test]
+    fn server_trouble_stays_transient() {
+        for (code, message) in [
+            (
+                500,
+                "Internal error occurred: etcdserver: request timed out",
+            ),
+            (503, "failed to convert new object"),
+            (409, "the object has been modified"),
+            (429, "too many requests"),
+            (504, "timeout"),
+        ] {
+            assert!(
+                terminal_problem(&api_error(code, message), "StatefulSet").is_none(),
+                "{code} {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn converged_objects_come_back_after_one_to_one_and_a_half_hours_spread_at_random() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(resync_after(0.0), hour);
+        assert_eq!(resync_after(0.5), hour + Duration::from_secs(15 * 60));
+        assert!(resync_after(0.999_999) < hour + Duration::from_secs(30 * 60));
+        let draws: Vec<Duration> = (0..200).map(|_| resync_after(jitter_unit())).collect();
+        assert!(
+            draws
+                .iter()
+                .all(|d| (hour..hour + Duration::from_secs(30 * 60)).contains(d))
+        );
+        let min = draws.iter().min().unwrap();
+        let max = draws.iter().max().unwrap();
+        assert!(
+            *max - *min > Duration::from_secs(10 * 60),
+            "not spread: {min:?}..{max:?}"
+        );
     }
 
     #[test]
