@@ -8,8 +8,9 @@
 use serde_json::{Map, Value};
 
 /// String formats the API server validates (k8s.io/apiextensions-apiserver
-/// `pkg/apiserver/validation/formats.go`, as of 1.34). It compares them with dashes removed,
-/// so `date-time` is `datetime`.
+/// `pkg/apiserver/validation/formats.go`; `k8s-short-name` and `k8s-long-name` only from
+/// 1.34, which older servers warn about). It compares them with dashes removed, so
+/// `date-time` is `datetime`.
 pub const KNOWN_STRING_FORMATS: [&str; 26] = [
     "bsonobjectid",
     "uri",
