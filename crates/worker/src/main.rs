@@ -5,6 +5,8 @@
 
 mod backoff;
 mod children;
+mod claims;
+mod condition_set;
 mod controller;
 mod failover;
 mod fault;
@@ -14,6 +16,7 @@ mod metrics;
 mod reconcile;
 mod status;
 mod supervisor;
+mod volume_resize;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
