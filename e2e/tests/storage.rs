@@ -217,6 +217,20 @@ impl Env {
         .unwrap();
     }
 
+    /// The uid of each named claim (`None` for a missing or terminating one).
+    async fn claim_uids(&self, names: &[String]) -> Vec<Option<String>> {
+        let mut uids = Vec::new();
+        for name in names {
+            let claim = self.claims().get_opt(name).await.unwrap();
+            uids.push(
+                claim
+                    .filter(|c| c.metadata.deletion_timestamp.is_none())
+                    .and_then(|c| c.uid()),
+            );
+        }
+        uids
+    }
+
     async fn claim_request(&self, name: &str) -> Option<String> {
         let claim = self.claims().get_opt(name).await.ok()??;
         Some(claim.spec?.resources?.requests?.get("storage")?.0.clone())
@@ -281,8 +295,12 @@ async fn growing_storage_expands_the_claims_and_replaces_the_stateful_set_withou
     let _worker = env.worker();
     let mut spec = valid_spec(2);
     spec["storage"]["storageClassName"] = json!(class);
+    // With Delete the StatefulSet controller makes the StatefulSet an owner of the claims:
+    // replacing the StatefulSet must orphan them, not let the garbage collector take them.
+    spec["storage"]["reclaimPolicy"] = json!("Delete");
     env.create("db", spec).await;
     env.claims_bound(&claims).await;
+    let claim_uids = env.claim_uids(&claims).await;
     let sts_api = env.stateful_sets();
     let before = wait_for("2 pods of the StatefulSet", TIMEOUT, || async {
         let pods = env.pods_by_name().await;
@@ -356,6 +374,7 @@ async fn growing_storage_expands_the_claims_and_replaces_the_stateful_set_withou
     let progressing = object.condition(condition::PROGRESSING).unwrap();
     assert_ne!(progressing.reason, "Blocked", "{progressing:?}");
     assert_eq!(object.status.as_ref().unwrap().claim_ordinals, Some(2));
+    assert_eq!(env.claim_uids(&claims).await, claim_uids, "same claims");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
