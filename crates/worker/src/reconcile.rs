@@ -824,6 +824,53 @@ mod tests {
         object?.metadata.resource_version
     }
 
+    fn refused(message: &str) -> Result<DeletionPass, ClaimDeletionError> {
+        let status: kube::core::Status =
+            serde_json::from_value(json!({ "code": 422, "message": message, "reason": "Invalid" }))
+                .unwrap();
+        Err(ClaimDeletionError::Refused {
+            claim: "data-db-1".into(),
+            source: kube::Error::Api(Box::new(status)),
+        })
+    }
+
+    #[test]
+    fn the_cleanup_condition_names_what_is_left_and_what_failed() {
+        let failed = cleanup_progress(&refused("storage backend is down")).unwrap();
+        assert_eq!(
+            (failed.status, failed.reason),
+            ("True", "VolumeClaimDeletionFailed")
+        );
+        assert!(failed.message.contains("data-db-1"), "{}", failed.message);
+        assert!(
+            failed.message.contains("storage backend is down"),
+            "{}",
+            failed.message
+        );
+
+        let terminating = cleanup_progress(&Ok(DeletionPass {
+            deleted: 2,
+            remaining: vec!["data-db-0".into()],
+        }))
+        .unwrap();
+        assert_eq!(terminating.reason, "DeletingVolumeClaims");
+        assert!(terminating.message.contains("data-db-0"));
+
+        let deleted = cleanup_progress(&Ok(DeletionPass {
+            deleted: 1,
+            remaining: Vec::new(),
+        }))
+        .unwrap();
+        assert_eq!(deleted.reason, "DeletingVolumeClaims");
+
+        // Nothing left: the finalizer goes next, a condition write would be wasted.
+        assert_eq!(cleanup_progress(&Ok(DeletionPass::default())), None);
+        let lost = Err(ClaimDeletionError::LeaseLost(LeaseLost(
+            shardop_api::ShardIndex(0),
+        )));
+        assert_eq!(cleanup_progress(&lost), None, "nothing may be written");
+    }
+
     #[test]
     fn a_cached_child_that_contains_the_desired_one_is_not_applied() {
         let desired = service("None", None);
