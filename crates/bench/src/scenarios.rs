@@ -1160,6 +1160,95 @@ async fn cleanup_condition_shown(run: &Run, stuck: &[String]) -> usize {
     shown
 }
 
+/// Creates `names`, waits until they converged and their claim (`data-<name>-0`) exists:
+/// without claims a cleanup has nothing to fail on. Returns the claim names.
+async fn create_with_claims(
+    run: &mut Run,
+    knobs: &Knobs,
+    names: &[String],
+) -> anyhow::Result<Vec<String>> {
+    run.create_objects(names.to_vec(), knobs.concurrency, 0.0)
+        .await?;
+    let set: HashSet<String> = names.iter().cloned().collect();
+    run.wait_until(knobs.converge_timeout(), |run| run.conv.all_converged(&set))
+        .await
+        .context("the objects to delete did not converge")?;
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(run.env.client.clone(), &run.env.objects_ns.name);
+    let claim_names: Vec<String> = names.iter().map(|n| format!("data-{n}-0")).collect();
+    run.wait_until_async(knobs.converge_timeout(), async |_, _| {
+        for claim in &claim_names {
+            if !matches!(claims.get_opt(claim).await, Ok(Some(_))) {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .context("the claims of the objects to delete did not appear")?;
+    Ok(claim_names)
+}
+
+/// Installs the outage and waits until deleting `probe_claim` is refused. Returns the
+/// policy's name.
+async fn begin_claim_deletion_outage(run: &Run, probe_claim: &str) -> anyhow::Result<String> {
+    let (policy, manifest) = claim_deletion_outage(&run.env.objects_ns.name);
+    let output = run
+        .env
+        .cluster
+        .kubectl_with_input(&["apply", "-f", "-"], &manifest.to_string())?;
+    anyhow::ensure!(output.status.success(), "installing the outage: {output:?}");
+    for _ in 0..150 {
+        if claim_deletion_refused(run, probe_claim).await {
+            return Ok(policy);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("the claim deletion policy never took effect")
+}
+
+/// Creates `others` at CREATE_RATE, waits for them, changes each once and waits again.
+async fn create_and_change(run: &mut Run, knobs: &Knobs, others: &[String]) -> anyhow::Result<()> {
+    run.create_objects(others.to_vec(), knobs.concurrency, knobs.create_rate)
+        .await?;
+    let set: HashSet<String> = others.iter().cloned().collect();
+    run.wait_until(knobs.converge_timeout(), |run| run.conv.all_converged(&set))
+        .await
+        .context("the other objects did not converge during the outage")?;
+    change_specs(run, others, 1, knobs.concurrency).await?;
+    run.wait_until(knobs.converge_timeout(), |run| run.conv.all_converged(&set))
+        .await
+        .context("the other objects' changes did not converge during the outage")?;
+    Ok(())
+}
+
+/// Deletes the outage's policy and waits until every object in `stuck` is gone. Returns
+/// the seconds that took, `None` on timeout.
+async fn end_claim_deletion_outage(
+    run: &mut Run,
+    knobs: &Knobs,
+    policy: &str,
+    stuck: &[String],
+) -> anyhow::Result<Option<f64>> {
+    let output = run.env.cluster.kubectl(&[
+        "delete",
+        "validatingadmissionpolicybinding,validatingadmissionpolicy",
+        policy,
+    ])?;
+    anyhow::ensure!(output.status.success(), "ending the outage: {output:?}");
+    let api = run.api();
+    Ok(run
+        .wait_until_async(knobs.converge_timeout(), async |_, _| {
+            for name in stuck {
+                if !matches!(api.get_opt(name).await, Ok(None)) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await)
+}
+
 /// `cleanupdep`: the finalizer cleanup's dependency is down. SLOW_OBJECTS objects are
 /// deleted while a ValidatingAdmissionPolicy refuses every claim deletion in the namespace;
 /// meanwhile OBJECTS others are created at CREATE_RATE and then changed once. The outage
@@ -1171,44 +1260,8 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     run.start_operator(shards, &[], &[]).await?;
     let stuck = names("gone", 0..knobs.slow_objects.max(1));
-    run.create_objects(stuck.clone(), knobs.concurrency, 0.0)
-        .await?;
-    let stuck_set: HashSet<String> = stuck.iter().cloned().collect();
-    run.wait_until(knobs.converge_timeout(), |run| {
-        run.conv.all_converged(&stuck_set)
-    })
-    .await
-    .context("the objects to delete did not converge")?;
-    // Their claims must exist, or the cleanup has nothing to fail on.
-    let claims: Api<PersistentVolumeClaim> =
-        Api::namespaced(run.env.client.clone(), &run.env.objects_ns.name);
-    let claim_names: Vec<String> = stuck.iter().map(|n| format!("data-{n}-0")).collect();
-    run.wait_until_async(knobs.converge_timeout(), async |_, _| {
-        for claim in &claim_names {
-            if !matches!(claims.get_opt(claim).await, Ok(Some(_))) {
-                return false;
-            }
-        }
-        true
-    })
-    .await
-    .context("the claims of the objects to delete did not appear")?;
-
-    let (policy, manifest) = claim_deletion_outage(&run.env.objects_ns.name);
-    let output = run
-        .env
-        .cluster
-        .kubectl_with_input(&["apply", "-f", "-"], &manifest.to_string())?;
-    anyhow::ensure!(output.status.success(), "installing the outage: {output:?}");
-    let mut in_effect = false;
-    for _ in 0..150 {
-        if claim_deletion_refused(&run, &claim_names[0]).await {
-            in_effect = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    anyhow::ensure!(in_effect, "the claim deletion policy never took effect");
+    let claim_names = create_with_claims(&mut run, knobs, &stuck).await?;
+    let policy = begin_claim_deletion_outage(&run, &claim_names[0]).await?;
 
     let outage_started = Instant::now();
     let outage_since = Timestamp::now();
@@ -1217,20 +1270,7 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
         api.delete(name, &DeleteParams::default()).await?;
     }
     let (_, others) = fault_names(knobs, 0);
-    run.create_objects(others.clone(), knobs.concurrency, knobs.create_rate)
-        .await?;
-    let others_set: HashSet<String> = others.iter().cloned().collect();
-    run.wait_until(knobs.converge_timeout(), |run| {
-        run.conv.all_converged(&others_set)
-    })
-    .await
-    .context("the other objects did not converge during the outage")?;
-    change_specs(&run, &others, 1, knobs.concurrency).await?;
-    run.wait_until(knobs.converge_timeout(), |run| {
-        run.conv.all_converged(&others_set)
-    })
-    .await
-    .context("the other objects' changes did not converge during the outage")?;
+    create_and_change(&mut run, knobs, &others).await?;
     let others_done = run.t();
     while outage_started.elapsed() < knobs.slow_delay {
         run.sample().await;
@@ -1240,31 +1280,11 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let condition_shown = cleanup_condition_shown(&run, &stuck).await;
     let attempts = refused_cleanups(&mut run, outage_since)?;
     let outage_s = outage_started.elapsed().as_secs_f64();
+    let recovery = end_claim_deletion_outage(&mut run, knobs, &policy, &stuck).await?;
 
-    let output = run.env.cluster.kubectl(&[
-        "delete",
-        "validatingadmissionpolicybinding,validatingadmissionpolicy",
-        &policy,
-    ])?;
-    anyhow::ensure!(output.status.success(), "ending the outage: {output:?}");
-    let recovered_at = Instant::now();
-    let api = run.api();
-    let stuck_for_probe = stuck.clone();
-    let recovery = run
-        .wait_until_async(knobs.converge_timeout(), async |_, _| {
-            for name in &stuck_for_probe {
-                if !matches!(api.get_opt(name).await, Ok(None)) {
-                    return false;
-                }
-            }
-            true
-        })
-        .await;
-    let recovery_s = recovery.unwrap_or(recovered_at.elapsed().as_secs_f64());
+    let others_set: HashSet<String> = others.iter().cloned().collect();
     let lags = run.conv.lags_of(&others_set);
-    let p99 = quantile(&lags, 0.99);
     let attempts_max = attempts.values().copied().max().unwrap_or(0);
-    let attempts_total: usize = attempts.values().sum();
     let mut report = report(
         "cleanupdep",
         knobs,
@@ -1277,12 +1297,15 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("outage_s", outage_s)
         .set("create_rate", knobs.create_rate)
         .set("others_lag_p50_s", quantile(&lags, 0.5))
-        .set("others_lag_p99_s", p99)
+        .set("others_lag_p99_s", quantile(&lags, 0.99))
         .set("others_converged_at_s", others_done)
         .set("cleanup_condition_shown", condition_shown)
         .set("stuck_cleanup_attempts_max", attempts_max)
-        .set("stuck_cleanup_attempts_total", attempts_total)
-        .set("cleanup_recovery_s", recovery_s)
+        .set(
+            "stuck_cleanup_attempts_total",
+            attempts.values().sum::<usize>(),
+        )
+        .set("cleanup_recovery_s", recovery.unwrap_or(f64::NAN))
         .set("cleanups_finished", recovery.is_some())
         .set("processes", run.process_table());
     draw(&run, knobs, "cleanupdep")?;
