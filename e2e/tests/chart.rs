@@ -340,17 +340,28 @@ fn chart_lints_renders_and_rejects_bad_values() {
     assert_eq!(keda.get("ScaledObject"), Some(&1), "{keda:?}");
     assert!(!keda.contains_key("HorizontalPodAutoscaler"), "{keda:?}");
 
-    // watchNamespaces: Roles in those namespaces, nothing cluster-wide.
+    // watchNamespaces: Roles in those namespaces; cluster-wide only the worker's read of
+    // StorageClasses (cluster-scoped, needed for volume expansion).
     let (_, docs) = render(
         cluster,
         "shardop-system",
         &["watchNamespaces={team-a,team-b}"],
     );
     let k = kinds(&docs);
-    assert!(
-        !k.contains_key("ClusterRole") && !k.contains_key("ClusterRoleBinding"),
-        "{k:?}"
-    );
+    assert_eq!(k.get("ClusterRole"), Some(&1), "{k:?}");
+    assert_eq!(k.get("ClusterRoleBinding"), Some(&1), "{k:?}");
+    for role in docs.iter().filter(|d| d["kind"] == "ClusterRole") {
+        assert_eq!(
+            role["rules"],
+            json!([{
+                "apiGroups": ["storage.k8s.io"],
+                "resources": ["storageclasses"],
+                "verbs": ["get"],
+            }]),
+            "{}",
+            role["metadata"]["name"]
+        );
+    }
     for ns in ["team-a", "team-b"] {
         let roles = docs
             .iter()
@@ -906,6 +917,10 @@ async fn chart_service_account_tokens_are_denied_outside_their_roles() {
         (&worker, &["patch", "statefulsets.apps"], w, true),
         (&worker, &["create", "services"], w, true),
         (&worker, &["delete", "persistentvolumeclaims"], w, true),
+        (&worker, &["patch", "persistentvolumeclaims"], w, true),
+        (&worker, &["get", "storageclasses.storage.k8s.io"], w, true),
+        (&worker, &["list", "persistentvolumeclaims"], w, false),
+        (&worker, &["patch", "persistentvolumeclaims"], o, false),
         // ... and nothing else.
         (&worker, &["get", "secrets"], op, false),
         (&worker, &["list", "secrets"], w, false),

@@ -55,4 +55,9 @@ pub mod condition {
     pub const PROGRESSING: &str = "Progressing";
     /// Something is wrong that shardop cannot fix by retrying.
     pub const DEGRADED: &str = "Degraded";
+    /// A larger `spec.storage.size` is being carried out (claims expanded, StatefulSet
+    /// replaced around the new claim template); `False` once done or when impossible.
+    pub const STORAGE_RESIZING: &str = "StorageResizing";
+    /// The finalizer cleanup of a deleted object: what is left, what failed.
+    pub const CLEANUP: &str = "Cleanup";
 }

@@ -252,6 +252,12 @@ pub struct DatabaseClusterStatus {
     /// The shard whose worker last reconciled this object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<u32>,
+    /// How many volume-claim ordinals may exist: claims `data-<name>-0` up to
+    /// `data-<name>-<claimOrdinals - 1>`, the highest replica count the StatefulSet was ever
+    /// given. Claims of removed replicas are kept on scale-down, so deletion with
+    /// `reclaimPolicy: Delete` deletes this many claim names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_ordinals: Option<i32>,
 }
 
 impl DatabaseCluster {

@@ -75,6 +75,14 @@ const SCENARIOS: &[(&str, &[&str])] = &[
         "crash",
         &["crashes", "others_lag_p99_s", "duplicated_side_effects"],
     ),
+    (
+        "cleanupdep",
+        &[
+            "others_lag_p99_s",
+            "stuck_cleanup_attempts_max",
+            "cleanup_recovery_s",
+        ],
+    ),
 ];
 
 /// Rewrites the generated section of `doc` from `<dir>/*.json`.

@@ -1062,3 +1062,282 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
         ],
     })
 }
+
+/// The ValidatingAdmissionPolicy (and binding) of `cleanupdep`: the claim deletions of the
+/// finalizer cleanup are refused in `namespace`, i.e. the cleanup's dependency is down.
+fn claim_deletion_outage(namespace: &str) -> (String, Value) {
+    let name = format!("{namespace}-claims-down");
+    let manifest = json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicy",
+                "metadata": { "name": name },
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {
+                        "namespaceSelector": {
+                            "matchLabels": { "kubernetes.io/metadata.name": namespace }
+                        },
+                        "resourceRules": [{
+                            "apiGroups": [""],
+                            "apiVersions": ["v1"],
+                            "operations": ["DELETE"],
+                            "resources": ["persistentvolumeclaims"],
+                        }],
+                    },
+                    "validations": [{
+                        "expression": "false",
+                        "message": "the storage backend is down (bench cleanupdep)",
+                    }],
+                },
+            },
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicyBinding",
+                "metadata": { "name": name },
+                "spec": { "policyName": name, "validationActions": ["Deny"] },
+            },
+        ],
+    });
+    (name, manifest)
+}
+
+/// Whether a dry-run deletion of claim `claim` is refused (the outage is in effect).
+async fn claim_deletion_refused(run: &Run, claim: &str) -> bool {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(run.env.client.clone(), &run.env.objects_ns.name);
+    let dry_run = DeleteParams {
+        dry_run: true,
+        ..DeleteParams::default()
+    };
+    matches!(
+        claims.delete(claim, &dry_run).await,
+        Err(kube::Error::Api(status)) if status.code != 404
+    )
+}
+
+/// Refused claim deletions by the workers since `since`, per DatabaseCluster (from the
+/// claim name `data-<name>-<ordinal>`): the cleanup attempts of the stuck objects.
+fn refused_cleanups(run: &mut Run, since: Timestamp) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut attempts = BTreeMap::new();
+    for event in &run.audit()?.events {
+        let Some(object) = event.object_ref.as_ref() else {
+            continue;
+        };
+        let refused = event
+            .response_status
+            .as_ref()
+            .is_some_and(|s| s.code >= 400 && s.code != 404);
+        if event.request_received_timestamp < since
+            || event.worker_shard().is_none()
+            || event.verb != "delete"
+            || object.resource != "persistentvolumeclaims"
+            || !refused
+        {
+            continue;
+        }
+        let owner = object
+            .name
+            .as_deref()
+            .and_then(|n| n.strip_prefix("data-"))
+            .and_then(|n| n.rsplit_once('-'))
+            .map(|(owner, _)| owner.to_owned());
+        if let Some(owner) = owner {
+            *attempts.entry(owner).or_insert(0) += 1;
+        }
+    }
+    Ok(attempts)
+}
+
+/// Stuck objects whose `Cleanup` condition shows the refused deletion.
+async fn cleanup_condition_shown(run: &Run, stuck: &[String]) -> usize {
+    let api = run.api();
+    let mut shown = 0;
+    for name in stuck {
+        let Ok(Some(object)) = api.get_opt(name).await else {
+            continue;
+        };
+        if object
+            .condition(shardop_api::constants::condition::CLEANUP)
+            .is_some_and(|c| c.status == "True" && c.reason == "VolumeClaimDeletionFailed")
+        {
+            shown += 1;
+        }
+    }
+    shown
+}
+
+/// Creates `names`, waits until they converged and their claim (`data-<name>-0`) exists:
+/// without claims a cleanup has nothing to fail on. Returns the claim names.
+async fn create_with_claims(
+    run: &mut Run,
+    knobs: &Knobs,
+    names: &[String],
+) -> anyhow::Result<Vec<String>> {
+    run.create_objects(names.to_vec(), knobs.concurrency, 0.0)
+        .await?;
+    let set: HashSet<String> = names.iter().cloned().collect();
+    run.wait_until(knobs.converge_timeout(), |run| run.conv.all_converged(&set))
+        .await
+        .context("the objects to delete did not converge")?;
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(run.env.client.clone(), &run.env.objects_ns.name);
+    let claim_names: Vec<String> = names.iter().map(|n| format!("data-{n}-0")).collect();
+    run.wait_until_async(knobs.converge_timeout(), async |_, _| {
+        for claim in &claim_names {
+            if !matches!(claims.get_opt(claim).await, Ok(Some(_))) {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .context("the claims of the objects to delete did not appear")?;
+    Ok(claim_names)
+}
+
+/// Installs the outage and waits until deleting `probe_claim` is refused. Returns the
+/// policy's name.
+async fn begin_claim_deletion_outage(run: &Run, probe_claim: &str) -> anyhow::Result<String> {
+    let (policy, manifest) = claim_deletion_outage(&run.env.objects_ns.name);
+    let output = run
+        .env
+        .cluster
+        .kubectl_with_input(&["apply", "-f", "-"], &manifest.to_string())?;
+    anyhow::ensure!(output.status.success(), "installing the outage: {output:?}");
+    for _ in 0..150 {
+        if claim_deletion_refused(run, probe_claim).await {
+            return Ok(policy);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("the claim deletion policy never took effect")
+}
+
+/// Creates `others` at CREATE_RATE, waits for them, changes each once and waits again.
+async fn create_and_change(run: &mut Run, knobs: &Knobs, others: &[String]) -> anyhow::Result<()> {
+    run.create_objects(others.to_vec(), knobs.concurrency, knobs.create_rate)
+        .await?;
+    let set: HashSet<String> = others.iter().cloned().collect();
+    run.wait_until(knobs.converge_timeout(), |run| run.conv.all_converged(&set))
+        .await
+        .context("the other objects did not converge during the outage")?;
+    change_specs(run, others, 1, knobs.concurrency).await?;
+    run.wait_until(knobs.converge_timeout(), |run| run.conv.all_converged(&set))
+        .await
+        .context("the other objects' changes did not converge during the outage")?;
+    Ok(())
+}
+
+/// Deletes the outage's policy and waits until every object in `stuck` is gone. Returns
+/// the seconds that took, `None` on timeout.
+async fn end_claim_deletion_outage(
+    run: &mut Run,
+    knobs: &Knobs,
+    policy: &str,
+    stuck: &[String],
+) -> anyhow::Result<Option<f64>> {
+    let output = run.env.cluster.kubectl(&[
+        "delete",
+        "validatingadmissionpolicybinding,validatingadmissionpolicy",
+        policy,
+    ])?;
+    anyhow::ensure!(output.status.success(), "ending the outage: {output:?}");
+    let api = run.api();
+    Ok(run
+        .wait_until_async(knobs.converge_timeout(), async |_, _| {
+            for name in stuck {
+                if !matches!(api.get_opt(name).await, Ok(None)) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await)
+}
+
+/// `cleanupdep`: the finalizer cleanup's dependency is down. SLOW_OBJECTS objects are
+/// deleted while a ValidatingAdmissionPolicy refuses every claim deletion in the namespace;
+/// meanwhile OBJECTS others are created at CREATE_RATE and then changed once. The outage
+/// lasts until the others converged and at least SLOW_DELAY; then the policy goes and every
+/// cleanup must finish.
+pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let shards = knobs.first_shards();
+    let (mut run, _, raw) = begin("cleanupdep", knobs).await?;
+    let started = Instant::now();
+    run.start_operator(shards, &[], &[]).await?;
+    let stuck = names("gone", 0..knobs.slow_objects.max(1));
+    let claim_names = create_with_claims(&mut run, knobs, &stuck).await?;
+    let policy = begin_claim_deletion_outage(&run, &claim_names[0]).await?;
+
+    let outage_started = Instant::now();
+    let outage_since = Timestamp::now();
+    let api = run.api();
+    for name in &stuck {
+        api.delete(name, &DeleteParams::default()).await?;
+    }
+    let (_, others) = fault_names(knobs, 0);
+    create_and_change(&mut run, knobs, &others).await?;
+    let others_done = run.t();
+    while outage_started.elapsed() < knobs.slow_delay {
+        run.sample().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Counts only objects that still exist: a cleanup that got through shows nothing.
+    let condition_shown = cleanup_condition_shown(&run, &stuck).await;
+    let attempts = refused_cleanups(&mut run, outage_since)?;
+    let outage_s = outage_started.elapsed().as_secs_f64();
+    let recovery = end_claim_deletion_outage(&mut run, knobs, &policy, &stuck).await?;
+
+    let others_set: HashSet<String> = others.iter().cloned().collect();
+    let lags = run.conv.lags_of(&others_set);
+    let attempts_max = attempts.values().copied().max().unwrap_or(0);
+    let mut report = report(
+        "cleanupdep",
+        knobs,
+        &[shards],
+        started.elapsed().as_secs_f64(),
+        raw,
+    );
+    report
+        .set("stuck_objects", stuck.len())
+        .set("outage_s", outage_s)
+        .set("create_rate", knobs.create_rate)
+        .set("others_lag_p50_s", quantile(&lags, 0.5))
+        .set("others_lag_p99_s", quantile(&lags, 0.99))
+        .set("others_converged_at_s", others_done)
+        .set("cleanup_condition_shown", condition_shown)
+        .set("stuck_cleanup_attempts_max", attempts_max)
+        .set(
+            "stuck_cleanup_attempts_total",
+            attempts.values().sum::<usize>(),
+        )
+        .set("cleanup_recovery_s", recovery.unwrap_or(f64::NAN))
+        .set("cleanups_finished", recovery.is_some())
+        .set("processes", run.process_table());
+    draw(&run, knobs, "cleanupdep")?;
+    run.finish();
+    // A requeue storm (the 1 s cleanup poll, or an immediate retry) makes at least one
+    // attempt per second; exponential backoff makes a handful in the same time.
+    let no_storm = (attempts_max as f64) < (outage_s / 2.0).max(4.0);
+    Ok(Outcome {
+        report,
+        checks: vec![
+            (
+                "every stuck cleanup shows the Cleanup condition".into(),
+                condition_shown == stuck.len(),
+            ),
+            (
+                "stuck cleanups back off (attempts_max < outage_s / 2)".into(),
+                no_storm,
+            ),
+            (
+                "every cleanup finished once the dependency was back".into(),
+                recovery.is_some(),
+            ),
+        ],
+    })
+}

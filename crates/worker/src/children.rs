@@ -30,23 +30,14 @@ pub fn service_name(cluster_name: &str) -> String {
     format!("{cluster_name}-headless")
 }
 
-/// Labels that select a DatabaseCluster's pods. The StatefulSet controller copies them onto
-/// the PersistentVolumeClaims it creates, so they also find the claims on deletion. They
-/// never include the shard label: moving an object between shards must not roll its pods.
+/// Labels that select a DatabaseCluster's pods (the StatefulSet controller also copies them
+/// onto the claims it creates). They never include the shard label: moving an object
+/// between shards must not roll its pods.
 pub fn selector_labels(cluster_name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (INSTANCE_LABEL.to_owned(), cluster_name.to_owned()),
         (NAME_LABEL.to_owned(), NAME_VALUE.to_owned()),
     ])
-}
-
-/// The label selector string of [`selector_labels`].
-pub fn selector_string(cluster_name: &str) -> String {
-    selector_labels(cluster_name)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Labels on the Service and StatefulSet objects: the pod labels, managed-by, and the shard
@@ -355,13 +346,5 @@ mod tests {
         let mut actual = serde_json::to_value(&desired).unwrap();
         actual["spec"]["template"]["spec"]["containers"][0]["image"] = "1k".into();
         assert!(!is_subset(&desired, &actual));
-    }
-
-    #[test]
-    fn selector_string_is_stable() {
-        assert_eq!(
-            selector_string("db-1"),
-            "app.kubernetes.io/instance=db-1,app.kubernetes.io/name=databasecluster"
-        );
     }
 }

@@ -5,6 +5,8 @@
 
 mod backoff;
 mod children;
+mod claims;
+mod condition_set;
 mod controller;
 mod failover;
 mod fault;
@@ -16,6 +18,7 @@ mod reconcile;
 mod status;
 mod step_retry;
 mod supervisor;
+mod volume_resize;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
+use shardop_api::constants::condition::CLEANUP;
 use shardop_api::constants::{DRAIN_LABEL, FINALIZER, SHARD_LABEL, WORKER_FIELD_MANAGER};
 use shardop_api::protocol::{ObjectPlacement, WorkerAction, worker_action};
 use shardop_api::{DatabaseCluster, ReclaimPolicy};
@@ -23,9 +23,12 @@ use tracing::Instrument;
 
 use crate::backoff::jitter_unit;
 use crate::children::{self, desired_service, desired_stateful_set, is_subset};
+use crate::claims::{self, ClaimDeletionError, DeletionPass};
+use crate::condition_set::{ConditionValue, set_condition};
 use crate::controller::{AppliedObject, Bookkeeping, ScopeContext, key_of};
 use crate::metrics::{ReasonLabels, ResultLabels, WorkerMetrics};
 use crate::status::{Observed, TerminalProblem, WrittenStatus, desired_status, known_status};
+use crate::volume_resize::{self, Resize, ResizeError, ResizeIo};
 
 /// Shortest requeue of a converged object. Changes arrive by watch; the resync is a safety
 /// net against an event lost to a bug in event filtering, and costs no API request (the
@@ -55,6 +58,15 @@ pub enum ReconcileError {
         #[source]
         source: kube::Error,
     },
+}
+
+impl From<ResizeError> for ReconcileError {
+    fn from(err: ResizeError) -> Self {
+        match err {
+            ResizeError::LeaseLost(lost) => Self::LeaseLost(lost),
+            ResizeError::Kube { action, source } => Self::Kube { action, source },
+        }
+    }
 }
 
 impl ReconcileError {
@@ -164,6 +176,7 @@ pub async fn reconcile(
         Ok(Outcome::Terminal) => "terminal",
         Ok(Outcome::Skipped) => "skipped",
         Ok(Outcome::CleanupPending) => "cleanup_pending",
+        Ok(Outcome::Waiting(_)) => "waiting",
         Err(_) => "error",
     };
     span.record("result", result);
@@ -187,6 +200,10 @@ pub async fn reconcile(
         }
         Ok(Outcome::Skipped) => Ok(Action::await_change()),
         Ok(Outcome::CleanupPending) => Ok(Action::requeue(CLEANUP_POLL)),
+        Ok(Outcome::Waiting(after)) => {
+            shared.failures.reset(&key);
+            Ok(Action::requeue(after))
+        }
         Err(err) => {
             span.in_scope(|| tracing::warn!(error = %err, "reconcile failed"));
             Err(err)
@@ -239,6 +256,8 @@ enum Outcome {
     /// Deleted claims are still terminating; look again shortly (their deletion produces
     /// no event on the DatabaseCluster).
     CleanupPending,
+    /// A step in progress that produces no event (a volume resize); look again then.
+    Waiting(Duration),
 }
 
 async fn reconcile_inner(
@@ -520,6 +539,20 @@ async fn converge(
         .filter(|(g, _)| *g == generation)
         .map(|(_, p)| p.clone());
     let cached_sts = cached(&ctx.stateful_sets, &namespace, &name);
+    let resize = match known_problem {
+        // Never take the StatefulSet down for a spec whose apply is known to fail.
+        Some(_) => Resize::hold(&cluster.spec.storage.size, cached_sts.as_deref()),
+        None => {
+            let io = ResizeIo {
+                client: &ctx.client,
+                guard: &shared.guard,
+            };
+            // The status as it is, including our own write the cache has not delivered yet.
+            let written = shared.book().status_written.get(key).cloned();
+            let under_way = volume_resize::under_way(known_status(&cluster, written.as_ref()));
+            volume_resize::advance(&io, &cluster, cached_sts.as_deref(), under_way).await?
+        }
+    };
     let (stateful_set, problem) = match known_problem {
         // The same spec was rejected before: do not hammer the API server with it.
         Some(problem) => (cached_sts.as_deref().cloned(), Some(problem)),
@@ -536,7 +569,8 @@ async fn converge(
                 Ok(_) => None,
                 Err(err) => Some(classify(err, "Service")?),
             };
-            let sts = desired_stateful_set(&cluster, shard);
+            let mut sts = desired_stateful_set(&cluster, shard);
+            resize.shape(&mut sts);
             let stateful_set =
                 match apply_if_changed(ctx, &sts, &ctx.stateful_sets, "applying the StatefulSet")
                     .await
@@ -572,14 +606,17 @@ async fn converge(
         book.status_written.get(key).cloned()
     };
     let current_status = known_status(&cluster, written.as_ref());
-    let status = desired_status(&Observed {
+    let now = jiff::Timestamp::now();
+    let mut status = desired_status(&Observed {
         cluster: &cluster,
         current_status,
         stateful_set: stateful_set.as_ref(),
         problem: problem.as_ref(),
         shard,
-        now: jiff::Timestamp::now(),
+        now,
     });
+    let previous_conditions = current_status.map(|s| s.conditions.as_slice());
+    resize.annotate(&mut status, previous_conditions.unwrap_or_default(), now);
     if current_status != Some(&status) {
         shared.guard.check()?;
         let updated = api(ctx, &namespace)
@@ -589,8 +626,12 @@ async fn converge(
         remember_status(ctx, key, updated);
     }
 
-    if problem.is_some() {
+    if problem.is_some() || resize.problem.is_some() {
         return Ok(Outcome::Terminal);
+    }
+    if let Some(after) = resize.requeue {
+        // The change is not carried out yet: its lag keeps running.
+        return Ok(Outcome::Waiting(after));
     }
     // The status now describes the current generation: the change is converged.
     let seen = shared.book().unconverged_since.remove(key);
@@ -635,9 +676,10 @@ fn remember_status(ctx: &ScopeContext, key: &str, updated: DatabaseCluster) {
 }
 
 /// Finalizer cleanup: with reclaimPolicy Delete, delete the StatefulSet (so it cannot
-/// recreate claims) and then the claims its controller created; then remove the finalizer.
-/// Every step is idempotent; a step that cannot finish returns an error and is retried
-/// with backoff, without blocking other objects.
+/// recreate claims) and then the claims by name (every ordinal that may exist, see
+/// [`claims`]); then remove the finalizer. Every step is idempotent; a claim deletion the
+/// API server refuses returns an error and is retried with backoff, without blocking other
+/// objects. Progress and failures are shown in the `Cleanup` condition.
 async fn cleanup(
     cluster: &DatabaseCluster,
     ctx: &ScopeContext,
@@ -650,44 +692,35 @@ async fn cleanup(
     let namespace = cluster.namespace().unwrap_or_default();
     let name = cluster.name_any();
     if cluster.spec.storage.reclaim_policy == ReclaimPolicy::Delete {
-        let stateful_sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
         let sts = cached(&ctx.stateful_sets, &namespace, &name);
-        if sts.is_some_and(|s| s.metadata.deletion_timestamp.is_none()) {
-            shared.guard.check()?;
-            let params = DeleteParams {
-                propagation_policy: Some(PropagationPolicy::Background),
-                ..Default::default()
-            };
-            match stateful_sets.delete(&name, &params).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(err) => return Err(ReconcileError::kube("deleting the StatefulSet")(err)),
-            }
-        }
-        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
-        let selector = children::selector_string(&name);
-        let existing = claims
-            .list_metadata(&ListParams::default().labels(&selector))
-            .await
-            .map_err(ReconcileError::kube("listing the volume claims"))?;
-        let mut deleted = 0;
-        for claim in existing
-            .items
-            .iter()
-            .filter(|c| c.metadata.deletion_timestamp.is_none())
+        if sts
+            .as_ref()
+            .is_some_and(|s| s.metadata.deletion_timestamp.is_none())
         {
-            let claim_name = claim.name_any();
-            shared.guard.check()?;
-            match claims.delete(&claim_name, &DeleteParams::default()).await {
-                Ok(_) => deleted += 1,
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(err) => return Err(ReconcileError::kube("deleting a volume claim")(err)),
-            }
+            delete_stateful_set(ctx, &namespace, &name).await?;
         }
-        if deleted > 0 {
-            tracing::info!(claims = deleted, "deleted volume claims");
-            // Look again shortly: a claim created between list and delete is caught then.
-            return Ok(Outcome::CleanupPending);
+        let ordinals = claims::ordinals_to_record(cluster, sts.as_deref());
+        let names = claims::claim_names(&name, ordinals);
+        let pass = claims::delete_claims(&ctx.client, &shared.guard, &namespace, &names).await;
+        if let Some(progress) = cleanup_progress(&pass) {
+            write_cleanup_condition(cluster, ctx, key, progress).await?;
+        }
+        match pass {
+            Err(ClaimDeletionError::LeaseLost(lost)) => return Err(lost.into()),
+            Err(ClaimDeletionError::Refused { source, .. }) => {
+                return Err(ReconcileError::kube("deleting a volume claim")(source));
+            }
+            Ok(pass) if pass.deleted > 0 => {
+                tracing::info!(
+                    claims = pass.deleted,
+                    terminating = pass.remaining.len(),
+                    "deleted volume claims"
+                );
+                // Look again shortly: a claim created by a StatefulSet sync that raced the
+                // deletion is caught then, and only a pass finding none finishes.
+                return Ok(Outcome::CleanupPending);
+            }
+            Ok(_) => {}
         }
     }
     remove_finalizer(cluster, ctx).await?;
@@ -700,6 +733,95 @@ async fn cleanup(
     shared.failures.reset(&key.to_owned());
     tracing::info!("cleanup finished, finalizer removed");
     Ok(Outcome::Skipped)
+}
+
+async fn delete_stateful_set(
+    ctx: &ScopeContext,
+    namespace: &str,
+    name: &str,
+) -> Result<(), ReconcileError> {
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
+    ctx.shared.guard.check()?;
+    let params = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..Default::default()
+    };
+    match stateful_sets.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(err) => Err(ReconcileError::kube("deleting the StatefulSet")(err)),
+    }
+}
+
+/// The `Cleanup` condition after a claim deletion pass; `None` when nothing is left (the
+/// finalizer removal follows, a condition write would be wasted).
+fn cleanup_progress(pass: &Result<DeletionPass, ClaimDeletionError>) -> Option<ConditionValue> {
+    match pass {
+        Err(ClaimDeletionError::LeaseLost(_)) => None,
+        Err(ClaimDeletionError::Refused { claim, source }) => {
+            let detail = match source {
+                kube::Error::Api(status) => status.message.clone(),
+                other => other.to_string(),
+            };
+            Some(ConditionValue {
+                status: "True",
+                reason: "VolumeClaimDeletionFailed",
+                message: format!(
+                    "deleting volume claim {claim} failed, retrying with backoff: {detail}"
+                ),
+            })
+        }
+        Ok(pass) if !pass.remaining.is_empty() => Some(ConditionValue {
+            status: "True",
+            reason: "DeletingVolumeClaims",
+            message: format!(
+                "waiting for volume claims to be deleted: {}",
+                pass.remaining.join(", ")
+            ),
+        }),
+        Ok(pass) if pass.deleted > 0 => Some(ConditionValue {
+            status: "True",
+            reason: "DeletingVolumeClaims",
+            message: "volume claims deleted, checking that none is left".to_owned(),
+        }),
+        Ok(_) => None,
+    }
+}
+
+/// Writes the `Cleanup` condition unless the object already shows it.
+async fn write_cleanup_condition(
+    cluster: &DatabaseCluster,
+    ctx: &ScopeContext,
+    key: &str,
+    progress: ConditionValue,
+) -> Result<(), ReconcileError> {
+    let written = {
+        let mut book = ctx.shared.book();
+        book.forget_status_once_seen(cluster);
+        book.status_written.get(key).cloned()
+    };
+    let current = known_status(cluster, written.as_ref());
+    let previous = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let mut conditions = previous.to_vec();
+    set_condition(
+        &mut conditions,
+        previous,
+        CLEANUP,
+        progress,
+        cluster.metadata.generation,
+        jiff::Timestamp::now(),
+    );
+    if conditions == previous {
+        return Ok(());
+    }
+    ctx.shared.guard.check()?;
+    let patch = json!({ "status": { "conditions": conditions } });
+    let updated = api(ctx, &cluster.namespace().unwrap_or_default())
+        .patch_status(&cluster.name_any(), &params(), &Patch::Merge(&patch))
+        .await
+        .map_err(ReconcileError::kube("writing the cleanup condition"))?;
+    remember_status(ctx, key, updated);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -794,6 +916,51 @@ mod tests {
             *max - *min > Duration::from_secs(10 * 60),
             "not spread: {min:?}..{max:?}"
         );
+    fn refused(message: &str) -> Result<DeletionPass, ClaimDeletionError> {
+        let status: kube::core::Status =
+            serde_json::from_value(json!({ "code": 422, "message": message, "reason": "Invalid" }))
+                .unwrap();
+        Err(ClaimDeletionError::Refused {
+            claim: "data-db-1".into(),
+            source: kube::Error::Api(Box::new(status)),
+        })
+    }
+
+    #[test]
+    fn the_cleanup_condition_names_what_is_left_and_what_failed() {
+        let failed = cleanup_progress(&refused("storage backend is down")).unwrap();
+        assert_eq!(
+            (failed.status, failed.reason),
+            ("True", "VolumeClaimDeletionFailed")
+        );
+        assert!(failed.message.contains("data-db-1"), "{}", failed.message);
+        assert!(
+            failed.message.contains("storage backend is down"),
+            "{}",
+            failed.message
+        );
+
+        let terminating = cleanup_progress(&Ok(DeletionPass {
+            deleted: 2,
+            remaining: vec!["data-db-0".into()],
+        }))
+        .unwrap();
+        assert_eq!(terminating.reason, "DeletingVolumeClaims");
+        assert!(terminating.message.contains("data-db-0"));
+
+        let deleted = cleanup_progress(&Ok(DeletionPass {
+            deleted: 1,
+            remaining: Vec::new(),
+        }))
+        .unwrap();
+        assert_eq!(deleted.reason, "DeletingVolumeClaims");
+
+        // Nothing left: the finalizer goes next, a condition write would be wasted.
+        assert_eq!(cleanup_progress(&Ok(DeletionPass::default())), None);
+        let lost = Err(ClaimDeletionError::LeaseLost(LeaseLost(
+            shardop_api::ShardIndex(0),
+        )));
+        assert_eq!(cleanup_progress(&lost), None, "nothing may be written");
     }
 
     #[test]

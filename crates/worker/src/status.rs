@@ -162,6 +162,10 @@ pub fn desired_status(observed: &Observed<'_>) -> DatabaseClusterStatus {
             condition(DEGRADED, degraded),
         ],
         shard: Some(observed.shard.0),
+        claim_ordinals: Some(crate::claims::ordinals_to_record(
+            cluster,
+            observed.stateful_set,
+        )),
     }
 }
 

@@ -1,0 +1,200 @@
+//! The volume claims of a DatabaseCluster by name: the StatefulSet controller names the claim
+//! of ordinal `i` `data-<name>-<i>`, so the worker never lists claims. Which ordinals may
+//! exist is recorded in `status.claimOrdinals` (claims of removed replicas are kept on
+//! scale-down, `whenScaled: Retain`), and the deletion pass of the cleanup deletes exactly
+//! those names.
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{Api, DeleteParams};
+use kube::{Client, ResourceExt};
+use shardop_api::DatabaseCluster;
+use shardop_runtime::{LeaseGuard, LeaseLost};
+
+use crate::children::DATA_VOLUME;
+
+/// The CRD's maximum of `spec.replicas`: the most claim ordinals an object can ever have had
+/// (a test checks it against the generated CRD).
+pub const MAX_REPLICAS: i32 = 9;
+
+/// The name of the claim of ordinal `ordinal`.
+pub fn claim_name(cluster_name: &str, ordinal: i32) -> String {
+    format!("{DATA_VOLUME}-{cluster_name}-{ordinal}")
+}
+
+/// The claim names of ordinals `0..ordinals`.
+pub fn claim_names(cluster_name: &str, ordinals: i32) -> Vec<String> {
+    (0..ordinals.clamp(0, MAX_REPLICAS))
+        .map(|ordinal| claim_name(cluster_name, ordinal))
+        .collect()
+}
+
+/// How many claim ordinals may exist, the value of `status.claimOrdinals` to write and the
+/// count the cleanup deletes: the highest replica count seen so far (the recorded one, the
+/// spec's and the StatefulSet's). An object that already has a status
+/// without the field was created before the field existed and may have been scaled down
+/// since: its history is unknown, so every ordinal the CRD allows counts.
+pub fn ordinals_to_record(cluster: &DatabaseCluster, stateful_set: Option<&StatefulSet>) -> i32 {
+    let recorded = match &cluster.status {
+        None => 0,
+        Some(status) => status.claim_ordinals.unwrap_or(MAX_REPLICAS),
+    };
+    let applied = stateful_set
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
+    recorded
+        .max(cluster.spec.replicas)
+        .max(applied)
+        .clamp(0, MAX_REPLICAS)
+}
+
+/// A claim deletion the API server refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimDeletionError {
+    /// The shard's Lease is not held: nothing more was sent.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
+    /// The API server refused to delete a claim.
+    #[error("deleting volume claim {claim}: {source}")]
+    Refused {
+        /// The claim.
+        claim: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What one deletion pass left behind.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DeletionPass {
+    /// Claims this pass deleted (gone at once, or terminating).
+    pub deleted: usize,
+    /// Claims that still exist (terminating, e.g. protected while a pod uses them).
+    pub remaining: Vec<String>,
+}
+
+/// Deletes every named claim (a missing one is fine), each request fenced by the Lease.
+/// Stops at the first refusal: the others are retried with it.
+pub async fn delete_claims(
+    client: &Client,
+    guard: &LeaseGuard,
+    namespace: &str,
+    names: &[String],
+) -> Result<DeletionPass, ClaimDeletionError> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let mut pass = DeletionPass::default();
+    for name in names {
+        guard.check()?;
+        match claims.delete(name, &DeleteParams::default()).await {
+            // The claim returned: it still exists (its finalizers run), look again.
+            Ok(deleted) => {
+                pass.deleted += 1;
+                if let Some(claim) = deleted.left() {
+                    pass.remaining.push(claim.name_any());
+                }
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(source) => {
+                return Err(ClaimDeletionError::Refused {
+                    claim: name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(pass)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::StatefulSetSpec;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use kube::CustomResourceExt;
+    use shardop_api::{DatabaseClusterSpec, DatabaseClusterStatus, ReclaimPolicy, StorageSpec};
+
+    fn cluster(replicas: i32, status: Option<DatabaseClusterStatus>) -> DatabaseCluster {
+        let mut c = DatabaseCluster::new(
+            "db",
+            DatabaseClusterSpec {
+                replicas,
+                image: "postgres:17".into(),
+                resources: None,
+                storage: StorageSpec {
+                    storage_class_name: None,
+                    size: Quantity("1Gi".into()),
+                    reclaim_policy: ReclaimPolicy::Delete,
+                },
+            },
+        );
+        c.status = status;
+        c
+    }
+
+    fn recorded(n: Option<i32>) -> Option<DatabaseClusterStatus> {
+        Some(DatabaseClusterStatus {
+            claim_ordinals: n,
+            ..Default::default()
+        })
+    }
+
+    fn sts(replicas: i32) -> StatefulSet {
+        StatefulSet {
+            spec: Some(StatefulSetSpec {
+                replicas: Some(replicas),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn claim_names_follow_the_stateful_set_controller() {
+        assert_eq!(claim_names("db", 2), ["data-db-0", "data-db-1"]);
+        assert!(claim_names("db", -1).is_empty());
+        assert_eq!(claim_names("db", 100).len(), MAX_REPLICAS as usize);
+    }
+
+    #[test]
+    fn a_scale_down_keeps_the_highest_ordinal_count() {
+        // Scaled from 5 to 2: claims 2..4 are retained and must still be deleted later.
+        assert_eq!(ordinals_to_record(&cluster(2, recorded(Some(5))), None), 5);
+        assert_eq!(
+            ordinals_to_record(&cluster(2, recorded(Some(5))), Some(&sts(2))),
+            5
+        );
+        // Scaled up: the new count.
+        assert_eq!(ordinals_to_record(&cluster(7, recorded(Some(5))), None), 7);
+        // The StatefulSet still has more replicas than the spec (scale-down not applied yet).
+        assert_eq!(
+            ordinals_to_record(&cluster(1, recorded(Some(1))), Some(&sts(4))),
+            4
+        );
+    }
+
+    #[test]
+    fn an_object_from_before_the_record_counts_every_possible_ordinal() {
+        // A new object: no status yet, so no history either.
+        assert_eq!(ordinals_to_record(&cluster(3, None), None), 3);
+        assert_eq!(ordinals_to_record(&cluster(3, None), Some(&sts(3))), 3);
+        // A status without the field: written by a version that did not record it.
+        assert_eq!(
+            ordinals_to_record(&cluster(3, recorded(None)), None),
+            MAX_REPLICAS
+        );
+        assert_eq!(
+            ordinals_to_record(&cluster(3, recorded(None)), None),
+            MAX_REPLICAS
+        );
+    }
+
+    #[test]
+    fn max_replicas_is_the_crd_maximum() {
+        let crd = serde_json::to_value(DatabaseCluster::crd()).unwrap();
+        let maximum = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["replicas"]["maximum"];
+        assert_eq!(maximum.as_f64(), Some(f64::from(MAX_REPLICAS)));
+    }
+}
