@@ -916,6 +916,8 @@ mod tests {
             *max - *min > Duration::from_secs(10 * 60),
             "not spread: {min:?}..{max:?}"
         );
+    }
+
     fn refused(message: &str) -> Result<DeletionPass, ClaimDeletionError> {
         let status: kube::core::Status =
             serde_json::from_value(json!({ "code": 422, "message": message, "reason": "Invalid" }))
