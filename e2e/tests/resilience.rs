@@ -239,7 +239,7 @@ async fn an_api_server_outage_is_waited_out_with_bounded_logs_and_truthful_readi
         // line, a summary every 30 s, the Lease being lost and its controller stopping,
         // a few backed-off retries.
         assert!(
-            lines.len() <= 25,
+            lines.len() <= 15,
             "{}: {} log lines in a {outage_secs} s outage:\n{text}",
             process.name,
             lines.len()

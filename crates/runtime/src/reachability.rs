@@ -16,6 +16,7 @@
 //! start-up) logs at `debug` when [`is_transport_error`] says so, which keeps the log rate
 //! bounded however long the API server is away. `/readyz` uses [`ApiReachability::is_reachable`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -27,6 +28,15 @@ use tower::{BoxError, Layer, Service};
 
 /// How often a lasting outage is summarised in the log.
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Whether an outage is being reported (between the "unreachable" and the "reachable again"
+/// line): the log filter in [`crate::telemetry`] drops libraries' per-retry lines meanwhile.
+static OUTAGE_REPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process is reporting an API server outage right now.
+pub fn outage_reported() -> bool {
+    OUTAGE_REPORTED.load(Ordering::Relaxed)
+}
 
 /// What an observation changed, for the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,6 +167,11 @@ impl ApiReachability {
 
     fn log(&self, transition: Option<Transition>) {
         let server = &*self.server;
+        match &transition {
+            Some(Transition::Unreachable { .. }) => OUTAGE_REPORTED.store(true, Ordering::Relaxed),
+            Some(Transition::Reachable { .. }) => OUTAGE_REPORTED.store(false, Ordering::Relaxed),
+            _ => {}
+        }
         match transition {
             None => {}
             Some(Transition::Unreachable { cause }) => tracing::warn!(

@@ -97,6 +97,14 @@ fn quiet_kube_client(filter: EnvFilter, rust_log: &str) -> EnvFilter {
     }
 }
 
+/// kube-lease-manager (the assigner's leader election) logs `ERROR LeaseManager watcher
+/// error` at every one of its retries (0.1 s doubling to 10 s); while the reachability
+/// tracker reports an outage those lines repeat it, so they are dropped until the API
+/// server answers again. Its other failures (a forbidden Lease, say) still show.
+fn repeats_a_reported_outage(metadata: &tracing::Metadata<'_>) -> bool {
+    metadata.target().starts_with("kube_lease_manager") && crate::reachability::outage_reported()
+}
+
 /// Installs the global subscriber. `service_name` is used when `OTEL_SERVICE_NAME` is not
 /// set; all other `OTEL_*` variables (endpoint, protocol, headers, resource attributes,
 /// sampler) are read by the OpenTelemetry SDK itself.
@@ -144,6 +152,9 @@ pub fn init(format: LogFormat, service_name: &str) -> Result<TelemetryGuard, Tel
             .with_writer(std::io::stderr)
             .boxed(),
     };
+    let fmt = fmt.with_filter(tracing_subscriber::filter::dynamic_filter_fn(
+        |metadata, _| !repeats_a_reported_outage(metadata),
+    ));
     let subscriber = tracing_subscriber::registry()
         .with(filter)
         .with(otel)
