@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::event::{AuditEvent, parse_line};
+use super::event::{AuditEvent, parse_line_checked};
 
 /// A position in an audit log file.
 #[derive(Debug, Clone)]
@@ -14,6 +14,8 @@ pub struct LogTail {
     offset: u64,
     /// The inode read last: a new one means the API server rotated the log.
     inode: Option<u64>,
+    /// Kept lines that were no audit event.
+    unreadable: usize,
 }
 
 impl LogTail {
@@ -23,6 +25,7 @@ impl LogTail {
             path,
             offset: 0,
             inode: None,
+            unreadable: 0,
         }
     }
 
@@ -33,6 +36,7 @@ impl LogTail {
             offset: metadata.as_ref().map_or(0, |m| m.len()),
             inode: metadata.map(|m| m.ino()),
             path,
+            unreadable: 0,
         }
     }
 
@@ -46,23 +50,46 @@ impl LogTail {
         if rotated || metadata.len() < self.offset {
             // Rotated (--audit-log-maxsize): finish the rotated file, then start the new one.
             if let Some(previous) = rotated_file(&self.path) {
-                read_from(&previous, self.offset, &keep, &mut events)?;
+                let lines = Lines {
+                    keep: &keep,
+                    events: &mut events,
+                    unreadable: &mut self.unreadable,
+                };
+                read_from(&previous, self.offset, lines)?;
             }
             self.offset = 0;
         }
         self.inode = Some(metadata.ino());
-        self.offset = read_from(&self.path, self.offset, &keep, &mut events)?;
+        let lines = Lines {
+            keep: &keep,
+            events: &mut events,
+            unreadable: &mut self.unreadable,
+        };
+        self.offset = read_from(&self.path, self.offset, lines)?;
         Ok(events)
+    }
+
+    /// Lines (passing `keep`) read so far that were no audit event: a torn line means the
+    /// API server lost events (kube-apiserver.log says why, e.g. no space left on device),
+    /// and every check over the log is then over an incomplete log.
+    pub fn unreadable_lines(&self) -> usize {
+        self.unreadable
     }
 }
 
-/// Appends the complete lines of `path` from `offset` on to `events`; returns the offset
+/// Where the lines of one read go.
+struct Lines<'a, F> {
+    keep: &'a F,
+    events: &'a mut Vec<AuditEvent>,
+    unreadable: &'a mut usize,
+}
+
+/// Appends the complete lines of `path` from `offset` on to `lines`; returns the offset
 /// after the last complete line.
-fn read_from(
+fn read_from<F: Fn(&str) -> bool>(
     path: &Path,
     mut offset: u64,
-    keep: &impl Fn(&str) -> bool,
-    events: &mut Vec<AuditEvent>,
+    lines: Lines<'_, F>,
 ) -> anyhow::Result<u64> {
     let mut file = std::fs::File::open(path)?;
     file.seek(SeekFrom::Start(offset))?;
@@ -75,10 +102,13 @@ fn read_from(
             return Ok(offset);
         }
         offset += read as u64;
-        if keep(&line)
-            && let Some(event) = parse_line(&line)
-        {
-            events.push(event);
+        if !(lines.keep)(&line) {
+            continue;
+        }
+        match parse_line_checked(&line) {
+            Ok(Some(event)) => lines.events.push(event),
+            Ok(None) => {}
+            Err(_) => *lines.unreadable += 1,
         }
     }
 }
@@ -130,5 +160,20 @@ mod tests {
         let after = tail.read_new(|_| true).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(names(&after), ["c", "d", "e", "f", "g"]);
+        assert_eq!(tail.unreadable_lines(), 0);
+    }
+
+    #[test]
+    fn a_torn_line_is_counted_as_unreadable() {
+        let dir = std::env::temp_dir().join(format!("shardop-torn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("audit.log");
+        let torn = line("a")[..60].to_owned() + &line("b");
+        std::fs::write(&log, torn + &line("c")).unwrap();
+        let mut tail = LogTail::from_start(log);
+        let events = tail.read_new(|_| true).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(names(&events), ["c"]);
+        assert_eq!(tail.unreadable_lines(), 1);
     }
 }
