@@ -27,6 +27,9 @@ pub struct OwnershipFigures {
     pub possibly_applied: usize,
     /// Shard writes with no Lease write of their shard before them in the log.
     pub holder_unknown: usize,
+    /// Lines of the run's log that were no audit event: events were lost (disk full), and
+    /// the figures above are over an incomplete log.
+    pub unreadable_audit_lines: usize,
 }
 
 /// A worker process that died: it was last seen running at `alive_at` and found dead at
@@ -86,7 +89,9 @@ impl AuditTail {
             leases_namespace: &self.operator_namespace,
             objects_namespace: &self.objects_namespace,
         };
-        Ownership::check(self.events.iter().chain(&self.lease_events), scope)
+        let mut ownership = Ownership::check(self.events.iter().chain(&self.lease_events), scope);
+        ownership.unreadable_lines = self.log.unreadable_lines();
+        ownership
     }
 
     /// Successful writes by any worker received since `since`.
@@ -157,6 +162,7 @@ impl AuditTail {
             ordered_by_request_time: ownership.ordered_by_request_time(),
             possibly_applied: ownership.possibly_applied(),
             holder_unknown: ownership.holder_unknown(),
+            unreadable_audit_lines: ownership.unreadable_lines,
         }
     }
 

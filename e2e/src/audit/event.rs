@@ -132,9 +132,14 @@ const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deleteco
 
 /// Parses one audit log line; `None` for anything but a complete `ResponseComplete` event.
 pub fn parse_line(line: &str) -> Option<AuditEvent> {
-    serde_json::from_str::<AuditEvent>(line)
-        .ok()
-        .filter(|e| e.stage == "ResponseComplete")
+    parse_line_checked(line).ok().flatten()
+}
+
+/// Parses one audit log line: `Ok(None)` for other stages, an error for a line that is no
+/// audit event (e.g. torn when the API server could not write it whole: disk full).
+pub fn parse_line_checked(line: &str) -> Result<Option<AuditEvent>, serde_json::Error> {
+    let event = serde_json::from_str::<AuditEvent>(line)?;
+    Ok((event.stage == "ResponseComplete").then_some(event))
 }
 
 impl AuditEvent {

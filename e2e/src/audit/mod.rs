@@ -21,6 +21,7 @@ use std::path::Path;
 
 pub use event::{
     AuditEvent, AuditUser, ObjectRef, Outcome, ResponseObject, ResponseStatus, parse_line,
+    parse_line_checked,
 };
 pub use leases::{Holder, LeaseHistory};
 pub use order::{Basis, Position, RevisionClock};
@@ -53,13 +54,15 @@ pub fn ownership(
         namespace_needle(leases_namespace),
         namespace_needle(objects_namespace),
     );
-    let events = LogTail::from_start(path.to_path_buf())
-        .read_new(|line| line.contains(&leases) || line.contains(&objects))?;
+    let mut log = LogTail::from_start(path.to_path_buf());
+    let events = log.read_new(|line| line.contains(&leases) || line.contains(&objects))?;
     let scope = Scope {
         leases_namespace,
         objects_namespace,
     };
-    Ok(Ownership::check(&events, scope))
+    let mut ownership = Ownership::check(&events, scope);
+    ownership.unreadable_lines = log.unreadable_lines();
+    Ok(ownership)
 }
 
 /// A substring every line about an object in `namespace` contains (a cheap pre-filter

@@ -112,6 +112,9 @@ pub struct Ownership {
     pub foreign: Vec<usize>,
     /// Indexes into `writes` of the cross-shard writes (the later write of each pair).
     pub cross_shard: Vec<usize>,
+    /// Lines of the log that were no audit event (set by whoever read the log): the API
+    /// server lost events, e.g. a Lease write, and the checks ran on an incomplete log.
+    pub unreadable_lines: usize,
 }
 
 impl Ownership {
@@ -146,6 +149,7 @@ impl Ownership {
             writes,
             foreign,
             cross_shard,
+            unreadable_lines: 0,
         }
     }
 
@@ -183,18 +187,29 @@ impl Ownership {
         self.writes.iter().filter(|w| w.holder_unknown).count()
     }
 
-    /// One line per violating write, for an assertion message or a log.
+    /// One line per violating write, for an assertion message or a log (after a warning
+    /// when the log is incomplete).
     pub fn violations(&self) -> Vec<String> {
-        self.violating()
+        let incomplete = (self.unreadable_lines > 0).then(|| {
+            format!(
+                "the audit log is incomplete: {} unreadable lines (see kube-apiserver.log)",
+                self.unreadable_lines
+            )
+        });
+        let violating = self.violating();
+        if violating.is_empty() {
+            return Vec::new();
+        }
+        incomplete
             .into_iter()
-            .map(|i| {
+            .chain(violating.into_iter().map(|i| {
                 let kind = match (self.foreign.contains(&i), self.cross_shard.contains(&i)) {
                     (true, true) => "foreign, cross-shard",
                     (true, false) => "foreign",
                     _ => "cross-shard",
                 };
                 format!("{kind}: {}", self.writes[i])
-            })
+            }))
             .collect()
     }
 
