@@ -19,4 +19,6 @@ pub use database_cluster::{
     DatabaseCluster, DatabaseClusterSpec, DatabaseClusterStatus, ReclaimPolicy, StorageSpec,
 };
 pub use shard::{Shard, ShardSpec, ShardState, ShardStatus};
-pub use shard_index::{ParseShardIndexError, ShardCount, ShardIndex};
+pub use shard_index::{
+    ParseShardIndexError, ShardCount, ShardIndex, capped_shard_count, parse_shard_count,
+};

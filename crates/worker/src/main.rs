@@ -287,4 +287,29 @@ mod tests {
         assert_eq!(args.lease_duration, Duration::from_secs(15));
         assert_eq!(args.kube.kube_qps, 50.0);
     }
+
+    #[test]
+    fn shard_flag_is_bounded_by_the_maximum_shard_count() {
+        let shard = |value: &str| {
+            Cli::try_parse_from([
+                "shardop-worker",
+                "run",
+                "--identity",
+                "shardop-worker-0",
+                "--shard",
+                value,
+            ])
+            .map(|cli| match cli.command {
+                Command::Run(args) => args.shard,
+                _ => panic!("run expected"),
+            })
+        };
+        assert!(matches!(
+            shard("1023"),
+            Ok(ShardArg::Index(ShardIndex(1023)))
+        ));
+        for value in ["1024", "4294967295", "4294967296"] {
+            assert!(shard(value).is_err(), "--shard {value} must be rejected");
+        }
+    }
 }
