@@ -10,6 +10,7 @@ pub mod assignment;
 pub mod constants;
 pub mod crd;
 pub mod database_cluster;
+pub mod label_trust;
 pub mod protocol;
 pub mod shard;
 pub mod shard_index;
