@@ -786,6 +786,22 @@ async fn a_child_given_another_shards_label_is_relabelled_by_its_owner() {
     env.create("db", Some(0), valid_spec(1)).await;
     wait_owned_by(&env, "db", 0, "converged on shard 0").await;
 
+    // Let the StatefulSet controller settle (its status events would trigger a reconcile
+    // of the parent anyway), so only the Service leaving the watch can.
+    wait_for(
+        "StatefulSet status settled",
+        Duration::from_secs(30),
+        || async {
+            let sts = env.stateful_sets().get("db").await.ok()?;
+            let status = sts.status?;
+            (status.replicas == 1 && status.observed_generation == sts.metadata.generation)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
     // The Service now carries shard 1's label: shard 0's label-filtered watch loses it,
     // and only shard 0 may write it back (shard 1 does not own its parent).
     let services: Api<Service> = Api::namespaced(env.client.clone(), &env.objects.name);
