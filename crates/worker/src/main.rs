@@ -159,8 +159,9 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
         ShardArg::Auto => {
             shardop_api::protocol::home_shard_of(&args.identity).with_context(|| {
                 format!(
-                    "--shard auto: identity {:?} does not end in an ordinal",
-                    args.identity
+                    "--shard auto: identity {:?} does not end in an ordinal below {}",
+                    args.identity,
+                    shardop_api::constants::MAX_SHARDS
                 )
             })?
         }
