@@ -708,11 +708,12 @@ async fn a_standby_assigner_finishes_the_rebalance_of_a_killed_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_labels_are_repaired_through_the_protocol() {
     let env = Env::new("a-tamper", 3).await;
-    let workers: Vec<ShardopProcess> = (0..3).map(|i| env.worker(i)).collect();
+    let mut workers: Vec<ShardopProcess> = (0..3).map(|i| env.worker(i)).collect();
     let assigner = env.assigner("shardop-assigner-0", &[]);
     let count = 12;
     env.create_objects(count).await;
     env.wait_placed(3, count, budget(30)).await;
+    let tampered_at = Timestamp::now();
 
     let other = |name: &str| {
         let current: u32 = env.desired(name, 3).parse().unwrap();
@@ -729,7 +730,18 @@ async fn tampered_labels_are_repaired_through_the_protocol() {
             json!({ SHARD_LABEL: null, DRAIN_LABEL: "2" }),
         ),
         ("db-00006".into(), json!({ DRAIN_LABEL: other("db-00006") })),
+        // Past the maximum shard count (issue #11: every worker panicked).
+        ("db-00007".into(), json!({ SHARD_LABEL: "4294967295" })),
     ];
+    // The owner of db-00001 is busy with a spec change when its label is rewritten.
+    env.clusters()
+        .patch(
+            "db-00001",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": 2 } })),
+        )
+        .await
+        .unwrap();
     for (name, labels) in &tampering {
         env.clusters()
             .patch(
@@ -740,18 +752,37 @@ async fn tampered_labels_are_repaired_through_the_protocol() {
             .await
             .unwrap();
     }
+    // Created with a shard label (the desired one): not the assigner's, so no worker acts
+    // until the assigner claims it, which takes an apply (a merge patch of the same value
+    // would leave the label untrusted forever).
+    let restored = "db-restored";
+    let mut manifest = shardop_e2e::database_cluster_json(restored, valid_spec(1));
+    manifest["metadata"]["labels"] = json!({ SHARD_LABEL: env.desired(restored, 3) });
+    let object: DatabaseCluster = serde_json::from_value(manifest).unwrap();
+    env.clusters()
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+    let count = count + 1;
     env.wait_labelled(3, count, Duration::from_secs(60)).await;
-    // The out-of-range label was fenced with a retired Lease, which is gone again.
-    wait_for("no lease for shard 9", Duration::from_secs(20), || async {
-        env.leases()
-            .get_opt("shardop-shard-9")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await
-    .unwrap();
+    // Labels the assigner did not write never get a Lease: not "9" (hand-edited, so not an
+    // old label of a retired shard), and never one past the maximum shard count.
+    let audit_log = env.cluster.audit_log().unwrap();
+    let lease_writes: Vec<String> = audit::events_in_namespace(audit_log, &env.operator.name)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.is_successful_write() && e.request_received_timestamp > tampered_at)
+        .filter_map(|e| {
+            let (resource, name) = e.target()?;
+            (resource == "leases"
+                && ["shardop-shard-9", "shardop-shard-4294967295"].contains(&name))
+            .then(|| format!("{} {name} by {}", e.verb, e.user_agent))
+        })
+        .collect();
+    assert!(lease_writes.is_empty(), "{lease_writes:?}");
+    for (i, worker) in workers.iter_mut().enumerate() {
+        assert!(worker.is_running(), "worker {i} died:\n{}", worker.log());
+    }
     let timeline = env.timeline.lock().unwrap().clone();
     for (name, labels) in &tampering {
         let seen: Vec<String> = timeline[name]
@@ -772,6 +803,37 @@ async fn tampered_labels_are_repaired_through_the_protocol() {
     // And the workers reconcile each object on its repaired shard (an object that left a
     // shard without a drain and came back with the same labels must be reconciled again).
     env.wait_placed(3, count, Duration::from_secs(30)).await;
+    // No shard but the last assigned owner wrote the hand-edited objects or their children,
+    // and nobody wrote the restored object before the assigner claimed its label.
+    let writes: Vec<AuditEvent> = audit::events_in_namespace(audit_log, &env.objects.name)
+        .unwrap()
+        .into_iter()
+        .filter(AuditEvent::is_successful_write)
+        .collect();
+    let claimed = writes
+        .iter()
+        .filter(|e| {
+            e.user_agent.starts_with("shardop-assigner")
+                && e.target() == Some(("databaseclusters", restored))
+        })
+        .map(|e| e.request_received_timestamp)
+        .min()
+        .expect("the assigner claimed the restored object's label");
+    let foreign: Vec<String> = writes
+        .iter()
+        .filter_map(|e| {
+            let owner = e.database_cluster()?;
+            let shard = e.worker_shard()?.to_string();
+            let hand_edited = owner == "db-00001" && shard == other("db-00001");
+            let unclaimed = owner == restored && e.request_received_timestamp < claimed;
+            (hand_edited || unclaimed)
+                .then(|| format!("{} {:?} by shard {shard}", e.verb, e.target()))
+        })
+        .collect();
+    assert!(foreign.is_empty(), "{foreign:?}");
+    for (i, worker) in workers.iter_mut().enumerate() {
+        assert!(worker.is_running(), "worker {i} died:\n{}", worker.log());
+    }
     drop(assigner);
     drop(workers);
     env.release_objects().await;

@@ -370,6 +370,52 @@ fn chart_lints_renders_and_rejects_bad_values() {
         assert_eq!(roles, 2, "a worker and an assigner Role in {ns}");
     }
 
+    // Tamper-proof labels: on by default, naming this release's ServiceAccounts wherever it
+    // is installed, bound to the watched namespaces only (another release manages the rest).
+    let chart_dir_path = chart_dir();
+    let text = helm_ok(
+        cluster,
+        &[
+            "template",
+            "db-ops",
+            chart_dir_path.to_str().unwrap(),
+            "-n",
+            "team-ops",
+            "--set",
+            "watchNamespaces={team-a}",
+        ],
+    );
+    let docs = parse_documents(&text);
+    let policy = find(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "team-ops-db-ops-shardop-shard-labels",
+    );
+    let policy_text = policy.to_string();
+    for user in [
+        "system:serviceaccount:team-ops:db-ops-shardop-assigner",
+        "system:serviceaccount:team-ops:db-ops-shardop-worker",
+    ] {
+        assert!(policy_text.contains(user), "{user} not in {policy_text}");
+    }
+    assert_eq!(
+        policy["spec"]["matchConstraints"]["resourceRules"][0]["operations"],
+        json!(["UPDATE"])
+    );
+    let binding = find(
+        &docs,
+        "ValidatingAdmissionPolicyBinding",
+        "team-ops-db-ops-shardop-shard-labels",
+    );
+    assert_eq!(
+        binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"],
+        json!(["team-a"])
+    );
+    let (_, docs) = render(cluster, "shardop-system", &["labelPolicy.enabled=false"]);
+    let k = kinds(&docs);
+    assert!(!k.contains_key("ValidatingAdmissionPolicy"), "{k:?}");
+    assert!(!k.contains_key("ValidatingAdmissionPolicyBinding"), "{k:?}");
+
     // Bad values fail with a message that names the problem.
     for (set, message) in [
         ("worker.replicas=0", "/worker/replicas"),
@@ -593,7 +639,11 @@ async fn chart_installs_every_object_on_the_real_api_server() {
     enforce_restricted(cluster, &ns.name);
     enforce_restricted(cluster, &keda_ns.name);
 
-    let release = Release::install(cluster, "shardop", &ns.name, ALL_FEATURES);
+    // This release manages every namespace: its label policy would reject the label edits
+    // of the tests running beside this one. The scoped release below keeps it.
+    let mut cluster_wide = ALL_FEATURES.to_vec();
+    cluster_wide.push("labelPolicy.enabled=false");
+    let release = Release::install(cluster, "shardop", &ns.name, &cluster_wide);
     let watch_set = format!("watchNamespaces={{{}}}", watched.name);
     let mut keda_sets = KEDA_FEATURES.to_vec();
     keda_sets.push(&watch_set);
@@ -625,6 +675,12 @@ async fn chart_installs_every_object_on_the_real_api_server() {
             assert!(stdout.contains(kind), "no {kind} among:\n{stdout}");
         }
     }
+    let policies = keda_release.manifest();
+    assert!(
+        policies.contains("kind: ValidatingAdmissionPolicy\n")
+            && policies.contains("kind: ValidatingAdmissionPolicyBinding"),
+        "the scoped release has no label policy"
+    );
     let hpa = cluster
         .kubectl_ok(&[
             "get",
@@ -1403,4 +1459,183 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n") + "\n"
+}
+
+/// A label patch of DatabaseCluster `name` by `client`.
+async fn patch_dbc_labels(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    labels: serde_json::Value,
+) -> Result<DynamicObject, kube::Error> {
+    dbc_api(client, namespace)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": labels } })),
+        )
+        .await
+}
+
+/// The policy's rejection: 403 with a message naming the label and who may change it.
+fn assert_label_rejected(
+    result: Result<DynamicObject, kube::Error>,
+    label: &str,
+    assigner: &str,
+    worker: &str,
+) {
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            for needle in [
+                format!("label {label} may not be changed"),
+                assigner.to_owned(),
+                worker.to_owned(),
+                "two shards".to_owned(),
+            ] {
+                assert!(
+                    status.message.contains(&needle),
+                    "{needle:?} missing from: {}",
+                    status.message
+                );
+            }
+        }
+        other => panic!("change of {label}: expected the policy's 403, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn chart_label_policy_rejects_hand_edits_of_shard_labels() {
+    let cluster = cluster();
+    let admin = cluster.client().await.unwrap();
+    let operator = TestNamespace::create(&admin, "e2e-chart-vap")
+        .await
+        .unwrap();
+    let watched = TestNamespace::create(&admin, "e2e-chart-vap-w")
+        .await
+        .unwrap();
+    let scoped = format!("watchNamespaces={{{}}}", watched.name);
+    let _release = Release::install(cluster, "shardop", &operator.name, &[scoped.as_str()]);
+    let dir = log_dir("chart_label_policy");
+    let assigner_sa = format!("system:serviceaccount:{}:shardop-assigner", operator.name);
+    let worker_sa = format!("system:serviceaccount:{}:shardop-worker", operator.name);
+    let assigner = client_from(&service_account_kubeconfig(
+        cluster,
+        &operator.name,
+        "shardop-assigner",
+        &dir,
+    ))
+    .await;
+    let worker = client_from(&service_account_kubeconfig(
+        cluster,
+        &operator.name,
+        "shardop-worker",
+        &dir,
+    ))
+    .await;
+    let ns = watched.name.as_str();
+    let create = |name: &str, labels: serde_json::Value| {
+        let mut manifest = shardop_e2e::database_cluster_json(name, shardop_e2e::valid_spec(1));
+        manifest["metadata"]["labels"] = labels;
+        let object: DynamicObject = serde_json::from_value(manifest).unwrap();
+        let api = dbc_api(&admin, ns);
+        async move { api.create(&Default::default(), &object).await }
+    };
+    // CREATE is not checked, labels included (the workers ignore a label the assigner did
+    // not write).
+    create("orders", json!({})).await.unwrap();
+    create("restored", json!({ "shardop.dev/shard": "1" }))
+        .await
+        .unwrap();
+
+    // The API server enforces a new policy once it has compiled it: wait for that on a
+    // harmless edit of an object nobody else touches.
+    let mut attempt = 0_u32;
+    wait_for(
+        "the label policy to be enforced",
+        Duration::from_secs(60),
+        || {
+            // A new value each time: an unchanged label is no change to reject.
+            attempt += 1;
+            let labels = json!({ "shardop.dev/drain": attempt.to_string() });
+            let admin = admin.clone();
+            async move {
+                patch_dbc_labels(&admin, ns, "restored", labels)
+                    .await
+                    .is_err()
+                    .then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // The assigner stamps and drains; nobody else may change either label.
+    patch_dbc_labels(&assigner, ns, "orders", json!({ "shardop.dev/shard": "0" }))
+        .await
+        .unwrap();
+    assert_label_rejected(
+        patch_dbc_labels(&admin, ns, "orders", json!({ "shardop.dev/shard": "1" })).await,
+        "shardop.dev/shard",
+        &assigner_sa,
+        &worker_sa,
+    );
+    assert_label_rejected(
+        patch_dbc_labels(&admin, ns, "orders", json!({ "shardop.dev/shard": null })).await,
+        "shardop.dev/shard",
+        &assigner_sa,
+        &worker_sa,
+    );
+    assert_label_rejected(
+        patch_dbc_labels(&admin, ns, "orders", json!({ "shardop.dev/drain": "1" })).await,
+        "shardop.dev/drain",
+        &assigner_sa,
+        &worker_sa,
+    );
+    // Other labels, and the same value again, are no change of the protected labels.
+    patch_dbc_labels(
+        &admin,
+        ns,
+        "orders",
+        json!({ "team": "payments", "shardop.dev/shard": "0" }),
+    )
+    .await
+    .unwrap();
+    patch_dbc_labels(&assigner, ns, "orders", json!({ "shardop.dev/drain": "1" }))
+        .await
+        .unwrap();
+    // A worker only acknowledges: both labels removed at once.
+    assert_label_rejected(
+        patch_dbc_labels(&worker, ns, "orders", json!({ "shardop.dev/shard": "1" })).await,
+        "shardop.dev/shard",
+        &assigner_sa,
+        &worker_sa,
+    );
+    assert_label_rejected(
+        patch_dbc_labels(&worker, ns, "orders", json!({ "shardop.dev/drain": null })).await,
+        "shardop.dev/drain",
+        &assigner_sa,
+        &worker_sa,
+    );
+    patch_dbc_labels(
+        &worker,
+        ns,
+        "orders",
+        json!({ "shardop.dev/shard": null, "shardop.dev/drain": null }),
+    )
+    .await
+    .unwrap();
+    patch_dbc_labels(&assigner, ns, "orders", json!({ "shardop.dev/shard": "1" }))
+        .await
+        .unwrap();
+    let labels = dbc_api(&admin, ns)
+        .get("orders")
+        .await
+        .unwrap()
+        .labels()
+        .clone();
+    assert_eq!(
+        labels.get("shardop.dev/shard").map(String::as_str),
+        Some("1")
+    );
+    assert!(!labels.contains_key("shardop.dev/drain"), "{labels:?}");
 }

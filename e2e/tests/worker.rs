@@ -23,7 +23,9 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shardop_api::DatabaseCluster;
-use shardop_api::constants::{DRAIN_LABEL, FINALIZER, SHARD_LABEL, condition};
+use shardop_api::constants::{
+    ASSIGNER_FIELD_MANAGER, DRAIN_LABEL, FINALIZER, SHARD_LABEL, condition,
+};
 use shardop_e2e::audit::{self, AuditEvent};
 use shardop_e2e::metrics::{http_get, metric_value, scrape};
 use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess};
@@ -83,14 +85,20 @@ impl Env {
         Api::namespaced(self.client.clone(), &self.operator.name)
     }
 
+    /// Creates an object; a shard label is written as the assigner would (its field
+    /// manager), since the test plays the assigner.
     async fn create(&self, name: &str, shard: Option<u32>, spec: serde_json::Value) {
         let mut manifest = shardop_e2e::database_cluster_json(name, spec);
         if let Some(shard) = shard {
             manifest["metadata"]["labels"] = json!({ SHARD_LABEL: shard.to_string() });
         }
         let object: DatabaseCluster = serde_json::from_value(manifest).unwrap();
+        let params = PostParams {
+            field_manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+            ..PostParams::default()
+        };
         self.clusters()
-            .create(&PostParams::default(), &object)
+            .create(&params, &object)
             .await
             .with_context(|| format!("creating {name}"))
             .unwrap();
@@ -107,11 +115,21 @@ impl Env {
             .unwrap();
     }
 
+    /// A label patch as the assigner writes it (the test plays the assigner).
     async fn patch_labels(&self, name: &str, labels: serde_json::Value) {
+        self.patch_labels_as(ASSIGNER_FIELD_MANAGER, name, labels)
+            .await;
+    }
+
+    /// A label patch with field manager `manager` (a hand edit unless it is the assigner's).
+    async fn patch_labels_as(&self, manager: &str, name: &str, labels: serde_json::Value) {
         self.clusters()
             .patch(
                 name,
-                &PatchParams::default(),
+                &PatchParams {
+                    field_manager: Some(manager.to_owned()),
+                    ..PatchParams::default()
+                },
                 &Patch::Merge(json!({ "metadata": { "labels": labels } })),
             )
             .await
@@ -396,11 +414,13 @@ async fn spec_updates_reach_the_stateful_set_and_deletion_removes_claims_and_chi
     let mut manifest = shardop_e2e::database_cluster_json("db", spec);
     manifest["metadata"]["labels"] = json!({ SHARD_LABEL: "0" });
     manifest["metadata"]["finalizers"] = json!([OTHER_FINALIZER]);
+    // The shard label as the assigner writes it (the test plays the assigner).
+    let params = PostParams {
+        field_manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+        ..PostParams::default()
+    };
     env.clusters()
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(manifest).unwrap(),
-        )
+        .create(&params, &serde_json::from_value(manifest).unwrap())
         .await
         .unwrap();
 
@@ -734,6 +754,147 @@ async fn drain_is_acknowledged_once_and_sigterm_releases_the_lease_at_once() {
     assert_eq!(env.lease_holder(0).await, None, "lease 0 not released");
     eprintln!("SIGTERM → exit with lease released in {exited:?}");
     assert!(exited < Duration::from_secs(3));
+    env.release_objects().await;
+}
+
+/// The shard label of the object's StatefulSet and Service.
+async fn child_labels(env: &Env, name: &str) -> (Option<String>, Option<String>) {
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.objects.name);
+    let sts = env.stateful_sets().get_opt(name).await.ok().flatten();
+    let svc = services
+        .get_opt(&format!("{name}-headless"))
+        .await
+        .ok()
+        .flatten();
+    let label = |labels: Option<&BTreeMap<String, String>>| labels?.get(SHARD_LABEL).cloned();
+    (
+        label(sts.as_ref().map(|s| s.labels())),
+        label(svc.as_ref().map(|s| s.labels())),
+    )
+}
+
+/// Waits until the object is converged by `shard` and both children carry its label.
+async fn wait_owned_by(env: &Env, name: &str, shard: u32, what: &str) {
+    let want = shard.to_string();
+    let result = wait_for(what, Duration::from_secs(30), || async {
+        let object = env.clusters().get(name).await.ok()?;
+        let (sts, svc) = child_labels(env, name).await;
+        (converged(&object, shard)
+            && sts.as_deref() == Some(want.as_str())
+            && svc.as_deref() == Some(want.as_str()))
+        .then_some(())
+    })
+    .await;
+    if let Err(err) = result {
+        let children = child_labels(env, name).await;
+        panic!("{err}; children's shard labels (StatefulSet, Service): {children:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_given_another_shards_label_is_relabelled_by_its_owner() {
+    let env = Env::new("w-child-label").await;
+    let _workers = [env.worker(0, &FAST_LEASES), env.worker(1, &FAST_LEASES)];
+    env.create("db", Some(0), valid_spec(1)).await;
+    wait_owned_by(&env, "db", 0, "converged on shard 0").await;
+
+    // Let the StatefulSet controller settle (its status events would trigger a reconcile
+    // of the parent anyway), so only the Service leaving the watch can.
+    wait_for(
+        "StatefulSet status settled",
+        Duration::from_secs(30),
+        || async {
+            let sts = env.stateful_sets().get("db").await.ok()?;
+            let status = sts.status?;
+            (status.replicas == 1 && status.observed_generation == sts.metadata.generation)
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // The Service now carries shard 1's label: shard 0's label-filtered watch loses it,
+    // and only shard 0 may write it back (shard 1 does not own its parent).
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.objects.name);
+    services
+        .patch(
+            "db-headless",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "labels": { SHARD_LABEL: "1" } } })),
+        )
+        .await
+        .unwrap();
+    wait_owned_by(&env, "db", 0, "shard 0 relabelled its Service").await;
+    let foreign: Vec<_> = env
+        .object_writes()
+        .into_iter()
+        .filter(|e| e.worker_shard() == Some(1))
+        .map(|e| (e.verb.clone(), e.target().map(|(r, n)| format!("{r}/{n}"))))
+        .collect();
+    assert!(foreign.is_empty(), "shard 1 wrote: {foreign:?}");
+    env.release_objects().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_owner_bounce_every_child_carries_the_owners_label() {
+    let env = Env::new("w-bounce").await;
+    let _workers = [env.worker(0, &FAST_LEASES), env.worker(1, &FAST_LEASES)];
+    env.create("db", Some(0), valid_spec(1)).await;
+    wait_owned_by(&env, "db", 0, "converged on shard 0").await;
+
+    // Moved: drain, acknowledgement, new label (the test plays the assigner).
+    env.patch_labels("db", json!({ DRAIN_LABEL: "1" })).await;
+    wait_for("drain acknowledged", Duration::from_secs(20), || async {
+        let object = env.clusters().get("db").await.ok()?;
+        (!object.labels().contains_key(SHARD_LABEL)).then_some(())
+    })
+    .await
+    .unwrap();
+    env.patch_labels("db", json!({ SHARD_LABEL: "1" })).await;
+    wait_owned_by(&env, "db", 1, "moved to shard 1").await;
+
+    // Hand-edited back to shard 0, while shard 1's reconcile of a spec change may be in
+    // flight: shard 0 does not act on a label the assigner did not write.
+    let edited = jiff::Timestamp::now();
+    env.patch_spec("db", json!({ "replicas": 2 })).await;
+    env.patch_labels_as("kubectl-label", "db", json!({ SHARD_LABEL: "0" }))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let by_shard_0: Vec<_> = env
+        .object_writes()
+        .into_iter()
+        .filter(|e| e.worker_shard() == Some(0) && e.request_received_timestamp > edited)
+        .map(|e| (e.verb.clone(), e.target().map(|(r, n)| format!("{r}/{n}"))))
+        .collect();
+    assert!(
+        by_shard_0.is_empty(),
+        "shard 0 acted on a hand-edited label: {by_shard_0:?}"
+    );
+
+    // The assigner claims the label for shard 0 (its own write of the same value: a forced
+    // apply) and moves the object again, to shard 1, directly (as for a fenced shard).
+    env.clusters()
+        .patch_metadata(
+            "db",
+            &PatchParams::apply(ASSIGNER_FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "shardop.dev/v1alpha1",
+                "kind": "DatabaseCluster",
+                "metadata": { "name": "db", "labels": { SHARD_LABEL: "0" } },
+            })),
+        )
+        .await
+        .unwrap();
+    wait_owned_by(&env, "db", 0, "claimed for shard 0").await;
+    env.patch_labels("db", json!({ SHARD_LABEL: "1" })).await;
+    wait_owned_by(&env, "db", 1, "moved back to shard 1").await;
+    // Nothing moves it afterwards.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        child_labels(&env, "db").await,
+        (Some("1".to_owned()), Some("1".to_owned()))
+    );
     env.release_objects().await;
 }
 

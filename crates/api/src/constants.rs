@@ -22,6 +22,12 @@ pub const WORKER_FIELD_MANAGER: &str = "shardop-worker";
 /// Field manager of the assigner's server-side applies and patches.
 pub const ASSIGNER_FIELD_MANAGER: &str = "shardop-assigner";
 
+/// The most shards shardop runs: every shard index is below it. Labels, Lease names and flags
+/// naming a shard at or above it are rejected (an out-of-range shard label is garbage, like
+/// `x`), and the assigner caps the desired shard count at it. It keeps index arithmetic far
+/// from `u32` overflow and bounds what one label can make the assigner create.
+pub const MAX_SHARDS: u32 = 1024;
+
 /// Prefix of the per-shard Lease names: shard `i` is guarded by `shardop-shard-<i>`.
 pub const SHARD_LEASE_PREFIX: &str = "shardop-shard-";
 /// Label put on every shard Lease so components can watch all of them with one selector.

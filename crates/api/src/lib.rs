@@ -10,6 +10,7 @@ pub mod assignment;
 pub mod constants;
 pub mod crd;
 pub mod database_cluster;
+pub mod label_trust;
 pub mod protocol;
 pub mod schema;
 pub mod shard;
@@ -20,4 +21,6 @@ pub use database_cluster::{
     DatabaseCluster, DatabaseClusterSpec, DatabaseClusterStatus, ReclaimPolicy, StorageSpec,
 };
 pub use shard::{Shard, ShardSpec, ShardState, ShardStatus};
-pub use shard_index::{ParseShardIndexError, ShardCount, ShardIndex};
+pub use shard_index::{
+    ParseShardIndexError, ShardCount, ShardIndex, capped_shard_count, parse_shard_count,
+};

@@ -40,8 +40,9 @@ pub struct RunArgs {
         required_unless_present = "shards"
     )]
     pub worker_statefulset: Option<String>,
-    /// A fixed desired shard count N instead of following the worker StatefulSet.
-    #[arg(long, env = "SHARDOP_SHARDS")]
+    /// A fixed desired shard count N instead of following the worker StatefulSet
+    /// (1 to `MAX_SHARDS`, 1024).
+    #[arg(long, env = "SHARDOP_SHARDS", value_parser = shardop_api::parse_shard_count)]
     pub shards: Option<NonZeroU32>,
     /// Objects being moved at once (between the drain request and the new label).
     #[arg(long, env = "SHARDOP_MAX_CONCURRENT_MOVES", default_value_t = 100, value_parser = parse_at_least_one)]
@@ -130,6 +131,15 @@ mod tests {
         assert!(parse(&["a", "run"]).is_err(), "N must come from somewhere");
         assert!(parse(&["a", "run", "--shards", "3", "--worker-statefulset", "w"]).is_err());
         assert!(parse(&["a", "run", "--worker-statefulset", "shardop-worker"]).is_ok());
+        let max = parse(&["a", "run", "--shards", "1024"]).unwrap();
+        let Command::Run(args) = max.command;
+        assert_eq!(args.shards, NonZeroU32::new(1024));
+        for count in ["0", "1025", "4294967295", "4294967296"] {
+            assert!(
+                parse(&["a", "run", "--shards", count]).is_err(),
+                "--shards {count} must be rejected"
+            );
+        }
     }
 
     #[test]

@@ -401,10 +401,14 @@ impl Engine {
                 resource_version: record.resource_version.clone(),
             };
             let client = self.client.clone();
-            tracing::debug!(object = %key, action = ?write.action, "label write");
+            let claim = writes::claim_same_value(&write.action, &record.placement);
+            tracing::debug!(object = %key, action = ?write.action, claim = claim.is_some(), "label write");
             self.writes.spawn(async move {
-                let result =
-                    writes::patch_labels(client, &write.key, &write.resource_version, labels).await;
+                let (key, version) = (&write.key, &write.resource_version);
+                let result = match claim {
+                    Some(to) => writes::claim_shard_label(client, key, version, to).await,
+                    None => writes::patch_labels(client, key, version, labels).await,
+                };
                 Done::Label(Box::new((write, result)))
             });
         }

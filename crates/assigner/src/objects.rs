@@ -1,5 +1,6 @@
 //! A compact record per DatabaseCluster, fed by a metadata-only watch: just what the
-//! protocol needs (labels reduced to a placement, resourceVersion, deletion, key hash), so
+//! protocol needs (labels and the shard label's field manager reduced to a placement,
+//! resourceVersion, deletion, key hash), so
 //! memory stays a small fraction of a worker's full-object caches.
 
 use std::collections::{HashMap, HashSet};
@@ -9,6 +10,7 @@ use jiff::Timestamp;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use shardop_api::assignment::object_key_hash;
+use shardop_api::label_trust::shard_label_written_by_assigner;
 use shardop_api::protocol::ObjectPlacement;
 use shardop_api::{DatabaseCluster, ShardIndex};
 
@@ -161,7 +163,8 @@ impl ObjectStore {
 
 fn record_of(key: &ObjectKey, meta: &PartialObjectMeta<DatabaseCluster>) -> ObjectRecord {
     let m = &meta.metadata;
-    let placement = ObjectPlacement::from_labels(m.labels.as_ref());
+    let trusted = shard_label_written_by_assigner(m.managed_fields.as_deref());
+    let placement = ObjectPlacement::from_labels(m.labels.as_ref(), trusted);
     ObjectRecord {
         resource_version: m.resource_version.as_deref().unwrap_or_default().into(),
         deleting: m.deletion_timestamp.is_some(),
@@ -179,7 +182,9 @@ fn record_of(key: &ObjectKey, meta: &PartialObjectMeta<DatabaseCluster>) -> Obje
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
     use kube::api::ObjectMeta;
+    use shardop_api::constants::ASSIGNER_FIELD_MANAGER;
     use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL};
     use std::collections::BTreeMap;
 
@@ -201,10 +206,82 @@ mod tests {
                         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                         .collect::<BTreeMap<_, _>>(),
                 ),
+                managed_fields: Some(vec![assigner_owns_the_shard_label()]),
                 ..Default::default()
             },
             _phantom: Default::default(),
         }
+    }
+
+    /// The managedFields entry of a shard label the assigner wrote.
+    fn assigner_owns_the_shard_label() -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(ASSIGNER_FIELD_MANAGER.into()),
+            operation: Some("Update".into()),
+            fields_type: Some("FieldsV1".into()),
+            fields_v1: Some(FieldsV1(serde_json::json!({
+                "f:metadata": { "f:labels": { "f:shardop.dev/shard": {} } }
+            }))),
+            ..Default::default()
+        }
+    }
+
+    /// `meta` after someone else than the assigner changed the labels.
+    fn hand_edited(
+        ns: &str,
+        name: &str,
+        rv: &str,
+        labels: &[(&str, &str)],
+    ) -> PartialObjectMeta<DatabaseCluster> {
+        let mut edited = meta(ns, name, rv, labels);
+        edited.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("kubectl-label".into()),
+            ..assigner_owns_the_shard_label()
+        }]);
+        edited
+    }
+
+    #[test]
+    fn a_hand_edited_shard_label_is_untrusted_and_the_last_owner_is_kept() {
+        let mut store = ObjectStore::default();
+        store.apply(
+            0,
+            None,
+            watcher::Event::Apply(meta("a", "x", "1", &[(SHARD_LABEL, "1")])),
+        );
+        let key = ObjectKey {
+            namespace: "a".into(),
+            name: "x".into(),
+        };
+        assert_eq!(
+            store.get(&key).unwrap().placement,
+            ObjectPlacement::Owned(ShardIndex(1))
+        );
+        store.apply(
+            0,
+            None,
+            watcher::Event::Apply(hand_edited("a", "x", "2", &[(SHARD_LABEL, "2")])),
+        );
+        let record = store.get(&key).unwrap();
+        assert_eq!(
+            record.placement,
+            ObjectPlacement::Untrusted {
+                labelled: ShardIndex(2)
+            }
+        );
+        assert_eq!(record.last_owner, Some(ShardIndex(1)));
+        // The out-of-range label of issue #11 is garbage, whoever wrote it.
+        store.apply(
+            0,
+            None,
+            watcher::Event::Apply(meta("a", "x", "3", &[(SHARD_LABEL, "4294967295")])),
+        );
+        assert_eq!(
+            store.get(&key).unwrap().placement,
+            ObjectPlacement::Invalid {
+                value: "4294967295".into()
+            }
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use shardop_api::ShardCount;
+use shardop_api::constants::MAX_SHARDS;
+use shardop_api::{ShardCount, capped_shard_count};
 use tokio::sync::watch;
 
 /// The current N (`None`: not known yet, or the StatefulSet is absent or scaled to 0 — no
@@ -41,7 +42,10 @@ pub fn from_statefulset(
             match event {
                 Ok(watcher::Event::Apply(sts) | watcher::Event::InitApply(sts)) => {
                     let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-                    let count = u32::try_from(replicas).ok().and_then(ShardCount::new);
+                    let count = u32::try_from(replicas).ok().and_then(capped_shard_count);
+                    if count.is_some_and(|c| i64::from(c.get()) < i64::from(replicas)) {
+                        tracing::warn!(statefulset = %name, replicas, max = MAX_SHARDS, "more worker replicas than the maximum shard count: the extra workers stay idle");
+                    }
                     tx.send_if_modified(|current| {
                         let changed = *current != count;
                         if changed {

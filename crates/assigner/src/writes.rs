@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use kube::Resource;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::{Api, Client};
@@ -12,7 +13,7 @@ use shardop_api::constants::{
     ASSIGNER_FIELD_MANAGER, DRAIN_LABEL, RELEASE_REQUESTED_ANNOTATION, RETIRED_ANNOTATION,
     SHARD_LABEL, SHARD_LEASE_LABEL,
 };
-use shardop_api::protocol::{AssignerAction, LeaseStep};
+use shardop_api::protocol::{AssignerAction, LeaseStep, ObjectPlacement};
 use shardop_api::{DatabaseCluster, ShardIndex};
 
 use crate::objects::ObjectKey;
@@ -49,6 +50,51 @@ pub fn label_patch(action: &AssignerAction) -> Option<serde_json::Value> {
         }
         AssignerAction::Nothing | AssignerAction::Wait => return None,
     })
+}
+
+/// The shard label to claim by server-side apply instead of a merge patch: an assignment to
+/// the value the label already has but that the assigner did not write (a hand edit to the
+/// right shard). A merge patch of an unchanged value records no field manager, so the
+/// label would stay untrusted and no worker would ever act on it; an apply of the same
+/// value makes the assigner a co-owner.
+pub fn claim_same_value(
+    action: &AssignerAction,
+    placement: &ObjectPlacement,
+) -> Option<ShardIndex> {
+    match (action, placement) {
+        (AssignerAction::Assign { to }, ObjectPlacement::Untrusted { labelled })
+            if to == labelled =>
+        {
+            Some(*to)
+        }
+        _ => None,
+    }
+}
+
+/// Claims the shard label `to` by a forced server-side apply of just that label,
+/// conditional on `resource_version`. A drain label beside it stays; the protocol deals
+/// with it once the label is trusted. Returns the object's metadata after the write.
+pub async fn claim_shard_label(
+    client: Client,
+    key: &ObjectKey,
+    resource_version: &str,
+    to: ShardIndex,
+) -> Result<Outcome<PartialObjectMeta<DatabaseCluster>>, kube::Error> {
+    let api: Api<DatabaseCluster> = Api::namespaced(client, &key.namespace);
+    let apply = json!({
+        "apiVersion": DatabaseCluster::api_version(&()),
+        "kind": DatabaseCluster::kind(&()),
+        "metadata": {
+            "name": &*key.name,
+            "resourceVersion": resource_version,
+            "labels": { SHARD_LABEL: to.label_value() },
+        }
+    });
+    let params = PatchParams::apply(ASSIGNER_FIELD_MANAGER).force();
+    classify(
+        api.patch_metadata(&key.name, &params, &Patch::Apply(&apply))
+            .await,
+    )
 }
 
 /// Applies `labels` to the object as a JSON merge patch on `metadata.labels`, conditional
@@ -169,5 +215,23 @@ mod tests {
         );
         assert_eq!(label_patch(&AssignerAction::Wait), None);
         assert_eq!(label_patch(&AssignerAction::Nothing), None);
+    }
+
+    #[test]
+    fn a_hand_edit_to_the_right_shard_is_claimed_by_apply() {
+        let to = ShardIndex(3);
+        let assign = AssignerAction::Assign { to };
+        let same = ObjectPlacement::Untrusted { labelled: to };
+        let other = ObjectPlacement::Untrusted {
+            labelled: ShardIndex(1),
+        };
+        assert_eq!(claim_same_value(&assign, &same), Some(to));
+        // A changed value is recorded for the assigner by the merge patch.
+        assert_eq!(claim_same_value(&assign, &other), None);
+        assert_eq!(
+            claim_same_value(&assign, &ObjectPlacement::Invalid { value: "x".into() }),
+            None
+        );
+        assert_eq!(claim_same_value(&AssignerAction::CancelDrain, &same), None);
     }
 }

@@ -15,6 +15,7 @@ use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
+use shardop_api::label_trust::trust_marker;
 use shardop_api::{DatabaseCluster, ShardIndex};
 use shardop_runtime::LeaseGuard;
 use tokio::task::JoinHandle;
@@ -69,6 +70,14 @@ pub struct Bookkeeping {
     /// UIDs whose drain this shard acknowledged: a stale cache entry must not be
     /// reconciled again.
     pub acknowledged: HashSet<String>,
+    /// Objects that joined the shard (see [`crate::filter::Admitted::joined`]) and whose
+    /// children have not been applied since: the next converge applies every child, since
+    /// neither the apply memo nor the label-filtered child cache can tell whether another
+    /// shard relabelled a child meanwhile. The value numbers the join, so that a converge
+    /// clears only the join it has seen (not one that happened while it ran).
+    pub ownership_changed: HashMap<ObjectKey, u64>,
+    /// Joins numbered so far.
+    pub joins: u64,
 }
 
 /// A child object as returned by its last apply (a StatefulSet or a Service).
@@ -86,6 +95,20 @@ impl Bookkeeping {
     pub fn start_running(&mut self, key: &ObjectKey) -> Option<Duration> {
         self.running.insert(key.clone(), Instant::now());
         self.pending.remove(key).map(|since| since.elapsed())
+    }
+
+    /// Records that an object joined the shard.
+    pub fn mark_joined(&mut self, key: ObjectKey) {
+        self.joins = self.joins.wrapping_add(1);
+        self.ownership_changed.insert(key, self.joins);
+    }
+
+    /// The object's children have been applied for the join numbered `join`: forget it
+    /// unless the object joined again since.
+    pub fn children_relabelled(&mut self, key: &str, join: Option<u64>) {
+        if join.is_some() && self.ownership_changed.get(key).copied() == join {
+            self.ownership_changed.remove(key);
+        }
     }
 
     /// The apply memo key of a child.
@@ -459,7 +482,7 @@ fn scope_controller(
     };
     let cluster_stream = reflector::reflector(
         cluster_writer,
-        watcher(api::<DatabaseCluster>(&client, namespace), config).modify(drop_managed_fields),
+        watcher(api::<DatabaseCluster>(&client, namespace), config).modify(keep_only_label_trust),
     )
     .default_backoff()
     .inspect({
@@ -472,18 +495,30 @@ fn scope_controller(
             Ok(watcher::Event::Apply(cluster) | watcher::Event::InitApply(cluster)) => {
                 shared.book().forget_status_once_seen(cluster);
             }
+            // The object left the shard: whatever this shard applied for it may be
+            // relabelled by its next owner, so its memos are void.
             Ok(watcher::Event::Delete(cluster)) => {
-                shared.book().status_written.remove(&key_of(cluster));
+                let mut book = shared.book();
+                book.forget_object(cluster);
+                book.ownership_changed.remove(&key_of(cluster));
             }
             Ok(watcher::Event::Init) | Err(_) => {}
         }
     })
-    .scan(ChangeFilter::default(), |filter, event| {
-        let admitted = match event {
-            Ok(event) => filter.admit(event).map(Ok),
-            Err(error) => Some(Err(error)),
-        };
-        futures::future::ready(Some(admitted))
+    .scan(ChangeFilter::default(), {
+        let shared = shared.clone();
+        move |filter, event| {
+            let admitted = match event {
+                Ok(event) => filter.admit(event).map(|admitted| {
+                    if admitted.joined {
+                        shared.book().mark_joined(key_of(&admitted.cluster));
+                    }
+                    Ok(admitted.cluster)
+                }),
+                Err(error) => Some(Err(error)),
+            };
+            futures::future::ready(Some(admitted))
+        }
     })
     .filter_map(futures::future::ready)
     .inspect_ok(move |cluster| {
@@ -551,11 +586,18 @@ fn scope_controller(
     (clusters, Box::pin(run))
 }
 
-/// Cached objects do without `managedFields`: nothing reads them, and they are a large
-/// share of every object (one entry per field manager: ours, the assigner's, the
-/// controller manager's status writes).
+/// Cached children do without `managedFields`: nothing reads them, and they are a large
+/// share of every object (one entry per field manager: ours, the controller manager's
+/// status writes).
 fn drop_managed_fields<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
+}
+
+/// Cached DatabaseClusters keep one fact of their managedFields: whether the assigner
+/// wrote the shard label, which decides whether this shard may act on them.
+fn keep_only_label_trust(cluster: &mut DatabaseCluster) {
+    let managed_fields = cluster.metadata.managed_fields.take();
+    cluster.metadata.managed_fields = trust_marker(managed_fields.as_deref());
 }
 
 /// Aborts its tasks when dropped.
@@ -570,7 +612,8 @@ impl Drop for AbortOnDrop {
 }
 
 /// Drives a child reflector in its own task; returns the task and the stream of (filtered)
-/// child events for the controller. Every event marks the parent as pending.
+/// child events for the controller, deletions included. Every event marks the parent as
+/// pending.
 fn drive_children<K, W, P>(
     writer: reflector::store::Writer<K>,
     watch: W,
@@ -594,7 +637,10 @@ where
                 synced.cancel();
             }
         })
-        .applied_objects()
+        // Deletes too: a child that leaves the shard's selector (someone gave it another
+        // shard's label) is invisible from then on, and only a reconcile of its parent
+        // puts the label back. The memo of a child gone from the cache is void as well.
+        .touched_objects()
         .inspect_ok({
             let shared = shared.clone();
             move |child| shared.book().forget_applied_once_seen(child)
@@ -742,6 +788,22 @@ mod tests {
             book.oldest_unconverged(Instant::now(), cached),
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn a_converge_clears_only_the_join_it_saw() {
+        let mut book = Bookkeeping::default();
+        book.mark_joined("ns/a".into());
+        let seen = book.ownership_changed.get("ns/a").copied();
+        // The object left and joined again while the converge ran.
+        book.mark_joined("ns/a".into());
+        book.children_relabelled("ns/a", seen);
+        assert!(book.ownership_changed.contains_key("ns/a"));
+        let seen = book.ownership_changed.get("ns/a").copied();
+        book.children_relabelled("ns/a", seen);
+        assert!(book.ownership_changed.is_empty());
+        book.children_relabelled("ns/a", None);
+        assert!(book.ownership_changed.is_empty());
     }
 
     #[test]

@@ -18,31 +18,68 @@ use std::hash::{Hash, Hasher};
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 use shardop_api::DatabaseCluster;
+use shardop_api::label_trust::shard_label_written_by_assigner;
+
+/// What the filter remembers of an object in the watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seen {
+    fingerprint: u64,
+    label_trusted: bool,
+}
 
 /// Passes on the objects whose fingerprint changed since the watch last showed them.
 #[derive(Debug, Default)]
 pub struct ChangeFilter {
-    /// Fingerprint by `namespace/name` of every object currently in the watch.
-    seen: HashMap<(Option<String>, String), u64>,
+    /// What was seen of every object currently in the watch, by `namespace/name`.
+    seen: HashMap<(Option<String>, String), Seen>,
+    /// The initial list has completed: objects seen from now on joined the shard.
+    listed: bool,
+}
+
+/// An object to reconcile.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The object.
+    pub cluster: DatabaseCluster,
+    /// It joined the shard after its initial list: new to the watch, or its shard label
+    /// became the assigner's (trusted) while in it. Its children may carry another shard's
+    /// label, invisible to this shard's child watch.
+    pub joined: bool,
 }
 
 impl ChangeFilter {
     /// The object to reconcile for this watch event, if any.
-    pub fn admit(&mut self, event: Event<DatabaseCluster>) -> Option<DatabaseCluster> {
+    pub fn admit(&mut self, event: Event<DatabaseCluster>) -> Option<Admitted> {
         match event {
             Event::Apply(cluster) | Event::InitApply(cluster) => {
                 let key = (cluster.namespace(), cluster.name_any());
-                let fingerprint = reconcile_fingerprint(&cluster)?;
-                let previous = self.seen.insert(key, fingerprint);
-                (previous != Some(fingerprint)).then_some(cluster)
+                let now = Seen {
+                    fingerprint: reconcile_fingerprint(&cluster)?,
+                    label_trusted: label_trusted(&cluster),
+                };
+                let previous = self.seen.insert(key, now);
+                let joined = match previous {
+                    None => self.listed,
+                    Some(before) => now.label_trusted && !before.label_trusted,
+                };
+                (previous != Some(now)).then_some(Admitted { cluster, joined })
             }
             Event::Delete(cluster) => {
                 self.seen.remove(&(cluster.namespace(), cluster.name_any()));
                 None
             }
-            Event::Init | Event::InitDone => None,
+            Event::InitDone => {
+                self.listed = true;
+                None
+            }
+            Event::Init => None,
         }
     }
+}
+
+/// Whether the assigner wrote the object's shard label (kept in the cache as a marker).
+fn label_trusted(cluster: &DatabaseCluster) -> bool {
+    shard_label_written_by_assigner(cluster.metadata.managed_fields.as_deref())
 }
 
 /// A hash of the fields whose change triggers a reconcile.
@@ -53,6 +90,8 @@ pub fn reconcile_fingerprint(cluster: &DatabaseCluster) -> Option<u64> {
     meta.uid.hash(&mut hasher);
     meta.generation.hash(&mut hasher);
     meta.labels.hash(&mut hasher);
+    // Who wrote the shard label decides whether the shard may act (a hand edit does not).
+    label_trusted(cluster).hash(&mut hasher);
     meta.finalizers.hash(&mut hasher);
     meta.deletion_timestamp
         .as_ref()
@@ -68,6 +107,20 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use shardop_api::constants::{DRAIN_LABEL, FINALIZER, SHARD_LABEL};
     use shardop_api::{DatabaseClusterSpec, DatabaseClusterStatus, ReclaimPolicy, StorageSpec};
+
+    fn trusted(mut c: DatabaseCluster) -> DatabaseCluster {
+        let written = [
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
+                manager: Some(shardop_api::constants::ASSIGNER_FIELD_MANAGER.into()),
+                fields_v1: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
+                    serde_json::json!({ "f:metadata": { "f:labels": { "f:shardop.dev/shard": {} } } }),
+                )),
+                ..Default::default()
+            },
+        ];
+        c.metadata.managed_fields = shardop_api::label_trust::trust_marker(Some(&written[..]));
+        c
+    }
 
     fn cluster() -> DatabaseCluster {
         let mut c = DatabaseCluster::new(
@@ -120,7 +173,8 @@ mod tests {
         finalizer.metadata.finalizers = Some(vec![FINALIZER.into()]);
         let mut deleting = base.clone();
         deleting.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
-        for changed in [spec, drain, finalizer, deleting] {
+        let claimed = trusted(base.clone());
+        for changed in [spec, drain, finalizer, deleting, claimed] {
             assert_ne!(reconcile_fingerprint(&changed), fp);
         }
     }
@@ -139,5 +193,38 @@ mod tests {
             filter.admit(Event::Apply(object)).is_some(),
             "after leaving the watch it is new again"
         );
+    }
+
+    #[test]
+    fn objects_that_join_after_the_initial_list_changed_owner() {
+        let mut filter = ChangeFilter::default();
+        let listed = trusted(cluster());
+        let admitted = filter.admit(Event::InitApply(listed.clone())).unwrap();
+        assert!(
+            !admitted.joined,
+            "the initial list is not a change of owner"
+        );
+        filter.admit(Event::InitDone);
+        // It leaves the shard and comes back: a new owner as far as its children go.
+        filter.admit(Event::Delete(listed.clone()));
+        assert!(filter.admit(Event::Apply(listed.clone())).unwrap().joined);
+        // A later spec change of the same owner is not.
+        let mut changed = listed.clone();
+        changed.metadata.generation = Some(2);
+        assert!(!filter.admit(Event::Apply(changed.clone())).unwrap().joined);
+        // A hand-edited label joins when the assigner claims it.
+        let mut hand_edited = cluster();
+        hand_edited.metadata.name = Some("other".into());
+        assert!(
+            filter
+                .admit(Event::Apply(hand_edited.clone()))
+                .unwrap()
+                .joined
+        );
+        let claimed = trusted(hand_edited);
+        assert!(filter.admit(Event::Apply(claimed)).unwrap().joined);
+        // Objects of a relist that were already there have not moved.
+        filter.admit(Event::Init);
+        assert!(filter.admit(Event::InitApply(changed)).is_none());
     }
 }

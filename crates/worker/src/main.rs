@@ -165,8 +165,9 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
         ShardArg::Auto => {
             shardop_api::protocol::home_shard_of(&args.identity).with_context(|| {
                 format!(
-                    "--shard auto: identity {:?} does not end in an ordinal",
-                    args.identity
+                    "--shard auto: identity {:?} does not end in an ordinal below {}",
+                    args.identity,
+                    shardop_api::constants::MAX_SHARDS
                 )
             })?
         }
@@ -336,6 +337,31 @@ mod tests {
         ] {
             let err = parse(bad).expect_err(&format!("{bad:?} must be rejected"));
             assert!(err.contains(bad[0].split('=').next().unwrap()), "{err}");
+        }
+    }
+
+    #[test]
+    fn shard_flag_is_bounded_by_the_maximum_shard_count() {
+        let shard = |value: &str| {
+            Cli::try_parse_from([
+                "shardop-worker",
+                "run",
+                "--identity",
+                "shardop-worker-0",
+                "--shard",
+                value,
+            ])
+            .map(|cli| match cli.command {
+                Command::Run(args) => args.shard,
+                _ => panic!("run expected"),
+            })
+        };
+        assert!(matches!(
+            shard("1023"),
+            Ok(ShardArg::Index(ShardIndex(1023)))
+        ));
+        for value in ["1024", "4294967295", "4294967296"] {
+            assert!(shard(value).is_err(), "--shard {value} must be rejected");
         }
     }
 }

@@ -16,6 +16,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use shardop_api::constants::condition::CLEANUP;
 use shardop_api::constants::{DRAIN_LABEL, FINALIZER, SHARD_LABEL, WORKER_FIELD_MANAGER};
+use shardop_api::label_trust::shard_label_written_by_assigner;
 use shardop_api::protocol::{ObjectPlacement, WorkerAction, worker_action};
 use shardop_api::{DatabaseCluster, ReclaimPolicy};
 use shardop_runtime::LeaseLost;
@@ -267,7 +268,7 @@ async fn reconcile_inner(
 ) -> Result<Outcome, ReconcileError> {
     let shared = &ctx.shared;
     let shard = shared.shard;
-    let placement = ObjectPlacement::from_labels(cluster.metadata.labels.as_ref());
+    let placement = placement_of(cluster);
     let deleting = cluster.metadata.deletion_timestamp.is_some();
     let action = worker_action(&placement, shard, deleting);
     tracing::Span::current().record("action", tracing::field::debug(action));
@@ -289,6 +290,13 @@ async fn reconcile_inner(
         WorkerAction::Cleanup => cleanup(cluster, ctx, key).await,
         WorkerAction::Reconcile => converge(cluster, ctx, key).await,
     }
+}
+
+/// The object's placement: its labels, and whether the assigner wrote its shard label
+/// (full managedFields from the server, or the cache's marker of them).
+fn placement_of(cluster: &DatabaseCluster) -> ObjectPlacement {
+    let trusted = shard_label_written_by_assigner(cluster.metadata.managed_fields.as_deref());
+    ObjectPlacement::from_labels(cluster.metadata.labels.as_ref(), trusted)
 }
 
 fn api(ctx: &ScopeContext, namespace: &str) -> Api<DatabaseCluster> {
@@ -404,6 +412,7 @@ async fn apply_if_changed<K>(
     ctx: &ScopeContext,
     desired: &K,
     store: &kube::runtime::reflector::Store<K>,
+    ownership_changed: bool,
     action: &'static str,
 ) -> Result<K, ReconcileError>
 where
@@ -426,7 +435,13 @@ where
     // between the two reads left neither, and the same child was applied twice.
     let memo = ctx.shared.book().applied.get(&memo_key).cloned();
     let cached = cached(store, &namespace, &name);
-    if let Some(current) = already_applied(desired, fingerprint, memo.as_ref(), cached.as_deref()) {
+    if let Some(current) = already_applied(
+        desired,
+        fingerprint,
+        memo.as_ref(),
+        cached.as_deref(),
+        ownership_changed,
+    ) {
         return Ok(current);
     }
     ctx.shared.guard.check()?;
@@ -458,15 +473,24 @@ where
 /// (`fingerprint`) while the cache has not caught up with that write yet (the watch lags
 /// our own writes by a few milliseconds, and a reconcile triggered in that window must not
 /// apply the same object again). `None`: apply.
+///
+/// After a change of ownership (`ownership_changed`) neither answers: the previous owner
+/// may have relabelled the child after our last apply, and a child carrying another
+/// shard's label is invisible to this shard's label-filtered cache (or still cached here
+/// if the child watch lags) — only an apply puts the owner's label back for sure.
 fn already_applied<K>(
     desired: &K,
     fingerprint: u64,
     memo: Option<&(u64, Option<u64>, AppliedObject)>,
     cached: Option<&K>,
+    ownership_changed: bool,
 ) -> Option<K>
 where
     K: Resource + Clone + serde::Serialize + 'static,
 {
+    if ownership_changed {
+        return None;
+    }
     if let Some(actual) = cached
         && is_subset(desired, actual)
     {
@@ -525,7 +549,7 @@ async fn converge(
         cluster = add_finalizer(&cluster, ctx).await?;
         // The apply had no precondition, so it returns the latest version: if that one has
         // left the shard or is being drained meanwhile, its own watch event decides.
-        let placement = ObjectPlacement::from_labels(cluster.metadata.labels.as_ref());
+        let placement = placement_of(&cluster);
         let deleting = cluster.metadata.deletion_timestamp.is_some();
         if worker_action(&placement, shard, deleting) != WorkerAction::Reconcile {
             return Ok(Outcome::Skipped);
@@ -553,6 +577,8 @@ async fn converge(
             volume_resize::advance(&io, &cluster, cached_sts.as_deref(), under_way).await?
         }
     };
+    let join = shared.book().ownership_changed.get(key).copied();
+    let ownership_changed = join.is_some();
     let (stateful_set, problem) = match known_problem {
         // The same spec was rejected before: do not hammer the API server with it.
         Some(problem) => (cached_sts.as_deref().cloned(), Some(problem)),
@@ -562,6 +588,7 @@ async fn converge(
                 ctx,
                 &service,
                 &ctx.services,
+                ownership_changed,
                 "applying the Service",
             )
             .await
@@ -571,19 +598,26 @@ async fn converge(
             };
             let mut sts = desired_stateful_set(&cluster, shard);
             resize.shape(&mut sts);
-            let stateful_set =
-                match apply_if_changed(ctx, &sts, &ctx.stateful_sets, "applying the StatefulSet")
-                    .await
-                {
-                    Ok(applied) => Some(applied),
-                    Err(err) => {
-                        let terminal = classify(err, "StatefulSet")?;
-                        problem.get_or_insert(terminal);
-                        cached_sts.as_deref().cloned()
-                    }
-                };
+            let stateful_set = match apply_if_changed(
+                ctx,
+                &sts,
+                &ctx.stateful_sets,
+                ownership_changed,
+                "applying the StatefulSet",
+            )
+            .await
+            {
+                Ok(applied) => Some(applied),
+                Err(err) => {
+                    let terminal = classify(err, "StatefulSet")?;
+                    problem.get_or_insert(terminal);
+                    cached_sts.as_deref().cloned()
+                }
+            };
             shared.guard.check()?;
             let mut book = shared.book();
+            // Both children were applied (or rejected for good): they carry our label.
+            book.children_relabelled(key, join);
             match &problem {
                 Some(p) => {
                     book.terminal.insert(uid.clone(), (generation, p.clone()));
@@ -969,8 +1003,20 @@ mod tests {
     fn a_cached_child_that_contains_the_desired_one_is_not_applied() {
         let desired = service("None", None);
         let cached = service("None", Some("12"));
-        let found = already_applied(&desired, 1, None, Some(&cached));
+        let found = already_applied(&desired, 1, None, Some(&cached), false);
         assert_eq!(version(found), Some("12".into()));
+    }
+
+    #[test]
+    fn after_a_change_of_owner_every_child_is_applied_whatever_memo_and_cache_say() {
+        let desired = service("None", None);
+        let applied = memo(1, 20, service("None", Some("20")));
+        // The memo of our apply before the object left us, the child invisible now (it
+        // carries the other shard's label), or still cached as we left it.
+        for cached in [None, Some(service("None", Some("20")))] {
+            assert!(already_applied(&desired, 1, Some(&applied), cached.as_ref(), false).is_some());
+            assert!(already_applied(&desired, 1, Some(&applied), cached.as_ref(), true).is_none());
+        }
     }
 
     #[test]
@@ -979,7 +1025,7 @@ mod tests {
         let applied = memo(1, 20, service("None", Some("20")));
         // Not cached yet, or cached at an older version.
         for cached in [None, Some(service("10.0.0.9", Some("19")))] {
-            let found = already_applied(&desired, 1, Some(&applied), cached.as_ref());
+            let found = already_applied(&desired, 1, Some(&applied), cached.as_ref(), false);
             assert_eq!(version(found), Some("20".into()));
         }
     }
@@ -989,12 +1035,12 @@ mod tests {
         let desired = service("None", None);
         // The memo is of another desired child (the spec changed since).
         let other = memo(2, 20, service("None", Some("20")));
-        assert!(already_applied(&desired, 1, Some(&other), None).is_none());
+        assert!(already_applied(&desired, 1, Some(&other), None, false).is_none());
         // The cache is newer than our write and no longer matches: someone changed it.
         let ours = memo(1, 20, service("None", Some("20")));
         let drifted = service("10.0.0.9", Some("21"));
-        assert!(already_applied(&desired, 1, Some(&ours), Some(&drifted)).is_none());
+        assert!(already_applied(&desired, 1, Some(&ours), Some(&drifted), false).is_none());
         // Never applied and not cached.
-        assert!(already_applied(&desired, 1, None, None).is_none());
+        assert!(already_applied(&desired, 1, None, None, false).is_none());
     }
 }

@@ -193,8 +193,8 @@ impl Supervisor {
         let now = jiff::Timestamp::now();
         let shard_count = leases
             .keys()
-            .map(|s| s.0 + 1)
-            .chain([self.home.0 + 1])
+            .map(|s| s.0.saturating_add(1))
+            .chain([self.home.0.saturating_add(1)])
             .max()
             .unwrap_or(1);
         let mut candidates: Vec<ShardIndex> = leases.keys().copied().collect();

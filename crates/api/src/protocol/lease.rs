@@ -115,7 +115,7 @@ impl LeaseState {
 }
 
 /// The home shard of a worker identity: the StatefulSet ordinal at the end of its pod name
-/// (`shardop-worker-2` → shard 2).
+/// (`shardop-worker-2` → shard 2). An ordinal at or above `MAX_SHARDS` has no home shard.
 pub fn home_shard_of(identity: &str) -> Option<ShardIndex> {
     let (_, ordinal) = identity.rsplit_once('-')?;
     ordinal.parse().ok()
@@ -208,5 +208,8 @@ mod tests {
         assert_eq!(home_shard_of("shardop-worker-01"), None);
         assert_eq!(home_shard_of("worker"), None);
         assert_eq!(home_shard_of("shardop-assigner"), None);
+        assert_eq!(home_shard_of("shardop-worker-1023"), Some(ShardIndex(1023)));
+        assert_eq!(home_shard_of("shardop-worker-1024"), None);
+        assert_eq!(home_shard_of("shardop-worker-4294967295"), None);
     }
 }

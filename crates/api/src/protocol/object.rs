@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::constants::{DRAIN_LABEL, SHARD_LABEL};
 use crate::shard_index::ShardIndex;
 
-/// Where an object stands, read from its labels alone.
+/// Where an object stands, read from its labels and from who wrote its shard label.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ObjectPlacement {
     /// No shard label. `stray_drain` is a drain label left without a shard label.
@@ -21,16 +21,26 @@ pub enum ObjectPlacement {
         /// The current owner.
         from: ShardIndex,
     },
-    /// The shard label is not a canonical index: no worker's selector matches it.
+    /// The shard label is not a canonical index below `MAX_SHARDS`: no worker's selector
+    /// matches it, or no shard can exist for it.
     Invalid {
         /// The offending label value.
         value: String,
     },
+    /// A valid shard label that the assigner did not write (a hand edit, or an object
+    /// created with the label): no worker acts on it, and the assigner moves the object
+    /// through the protocol as it does for a garbage label. A drain label beside it is
+    /// ignored too.
+    Untrusted {
+        /// The shard the label names.
+        labelled: ShardIndex,
+    },
 }
 
 impl ObjectPlacement {
-    /// Reads the placement from an object's labels.
-    pub fn from_labels(labels: Option<&BTreeMap<String, String>>) -> Self {
+    /// Reads the placement from an object's labels; `label_trusted` is whether the
+    /// assigner wrote the shard label (see [`crate::label_trust`]).
+    pub fn from_labels(labels: Option<&BTreeMap<String, String>>, label_trusted: bool) -> Self {
         let get = |key: &str| labels.and_then(|l| l.get(key));
         let drain = get(DRAIN_LABEL).is_some();
         match get(SHARD_LABEL) {
@@ -39,6 +49,7 @@ impl ObjectPlacement {
                 Err(_) => Self::Invalid {
                     value: value.clone(),
                 },
+                Ok(labelled) if !label_trusted => Self::Untrusted { labelled },
                 Ok(from) if drain => Self::Draining { from },
                 Ok(owner) => Self::Owned(owner),
             },
@@ -49,7 +60,7 @@ impl ObjectPlacement {
     pub fn owner(&self) -> Option<ShardIndex> {
         match self {
             Self::Owned(shard) | Self::Draining { from: shard } => Some(*shard),
-            Self::Unassigned { .. } | Self::Invalid { .. } => None,
+            Self::Unassigned { .. } | Self::Invalid { .. } | Self::Untrusted { .. } => None,
         }
     }
 }
@@ -190,7 +201,12 @@ mod tests {
     }
 
     fn placement(pairs: &[(&str, &str)]) -> ObjectPlacement {
-        ObjectPlacement::from_labels(Some(&labels(pairs)))
+        ObjectPlacement::from_labels(Some(&labels(pairs)), true)
+    }
+
+    /// The placement when the assigner did not write the shard label.
+    fn untrusted(pairs: &[(&str, &str)]) -> ObjectPlacement {
+        ObjectPlacement::from_labels(Some(&labels(pairs)), false)
     }
 
     const S0: ShardIndex = ShardIndex(0);
@@ -200,7 +216,7 @@ mod tests {
     #[test]
     fn placement_from_labels() {
         assert_eq!(
-            ObjectPlacement::from_labels(None),
+            ObjectPlacement::from_labels(None, true),
             ObjectPlacement::Unassigned { stray_drain: false }
         );
         assert_eq!(
@@ -220,6 +236,47 @@ mod tests {
             placement(&[(SHARD_LABEL, "7")]),
             ObjectPlacement::Owned(ShardIndex(7))
         );
+    }
+
+    #[test]
+    fn a_shard_label_the_assigner_did_not_write_is_untrusted() {
+        let hand_edit = ObjectPlacement::Untrusted { labelled: S1 };
+        assert_eq!(untrusted(&[(SHARD_LABEL, "1")]), hand_edit);
+        assert_eq!(
+            untrusted(&[(SHARD_LABEL, "1"), (DRAIN_LABEL, "2")]),
+            hand_edit
+        );
+        assert_eq!(hand_edit.owner(), None);
+        // Trust only matters for a valid shard label.
+        assert_eq!(
+            untrusted(&[(DRAIN_LABEL, "2")]),
+            ObjectPlacement::Unassigned { stray_drain: true }
+        );
+        assert_eq!(
+            untrusted(&[(SHARD_LABEL, "4294967295")]),
+            ObjectPlacement::Invalid {
+                value: "4294967295".into()
+            }
+        );
+    }
+
+    #[test]
+    fn labels_past_the_maximum_shard_count_are_garbage() {
+        assert_eq!(
+            placement(&[(SHARD_LABEL, "1023")]),
+            ObjectPlacement::Owned(ShardIndex(1023))
+        );
+        for value in ["1024", "4294967295", "4294967296"] {
+            let garbage = ObjectPlacement::Invalid {
+                value: value.into(),
+            };
+            assert_eq!(placement(&[(SHARD_LABEL, value)]), garbage);
+            assert_eq!(
+                placement(&[(SHARD_LABEL, value), (DRAIN_LABEL, "1")]),
+                garbage
+            );
+            assert_eq!(garbage.owner(), None);
+        }
     }
 
     /// Name, placement, deleting, desired shard, liveness, expected action.
@@ -242,6 +299,8 @@ mod tests {
         let owned = ObjectPlacement::Owned(S0);
         let draining = ObjectPlacement::Draining { from: S0 };
         let invalid = ObjectPlacement::Invalid { value: "x".into() };
+        let untrusted = ObjectPlacement::Untrusted { labelled: S2 };
+        let untrusted_s1 = ObjectPlacement::Untrusted { labelled: S1 };
         let cases: Vec<Case<'_>> = vec![
             (
                 "A1",
@@ -350,6 +409,22 @@ mod tests {
                 AssignerAction::Assign { to: S1 },
             ),
             (
+                "A9 hand edit",
+                &untrusted,
+                false,
+                S1,
+                &all_live,
+                AssignerAction::Assign { to: S1 },
+            ),
+            (
+                "A9 hand edit to the desired shard",
+                &untrusted_s1,
+                false,
+                S1,
+                &all_live,
+                AssignerAction::Assign { to: S1 },
+            ),
+            (
                 "A9 nowhere to go",
                 &invalid,
                 false,
@@ -406,6 +481,7 @@ mod tests {
         for s in shards {
             placements.push(ObjectPlacement::Owned(s));
             placements.push(ObjectPlacement::Draining { from: s });
+            placements.push(ObjectPlacement::Untrusted { labelled: s });
         }
         let desireds = [None, Some(S0), Some(S1), Some(S2)];
         let mut checked = 0;
@@ -429,7 +505,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 9 * 2 * 4 * 27);
+        assert_eq!(checked, 12 * 2 * 4 * 27);
     }
 
     fn check(
@@ -511,8 +587,24 @@ mod tests {
         for other in [
             ObjectPlacement::Unassigned { stray_drain: true },
             ObjectPlacement::Invalid { value: "1x".into() },
+            ObjectPlacement::Invalid {
+                value: "4294967295".into(),
+            },
         ] {
             assert_eq!(worker_action(&other, S1, false), WorkerAction::Ignore);
+        }
+    }
+
+    #[test]
+    fn no_worker_acts_on_a_shard_label_the_assigner_did_not_write() {
+        let hand_edit = ObjectPlacement::Untrusted { labelled: S1 };
+        for shard in [S0, S1, S2] {
+            for deleting in [false, true] {
+                assert_eq!(
+                    worker_action(&hand_edit, shard, deleting),
+                    WorkerAction::Ignore
+                );
+            }
         }
     }
 }

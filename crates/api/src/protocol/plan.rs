@@ -25,10 +25,14 @@ pub struct ObjectFacts<'a> {
 /// The assigner's next step for one object.
 pub fn plan_object(facts: ObjectFacts<'_>, table: &ShardTable) -> AssignerAction {
     let desired = table.desired_shard(facts.key_hash);
-    // A label removed or garbled behind the owner's back: give the object back to the
-    // owner that may still be reconciling it, so that it moves through a drain.
-    if let (ObjectPlacement::Unassigned { .. } | ObjectPlacement::Invalid { .. }, Some(last)) =
-        (facts.placement, facts.last_owner)
+    // A label removed, garbled or hand-edited behind the owner's back: give the object
+    // back to the owner that may still be reconciling it, so that it moves through a drain.
+    if let (
+        ObjectPlacement::Unassigned { .. }
+        | ObjectPlacement::Invalid { .. }
+        | ObjectPlacement::Untrusted { .. },
+        Some(last),
+    ) = (facts.placement, facts.last_owner)
         && Some(last) != desired
         && table.is_live(last)
     {

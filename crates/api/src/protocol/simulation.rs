@@ -13,6 +13,11 @@
 //!   later; they restart, take over Leases of other shards, release on request; the
 //!   desired shard count changes.
 //!
+//! Users may edit labels by hand: a removed or garbled shard label, or a valid one that the
+//! assigner did not write (untrusted: no worker starts on it, see
+//! [`crate::label_trust`]). Hand edits to valid labels are inside the safety promise;
+//! removed and garbled labels are only checked for liveness.
+//!
 //! After every step it checks the safety property, **at most one shard reconciles an
 //! object at any time**, and from every explored state it runs a fair completion (no more
 //! failures, every worker in range running) that must end with every object owned by its
@@ -24,7 +29,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::lease::LeaseSnapshot;
-use super::object::{AssignerAction, ObjectPlacement};
+use super::object::{AssignerAction, ObjectPlacement, WorkerAction, worker_action};
 use super::plan::{LeaseStep, ObjectFacts, plan_object, plan_shard};
 use super::shards::ShardTable;
 use crate::assignment::{jump_consistent_hash, object_key_hash};
@@ -38,8 +43,11 @@ const NOW: i64 = 1_000_000;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Label {
     Absent,
+    /// Written by the assigner.
     Shard(u32),
     Garbage,
+    /// A valid shard label somebody else wrote.
+    HandEdited(u32),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -60,11 +68,15 @@ impl Obj {
             Label::Garbage => {
                 labels.insert(SHARD_LABEL.to_owned(), "x".to_owned());
             }
+            Label::HandEdited(s) => {
+                labels.insert(SHARD_LABEL.to_owned(), s.to_string());
+            }
         }
         if self.drain {
             labels.insert(DRAIN_LABEL.to_owned(), "d".to_owned());
         }
-        ObjectPlacement::from_labels(Some(&labels))
+        let trusted = !matches!(self.label, Label::HandEdited(_));
+        ObjectPlacement::from_labels(Some(&labels), trusted)
     }
 }
 
@@ -139,7 +151,10 @@ struct Budget {
     stops: u8,
     assigner_restarts: u8,
     n_changes: u8,
+    /// Removals and garbling of shard labels (outside the safety promise).
     tampers: u8,
+    /// Hand edits to valid, untrusted shard labels (inside it).
+    hand_edits: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -244,14 +259,17 @@ impl Model {
                     if !holds {
                         continue;
                     }
-                    if let Some(cached) = &worker.cache[o]
-                        && cached.label == Label::Shard(s as u32)
+                    // The worker's own decision, from its cached copy.
+                    let shard = ShardIndex(s as u32);
+                    match worker.cache[o]
+                        .as_ref()
+                        .map(|cached| worker_action(&cached.placement(), shard, false))
                     {
-                        steps.push(if cached.drain {
-                            Step::Ack(wi, s, o)
-                        } else {
-                            Step::StartReconcile(wi, s, o)
-                        });
+                        Some(WorkerAction::AcknowledgeDrain) => steps.push(Step::Ack(wi, s, o)),
+                        Some(WorkerAction::Reconcile) => {
+                            steps.push(Step::StartReconcile(wi, s, o));
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -281,12 +299,17 @@ impl Model {
         }
         if w.budget.tampers > 0 {
             for o in 0..w.objs.len() {
-                for label in [
-                    Label::Absent,
-                    Label::Garbage,
-                    Label::Shard(0),
-                    Label::Shard(2),
-                ] {
+                for label in [Label::Absent, Label::Garbage] {
+                    if w.objs[o].label != label {
+                        steps.push(Step::Tamper(o, label));
+                    }
+                }
+            }
+        }
+        if w.budget.hand_edits > 0 {
+            for o in 0..w.objs.len() {
+                for s in 0..SHARDS as u32 {
+                    let label = Label::HandEdited(s);
                     if w.objs[o].label != label {
                         steps.push(Step::Tamper(o, label));
                     }
@@ -395,6 +418,11 @@ impl Model {
             }
             Step::AssignerRestart => {
                 w.budget.assigner_restarts -= 1;
+                // The memory of the owners of hand-edited objects is lost with it.
+                w.tampered |= w
+                    .objs
+                    .iter()
+                    .any(|o| matches!(o.label, Label::HandEdited(_)));
                 // The old leader's requests have landed or timed out before a new leader
                 // acts (its leader Lease outlives the request timeout): drop the rest.
                 w.assigner = Assigner {
@@ -459,8 +487,21 @@ impl Model {
                 w.n = *n;
             }
             Step::Tamper(o, label) => {
-                w.budget.tampers -= 1;
-                w.tampered = true;
+                if matches!(label, Label::HandEdited(_)) {
+                    w.budget.hand_edits -= 1;
+                    // Inside the promise only while the assigner remembers who owned the
+                    // object: without that memory it cannot tell the owner whose
+                    // reconcile may still be in flight (the admission policy closes this).
+                    let remembered = match (&w.objs[*o].label, w.objs[*o].drain) {
+                        (Label::Shard(s), false) => w.assigner.last_owner[*o] == Some(*s),
+                        (Label::Absent, false) => true,
+                        _ => false,
+                    };
+                    w.tampered |= !remembered;
+                } else {
+                    w.budget.tampers -= 1;
+                    w.tampered = true;
+                }
                 let obj = &mut w.objs[*o];
                 obj.label = label.clone();
                 obj.rv += 1;
@@ -471,7 +512,7 @@ impl Model {
     /// At most one (worker, shard) pair reconciles each object.
     fn check_safety(&self, w: &World, trace: &[Step]) {
         if w.tampered {
-            return; // a user editing labels by hand is outside the protocol's promise
+            return; // a user removing or garbling labels is outside the protocol's promise
         }
         for o in 0..w.objs.len() {
             let reconcilers: Vec<(usize, u32)> = w
@@ -875,6 +916,40 @@ fn tampered_labels_are_repaired() {
 }
 
 #[test]
+fn hand_edited_labels_never_start_a_second_reconciler() {
+    // Any object's shard label may be set by hand to any shard, twice, while owners
+    // reconcile, crash and get taken over: no second shard starts, and the assigner puts
+    // every object back on its desired shard.
+    let (model, w) = steady(
+        2,
+        3,
+        Budget {
+            hand_edits: 2,
+            crashes: 1,
+            ..Budget::default()
+        },
+    );
+    let w = with(w, &model, &[Step::Observe]);
+    let states = model.explore(w, 10, max_states());
+    assert!(states > 1_000, "explored only {states} states");
+}
+
+#[test]
+fn hand_edits_during_a_rebalance() {
+    let (model, w) = steady(
+        2,
+        2,
+        Budget {
+            hand_edits: 1,
+            ..Budget::default()
+        },
+    );
+    let w = with(w, &model, &[Step::Acquire(2, 2), Step::Observe]);
+    let w = World { n: 3, ..w };
+    model.explore(w, 14, max_states());
+}
+
+#[test]
 fn random_walks_with_every_kind_of_failure() {
     for seed in 0..400 {
         let (model, w) = steady(
@@ -886,6 +961,7 @@ fn random_walks_with_every_kind_of_failure() {
                 assigner_restarts: 2,
                 n_changes: 3,
                 tampers: 0,
+                hand_edits: 2,
             },
         );
         model.walk(w, 250, seed);

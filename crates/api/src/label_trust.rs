@@ -1,0 +1,107 @@
+//! Who last wrote an object's shard label, read from `metadata.managedFields`.
+//!
+//! A worker acts on an object only when the assigner wrote its shard label: a hand edit
+//! that moves an object to another shard must not make that shard start reconciling it
+//! (see "Who may write the labels" in `docs/shard-protocol.md`). The API server records the
+//! writer of every field: a write that *changes* a field's value makes its manager the
+//! field's only owner (an apply of the same value adds the applier as a co-owner; a patch of
+//! the same value changes nothing). So "the assigner's field manager owns the shard label"
+//! holds exactly while nobody else changed the label since the assigner wrote it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+use serde_json::json;
+
+use crate::constants::{ASSIGNER_FIELD_MANAGER, SHARD_LABEL};
+
+/// The key of the shard label in a `fieldsV1` set.
+fn label_field() -> String {
+    format!("f:{SHARD_LABEL}")
+}
+
+/// Whether `entry` records the assigner as an owner of the shard label.
+fn owns_shard_label(entry: &ManagedFieldsEntry) -> bool {
+    entry.manager.as_deref() == Some(ASSIGNER_FIELD_MANAGER)
+        && entry.subresource.as_deref().unwrap_or_default().is_empty()
+        && entry
+            .fields_v1
+            .as_ref()
+            .and_then(|fields| fields.0.get("f:metadata")?.get("f:labels"))
+            .is_some_and(|labels| labels.get(label_field()).is_some())
+}
+
+/// Whether the assigner's field manager is among the owners of the shard label.
+pub fn shard_label_written_by_assigner(managed_fields: Option<&[ManagedFieldsEntry]>) -> bool {
+    managed_fields.is_some_and(|entries| entries.iter().any(owns_shard_label))
+}
+
+/// The managedFields a cache keeps instead of the real ones: a single entry recording that
+/// the assigner owns the shard label when it does, nothing otherwise. Caches drop
+/// managedFields for memory; this keeps the one fact the protocol reads from them, in a
+/// form [`shard_label_written_by_assigner`] reads back.
+pub fn trust_marker(
+    managed_fields: Option<&[ManagedFieldsEntry]>,
+) -> Option<Vec<ManagedFieldsEntry>> {
+    shard_label_written_by_assigner(managed_fields).then(|| {
+        vec![ManagedFieldsEntry {
+            manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+            operation: Some("Update".to_owned()),
+            fields_type: Some("FieldsV1".to_owned()),
+            fields_v1: Some(FieldsV1(
+                json!({ "f:metadata": { "f:labels": { label_field(): {} } } }),
+            )),
+            ..Default::default()
+        }]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(manager: &str, subresource: Option<&str>, labels: &[&str]) -> ManagedFieldsEntry {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|l| (format!("f:{l}"), json!({})))
+            .collect();
+        ManagedFieldsEntry {
+            manager: Some(manager.to_owned()),
+            operation: Some("Update".to_owned()),
+            subresource: subresource.map(str::to_owned),
+            fields_type: Some("FieldsV1".to_owned()),
+            fields_v1: Some(FieldsV1(json!({ "f:metadata": { "f:labels": labels } }))),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_the_assigner_owning_the_shard_label_is_trusted() {
+        let assigner = entry(ASSIGNER_FIELD_MANAGER, None, &[SHARD_LABEL]);
+        let drain_only = entry(ASSIGNER_FIELD_MANAGER, None, &["shardop.dev/drain"]);
+        let kubectl = entry("kubectl-label", None, &[SHARD_LABEL]);
+        let status = entry(ASSIGNER_FIELD_MANAGER, Some("status"), &[SHARD_LABEL]);
+        let trusted =
+            |entries: &[ManagedFieldsEntry]| shard_label_written_by_assigner(Some(entries));
+        assert!(trusted(std::slice::from_ref(&assigner)));
+        // A co-owner (an apply of the same value by someone else) does not take it away.
+        assert!(trusted(&[kubectl.clone(), assigner]));
+        assert!(!trusted(&[kubectl]));
+        assert!(!trusted(&[drain_only]));
+        assert!(!trusted(&[status]));
+        assert!(!trusted(&[]));
+        assert!(!shard_label_written_by_assigner(None));
+    }
+
+    #[test]
+    fn the_cache_marker_keeps_exactly_the_trust() {
+        let assigner = vec![
+            entry("kubectl-client-side-apply", None, &["app"]),
+            entry(ASSIGNER_FIELD_MANAGER, None, &[SHARD_LABEL]),
+        ];
+        let marker = trust_marker(Some(assigner.as_slice()));
+        assert_eq!(marker.as_ref().map(Vec::len), Some(1));
+        assert!(shard_label_written_by_assigner(marker.as_deref()));
+        let hand_edit = vec![entry("kubectl-edit", None, &[SHARD_LABEL])];
+        assert_eq!(trust_marker(Some(hand_edit.as_slice())), None);
+        assert_eq!(trust_marker(None), None);
+    }
+}
