@@ -20,7 +20,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shardop_api::DatabaseCluster;
-use shardop_api::constants::{SHARD_LABEL, condition};
+use shardop_api::constants::{ASSIGNER_FIELD_MANAGER, SHARD_LABEL, condition};
 use shardop_e2e::process::{ProcessSpec, ShardopProcess};
 use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
 
@@ -152,11 +152,14 @@ impl Env {
     async fn create(&self, name: &str, spec: serde_json::Value) {
         let mut manifest = shardop_e2e::database_cluster_json(name, spec);
         manifest["metadata"]["labels"] = json!({ SHARD_LABEL: "0" });
+        // The shard label as the assigner writes it (the test plays the assigner): a worker
+        // acts only on a label the assigner's field manager owns.
+        let params = PostParams {
+            field_manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+            ..PostParams::default()
+        };
         self.clusters()
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(manifest).unwrap(),
-            )
+            .create(&params, &serde_json::from_value(manifest).unwrap())
             .await
             .unwrap();
     }
