@@ -139,6 +139,8 @@ enum Scenario {
     Slowdep,
     /// A worker aborting mid-reconcile, restarted.
     Crash,
+    /// A busy, throttled worker frozen (SIGSTOP) past its Lease, taken over, resumed.
+    Freeze,
     /// Regenerate docs/performance.md from the JSON files in BENCH_DIR.
     Report,
 }
@@ -195,6 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Churn => scenarios::churn(knobs).await?,
         Scenario::Slowdep => scenarios::slowdep(knobs).await?,
         Scenario::Crash => scenarios::crash(knobs).await?,
+        Scenario::Freeze => scenarios::freeze(knobs).await?,
         Scenario::Report => return Ok(()),
     };
     let mut report = outcome.report;

@@ -69,6 +69,15 @@ const SCENARIOS: &[(&str, &[&str])] = &[
         "crash",
         &["crashes", "others_lag_p99_s", "duplicated_side_effects"],
     ),
+    (
+        "freeze",
+        &[
+            "late_writes",
+            "dual_ownership",
+            "handback_s",
+            "handback_conflicts",
+        ],
+    ),
 ];
 
 /// Rewrites the generated section of `doc` from `<dir>/*.json`.
