@@ -783,7 +783,8 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(fake.sent(), 1, "the write is in flight");
         guard.invalidate();
-        assert!(lease_lost(write.await.unwrap()));
+        let abandoned = tokio::time::timeout(Duration::from_secs(30), write).await;
+        assert!(lease_lost(abandoned.expect("still in flight").unwrap()));
         assert_eq!(start.elapsed(), Duration::from_secs(1), "cancelled at once");
     }
 
