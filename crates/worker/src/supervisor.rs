@@ -138,10 +138,9 @@ impl Supervisor {
         let grace = self.stop_grace(StopReason::Shutdown);
         let stops = served.into_values().map(|s| {
             let metrics = self.metrics.clone();
-            let timeout = grace;
             async move {
                 let shard = s.lease.shard();
-                s.controller.stop(timeout).await;
+                s.controller.stop(grace).await;
                 if let Err(err) = s.lease.release().await {
                     tracing::warn!(%shard, error = %err, "releasing the shard lease failed");
                 }
@@ -247,24 +246,7 @@ impl Supervisor {
             if shard != self.home {
                 tracing::warn!(%shard, "took over the shard of a worker that stopped renewing");
             }
-            let client = clients.fenced(shard, held.guard())?;
-            self.metrics.start_shard(shard);
-            let controller = ShardController::start(
-                shard,
-                held.guard(),
-                client.clone(),
-                self.metrics.clone(),
-                &self.controller,
-            );
-            served.insert(
-                shard,
-                Served {
-                    lease: held,
-                    controller,
-                    heartbeat: Heartbeat::default(),
-                    shards: Api::namespaced(client, &self.lease_settings.namespace),
-                },
-            );
+            served.insert(shard, self.serve(clients, held)?);
         }
 
         // 4. Metrics, heartbeats, readiness.
@@ -289,6 +271,27 @@ impl Supervisor {
             .is_some_and(|s| s.controller.is_synced() && !s.lease.is_lost());
         self.readiness.set(ready);
         Ok(())
+    }
+
+    /// Starts serving a freshly acquired shard: its controller, with a client fenced by
+    /// this acquisition's guard.
+    fn serve(&self, clients: &ShardClients, held: HeldLease) -> anyhow::Result<Served> {
+        let shard = held.shard();
+        let client = clients.fenced(shard, held.guard())?;
+        self.metrics.start_shard(shard);
+        let controller = ShardController::start(
+            shard,
+            held.guard(),
+            client.clone(),
+            self.metrics.clone(),
+            &self.controller,
+        );
+        Ok(Served {
+            lease: held,
+            controller,
+            heartbeat: Heartbeat::default(),
+            shards: Api::namespaced(client, &self.lease_settings.namespace),
+        })
     }
 
     /// Carries out the Lease write the cached view suggested for `shard`, decided again on a

@@ -89,6 +89,11 @@ pub async fn freeze(knobs: &Knobs) -> anyhow::Result<Outcome> {
     .await
     .context("the shard was not handed back to its home worker")?;
     let handback_polled_s = resumed_instant.elapsed().as_secs_f64();
+    // The writes the frozen worker had queued, refused or cancelled by the fence after
+    // SIGCONT: without any the run would not have tested anything.
+    let fenced_writes = env::scrape(home_port).await.map_or(0.0, |text| {
+        metric_value(&text, "shardop_kube_fenced_requests_total", &[])
+    });
     let converged = run
         .wait_until(knobs.converge_timeout(), |run| run.conv.all_converged(&all))
         .await
@@ -146,6 +151,7 @@ pub async fn freeze(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("frozen_s", frozen_s)
         .set("taker", &taker)
         .set("taken_over", taker_acquired.is_some())
+        .set("fenced_writes", fenced_writes)
         .set("late_writes", late_writes)
         .set("dual_ownership", dual_ownership)
         .set("overlap", overlap)
@@ -159,6 +165,10 @@ pub async fn freeze(knobs: &Knobs) -> anyhow::Result<Outcome> {
     Ok(Outcome {
         report,
         checks: vec![
+            (
+                "frozen while busy (fenced_writes > 0)".into(),
+                fenced_writes > 0.0,
+            ),
             ("late_writes == 0".into(), late_writes == 0),
             ("dual_ownership == 0".into(), dual_ownership == 0),
             ("overlap == 0".into(), overlap == 0),
