@@ -101,7 +101,7 @@ BENCH_BIN_DIR = $(TARGET_DIR)/$(if $(filter dev,$(BENCH_PROFILE)),debug,$(BENCH_
 SCENARIO ?= create
 
 .PHONY: bench
-bench: toolchain tools ## Run benchmark SCENARIO (one or more of raw create restart rescale failover delete throttle churn slowdep crash cleanupdep; knobs OBJECTS SHARDS DURATION RATE ...)
+bench: toolchain tools ## Run benchmark SCENARIO (one or more of raw create restart rescale failover delete throttle churn slowdep crash cleanupdep freeze; knobs OBJECTS SHARDS DURATION RATE ...)
 	$(CARGO) build --profile $(BENCH_PROFILE) -p shardop-worker -p shardop-assigner -p shardop-bench $(BENCH_FEATURES)
 	@export $(BENCH_CLUSTER_ENV) SHARDOP_BIN_DIR=$(BENCH_BIN_DIR); status=0; \
 	  for scenario in $(SCENARIO); do \
@@ -114,11 +114,12 @@ bench-report: ## Regenerate docs/performance.md from target/bench/*.json
 	$(CARGO) run -q -p shardop-bench -- report
 
 # Every scenario, small: OBJECTS=200 (60 for throttle, whose priority level admits only
-# ~12 writes/s), 30 s of churn, a 5 s slow dependency. They share one
+# ~12 writes/s, and for freeze, whose frozen worker writes once a second), 30 s of churn, a
+# 5 s slow dependency. They share one
 # fresh control plane (REUSE_CLUSTER) to stay within a few minutes, and fail on any
 # violated correctness field (writes on restart, dual ownership, relabels, overlap, stuck or
-# orphaned objects, duplicated side effects).
-SMOKE_SCENARIOS := raw create restart rescale failover delete throttle churn slowdep crash cleanupdep
+# orphaned objects, duplicated side effects, late writes after a Lease was taken).
+SMOKE_SCENARIOS := raw create restart rescale failover delete throttle churn slowdep crash cleanupdep freeze
 SMOKE_KNOBS := OBJECTS=200 RAW_OBJECTS=100 SHARDS=3 DURATION=30s CREATE_RATE=40 SLOW_OBJECTS=3 SLOW_DELAY=5s CRASHES=2 TIMEOUT=240s BENCH_DIR=$(CURDIR)/target/bench-smoke REUSE_CLUSTER=true
 
 .PHONY: bench-smoke
@@ -128,7 +129,7 @@ bench-smoke: toolchain tools ## A fast version of every benchmark scenario (part
 	  mkdir -p target/bench-smoke; bash hack/cluster-down.sh 2>/dev/null; status=0; passed=0; failed=0; \
 	  for scenario in $(SMOKE_SCENARIOS); do \
 	    started=$$SECONDS; extra=; \
-	    if [[ "$$scenario" == throttle ]]; then extra=OBJECTS=60; fi; \
+	    if [[ "$$scenario" == throttle || "$$scenario" == freeze ]]; then extra=OBJECTS=60; fi; \
 	    if env $(SMOKE_KNOBS) $$extra "$(TARGET_DIR)/debug/shardop-bench" "$$scenario" \
 	         >"target/bench-smoke/$$scenario.out" 2>"target/bench-smoke/$$scenario.log"; then \
 	      passed=$$((passed + 1)); echo "bench-smoke: $$scenario ok ($$((SECONDS - started)) s)"; \

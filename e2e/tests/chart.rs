@@ -305,8 +305,8 @@ fn chart_lints_renders_and_rejects_bad_values() {
     let k = kinds(&docs);
     for (kind, count) in [
         ("HorizontalPodAutoscaler", 1),
-        ("FlowSchema", 2),
-        ("PriorityLevelConfiguration", 2),
+        ("FlowSchema", 3),
+        ("PriorityLevelConfiguration", 3),
         ("ServiceMonitor", 2),
         ("PrometheusRule", 1),
         ("NetworkPolicy", 2),
@@ -434,6 +434,10 @@ fn chart_lints_renders_and_rejects_bad_values() {
         (
             "apf.writes.matchingPrecedence=100",
             "/apf/writes/matchingPrecedence",
+        ),
+        (
+            "apf.enabled=true,apf.leases.matchingPrecedence=600",
+            "apf.leases.matchingPrecedence must be lower than apf.writes.matchingPrecedence",
         ),
         (
             "worker.lease.renewDeadlineSeconds=20",
@@ -786,8 +790,8 @@ async fn chart_installs_every_object_on_the_real_api_server() {
     );
 
     // API Priority and Fairness classifies the ServiceAccounts' requests into the chart's
-    // FlowSchemas: reads into one, writes into the other (the API server names the schema
-    // in a response header).
+    // FlowSchemas: reads, Lease writes and other writes each into their own (the API server
+    // names the schema in a response header).
     let dir = log_dir("chart_install");
     let worker = service_account_kubeconfig(cluster, &ns.name, "shardop-worker", &dir);
     let schema_uid = |name: &str| {
@@ -807,8 +811,18 @@ async fn chart_installs_every_object_on_the_real_api_server() {
         schema_uid("reads"),
         "a worker read is not in the reads FlowSchema"
     );
-    let probe = format!(
+    let lease_probe = format!(
         "{{\"apiVersion\":\"coordination.k8s.io/v1\",\"kind\":\"Lease\",\"metadata\":{{\"name\":\"apf-probe\",\"namespace\":\"{}\"}}}}",
+        ns.name
+    );
+    let lease_write = flow_schema_of(cluster, &worker, &["create", "-f", "-"], &lease_probe);
+    assert_eq!(
+        lease_write,
+        schema_uid("leases"),
+        "a worker Lease write is not in the leases FlowSchema"
+    );
+    let probe = format!(
+        "{{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{{\"name\":\"apf-probe\",\"namespace\":\"{}\"}},\"spec\":{{\"ports\":[{{\"port\":80}}]}}}}",
         ns.name
     );
     let write = flow_schema_of(cluster, &worker, &["create", "-f", "-"], &probe);

@@ -89,6 +89,8 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let client = clients.client(&format!("shardop-assigner ({identity})"))?;
+    // Leader election renews on the Lease budget: never behind a backlog of label writes.
+    let lease_client = clients.lease_client(&format!("shardop-assigner ({identity})"))?;
     tracing::info!(
         %identity,
         api_server = clients.reachability().server(),
@@ -126,7 +128,7 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
             metrics.is_leader.set(0);
         }
     };
-    let result = leader::run(client.clone(), election, shutdown, lead).await;
+    let result = leader::run(lease_client, election, shutdown, lead).await;
     servers.cancel();
     while tasks.join_next().await.is_some() {}
     tracing::info!("shardop-assigner stopped");

@@ -87,11 +87,14 @@ impl BenchEnv {
         .arg("--watch-namespaces")
         .arg(&self.objects_ns.name)
         .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--kube-qps")
-        .arg("200")
-        .arg("--kube-burst")
-        .arg("400");
+        .arg(format!("127.0.0.1:{port}"));
+        // A scenario may give a worker a budget of its own (clap refuses a flag twice).
+        if !extra.iter().any(|a| a.starts_with("--kube-qps")) {
+            spec = spec.arg("--kube-qps").arg("200");
+        }
+        if !extra.iter().any(|a| a.starts_with("--kube-burst")) {
+            spec = spec.arg("--kube-burst").arg("400");
+        }
         for arg in WORKER_LEASE_FLAGS.iter().chain(extra) {
             spec = spec.arg(*arg);
         }
@@ -199,6 +202,7 @@ pub async fn unlimited_client(cluster: &Cluster) -> anyhow::Result<Client> {
     let args = KubeClientArgs {
         kube_qps: 0.0,
         kube_burst: 0,
+        ..KubeClientArgs::default()
     };
     let factory = ClientFactory::new(
         config,

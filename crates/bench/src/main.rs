@@ -141,6 +141,8 @@ enum Scenario {
     Crash,
     /// Finalizer cleanup with its dependency (claim deletion) down.
     Cleanupdep,
+    /// A busy, throttled worker frozen (SIGSTOP) past its Lease, taken over, resumed.
+    Freeze,
     /// Regenerate docs/performance.md from the JSON files in BENCH_DIR.
     Report,
 }
@@ -198,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Slowdep => scenarios::slowdep(knobs).await?,
         Scenario::Crash => scenarios::crash(knobs).await?,
         Scenario::Cleanupdep => scenarios::cleanupdep(knobs).await?,
+        Scenario::Freeze => scenarios::freeze(knobs).await?,
         Scenario::Report => return Ok(()),
     };
     let mut report = outcome.report;

@@ -83,6 +83,15 @@ const SCENARIOS: &[(&str, &[&str])] = &[
             "cleanup_recovery_s",
         ],
     ),
+    (
+        "freeze",
+        &[
+            "late_writes",
+            "dual_ownership",
+            "handback_s",
+            "handback_conflicts",
+        ],
+    ),
 ];
 
 /// Rewrites the generated section of `doc` from `<dir>/*.json`.

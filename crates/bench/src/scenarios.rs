@@ -25,6 +25,9 @@ use crate::report::Report;
 use crate::run::{self, Run, names, on_shard, round1};
 use crate::{Knobs, apf};
 
+mod freeze;
+pub use freeze::freeze;
+
 /// A scenario's result and the correctness checks it must pass.
 pub struct Outcome {
     /// The JSON report.

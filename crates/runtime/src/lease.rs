@@ -155,8 +155,25 @@ impl LeaseGuard {
         self.inner.lost.child_token()
     }
 
+    /// Completes as soon as [`Self::is_valid`] turns false: the guard is lost or released,
+    /// or its deadline passes without a renew having moved it. A write in flight is
+    /// abandoned at that instant (see `client`), however long the server takes.
+    pub async fn invalidated(&self) {
+        loop {
+            let until = self.valid_until();
+            tokio::select! {
+                biased;
+                () = self.inner.lost.cancelled() => return,
+                () = tokio::time::sleep_until(until) => {}
+            }
+            if !self.is_valid() {
+                return;
+            }
+        }
+    }
+
     /// Marks the guard invalid for good.
-    fn invalidate(&self) {
+    pub(crate) fn invalidate(&self) {
         self.inner.lost.cancel();
     }
 }
@@ -601,6 +618,33 @@ mod tests {
         assert!(!guard.is_valid());
         guard.extend(Instant::now() + Duration::from_secs(60));
         assert!(!guard.is_valid(), "a lost guard stays lost");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidated_follows_renewals_and_completes_at_the_deadline() {
+        let start = Instant::now();
+        let guard = LeaseGuard::new(ShardIndex(2), start + Duration::from_secs(4));
+        let renewer = guard.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            renewer.extend(Instant::now() + Duration::from_secs(4));
+        });
+        guard.invalidated().await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(7),
+            "the renewed deadline"
+        );
+
+        let lost = LeaseGuard::new(ShardIndex(2), Instant::now() + Duration::from_secs(60));
+        let waiter = tokio::spawn({
+            let lost = lost.clone();
+            async move { lost.invalidated().await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lost.invalidate();
+        waiter.await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(8), "at once when lost");
     }
 
     #[test]

@@ -106,6 +106,40 @@ pub fn acquisition(
     }
 }
 
+/// How many times one step writes a shard Lease (acquire, hand-back request) that keeps
+/// changing under it (409): each attempt reads the Lease afresh and decides again. The
+/// holder renews every retry period, so one retry is almost always enough; the next step
+/// starts over anyway.
+pub const LEASE_WRITE_ATTEMPTS: usize = 3;
+
+/// Why the controller of a served shard is stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The Lease is gone (renew deadline passed, or someone else holds it).
+    LeaseLost,
+    /// Its home worker asked for it back (or it is retired).
+    HandBack,
+    /// The process is shutting down (SIGTERM).
+    Shutdown,
+}
+
+/// How long in-flight reconciles of a stopping shard may go on before they are aborted.
+///
+/// * Lease lost: not at all. The fenced client has refused or cancelled every write
+///   already, so nothing left can finish usefully; aborting at once also hands the tokens
+///   of waiting writes back to the bucket.
+/// * Hand-back: at most half a Lease duration. The home worker waits for this release, and
+///   must have its shard back within 2 × the Lease duration whatever this worker's client
+///   budget (a throttled worker's reconciles may queue for far longer than that).
+/// * Shutdown: the full `--shutdown-timeout`.
+pub fn stop_grace(reason: StopReason, me: &Me<'_>, shutdown_timeout: Duration) -> Duration {
+    match reason {
+        StopReason::LeaseLost => Duration::ZERO,
+        StopReason::HandBack => shutdown_timeout.min(me.lease_duration / 2),
+        StopReason::Shutdown => shutdown_timeout,
+    }
+}
+
 /// Whether the worker should let go of a shard it serves: a hand-back or retirement was
 /// requested and the shard is not its home (a home worker keeps its own shard).
 pub fn should_release(me: &Me<'_>, shard: ShardIndex, lease: Option<&LeaseSnapshot>) -> bool {
@@ -246,6 +280,55 @@ mod tests {
                 ts(1000)
             ),
             Acquisition::Wait
+        );
+    }
+
+    #[test]
+    fn stop_grace_by_reason() {
+        let timeout = Duration::from_secs(20);
+        assert_eq!(
+            stop_grace(StopReason::LeaseLost, &me(), timeout),
+            Duration::ZERO
+        );
+        // Half of the 15 s Lease duration, not the 20 s shutdown timeout.
+        assert_eq!(
+            stop_grace(StopReason::HandBack, &me(), timeout),
+            Duration::from_millis(7500)
+        );
+        assert_eq!(
+            stop_grace(StopReason::HandBack, &me(), Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(stop_grace(StopReason::Shutdown, &me(), timeout), timeout);
+    }
+
+    #[test]
+    fn a_stale_view_after_a_freeze_suggests_writes_a_fresh_read_does_not() {
+        // Worker 1 was frozen for 40 s. Its cache still shows shard 0 renewed at 100 and
+        // its own shard 1 held by itself; meanwhile worker 0 renewed shard 0 and worker 2
+        // took shard 1 over.
+        let now = ts(140);
+        let stale_other = lease(Some("shardop-worker-0"), 100);
+        let stale_home = lease(Some(W1), 100);
+        assert_eq!(
+            acquisition(&me(), ShardIndex(0), Some(&stale_other), 3, now),
+            Acquisition::Acquire,
+            "from the stale view shard 0 looks expired"
+        );
+        assert_eq!(
+            acquisition(&me(), ShardIndex(1), Some(&stale_home), 3, now),
+            Acquisition::Acquire
+        );
+        // The fresh reads the supervisor decides on.
+        let fresh_other = lease(Some("shardop-worker-0"), 139);
+        let fresh_home = lease(Some("shardop-worker-2"), 139);
+        assert_eq!(
+            acquisition(&me(), ShardIndex(0), Some(&fresh_other), 3, now),
+            Acquisition::Wait
+        );
+        assert_eq!(
+            acquisition(&me(), ShardIndex(1), Some(&fresh_home), 3, now),
+            Acquisition::RequestHandBack
         );
     }
 

@@ -71,8 +71,13 @@ impl From<ResizeError> for ReconcileError {
 }
 
 impl ReconcileError {
+    /// A failed request; one the shard's fenced client refused or abandoned because the
+    /// Lease was gone is a lost Lease, not an API error (no backoff).
     fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Self {
-        move |source| Self::Kube { action, source }
+        move |source| match shardop_runtime::client::fenced_out(&source) {
+            Some(lost) => Self::LeaseLost(lost),
+            None => Self::Kube { action, source },
+        }
     }
 
     /// Every value [`reason`](Self::reason) can return.
@@ -997,6 +1002,20 @@ mod tests {
             shardop_api::ShardIndex(0),
         )));
         assert_eq!(cleanup_progress(&lost), None, "nothing may be written");
+    }
+
+    #[test]
+    fn a_write_fenced_out_by_the_client_is_a_lost_lease() {
+        let fenced = kube::Error::Service(Box::new(LeaseLost(shardop_api::ShardIndex(3))));
+        let err = ReconcileError::kube("applying the StatefulSet")(fenced);
+        assert_eq!(err.reason(), "lease_lost");
+        assert!(matches!(
+            err,
+            ReconcileError::LeaseLost(LeaseLost(shardop_api::ShardIndex(3)))
+        ));
+        let other = kube::Error::Service("connection reset".into());
+        let err = ReconcileError::kube("applying the StatefulSet")(other);
+        assert_eq!(err.reason(), "transport");
     }
 
     #[test]

@@ -4,7 +4,11 @@
 //! shutdown stops everything and releases every Lease.
 //!
 //! The decisions are in [`crate::failover`]; this module only observes (one watch over all
-//! shard Leases) and acts.
+//! shard Leases) and acts. The watch is a hint: every Lease write it suggests (acquire,
+//! hand-back request) is decided again on a fresh read of that Lease, and retried from a
+//! fresh read when it loses a race (409), so a worker that was frozen or slow never writes
+//! from a stale view. Lease requests use the Lease budget of the [`ClientFactory`]; each
+//! served shard's controller gets a client fenced by that acquisition's [`LeaseGuard`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -12,14 +16,15 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
+use shardop_api::protocol::LeaseSnapshot;
 use shardop_api::{Shard, ShardIndex};
 use shardop_runtime::{
-    ClientFactory, HeldLease, LeaseSettings, Readiness, ShardLeaseWatch, ShardLeases,
+    ClientFactory, HeldLease, LeaseGuard, LeaseSettings, Readiness, ShardLeaseWatch, ShardLeases,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::{ControllerSettings, ShardController};
-use crate::failover::{self, Acquisition, Me};
+use crate::failover::{self, Acquisition, LEASE_WRITE_ATTEMPTS, Me, StopReason};
 use crate::heartbeat::{Heartbeat, Report};
 use crate::metrics::WorkerMetrics;
 use crate::step_retry::StepRetry;
@@ -49,27 +54,34 @@ struct Served {
     shards: Api<Shard>,
 }
 
-/// Clients (and Lease I/O) acting as each shard, created on first use.
+/// Clients acting as each shard (user agent `shardop-worker/shard-<i> (<pod>)`): Lease I/O
+/// on the Lease budget, created on first use, and fenced clients for the controllers.
 struct ShardClients {
     factory: ClientFactory,
     identity: String,
     settings: LeaseSettings,
-    clients: HashMap<ShardIndex, kube::Client>,
+    leases: HashMap<ShardIndex, ShardLeases>,
 }
 
 impl ShardClients {
-    fn client(&mut self, shard: ShardIndex) -> anyhow::Result<kube::Client> {
-        if let Some(client) = self.clients.get(&shard) {
-            return Ok(client.clone());
-        }
-        let agent = format!("shardop-worker/shard-{shard} ({})", self.identity);
-        let client = self.factory.client(&agent)?;
-        self.clients.insert(shard, client.clone());
-        Ok(client)
+    fn agent(&self, shard: ShardIndex) -> String {
+        format!("shardop-worker/shard-{shard} ({})", self.identity)
     }
 
+    /// Lease I/O acting as `shard`, on the Lease budget.
     fn leases(&mut self, shard: ShardIndex) -> anyhow::Result<ShardLeases> {
-        Ok(ShardLeases::new(self.client(shard)?, self.settings.clone()))
+        if let Some(leases) = self.leases.get(&shard) {
+            return Ok(leases.clone());
+        }
+        let client = self.factory.lease_client(&self.agent(shard))?;
+        let leases = ShardLeases::new(client, self.settings.clone());
+        self.leases.insert(shard, leases.clone());
+        Ok(leases)
+    }
+
+    /// A client for one acquisition of `shard`: its writes are fenced by `guard`.
+    fn fenced(&self, shard: ShardIndex, guard: LeaseGuard) -> anyhow::Result<kube::Client> {
+        Ok(self.factory.fenced_client(&self.agent(shard), guard)?)
     }
 }
 
@@ -81,7 +93,7 @@ impl Supervisor {
         let namespace = self.lease_settings.namespace.clone();
         let watch_client = self
             .clients
-            .client(&format!("shardop-worker/leases ({identity})"))?;
+            .lease_client(&format!("shardop-worker/leases ({identity})"))?;
         let (mut watch, driver) = shardop_runtime::watch_shard_leases(
             watch_client,
             &namespace,
@@ -92,7 +104,7 @@ impl Supervisor {
             factory: self.clients.clone(),
             identity: identity.clone(),
             settings: self.lease_settings.clone(),
-            clients: HashMap::new(),
+            leases: HashMap::new(),
         };
         tokio::select! {
             () = watch.wait_until_ready() => {}
@@ -135,12 +147,12 @@ impl Supervisor {
             shards = served.len(),
             "shutting down: stopping controllers and releasing leases"
         );
+        let grace = self.stop_grace(StopReason::Shutdown);
         let stops = served.into_values().map(|s| {
             let metrics = self.metrics.clone();
-            let timeout = self.shutdown_timeout;
             async move {
                 let shard = s.lease.shard();
-                s.controller.stop(timeout).await;
+                s.controller.stop(grace).await;
                 if let Err(err) = s.lease.release().await {
                     tracing::warn!(%shard, error = %err, "releasing the shard lease failed");
                 }
@@ -152,18 +164,26 @@ impl Supervisor {
         Ok(())
     }
 
+    fn me(&self) -> Me<'_> {
+        Me {
+            identity: &self.lease_settings.identity,
+            home: self.home,
+            lease_duration: self.lease_settings.lease_duration,
+            retry_period: self.lease_settings.retry_period,
+        }
+    }
+
+    fn stop_grace(&self, reason: StopReason) -> Duration {
+        failover::stop_grace(reason, &self.me(), self.shutdown_timeout)
+    }
+
     async fn step(
         &self,
         watch: &ShardLeaseWatch,
         clients: &mut ShardClients,
         served: &mut BTreeMap<ShardIndex, Served>,
     ) -> anyhow::Result<()> {
-        let me = Me {
-            identity: &self.lease_settings.identity,
-            home: self.home,
-            lease_duration: self.lease_settings.lease_duration,
-            retry_period: self.lease_settings.retry_period,
-        };
+        let me = self.me();
         let leases = watch.all();
 
         // 1. Lost Leases.
@@ -183,7 +203,9 @@ impl Supervisor {
         for shard in to_release {
             if let Some(s) = served.remove(&shard) {
                 tracing::info!(%shard, "release requested: stopping the shard controller, then releasing its lease");
-                s.controller.stop(self.shutdown_timeout).await;
+                s.controller
+                    .stop(self.stop_grace(StopReason::HandBack))
+                    .await;
                 s.lease.release().await?;
                 self.metrics.forget_shard(shard);
             }
@@ -208,51 +230,20 @@ impl Supervisor {
                 continue;
             }
             let lease: Option<&Arc<Lease>> = leases.get(&shard);
-            let snapshot = lease.map(|l| shardop_api::protocol::LeaseSnapshot::from_lease(l));
-            match failover::acquisition(&me, shard, snapshot.as_ref(), shard_count, now) {
-                Acquisition::Wait => {}
-                Acquisition::RequestHandBack => {
-                    if let Some(lease) = lease {
-                        let asked = clients
-                            .leases(shard)?
-                            .request_release(shard, lease, &self.lease_settings.identity)
-                            .await?;
-                        if asked {
-                            tracing::info!(%shard, "home shard is held by another worker: hand-back requested");
-                        }
-                    }
-                }
-                Acquisition::Acquire => {
-                    let Some(held) = clients
-                        .leases(shard)?
-                        .acquire(shard, lease.map(|l| l.as_ref()))
-                        .await?
-                    else {
-                        continue;
-                    };
-                    if shard != self.home {
-                        tracing::warn!(%shard, "took over the shard of a worker that stopped renewing");
-                    }
-                    let client = clients.client(shard)?;
-                    self.metrics.start_shard(shard);
-                    let controller = ShardController::start(
-                        shard,
-                        held.guard(),
-                        client.clone(),
-                        self.metrics.clone(),
-                        &self.controller,
-                    );
-                    served.insert(
-                        shard,
-                        Served {
-                            lease: held,
-                            controller,
-                            heartbeat: Heartbeat::default(),
-                            shards: Api::namespaced(client, &self.lease_settings.namespace),
-                        },
-                    );
-                }
+            let snapshot = lease.map(|l| LeaseSnapshot::from_lease(l));
+            if failover::acquisition(&me, shard, snapshot.as_ref(), shard_count, now)
+                == Acquisition::Wait
+            {
+                continue;
             }
+            let lease_io = clients.leases(shard)?;
+            let Some(held) = self.write_lease(&lease_io, shard, shard_count).await? else {
+                continue;
+            };
+            if shard != self.home {
+                tracing::warn!(%shard, "took over the shard of a worker that stopped renewing");
+            }
+            served.insert(shard, self.serve(clients, held)?);
         }
 
         // 4. Metrics and heartbeats (readiness: `publish_readiness`).
@@ -276,7 +267,8 @@ impl Supervisor {
     }
 
     /// Lost Leases (renew deadline passed, or someone else holds them): the fence has
-    /// already stopped every write; stop the controller. No API request.
+    /// already stopped every write and cancelled those in flight; stop the controller. No
+    /// API request.
     async fn stop_lost(&self, served: &mut BTreeMap<ShardIndex, Served>) {
         let lost: Vec<ShardIndex> = served
             .iter()
@@ -286,7 +278,9 @@ impl Supervisor {
         for shard in lost {
             if let Some(s) = served.remove(&shard) {
                 tracing::warn!(%shard, "shard lease lost, stopping its controller");
-                s.controller.stop(self.shutdown_timeout).await;
+                s.controller
+                    .stop(self.stop_grace(StopReason::LeaseLost))
+                    .await;
                 drop(s.lease);
                 self.metrics.forget_shard(shard);
             }
@@ -301,5 +295,63 @@ impl Supervisor {
             .get(&self.home)
             .is_some_and(|s| s.controller.is_synced() && !s.lease.is_lost());
         self.readiness.set(ready);
+    }
+
+    /// Starts serving a freshly acquired shard: its controller, with a client fenced by
+    /// this acquisition's guard.
+    fn serve(&self, clients: &ShardClients, held: HeldLease) -> anyhow::Result<Served> {
+        let shard = held.shard();
+        let client = clients.fenced(shard, held.guard())?;
+        self.metrics.start_shard(shard);
+        let controller = ShardController::start(
+            shard,
+            held.guard(),
+            client.clone(),
+            self.metrics.clone(),
+            &self.controller,
+        );
+        Ok(Served {
+            lease: held,
+            controller,
+            heartbeat: Heartbeat::default(),
+            shards: Api::namespaced(client, &self.lease_settings.namespace),
+        })
+    }
+
+    /// Carries out the Lease write the cached view suggested for `shard`, decided again on a
+    /// fresh read of the Lease: after a freeze or a slow step the cache can be seconds
+    /// behind (every Lease looks expired, the holder has renewed since), and a write based
+    /// on it would only lose a race. A write that loses one anyway (409: the holder renewed
+    /// in between) is decided again from the Lease read afresh, a few times. Returns the
+    /// Lease if it is ours now.
+    async fn write_lease(
+        &self,
+        leases: &ShardLeases,
+        shard: ShardIndex,
+        shard_count: u32,
+    ) -> anyhow::Result<Option<HeldLease>> {
+        let me = self.me();
+        for _ in 0..LEASE_WRITE_ATTEMPTS {
+            let fresh = leases.get(shard).await?;
+            let snapshot = fresh.as_ref().map(LeaseSnapshot::from_lease);
+            let now = jiff::Timestamp::now();
+            match failover::acquisition(&me, shard, snapshot.as_ref(), shard_count, now) {
+                Acquisition::Wait => return Ok(None),
+                Acquisition::RequestHandBack => {
+                    let Some(fresh) = fresh else { continue };
+                    if leases.request_release(shard, &fresh, me.identity).await? {
+                        tracing::info!(%shard, "home shard is held by another worker: hand-back requested");
+                        return Ok(None);
+                    }
+                }
+                Acquisition::Acquire => {
+                    if let Some(held) = leases.acquire(shard, fresh.as_ref()).await? {
+                        return Ok(Some(held));
+                    }
+                }
+            }
+            tracing::debug!(%shard, "shard lease changed under our write, reading it again");
+        }
+        Ok(None)
     }
 }

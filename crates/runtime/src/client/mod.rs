@@ -1,10 +1,14 @@
 //! Kubernetes clients that identify themselves, respect a client-side rate limit, wait out
 //! server throttling and count every request.
 //!
-//! Every client a [`ClientFactory`] builds shares one [`TokenBucket`]: the limit protects the
-//! API server from this *process*, however many shards it serves. Each client carries its own
-//! user agent, because a worker that took over shard `j` must appear in the audit log and in
-//! API Priority and Fairness as `shardop-worker/shard-j`.
+//! The clients a [`ClientFactory`] builds share two [`TokenBucket`]s: the limit protects the
+//! API server from this *process*, however many shards it serves. Bulk traffic (watches,
+//! reconcile writes, the assigner's label writes) takes its tokens from the `--kube-qps`
+//! bucket; Lease traffic ([`ClientFactory::lease_client`]: acquire, renew, release, hand-back
+//! requests and the Lease reads they make) from a small bucket of its own
+//! (`--kube-lease-qps`), so a renewal never queues behind a backlog of writes. Each client
+//! carries its own user agent, because a worker that took over shard `j` must appear in the
+//! audit log and in API Priority and Fairness as `shardop-worker/shard-j`.
 //!
 //! The request path, outermost first:
 //!
@@ -13,7 +17,14 @@
 //!    sleeps for the server's `Retry-After` (clamped to 1..=30 s) and sends again — a
 //!    throttled request is not a failure, the reconcile never sees it. After
 //!    `MAX_THROTTLE_RETRIES` resends the 429 goes to the caller, still only after its
-//!    `Retry-After`, so no request ever follows a 429 sooner than the server asked;
+//!    `Retry-After`, so no request ever follows a 429 sooner than the server asked.
+//!    A *fenced* client ([`ClientFactory::fenced_client`], one per held shard Lease) also
+//!    checks the shard's [`LeaseGuard`] for every mutating request right before each send
+//!    and resend (after the token wait, after each `Retry-After`), and abandons the request
+//!    the moment the guard becomes invalid (deadline passed without a renew, Lease lost or
+//!    released), wherever it is waiting. The caller gets [`LeaseLost`] (see
+//!    [`fenced_out`]); a token reserved for a request that is never sent is refunded.
+//!    Reads and watches are not fenced;
 //! 2. kube's default stack from the inferred config (base URI, auth, extra headers, HTTP
 //!    tracing, TLS connector), behind a `tower::buffer::Buffer` so it can be cloned for
 //!    resends. kube's own retry layer is switched off: it follows `Retry-After` without a cap
@@ -36,7 +47,9 @@ use prometheus_client::registry::Registry;
 use tower::buffer::Buffer;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
-pub use token_bucket::TokenBucket;
+use crate::lease::{LeaseGuard, LeaseLost};
+
+pub use token_bucket::{Reservation, TokenBucket};
 
 use crate::reachability::{ApiReachability, ReachabilityLayer};
 
@@ -60,6 +73,14 @@ pub struct KubeClientArgs {
     /// Client-side request rate limit: burst size (token bucket capacity), at least 1.
     #[arg(long, env = "SHARDOP_KUBE_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub kube_burst: u32,
+    /// Rate limit of Lease traffic (acquire, renew, release, hand-back requests): a bucket
+    /// of its own, so Lease requests never wait behind bulk writes. Sustained requests per
+    /// second; 0 = no limit.
+    #[arg(long, env = "SHARDOP_KUBE_LEASE_QPS", default_value_t = 10.0, value_parser = parse_qps)]
+    pub kube_lease_qps: f32,
+    /// Rate limit of Lease traffic: burst size, at least 1.
+    #[arg(long, env = "SHARDOP_KUBE_LEASE_BURST", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub kube_lease_burst: u32,
 }
 
 /// `--kube-qps`: a finite number ≥ 0, where 0 means no limit. A negative or NaN rate is
@@ -82,6 +103,8 @@ impl Default for KubeClientArgs {
         Self {
             kube_qps: 50.0,
             kube_burst: 100,
+            kube_lease_qps: 10.0,
+            kube_lease_burst: 20,
         }
     }
 }
@@ -117,6 +140,16 @@ pub struct KubeMetrics {
     pub requests: Family<RequestLabels, Counter>,
     /// `shardop_kube_throttled_retries_total`: resends after `429 Too Many Requests`.
     pub throttled_retries: Counter,
+    /// `shardop_kube_fenced_requests_total{verb}`: mutating requests not sent, or abandoned
+    /// in flight, because the shard's Lease guard was no longer valid.
+    pub fenced: Family<FencedLabels, Counter>,
+}
+
+/// Labels of `shardop_kube_fenced_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FencedLabels {
+    /// Kubernetes verb.
+    pub verb: &'static str,
 }
 
 impl KubeMetrics {
@@ -133,16 +166,22 @@ impl KubeMetrics {
             "Requests resent after 429 Too Many Requests, following Retry-After",
             metrics.throttled_retries.clone(),
         );
+        registry.register(
+            "shardop_kube_fenced_requests",
+            "Mutating requests not sent or abandoned because the shard's Lease was no longer held",
+            metrics.fenced.clone(),
+        );
         metrics
     }
 }
 
-/// Builds clients from one inferred config, all sharing one rate limit and one set of
-/// metrics. Cheap to clone.
+/// Builds clients from one inferred config, all sharing one bulk rate limit, one Lease rate
+/// limit and one set of metrics. Cheap to clone.
 #[derive(Clone)]
 pub struct ClientFactory {
     config: kube::Config,
     bucket: TokenBucket,
+    lease_bucket: TokenBucket,
     metrics: KubeMetrics,
     reachability: ApiReachability,
 }
@@ -162,6 +201,7 @@ impl ClientFactory {
         Self {
             config,
             bucket: TokenBucket::new(args.kube_qps, args.kube_burst),
+            lease_bucket: TokenBucket::new(args.kube_lease_qps, args.kube_lease_burst),
             metrics,
             reachability,
         }
@@ -182,18 +222,52 @@ impl ClientFactory {
         &self.reachability
     }
 
-    /// A client whose requests carry `user_agent`, e.g.
-    /// `shardop-worker/shard-1 (shardop-worker-0)`. Must be called inside a Tokio runtime.
+    /// A client of the bulk budget whose requests carry `user_agent`, e.g.
+    /// `shardop-worker/leases (shardop-worker-0)`. Must be called inside a Tokio runtime.
     pub fn client(&self, user_agent: &str) -> Result<kube::Client, ClientError> {
+        self.build(self.layer(user_agent, Budget::Bulk, None)?)
+    }
+
+    /// A client of the Lease budget, for Lease requests only (acquire, renew, release,
+    /// hand-back requests, and the Lease reads and watch they rely on).
+    pub fn lease_client(&self, user_agent: &str) -> Result<kube::Client, ClientError> {
+        self.build(self.layer(user_agent, Budget::Lease, None)?)
+    }
+
+    /// A client of the bulk budget whose mutating requests are fenced by `guard`: each one
+    /// is checked right before every send and resend and abandoned when the guard becomes
+    /// invalid. One per acquisition of a shard Lease.
+    pub fn fenced_client(
+        &self,
+        user_agent: &str,
+        guard: LeaseGuard,
+    ) -> Result<kube::Client, ClientError> {
+        self.build(self.layer(user_agent, Budget::Bulk, Some(guard))?)
+    }
+
+    fn layer(
+        &self,
+        user_agent: &str,
+        budget: Budget,
+        fence: Option<LeaseGuard>,
+    ) -> Result<RequestPolicyLayer, ClientError> {
         let user_agent = HeaderValue::from_str(user_agent)
             .map_err(|_| ClientError::UserAgent(user_agent.to_owned()))?;
-        let layer = RequestPolicyLayer {
+        let bucket = match budget {
+            Budget::Bulk => &self.bucket,
+            Budget::Lease => &self.lease_bucket,
+        };
+        Ok(RequestPolicyLayer {
             shared: Arc::new(Shared {
                 user_agent,
-                bucket: self.bucket.clone(),
+                bucket: bucket.clone(),
                 metrics: self.metrics.clone(),
+                fence,
             }),
-        };
+        })
+    }
+
+    fn build(&self, layer: RequestPolicyLayer) -> Result<kube::Client, ClientError> {
         let builder = ClientBuilder::try_from(self.config.clone())?;
         // Inside the policy: every attempt, each resend after a 429 included, is observed.
         let reachability = ReachabilityLayer::new(self.reachability.clone());
@@ -201,10 +275,30 @@ impl ClientFactory {
     }
 }
 
+/// Which token bucket a client takes its tokens from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Budget {
+    /// `--kube-qps`: watches, reconcile writes, label writes.
+    Bulk,
+    /// `--kube-lease-qps`: shard Lease requests.
+    Lease,
+}
+
+/// The [`LeaseLost`] a fenced client returned instead of sending a request (kube wraps it
+/// as a service error), if `err` is one.
+pub fn fenced_out(err: &kube::Error) -> Option<LeaseLost> {
+    match err {
+        kube::Error::Service(inner) => inner.downcast_ref::<LeaseLost>().copied(),
+        _ => None,
+    }
+}
+
 struct Shared {
     user_agent: HeaderValue,
     bucket: TokenBucket,
     metrics: KubeMetrics,
+    /// The Lease guard of a fenced client: checked before every mutating send.
+    fence: Option<LeaseGuard>,
 }
 
 /// Wraps kube's default stack in a [`RequestPolicy`].
@@ -259,61 +353,109 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        let mut inner = self.inner.clone();
+        let inner = self.inner.clone();
         let shared = self.shared.clone();
         request
             .headers_mut()
             .insert(USER_AGENT, shared.user_agent.clone());
         let verb = verb_of(request.method(), request.uri());
+        let fence = shared
+            .fence
+            .clone()
+            .filter(|_| is_mutating(request.method()));
         Box::pin(async move {
-            let mut attempt = 0;
-            loop {
-                let resend = (attempt < MAX_THROTTLE_RETRIES)
-                    .then(|| clone_request(&request))
-                    .flatten();
-                shared.bucket.acquire().await;
-                let result = match inner.ready().await {
-                    Ok(ready) => ready.call(request).await.map_err(Into::into),
-                    Err(err) => Err(err.into()),
-                };
-                let code = match &result {
-                    Ok(response) => response.status().as_u16().to_string(),
-                    Err(_) => "error".to_owned(),
-                };
+            let Some(guard) = fence else {
+                return send_throttled(inner, &shared, request, verb, None).await;
+            };
+            // The fence travels with the request: whatever it waits on (a token, a
+            // Retry-After, the buffer, the server), it is abandoned once the guard is invalid.
+            let sent = tokio::select! {
+                biased;
+                () = guard.invalidated() => Err(LeaseLost(guard.shard()).into()),
+                sent = send_throttled(inner, &shared, request, verb, Some(&guard)) => sent,
+            };
+            if sent.as_ref().is_err_and(|err| err.is::<LeaseLost>()) {
                 shared
                     .metrics
-                    .requests
-                    .get_or_create(&RequestLabels { verb, code })
+                    .fenced
+                    .get_or_create(&FencedLabels { verb })
                     .inc();
-                let response = match result {
-                    Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => response,
-                    other => return other,
-                };
-                let wait = retry_after(response.headers().get(RETRY_AFTER));
-                let Some(next) = resend else {
-                    // Out of resends: the caller gets the 429, but only after the wait the
-                    // server asked for, so whatever backoff it adds comes on top of it
-                    // and its next request cannot arrive early.
-                    tracing::debug!(
-                        verb,
-                        wait_ms = wait.as_millis() as u64,
-                        "still throttled (429) after {MAX_THROTTLE_RETRIES} resends, returning it after Retry-After"
-                    );
-                    tokio::time::sleep(wait).await;
-                    return Ok(response);
-                };
-                drop(response);
-                shared.metrics.throttled_retries.inc();
-                tracing::debug!(
-                    verb,
-                    wait_ms = wait.as_millis() as u64,
-                    "throttled by the API server (429), waiting for Retry-After"
-                );
-                tokio::time::sleep(wait).await;
-                request = next;
-                attempt += 1;
+                tracing::debug!(verb, shard = %guard.shard(), "write fenced: the shard's lease is not held");
             }
+            sent
         })
+    }
+}
+
+/// Whether a request changes state (everything but reads and watches).
+fn is_mutating(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Sends `request`, resending after 429s (see the module docs). With `fence`, the guard is
+/// checked after each token wait, immediately before the send.
+async fn send_throttled<S, B>(
+    mut inner: S,
+    shared: &Shared,
+    mut request: Request<Body>,
+    verb: &'static str,
+    fence: Option<&LeaseGuard>,
+) -> Result<Response<B>, BoxError>
+where
+    S: Service<Request<Body>, Response = Response<B>> + Send,
+    S::Error: Into<BoxError>,
+{
+    let mut attempt = 0;
+    loop {
+        let resend = (attempt < MAX_THROTTLE_RETRIES)
+            .then(|| clone_request(&request))
+            .flatten();
+        let token = shared.bucket.reservation().ready().await;
+        if let Some(guard) = fence {
+            // Dropping the unused token refunds it.
+            guard.check()?;
+        }
+        token.consume();
+        let result = match inner.ready().await {
+            Ok(ready) => ready.call(request).await.map_err(Into::into),
+            Err(err) => Err(err.into()),
+        };
+        let code = match &result {
+            Ok(response) => response.status().as_u16().to_string(),
+            Err(_) => "error".to_owned(),
+        };
+        shared
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels { verb, code })
+            .inc();
+        let response = match result {
+            Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => response,
+            other => return other,
+        };
+        let wait = retry_after(response.headers().get(RETRY_AFTER));
+        let Some(next) = resend else {
+            // Out of resends: the caller gets the 429, but only after the wait the
+            // server asked for, so whatever backoff it adds comes on top of it
+            // and its next request cannot arrive early.
+            tracing::debug!(
+                verb,
+                wait_ms = wait.as_millis() as u64,
+                "still throttled (429) after {MAX_THROTTLE_RETRIES} resends, returning it after Retry-After"
+            );
+            tokio::time::sleep(wait).await;
+            return Ok(response);
+        };
+        drop(response);
+        shared.metrics.throttled_retries.inc();
+        tracing::debug!(
+            verb,
+            wait_ms = wait.as_millis() as u64,
+            "throttled by the API server (429), waiting for Retry-After"
+        );
+        tokio::time::sleep(wait).await;
+        request = next;
+        attempt += 1;
     }
 }
 
@@ -486,12 +628,14 @@ mod tests {
     struct Fake {
         throttles: Arc<std::sync::atomic::AtomicU32>,
         seen_agents: Arc<std::sync::Mutex<Vec<String>>>,
+        /// Never answer (a request stuck in flight).
+        hang: bool,
     }
 
     impl Service<Request<Body>> for Fake {
-        type Response = Response<()>;
+        type Response = Response<Body>;
         type Error = BoxError;
-        type Future = BoxFuture<'static, Result<Response<()>, BoxError>>;
+        type Future = BoxFuture<'static, Result<Response<Body>, BoxError>>;
         fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
             Poll::Ready(Ok(()))
         }
@@ -509,7 +653,11 @@ mod tests {
                 .throttles
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok();
+            let hang = self.hang;
             Box::pin(async move {
+                if hang {
+                    futures::future::pending::<()>().await;
+                }
                 let status = if throttle {
                     StatusCode::TOO_MANY_REQUESTS
                 } else {
@@ -518,7 +666,7 @@ mod tests {
                 Ok(Response::builder()
                     .status(status)
                     .header(RETRY_AFTER, "2")
-                    .body(())?)
+                    .body(Body::from(b"{}".to_vec()))?)
             })
         }
     }
@@ -528,6 +676,31 @@ mod tests {
             Self {
                 throttles: Arc::new(times.into()),
                 seen_agents: Arc::default(),
+                hang: false,
+            }
+        }
+
+        fn hanging() -> Self {
+            Self {
+                hang: true,
+                ..Self::throttling(0)
+            }
+        }
+
+        fn sent(&self) -> usize {
+            self.seen_agents.lock().unwrap().len()
+        }
+
+        /// A [`RequestPolicy`] in front of this fake, with `bucket` and `fence`.
+        fn policy(&self, bucket: TokenBucket, fence: Option<LeaseGuard>) -> RequestPolicy<Self> {
+            RequestPolicy {
+                inner: self.clone(),
+                shared: Arc::new(Shared {
+                    user_agent: HeaderValue::from_static("shardop-worker/shard-1 (w-0)"),
+                    bucket,
+                    metrics: KubeMetrics::default(),
+                    fence,
+                }),
             }
         }
 
@@ -541,6 +714,7 @@ mod tests {
                     user_agent: HeaderValue::from_static("shardop-worker/shard-1 (w-0)"),
                     bucket: TokenBucket::new(0.0, 1),
                     metrics: metrics.clone(),
+                    fence: None,
                 }),
             };
             let start = tokio::time::Instant::now();
@@ -589,5 +763,181 @@ mod tests {
         );
         // Every one of the 429s, the last included, was followed by its 2 s Retry-After.
         assert_eq!(took, Duration::from_secs(2 * u64::from(sends)));
+    }
+
+    fn request(method: Method) -> Request<Body> {
+        Request::builder()
+            .method(method)
+            .uri("/apis/apps/v1/namespaces/a/statefulsets/b")
+            .body(Body::from(bytes::Bytes::from_static(b"{}")))
+            .unwrap()
+    }
+
+    async fn send<S>(service: &mut S, method: Method) -> Result<StatusCode, BoxError>
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = BoxError>,
+    {
+        let response = service.ready().await?.call(request(method)).await?;
+        Ok(response.status())
+    }
+
+    fn lease_lost(result: Result<StatusCode, BoxError>) -> bool {
+        result.is_err_and(|err| err.downcast_ref::<LeaseLost>() == Some(&LeaseLost(ShardIndex(1))))
+    }
+
+    use shardop_api::ShardIndex;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_waited_for_a_token_is_not_sent_once_the_lease_is_gone() {
+        let fake = Fake::throttling(0);
+        let guard =
+            LeaseGuard::detached(ShardIndex(1), Instant::now() + Duration::from_millis(500));
+        let mut policy = fake.policy(TokenBucket::new(1.0, 1), Some(guard));
+        assert_eq!(
+            send(&mut policy, Method::PATCH).await.unwrap(),
+            StatusCode::OK
+        );
+        // The second write passes the guard (valid for 500 ms more), then waits 1 s for its
+        // token: by then the Lease may belong to someone else.
+        let start = Instant::now();
+        assert!(lease_lost(send(&mut policy, Method::PATCH).await));
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(500),
+            "abandoned at valid_until"
+        );
+        assert_eq!(fake.sent(), 1, "the late write never left the process");
+        let fenced = policy
+            .shared
+            .metrics
+            .fenced
+            .get_or_create(&FencedLabels { verb: "patch" })
+            .get();
+        assert_eq!(fenced, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_write_is_not_resent_once_the_lease_is_gone() {
+        // 429 with Retry-After 2 s; the guard runs out after 1 s.
+        let fake = Fake::throttling(1);
+        let guard = LeaseGuard::detached(ShardIndex(1), Instant::now() + Duration::from_secs(1));
+        let mut policy = fake.policy(TokenBucket::new(0.0, 1), Some(guard));
+        assert!(lease_lost(send(&mut policy, Method::PATCH).await));
+        assert_eq!(fake.sent(), 1, "no resend after the Retry-After");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_guard_is_checked_after_the_token_wait_even_if_it_is_never_awaited() {
+        // A guard that is already invalid: the send itself is refused (the check right
+        // before the send), not only the wait for it.
+        let fake = Fake::throttling(0);
+        let guard = LeaseGuard::detached(ShardIndex(1), Instant::now());
+        let mut policy = fake.policy(TokenBucket::new(0.0, 1), Some(guard));
+        assert!(lease_lost(send(&mut policy, Method::POST).await));
+        assert!(lease_lost(send(&mut policy, Method::DELETE).await));
+        assert_eq!(fake.sent(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_in_flight_is_abandoned_when_the_lease_is_lost() {
+        let fake = Fake::hanging();
+        let guard = LeaseGuard::detached(ShardIndex(1), Instant::now() + Duration::from_secs(60));
+        let mut policy = fake.policy(TokenBucket::new(0.0, 1), Some(guard.clone()));
+        let start = Instant::now();
+        let write = tokio::spawn(async move { send(&mut policy, Method::PATCH).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(fake.sent(), 1, "the write is in flight");
+        guard.invalidate();
+        let abandoned = tokio::time::timeout(Duration::from_secs(30), write).await;
+        assert!(lease_lost(abandoned.expect("still in flight").unwrap()));
+        assert_eq!(start.elapsed(), Duration::from_secs(1), "cancelled at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reads_are_not_fenced() {
+        let fake = Fake::throttling(0);
+        let guard = LeaseGuard::detached(ShardIndex(1), Instant::now());
+        let mut policy = fake.policy(TokenBucket::new(0.0, 1), Some(guard));
+        assert_eq!(
+            send(&mut policy, Method::GET).await.unwrap(),
+            StatusCode::OK
+        );
+        assert_eq!(fake.sent(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_write_gives_its_token_back() {
+        let fake = Fake::throttling(0);
+        let bucket = TokenBucket::new(1.0, 1);
+        let guard = LeaseGuard::detached(ShardIndex(1), Instant::now() + Duration::from_secs(60));
+        let mut fenced = fake.policy(bucket.clone(), Some(guard.clone()));
+        send(&mut fenced, Method::PATCH).await.unwrap();
+        // Five writes wait for tokens (0.5 s apart) when the Lease is lost.
+        let writes: Vec<_> = (0..5)
+            .map(|_| {
+                let mut policy = fenced.clone();
+                tokio::spawn(async move { send(&mut policy, Method::PATCH).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        guard.invalidate();
+        for write in writes {
+            assert!(lease_lost(write.await.unwrap()));
+        }
+        // Another shard's write waits for the rest of one token, not behind five dead ones.
+        let start = Instant::now();
+        let mut other = fake.policy(bucket, None);
+        send(&mut other, Method::PATCH).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(900));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_traffic_is_not_delayed_by_an_exhausted_bulk_bucket() {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let args = KubeClientArgs {
+            kube_qps: 1.0,
+            kube_burst: 1,
+            ..KubeClientArgs::default()
+        };
+        let factory = ClientFactory::new(config, &args, KubeMetrics::default());
+        let fake = Fake::throttling(0);
+        let mut bulk = factory
+            .layer("shardop-worker/shard-1 (w-0)", Budget::Bulk, None)
+            .unwrap()
+            .layer(fake.clone());
+        // A backlog of bulk writes: 30 s worth of tokens reserved.
+        let _backlog: Vec<Reservation> = (0..30).map(|_| factory.bucket.reservation()).collect();
+        let waited = tokio::time::timeout(Duration::from_secs(5), send(&mut bulk, Method::PATCH));
+        assert!(waited.await.is_err(), "the bulk budget is exhausted");
+        let mut leases = factory
+            .layer("shardop-worker/shard-1 (w-0)", Budget::Lease, None)
+            .unwrap()
+            .layer(fake.clone());
+        let start = Instant::now();
+        assert_eq!(
+            send(&mut leases, Method::PUT).await.unwrap(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a renew waited behind bulk writes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fenced_write_reaches_the_caller_as_lease_lost() {
+        let fake = Fake::throttling(0);
+        let guard = LeaseGuard::detached(ShardIndex(1), Instant::now());
+        let client = kube::Client::new(fake.policy(TokenBucket::new(0.0, 1), Some(guard)), "a");
+        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(client, "a");
+        let err = api
+            .delete("b", &kube::api::DeleteParams::default())
+            .await
+            .unwrap_err();
+        assert_eq!(fenced_out(&err), Some(LeaseLost(ShardIndex(1))), "{err:?}");
+        assert_eq!(fake.sent(), 0);
     }
 }

@@ -10,6 +10,11 @@
 //! Waiters *reserve* a token (the balance may go negative) and then sleep until the instant
 //! their token exists, like Go's `rate.Limiter.Wait`. That makes the limiter fair (first
 //! come, first served) without a queue, and cheap: one short mutex section per request.
+//!
+//! A reservation that is never used (its waiter was cancelled: the Lease fencing the
+//! request was lost, a controller was stopped) gives its token back, like Go's
+//! `Reservation.Cancel`; otherwise every abandoned waiter would leave the bucket in debt and
+//! delay the requests that come after it for nothing.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -48,6 +53,13 @@ impl Bucket {
             Duration::from_secs_f64(-self.tokens / self.rate)
         }
     }
+
+    /// Gives back a reserved token that was not used.
+    fn refund(&mut self) {
+        if self.rate.is_finite() {
+            self.tokens = (self.tokens + 1.0).min(self.burst);
+        }
+    }
 }
 
 impl TokenBucket {
@@ -80,9 +92,52 @@ impl TokenBucket {
 
     /// Waits until a token is available and takes it.
     pub async fn acquire(&self) {
+        self.reservation().ready().await.consume();
+    }
+
+    /// Reserves one token. Wait for it with [`Reservation::ready`], then either
+    /// [`Reservation::consume`] it (the request is sent) or drop it (the token is refunded).
+    pub fn reservation(&self) -> Reservation {
         let wait = self.reserve();
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        Reservation {
+            bucket: self.clone(),
+            at: Instant::now() + wait,
+            used: false,
+        }
+    }
+
+    fn refund(&self) {
+        let mut bucket = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        bucket.refund();
+    }
+}
+
+/// One reserved token. Dropped unused (also while waiting), it goes back to the bucket.
+#[derive(Debug)]
+#[must_use = "a reservation dropped unused is refunded at once"]
+pub struct Reservation {
+    bucket: TokenBucket,
+    at: Instant,
+    used: bool,
+}
+
+impl Reservation {
+    /// Waits until the reserved token exists.
+    pub async fn ready(self) -> Self {
+        tokio::time::sleep_until(self.at).await;
+        self
+    }
+
+    /// Uses the token: it is not refunded.
+    pub fn consume(mut self) {
+        self.used = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.used {
+            self.bucket.refund();
         }
     }
 }
@@ -117,6 +172,35 @@ mod tests {
         }
         // One free token, then ten at 20 ms each.
         assert_eq!(start.elapsed().as_millis(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_waiter_gives_its_token_back() {
+        let bucket = TokenBucket::new(1.0, 1);
+        bucket.acquire().await;
+        // Ten waiters queue up behind an empty bucket and are cancelled (a stop, a lost
+        // Lease) before their tokens exist.
+        for _ in 0..10 {
+            let waiter = bucket.acquire();
+            let cancelled = tokio::time::timeout(Duration::from_millis(10), waiter).await;
+            assert!(cancelled.is_err());
+        }
+        // 100 ms later the next request waits for the rest of one token, not for eleven.
+        assert_eq!(bucket.reserve(), Duration::from_millis(900));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_dropped_after_its_wait_is_refunded_too() {
+        let bucket = TokenBucket::new(1.0, 2);
+        let unused = bucket.reservation().ready().await;
+        drop(unused);
+        bucket.reservation().ready().await.consume();
+        assert_eq!(
+            bucket.reserve(),
+            Duration::ZERO,
+            "one token of the burst left"
+        );
+        assert_eq!(bucket.reserve(), Duration::from_secs(1));
     }
 
     #[test]
