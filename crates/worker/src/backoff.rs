@@ -69,19 +69,7 @@ impl<K: Eq + Hash> FailureCounts<K> {
     }
 }
 
-/// A cheap pseudo-random number in `[0, 1)` for jitter (no need for a crypto RNG).
-pub fn jitter_unit() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos()
-            .into(),
-    );
-    (hasher.finish() >> 11) as f64 / (1_u64 << 53) as f64
-}
+pub use shardop_runtime::retry::jitter_unit;
 
 #[cfg(test)]
 mod tests {

@@ -66,6 +66,21 @@ pub enum ClaimDeletionError {
     },
 }
 
+impl ClaimDeletionError {
+    /// The error of a failed delete of `claim`: one the shard's fenced client refused or
+    /// abandoned is a lost Lease (nothing to report on the object, no backoff), anything
+    /// else a refusal the Cleanup condition quotes.
+    fn of(claim: &str, source: kube::Error) -> Self {
+        match shardop_runtime::client::fenced_out(&source) {
+            Some(lost) => Self::LeaseLost(lost),
+            None => Self::Refused {
+                claim: claim.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
 /// What one deletion pass left behind.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DeletionPass {
@@ -96,12 +111,7 @@ pub async fn delete_claims(
                 }
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(source) => {
-                return Err(ClaimDeletionError::Refused {
-                    claim: name.clone(),
-                    source,
-                });
-            }
+            Err(source) => return Err(ClaimDeletionError::of(name, source)),
         }
     }
     Ok(pass)
@@ -196,5 +206,19 @@ mod tests {
         let maximum = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
             ["properties"]["replicas"]["maximum"];
         assert_eq!(maximum.as_f64(), Some(f64::from(MAX_REPLICAS)));
+    }
+
+    #[test]
+    fn a_delete_the_fenced_client_refused_is_a_lost_lease_not_a_refusal() {
+        let fenced = kube::Error::Service(Box::new(LeaseLost(shardop_api::ShardIndex(2))));
+        assert!(matches!(
+            ClaimDeletionError::of("data-db-0", fenced),
+            ClaimDeletionError::LeaseLost(LeaseLost(shardop_api::ShardIndex(2)))
+        ));
+        let refused = kube::Error::Service("connection reset".into());
+        assert!(matches!(
+            ClaimDeletionError::of("data-db-0", refused),
+            ClaimDeletionError::Refused { claim, .. } if claim == "data-db-0"
+        ));
     }
 }

@@ -8,6 +8,7 @@ mod children;
 mod claims;
 mod condition_set;
 mod controller;
+mod error;
 mod failover;
 mod fault;
 mod filter;

@@ -19,7 +19,6 @@ use shardop_api::constants::{DRAIN_LABEL, FINALIZER, SHARD_LABEL, WORKER_FIELD_M
 use shardop_api::label_trust::shard_label_written_by_assigner;
 use shardop_api::protocol::{ObjectPlacement, WorkerAction, worker_action};
 use shardop_api::{DatabaseCluster, ReclaimPolicy};
-use shardop_runtime::LeaseLost;
 use tracing::Instrument;
 
 use crate::backoff::jitter_unit;
@@ -27,9 +26,10 @@ use crate::children::{self, desired_service, desired_stateful_set, is_subset};
 use crate::claims::{self, ClaimDeletionError, DeletionPass};
 use crate::condition_set::{ConditionValue, set_condition};
 use crate::controller::{AppliedObject, Bookkeeping, ScopeContext, key_of};
+pub use crate::error::ReconcileError;
 use crate::metrics::{ReasonLabels, ResultLabels, WorkerMetrics};
 use crate::status::{Observed, TerminalProblem, WrittenStatus, desired_status, known_status};
-use crate::volume_resize::{self, Resize, ResizeError, ResizeIo};
+use crate::volume_resize::{self, Resize, ResizeIo};
 
 /// Shortest requeue of a converged object. Changes arrive by watch; the resync is a safety
 /// net against an event lost to a bug in event filtering, and costs no API request (the
@@ -43,73 +43,6 @@ const RESYNC_SPREAD: Duration = Duration::from_secs(30 * 60);
 const TERMINAL_RESYNC: Duration = Duration::from_secs(10 * 60);
 /// Requeue while deleted claims are still terminating.
 const CLEANUP_POLL: Duration = Duration::from_secs(1);
-
-/// Why a reconcile failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    /// The shard's Lease is not held: nothing was written.
-    #[error(transparent)]
-    LeaseLost(#[from] LeaseLost),
-    /// A request failed.
-    #[error("{action}: {source}")]
-    Kube {
-        /// What was being done.
-        action: &'static str,
-        /// The API error.
-        #[source]
-        source: kube::Error,
-    },
-}
-
-impl From<ResizeError> for ReconcileError {
-    fn from(err: ResizeError) -> Self {
-        match err {
-            ResizeError::LeaseLost(lost) => Self::LeaseLost(lost),
-            ResizeError::Kube { action, source } => Self::Kube { action, source },
-        }
-    }
-}
-
-impl ReconcileError {
-    /// A failed request; one the shard's fenced client refused or abandoned because the
-    /// Lease was gone is a lost Lease, not an API error (no backoff).
-    fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Self {
-        move |source| match shardop_runtime::client::fenced_out(&source) {
-            Some(lost) => Self::LeaseLost(lost),
-            None => Self::Kube { action, source },
-        }
-    }
-
-    /// Every value [`reason`](Self::reason) can return.
-    pub const REASONS: [&'static str; 8] = [
-        "lease_lost",
-        "conflict",
-        "not_found",
-        "throttled",
-        "invalid",
-        "server",
-        "api",
-        "transport",
-    ];
-
-    /// A short class for the errors metric.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::LeaseLost(_) => "lease_lost",
-            Self::Kube { source, .. } => match source {
-                kube::Error::Api(status) => match status.code {
-                    409 => "conflict",
-                    404 => "not_found",
-                    429 => "throttled",
-                    400 | 422 => "invalid",
-                    500..=599 => "server",
-                    _ => "api",
-                },
-                _ => "transport",
-            },
-        }
-    }
-}
 
 /// A terminal problem in an apply error: the API server will never accept this child for
 /// this spec. That is a 422 Invalid (e.g. an immutable StatefulSet field), a 400 Bad
@@ -867,6 +800,7 @@ async fn write_cleanup_condition(
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+    use shardop_runtime::LeaseLost;
 
     fn service(cluster_ip: &str, resource_version: Option<&str>) -> Service {
         Service {

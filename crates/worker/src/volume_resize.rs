@@ -32,11 +32,12 @@ use serde_json::json;
 use shardop_api::constants::WORKER_FIELD_MANAGER;
 use shardop_api::constants::condition::{DEGRADED, STORAGE_RESIZING};
 use shardop_api::{DatabaseCluster, DatabaseClusterStatus};
-use shardop_runtime::{LeaseGuard, LeaseLost};
+use shardop_runtime::LeaseGuard;
 
 use crate::children::DATA_VOLUME;
 use crate::claims;
 use crate::condition_set::{ConditionValue, keep_condition, set_condition};
+use crate::error::ReconcileError;
 use crate::status::TerminalProblem;
 
 /// Look again this soon while the old StatefulSet is being deleted (its deletion event
@@ -381,27 +382,6 @@ fn not_allowed(
     }
 }
 
-/// A resize step that failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ResizeError {
-    /// The shard's Lease is not held: nothing more was sent.
-    #[error(transparent)]
-    LeaseLost(#[from] LeaseLost),
-    /// A request failed.
-    #[error("{action}: {source}")]
-    Kube {
-        /// What was being done.
-        action: &'static str,
-        /// The API error.
-        #[source]
-        source: kube::Error,
-    },
-}
-
-fn kube_error(action: &'static str) -> impl FnOnce(kube::Error) -> ResizeError {
-    move |source| ResizeError::Kube { action, source }
-}
-
 /// The client and fence the resize writes with.
 pub struct ResizeIo<'a> {
     /// Client acting as the shard.
@@ -428,7 +408,7 @@ pub async fn advance(
     cluster: &DatabaseCluster,
     stateful_set: Option<&StatefulSet>,
     under_way: bool,
-) -> Result<Resize, ResizeError> {
+) -> Result<Resize, ReconcileError> {
     let size = &cluster.spec.storage.size;
     match phase(size, stateful_set) {
         Phase::InSync if !under_way => Ok(Resize::default()),
@@ -517,7 +497,7 @@ async fn plan_claims(
     io: &ResizeIo<'_>,
     cluster: &DatabaseCluster,
     stateful_set: Option<&StatefulSet>,
-) -> Result<ClaimPlan, ResizeError> {
+) -> Result<ClaimPlan, ReconcileError> {
     let want = size_millis(&cluster.spec.storage.size.0).unwrap_or_default();
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(io.client.clone(), &cluster.namespace().unwrap_or_default());
@@ -527,7 +507,7 @@ async fn plan_claims(
         let claim = api
             .get_opt(&name)
             .await
-            .map_err(kube_error("reading a volume claim"))?;
+            .map_err(ReconcileError::kube("reading a volume claim"))?;
         claims.extend(claim.as_ref().map(ClaimView::of));
     }
     let classes: Api<StorageClass> = Api::all(io.client.clone());
@@ -536,7 +516,7 @@ async fn plan_claims(
         let allowed = classes
             .get_opt(&class)
             .await
-            .map_err(kube_error("reading a StorageClass"))?
+            .map_err(ReconcileError::kube("reading a StorageClass"))?
             .and_then(|c| c.allow_volume_expansion)
             .unwrap_or(false);
         expandable.insert(class, allowed);
@@ -549,7 +529,7 @@ async fn expand_claims(
     io: &ResizeIo<'_>,
     cluster: &DatabaseCluster,
     names: &[String],
-) -> Result<(), ResizeError> {
+) -> Result<(), ReconcileError> {
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(io.client.clone(), &cluster.namespace().unwrap_or_default());
     let patch = json!({
@@ -563,7 +543,7 @@ async fn expand_claims(
         io.guard.check()?;
         api.patch(name, &params, &Patch::Merge(&patch))
             .await
-            .map_err(kube_error("expanding a volume claim"))?;
+            .map_err(ReconcileError::kube("expanding a volume claim"))?;
     }
     if !names.is_empty() {
         tracing::info!(claims = names.len(), size = %cluster.spec.storage.size.0, "volume claims expanded");
@@ -576,7 +556,7 @@ async fn expand_claims(
 async fn delete_orphaning(
     io: &ResizeIo<'_>,
     stateful_set: &StatefulSet,
-) -> Result<(), ResizeError> {
+) -> Result<(), ReconcileError> {
     let api: Api<StatefulSet> = Api::namespaced(
         io.client.clone(),
         &stateful_set.namespace().unwrap_or_default(),
@@ -597,7 +577,7 @@ async fn delete_orphaning(
         }
         // Gone already, or already replaced: the next pass sees which.
         Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
-        Err(err) => Err(kube_error("replacing the StatefulSet")(err)),
+        Err(err) => Err(ReconcileError::kube("replacing the StatefulSet")(err)),
     }
 }
 
