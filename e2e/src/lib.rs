@@ -387,6 +387,45 @@ where
     }
 }
 
+/// A ValidatingAdmissionPolicy named `name`, and its binding of the same name, that refuse
+/// every PersistentVolumeClaim deletion in `namespace` with `message`: the finalizer
+/// cleanup's dependency made unavailable, for the e2e tests and the `cleanupdep` benchmark.
+/// A `List` to `kubectl apply`.
+pub fn claim_deletion_refusal(name: &str, namespace: &str, message: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicy",
+                "metadata": { "name": name },
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {
+                        "namespaceSelector": {
+                            "matchLabels": { "kubernetes.io/metadata.name": namespace }
+                        },
+                        "resourceRules": [{
+                            "apiGroups": [""],
+                            "apiVersions": ["v1"],
+                            "operations": ["DELETE"],
+                            "resources": ["persistentvolumeclaims"],
+                        }],
+                    },
+                    "validations": [{ "expression": "false", "message": message }],
+                },
+            },
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicyBinding",
+                "metadata": { "name": name },
+                "spec": { "policyName": name, "validationActions": ["Deny"] },
+            },
+        ],
+    })
+}
+
 /// A DatabaseCluster manifest as JSON, for tests that post raw (possibly invalid) specs.
 pub fn database_cluster_json(name: &str, spec: serde_json::Value) -> serde_json::Value {
     serde_json::json!({

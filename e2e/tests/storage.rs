@@ -436,41 +436,11 @@ async fn storage_that_cannot_expand_is_degraded_and_later_changes_still_apply() 
 /// binding; returns the binding's name.
 fn refuse_claim_deletion(env: &Env, namespace: &str) -> String {
     let name = format!("{namespace}-no-claim-deletion");
-    let manifest = json!({
-        "apiVersion": "v1",
-        "kind": "List",
-        "items": [
-            {
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "ValidatingAdmissionPolicy",
-                "metadata": { "name": name },
-                "spec": {
-                    "failurePolicy": "Fail",
-                    "matchConstraints": {
-                        "namespaceSelector": {
-                            "matchLabels": { "kubernetes.io/metadata.name": namespace }
-                        },
-                        "resourceRules": [{
-                            "apiGroups": [""],
-                            "apiVersions": ["v1"],
-                            "operations": ["DELETE"],
-                            "resources": ["persistentvolumeclaims"],
-                        }],
-                    },
-                    "validations": [{
-                        "expression": "false",
-                        "message": "claim deletion is paused by the test",
-                    }],
-                },
-            },
-            {
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "ValidatingAdmissionPolicyBinding",
-                "metadata": { "name": name },
-                "spec": { "policyName": name, "validationActions": ["Deny"] },
-            },
-        ],
-    });
+    let manifest = shardop_e2e::claim_deletion_refusal(
+        &name,
+        namespace,
+        "claim deletion is paused by the test",
+    );
     env.remember("validatingadmissionpolicy", &name);
     env.remember("validatingadmissionpolicybinding", &name);
     let output = env

@@ -1070,41 +1070,11 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
 /// finalizer cleanup are refused in `namespace`, i.e. the cleanup's dependency is down.
 fn claim_deletion_outage(namespace: &str) -> (String, Value) {
     let name = format!("{namespace}-claims-down");
-    let manifest = json!({
-        "apiVersion": "v1",
-        "kind": "List",
-        "items": [
-            {
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "ValidatingAdmissionPolicy",
-                "metadata": { "name": name },
-                "spec": {
-                    "failurePolicy": "Fail",
-                    "matchConstraints": {
-                        "namespaceSelector": {
-                            "matchLabels": { "kubernetes.io/metadata.name": namespace }
-                        },
-                        "resourceRules": [{
-                            "apiGroups": [""],
-                            "apiVersions": ["v1"],
-                            "operations": ["DELETE"],
-                            "resources": ["persistentvolumeclaims"],
-                        }],
-                    },
-                    "validations": [{
-                        "expression": "false",
-                        "message": "the storage backend is down (bench cleanupdep)",
-                    }],
-                },
-            },
-            {
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "ValidatingAdmissionPolicyBinding",
-                "metadata": { "name": name },
-                "spec": { "policyName": name, "validationActions": ["Deny"] },
-            },
-        ],
-    });
+    let manifest = shardop_e2e::claim_deletion_refusal(
+        &name,
+        namespace,
+        "the storage backend is down (bench cleanupdep)",
+    );
     (name, manifest)
 }
 
