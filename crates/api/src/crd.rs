@@ -140,4 +140,16 @@ mod tests {
             ["Index", "Holder", "State", "Objects", "Queue", "Age"]
         );
     }
+
+    #[test]
+    fn shard_index_is_bounded_by_the_maximum_shard_count() {
+        let crd = serde_json::to_value(Shard::crd()).unwrap();
+        let index = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["index"];
+        assert_eq!(
+            index["maximum"].as_f64(),
+            Some(f64::from(crate::constants::MAX_SHARDS - 1)),
+            "{index}"
+        );
+    }
 }

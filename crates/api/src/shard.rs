@@ -47,8 +47,11 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = crate::schema::known_formats_only)]
 pub struct ShardSpec {
-    /// The shard index; the object is named `shard-<index>`. Immutable.
-    #[schemars(range(max = 9999))]
+    /// The shard index, below 1024 (the maximum shard count); the object is named
+    /// `shard-<index>`. Immutable.
+    // The bound is `MAX_SHARDS - 1`, written out because an attribute cannot name a
+    // constant; `crd::tests::shard_index_is_bounded_by_the_maximum_shard_count` checks it.
+    #[schemars(range(max = 1023))]
     #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "index is immutable"}]))]
     pub index: u32,
 }

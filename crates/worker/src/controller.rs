@@ -403,6 +403,14 @@ impl ShardController {
         let mut task = self.task;
         let clean = match tokio::time::timeout(timeout, &mut task).await {
             Ok(_) => true,
+            // A zero grace (the Lease is lost: the fence already refuses every write) aborts
+            // at once; that is the plan, not a reconcile that overran.
+            Err(_) if timeout.is_zero() => {
+                tracing::debug!(%shard, "aborting in-flight reconciles: no grace");
+                task.abort();
+                let _ = task.await;
+                false
+            }
             Err(_) => {
                 tracing::warn!(%shard, ?timeout, "in-flight reconciles did not finish in time, aborting them");
                 task.abort();
