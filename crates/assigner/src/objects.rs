@@ -35,7 +35,9 @@ pub struct ObjectRecord {
     pub deleting: bool,
     pub key_hash: u64,
     pub created: Option<Timestamp>,
-    /// The last valid shard label seen without a drain label (tampering repair).
+    /// The shard that may still be reconciling the object: the last trusted shard label
+    /// seen, drained or not (tampering repair). Forgotten only when both labels go after a
+    /// drain (the owner's acknowledgement).
     pub last_owner: Option<ShardIndex>,
     /// It carried a valid shard label at some point while this process watched.
     pub ever_owned: bool,
@@ -45,12 +47,18 @@ impl ObjectRecord {
     /// Takes in a newer observation, carrying over what is only known from history.
     fn observe(&mut self, newer: ObjectRecord) {
         let previous_owner = self.last_owner;
+        let was_draining = matches!(self.placement, ObjectPlacement::Draining { .. });
         let ever_owned = self.ever_owned;
         *self = newer;
         self.ever_owned |= ever_owned;
         self.last_owner = match &self.placement {
-            ObjectPlacement::Owned(shard) => Some(*shard),
-            ObjectPlacement::Draining { .. } => None,
+            ObjectPlacement::Owned(shard) | ObjectPlacement::Draining { from: shard } => {
+                Some(*shard)
+            }
+            // Both labels gone after a drain: the owner acknowledged it and has let go.
+            ObjectPlacement::Unassigned { stray_drain: false } if was_draining => None,
+            // Removed, garbled or hand-edited, during a drain too: the owner may still be
+            // reconciling it.
             _ => previous_owner,
         };
     }
@@ -171,7 +179,9 @@ fn record_of(key: &ObjectKey, meta: &PartialObjectMeta<DatabaseCluster>) -> Obje
         key_hash: object_key_hash(&key.namespace, &key.name),
         created: m.creation_timestamp.as_ref().map(|t| t.0),
         last_owner: match placement {
-            ObjectPlacement::Owned(shard) => Some(shard),
+            ObjectPlacement::Owned(shard) | ObjectPlacement::Draining { from: shard } => {
+                Some(shard)
+            }
             _ => None,
         },
         ever_owned: placement.owner().is_some(),
@@ -329,6 +339,51 @@ mod tests {
         store.apply(0, None, watcher::Event::InitApply(meta("a", "x", "4", &[])));
         store.apply(0, None, watcher::Event::InitDone);
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn a_draining_owner_is_remembered_until_it_acknowledges() {
+        let mut store = ObjectStore::default();
+        let key = ObjectKey {
+            namespace: "a".into(),
+            name: "x".into(),
+        };
+        let draining = &[(SHARD_LABEL, "1"), (DRAIN_LABEL, "2")];
+        store.apply(
+            0,
+            None,
+            watcher::Event::Apply(meta("a", "x", "1", draining)),
+        );
+        assert_eq!(store.get(&key).unwrap().last_owner, Some(ShardIndex(1)));
+        // The shard label is hand-edited (garbled) mid-drain: shard 1 may still be
+        // reconciling, so the object must go back to it rather than straight to shard 2.
+        store.apply(
+            0,
+            None,
+            watcher::Event::Apply(meta(
+                "a",
+                "x",
+                "2",
+                &[(SHARD_LABEL, "x"), (DRAIN_LABEL, "2")],
+            )),
+        );
+        assert_eq!(store.get(&key).unwrap().last_owner, Some(ShardIndex(1)));
+        // Back to draining, then both labels go: the acknowledgement.
+        store.apply(
+            0,
+            None,
+            watcher::Event::Apply(meta("a", "x", "3", draining)),
+        );
+        store.apply(0, None, watcher::Event::Apply(meta("a", "x", "4", &[])));
+        assert_eq!(store.get(&key).unwrap().last_owner, None);
+        // Seen draining at first sight (an assigner that just started) counts too.
+        let mut fresh = ObjectStore::default();
+        fresh.apply(
+            0,
+            None,
+            watcher::Event::Apply(meta("a", "x", "5", draining)),
+        );
+        assert_eq!(fresh.get(&key).unwrap().last_owner, Some(ShardIndex(1)));
     }
 
     #[test]

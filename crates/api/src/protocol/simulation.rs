@@ -142,6 +142,9 @@ struct Seen {
 struct Assigner {
     seen: Option<Seen>,
     last_owner: Vec<Option<u32>>,
+    /// The remembered owner was last seen asked to drain: both labels gone next is its
+    /// acknowledgement, not tampering.
+    drained: Vec<bool>,
     pending: Vec<Write>,
 }
 
@@ -390,11 +393,13 @@ impl Model {
         match step {
             Step::Observe => {
                 for (o, obj) in w.objs.iter().enumerate() {
-                    w.assigner.last_owner[o] = match (&obj.label, obj.drain) {
-                        (Label::Shard(s), false) => Some(*s),
-                        (Label::Shard(_), true) => None,
-                        _ => w.assigner.last_owner[o],
-                    };
+                    let (owner, drained) = (w.assigner.last_owner[o], w.assigner.drained[o]);
+                    (w.assigner.last_owner[o], w.assigner.drained[o]) =
+                        match (&obj.label, obj.drain) {
+                            (Label::Shard(s), drain) => (Some(*s), drain),
+                            (Label::Absent, false) if drained => (None, false),
+                            _ => (owner, false),
+                        };
                 }
                 w.assigner.seen = Some(Seen {
                     n: w.n,
@@ -428,6 +433,7 @@ impl Model {
                 w.assigner = Assigner {
                     seen: None,
                     last_owner: vec![None; w.objs.len()],
+                    drained: vec![false; w.objs.len()],
                     pending: Vec::new(),
                 };
             }
@@ -493,7 +499,7 @@ impl Model {
                     // object: without that memory it cannot tell the owner whose
                     // reconcile may still be in flight (the admission policy closes this).
                     let remembered = match (&w.objs[*o].label, w.objs[*o].drain) {
-                        (Label::Shard(s), false) => w.assigner.last_owner[*o] == Some(*s),
+                        (Label::Shard(s), _) => w.assigner.last_owner[*o] == Some(*s),
                         (Label::Absent, false) => true,
                         _ => false,
                     };
@@ -693,9 +699,9 @@ fn land(w: &mut World, write: Write) {
             let current = &mut w.objs[obj];
             if current.rv == rv {
                 // The patch response tells the assigner what it wrote, as in the binary.
-                w.assigner.last_owner[obj] = match (&label, drain) {
-                    (Label::Shard(s), false) => Some(*s),
-                    _ => None,
+                (w.assigner.last_owner[obj], w.assigner.drained[obj]) = match (&label, drain) {
+                    (Label::Shard(s), drain) => (Some(*s), drain),
+                    _ => (None, false),
                 };
                 current.label = label;
                 current.drain = drain;
@@ -784,6 +790,7 @@ fn steady(objects: usize, n: u32, budget: Budget) -> (Model, World) {
         assigner: Assigner {
             seen: None,
             last_owner: vec![None; objs.len()],
+            drained: vec![false; objs.len()],
             pending: Vec::new(),
         },
         objs,
