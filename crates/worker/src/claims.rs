@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Api, DeleteParams};
 use kube::{Client, ResourceExt};
-use shardop_api::DatabaseCluster;
+use shardop_api::{DatabaseCluster, DatabaseClusterStatus};
 use shardop_runtime::{LeaseGuard, LeaseLost};
 
 use crate::children::DATA_VOLUME;
@@ -34,8 +34,17 @@ pub fn claim_names(cluster_name: &str, ordinals: i32) -> Vec<String> {
 /// spec's and the StatefulSet's). An object that already has a status
 /// without the field was created before the field existed and may have been scaled down
 /// since: its history is unknown, so every ordinal the CRD allows counts.
-pub fn ordinals_to_record(cluster: &DatabaseCluster, stateful_set: Option<&StatefulSet>) -> i32 {
-    let recorded = match &cluster.status {
+///
+/// `status` is the object's status as last written (the cached one, or this shard's own
+/// newer write the watch has not delivered yet): reading the cached status alone would let
+/// two writes in quick succession (a scale 3 → 5 → 2 inside the watch lag) record less
+/// than was once created.
+pub fn ordinals_to_record(
+    cluster: &DatabaseCluster,
+    status: Option<&DatabaseClusterStatus>,
+    stateful_set: Option<&StatefulSet>,
+) -> i32 {
+    let recorded = match status {
         None => 0,
         Some(status) => status.claim_ordinals.unwrap_or(MAX_REPLICAS),
     };
@@ -120,6 +129,10 @@ pub async fn delete_claims(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(cluster: &DatabaseCluster, sts: Option<&StatefulSet>) -> i32 {
+        ordinals_to_record(cluster, cluster.status.as_ref(), sts)
+    }
     use k8s_openapi::api::apps::v1::StatefulSetSpec;
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use kube::CustomResourceExt;
@@ -170,34 +183,22 @@ mod tests {
     #[test]
     fn a_scale_down_keeps_the_highest_ordinal_count() {
         // Scaled from 5 to 2: claims 2..4 are retained and must still be deleted later.
-        assert_eq!(ordinals_to_record(&cluster(2, recorded(Some(5))), None), 5);
-        assert_eq!(
-            ordinals_to_record(&cluster(2, recorded(Some(5))), Some(&sts(2))),
-            5
-        );
+        assert_eq!(record(&cluster(2, recorded(Some(5))), None), 5);
+        assert_eq!(record(&cluster(2, recorded(Some(5))), Some(&sts(2))), 5);
         // Scaled up: the new count.
-        assert_eq!(ordinals_to_record(&cluster(7, recorded(Some(5))), None), 7);
+        assert_eq!(record(&cluster(7, recorded(Some(5))), None), 7);
         // The StatefulSet still has more replicas than the spec (scale-down not applied yet).
-        assert_eq!(
-            ordinals_to_record(&cluster(1, recorded(Some(1))), Some(&sts(4))),
-            4
-        );
+        assert_eq!(record(&cluster(1, recorded(Some(1))), Some(&sts(4))), 4);
     }
 
     #[test]
     fn an_object_from_before_the_record_counts_every_possible_ordinal() {
         // A new object: no status yet, so no history either.
-        assert_eq!(ordinals_to_record(&cluster(3, None), None), 3);
-        assert_eq!(ordinals_to_record(&cluster(3, None), Some(&sts(3))), 3);
+        assert_eq!(record(&cluster(3, None), None), 3);
+        assert_eq!(record(&cluster(3, None), Some(&sts(3))), 3);
         // A status without the field: written by a version that did not record it.
-        assert_eq!(
-            ordinals_to_record(&cluster(3, recorded(None)), None),
-            MAX_REPLICAS
-        );
-        assert_eq!(
-            ordinals_to_record(&cluster(3, recorded(None)), None),
-            MAX_REPLICAS
-        );
+        assert_eq!(record(&cluster(3, recorded(None)), None), MAX_REPLICAS);
+        assert_eq!(record(&cluster(3, recorded(None)), None), MAX_REPLICAS);
     }
 
     #[test]

@@ -207,6 +207,9 @@ pub struct ShardShared {
     pub backoff: BackoffPolicy,
     /// Consecutive failures per object.
     pub failures: FailureCounts<ObjectKey>,
+    /// Cleanup passes per deleted object that still waited for claims to go: the poll
+    /// backs off, since every pass sends one DELETE per claim.
+    pub cleanup_passes: FailureCounts<ObjectKey>,
     /// Queue and lag bookkeeping.
     pub book: Mutex<Bookkeeping>,
     /// Requeue delay when the Lease is not valid.
@@ -282,6 +285,7 @@ impl ShardController {
             metrics,
             backoff: settings.backoff,
             failures: FailureCounts::default(),
+            cleanup_passes: FailureCounts::default(),
             book: Mutex::default(),
             retry_period: settings.retry_period,
         });

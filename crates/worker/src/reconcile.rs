@@ -41,8 +41,22 @@ const RESYNC_MIN: Duration = Duration::from_secs(60 * 60);
 const RESYNC_SPREAD: Duration = Duration::from_secs(30 * 60);
 /// Requeue of an object whose spec cannot be applied: it waits for a spec change.
 const TERMINAL_RESYNC: Duration = Duration::from_secs(10 * 60);
-/// Requeue while deleted claims are still terminating.
+/// First requeue while deleted claims are still terminating; it doubles with every pass
+/// that still finds some, up to [`CLEANUP_POLL_CAP`].
 const CLEANUP_POLL: Duration = Duration::from_secs(1);
+/// Longest wait between two cleanup passes of one object.
+const CLEANUP_POLL_CAP: Duration = Duration::from_secs(30);
+
+/// The wait before cleanup pass `passes + 1` of an object whose claims are still going:
+/// 1 s, 2 s, 4 s, ... up to 30 s. Every pass sends a DELETE per claim (a terminating claim
+/// answers 200 again), so a fixed 1 s poll would cost a request per claim per second for as
+/// long as the pods take to stop.
+fn cleanup_poll(passes: u32) -> Duration {
+    let doublings = passes.saturating_sub(1).min(16);
+    CLEANUP_POLL
+        .saturating_mul(1_u32 << doublings)
+        .min(CLEANUP_POLL_CAP)
+}
 
 /// A terminal problem in an apply error: the API server will never accept this child for
 /// this spec. That is a 422 Invalid (e.g. an immutable StatefulSet field), a 400 Bad
@@ -138,7 +152,10 @@ pub async fn reconcile(
             Ok(Action::requeue(TERMINAL_RESYNC))
         }
         Ok(Outcome::Skipped) => Ok(Action::await_change()),
-        Ok(Outcome::CleanupPending) => Ok(Action::requeue(CLEANUP_POLL)),
+        Ok(Outcome::CleanupPending) => {
+            let passes = shared.cleanup_passes.record_failure(key.clone());
+            Ok(Action::requeue(cleanup_poll(passes)))
+        }
         Ok(Outcome::Waiting(after)) => {
             shared.failures.reset(&key);
             Ok(Action::requeue(after))
@@ -500,7 +517,7 @@ async fn converge(
         .get(&uid)
         .filter(|(g, _)| *g == generation)
         .map(|(_, p)| p.clone());
-    let cached_sts = cached(&ctx.stateful_sets, &namespace, &name);
+    let cached_sts = current_stateful_set(ctx, &cluster, &namespace, &name).await?;
     let resize = match known_problem {
         // Never take the StatefulSet down for a spec whose apply is known to fail.
         Some(_) => Resize::hold(&cluster.spec.storage.size, cached_sts.as_deref()),
@@ -554,8 +571,11 @@ async fn converge(
             };
             shared.guard.check()?;
             let mut book = shared.book();
-            // Both children were applied (or rejected for good): they carry our label.
-            book.children_relabelled(key, join);
+            // Both children were applied: they carry our label. A child rejected for good
+            // may still carry another shard's: the next reconcile relabels it again.
+            if problem.is_none() {
+                book.children_relabelled(key, join);
+            }
             match &problem {
                 Some(p) => {
                     book.terminal.insert(uid.clone(), (generation, p.clone()));
@@ -599,6 +619,9 @@ async fn converge(
     }
 
     if problem.is_some() || resize.problem.is_some() {
+        // Degraded: it waits for its owner to change the spec, not for this shard, so
+        // neither the lag histogram nor the oldest-unconverged gauge counts it.
+        shared.book().unconverged_since.remove(key);
         return Ok(Outcome::Terminal);
     }
     if let Some(after) = resize.requeue {
@@ -615,6 +638,35 @@ async fn converge(
             .observe(seen.elapsed().as_secs_f64());
     }
     Ok(Outcome::Done)
+}
+
+/// The object's StatefulSet: from the cache, or read by name when the cache cannot show it
+/// although it may exist. Once the object has a status it was reconciled before, and its
+/// StatefulSet may still carry another shard's label after a move (this shard's
+/// label-filtered cache cannot see it until the apply relabels it) or be on its way out in
+/// a volume resize; the resize decision and a terminal hold must see the real one, or a
+/// grown size is written into the immutable claim template.
+async fn current_stateful_set(
+    ctx: &ScopeContext,
+    cluster: &DatabaseCluster,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Arc<StatefulSet>>, ReconcileError> {
+    if let Some(cached) = cached(&ctx.stateful_sets, namespace, name) {
+        return Ok(Some(cached));
+    }
+    if cluster.status.is_none() {
+        // Never reconciled: nothing of ours can exist yet.
+        return Ok(None);
+    }
+    let found = Api::<StatefulSet>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(ReconcileError::kube("reading the StatefulSet"))?;
+    Ok(found.map(|mut sts| {
+        sts.metadata.managed_fields = None;
+        Arc::new(sts)
+    }))
 }
 
 /// Keeps the status just written until the watch delivers it (see [`known_status`]),
@@ -665,13 +717,21 @@ async fn cleanup(
     let name = cluster.name_any();
     if cluster.spec.storage.reclaim_policy == ReclaimPolicy::Delete {
         let sts = cached(&ctx.stateful_sets, &namespace, &name);
+        // Also when the cache does not show it: a StatefulSet still labelled for the
+        // object's previous shard is invisible here, and left alone it would keep its pods
+        // and so its claims forever (404 is fine).
         if sts
             .as_ref()
-            .is_some_and(|s| s.metadata.deletion_timestamp.is_none())
+            .is_none_or(|s| s.metadata.deletion_timestamp.is_none())
         {
             delete_stateful_set(ctx, &namespace, &name).await?;
         }
-        let ordinals = claims::ordinals_to_record(cluster, sts.as_deref());
+        let ordinals = {
+            // Our own newer status write counts too (see `ordinals_to_record`).
+            let written = shared.book().status_written.get(key).cloned();
+            let known = known_status(cluster, written.as_ref());
+            claims::ordinals_to_record(cluster, known, sts.as_deref())
+        };
         let names = claims::claim_names(&name, ordinals);
         let pass = claims::delete_claims(&ctx.client, &shared.guard, &namespace, &names).await;
         if let Some(progress) = cleanup_progress(&pass) {
@@ -703,6 +763,7 @@ async fn cleanup(
         book.forget_object(cluster);
     }
     shared.failures.reset(&key.to_owned());
+    shared.cleanup_passes.reset(&key.to_owned());
     tracing::info!("cleanup finished, finalizer removed");
     Ok(Outcome::Skipped)
 }
@@ -869,6 +930,13 @@ mod tests {
                 "{code} {message}"
             );
         }
+    }
+
+    #[test]
+    fn cleanup_polls_back_off_to_thirty_seconds() {
+        let waits: Vec<u64> = (1..=8).map(|n| cleanup_poll(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(cleanup_poll(u32::MAX), CLEANUP_POLL_CAP);
     }
 
     #[test]

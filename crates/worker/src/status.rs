@@ -164,6 +164,7 @@ pub fn desired_status(observed: &Observed<'_>) -> DatabaseClusterStatus {
         shard: Some(observed.shard.0),
         claim_ordinals: Some(crate::claims::ordinals_to_record(
             cluster,
+            observed.current_status,
             observed.stateful_set,
         )),
     }
@@ -281,6 +282,31 @@ mod tests {
     fn at_version(mut c: DatabaseCluster, version: &str) -> DatabaseCluster {
         c.metadata.resource_version = Some(version.into());
         c
+    }
+
+    #[test]
+    fn claim_ordinals_count_our_own_status_write_the_cache_has_not_delivered() {
+        // Cached: 3 claim ordinals recorded. Our own write since (a scale to 5 inside the
+        // watch lag) recorded 5; now the spec is 2 and the StatefulSet shows 2.
+        let mut cached = cluster(3);
+        cached.status = Some(DatabaseClusterStatus {
+            claim_ordinals: Some(3),
+            ..Default::default()
+        });
+        let written = DatabaseClusterStatus {
+            claim_ordinals: Some(5),
+            ..Default::default()
+        };
+        let s = sts(2, 2);
+        let status = desired_status(&Observed {
+            cluster: &cached,
+            current_status: Some(&written),
+            stateful_set: Some(&s),
+            problem: None,
+            shard: ShardIndex(0),
+            now: at(100),
+        });
+        assert_eq!(status.claim_ordinals, Some(5), "claims 3 and 4 may exist");
     }
 
     #[test]

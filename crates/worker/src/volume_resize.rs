@@ -502,7 +502,7 @@ async fn plan_claims(
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(io.client.clone(), &cluster.namespace().unwrap_or_default());
     let mut claims = Vec::new();
-    let ordinals = claims::ordinals_to_record(cluster, stateful_set);
+    let ordinals = claims::ordinals_to_record(cluster, cluster.status.as_ref(), stateful_set);
     for name in claims::claim_names(&cluster.name_any(), ordinals) {
         let claim = api
             .get_opt(&name)
