@@ -237,7 +237,20 @@ impl Supervisor {
                 continue;
             }
             let lease_io = clients.leases(shard)?;
-            let Some(held) = self.write_lease(&lease_io, shard, shard_count).await? else {
+            // Bounded: a request stuck on a half-open connection must not hold up the
+            // rest of the step (hand-backs, the home shard, heartbeats) for the client's
+            // read timeout. A Lease acquired by a request we gave up on is never renewed
+            // and simply expires; nothing is written for it without a guard.
+            let attempt = tokio::time::timeout(
+                self.lease_settings.lease_duration,
+                self.write_lease(&lease_io, shard, shard_count),
+            )
+            .await;
+            let Ok(attempt) = attempt else {
+                tracing::warn!(%shard, "shard lease request did not finish within the lease duration");
+                continue;
+            };
+            let Some(held) = attempt? else {
                 continue;
             };
             if shard != self.home {
