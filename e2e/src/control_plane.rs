@@ -7,7 +7,7 @@
 //! `SHARDOP_ETCD_PEER_PORT`, defaults 16443/23790/23800): tests that run at the same time
 //! must use different offsets. It is stopped and removed when the guard drops.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -66,7 +66,7 @@ impl OwnControlPlane {
             // A loaded 2-core machine starts a control plane slowly.
             ("SHARDOP_CLUSTER_TIMEOUT".to_owned(), "180".to_owned()),
         ];
-        let bin_dir = run(&repo_root, "hack/build-tools.sh", &[], &env)?;
+        let bin_dir = crate::run_script_with(&repo_root, "hack/build-tools.sh", &[], &env)?;
         let plane = Self {
             cluster: Cluster {
                 kubeconfig: dir.join("kubeconfig"),
@@ -136,31 +136,8 @@ impl OwnControlPlane {
     }
 
     fn script(&self, script: &str, args: &[&str]) -> anyhow::Result<String> {
-        run(&self.cluster.repo_root, script, args, &self.env)
+        crate::run_script_with(&self.cluster.repo_root, script, args, &self.env)
     }
-}
-
-fn run(
-    repo_root: &Path,
-    script: &str,
-    args: &[&str],
-    env: &[(String, String)],
-) -> anyhow::Result<String> {
-    let output = Command::new("bash")
-        .arg(repo_root.join(script))
-        .args(args)
-        .current_dir(repo_root)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .with_context(|| format!("running {script}"))?;
-    if !output.status.success() {
-        bail!(
-            "{script} failed ({}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 impl Drop for OwnControlPlane {

@@ -128,9 +128,22 @@ fn setup() -> anyhow::Result<Cluster> {
 }
 
 fn run_script(repo_root: &Path, script: &str) -> anyhow::Result<String> {
+    run_script_with(repo_root, script, &[], &[])
+}
+
+/// Runs `bash <repo_root>/<script> <args>` from the repository root with `env` added;
+/// returns its standard output, or an error with its standard error.
+pub(crate) fn run_script_with(
+    repo_root: &Path,
+    script: &str,
+    args: &[&str],
+    env: &[(String, String)],
+) -> anyhow::Result<String> {
     let output = Command::new("bash")
         .arg(repo_root.join(script))
+        .args(args)
         .current_dir(repo_root)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .with_context(|| format!("running {script}"))?;
     if !output.status.success() {

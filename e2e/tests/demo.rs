@@ -123,7 +123,11 @@ fn demo_down_only_stops_things_and_only_the_demos_processes() {
     let mut worker = sleeper("shardop-worker");
     let mut unrelated = sleeper("unrelated-sleeper");
     std::fs::write(pids.join("shardop-worker-0.pid"), worker.id().to_string()).unwrap();
-    std::fs::write(pids.join("shardop-worker-1.pid"), unrelated.id().to_string()).unwrap();
+    std::fs::write(
+        pids.join("shardop-worker-1.pid"),
+        unrelated.id().to_string(),
+    )
+    .unwrap();
 
     for run in 1..=2 {
         let output = scratch.bash("demo.sh", &["down"]);

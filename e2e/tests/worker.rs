@@ -199,6 +199,22 @@ impl Env {
             .filter(|e| e.in_namespace(&self.objects.name))
             .collect()
     }
+
+    /// Waits 3 s for late writes, then asserts the workers wrote nothing to the test's
+    /// objects since there were `before` writes (a second pass over converged objects).
+    async fn assert_no_object_writes_since(&self, before: usize) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = self.object_writes();
+        assert_eq!(
+            after.len(),
+            before,
+            "the second pass wrote: {:?}",
+            after[before..]
+                .iter()
+                .map(|e| (&e.verb, e.target()))
+                .collect::<Vec<_>>()
+        );
+    }
 }
 
 /// The pod in a worker user agent `shardop-worker/shard-<i> (<pod>)`.
@@ -349,17 +365,7 @@ async fn three_hundred_objects_converge_on_their_own_shards_and_a_second_pass_wr
         "second pass over {OBJECTS} objects took {:?}",
         pass.elapsed()
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = env.object_writes();
-    assert_eq!(
-        after.len(),
-        before,
-        "the second pass wrote: {:?}",
-        after[before..]
-            .iter()
-            .map(|e| (&e.verb, e.target()))
-            .collect::<Vec<_>>()
-    );
+    env.assert_no_object_writes_since(before).await;
     drop(workers);
     env.release_objects().await;
 }
@@ -1148,17 +1154,7 @@ async fn non_canonical_quantities_converge_and_a_second_pass_writes_nothing() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = env.object_writes();
-    assert_eq!(
-        after.len(),
-        before,
-        "the second pass wrote: {:?}",
-        after[before..]
-            .iter()
-            .map(|e| (&e.verb, e.target()))
-            .collect::<Vec<_>>()
-    );
+    env.assert_no_object_writes_since(before).await;
     drop(worker);
     env.release_objects().await;
 }
