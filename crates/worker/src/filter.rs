@@ -34,6 +34,10 @@ pub struct ChangeFilter {
     seen: HashMap<(Option<String>, String), Seen>,
     /// The initial list has completed: objects seen from now on joined the shard.
     listed: bool,
+    /// While the watch relists (after a gap, e.g. its resourceVersion expired), what it
+    /// showed before: the relist is compared with it, and whatever it does not list again
+    /// left during the gap and is forgotten.
+    before_relist: Option<HashMap<(Option<String>, String), Seen>>,
 }
 
 /// An object to reconcile.
@@ -57,7 +61,13 @@ impl ChangeFilter {
                     fingerprint: reconcile_fingerprint(&cluster)?,
                     label_trusted: label_trusted(&cluster),
                 };
-                let previous = self.seen.insert(key, now);
+                let previous = match self.before_relist.as_mut() {
+                    Some(before) => {
+                        self.seen.insert(key.clone(), now);
+                        before.remove(&key)
+                    }
+                    None => self.seen.insert(key, now),
+                };
                 let joined = match previous {
                     None => self.listed,
                     Some(before) => now.label_trusted && !before.label_trusted,
@@ -70,9 +80,17 @@ impl ChangeFilter {
             }
             Event::InitDone => {
                 self.listed = true;
+                self.before_relist = None;
                 None
             }
-            Event::Init => None,
+            Event::Init => {
+                // A relist: an object that left and came back unchanged during the gap
+                // must count as joined, not as unchanged.
+                if self.listed {
+                    self.before_relist = Some(std::mem::take(&mut self.seen));
+                }
+                None
+            }
         }
     }
 }
@@ -226,5 +244,29 @@ mod tests {
         // Objects of a relist that were already there have not moved.
         filter.admit(Event::Init);
         assert!(filter.admit(Event::InitApply(changed)).is_none());
+    }
+
+    #[test]
+    fn a_relist_forgets_objects_that_left_during_the_gap_and_admits_those_that_came_back() {
+        let mut filter = ChangeFilter::default();
+        let object = trusted(cluster());
+        filter.admit(Event::Init);
+        assert!(filter.admit(Event::InitApply(object.clone())).is_some());
+        filter.admit(Event::InitDone);
+        // The watch loses its place; while it was away the object left the shard and came
+        // back unchanged. The relist shows it again, and nothing else.
+        filter.admit(Event::Init);
+        let unchanged = filter.admit(Event::InitApply(object.clone()));
+        assert!(
+            unchanged.is_none(),
+            "an object listed again unchanged is not new"
+        );
+        filter.admit(Event::InitDone);
+        // A second gap, in which the object left and does not come back: it is forgotten,
+        // so when it returns later it is admitted as joined.
+        filter.admit(Event::Init);
+        filter.admit(Event::InitDone);
+        let back = filter.admit(Event::Apply(object)).expect("admitted");
+        assert!(back.joined, "it rejoined the shard");
     }
 }
