@@ -6,14 +6,20 @@
 //! of the supervisor's one-second tick, and logs at `debug` when no response arrived (the
 //! outage itself is logged once by [`shardop_runtime::reachability`]); once the API server
 //! answers again (a watch reconnected) the next step runs at once. Any other failure
-//! (a 409 from a Lease race, a 403) is part of the protocol's normal traffic: it is logged
-//! and retried at the next tick as before, so hand-backs and takeovers keep their pace.
+//! (a 409 from a Lease race, a 403) is part of the protocol's normal traffic: it is retried
+//! at the next tick as before, so hand-backs and takeovers keep their pace, and logged at
+//! `warn` at most once per [`OTHER_FAILURE_LOG_INTERVAL`] with the count since (a 403 that
+//! persists, say a missing RBAC rule, would otherwise log a line every second).
 
 use std::time::Duration;
 
 use shardop_runtime::reachability::{error_chain, is_transport_error};
 use shardop_runtime::retry::{RetrySchedule, jitter_unit};
 use tokio::time::Instant;
+
+/// At most one `warn` line per this interval for step failures that are retried at the
+/// next tick.
+pub const OTHER_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How a step failed, as far as retrying is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +54,10 @@ pub struct StepRetry {
     schedule: RetrySchedule,
     next: Option<Instant>,
     waiting_for_api: bool,
+    /// Failures retried at the next tick since the last success, and when one was last
+    /// logged at `warn`.
+    other_failures: u32,
+    other_logged_at: Option<Instant>,
 }
 
 impl Default for StepRetry {
@@ -56,6 +66,8 @@ impl Default for StepRetry {
             schedule: RetrySchedule::api_default(),
             next: None,
             waiting_for_api: false,
+            other_failures: 0,
+            other_logged_at: None,
         }
     }
 }
@@ -77,9 +89,30 @@ impl StepRetry {
                 "supervisor steps succeed again"
             );
         }
+        if self.other_failures > 1 {
+            tracing::info!(
+                failures = self.other_failures,
+                "supervisor steps succeed again"
+            );
+        }
         self.schedule.reset();
         self.next = None;
         self.waiting_for_api = false;
+        self.other_failures = 0;
+        self.other_logged_at = None;
+    }
+
+    /// Counts a failure retried at the next tick and says whether to log it at `warn`:
+    /// the first one, then at most one per [`OTHER_FAILURE_LOG_INTERVAL`].
+    fn log_other_failure(&mut self, now: Instant) -> bool {
+        self.other_failures = self.other_failures.saturating_add(1);
+        let due = self
+            .other_logged_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= OTHER_FAILURE_LOG_INTERVAL);
+        if due {
+            self.other_logged_at = Some(now);
+        }
+        due
     }
 
     /// A step failed at `now`; returns the delay before the next one (zero: next tick).
@@ -99,7 +132,12 @@ impl StepRetry {
             self.schedule.reset();
             self.next = None;
             self.waiting_for_api = false;
-            tracing::warn!(error = %cause, "supervisor step failed");
+            let failures = self.other_failures.saturating_add(1);
+            if self.log_other_failure(now) {
+                tracing::warn!(error = %cause, failures, "supervisor step failed");
+            } else {
+                tracing::debug!(error = %cause, failures, "supervisor step failed");
+            }
             return Duration::ZERO;
         }
         let delay = self.schedule.next_delay(unit);
@@ -184,5 +222,24 @@ mod tests {
             retry.is_due(now, false),
             "a conflict is retried at the next tick"
         );
+    }
+
+    #[test]
+    fn a_failure_that_persists_is_logged_once_per_interval() {
+        let mut retry = StepRetry::default();
+        let start = Instant::now();
+        let logged: Vec<bool> = (0..61)
+            .map(|second| retry.log_other_failure(start + Duration::from_secs(second)))
+            .collect();
+        // One step a second for a minute: logged at 0 s, 30 s and 60 s.
+        let at: Vec<usize> = logged
+            .iter()
+            .enumerate()
+            .filter_map(|(second, logged)| logged.then_some(second))
+            .collect();
+        assert_eq!(at, [0, 30, 60]);
+        assert_eq!(retry.other_failures, 61);
+        retry.succeeded();
+        assert!(retry.log_other_failure(start + Duration::from_secs(61)));
     }
 }
