@@ -805,11 +805,17 @@ async fn chart_installs_every_object_on_the_real_api_server() {
             ])
             .unwrap()
     };
-    let read = flow_schema_of(cluster, &worker, &["get", "leases", "-n", &ns.name], "");
+    let read = flow_schema_of(cluster, &worker, &["get", "services", "-n", &ns.name], "");
     assert_eq!(
         read,
         schema_uid("reads"),
         "a worker read is not in the reads FlowSchema"
+    );
+    let lease_read = flow_schema_of(cluster, &worker, &["get", "leases", "-n", &ns.name], "");
+    assert_eq!(
+        lease_read,
+        schema_uid("leases"),
+        "a worker Lease read is not in the leases FlowSchema"
     );
     let lease_probe = format!(
         "{{\"apiVersion\":\"coordination.k8s.io/v1\",\"kind\":\"Lease\",\"metadata\":{{\"name\":\"apf-probe\",\"namespace\":\"{}\"}}}}",
