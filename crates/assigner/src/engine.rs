@@ -401,7 +401,8 @@ impl Engine {
                 resource_version: record.resource_version.clone(),
             };
             let client = self.client.clone();
-            let claim = writes::claim_same_value(&write.action, &record.placement);
+            let claim =
+                writes::claim_same_value(&write.action, &record.placement, record.drain_label);
             tracing::debug!(object = %key, action = ?write.action, claim = claim.is_some(), "label write");
             self.writes.spawn(async move {
                 let (key, version) = (&write.key, &write.resource_version);

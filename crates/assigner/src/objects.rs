@@ -10,6 +10,7 @@ use jiff::Timestamp;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use shardop_api::assignment::object_key_hash;
+use shardop_api::constants::DRAIN_LABEL;
 use shardop_api::label_trust::shard_label_written_by_assigner;
 use shardop_api::protocol::ObjectPlacement;
 use shardop_api::{DatabaseCluster, ShardIndex};
@@ -41,6 +42,8 @@ pub struct ObjectRecord {
     pub last_owner: Option<ShardIndex>,
     /// It carried a valid shard label at some point while this process watched.
     pub ever_owned: bool,
+    /// It carries a drain label (whatever its placement says: an Untrusted one may too).
+    pub drain_label: bool,
 }
 
 impl ObjectRecord {
@@ -185,6 +188,10 @@ fn record_of(key: &ObjectKey, meta: &PartialObjectMeta<DatabaseCluster>) -> Obje
             _ => None,
         },
         ever_owned: placement.owner().is_some(),
+        drain_label: m
+            .labels
+            .as_ref()
+            .is_some_and(|labels| labels.contains_key(DRAIN_LABEL)),
         placement,
     }
 }

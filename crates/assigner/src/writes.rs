@@ -56,14 +56,18 @@ pub fn label_patch(action: &AssignerAction) -> Option<serde_json::Value> {
 /// the value the label already has but that the assigner did not write (a hand edit to the
 /// right shard). A merge patch of an unchanged value records no field manager, so the
 /// label would stay untrusted and no worker would ever act on it; an apply of the same
-/// value makes the assigner a co-owner.
+/// value makes the assigner a co-owner. Not while a drain label is there too: the apply
+/// would leave it, and the label it makes trusted would then read as a drain the shard
+/// acknowledges at once (an object moved for nothing); the merge patch removes the drain
+/// label first, and the next pass claims the label.
 pub fn claim_same_value(
     action: &AssignerAction,
     placement: &ObjectPlacement,
+    drain_label: bool,
 ) -> Option<ShardIndex> {
     match (action, placement) {
         (AssignerAction::Assign { to }, ObjectPlacement::Untrusted { labelled })
-            if to == labelled =>
+            if to == labelled && !drain_label =>
         {
             Some(*to)
         }
@@ -72,8 +76,8 @@ pub fn claim_same_value(
 }
 
 /// Claims the shard label `to` by a forced server-side apply of just that label,
-/// conditional on `resource_version`. A drain label beside it stays; the protocol deals
-/// with it once the label is trusted. Returns the object's metadata after the write.
+/// conditional on `resource_version` (never with a drain label beside it, see
+/// [`claim_same_value`]). Returns the object's metadata after the write.
 pub async fn claim_shard_label(
     client: Client,
     key: &ObjectKey,
@@ -225,13 +229,22 @@ mod tests {
         let other = ObjectPlacement::Untrusted {
             labelled: ShardIndex(1),
         };
-        assert_eq!(claim_same_value(&assign, &same), Some(to));
+        assert_eq!(claim_same_value(&assign, &same, false), Some(to));
         // A changed value is recorded for the assigner by the merge patch.
-        assert_eq!(claim_same_value(&assign, &other), None);
+        assert_eq!(claim_same_value(&assign, &other, false), None);
         assert_eq!(
-            claim_same_value(&assign, &ObjectPlacement::Invalid { value: "x".into() }),
+            claim_same_value(
+                &assign,
+                &ObjectPlacement::Invalid { value: "x".into() },
+                false
+            ),
             None
         );
-        assert_eq!(claim_same_value(&AssignerAction::CancelDrain, &same), None);
+        assert_eq!(
+            claim_same_value(&AssignerAction::CancelDrain, &same, false),
+            None
+        );
+        // With a drain label beside it, the merge patch (which removes it) goes first.
+        assert_eq!(claim_same_value(&assign, &same, true), None);
     }
 }
