@@ -438,8 +438,14 @@ async fn renew_loop(
         let sent = Instant::now();
         next = sent + settings.retry_period;
         // Bounded by the fence: a renew still in flight at the deadline is abandoned so the
-        // loop can give the Lease up on time.
-        let renewed = tokio::time::timeout_at(guard.valid_until(), leases.renew(&latest)).await;
+        // loop can give the Lease up on time. A stop abandons it too: the release waits for
+        // this loop, and a hand-back must not wait out a slow renew (the release is written
+        // from a fresh read if this renew landed after all).
+        let renewed = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Some(latest),
+            renewed = tokio::time::timeout_at(guard.valid_until(), leases.renew(&latest)) => renewed,
+        };
         let Ok(renewed) = renewed else { continue };
         match renewed {
             Ok(renewed) => {
@@ -448,7 +454,14 @@ async fn renew_loop(
             }
             Err(err) if is_conflict(&err) => {
                 // Someone wrote the Lease: a hand-back request, retirement, or a new holder.
-                match leases.get(shard).await {
+                let fresh = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return Some(latest),
+                    fresh = tokio::time::timeout_at(guard.valid_until(), leases.get(shard)) => fresh,
+                };
+                // Timed out at the deadline: the top of the loop gives the Lease up.
+                let Ok(fresh) = fresh else { continue };
+                match fresh {
                     Ok(Some(fresh)) if leases.holds(&fresh) => {
                         latest = fresh;
                         next = Instant::now();
@@ -657,5 +670,66 @@ mod tests {
             retry_period: Duration::from_millis(100),
         };
         assert_eq!(settings.lease_duration_seconds(), 1);
+    }
+
+    /// An API server that never answers.
+    #[derive(Clone)]
+    struct Unanswered;
+
+    impl tower::Service<http::Request<kube::client::Body>> for Unanswered {
+        type Response = http::Response<kube::client::Body>;
+        type Error = tower::BoxError;
+        type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<kube::client::Body>) -> Self::Future {
+            Box::pin(futures::future::pending())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_abandons_a_renew_in_flight() {
+        let settings = LeaseSettings {
+            namespace: "ns".into(),
+            identity: "w-0".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        };
+        let leases = ShardLeases::new(Client::new(Unanswered, "ns"), settings);
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(ShardIndex(0).lease_name()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("w-0".into()),
+                ..Default::default()
+            }),
+        };
+        let guard = LeaseGuard::new(ShardIndex(0), Instant::now() + Duration::from_secs(10));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(renew_loop(leases, lease, guard, stop.clone()));
+        // The renew sent at 2 s hangs.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let stopped = Instant::now();
+        stop.cancel();
+        let latest = task.await.unwrap();
+        assert!(
+            latest.is_some(),
+            "a stopped loop hands back its latest Lease"
+        );
+        assert!(
+            stopped.elapsed() < Duration::from_secs(1),
+            "the release waited {:?} for a renew in flight",
+            stopped.elapsed()
+        );
     }
 }
