@@ -77,6 +77,11 @@ impl Heartbeat {
             Err(kube::Error::Api(status)) if status.code == 404 => {
                 tracing::debug!(%shard, "no Shard object yet, heartbeat skipped");
             }
+            // The Lease went while the write waited: the fenced client refused it, as it
+            // should; the controller is being stopped.
+            Err(err) if shardop_runtime::client::fenced_out(&err).is_some() => {
+                tracing::debug!(%shard, "heartbeat not sent: the shard's lease is gone");
+            }
             Err(err) => tracing::warn!(%shard, %err, "shard heartbeat failed"),
         }
     }
