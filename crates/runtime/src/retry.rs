@@ -14,6 +14,14 @@ pub const API_RETRY_BASE: Duration = Duration::from_secs(1);
 /// Upper bound of [`RetrySchedule::api_default`].
 pub const API_RETRY_CAP: Duration = Duration::from_secs(30);
 
+/// `base × 2^(failures−1)`, at most `cap`: the delay after the n-th consecutive failure
+/// (`failures` ≥ 1; 0 counts as 1), without overflow however many failures there were.
+/// Every backoff of shardop has this shape; they differ in base, cap and jitter.
+pub fn doubling_delay(base: Duration, cap: Duration, failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(30);
+    base.checked_mul(1_u32 << exponent).unwrap_or(cap).min(cap)
+}
+
 /// The delays between consecutive failed attempts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetrySchedule {
@@ -39,11 +47,7 @@ impl RetrySchedule {
 
     /// Delay after `failures` consecutive failures (≥ 1), before jitter.
     pub fn delay(&self, failures: u32) -> Duration {
-        let exponent = failures.saturating_sub(1).min(30);
-        self.base
-            .checked_mul(1_u32 << exponent)
-            .unwrap_or(self.cap)
-            .min(self.cap)
+        doubling_delay(self.base, self.cap, failures)
     }
 
     /// Records one more failure and returns how long to wait before the next attempt,

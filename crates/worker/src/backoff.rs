@@ -31,11 +31,7 @@ impl Default for BackoffPolicy {
 impl BackoffPolicy {
     /// Delay after `failures` consecutive failures (≥ 1), before jitter.
     pub fn delay(&self, failures: u32) -> Duration {
-        let exponent = failures.saturating_sub(1).min(30);
-        self.base
-            .checked_mul(1_u32 << exponent)
-            .unwrap_or(self.cap)
-            .min(self.cap)
+        shardop_runtime::retry::doubling_delay(self.base, self.cap, failures)
     }
 
     /// `delay` spread by ±10 % using `unit` in `[0, 1)` as the random draw.

@@ -52,10 +52,7 @@ const CLEANUP_POLL_CAP: Duration = Duration::from_secs(30);
 /// answers 200 again), so a fixed 1 s poll would cost a request per claim per second for as
 /// long as the pods take to stop.
 fn cleanup_poll(passes: u32) -> Duration {
-    let doublings = passes.saturating_sub(1).min(16);
-    CLEANUP_POLL
-        .saturating_mul(1_u32 << doublings)
-        .min(CLEANUP_POLL_CAP)
+    shardop_runtime::retry::doubling_delay(CLEANUP_POLL, CLEANUP_POLL_CAP, passes)
 }
 
 /// A terminal problem in an apply error: the API server will never accept this child for
