@@ -6,15 +6,12 @@
 // Tests may panic on unexpected values; production code may not (workspace lints).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod assignment;
 pub mod constants;
 pub mod crd;
 pub mod database_cluster;
-pub mod label_trust;
-pub mod protocol;
-pub mod schema;
-pub mod shard;
-pub mod shard_index;
+
+// The shard protocol moved to the `shardop` library; these keep the operator's paths.
+pub use shardop::{assignment, label_trust, protocol, schema, shard, shard_index};
 
 pub use assignment::shard_for;
 pub use database_cluster::{

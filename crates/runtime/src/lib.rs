@@ -15,15 +15,12 @@
 // Tests may panic on unexpected values; production code may not (workspace lints).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod client;
-pub mod duration;
-pub mod lease;
-pub mod reachability;
-pub mod retry;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
-pub mod watch_list;
+
+// The Kubernetes I/O of sharding moved to the `shardop` library; these keep the binaries' paths.
+pub use shardop::{client, duration, lease, reachability, retry, watch_list};
 
 pub use client::{ClientFactory, KubeClientArgs, KubeMetrics};
 pub use duration::{parse_duration, parse_positive_duration};

@@ -3,7 +3,7 @@
 //! one watch over all shard Leases.
 //!
 //! The *judgement* (is a Lease held, expired, released; whose home shard is it) is
-//! `shardop_api::protocol::lease`; this module only reads and writes Lease objects.
+//! `crate::protocol::lease`; this module only reads and writes Lease objects.
 //!
 //! Why not kube-lease-manager: it exposes one `bool` watch channel per lease, polls every
 //! lease separately, has no notion of a fencing deadline that a write can check
@@ -23,6 +23,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::ShardIndex;
+use crate::constants::{RELEASE_REQUESTED_ANNOTATION, SHARD_LEASE_LABEL};
+use crate::protocol::lease::{LeaseSnapshot, LeaseState};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -31,9 +34,6 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use shardop_api::ShardIndex;
-use shardop_api::constants::{RELEASE_REQUESTED_ANNOTATION, SHARD_LEASE_LABEL};
-use shardop_api::protocol::lease::{LeaseSnapshot, LeaseState};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;

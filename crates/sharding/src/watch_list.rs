@@ -14,11 +14,11 @@
 
 use std::time::Duration;
 
+use crate::constants::SHARD_LEASE_LABEL;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, WatchEvent, WatchParams};
 use kube::{Client, ResourceExt};
-use shardop_api::constants::SHARD_LEASE_LABEL;
 use tokio_util::sync::CancellationToken;
 
 use crate::reachability::{error_chain, is_transport_error};

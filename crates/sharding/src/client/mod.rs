@@ -785,7 +785,7 @@ mod tests {
         result.is_err_and(|err| err.downcast_ref::<LeaseLost>() == Some(&LeaseLost(ShardIndex(1))))
     }
 
-    use shardop_api::ShardIndex;
+    use crate::ShardIndex;
     use tokio::time::Instant;
 
     #[tokio::test(start_paused = true)]
