@@ -11,27 +11,36 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 use serde_json::json;
 
-use crate::constants::{ASSIGNER_FIELD_MANAGER, SHARD_LABEL};
+use crate::names::OperatorNames;
 
 /// The key of the shard label in a `fieldsV1` set.
-fn label_field() -> String {
-    format!("f:{SHARD_LABEL}")
+fn label_field(names: &OperatorNames) -> String {
+    format!("f:{}", names.shard_label())
 }
 
-/// Whether `entry` records the assigner as an owner of the shard label.
-fn owns_shard_label(entry: &ManagedFieldsEntry) -> bool {
-    entry.manager.as_deref() == Some(ASSIGNER_FIELD_MANAGER)
+/// Whether `entry` records the operator's assigner as an owner of its shard label.
+fn owns_shard_label(entry: &ManagedFieldsEntry, names: &OperatorNames) -> bool {
+    entry.manager.as_deref() == Some(names.assigner_field_manager().as_str())
         && entry.subresource.as_deref().unwrap_or_default().is_empty()
         && entry
             .fields_v1
             .as_ref()
             .and_then(|fields| fields.0.get("f:metadata")?.get("f:labels"))
-            .is_some_and(|labels| labels.get(label_field()).is_some())
+            .is_some_and(|labels| labels.get(label_field(names)).is_some())
 }
 
-/// Whether the assigner's field manager is among the owners of the shard label.
+/// Whether the default operator's assigner field manager is among the owners of the shard
+/// label.
 pub fn shard_label_written_by_assigner(managed_fields: Option<&[ManagedFieldsEntry]>) -> bool {
-    managed_fields.is_some_and(|entries| entries.iter().any(owns_shard_label))
+    shard_label_written_by(managed_fields, &OperatorNames::default())
+}
+
+/// Whether operator `names`' assigner field manager is among the owners of its shard label.
+pub fn shard_label_written_by(
+    managed_fields: Option<&[ManagedFieldsEntry]>,
+    names: &OperatorNames,
+) -> bool {
+    managed_fields.is_some_and(|entries| entries.iter().any(|e| owns_shard_label(e, names)))
 }
 
 /// The managedFields a cache keeps instead of the real ones: a single entry recording that
@@ -41,13 +50,21 @@ pub fn shard_label_written_by_assigner(managed_fields: Option<&[ManagedFieldsEnt
 pub fn trust_marker(
     managed_fields: Option<&[ManagedFieldsEntry]>,
 ) -> Option<Vec<ManagedFieldsEntry>> {
-    shard_label_written_by_assigner(managed_fields).then(|| {
+    trust_marker_for(managed_fields, &OperatorNames::default())
+}
+
+/// [`trust_marker`] for operator `names`: read back by [`shard_label_written_by`].
+pub fn trust_marker_for(
+    managed_fields: Option<&[ManagedFieldsEntry]>,
+    names: &OperatorNames,
+) -> Option<Vec<ManagedFieldsEntry>> {
+    shard_label_written_by(managed_fields, names).then(|| {
         vec![ManagedFieldsEntry {
-            manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+            manager: Some(names.assigner_field_manager()),
             operation: Some("Update".to_owned()),
             fields_type: Some("FieldsV1".to_owned()),
             fields_v1: Some(FieldsV1(
-                json!({ "f:metadata": { "f:labels": { label_field(): {} } } }),
+                json!({ "f:metadata": { "f:labels": { label_field(names): {} } } }),
             )),
             ..Default::default()
         }]
@@ -57,6 +74,7 @@ pub fn trust_marker(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::constants::{ASSIGNER_FIELD_MANAGER, SHARD_LABEL};
 
     fn entry(manager: &str, subresource: Option<&str>, labels: &[&str]) -> ManagedFieldsEntry {
         let labels: serde_json::Map<String, serde_json::Value> = labels

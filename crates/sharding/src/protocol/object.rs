@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::constants::{DRAIN_LABEL, SHARD_LABEL};
+use crate::names::OperatorNames;
 use crate::shard_index::ShardIndex;
 
 /// Where an object stands, read from its labels and from who wrote its shard label.
@@ -41,9 +41,18 @@ impl ObjectPlacement {
     /// Reads the placement from an object's labels; `label_trusted` is whether the
     /// assigner wrote the shard label (see [`crate::label_trust`]).
     pub fn from_labels(labels: Option<&BTreeMap<String, String>>, label_trusted: bool) -> Self {
+        Self::from_labels_of(labels, label_trusted, &OperatorNames::default())
+    }
+
+    /// [`from_labels`](Self::from_labels) with the label keys of operator `names`.
+    pub fn from_labels_of(
+        labels: Option<&BTreeMap<String, String>>,
+        label_trusted: bool,
+        names: &OperatorNames,
+    ) -> Self {
         let get = |key: &str| labels.and_then(|l| l.get(key));
-        let drain = get(DRAIN_LABEL).is_some();
-        match get(SHARD_LABEL) {
+        let drain = get(&names.drain_label()).is_some();
+        match get(&names.shard_label()) {
             None => Self::Unassigned { stray_drain: drain },
             Some(value) => match value.parse::<ShardIndex>() {
                 Err(_) => Self::Invalid {
@@ -192,6 +201,7 @@ pub fn worker_action(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::constants::{DRAIN_LABEL, SHARD_LABEL};
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -212,6 +222,21 @@ mod tests {
     const S0: ShardIndex = ShardIndex(0);
     const S1: ShardIndex = ShardIndex(1);
     const S2: ShardIndex = ShardIndex(2);
+
+    #[test]
+    fn another_operators_labels_are_not_ours() {
+        let tenants = OperatorNames::new("tenants").unwrap();
+        let ours = labels(&[("tenants.shardop.dev/shard", "1")]);
+        assert_eq!(
+            ObjectPlacement::from_labels_of(Some(&ours), true, &tenants),
+            ObjectPlacement::Owned(S1)
+        );
+        assert_eq!(
+            ObjectPlacement::from_labels(Some(&ours), true),
+            ObjectPlacement::Unassigned { stray_drain: false },
+            "the default operator does not see another operator's shard label"
+        );
+    }
 
     #[test]
     fn placement_from_labels() {
