@@ -5,9 +5,8 @@
 //! [`crate::reconcile`]; whether this shard may act on an object is the library's
 //! ([`ShardScope::admit`]).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -18,15 +17,17 @@ use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
-use shardop::{LeaseGuard, ShardIndex, ShardLoad, ShardMetrics, ShardScope};
+use shardop::{ShardLoad, ShardScope};
 use shardop_api::DatabaseCluster;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
+use crate::book::{ObjectKey, key_of};
+use crate::context::{ScopeContext, ShardShared};
 use crate::reconcile;
-use crate::status::{TerminalProblem, WrittenStatus, is_behind};
+use crate::status::is_behind;
 
 /// Settings shared by every shard controller of the process.
 #[derive(Clone, Debug)]
@@ -39,169 +40,6 @@ pub struct ControllerSettings {
     pub backoff: BackoffPolicy,
     /// How long the Lease may be unusable before a reconcile gives up waiting.
     pub retry_period: Duration,
-}
-
-/// `namespace/name`, the key of an object in the bookkeeping maps.
-pub type ObjectKey = String;
-
-/// Per-object bookkeeping of one shard, shared by its controllers and its reconciles.
-#[derive(Default)]
-pub struct Bookkeeping {
-    /// When a spec change of an object was first seen, for the lag histogram.
-    pub unconverged_since: HashMap<ObjectKey, Instant>,
-    /// The last terminal problem per object UID and the generation it belongs to: the
-    /// same generation is not re-applied (no requeue storm).
-    pub terminal: HashMap<String, (Option<i64>, TerminalProblem)>,
-    /// The last server-side apply of each child (`Kind/namespace/name`): fingerprint of the
-    /// desired object, resourceVersion and object returned. Lets a reconcile that runs
-    /// before the watch delivered our own write skip re-applying it; an entry is dropped as
-    /// soon as the watch delivers that version, so the memo holds only writes in flight.
-    pub applied: HashMap<String, (u64, Option<u64>, AppliedObject)>,
-    /// The last status written per object, until the watch delivers that write: a
-    /// reconcile in between compares with it instead of the stale cached status.
-    pub status_written: HashMap<ObjectKey, WrittenStatus>,
-}
-
-/// A child object as returned by its last apply (a StatefulSet or a Service).
-pub type AppliedObject = Arc<dyn std::any::Any + Send + Sync>;
-
-impl Bookkeeping {
-    /// The apply memo key of a child.
-    pub fn applied_key(kind: &str, namespace: &str, name: &str) -> String {
-        format!("{kind}/{namespace}/{name}")
-    }
-
-    /// Drops the apply memo of a child once the watch delivered the applied version (or a
-    /// later one): from then on the cache answers for it.
-    pub fn forget_applied_once_seen<K: Resource<DynamicType = ()>>(&mut self, child: &K) {
-        let key = Self::applied_key(
-            &K::kind(&()),
-            child.meta().namespace.as_deref().unwrap_or_default(),
-            child.meta().name.as_deref().unwrap_or_default(),
-        );
-        let seen = crate::reconcile::numeric_resource_version(child);
-        if let Some((_, applied_version, _)) = self.applied.get(&key)
-            && seen.is_some_and(|seen| applied_version.is_none_or(|applied| seen >= applied))
-        {
-            self.applied.remove(&key);
-        }
-    }
-
-    /// Drops the status memo of an object once the watch delivered the written version
-    /// (or a later one).
-    pub fn forget_status_once_seen(&mut self, cluster: &DatabaseCluster) {
-        let key = key_of(cluster);
-        if self
-            .status_written
-            .get(&key)
-            .is_some_and(|written| written.is_seen_in(cluster))
-        {
-            self.status_written.remove(&key);
-        }
-    }
-
-    /// Age of the oldest change the shard is still working on: objects seen behind their
-    /// generation and not converged since, still in the shard (`cached` finds them), and not
-    /// Degraded for their current generation: those wait for the user to change the spec,
-    /// their condition says why, and counting them would keep the gauge high for a problem
-    /// the operator cannot fix. Zero when there is none.
-    pub fn oldest_unconverged(
-        &self,
-        now: Instant,
-        cached: impl Fn(&str) -> Option<Arc<DatabaseCluster>>,
-    ) -> Duration {
-        self.unconverged_since
-            .iter()
-            .filter(|(key, _)| cached(key).is_some_and(|object| !self.is_degraded(&object)))
-            .map(|(_, since)| now.saturating_duration_since(*since))
-            .max()
-            .unwrap_or_default()
-    }
-
-    /// Whether the object's current generation was found impossible to apply.
-    fn is_degraded(&self, object: &DatabaseCluster) -> bool {
-        object
-            .metadata
-            .uid
-            .as_ref()
-            .and_then(|uid| self.terminal.get(uid))
-            .is_some_and(|(generation, _)| *generation == object.metadata.generation)
-    }
-
-    /// Forgets what this shard wrote for an object that leaves it (drained, deleted):
-    /// the status memo and the apply memo of its children.
-    pub fn forget_object(&mut self, cluster: &DatabaseCluster) {
-        self.status_written.remove(&key_of(cluster));
-        self.forget_children(
-            cluster.meta().namespace.as_deref().unwrap_or_default(),
-            cluster.meta().name.as_deref().unwrap_or_default(),
-        );
-    }
-
-    /// Forgets the apply memo of a DatabaseCluster's children.
-    fn forget_children(&mut self, namespace: &str, name: &str) {
-        self.applied
-            .remove(&Self::applied_key("StatefulSet", namespace, name));
-        self.applied.remove(&Self::applied_key(
-            "Service",
-            namespace,
-            &crate::children::service_name(name),
-        ));
-    }
-}
-
-/// What the reconciles of one shard share.
-pub struct ShardShared {
-    /// The shard as the sharding library serves it: admission, fenced client, moves.
-    pub scope: ShardScope,
-    /// The shard.
-    pub shard: ShardIndex,
-    /// Its Lease fence.
-    pub guard: LeaseGuard,
-    /// Metrics.
-    pub metrics: ShardMetrics,
-    /// Backoff shape.
-    pub backoff: BackoffPolicy,
-    /// Consecutive failures per object.
-    pub failures: FailureCounts<ObjectKey>,
-    /// Cleanup passes per deleted object that still waited for claims to go: the poll
-    /// backs off, since every pass sends one DELETE per claim.
-    pub cleanup_passes: FailureCounts<ObjectKey>,
-    /// Queue and lag bookkeeping.
-    pub book: Mutex<Bookkeeping>,
-    /// Requeue delay when the Lease is not valid.
-    pub retry_period: Duration,
-}
-
-impl ShardShared {
-    /// Locks the bookkeeping (poisoning only means a panic elsewhere; the maps stay usable).
-    pub fn book(&self) -> std::sync::MutexGuard<'_, Bookkeeping> {
-        self.book.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// What one controller's reconciles see: the shard's shared state plus the caches of one
-/// namespace scope.
-pub struct ScopeContext {
-    /// The shard's shared state.
-    pub shared: Arc<ShardShared>,
-    /// Client acting as the shard (`shardop-worker/shard-<i>` user agent).
-    pub client: Client,
-    /// Cached StatefulSets of the shard.
-    pub stateful_sets: Store<StatefulSet>,
-    /// Cached Services of the shard.
-    pub services: Store<Service>,
-    /// Cached DatabaseClusters of the shard (the controller's own store).
-    pub clusters: Store<DatabaseCluster>,
-}
-
-/// The key of an object.
-pub fn key_of<K: Resource>(object: &K) -> ObjectKey {
-    format!(
-        "{}/{}",
-        object.meta().namespace.as_deref().unwrap_or_default(),
-        object.meta().name.as_deref().unwrap_or_default()
-    )
 }
 
 /// Serves one shard until its scope stops: one controller per watched namespace, and a
@@ -422,7 +260,7 @@ fn cluster_events(
             Ok(watcher::Event::Delete(cluster)) => {
                 let mut book = shared.book();
                 book.forget_object(cluster);
-                book.unconverged_since.remove(&key_of(cluster));
+                book.converged(&key_of(cluster));
             }
             Ok(watcher::Event::Init) | Err(_) => {}
         }
@@ -433,11 +271,7 @@ fn cluster_events(
         .filter_events(events)
         .inspect_ok(move |cluster| {
             if is_behind(cluster) {
-                shared
-                    .book()
-                    .unconverged_since
-                    .entry(key_of(cluster))
-                    .or_insert_with(Instant::now);
+                shared.book().mark_unconverged(&key_of(cluster));
             }
         })
 }
@@ -545,136 +379,5 @@ impl<K: Resource> ChildMeta for K {
             self.meta().namespace.as_deref().unwrap_or_default(),
             owner.name
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cached_cluster(name: &str, uid: &str, generation: i64) -> Arc<DatabaseCluster> {
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "shardop.dev/v1alpha1",
-                "kind": "DatabaseCluster",
-                "metadata": { "namespace": "ns", "name": name, "uid": uid, "generation": generation },
-                "spec": { "replicas": 1, "image": "postgres:17", "storage": { "size": "1Gi" } },
-            }))
-            .unwrap(),
-        )
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_oldest_unconverged_change_counts_objects_still_in_the_shard_and_not_degraded() {
-        let mut book = Bookkeeping::default();
-        let cache: HashMap<&str, Arc<DatabaseCluster>> = HashMap::from([
-            ("ns/stuck", cached_cluster("stuck", "u-stuck", 1)),
-            ("ns/fresh", cached_cluster("fresh", "u-fresh", 1)),
-            ("ns/degraded", cached_cluster("degraded", "u-degraded", 2)),
-        ]);
-        let cached = |key: &str| cache.get(key).cloned();
-        assert_eq!(
-            book.oldest_unconverged(Instant::now(), cached),
-            Duration::ZERO
-        );
-
-        book.unconverged_since
-            .insert("ns/degraded".into(), Instant::now());
-        book.unconverged_since
-            .insert("ns/gone".into(), Instant::now());
-        book.terminal.insert(
-            "u-degraded".into(),
-            (
-                Some(2),
-                TerminalProblem {
-                    reason: "StatefulSetRejected".into(),
-                    message: "invalid".into(),
-                },
-            ),
-        );
-        tokio::time::advance(Duration::from_secs(100)).await;
-        book.unconverged_since
-            .insert("ns/stuck".into(), Instant::now());
-        tokio::time::advance(Duration::from_secs(30)).await;
-        book.unconverged_since
-            .insert("ns/fresh".into(), Instant::now());
-        tokio::time::advance(Duration::from_secs(5)).await;
-        // Degraded and no longer cached (left the shard) are older but do not count.
-        assert_eq!(
-            book.oldest_unconverged(Instant::now(), cached),
-            Duration::from_secs(35)
-        );
-        // A new generation of the Degraded object is being worked on again.
-        let cache = HashMap::from([("ns/degraded", cached_cluster("degraded", "u-degraded", 3))]);
-        assert_eq!(
-            book.oldest_unconverged(Instant::now(), |key: &str| cache.get(key).cloned()),
-            Duration::from_secs(135)
-        );
-        // Converged: gone from the map.
-        book.unconverged_since.remove("ns/stuck");
-        book.unconverged_since.remove("ns/fresh");
-        book.unconverged_since.remove("ns/degraded");
-        assert_eq!(
-            book.oldest_unconverged(Instant::now(), cached),
-            Duration::ZERO
-        );
-    }
-
-    #[test]
-    fn the_apply_memo_is_dropped_once_the_watch_delivers_the_applied_version() {
-        let service = |version: &str| Service {
-            metadata: kube::api::ObjectMeta {
-                namespace: Some("ns".into()),
-                name: Some("a-headless".into()),
-                resource_version: Some(version.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let mut book = Bookkeeping::default();
-        let key = Bookkeeping::applied_key("Service", "ns", "a-headless");
-        book.applied.insert(
-            key.clone(),
-            (1, Some(7), Arc::new(service("7")) as AppliedObject),
-        );
-        // An older version (the watch is still behind our write) keeps it.
-        book.forget_applied_once_seen(&service("6"));
-        assert!(book.applied.contains_key(&key));
-        // The applied version, or a later one, makes the cache authoritative again.
-        book.forget_applied_once_seen(&service("7"));
-        assert!(!book.applied.contains_key(&key));
-    }
-
-    #[test]
-    fn the_status_memo_is_dropped_once_the_watch_delivers_the_write() {
-        let cluster = |version: &str| -> DatabaseCluster {
-            serde_json::from_value(serde_json::json!({
-                "apiVersion": "shardop.dev/v1alpha1",
-                "kind": "DatabaseCluster",
-                "metadata": { "namespace": "ns", "name": "a", "resourceVersion": version },
-                "spec": { "replicas": 1, "image": "postgres:17", "storage": { "size": "1Gi" } },
-            }))
-            .unwrap()
-        };
-        let mut book = Bookkeeping::default();
-        let written = WrittenStatus {
-            resource_version: 7,
-            status: Default::default(),
-        };
-        book.status_written.insert("ns/a".into(), written);
-        book.forget_status_once_seen(&cluster("6"));
-        assert!(book.status_written.contains_key("ns/a"));
-        book.forget_status_once_seen(&cluster("8"));
-        assert!(book.status_written.is_empty());
-
-        book.status_written.insert(
-            "ns/a".into(),
-            WrittenStatus {
-                resource_version: 9,
-                status: Default::default(),
-            },
-        );
-        book.forget_object(&cluster("9"));
-        assert!(book.status_written.is_empty());
     }
 }

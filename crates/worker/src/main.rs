@@ -4,9 +4,11 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 mod backoff;
+mod book;
 mod children;
 mod claims;
 mod condition_set;
+mod context;
 mod controller;
 mod error;
 mod fault;

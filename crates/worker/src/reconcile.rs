@@ -22,10 +22,11 @@ use shardop_api::{DatabaseCluster, ReclaimPolicy};
 use tracing::Instrument;
 
 use crate::backoff::jitter_unit;
+use crate::book::{AppliedMemo, AppliedObject, Bookkeeping, key_of, numeric_resource_version};
 use crate::children::{self, desired_service, desired_stateful_set, is_subset};
 use crate::claims::{self, ClaimDeletionError, DeletionPass};
 use crate::condition_set::{ConditionValue, set_condition};
-use crate::controller::{AppliedObject, Bookkeeping, ScopeContext, key_of};
+use crate::context::ScopeContext;
 pub use crate::error::ReconcileError;
 use crate::status::{Observed, TerminalProblem, WrittenStatus, desired_status, known_status};
 use crate::volume_resize::{self, Resize, ResizeIo};
@@ -303,7 +304,7 @@ where
     // memo of the version it delivered, so a memo that is gone by now means the cache read
     // next already holds our write. Read the other way round, a delivery on another thread
     // between the two reads left neither, and the same child was applied twice.
-    let memo = ctx.shared.book().applied.get(&memo_key).cloned();
+    let memo = ctx.shared.book().applied_memo(&memo_key);
     let cached = cached(store, &namespace, &name);
     if let Some(current) = already_applied(
         desired,
@@ -327,7 +328,7 @@ where
     crate::fault::after_write();
     let mut memo = applied.clone();
     memo.meta_mut().managed_fields = None;
-    ctx.shared.book().applied.insert(
+    ctx.shared.book().remember_applied(
         memo_key,
         (
             fingerprint,
@@ -351,7 +352,7 @@ where
 fn already_applied<K>(
     desired: &K,
     fingerprint: u64,
-    memo: Option<&(u64, Option<u64>, AppliedObject)>,
+    memo: Option<&AppliedMemo>,
     cached: Option<&K>,
     ownership_changed: bool,
 ) -> Option<K>
@@ -383,13 +384,6 @@ fn fingerprint<T: serde::Serialize>(object: &T) -> u64 {
         .unwrap_or_default()
         .hash(&mut hasher);
     hasher.finish()
-}
-
-/// The resourceVersion as a number. Kubernetes calls it opaque, but with etcd it is the
-/// store revision; it is only used to tell "the cache has not caught up with our own write
-/// yet" from "someone changed the object since", and anything unparsable means "apply".
-pub(crate) fn numeric_resource_version<K: Resource>(object: &K) -> Option<u64> {
-    object.meta().resource_version.as_deref()?.parse().ok()
 }
 
 /// Splits an apply error into a terminal problem (recorded as Degraded) or a real error.
@@ -426,12 +420,7 @@ async fn converge(
         }
     }
 
-    let known_problem = shared
-        .book()
-        .terminal
-        .get(&uid)
-        .filter(|(g, _)| *g == generation)
-        .map(|(_, p)| p.clone());
+    let known_problem = shared.book().known_problem(&uid, generation);
     let cached_sts = current_stateful_set(ctx, &cluster, &namespace, &name).await?;
     let resize = match known_problem {
         // Never take the StatefulSet down for a spec whose apply is known to fail.
@@ -442,7 +431,7 @@ async fn converge(
                 guard: &shared.guard,
             };
             // The status as it is, including our own write the cache has not delivered yet.
-            let written = shared.book().status_written.get(key).cloned();
+            let written = shared.book().written_status(key);
             let under_way = volume_resize::under_way(known_status(&cluster, written.as_ref()));
             volume_resize::advance(&io, &cluster, cached_sts.as_deref(), under_way).await?
         }
@@ -493,14 +482,7 @@ async fn converge(
             {
                 shared.scope.children_relabelled(&cluster, join);
             }
-            match &problem {
-                Some(p) => {
-                    book.terminal.insert(uid.clone(), (generation, p.clone()));
-                }
-                None => {
-                    book.terminal.remove(&uid);
-                }
-            }
+            book.record_problem(&uid, generation, problem.as_ref());
             (stateful_set, problem)
         }
     };
@@ -512,7 +494,7 @@ async fn converge(
         let mut book = shared.book();
         // The object we read may already hold that write: the cache answers again then.
         book.forget_status_once_seen(&cluster);
-        book.status_written.get(key).cloned()
+        book.written_status(key)
     };
     let current_status = known_status(&cluster, written.as_ref());
     let now = jiff::Timestamp::now();
@@ -538,7 +520,7 @@ async fn converge(
     if problem.is_some() || resize.problem.is_some() {
         // Degraded: it waits for its owner to change the spec, not for this shard, so
         // neither the lag histogram nor the oldest-unconverged gauge counts it.
-        shared.book().unconverged_since.remove(key);
+        shared.book().converged(key);
         return Ok(Outcome::Terminal);
     }
     if let Some(after) = resize.requeue {
@@ -546,7 +528,7 @@ async fn converge(
         return Ok(Outcome::Waiting(after));
     }
     // The status now describes the current generation: the change is converged.
-    let seen = shared.book().unconverged_since.remove(key);
+    let seen = shared.book().converged(key);
     if let Some(seen) = seen {
         shared.metrics.record_lag(shard, seen.elapsed());
     }
@@ -603,13 +585,7 @@ fn remember_status(ctx: &ScopeContext, key: &str, updated: DatabaseCluster) {
     if cached.is_some_and(|cached| written.is_seen_in(&cached)) {
         return;
     }
-    if book
-        .status_written
-        .get(key)
-        .is_none_or(|previous| previous.resource_version < resource_version)
-    {
-        book.status_written.insert(key.to_owned(), written);
-    }
+    book.remember_status(key, written);
 }
 
 /// Finalizer cleanup: with reclaimPolicy Delete, delete the StatefulSet (so it cannot
@@ -641,7 +617,7 @@ async fn cleanup(
         }
         let ordinals = {
             // Our own newer status write counts too (see `ordinals_to_record`).
-            let written = shared.book().status_written.get(key).cloned();
+            let written = shared.book().written_status(key);
             let known = known_status(cluster, written.as_ref());
             claims::ordinals_to_record(cluster, known, sts.as_deref())
         };
@@ -670,10 +646,9 @@ async fn cleanup(
     }
     remove_finalizer(cluster, ctx).await?;
     {
-        let mut book = shared.book();
-        book.terminal.remove(&cluster.uid().unwrap_or_default());
-        book.unconverged_since.remove(key);
-        book.forget_object(cluster);
+        shared
+            .book()
+            .forget_deleted(key, &cluster.uid().unwrap_or_default(), cluster);
     }
     shared.failures.reset(&key.to_owned());
     shared.cleanup_passes.reset(&key.to_owned());
@@ -744,7 +719,7 @@ async fn write_cleanup_condition(
     let written = {
         let mut book = ctx.shared.book();
         book.forget_status_once_seen(cluster);
-        book.status_written.get(key).cloned()
+        book.written_status(key)
     };
     let current = known_status(cluster, written.as_ref());
     let previous = current.map(|s| s.conditions.as_slice()).unwrap_or_default();

@@ -14,33 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use shardop_api::constants::condition::{AVAILABLE, DEGRADED, PROGRESSING};
 use shardop_api::{DatabaseCluster, DatabaseClusterStatus, ShardIndex};
 
-/// A problem retrying cannot fix, shown as `Degraded=True`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TerminalProblem {
-    /// CamelCase reason, e.g. `StatefulSetRejected`.
-    pub reason: String,
-    /// Human-readable detail (the API server's message).
-    pub message: String,
-}
-
-/// A status this worker wrote, kept until the watch delivers the write (or a later version).
-#[derive(Clone, Debug, PartialEq)]
-pub struct WrittenStatus {
-    /// The object's resourceVersion our write produced.
-    pub resource_version: u64,
-    /// The status as the server returned it.
-    pub status: DatabaseClusterStatus,
-}
-
-impl WrittenStatus {
-    /// Whether `cached` already holds this write or a later version of the object. A
-    /// resourceVersion that is not a number counts as seen: the cache answers then, and
-    /// the worst outcome is one redundant write.
-    pub fn is_seen_in(&self, cached: &DatabaseCluster) -> bool {
-        crate::reconcile::numeric_resource_version(cached)
-            .is_none_or(|seen| seen >= self.resource_version)
-    }
-}
+pub use crate::book::{TerminalProblem, WrittenStatus};
 
 /// The status the server holds as far as this worker knows: the one it wrote itself while
 /// the cache has not caught up with that write, else the cached one. Only the worker

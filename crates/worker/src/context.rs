@@ -1,0 +1,59 @@
+//! What the reconciles of one shard share, and what one namespace scope's reconciles see.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use kube::Client;
+use kube::runtime::reflector::Store;
+use shardop::{LeaseGuard, ShardIndex, ShardMetrics, ShardScope};
+use shardop_api::DatabaseCluster;
+
+use crate::backoff::{BackoffPolicy, FailureCounts};
+use crate::book::{Bookkeeping, ObjectKey};
+
+/// What the reconciles of one shard share.
+pub struct ShardShared {
+    /// The shard as the sharding library serves it: admission, fenced client, moves.
+    pub scope: ShardScope,
+    /// The shard.
+    pub shard: ShardIndex,
+    /// Its Lease fence.
+    pub guard: LeaseGuard,
+    /// Metrics.
+    pub metrics: ShardMetrics,
+    /// Backoff shape.
+    pub backoff: BackoffPolicy,
+    /// Consecutive failures per object.
+    pub failures: FailureCounts<ObjectKey>,
+    /// Cleanup passes per deleted object that still waited for claims to go: the poll
+    /// backs off, since every pass sends one DELETE per claim.
+    pub cleanup_passes: FailureCounts<ObjectKey>,
+    /// Queue and lag bookkeeping.
+    pub book: Mutex<Bookkeeping>,
+    /// Requeue delay when the Lease is not valid.
+    pub retry_period: Duration,
+}
+
+impl ShardShared {
+    /// Locks the bookkeeping (poisoning only means a panic elsewhere; the maps stay usable).
+    pub fn book(&self) -> std::sync::MutexGuard<'_, Bookkeeping> {
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What one controller's reconciles see: the shard's shared state plus the caches of one
+/// namespace scope.
+pub struct ScopeContext {
+    /// The shard's shared state.
+    pub shared: Arc<ShardShared>,
+    /// Client acting as the shard (`shardop-worker/shard-<i>` user agent).
+    pub client: Client,
+    /// Cached StatefulSets of the shard.
+    pub stateful_sets: Store<StatefulSet>,
+    /// Cached Services of the shard.
+    pub services: Store<Service>,
+    /// Cached DatabaseClusters of the shard (the controller's own store).
+    pub clusters: Store<DatabaseCluster>,
+}
