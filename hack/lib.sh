@@ -32,3 +32,11 @@ use_demo_cluster() {
   export SHARDOP_ETCD_PORT="${SHARDOP_DEMO_ETCD_PORT:-23890}"
   export SHARDOP_ETCD_PEER_PORT="${SHARDOP_DEMO_ETCD_PEER_PORT:-23900}"
 }
+
+# The node's binaries (hack/build-node.sh) have a cache of their own, keyed by their pins.
+node_cache_dir() {
+  local base="${SHARDOP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shardop}"
+  echo "$base/node-k8s-$KUBERNETES_VERSION-containerd-$CONTAINERD_VERSION"
+}
+
+node_bin_dir() { echo "$(node_cache_dir)/bin"; }
