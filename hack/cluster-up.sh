@@ -111,6 +111,8 @@ issue_cert admin "/CN=shardop-admin/O=system:masters" clientAuth
 # The default RBAC policy grants this exact user name the right to mint the per-controller
 # ServiceAccount tokens (see --use-service-account-credentials below).
 issue_cert kube-controller-manager "/CN=system:kube-controller-manager" clientAuth
+# The apiserver's identity towards a kubelet (logs, exec) when a node runs (hack/node-up.sh).
+issue_cert apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client/O=system:masters" clientAuth
 
 # The apiserver verifies ServiceAccount tokens with the public half, the controller
 # manager and the TokenRequest API sign them with the private half.
@@ -224,6 +226,9 @@ if [[ -z "$(running_pid kube-apiserver)" ]]; then
     --audit-log-maxsize=1024 \
     --audit-log-maxbackup=1 \
     --profiling=false \
+    --kubelet-client-certificate="$pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key="$pki/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP \
     ${feature_gates:+"--feature-gates=$feature_gates"}
 fi
 # The controller manager gives up if the apiserver is not healthy within 10 s of its own
