@@ -6,7 +6,8 @@
 #   helm install shardop charts/shardop -n shardop-system --create-namespace --set worker.replicas=3
 # runs shardop in pods (target/images/values-local.yaml pins the locally built image).
 #
-# Needs root (network namespaces, mounts, iptables). Installs runc, the CNI plugins,
+# Needs root (network namespaces, mounts, iptables); exits with status 3 when this machine
+# cannot run a node at all. Installs runc, the CNI plugins,
 # iptables, conntrack and socat with apt-get when they are missing.
 # State lives in <cluster dir>/node, logs next to the control plane's in <cluster dir>.
 # Idempotent: a Ready node is left alone (its images are re-imported when they changed);
@@ -31,7 +32,16 @@ started_ns=$(date +%s%N)
 elapsed() { awk -v s="$started_ns" -v e="$(date +%s%N)" 'BEGIN { printf "%.1f", (e - s) / 1e9 }'; }
 log() { echo "node-up: $*" >&2; }
 
-[[ $EUID -eq 0 ]] || die "the node needs root (network namespaces, mounts, iptables); run as root"
+# Exit status 3: this machine cannot run a node at all (e2e/tests/pods.rs skips on it, and
+# `make demo` falls back to local processes); any other failure is a bug to look at.
+unsupported() {
+  echo "node-up: this machine cannot run a node: $*" >&2
+  exit 3
+}
+[[ $EUID -eq 0 ]] || unsupported "it needs root (network namespaces, mounts, iptables)"
+probe_netns=shardop-probe-$$
+ip netns add "$probe_netns" 2>/dev/null || unsupported "creating a network namespace failed (ip netns add)"
+ip netns del "$probe_netns"
 install_node_packages
 
 bash "$here/cluster-up.sh" >&2
