@@ -31,6 +31,10 @@ use_demo_cluster() {
   export SHARDOP_APISERVER_PORT="${SHARDOP_DEMO_APISERVER_PORT:-16543}"
   export SHARDOP_ETCD_PORT="${SHARDOP_DEMO_ETCD_PORT:-23890}"
   export SHARDOP_ETCD_PEER_PORT="${SHARDOP_DEMO_ETCD_PEER_PORT:-23900}"
+  # The demo's node (hack/node-up.sh) gets its own pod range, bridge and kubelet port.
+  export SHARDOP_POD_CIDR="${SHARDOP_DEMO_POD_CIDR:-10.245.0.0/24}"
+  export SHARDOP_NODE_BRIDGE="${SHARDOP_DEMO_NODE_BRIDGE:-shardop1}"
+  export SHARDOP_KUBELET_PORT="${SHARDOP_DEMO_KUBELET_PORT:-10260}"
 }
 
 # The node's binaries (hack/build-node.sh) have a cache of their own, keyed by their pins.

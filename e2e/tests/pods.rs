@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, EvictParams, ObjectMeta, PostParams};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use shardop_api::DatabaseCluster;
 use shardop_e2e::node::{LocalNode, helm_ok};
@@ -77,6 +78,20 @@ impl Drop for Partition {
     fn drop(&mut self) {
         let _ = std::process::Command::new("iptables").arg("-D").args(&self.rule).status();
     }
+}
+
+/// Posts an Eviction for a pod with kubectl: one request, where kube's client would retry
+/// a 429 (the PDB's refusal) until the budget allows it.
+fn evict(cluster: &Cluster, namespace: &str, pod: &str) -> std::process::Output {
+    let eviction = serde_json::json!({
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": { "name": pod, "namespace": namespace },
+    });
+    let path = format!("/api/v1/namespaces/{namespace}/pods/{pod}/eviction");
+    cluster
+        .kubectl_with_input(&["create", "--raw", &path, "-f", "-"], &eviction.to_string())
+        .unwrap()
 }
 
 fn is_ready(pod: &Pod) -> bool {
@@ -304,13 +319,32 @@ async fn the_chart_runs_in_pods_rolls_without_moves_and_fails_over() {
     drop(partition);
     wait_all_home("shard 1 handed back to worker-1", &pods, &leases).await;
 
-    // The PodDisruptionBudget lets one worker go at a time.
-    pods.evict(&worker_pod(0), &EvictParams::default()).await.unwrap();
-    let second = pods.evict(&worker_pod(2), &EvictParams::default()).await;
-    match second {
-        Err(kube::Error::Api(status)) => assert_eq!(status.code, 429, "{status:?}"),
-        other => panic!("the PDB let a second worker go: {other:?}"),
-    }
+    // The PodDisruptionBudget lets one worker go at a time (once the disruption controller
+    // has seen all three healthy).
+    let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &operator.name);
+    let budget = format!("{RELEASE}-worker");
+    wait_for("the worker PDB to allow one disruption", POD_DEADLINE, || async {
+        let status = budgets.get(&budget).await.ok()?.status?;
+        (status.current_healthy == Some(3) && status.disruptions_allowed == Some(1)).then_some(())
+    })
+    .await
+    .unwrap();
+    let first = evict(cluster, &operator.name, &worker_pod(0));
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // The eviction API and the disruption controller both write the PDB's status; a second
+    // eviction is judged on whichever wrote last, so wait until the first one is counted.
+    wait_for("the worker PDB to count the first eviction", POD_DEADLINE, || async {
+        let status = budgets.get(&budget).await.ok()?.status?;
+        (status.disruptions_allowed == Some(0)).then_some(())
+    })
+    .await
+    .unwrap();
+    let second = evict(cluster, &operator.name, &worker_pod(2));
+    let refusal = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && refusal.contains("TooManyRequests"),
+        "the PDB let a second worker go: {refusal}"
+    );
     wait_all_home("every shard at home after the eviction", &pods, &leases).await;
 
     // helm upgrade changing a value rolls the pods.
