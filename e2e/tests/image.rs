@@ -47,13 +47,25 @@ fn parse_dockerfile(text: &str) -> DockerfileImage {
 }
 
 fn tar_member(archive: &Path, member: &str) -> Vec<u8> {
-    let output = Command::new("tar").arg("-xOf").arg(archive).arg(member).output().unwrap();
-    assert!(output.status.success(), "tar -xOf {} {member}", archive.display());
+    let output = Command::new("tar")
+        .arg("-xOf")
+        .arg(archive)
+        .arg(member)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "tar -xOf {} {member}",
+        archive.display()
+    );
     output.stdout
 }
 
 fn blob(archive: &Path, digest: &str) -> Vec<u8> {
-    tar_member(archive, &format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")))
+    tar_member(
+        archive,
+        &format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")),
+    )
 }
 
 fn json(bytes: &[u8]) -> Value {
@@ -63,7 +75,8 @@ fn json(bytes: &[u8]) -> Value {
 #[test]
 fn the_script_built_image_matches_the_dockerfile() {
     let root = shardop_e2e::repo_root();
-    let dockerfile = parse_dockerfile(&std::fs::read_to_string(root.join("hack/Dockerfile")).unwrap());
+    let dockerfile =
+        parse_dockerfile(&std::fs::read_to_string(root.join("hack/Dockerfile")).unwrap());
     assert_eq!(
         dockerfile.binaries,
         BTreeSet::from(["shardop-assigner".to_owned(), "shardop-worker".to_owned()])
@@ -76,17 +89,31 @@ fn the_script_built_image_matches_the_dockerfile() {
         .current_dir(&root)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let archive = root.join("target/images/shardop.tar");
 
     let index = json(&tar_member(&archive, "index.json"));
-    let manifest = json(&blob(&archive, index["manifests"][0]["digest"].as_str().unwrap()));
-    let config = json(&blob(&archive, manifest["config"]["digest"].as_str().unwrap()));
+    let manifest = json(&blob(
+        &archive,
+        index["manifests"][0]["digest"].as_str().unwrap(),
+    ));
+    let config = json(&blob(
+        &archive,
+        manifest["config"]["digest"].as_str().unwrap(),
+    ));
     assert_eq!(config["config"]["User"], dockerfile.user.as_str());
     assert_eq!(config["config"]["Cmd"], dockerfile.cmd);
 
     let layer = root.join("target/images/shardop-layer.tar");
-    std::fs::write(&layer, blob(&archive, manifest["layers"][0]["digest"].as_str().unwrap())).unwrap();
+    std::fs::write(
+        &layer,
+        blob(&archive, manifest["layers"][0]["digest"].as_str().unwrap()),
+    )
+    .unwrap();
     let listing = Command::new("tar").arg("-tf").arg(&layer).output().unwrap();
     let files: BTreeSet<String> = String::from_utf8_lossy(&listing.stdout)
         .lines()
@@ -95,14 +122,23 @@ fn the_script_built_image_matches_the_dockerfile() {
     let passwd = String::from_utf8(tar_member(&layer, "./etc/passwd")).unwrap();
     std::fs::remove_file(&layer).unwrap();
     for binary in &dockerfile.binaries {
-        assert!(files.contains(&format!("/usr/local/bin/{binary}")), "{binary} missing: {files:?}");
+        assert!(
+            files.contains(&format!("/usr/local/bin/{binary}")),
+            "{binary} missing: {files:?}"
+        );
         // Every library the binary loads (and the loader) is in the image.
-        let ldd = Command::new("ldd").arg(bin_dir.join(binary)).output().unwrap();
+        let ldd = Command::new("ldd")
+            .arg(bin_dir.join(binary))
+            .output()
+            .unwrap();
         for library in String::from_utf8_lossy(&ldd.stdout)
             .split_whitespace()
             .filter(|w| w.starts_with('/'))
         {
-            assert!(files.contains(library), "{binary} needs {library}, not in the image");
+            assert!(
+                files.contains(library),
+                "{binary} needs {library}, not in the image"
+            );
         }
     }
     // The user the image runs as exists in it (distroless' nonroot).

@@ -52,7 +52,15 @@ impl Drop for Release<'_> {
         if std::env::var_os("SHARDOP_E2E_KEEP_NAMESPACES").is_some() {
             return;
         }
-        let args = ["uninstall", RELEASE, "-n", &self.namespace, "--wait", "--timeout", "120s"];
+        let args = [
+            "uninstall",
+            RELEASE,
+            "-n",
+            &self.namespace,
+            "--wait",
+            "--timeout",
+            "120s",
+        ];
         if let Err(error) = helm_ok(self.cluster, &args) {
             eprintln!("cleanup: {error:#}");
         }
@@ -67,8 +75,14 @@ struct Partition {
 
 impl Partition {
     fn cut(pod_ip: &str) -> Self {
-        let rule: Vec<String> = ["INPUT", "-s", pod_ip, "-j", "DROP"].map(str::to_owned).into();
-        let status = std::process::Command::new("iptables").arg("-I").args(&rule).status().unwrap();
+        let rule: Vec<String> = ["INPUT", "-s", pod_ip, "-j", "DROP"]
+            .map(str::to_owned)
+            .into();
+        let status = std::process::Command::new("iptables")
+            .arg("-I")
+            .args(&rule)
+            .status()
+            .unwrap();
         assert!(status.success(), "iptables -I {rule:?}");
         Self { rule }
     }
@@ -76,7 +90,10 @@ impl Partition {
 
 impl Drop for Partition {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("iptables").arg("-D").args(&self.rule).status();
+        let _ = std::process::Command::new("iptables")
+            .arg("-D")
+            .args(&self.rule)
+            .status();
     }
 }
 
@@ -90,7 +107,10 @@ fn evict(cluster: &Cluster, namespace: &str, pod: &str) -> std::process::Output 
     });
     let path = format!("/api/v1/namespaces/{namespace}/pods/{pod}/eviction");
     cluster
-        .kubectl_with_input(&["create", "--raw", &path, "-f", "-"], &eviction.to_string())
+        .kubectl_with_input(
+            &["create", "--raw", &path, "-f", "-"],
+            &eviction.to_string(),
+        )
         .unwrap()
 }
 
@@ -228,45 +248,80 @@ async fn the_chart_runs_in_pods_rolls_without_moves_and_fails_over() {
         .await
         .unwrap();
     let values = node.values_local.display().to_string();
-    helm_ok(cluster, &[
-        "install", RELEASE, "charts/shardop", "-n", &operator.name, "-f", &values,
-        "--set", "worker.replicas=3",
-    ])
+    helm_ok(
+        cluster,
+        &[
+            "install",
+            RELEASE,
+            "charts/shardop",
+            "-n",
+            &operator.name,
+            "-f",
+            &values,
+            "--set",
+            "worker.replicas=3",
+        ],
+    )
     .unwrap();
-    let _release = Release { cluster, namespace: operator.name.clone() };
+    let _release = Release {
+        cluster,
+        namespace: operator.name.clone(),
+    };
 
-    wait_for("workers 0 and 1 Ready at home, both assigners Ready", POD_DEADLINE, || async {
-        let assigners = pods
-            .list(&kube::api::ListParams::default().labels("app.kubernetes.io/component=assigner"))
-            .await
-            .ok()?;
-        let assigners_ready = assigners.items.iter().filter(|p| is_ready(p)).count();
-        for ordinal in 0..2 {
-            ready_pod(&pods, &worker_pod(ordinal)).await?;
-            (holder(&leases, ordinal).await? == worker_pod(ordinal)).then_some(())?;
-        }
-        (assigners_ready == 2).then_some(())
-    })
+    wait_for(
+        "workers 0 and 1 Ready at home, both assigners Ready",
+        POD_DEADLINE,
+        || async {
+            let assigners = pods
+                .list(
+                    &kube::api::ListParams::default()
+                        .labels("app.kubernetes.io/component=assigner"),
+                )
+                .await
+                .ok()?;
+            let assigners_ready = assigners.items.iter().filter(|p| is_ready(p)).count();
+            for ordinal in 0..2 {
+                ready_pod(&pods, &worker_pod(ordinal)).await?;
+                (holder(&leases, ordinal).await? == worker_pod(ordinal)).then_some(())?;
+            }
+            (assigners_ready == 2).then_some(())
+        },
+    )
     .await
     .unwrap();
     let worker_0 = pods.get(&worker_pod(0)).await.unwrap();
-    println!("worker pod start (created → Ready): {:?} s", start_latency(&worker_0));
+    println!(
+        "worker pod start (created → Ready): {:?} s",
+        start_latency(&worker_0)
+    );
     // Worker 2 runs but must not report ready while it holds no Lease.
     let watched_until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < watched_until {
         let pod = pods.get(&worker_pod(2)).await.unwrap();
-        assert!(!is_ready(&pod), "worker 2 is ready without holding its shard's Lease");
+        assert!(
+            !is_ready(&pod),
+            "worker 2 is ready without holding its shard's Lease"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    leases.delete(&shard_lease(2), &DeleteParams::default()).await.unwrap();
+    leases
+        .delete(&shard_lease(2), &DeleteParams::default())
+        .await
+        .unwrap();
     wait_all_home("every worker Ready at home", &pods, &leases).await;
 
     // The workload: DatabaseClusters whose stand-in database pods become Ready.
     let count = 4;
     create_database_clusters(&client, &objects.name, node.db_standin_image, count).await;
-    wait_for("every DatabaseCluster Available with Ready pods", POD_DEADLINE, || async {
-        all_available(&client, &objects.name, count).await.then_some(())
-    })
+    wait_for(
+        "every DatabaseCluster Available with Ready pods",
+        POD_DEADLINE,
+        || async {
+            all_available(&client, &objects.name, count)
+                .await
+                .then_some(())
+        },
+    )
     .await
     .unwrap();
 
@@ -275,17 +330,33 @@ async fn the_chart_runs_in_pods_rolls_without_moves_and_fails_over() {
     let started = Instant::now();
     cluster
         .kubectl_ok(&[
-            "-n", &operator.name, "rollout", "restart", &format!("statefulset/{RELEASE}-worker"),
+            "-n",
+            &operator.name,
+            "rollout",
+            "restart",
+            &format!("statefulset/{RELEASE}-worker"),
         ])
         .unwrap();
     cluster
         .kubectl_ok(&[
-            "-n", &operator.name, "rollout", "status", &format!("statefulset/{RELEASE}-worker"),
+            "-n",
+            &operator.name,
+            "rollout",
+            "status",
+            &format!("statefulset/{RELEASE}-worker"),
             "--timeout=300s",
         ])
         .unwrap();
-    wait_all_home("every shard at home after the rollout restart", &pods, &leases).await;
-    println!("rollout restart of {WORKERS} workers: {:.1} s", started.elapsed().as_secs_f64());
+    wait_all_home(
+        "every shard at home after the rollout restart",
+        &pods,
+        &leases,
+    )
+    .await;
+    println!(
+        "rollout restart of {WORKERS} workers: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(label_writes_since(cluster, &objects.name, restart_began), 0);
 
     // `kubectl delete pod`: the worker releases its Lease on SIGTERM and the StatefulSet's
@@ -293,29 +364,53 @@ async fn the_chart_runs_in_pods_rolls_without_moves_and_fails_over() {
     // docs/shard-protocol.md).
     let deleted_at = Instant::now();
     let old_uid = pods.get(&worker_pod(1)).await.unwrap().uid();
-    pods.delete(&worker_pod(1), &DeleteParams::default()).await.unwrap();
-    wait_for("the new worker-1 back at home", LEASE_DURATION * 2, || async {
-        let pod = ready_pod(&pods, &worker_pod(1)).await?;
-        (pod.uid() != old_uid && holder(&leases, 1).await? == worker_pod(1)).then_some(())
-    })
+    pods.delete(&worker_pod(1), &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the new worker-1 back at home",
+        LEASE_DURATION * 2,
+        || async {
+            let pod = ready_pod(&pods, &worker_pod(1)).await?;
+            (pod.uid() != old_uid && holder(&leases, 1).await? == worker_pod(1)).then_some(())
+        },
+    )
     .await
     .unwrap();
-    println!("pod delete → shard 1 served by the new worker-1: {:.1} s", deleted_at.elapsed().as_secs_f64());
+    println!(
+        "pod delete → shard 1 served by the new worker-1: {:.1} s",
+        deleted_at.elapsed().as_secs_f64()
+    );
     wait_all_home("every shard at home after the pod delete", &pods, &leases).await;
 
     // A worker cut off from the API server: its Lease expires and a live worker takes the
     // shard over; once it is reachable again it gets its shard handed back.
-    let pod_ip = pods.get(&worker_pod(1)).await.unwrap().status.unwrap().pod_ip.unwrap();
+    let pod_ip = pods
+        .get(&worker_pod(1))
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .pod_ip
+        .unwrap();
     let partition = Partition::cut(&pod_ip);
     let cut_at = Instant::now();
-    let taker = wait_for("a live worker takes shard 1 over", LEASE_DURATION * 4, || async {
-        holder(&leases, 1).await.filter(|h| *h != worker_pod(1))
-    })
+    let taker = wait_for(
+        "a live worker takes shard 1 over",
+        LEASE_DURATION * 4,
+        || async { holder(&leases, 1).await.filter(|h| *h != worker_pod(1)) },
+    )
     .await
     .unwrap();
     let takeover = cut_at.elapsed();
-    println!("takeover of shard 1 by {taker}: {:.1} s after the partition", takeover.as_secs_f64());
-    assert!(takeover < LEASE_DURATION + Duration::from_secs(15), "{takeover:?}");
+    println!(
+        "takeover of shard 1 by {taker}: {:.1} s after the partition",
+        takeover.as_secs_f64()
+    );
+    assert!(
+        takeover < LEASE_DURATION + Duration::from_secs(15),
+        "{takeover:?}"
+    );
     drop(partition);
     wait_all_home("shard 1 handed back to worker-1", &pods, &leases).await;
 
@@ -323,20 +418,33 @@ async fn the_chart_runs_in_pods_rolls_without_moves_and_fails_over() {
     // has seen all three healthy).
     let budgets: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &operator.name);
     let budget = format!("{RELEASE}-worker");
-    wait_for("the worker PDB to allow one disruption", POD_DEADLINE, || async {
-        let status = budgets.get(&budget).await.ok()?.status?;
-        (status.current_healthy == Some(3) && status.disruptions_allowed == Some(1)).then_some(())
-    })
+    wait_for(
+        "the worker PDB to allow one disruption",
+        POD_DEADLINE,
+        || async {
+            let status = budgets.get(&budget).await.ok()?.status?;
+            (status.current_healthy == Some(3) && status.disruptions_allowed == Some(1))
+                .then_some(())
+        },
+    )
     .await
     .unwrap();
     let first = evict(cluster, &operator.name, &worker_pod(0));
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     // The eviction API and the disruption controller both write the PDB's status; a second
     // eviction is judged on whichever wrote last, so wait until the first one is counted.
-    wait_for("the worker PDB to count the first eviction", POD_DEADLINE, || async {
-        let status = budgets.get(&budget).await.ok()?.status?;
-        (status.disruptions_allowed == Some(0)).then_some(())
-    })
+    wait_for(
+        "the worker PDB to count the first eviction",
+        POD_DEADLINE,
+        || async {
+            let status = budgets.get(&budget).await.ok()?.status?;
+            (status.disruptions_allowed == Some(0)).then_some(())
+        },
+    )
     .await
     .unwrap();
     let second = evict(cluster, &operator.name, &worker_pod(2));
@@ -349,28 +457,55 @@ async fn the_chart_runs_in_pods_rolls_without_moves_and_fails_over() {
 
     // helm upgrade changing a value rolls the pods.
     let upgrade_began = Timestamp::now();
-    helm_ok(cluster, &[
-        "upgrade", RELEASE, "charts/shardop", "-n", &operator.name, "-f", &values,
-        "--set", "worker.replicas=3", "--set", "logLevel=debug",
-    ])
+    helm_ok(
+        cluster,
+        &[
+            "upgrade",
+            RELEASE,
+            "charts/shardop",
+            "-n",
+            &operator.name,
+            "-f",
+            &values,
+            "--set",
+            "worker.replicas=3",
+            "--set",
+            "logLevel=debug",
+        ],
+    )
     .unwrap();
     cluster
         .kubectl_ok(&[
-            "-n", &operator.name, "rollout", "status", &format!("statefulset/{RELEASE}-worker"),
+            "-n",
+            &operator.name,
+            "rollout",
+            "status",
+            &format!("statefulset/{RELEASE}-worker"),
             "--timeout=300s",
         ])
         .unwrap();
     wait_all_home("every shard at home after helm upgrade", &pods, &leases).await;
     assert_eq!(label_writes_since(cluster, &objects.name, upgrade_began), 0);
-    wait_for("every DatabaseCluster still Available", POD_DEADLINE, || async {
-        all_available(&client, &objects.name, count).await.then_some(())
-    })
+    wait_for(
+        "every DatabaseCluster still Available",
+        POD_DEADLINE,
+        || async {
+            all_available(&client, &objects.name, count)
+                .await
+                .then_some(())
+        },
+    )
     .await
     .unwrap();
 
     // Never two owners: every shard write came from the holder of the shard's Lease.
     let ownership =
         audit::ownership(cluster.audit_log().unwrap(), &operator.name, &objects.name).unwrap();
-    assert_eq!(ownership.dual_ownership(), 0, "{}", ownership.violations().join("\n"));
+    assert_eq!(
+        ownership.dual_ownership(),
+        0,
+        "{}",
+        ownership.violations().join("\n")
+    );
     assert!(!ownership.writes.is_empty());
 }
