@@ -177,14 +177,22 @@ EOF
 
 containerd_ready() { "$node_bin/ctr" --address "$containerd_socket" version >/dev/null 2>&1; }
 
-# Imports the images of hack/build-image.sh (rebuilding them from the current binaries).
+# Imports the images of hack/build-image.sh (rebuilt when the binaries changed) that
+# containerd does not hold under every one of their names yet.
 load_images() {
-  local line file refs
+  local file refs
+  local present ref loaded
+  present=$("$node_bin/ctr" --address "$containerd_socket" -n k8s.io images ls -q 2>/dev/null)
   while read -r file refs; do
+    loaded=1
+    for ref in $refs; do grep -qxF "$ref" <<<"$present" || loaded=0; done
+    ((loaded == 0)) || continue
     log "importing $refs"
-    "$node_bin/ctr" --address "$containerd_socket" -n k8s.io images import "$file" >&2 ||
-      die "could not import $file into containerd"
+    "$node_bin/ctr" --address "$containerd_socket" -n k8s.io images import "$file" >>"$cluster_root/node-images.log" 2>&1 ||
+      die "could not import $file into containerd (see $cluster_root/node-images.log)"
   done < <(bash "$here/build-image.sh" ${SHARDOP_IMAGE_BIN_DIR:+"$SHARDOP_IMAGE_BIN_DIR"})
+  "$node_bin/ctr" --address "$containerd_socket" -n k8s.io images ls -q 2>/dev/null | grep -v '^sha256:' >"$node_dir/images"
+  write_values_local
 }
 
 # ---------------------------------------------------------------------------------------
@@ -283,7 +291,7 @@ start_api_relay() {
 }
 
 apply_cluster_objects() {
-  "${kubectl[@]}" apply --server-side --force-conflicts --field-manager=shardop-node-up -f - >&2 <<EOF
+  "${kubectl[@]}" apply --server-side --force-conflicts --field-manager=shardop-node-up -f - >/dev/null <<EOF
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
 metadata:
@@ -349,16 +357,11 @@ issue_certs
 setup_network
 start_containerd
 wait_for "containerd" containerd -- containerd_ready
-load_images_once() {
-  load_images
-  "$node_bin/ctr" --address "$containerd_socket" -n k8s.io images ls -q | grep -v '^sha256:' >"$node_dir/images"
-  write_values_local
-}
-load_images_once
+load_images
 start_api_relay
 apply_cluster_objects
 start_scheduler
 start_kube_proxy
 start_kubelet
 wait_for "node $node_name to become Ready" kubelet -- node_ready
-summary "started in $(elapsed)s"
+summary "ready in $(elapsed)s"
