@@ -152,6 +152,10 @@ state = "$node_dir/containerd/state"
 
 [plugins.'io.containerd.cri.v1.images']
   snapshotter = "overlayfs"
+  # Every registry resolves to a closed local port: a pod naming an image that is not
+  # loaded fails at once (ErrImagePull) instead of reaching out of the machine.
+  [plugins.'io.containerd.cri.v1.images'.registry]
+    config_path = "$node_dir/containerd/registries"
   [plugins.'io.containerd.cri.v1.images'.pinned_images]
     sandbox = "$SHARDOP_PAUSE_IMAGE"
 
@@ -171,6 +175,9 @@ state = "$node_dir/containerd/state"
         BinaryName = "$(command -v runc)"
         SystemdCgroup = $([[ "$cgroup_driver" == systemd ]] && echo true || echo false)
 EOF
+  mkdir -p "$node_dir/containerd/registries/_default"
+  printf '%s\n' 'server = "http://127.0.0.1:9"' '' '[host."http://127.0.0.1:9"]' '  capabilities = ["pull", "resolve"]' \
+    >"$node_dir/containerd/registries/_default/hosts.toml"
   # The shim is looked up on PATH.
   PATH="$node_bin:$PATH" spawn containerd "" "$node_bin/containerd" --config "$node_dir/containerd/config.toml"
 }

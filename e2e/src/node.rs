@@ -13,9 +13,12 @@ use crate::Cluster;
 /// `hack/node-up.sh`'s exit status for "this machine cannot run a node".
 const UNSUPPORTED: i32 = 3;
 
-/// A running local node, with the image of this workspace's binaries loaded.
+/// A running local node, with the image of this workspace's binaries loaded. Stopped
+/// (`hack/node-down.sh`) when dropped, so the tests that follow find a control plane
+/// without a kubelet again; `SHARDOP_E2E_KEEP_NODE=1` leaves it running.
 #[derive(Debug)]
 pub struct LocalNode {
+    repo_root: PathBuf,
     /// Chart values that run the locally built image (`image.pullPolicy: Never`).
     pub values_local: PathBuf,
     /// The image of the stand-in database, for DatabaseCluster specs.
@@ -51,10 +54,31 @@ impl LocalNode {
             );
         }
         Ok(Some(Self {
+            repo_root: cluster.repo_root.clone(),
             values_local: cluster.repo_root.join("target/images/values-local.yaml"),
             db_standin_image: "shardop.local/db-standin:1",
             name: "shardop-node",
         }))
+    }
+}
+
+impl Drop for LocalNode {
+    fn drop(&mut self) {
+        if std::env::var_os("SHARDOP_E2E_KEEP_NODE").is_some() {
+            return;
+        }
+        match Command::new("bash")
+            .arg(self.repo_root.join("hack/node-down.sh"))
+            .current_dir(&self.repo_root)
+            .output()
+        {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => eprintln!(
+                "cleanup: hack/node-down.sh failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ),
+            Err(error) => eprintln!("cleanup: hack/node-down.sh: {error}"),
+        }
     }
 }
 
