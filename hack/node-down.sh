@@ -66,6 +66,22 @@ remove_pod_cgroups() {
   done
 }
 
+# The chains kubelet itself adds (kube-proxy --cleanup removes kube-proxy's).
+remove_kubelet_chains() {
+  local cmd table chain
+  for cmd in iptables ip6tables; do
+    command -v "$cmd" >/dev/null 2>&1 || continue
+    "$cmd" -t filter -D INPUT -j KUBE-FIREWALL 2>/dev/null || true
+    "$cmd" -t filter -D OUTPUT -j KUBE-FIREWALL 2>/dev/null || true
+    for table in filter nat mangle; do
+      for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do
+        "$cmd" -t "$table" -F "$chain" 2>/dev/null || true
+        "$cmd" -t "$table" -X "$chain" 2>/dev/null || true
+      done
+    done
+  done
+}
+
 for ((i = ${#node_components[@]} - 1; i >= 0; i--)); do
   c=${node_components[i]}
   [[ "$c" == containerd ]] && remove_containers
@@ -75,6 +91,7 @@ kill_leftover_shims
 if [[ -x "$node_bin/kube-proxy" ]]; then
   "$node_bin/kube-proxy" --cleanup >/dev/null 2>&1 || true
 fi
+remove_kubelet_chains
 unmount_node_dir
 remove_pod_cgroups
 ip link del "$node_bridge" 2>/dev/null || true
