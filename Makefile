@@ -31,6 +31,22 @@ cluster-up: ## Start the local control plane (target/cluster/kubeconfig)
 cluster-down: ## Stop the local control plane and remove its state
 	@bash hack/cluster-down.sh
 
+.PHONY: node-tools
+node-tools: ## Build kubelet, kube-scheduler, kube-proxy and containerd from source (cached)
+	@bash hack/build-node.sh >/dev/null
+
+.PHONY: image
+image: build ## Build shardop's image and the node's helper images into target/images (no registry)
+	@bash hack/build-image.sh
+
+.PHONY: node-up
+node-up: build tools node-tools ## Add a node to the local control plane (starting it if needed), shardop's image loaded
+	@bash hack/node-up.sh
+
+.PHONY: node-down
+node-down: ## Stop the local node and remove its state (the control plane keeps running)
+	@bash hack/node-down.sh
+
 .PHONY: build
 build: toolchain ## Build the binaries
 	$(CARGO) build --workspace --bins
@@ -53,7 +69,7 @@ unit: toolchain ## Unit tests (no cluster needed)
 	$(CARGO) test --workspace --exclude shardop-e2e
 
 .PHONY: e2e
-e2e: build tools ## End-to-end tests against the local control plane (KEEP_CLUSTER=1 leaves it running)
+e2e: build tools node-tools ## End-to-end tests against the local control plane and node (KEEP_CLUSTER=1 leaves them running)
 	@bash hack/cluster-up.sh
 	@status=0; $(CARGO) test -p shardop-e2e --tests -- --test-threads=$(E2E_TEST_THREADS) || status=$$?; \
 	  if [[ -z "$${KEEP_CLUSTER:-}" ]]; then bash hack/cluster-down.sh; fi; exit $$status

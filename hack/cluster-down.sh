@@ -36,6 +36,12 @@ fi
 
 take_cluster_lock
 
+# A node (hack/node-up.sh) goes first: its kubelet and containers must not outlive the
+# apiserver they talk to.
+if [[ -d "$dir/node" ]]; then
+  bash "$here/node-down.sh"
+fi
+
 # Clients first, etcd last: etcd then shuts down with no writer attached.
 for ((i = ${#cluster_components[@]} - 1; i >= 0; i--)); do
   stop_component "${cluster_components[i]}"

@@ -101,3 +101,89 @@ take_cluster_lock() {
     flock 9
   fi
 }
+
+port_in_use() { (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# setsid: Ctrl-C on a `make test` must not take the shared cluster down with it.
+# Inherited descriptors are closed so that a caller waiting for EOF on a pipe it handed
+# us (a test harness, make's jobserver, our own lock) is not held open by etcd for hours.
+spawn() { # <component> <"ports it listens on"> <binary args...>
+  local component=$1 ports=$2 log_file="$cluster_root/$1.log" fd port
+  shift 2
+  for port in $ports; do
+    if port_in_use "$port"; then
+      die "127.0.0.1:$port (for $component) is already in use by another process." \
+        "Stop it, or pick other ports with SHARDOP_APISERVER_PORT / SHARDOP_ETCD_PORT / SHARDOP_ETCD_PEER_PORT" \
+        "(if it is a control plane left over from this checkout, run hack/cluster-down.sh)."
+    fi
+  done
+  echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) started by hack/${0##*/}: $*" >"$log_file"
+  (
+    for fd in /proc/"$BASHPID"/fd/*; do
+      fd=${fd##*/}
+      if ((fd > 2)); then eval "exec $fd>&-"; fi
+    done
+    # Not a process-group leader here, so setsid execs in place and $! stays the pid.
+    exec setsid "$@" </dev/null >>"$log_file" 2>&1
+  ) &
+  echo "$!" >"$(pid_file "$component")"
+  echo "${0##*/}: started $component (pid $!), log: $log_file" >&2
+}
+
+# Certificates of the cluster's PKI ($pki, set by the caller; openssl's output goes to
+# $pki_log). issue_cert sets pki_changed=1 when it writes one.
+ossl() { openssl "$@" 2>>"$pki_log" || die "openssl $1 failed; see $pki_log"; }
+
+cert_valid() { # <name>
+  [[ -s "$pki/$1.key" && -s "$pki/$1.crt" ]] &&
+    openssl x509 -in "$pki/$1.crt" -noout -checkend 86400 >/dev/null 2>&1 &&
+    { [[ "$1" == ca ]] || openssl verify -CAfile "$pki/ca.crt" "$pki/$1.crt" >/dev/null 2>&1; }
+}
+
+issue_cert() { # <name> <subject> <extendedKeyUsage> [subjectAltName]
+  local name=$1 subj=$2 eku=$3 san=${4:-}
+  cert_valid "$name" && return 0
+  log "issuing $name certificate ($subj)"
+  ossl req -new -newkey rsa:2048 -nodes -subj "$subj" -keyout "$pki/$name.key.tmp" -out "$pki/$name.csr" \
+    -config <(printf '%s\n' '[req]' 'distinguished_name=dn' '[dn]')
+  # Strict TLS stacks (rustls/webpki) insist on CA:FALSE, a key usage and an EKU on leaves.
+  ossl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
+    -set_serial "0x$(openssl rand -hex 16)" -days 825 -sha256 -out "$pki/$name.crt.tmp" \
+    -extfile <(printf '%s\n' 'basicConstraints=critical,CA:FALSE' \
+      'keyUsage=critical,digitalSignature,keyEncipherment' "extendedKeyUsage=$eku" \
+      'subjectKeyIdentifier=hash' 'authorityKeyIdentifier=keyid,issuer' ${san:+"subjectAltName=$san"})
+  rm -f "$pki/$name.csr"
+  mv "$pki/$name.key.tmp" "$pki/$name.key"
+  mv "$pki/$name.crt.tmp" "$pki/$name.crt"
+  pki_changed=1
+}
+
+# A kubeconfig for $api_url that embeds its credentials, so it can be copied anywhere (CI
+# artifacts, a container); rewritten atomically because tests may be reading it.
+write_kubeconfig() { # <file> <user> <cert> <key>
+  local tmp="$1.tmp"
+  (
+    umask 077
+    cat >"$tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: shardop-local
+  cluster:
+    server: $api_url
+    certificate-authority-data: $(base64 -w0 <"$pki/ca.crt")
+users:
+- name: $2
+  user:
+    client-certificate-data: $(base64 -w0 <"$3")
+    client-key-data: $(base64 -w0 <"$4")
+contexts:
+- name: shardop-local
+  context:
+    cluster: shardop-local
+    user: $2
+current-context: shardop-local
+EOF
+  )
+  mv "$tmp" "$1"
+}

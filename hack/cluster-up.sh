@@ -2,7 +2,8 @@
 # Starts a real, minimal Kubernetes control plane on 127.0.0.1 for the e2e tests:
 # etcd, kube-apiserver (RBAC, API Priority and Fairness, audit log) and
 # kube-controller-manager (garbage collector, namespace, serviceaccount, statefulset, ...).
-# There is no scheduler and no kubelet: Pods get created by controllers but never run.
+# There is no scheduler and no kubelet: Pods get created by controllers but never run,
+# unless hack/node-up.sh adds a node to it.
 #
 # State, logs and the admin kubeconfig live in target/cluster/ (SHARDOP_CLUSTER_DIR).
 # Idempotent: a healthy running cluster is left alone; missing components are (re)started.
@@ -89,14 +90,6 @@ pki_log="$pki/openssl.log"
 : >"$pki_log"
 pki_changed=0
 
-ossl() { openssl "$@" 2>>"$pki_log" || die "openssl $1 failed; see $pki_log"; }
-
-cert_valid() { # <name>
-  [[ -s "$pki/$1.key" && -s "$pki/$1.crt" ]] &&
-    openssl x509 -in "$pki/$1.crt" -noout -checkend 86400 >/dev/null 2>&1 &&
-    { [[ "$1" == ca ]] || openssl verify -CAfile "$pki/ca.crt" "$pki/$1.crt" >/dev/null 2>&1; }
-}
-
 if ! cert_valid ca; then
   log "generating the cluster CA"
   # Explicit config: the system openssl.cnf differs between distributions (or is absent).
@@ -110,24 +103,6 @@ if ! cert_valid ca; then
   pki_changed=1
 fi
 
-issue_cert() { # <name> <subject> <extendedKeyUsage> [subjectAltName]
-  local name=$1 subj=$2 eku=$3 san=${4:-}
-  cert_valid "$name" && return 0
-  log "issuing $name certificate ($subj)"
-  ossl req -new -newkey rsa:2048 -nodes -subj "$subj" -keyout "$pki/$name.key.tmp" -out "$pki/$name.csr" \
-    -config <(printf '%s\n' '[req]' 'distinguished_name=dn' '[dn]')
-  # Strict TLS stacks (rustls/webpki) insist on CA:FALSE, a key usage and an EKU on leaves.
-  ossl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
-    -set_serial "0x$(openssl rand -hex 16)" -days 825 -sha256 -out "$pki/$name.crt.tmp" \
-    -extfile <(printf '%s\n' 'basicConstraints=critical,CA:FALSE' \
-      'keyUsage=critical,digitalSignature,keyEncipherment' "extendedKeyUsage=$eku" \
-      'subjectKeyIdentifier=hash' 'authorityKeyIdentifier=keyid,issuer' ${san:+"subjectAltName=$san"})
-  rm -f "$pki/$name.csr"
-  mv "$pki/$name.key.tmp" "$pki/$name.key"
-  mv "$pki/$name.crt.tmp" "$pki/$name.crt"
-  pki_changed=1
-}
-
 # 10.0.0.1 is the first address of --service-cluster-ip-range: the `kubernetes` Service.
 issue_cert apiserver "/CN=kube-apiserver" serverAuth \
   "IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
@@ -136,6 +111,8 @@ issue_cert admin "/CN=shardop-admin/O=system:masters" clientAuth
 # The default RBAC policy grants this exact user name the right to mint the per-controller
 # ServiceAccount tokens (see --use-service-account-credentials below).
 issue_cert kube-controller-manager "/CN=system:kube-controller-manager" clientAuth
+# The apiserver's identity towards a kubelet (logs, exec) when a node runs (hack/node-up.sh).
+issue_cert apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client/O=system:masters" clientAuth
 
 # The apiserver verifies ServiceAccount tokens with the public half, the controller
 # manager and the TokenRequest API sign them with the private half.
@@ -157,33 +134,6 @@ fi
 # Kubeconfigs. The admin one embeds its credentials so it can be copied anywhere (CI
 # artifacts, a container); it is rewritten atomically because tests may be reading it.
 # ---------------------------------------------------------------------------------------
-write_kubeconfig() { # <file> <user> <cert> <key>
-  local tmp="$1.tmp"
-  (
-    umask 077
-    cat >"$tmp" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: shardop-local
-  cluster:
-    server: $api_url
-    certificate-authority-data: $(base64 -w0 <"$pki/ca.crt")
-users:
-- name: $2
-  user:
-    client-certificate-data: $(base64 -w0 <"$3")
-    client-key-data: $(base64 -w0 <"$4")
-contexts:
-- name: shardop-local
-  context:
-    cluster: shardop-local
-    user: $2
-current-context: shardop-local
-EOF
-  )
-  mv "$tmp" "$1"
-}
 write_kubeconfig "$kubeconfig" shardop-admin "$pki/admin.crt" "$pki/admin.key"
 write_kubeconfig "$dir/kube-controller-manager.kubeconfig" system:kube-controller-manager \
   "$pki/kube-controller-manager.crt" "$pki/kube-controller-manager.key"
@@ -191,34 +141,6 @@ write_kubeconfig "$dir/kube-controller-manager.kubeconfig" system:kube-controlle
 # ---------------------------------------------------------------------------------------
 # Processes.
 # ---------------------------------------------------------------------------------------
-port_in_use() { (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# setsid: Ctrl-C on a `make test` must not take the shared cluster down with it.
-# Inherited descriptors are closed so that a caller waiting for EOF on a pipe it handed
-# us (a test harness, make's jobserver, our own lock) is not held open by etcd for hours.
-spawn() { # <component> <"ports it listens on"> <binary args...>
-  local component=$1 ports=$2 log_file="$dir/$1.log" fd port
-  shift 2
-  for port in $ports; do
-    if port_in_use "$port"; then
-      die "127.0.0.1:$port (for $component) is already in use by another process." \
-        "Stop it, or pick other ports with SHARDOP_APISERVER_PORT / SHARDOP_ETCD_PORT / SHARDOP_ETCD_PEER_PORT" \
-        "(if it is a control plane left over from this checkout, run hack/cluster-down.sh)."
-    fi
-  done
-  echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) started by hack/cluster-up.sh: $*" >"$log_file"
-  (
-    for fd in /proc/"$BASHPID"/fd/*; do
-      fd=${fd##*/}
-      if ((fd > 2)); then eval "exec $fd>&-"; fi
-    done
-    # Not a process-group leader here, so setsid execs in place and $! stays the pid.
-    exec setsid "$@" </dev/null >>"$log_file" 2>&1
-  ) &
-  echo "$!" >"$(pid_file "$component")"
-  log "started $component (pid $!), log: $log_file"
-}
-
 # Fails fast, with the component's own words, instead of waiting out the timeout.
 check_alive() {
   local c pid
@@ -304,6 +226,9 @@ if [[ -z "$(running_pid kube-apiserver)" ]]; then
     --audit-log-maxsize=1024 \
     --audit-log-maxbackup=1 \
     --profiling=false \
+    --kubelet-client-certificate="$pki/apiserver-kubelet-client.crt" \
+    --kubelet-client-key="$pki/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP \
     ${feature_gates:+"--feature-gates=$feature_gates"}
 fi
 # The controller manager gives up if the apiserver is not healthy within 10 s of its own
@@ -318,6 +243,8 @@ if [[ -z "$(running_pid kube-controller-manager)" ]]; then
   # (20 qps) stretches to ~5 s; a local test cluster can afford a higher limit.
   # --secure-port=0: no metrics endpoint, which also skips delegated authn/authz lookups
   # at startup. The CA doubles as the CSR signer so CertificateSigningRequests work too.
+  # The host-path provisioner gives the local node (hack/node-up.sh) volumes for the
+  # DatabaseClusters' claims; it only serves StorageClasses naming kubernetes.io/host-path.
   spawn kube-controller-manager "" "$bin_dir/kube-controller-manager" \
     --kubeconfig="$dir/kube-controller-manager.kubeconfig" \
     --controllers='*' \
@@ -329,7 +256,8 @@ if [[ -z "$(running_pid kube-controller-manager)" ]]; then
     --service-account-private-key-file="$pki/sa.key" \
     --root-ca-file="$pki/ca.crt" \
     --cluster-signing-cert-file="$pki/ca.crt" \
-    --cluster-signing-key-file="$pki/ca.key"
+    --cluster-signing-key-file="$pki/ca.key" \
+    --enable-hostpath-provisioner=true
 fi
 wait_until "kube-apiserver /readyz" kube-apiserver "${cluster_components[@]}" -- api_readyz
 wait_until "the default ServiceAccount (created by kube-controller-manager)" kube-controller-manager \

@@ -31,4 +31,16 @@ use_demo_cluster() {
   export SHARDOP_APISERVER_PORT="${SHARDOP_DEMO_APISERVER_PORT:-16543}"
   export SHARDOP_ETCD_PORT="${SHARDOP_DEMO_ETCD_PORT:-23890}"
   export SHARDOP_ETCD_PEER_PORT="${SHARDOP_DEMO_ETCD_PEER_PORT:-23900}"
+  # The demo's node (hack/node-up.sh) gets its own pod range, bridge and kubelet port.
+  export SHARDOP_POD_CIDR="${SHARDOP_DEMO_POD_CIDR:-10.245.0.0/24}"
+  export SHARDOP_NODE_BRIDGE="${SHARDOP_DEMO_NODE_BRIDGE:-shardop1}"
+  export SHARDOP_KUBELET_PORT="${SHARDOP_DEMO_KUBELET_PORT:-10260}"
 }
+
+# The node's binaries (hack/build-node.sh) have a cache of their own, keyed by their pins.
+node_cache_dir() {
+  local base="${SHARDOP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shardop}"
+  echo "$base/node-k8s-$KUBERNETES_VERSION-containerd-$CONTAINERD_VERSION"
+}
+
+node_bin_dir() { echo "$(node_cache_dir)/bin"; }
