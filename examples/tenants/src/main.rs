@@ -1,0 +1,100 @@
+//! `tenants-operator`: renders each cluster-scoped `Tenant` into a settings ConfigMap.
+//!
+//! `tenants-operator crd` prints the Tenant CRD; `tenants-operator run` runs the controller.
+
+mod desired;
+mod reconcile;
+mod tenant;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, CustomResourceExt};
+
+use crate::reconcile::{Context, error_policy, reconcile};
+use crate::tenant::Tenant;
+
+#[derive(Parser, Debug)]
+#[command(name = "tenants-operator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the Tenant CustomResourceDefinition as YAML.
+    Crd,
+    /// Run the operator.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Namespace of the settings ConfigMaps.
+    #[arg(long, env = "TENANTS_NAMESPACE", default_value = "tenants")]
+    namespace: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => print_crd(),
+        Command::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the Tokio runtime")?
+                .block_on(run(args))
+        }
+    }
+}
+
+fn print_crd() -> anyhow::Result<()> {
+    use std::io::Write;
+    let yaml = serde_yaml::to_string(&Tenant::crd())?;
+    std::io::stdout().write_all(yaml.as_bytes())?;
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("building the kube client")?;
+    let tenants: Api<Tenant> = Api::all(client.clone());
+    let settings: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
+    let settings_config = watcher::Config::default().labels(&format!(
+        "{}={}",
+        desired::MANAGED_BY_LABEL,
+        desired::MANAGED_BY
+    ));
+    let ctx = Arc::new(Context {
+        client,
+        namespace: args.namespace,
+    });
+    tracing::info!(namespace = ctx.namespace, "tenants-operator starting");
+    Controller::new(tenants, watcher::Config::default())
+        .watches(settings, settings_config, |cm| {
+            desired::owner_of_settings(&cm)
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "reconcile not run");
+            }
+        })
+        .await;
+    tracing::info!("tenants-operator stopped");
+    Ok(())
+}
