@@ -114,7 +114,11 @@ async fn apply_config_map(desired: &ConfigMap, ctx: &Context) -> Result<(), Erro
 
 /// Writes the status `outcome` calls for, if it differs from the live one.
 async fn write_status(tenant: &Tenant, outcome: &Outcome, ctx: &Context) -> Result<(), Error> {
-    let status = desired::desired_status(tenant, outcome, jiff::Timestamp::now());
+    // Whole seconds, as the API server stores a condition's time: a second write of the same
+    // status from a stale cache is then a no-op on the server.
+    let now = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second())
+        .unwrap_or_else(|_| jiff::Timestamp::now());
+    let status = desired::desired_status(tenant, outcome, now);
     if !desired::status_differs(tenant, &status) {
         return Ok(());
     }
