@@ -2,6 +2,8 @@
 //!
 //! `tenants-operator crd` prints the Tenant CRD; `tenants-operator run` runs the controller.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 mod desired;
 mod reconcile;
 mod tenant;
