@@ -11,27 +11,37 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 use serde_json::json;
 
-use crate::constants::{ASSIGNER_FIELD_MANAGER, SHARD_LABEL};
+use crate::names::OperatorNames;
 
-/// The key of the shard label in a `fieldsV1` set.
-fn label_field() -> String {
-    format!("f:{SHARD_LABEL}")
+/// The key of `label` in a `fieldsV1` set.
+fn label_field(label: &str) -> String {
+    format!("f:{label}")
 }
 
-/// Whether `entry` records the assigner as an owner of the shard label.
-fn owns_shard_label(entry: &ManagedFieldsEntry) -> bool {
-    entry.manager.as_deref() == Some(ASSIGNER_FIELD_MANAGER)
+/// Whether `entry` records the assigner of `names` as an owner of its shard label.
+fn owns_shard_label(names: &OperatorNames, entry: &ManagedFieldsEntry) -> bool {
+    let field = label_field(&names.shard_label());
+    entry.manager.as_deref() == Some(names.assigner_field_manager().as_str())
         && entry.subresource.as_deref().unwrap_or_default().is_empty()
         && entry
             .fields_v1
             .as_ref()
             .and_then(|fields| fields.0.get("f:metadata")?.get("f:labels"))
-            .is_some_and(|labels| labels.get(label_field()).is_some())
+            .is_some_and(|labels| labels.get(&field).is_some())
 }
 
 /// Whether the assigner's field manager is among the owners of the shard label.
 pub fn shard_label_written_by_assigner(managed_fields: Option<&[ManagedFieldsEntry]>) -> bool {
-    managed_fields.is_some_and(|entries| entries.iter().any(owns_shard_label))
+    shard_label_written_by_assigner_for(&OperatorNames::default(), managed_fields)
+}
+
+/// [`shard_label_written_by_assigner`] for the operator `names`: its own assigner's field
+/// manager owns its own shard label (another operator's assigner or label does not count).
+pub fn shard_label_written_by_assigner_for(
+    names: &OperatorNames,
+    managed_fields: Option<&[ManagedFieldsEntry]>,
+) -> bool {
+    managed_fields.is_some_and(|entries| entries.iter().any(|e| owns_shard_label(names, e)))
 }
 
 /// The managedFields a cache keeps instead of the real ones: a single entry recording that
@@ -41,13 +51,22 @@ pub fn shard_label_written_by_assigner(managed_fields: Option<&[ManagedFieldsEnt
 pub fn trust_marker(
     managed_fields: Option<&[ManagedFieldsEntry]>,
 ) -> Option<Vec<ManagedFieldsEntry>> {
-    shard_label_written_by_assigner(managed_fields).then(|| {
+    trust_marker_for(&OperatorNames::default(), managed_fields)
+}
+
+/// [`trust_marker`] for the operator `names`, read back by
+/// [`shard_label_written_by_assigner_for`] with the same names.
+pub fn trust_marker_for(
+    names: &OperatorNames,
+    managed_fields: Option<&[ManagedFieldsEntry]>,
+) -> Option<Vec<ManagedFieldsEntry>> {
+    shard_label_written_by_assigner_for(names, managed_fields).then(|| {
         vec![ManagedFieldsEntry {
-            manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+            manager: Some(names.assigner_field_manager()),
             operation: Some("Update".to_owned()),
             fields_type: Some("FieldsV1".to_owned()),
             fields_v1: Some(FieldsV1(
-                json!({ "f:metadata": { "f:labels": { label_field(): {} } } }),
+                json!({ "f:metadata": { "f:labels": { label_field(&names.shard_label()): {} } } }),
             )),
             ..Default::default()
         }]
@@ -57,6 +76,7 @@ pub fn trust_marker(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::constants::{ASSIGNER_FIELD_MANAGER, SHARD_LABEL};
 
     fn entry(manager: &str, subresource: Option<&str>, labels: &[&str]) -> ManagedFieldsEntry {
         let labels: serde_json::Map<String, serde_json::Value> = labels
@@ -103,5 +123,28 @@ mod tests {
         let hand_edit = vec![entry("kubectl-edit", None, &[SHARD_LABEL])];
         assert_eq!(trust_marker(Some(hand_edit.as_slice())), None);
         assert_eq!(trust_marker(None), None);
+    }
+
+    #[test]
+    fn another_operators_assigner_or_label_is_not_trusted() {
+        let tenants = OperatorNames::new("tenants").unwrap();
+        let own = entry("tenants-assigner", None, &["tenants.shardop.dev/shard"]);
+        let default_assigner = entry(ASSIGNER_FIELD_MANAGER, None, &[SHARD_LABEL]);
+        let wrong_label = entry("tenants-assigner", None, &[SHARD_LABEL]);
+        let trusted = |entries: &[ManagedFieldsEntry]| {
+            shard_label_written_by_assigner_for(&tenants, Some(entries))
+        };
+        assert!(trusted(std::slice::from_ref(&own)));
+        assert!(!trusted(std::slice::from_ref(&default_assigner)));
+        assert!(!trusted(&[wrong_label]));
+        assert!(!shard_label_written_by_assigner(Some(
+            std::slice::from_ref(&own)
+        )));
+        let marker = trust_marker_for(&tenants, Some(std::slice::from_ref(&own)));
+        assert!(shard_label_written_by_assigner_for(
+            &tenants,
+            marker.as_deref()
+        ));
+        assert!(!shard_label_written_by_assigner(marker.as_deref()));
     }
 }

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use crate::ShardIndex;
 use crate::constants::{RELEASE_REQUESTED_ANNOTATION, SHARD_LEASE_LABEL};
+use crate::names::OperatorNames;
 use crate::protocol::lease::{LeaseSnapshot, LeaseState};
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -498,6 +499,8 @@ fn is_not_found(err: &kube::Error) -> bool {
 pub struct ShardLeaseWatch {
     store: Store<Lease>,
     namespace: String,
+    /// Whose shard Leases these are: their names and annotations.
+    names: OperatorNames,
     changes: watch::Receiver<u64>,
     /// Cancelled once the initial list is in the store. Used instead of
     /// `Store::wait_until_ready`, which wakes only one of several concurrent waiters.
@@ -511,8 +514,25 @@ pub fn watch_shard_leases(
     namespace: &str,
     streaming_lists: bool,
 ) -> (ShardLeaseWatch, BoxFuture<'static, ()>) {
+    watch_shard_leases_for(
+        client,
+        namespace,
+        &OperatorNames::default(),
+        streaming_lists,
+    )
+}
+
+/// [`watch_shard_leases`] for the operator `names`: only its shard Leases (selected by its
+/// own shard-lease label, read with its own annotations), never another operator's in the
+/// same namespace.
+pub fn watch_shard_leases_for(
+    client: Client,
+    namespace: &str,
+    names: &OperatorNames,
+    streaming_lists: bool,
+) -> (ShardLeaseWatch, BoxFuture<'static, ()>) {
     let api: Api<Lease> = Api::namespaced(client, namespace);
-    let mut config = watcher::Config::default().labels(SHARD_LEASE_LABEL);
+    let mut config = watcher::Config::default().labels(&names.shard_lease_label());
     if streaming_lists {
         config = config.streaming_lists();
     }
@@ -538,6 +558,7 @@ pub fn watch_shard_leases(
         ShardLeaseWatch {
             store,
             namespace: namespace.to_owned(),
+            names: names.clone(),
             changes: rx,
             ready,
         },
@@ -567,12 +588,13 @@ impl ShardLeaseWatch {
     /// The Lease of `shard`, if it exists.
     pub fn get(&self, shard: ShardIndex) -> Option<Arc<Lease>> {
         self.store
-            .get(&ObjectRef::new(&shard.lease_name()).within(&self.namespace))
+            .get(&ObjectRef::new(&self.names.shard_lease_name(shard)).within(&self.namespace))
     }
 
     /// The protocol snapshot of `shard`'s Lease, if it exists.
     pub fn snapshot(&self, shard: ShardIndex) -> Option<LeaseSnapshot> {
-        self.get(shard).map(|l| LeaseSnapshot::from_lease(&l))
+        self.get(shard)
+            .map(|l| LeaseSnapshot::from_lease_for(&self.names, &l))
     }
 
     /// The state of `shard`'s Lease at wall-clock time `now`.
@@ -586,7 +608,7 @@ impl ShardLeaseWatch {
         self.store
             .state()
             .into_iter()
-            .filter_map(|lease| Some((ShardIndex::from_lease_name(&lease.name_any())?, lease)))
+            .filter_map(|lease| Some((self.names.shard_of_lease(&lease.name_any())?, lease)))
             .collect()
     }
 
@@ -594,7 +616,11 @@ impl ShardLeaseWatch {
     pub fn live_shards(&self, now: jiff::Timestamp) -> BTreeSet<ShardIndex> {
         self.all()
             .into_iter()
-            .filter(|(_, lease)| LeaseSnapshot::from_lease(lease).state(now).is_live())
+            .filter(|(_, lease)| {
+                LeaseSnapshot::from_lease_for(&self.names, lease)
+                    .state(now)
+                    .is_live()
+            })
             .map(|(shard, _)| shard)
             .collect()
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 
-use crate::constants::{RELEASE_REQUESTED_ANNOTATION, RETIRED_ANNOTATION};
+use crate::names::OperatorNames;
 use crate::shard_index::ShardIndex;
 
 /// The protocol-relevant fields of a shard Lease.
@@ -28,6 +28,12 @@ pub struct LeaseSnapshot {
 impl LeaseSnapshot {
     /// Reads the protocol fields from a Lease object.
     pub fn from_lease(lease: &Lease) -> Self {
+        Self::from_lease_for(&OperatorNames::default(), lease)
+    }
+
+    /// Reads the protocol fields from a shard Lease of the operator `names` (its own
+    /// release-request and retirement annotations).
+    pub fn from_lease_for(names: &OperatorNames, lease: &Lease) -> Self {
         let spec = lease.spec.as_ref();
         let annotations = lease.metadata.annotations.as_ref();
         let annotation = |key: &str| {
@@ -46,8 +52,8 @@ impl LeaseSnapshot {
                 .and_then(|s| s.lease_duration_seconds)
                 .and_then(|d| u64::try_from(d).ok())
                 .map(Duration::from_secs),
-            release_requested_by: annotation(RELEASE_REQUESTED_ANNOTATION),
-            retired: annotation(RETIRED_ANNOTATION).is_some_and(|v| v == "true"),
+            release_requested_by: annotation(&names.release_requested_annotation()),
+            retired: annotation(&names.retired_annotation()).is_some_and(|v| v == "true"),
         }
     }
 
@@ -124,6 +130,7 @@ pub fn home_shard_of(identity: &str) -> Option<ShardIndex> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::constants::{RELEASE_REQUESTED_ANNOTATION, RETIRED_ANNOTATION};
     use k8s_openapi::api::coordination::v1::LeaseSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     use std::collections::BTreeMap;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::constants::{DRAIN_LABEL, SHARD_LABEL};
+use crate::names::OperatorNames;
 use crate::shard_index::ShardIndex;
 
 /// Where an object stands, read from its labels and from who wrote its shard label.
@@ -41,9 +41,19 @@ impl ObjectPlacement {
     /// Reads the placement from an object's labels; `label_trusted` is whether the
     /// assigner wrote the shard label (see [`crate::label_trust`]).
     pub fn from_labels(labels: Option<&BTreeMap<String, String>>, label_trusted: bool) -> Self {
+        Self::from_labels_for(&OperatorNames::default(), labels, label_trusted)
+    }
+
+    /// [`ObjectPlacement::from_labels`] with the shard and drain labels of the operator
+    /// `names`; another operator's labels on the same object are ignored.
+    pub fn from_labels_for(
+        names: &OperatorNames,
+        labels: Option<&BTreeMap<String, String>>,
+        label_trusted: bool,
+    ) -> Self {
         let get = |key: &str| labels.and_then(|l| l.get(key));
-        let drain = get(DRAIN_LABEL).is_some();
-        match get(SHARD_LABEL) {
+        let drain = get(&names.drain_label()).is_some();
+        match get(&names.shard_label()) {
             None => Self::Unassigned { stray_drain: drain },
             Some(value) => match value.parse::<ShardIndex>() {
                 Err(_) => Self::Invalid {
@@ -192,6 +202,7 @@ pub fn worker_action(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::constants::{DRAIN_LABEL, SHARD_LABEL};
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -257,6 +268,29 @@ mod tests {
             ObjectPlacement::Invalid {
                 value: "4294967295".into()
             }
+        );
+    }
+
+    #[test]
+    fn another_operators_labels_are_not_a_placement() {
+        let tenants = OperatorNames::new("tenants").unwrap();
+        let both = labels(&[
+            (SHARD_LABEL, "1"),
+            (DRAIN_LABEL, "2"),
+            ("tenants.shardop.dev/shard", "0"),
+        ]);
+        assert_eq!(
+            ObjectPlacement::from_labels_for(&tenants, Some(&both), true),
+            ObjectPlacement::Owned(S0)
+        );
+        assert_eq!(
+            ObjectPlacement::from_labels(Some(&both), true),
+            ObjectPlacement::Draining { from: S1 }
+        );
+        let default_only = labels(&[(SHARD_LABEL, "1"), (DRAIN_LABEL, "2")]);
+        assert_eq!(
+            ObjectPlacement::from_labels_for(&tenants, Some(&default_only), true),
+            ObjectPlacement::Unassigned { stray_drain: false }
         );
     }
 
