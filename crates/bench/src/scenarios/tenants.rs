@@ -118,7 +118,6 @@ impl Processes {
 
 struct Env {
     cluster: &'static Cluster,
-    client: kube::Client,
     operator_ns: TestNamespace,
     settings_ns: TestNamespace,
 }
@@ -320,7 +319,6 @@ pub async fn tenants(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let client = env::unlimited_client(cluster).await?;
     let env = Env {
         cluster,
-        client: client.clone(),
         operator_ns: TestNamespace::create(&client, "bench-tenants-op").await?,
         settings_ns: TestNamespace::create(&client, "bench-tenants").await?,
     };
