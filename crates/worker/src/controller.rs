@@ -1,8 +1,11 @@
-//! One kube-runtime Controller per served shard (and per watched namespace): label-filtered
-//! watches, the event filter, queue/backlog bookkeeping for metrics, and graceful stop.
-//! The reconcile itself is in [`crate::reconcile`].
+//! The DatabaseCluster controller of one served shard (one kube-runtime Controller per
+//! watched namespace): label-filtered watches of the DatabaseClusters and their children
+//! through the shard's [`ShardScope`], the worker's bookkeeping for metrics, and the load
+//! report behind the gauges and the Shard heartbeat. The reconcile itself is in
+//! [`crate::reconcile`]; whether this shard may act on an object is the library's
+//! ([`ShardScope::admit`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -15,16 +18,13 @@ use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
-use shardop_api::label_trust::trust_marker;
-use shardop_api::{DatabaseCluster, ShardIndex};
-use shardop_runtime::LeaseGuard;
+use shardop::{LeaseGuard, ShardIndex, ShardLoad, ShardMetrics, ShardScope};
+use shardop_api::DatabaseCluster;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
-use crate::filter::ChangeFilter;
-use crate::metrics::WorkerMetrics;
 use crate::reconcile;
 use crate::status::{TerminalProblem, WrittenStatus, is_behind};
 
@@ -35,8 +35,6 @@ pub struct ControllerSettings {
     pub namespaces: Vec<String>,
     /// Reconciles running at once per controller.
     pub concurrency: u16,
-    /// Use streaming lists (WatchList) for the initial state.
-    pub streaming_lists: bool,
     /// Backoff of transient errors.
     pub backoff: BackoffPolicy,
     /// How long the Lease may be unusable before a reconcile gives up waiting.
@@ -49,11 +47,6 @@ pub type ObjectKey = String;
 /// Per-object bookkeeping of one shard, shared by its controllers and its reconciles.
 #[derive(Default)]
 pub struct Bookkeeping {
-    /// Objects with an event not yet picked up by a reconcile (queue depth), with when the
-    /// first of those events arrived (queue wait).
-    pub pending: HashMap<ObjectKey, Instant>,
-    /// Reconciles running, with their start.
-    pub running: HashMap<ObjectKey, Instant>,
     /// When a spec change of an object was first seen, for the lag histogram.
     pub unconverged_since: HashMap<ObjectKey, Instant>,
     /// The last terminal problem per object UID and the generation it belongs to: the
@@ -67,50 +60,12 @@ pub struct Bookkeeping {
     /// The last status written per object, until the watch delivers that write: a
     /// reconcile in between compares with it instead of the stale cached status.
     pub status_written: HashMap<ObjectKey, WrittenStatus>,
-    /// UIDs whose drain this shard acknowledged: a stale cache entry must not be
-    /// reconciled again.
-    pub acknowledged: HashSet<String>,
-    /// Objects that joined the shard (see [`crate::filter::Admitted::joined`]) and whose
-    /// children have not been applied since: the next converge applies every child, since
-    /// neither the apply memo nor the label-filtered child cache can tell whether another
-    /// shard relabelled a child meanwhile. The value numbers the join, so that a converge
-    /// clears only the join it has seen (not one that happened while it ran).
-    pub ownership_changed: HashMap<ObjectKey, u64>,
-    /// Joins numbered so far.
-    pub joins: u64,
 }
 
 /// A child object as returned by its last apply (a StatefulSet or a Service).
 pub type AppliedObject = Arc<dyn std::any::Any + Send + Sync>;
 
 impl Bookkeeping {
-    /// Records an event for an object; an object already waiting keeps its first event's
-    /// time, since that is how long it has been waiting.
-    pub fn mark_pending(&mut self, key: ObjectKey) {
-        self.pending.entry(key).or_insert_with(Instant::now);
-    }
-
-    /// A reconcile of the object starts: it stops waiting. Returns how long it waited for
-    /// a reconcile slot, or `None` for a run no event asked for (a requeue or resync).
-    pub fn start_running(&mut self, key: &ObjectKey) -> Option<Duration> {
-        self.running.insert(key.clone(), Instant::now());
-        self.pending.remove(key).map(|since| since.elapsed())
-    }
-
-    /// Records that an object joined the shard.
-    pub fn mark_joined(&mut self, key: ObjectKey) {
-        self.joins = self.joins.wrapping_add(1);
-        self.ownership_changed.insert(key, self.joins);
-    }
-
-    /// The object's children have been applied for the join numbered `join`: forget it
-    /// unless the object joined again since.
-    pub fn children_relabelled(&mut self, key: &str, join: Option<u64>) {
-        if join.is_some() && self.ownership_changed.get(key).copied() == join {
-            self.ownership_changed.remove(key);
-        }
-    }
-
     /// The apply memo key of a child.
     pub fn applied_key(kind: &str, namespace: &str, name: &str) -> String {
         format!("{kind}/{namespace}/{name}")
@@ -197,12 +152,14 @@ impl Bookkeeping {
 
 /// What the reconciles of one shard share.
 pub struct ShardShared {
+    /// The shard as the sharding library serves it: admission, fenced client, moves.
+    pub scope: ShardScope,
     /// The shard.
     pub shard: ShardIndex,
     /// Its Lease fence.
     pub guard: LeaseGuard,
     /// Metrics.
-    pub metrics: WorkerMetrics,
+    pub metrics: ShardMetrics,
     /// Backoff shape.
     pub backoff: BackoffPolicy,
     /// Consecutive failures per object.
@@ -247,194 +204,83 @@ pub fn key_of<K: Resource>(object: &K) -> ObjectKey {
     )
 }
 
-/// Counts from the caches, for metrics and the Shard heartbeat.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ShardCounts {
-    /// Objects in the cache.
-    pub objects: i64,
-    /// Objects behind their generation.
-    pub backlog: i64,
-    /// Objects being deleted.
-    pub terminating: i64,
-    /// Objects waiting for a reconcile.
-    pub queue_depth: i64,
+/// Serves one shard until its scope stops: one controller per watched namespace, and a
+/// load report from their caches. `settings` are the process's.
+pub async fn serve(scope: ShardScope, settings: ControllerSettings) {
+    let shard = scope.shard();
+    let shared = Arc::new(ShardShared {
+        scope: scope.clone(),
+        shard,
+        guard: scope.guard().clone(),
+        metrics: scope.metrics().clone(),
+        backoff: settings.backoff,
+        failures: FailureCounts::default(),
+        cleanup_passes: FailureCounts::default(),
+        book: Mutex::default(),
+        retry_period: settings.retry_period,
+    });
+    let namespaces: Vec<Option<String>> = if settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let synced = Arc::new(AtomicUsize::new(0));
+    let mut stores = Vec::new();
+    let mut runs = Vec::new();
+    for namespace in &namespaces {
+        let (store, run) = scope_controller(
+            shared.clone(),
+            namespace.as_deref(),
+            &settings,
+            SyncedScopes {
+                count: synced.clone(),
+                of: namespaces.len(),
+            },
+        );
+        stores.push(store);
+        runs.push(run);
+    }
+    scope.report_load({
+        let shared = shared.clone();
+        move || load(&shared, &stores)
+    });
+    futures::future::join_all(runs).await;
 }
 
-/// A running controller for one shard.
-pub struct ShardController {
-    shared: Arc<ShardShared>,
-    stores: Vec<Store<DatabaseCluster>>,
-    synced: Arc<AtomicUsize>,
-    scopes: usize,
-    stop: CancellationToken,
-    task: JoinHandle<()>,
-}
-
-impl ShardController {
-    /// Starts the shard's controllers. `client` must carry the shard's user agent.
-    pub fn start(
-        shard: ShardIndex,
-        guard: LeaseGuard,
-        client: Client,
-        metrics: WorkerMetrics,
-        settings: &ControllerSettings,
-    ) -> Self {
-        let shared = Arc::new(ShardShared {
-            shard,
-            guard: guard.clone(),
-            metrics,
-            backoff: settings.backoff,
-            failures: FailureCounts::default(),
-            cleanup_passes: FailureCounts::default(),
-            book: Mutex::default(),
-            retry_period: settings.retry_period,
-        });
-        let stop = CancellationToken::new();
-        let synced = Arc::new(AtomicUsize::new(0));
-        let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
-            vec![None]
-        } else {
-            settings.namespaces.iter().cloned().map(Some).collect()
-        };
-        let mut stores = Vec::new();
-        let mut runs = Vec::new();
-        for namespace in &scopes {
-            let (store, run) = scope_controller(
-                shared.clone(),
-                client.clone(),
-                namespace.as_deref(),
-                settings,
-                stop.clone(),
-                synced.clone(),
-            );
-            stores.push(store);
-            runs.push(run);
-        }
-        let task = tokio::spawn(async move {
-            futures::future::join_all(runs).await;
-        });
-        tracing::info!(%shard, "shard controller started");
-        Self {
-            shared,
-            stores,
-            synced,
-            scopes: scopes.len(),
-            stop,
-            task,
+/// The shard's load, from the caches and the bookkeeping (the library adds queue depth and
+/// the longest running reconcile).
+fn load(shared: &ShardShared, stores: &[Store<DatabaseCluster>]) -> ShardLoad {
+    let mut load = ShardLoad::default();
+    for store in stores {
+        for object in store.state() {
+            load.objects += 1;
+            load.backlog += i64::from(is_behind(&object));
+            load.terminating += i64::from(object.metadata.deletion_timestamp.is_some());
         }
     }
-
-    /// Whether every cache of the shard has its initial list.
-    pub fn is_synced(&self) -> bool {
-        self.synced.load(Ordering::Acquire) >= self.scopes
-    }
-
-    /// Current counts from the caches and the bookkeeping.
-    pub fn counts(&self) -> ShardCounts {
-        let mut counts = ShardCounts::default();
-        for store in &self.stores {
-            for object in store.state() {
-                counts.objects += 1;
-                counts.backlog += i64::from(is_behind(&object));
-                counts.terminating += i64::from(object.metadata.deletion_timestamp.is_some());
-            }
-        }
-        // Only objects still in a cache count: an object that left the shard (drain
-        // acknowledged, deleted) before its queued reconcile ran is not waiting any more.
-        let mut book = self.shared.book();
-        let stores = &self.stores;
-        book.pending.retain(|key, _| {
-            key.split_once('/').is_some_and(|(namespace, name)| {
-                stores.iter().any(|store| {
-                    store
-                        .get(&reflector::ObjectRef::new(name).within(namespace))
-                        .is_some()
-                })
-            })
-        });
-        counts.queue_depth = i64::try_from(book.pending.len()).unwrap_or(i64::MAX);
-        counts
-    }
-
-    /// Publishes the gauges of this shard.
-    pub fn update_gauges(&self) {
-        let counts = self.counts();
-        let metrics = &self.shared.metrics;
-        let label = WorkerMetrics::shard(self.shared.shard);
-        metrics
-            .shard_objects
-            .get_or_create(&label)
-            .set(counts.objects);
-        metrics.backlog.get_or_create(&label).set(counts.backlog);
-        metrics
-            .terminating
-            .get_or_create(&label)
-            .set(counts.terminating);
-        metrics
-            .queue_depth
-            .get_or_create(&label)
-            .set(counts.queue_depth);
-        let longest = {
-            let book = self.shared.book();
-            book.running
-                .values()
-                .map(|started| started.elapsed().as_secs_f64())
-                .fold(0.0, f64::max)
-        };
-        metrics.longest_running.get_or_create(&label).set(longest);
-        let oldest = self
-            .shared
-            .book()
-            .oldest_unconverged(Instant::now(), |key| self.cached_object(key));
-        metrics
-            .oldest_unconverged
-            .get_or_create(&label)
-            .set(oldest.as_secs_f64());
-    }
-
-    /// The cached DatabaseCluster of a `namespace/name` key, from any scope's store.
-    fn cached_object(&self, key: &str) -> Option<Arc<DatabaseCluster>> {
+    let cached = |key: &str| {
         let (namespace, name) = key.split_once('/')?;
         let object = reflector::ObjectRef::new(name).within(namespace);
-        self.stores.iter().find_map(|store| store.get(&object))
-    }
+        stores.iter().find_map(|store| store.get(&object))
+    };
+    load.oldest_unconverged = shared.book().oldest_unconverged(Instant::now(), cached);
+    load
+}
 
-    /// Stops taking work, lets in-flight reconciles finish for up to `timeout`, then
-    /// aborts whatever is left. Returns whether it stopped cleanly.
-    pub async fn stop(self, timeout: Duration) -> bool {
-        let shard = self.shared.shard;
-        self.stop.cancel();
-        let mut task = self.task;
-        let clean = match tokio::time::timeout(timeout, &mut task).await {
-            Ok(_) => true,
-            // A zero grace (the Lease is lost: the fence already refuses every write) aborts
-            // at once; that is the plan, not a reconcile that overran.
-            Err(_) if timeout.is_zero() => {
-                tracing::debug!(%shard, "aborting in-flight reconciles: no grace");
-                task.abort();
-                let _ = task.await;
-                false
-            }
-            Err(_) => {
-                tracing::warn!(%shard, ?timeout, "in-flight reconciles did not finish in time, aborting them");
-                task.abort();
-                let _ = task.await;
-                false
-            }
-        };
-        tracing::info!(%shard, clean, "shard controller stopped");
-        clean
-    }
+/// How many namespace scopes of the shard have synced caches, out of how many: the shard
+/// is synced once all have.
+#[derive(Clone)]
+struct SyncedScopes {
+    count: Arc<AtomicUsize>,
+    of: usize,
 }
 
 /// Builds the controller of one namespace scope (`None` = all namespaces).
 fn scope_controller(
     shared: Arc<ShardShared>,
-    client: Client,
     namespace: Option<&str>,
     settings: &ControllerSettings,
-    stop: CancellationToken,
-    synced: Arc<AtomicUsize>,
+    synced: SyncedScopes,
 ) -> (
     Store<DatabaseCluster>,
     futures::future::BoxFuture<'static, ()>,
@@ -449,15 +295,14 @@ fn scope_controller(
             None => Api::all(client.clone()),
         }
     }
-    let shard = shared.shard;
-    let mut config = watcher::Config::default().labels(&shard.selector());
-    if settings.streaming_lists {
-        config = config.streaming_lists();
-    }
+    let scope = shared.scope.clone();
+    let client = scope.client();
+    let config = scope.watcher_config();
 
     let (clusters, cluster_writer) = reflector::store::<DatabaseCluster>();
     let (stateful_sets, sts_writer) = reflector::store::<StatefulSet>();
     let (services, svc_writer) = reflector::store::<Service>();
+    scope.track_cache(clusters.clone());
     let clusters_synced = CancellationToken::new();
     let sts_synced = CancellationToken::new();
     let svc_synced = CancellationToken::new();
@@ -484,7 +329,6 @@ fn scope_controller(
 
     // DatabaseCluster events start flowing only once the child caches are complete, so the
     // first reconcile of every object sees its children (no blind re-apply after start-up).
-    let book_for_clusters = shared.clone();
     let children_synced = {
         let (sts, svc) = (sts_synced.clone(), svc_synced.clone());
         async move {
@@ -492,60 +336,16 @@ fn scope_controller(
             svc.cancelled().await;
         }
     };
-    let cluster_stream = reflector::reflector(
+    let cluster_events = cluster_events(
+        &shared,
         cluster_writer,
-        watcher(api::<DatabaseCluster>(&client, namespace), config).modify(keep_only_label_trust),
-    )
-    .default_backoff()
-    .inspect({
-        let synced = clusters_synced.clone();
-        let shared = shared.clone();
-        move |event| match event {
-            Ok(watcher::Event::InitDone) => synced.cancel(),
-            // After the reflector stored the object: a reconcile that finds the memo gone
-            // finds the write in the cache.
-            Ok(watcher::Event::Apply(cluster) | watcher::Event::InitApply(cluster)) => {
-                shared.book().forget_status_once_seen(cluster);
-            }
-            // The object left the shard: whatever this shard applied for it may be
-            // relabelled by its next owner, so its memos are void.
-            Ok(watcher::Event::Delete(cluster)) => {
-                let mut book = shared.book();
-                book.forget_object(cluster);
-                book.ownership_changed.remove(&key_of(cluster));
-            }
-            Ok(watcher::Event::Init) | Err(_) => {}
-        }
-    })
-    .scan(ChangeFilter::default(), {
-        let shared = shared.clone();
-        move |filter, event| {
-            let admitted = match event {
-                Ok(event) => filter.admit(event).map(|admitted| {
-                    if admitted.joined {
-                        shared.book().mark_joined(key_of(&admitted.cluster));
-                    }
-                    Ok(admitted.cluster)
-                }),
-                Err(error) => Some(Err(error)),
-            };
-            futures::future::ready(Some(admitted))
-        }
-    })
-    .filter_map(futures::future::ready)
-    .inspect_ok(move |cluster| {
-        let key = key_of(cluster);
-        let mut book = book_for_clusters.book();
-        if is_behind(cluster) {
-            book.unconverged_since
-                .entry(key.clone())
-                .or_insert_with(Instant::now);
-        }
-        book.mark_pending(key);
-    });
+        api::<DatabaseCluster>(&client, namespace),
+        config,
+        clusters_synced.clone(),
+    );
     let cluster_events = futures::stream::once(async move {
         children_synced.await;
-        cluster_stream
+        cluster_events
     })
     .flatten();
 
@@ -560,15 +360,7 @@ fn scope_controller(
         .owns_stream(sts_events)
         .owns_stream(svc_events)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
-        .graceful_shutdown_on({
-            let guard = shared.guard.clone();
-            async move {
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    () = guard.cancelled() => {}
-                }
-            }
-        });
+        .graceful_shutdown_on(scope.stopped());
 
     let shard = shared.shard;
     let report_synced = {
@@ -577,8 +369,9 @@ fn scope_controller(
             for token in &tokens {
                 token.cancelled().await;
             }
-            synced.fetch_add(1, Ordering::AcqRel);
-            tracing::info!(%shard, "shard caches synced");
+            if synced.count.fetch_add(1, Ordering::AcqRel) + 1 >= synced.of {
+                scope.report_synced();
+            }
         }
     };
     let run = controller
@@ -598,18 +391,62 @@ fn scope_controller(
     (clusters, Box::pin(run))
 }
 
+/// The DatabaseCluster events of one namespace scope that call for a reconcile: the
+/// shard's watch through the library's filter ([`ShardScope::filter_events`]), with the
+/// worker's memos kept in step with what the watch delivers.
+fn cluster_events(
+    shared: &Arc<ShardShared>,
+    writer: reflector::store::Writer<DatabaseCluster>,
+    api: Api<DatabaseCluster>,
+    config: watcher::Config,
+    synced: CancellationToken,
+) -> impl futures::Stream<Item = Result<DatabaseCluster, watcher::Error>> + Send + 'static {
+    let trim = shared.scope.clone();
+    let events = reflector::reflector(
+        writer,
+        watcher(api, config).modify(move |cluster| trim.trim_cached(cluster)),
+    )
+    .default_backoff()
+    .inspect({
+        let shared = shared.clone();
+        move |event| match event {
+            Ok(watcher::Event::InitDone) => synced.cancel(),
+            // After the reflector stored the object: a reconcile that finds the memo gone
+            // finds the write in the cache.
+            Ok(watcher::Event::Apply(cluster) | watcher::Event::InitApply(cluster)) => {
+                shared.book().forget_status_once_seen(cluster);
+            }
+            // The object left the shard (drain acknowledged, relabelled, deleted):
+            // whatever this shard applied for it may be relabelled by its next owner, so
+            // its memos are void.
+            Ok(watcher::Event::Delete(cluster)) => {
+                let mut book = shared.book();
+                book.forget_object(cluster);
+                book.unconverged_since.remove(&key_of(cluster));
+            }
+            Ok(watcher::Event::Init) | Err(_) => {}
+        }
+    });
+    let shared = shared.clone();
+    shared
+        .scope
+        .filter_events(events)
+        .inspect_ok(move |cluster| {
+            if is_behind(cluster) {
+                shared
+                    .book()
+                    .unconverged_since
+                    .entry(key_of(cluster))
+                    .or_insert_with(Instant::now);
+            }
+        })
+}
+
 /// Cached children do without `managedFields`: nothing reads them, and they are a large
 /// share of every object (one entry per field manager: ours, the controller manager's
 /// status writes).
 fn drop_managed_fields<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
-}
-
-/// Cached DatabaseClusters keep one fact of their managedFields: whether the assigner
-/// wrote the shard label, which decides whether this shard may act on them.
-fn keep_only_label_trust(cluster: &mut DatabaseCluster) {
-    let managed_fields = cluster.metadata.managed_fields.take();
-    cluster.metadata.managed_fields = trust_marker(managed_fields.as_deref());
 }
 
 /// Aborts its tasks when dropped.
@@ -662,12 +499,12 @@ where
             match event {
                 Ok(child) => {
                     if let Some(parent) = child.parent_key() {
-                        shared.book().mark_pending(parent);
+                        shared.scope.mark_pending(parent);
                     }
                     // The receiver is gone only when the controller stopped.
                     let _ = tx.unbounded_send(Ok(child));
                 }
-                Err(err) => shardop_runtime::reachability::log_watch_error("children", &err),
+                Err(err) => shardop::reachability::log_watch_error("children", &err),
             }
             futures::future::ready(())
         });
@@ -714,25 +551,6 @@ impl<K: Resource> ChildMeta for K {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn queue_wait_runs_from_the_first_unhandled_event() {
-        let mut book = Bookkeeping::default();
-        let key: ObjectKey = "ns/a".into();
-        book.mark_pending(key.clone());
-        tokio::time::advance(Duration::from_secs(2)).await;
-        // A second event while waiting does not restart the clock.
-        book.mark_pending(key.clone());
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(book.start_running(&key), Some(Duration::from_secs(3)));
-        assert!(book.running.contains_key(&key));
-        // A requeue or resync run was not asked for by an event: no queue wait.
-        assert_eq!(book.start_running(&key), None);
-        // An event during a run waits from then on.
-        book.mark_pending(key.clone());
-        tokio::time::advance(Duration::from_millis(250)).await;
-        assert_eq!(book.start_running(&key), Some(Duration::from_millis(250)));
-    }
 
     fn cached_cluster(name: &str, uid: &str, generation: i64) -> Arc<DatabaseCluster> {
         Arc::new(
@@ -800,22 +618,6 @@ mod tests {
             book.oldest_unconverged(Instant::now(), cached),
             Duration::ZERO
         );
-    }
-
-    #[test]
-    fn a_converge_clears_only_the_join_it_saw() {
-        let mut book = Bookkeeping::default();
-        book.mark_joined("ns/a".into());
-        let seen = book.ownership_changed.get("ns/a").copied();
-        // The object left and joined again while the converge ran.
-        book.mark_joined("ns/a".into());
-        book.children_relabelled("ns/a", seen);
-        assert!(book.ownership_changed.contains_key("ns/a"));
-        let seen = book.ownership_changed.get("ns/a").copied();
-        book.children_relabelled("ns/a", seen);
-        assert!(book.ownership_changed.is_empty());
-        book.children_relabelled("ns/a", None);
-        assert!(book.ownership_changed.is_empty());
     }
 
     #[test]

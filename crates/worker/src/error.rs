@@ -2,7 +2,7 @@
 //! (children, volume resizing, claim cleanup), so that a write the shard's fenced client
 //! refused is a lost Lease everywhere, never an API error with a backoff.
 
-use shardop_runtime::LeaseLost;
+use shardop::{LeaseLost, ScopeError};
 
 /// Why a reconcile failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,11 +21,23 @@ pub enum ReconcileError {
     },
 }
 
+impl From<ScopeError> for ReconcileError {
+    fn from(err: ScopeError) -> Self {
+        match err {
+            ScopeError::LeaseLost(lost) => Self::LeaseLost(lost),
+            ScopeError::Drain(source) => Self::Kube {
+                action: "acknowledging the drain",
+                source,
+            },
+        }
+    }
+}
+
 impl ReconcileError {
     /// A failed request; one the shard's fenced client refused or abandoned because the
     /// Lease was gone is a lost Lease, not an API error (no backoff).
     pub fn kube(action: &'static str) -> impl FnOnce(kube::Error) -> Self {
-        move |source| match shardop_runtime::client::fenced_out(&source) {
+        move |source| match shardop::client::fenced_out(&source) {
             Some(lost) => Self::LeaseLost(lost),
             None => Self::Kube { action, source },
         }

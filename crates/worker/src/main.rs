@@ -9,16 +9,10 @@ mod claims;
 mod condition_set;
 mod controller;
 mod error;
-mod failover;
 mod fault;
-mod filter;
-mod heartbeat;
-mod metrics;
 mod quantity;
 mod reconcile;
 mod status;
-mod step_retry;
-mod supervisor;
 mod volume_resize;
 
 use std::net::SocketAddr;
@@ -29,12 +23,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use shardop_api::ShardIndex;
-use shardop_runtime::serve::{Endpoints, serve};
-use shardop_runtime::{
-    ClientFactory, KubeClientArgs, KubeMetrics, LeaseSettings, LogFormat, Readiness,
-    parse_positive_duration,
+use shardop::{
+    ClientFactory, KubeClientArgs, KubeMetrics, OperatorNames, ShardIndex, ShardMetrics, Sharding,
+    ShardingSettings, parse_positive_duration,
 };
+use shardop_runtime::serve::{Endpoints, serve};
+use shardop_runtime::{LogFormat, Readiness};
+use tokio_util::sync::CancellationToken;
 
 /// The sharded DatabaseCluster reconciler: serves the shard of its StatefulSet ordinal while
 /// it holds that shard's Lease, and takes over shards whose worker died.
@@ -73,7 +68,7 @@ impl FromStr for ShardArg {
         value
             .parse()
             .map(Self::Index)
-            .map_err(|e: shardop_api::ParseShardIndexError| e.to_string())
+            .map_err(|e: shardop::ParseShardIndexError| e.to_string())
     }
 }
 
@@ -161,29 +156,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
-    let home = match args.shard {
-        ShardArg::Index(index) => index,
-        ShardArg::Auto => {
-            shardop_api::protocol::home_shard_of(&args.identity).with_context(|| {
-                format!(
-                    "--shard auto: identity {:?} does not end in an ordinal below {}",
-                    args.identity,
-                    shardop_api::constants::MAX_SHARDS
-                )
-            })?
-        }
-    };
-    if args.renew_deadline >= args.lease_duration {
-        bail!("--renew-deadline must be shorter than --lease-duration");
-    }
-    if args.retry_period >= args.renew_deadline {
-        bail!("--retry-period must be shorter than --renew-deadline");
-    }
+    let settings = sharding_settings(&args)?;
     let shutdown = shardop_runtime::shutdown::on_signal();
 
     let mut registry = prometheus_client::registry::Registry::default();
     let kube_metrics = KubeMetrics::register(&mut registry);
-    let metrics = metrics::WorkerMetrics::register(&mut registry);
+    let metrics =
+        ShardMetrics::register_with_reasons(&mut registry, &error::ReconcileError::REASONS);
     let registry = Arc::new(std::sync::Mutex::new(registry));
     // Reads the kubeconfig only (no request), so a bad one fails start-up at once.
     let clients = ClientFactory::infer(&args.kube, kube_metrics).await?;
@@ -191,6 +170,82 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     let endpoints =
         Endpoints::new(registry, readiness.clone()).requiring_api(clients.reachability().clone());
     let servers = CancellationToken::new();
+    let servers_done = serve_endpoints(&args, endpoints, &servers).await?;
+
+    tracing::info!(
+        identity = %args.identity,
+        home = %settings.home,
+        operator_namespace = %args.operator_namespace,
+        watch_namespaces = ?args.watch_namespaces,
+        api_server = clients.reachability().server(),
+        "starting shardop-worker"
+    );
+    let controller = controller::ControllerSettings {
+        namespaces: args
+            .watch_namespaces
+            .iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect(),
+        concurrency: args.concurrency,
+        backoff: backoff::BackoffPolicy {
+            base: args.backoff_base,
+            cap: args.backoff_cap,
+        },
+        retry_period: args.retry_period,
+    };
+    // The sharding-specific part of the worker: everything else is the DatabaseCluster
+    // controller's own.
+    let result = Sharding::with_client_factory(clients, settings)
+        .with_metrics(metrics)
+        .with_shutdown(shutdown)
+        .on_readiness(move |ready| readiness.set(ready))
+        .run(move |scope| controller::serve(scope, controller.clone()))
+        .await;
+    servers.cancel();
+    servers_done.await;
+    tracing::info!("shardop-worker stopped");
+    Ok(result?)
+}
+
+/// The sharding settings from the flags (the chart and the bench set them as env).
+fn sharding_settings(args: &RunArgs) -> anyhow::Result<ShardingSettings> {
+    let home = match args.shard {
+        ShardArg::Index(index) => index,
+        ShardArg::Auto => shardop::protocol::home_shard_of(&args.identity).with_context(|| {
+            format!(
+                "--shard auto: identity {:?} does not end in an ordinal below {}",
+                args.identity,
+                shardop::constants::MAX_SHARDS
+            )
+        })?,
+    };
+    if args.renew_deadline >= args.lease_duration {
+        bail!("--renew-deadline must be shorter than --lease-duration");
+    }
+    if args.retry_period >= args.renew_deadline {
+        bail!("--retry-period must be shorter than --renew-deadline");
+    }
+    Ok(ShardingSettings {
+        names: OperatorNames::default(),
+        identity: args.identity.clone(),
+        home,
+        namespace: args.operator_namespace.clone(),
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+        shutdown_timeout: args.shutdown_timeout,
+        streaming_lists: args.streaming_lists,
+    })
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `servers` is cancelled; the returned
+/// future completes once they stopped.
+async fn serve_endpoints(
+    args: &RunArgs,
+    endpoints: Endpoints,
+    servers: &CancellationToken,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let (metrics_addr, metrics_server) =
         serve(args.metrics_addr, endpoints.clone(), servers.clone()).await?;
     let metrics_task = tokio::spawn(metrics_server);
@@ -206,68 +261,13 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
         Some(tokio::spawn(health_server))
     };
     tracing::info!(%metrics_addr, "serving /metrics");
-
-    tracing::info!(
-        identity = %args.identity,
-        home = %home,
-        operator_namespace = %args.operator_namespace,
-        watch_namespaces = ?args.watch_namespaces,
-        api_server = clients.reachability().server(),
-        "starting shardop-worker"
-    );
-    let probe = clients.client(&format!("shardop-worker/probe ({})", args.identity))?;
-    let streaming_lists = shardop_runtime::watch_list::resolve_streaming_lists(
-        probe,
-        &args.operator_namespace,
-        args.streaming_lists,
-        &shutdown,
-    )
-    .await;
-    let Some(streaming_lists) = streaming_lists else {
-        // Shut down before the API server ever answered.
-        servers.cancel();
-        return Ok(());
-    };
-    let supervisor = supervisor::Supervisor {
-        clients,
-        lease_settings: LeaseSettings {
-            namespace: args.operator_namespace.clone(),
-            identity: args.identity.clone(),
-            lease_duration: args.lease_duration,
-            renew_deadline: args.renew_deadline,
-            retry_period: args.retry_period,
-        },
-        home,
-        controller: controller::ControllerSettings {
-            namespaces: args
-                .watch_namespaces
-                .iter()
-                .map(|n| n.trim().to_owned())
-                .filter(|n| !n.is_empty())
-                .collect(),
-            concurrency: args.concurrency,
-            streaming_lists,
-            backoff: backoff::BackoffPolicy {
-                base: args.backoff_base,
-                cap: args.backoff_cap,
-            },
-            retry_period: args.retry_period,
-        },
-        metrics,
-        readiness,
-        shutdown_timeout: args.shutdown_timeout,
-    };
-    let result = supervisor.run(shutdown).await;
-    servers.cancel();
-    let _ = metrics_task.await;
-    if let Some(task) = health_task {
-        let _ = task.await;
-    }
-    tracing::info!("shardop-worker stopped");
-    result
+    Ok(async move {
+        let _ = metrics_task.await;
+        if let Some(task) = health_task {
+            let _ = task.await;
+        }
+    })
 }
-
-use tokio_util::sync::CancellationToken;
 
 fn print_crds(output_dir: Option<PathBuf>) -> anyhow::Result<()> {
     use std::io::Write;

@@ -14,10 +14,10 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
+use shardop::Admission;
+use shardop::protocol::{WorkerAction, worker_action};
 use shardop_api::constants::condition::CLEANUP;
-use shardop_api::constants::{DRAIN_LABEL, FINALIZER, SHARD_LABEL, WORKER_FIELD_MANAGER};
-use shardop_api::label_trust::shard_label_written_by_assigner;
-use shardop_api::protocol::{ObjectPlacement, WorkerAction, worker_action};
+use shardop_api::constants::{FINALIZER, WORKER_FIELD_MANAGER};
 use shardop_api::{DatabaseCluster, ReclaimPolicy};
 use tracing::Instrument;
 
@@ -27,7 +27,6 @@ use crate::claims::{self, ClaimDeletionError, DeletionPass};
 use crate::condition_set::{ConditionValue, set_condition};
 use crate::controller::{AppliedObject, Bookkeeping, ScopeContext, key_of};
 pub use crate::error::ReconcileError;
-use crate::metrics::{ReasonLabels, ResultLabels, WorkerMetrics};
 use crate::status::{Observed, TerminalProblem, WrittenStatus, desired_status, known_status};
 use crate::volume_resize::{self, Resize, ResizeIo};
 
@@ -107,16 +106,6 @@ pub async fn reconcile(
         action = tracing::field::Empty,
         result = tracing::field::Empty,
     );
-    let queue_wait = shared.book().start_running(&key);
-    let shard_label = WorkerMetrics::shard(shard);
-    if let Some(waited) = queue_wait {
-        shared
-            .metrics
-            .queue_wait
-            .get_or_create(&shard_label)
-            .observe(waited.as_secs_f64());
-    }
-    shared.metrics.runs.get_or_create(&shard_label).inc();
     let started = std::time::Instant::now();
     let outcome = reconcile_inner(&cluster, &ctx, &key)
         .instrument(span.clone())
@@ -130,15 +119,10 @@ pub async fn reconcile(
         Err(_) => "error",
     };
     span.record("result", result);
-    shared.book().running.remove(&key);
+    shared.scope.finished(cluster.as_ref());
     shared
         .metrics
-        .reconcile_duration
-        .get_or_create(&ResultLabels {
-            shard: shard.label_value(),
-            result,
-        })
-        .observe(started.elapsed().as_secs_f64());
+        .record_reconcile(shard, result, started.elapsed());
     match outcome {
         Ok(Outcome::Done) => {
             shared.failures.reset(&key);
@@ -177,24 +161,14 @@ pub fn error_policy(
     ctx: Arc<ScopeContext>,
 ) -> Action {
     let shared = &ctx.shared;
-    let shard = shared.shard;
+    let lease_lost = matches!(err, ReconcileError::LeaseLost(_));
     shared
         .metrics
-        .reconcile_errors
-        .get_or_create(&ReasonLabels {
-            shard: shard.label_value(),
-            reason: err.reason(),
-        })
-        .inc();
-    if matches!(err, ReconcileError::LeaseLost(_)) {
+        .record_error(shared.shard, err.reason(), !lease_lost);
+    if lease_lost {
         // Not the object's fault; the controller is being stopped anyway.
         return Action::requeue(shared.retry_period);
     }
-    shared
-        .metrics
-        .retries
-        .get_or_create(&WorkerMetrics::shard(shard))
-        .inc();
     let failures = shared.failures.record_failure(key_of(cluster.as_ref()));
     Action::requeue(shared.backoff.jittered(failures, jitter_unit()))
 }
@@ -218,37 +192,15 @@ async fn reconcile_inner(
     ctx: &ScopeContext,
     key: &str,
 ) -> Result<Outcome, ReconcileError> {
-    let shared = &ctx.shared;
-    let shard = shared.shard;
-    let placement = placement_of(cluster);
-    let deleting = cluster.metadata.deletion_timestamp.is_some();
-    let action = worker_action(&placement, shard, deleting);
-    tracing::Span::current().record("action", tracing::field::debug(action));
-    let uid = cluster.uid().unwrap_or_default();
-    {
-        let mut book = shared.book();
-        if book.acknowledged.contains(&uid) {
-            if matches!(placement, ObjectPlacement::Draining { .. }) {
-                // A stale cache entry of an object we already let go of.
-                return Ok(Outcome::Skipped);
-            }
-            // The object came back to this shard.
-            book.acknowledged.remove(&uid);
-        }
+    // The library decides whether this shard may act: Lease held, trusted label of this
+    // shard, and a drain acknowledged (W2) before this code could see it.
+    let admission = ctx.shared.scope.admit(cluster).await?;
+    tracing::Span::current().record("action", tracing::field::debug(admission));
+    match admission {
+        Admission::Skip => Ok(Outcome::Skipped),
+        Admission::Cleanup => cleanup(cluster, ctx, key).await,
+        Admission::Reconcile => converge(cluster, ctx, key).await,
     }
-    match action {
-        WorkerAction::Ignore => Ok(Outcome::Skipped),
-        WorkerAction::AcknowledgeDrain => acknowledge_drain(cluster, ctx).await,
-        WorkerAction::Cleanup => cleanup(cluster, ctx, key).await,
-        WorkerAction::Reconcile => converge(cluster, ctx, key).await,
-    }
-}
-
-/// The object's placement: its labels, and whether the assigner wrote its shard label
-/// (full managedFields from the server, or the cache's marker of them).
-fn placement_of(cluster: &DatabaseCluster) -> ObjectPlacement {
-    let trusted = shard_label_written_by_assigner(cluster.metadata.managed_fields.as_deref());
-    ObjectPlacement::from_labels(cluster.metadata.labels.as_ref(), trusted)
 }
 
 fn api(ctx: &ScopeContext, namespace: &str) -> Api<DatabaseCluster> {
@@ -260,40 +212,6 @@ fn params() -> PatchParams {
         field_manager: Some(WORKER_FIELD_MANAGER.to_owned()),
         ..Default::default()
     }
-}
-
-/// W2: remove the shard and drain labels in one patch, conditional on the version we
-/// decided on. After it, the object leaves this shard's watch.
-async fn acknowledge_drain(
-    cluster: &DatabaseCluster,
-    ctx: &ScopeContext,
-) -> Result<Outcome, ReconcileError> {
-    let shared = &ctx.shared;
-    let namespace = cluster.namespace().unwrap_or_default();
-    let patch = json!({
-        "metadata": {
-            "resourceVersion": cluster.resource_version(),
-            "labels": { SHARD_LABEL: null, DRAIN_LABEL: null },
-        }
-    });
-    shared.guard.check()?;
-    api(ctx, &namespace)
-        .patch(&cluster.name_any(), &params(), &Patch::Merge(&patch))
-        .await
-        .map_err(ReconcileError::kube("acknowledging the drain"))?;
-    {
-        let mut book = shared.book();
-        book.acknowledged.insert(cluster.uid().unwrap_or_default());
-        book.unconverged_since.remove(&key_of(cluster));
-        book.forget_object(cluster);
-    }
-    shared
-        .metrics
-        .drains
-        .get_or_create(&WorkerMetrics::shard(shared.shard))
-        .inc();
-    tracing::info!("drain acknowledged: shard and drain labels removed");
-    Ok(Outcome::Skipped)
 }
 
 /// Adds our finalizer by server-side apply: `metadata.finalizers` is a set, so the apply
@@ -501,7 +419,7 @@ async fn converge(
         cluster = add_finalizer(&cluster, ctx).await?;
         // The apply had no precondition, so it returns the latest version: if that one has
         // left the shard or is being drained meanwhile, its own watch event decides.
-        let placement = placement_of(&cluster);
+        let placement = shared.scope.placement(&cluster);
         let deleting = cluster.metadata.deletion_timestamp.is_some();
         if worker_action(&placement, shard, deleting) != WorkerAction::Reconcile {
             return Ok(Outcome::Skipped);
@@ -529,7 +447,7 @@ async fn converge(
             volume_resize::advance(&io, &cluster, cached_sts.as_deref(), under_way).await?
         }
     };
-    let join = shared.book().ownership_changed.get(key).copied();
+    let join = shared.scope.moved_in(&cluster);
     let ownership_changed = join.is_some();
     let (stateful_set, problem) = match known_problem {
         // The same spec was rejected before: do not hammer the API server with it.
@@ -570,8 +488,10 @@ async fn converge(
             let mut book = shared.book();
             // Both children were applied: they carry our label. A child rejected for good
             // may still carry another shard's: the next reconcile relabels it again.
-            if problem.is_none() {
-                book.children_relabelled(key, join);
+            if problem.is_none()
+                && let Some(join) = join
+            {
+                shared.scope.children_relabelled(&cluster, join);
             }
             match &problem {
                 Some(p) => {
@@ -628,11 +548,7 @@ async fn converge(
     // The status now describes the current generation: the change is converged.
     let seen = shared.book().unconverged_since.remove(key);
     if let Some(seen) = seen {
-        shared
-            .metrics
-            .reconcile_lag
-            .get_or_create(&WorkerMetrics::shard(shard))
-            .observe(seen.elapsed().as_secs_f64());
+        shared.metrics.record_lag(shard, seen.elapsed());
     }
     Ok(Outcome::Done)
 }

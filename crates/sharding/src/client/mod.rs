@@ -387,6 +387,31 @@ where
     }
 }
 
+/// Wraps an existing client so that its mutating requests are fenced by `guard`, like a
+/// [`ClientFactory::fenced_client`]: each is checked right before it is sent and abandoned
+/// once the guard becomes invalid; the caller gets [`LeaseLost`] (see [`fenced_out`]).
+/// Reads and watches pass untouched. Use it when the process builds its own clients (no
+/// [`ClientFactory`]: no shared rate limit, user agent or request metrics are added).
+pub fn fence_client(client: kube::Client, guard: LeaseGuard) -> kube::Client {
+    let default_namespace = client.default_namespace().to_owned();
+    let service = tower::service_fn(move |request: Request<Body>| {
+        let client = client.clone();
+        let guard = guard.clone();
+        async move {
+            if !is_mutating(request.method()) {
+                return client.send(request).await.map_err(BoxError::from);
+            }
+            guard.check()?;
+            tokio::select! {
+                biased;
+                () = guard.invalidated() => Err(LeaseLost(guard.shard()).into()),
+                sent = client.send(request) => sent.map_err(BoxError::from),
+            }
+        }
+    });
+    kube::Client::new(service, default_namespace)
+}
+
 /// Whether a request changes state (everything but reads and watches).
 fn is_mutating(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)

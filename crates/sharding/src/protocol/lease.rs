@@ -28,12 +28,11 @@ pub struct LeaseSnapshot {
 impl LeaseSnapshot {
     /// Reads the protocol fields from a Lease object.
     pub fn from_lease(lease: &Lease) -> Self {
-        Self::from_lease_for(&OperatorNames::default(), lease)
+        Self::from_lease_of(lease, &OperatorNames::default())
     }
 
-    /// Reads the protocol fields from a shard Lease of the operator `names` (its own
-    /// release-request and retirement annotations).
-    pub fn from_lease_for(names: &OperatorNames, lease: &Lease) -> Self {
+    /// [`from_lease`](Self::from_lease) with the annotation keys of operator `names`.
+    pub fn from_lease_of(lease: &Lease, names: &OperatorNames) -> Self {
         let spec = lease.spec.as_ref();
         let annotations = lease.metadata.annotations.as_ref();
         let annotation = |key: &str| {

@@ -41,15 +41,14 @@ impl ObjectPlacement {
     /// Reads the placement from an object's labels; `label_trusted` is whether the
     /// assigner wrote the shard label (see [`crate::label_trust`]).
     pub fn from_labels(labels: Option<&BTreeMap<String, String>>, label_trusted: bool) -> Self {
-        Self::from_labels_for(&OperatorNames::default(), labels, label_trusted)
+        Self::from_labels_of(labels, label_trusted, &OperatorNames::default())
     }
 
-    /// [`ObjectPlacement::from_labels`] with the shard and drain labels of the operator
-    /// `names`; another operator's labels on the same object are ignored.
-    pub fn from_labels_for(
-        names: &OperatorNames,
+    /// [`from_labels`](Self::from_labels) with the label keys of operator `names`.
+    pub fn from_labels_of(
         labels: Option<&BTreeMap<String, String>>,
         label_trusted: bool,
+        names: &OperatorNames,
     ) -> Self {
         let get = |key: &str| labels.and_then(|l| l.get(key));
         let drain = get(&names.drain_label()).is_some();
@@ -225,6 +224,21 @@ mod tests {
     const S2: ShardIndex = ShardIndex(2);
 
     #[test]
+    fn another_operators_labels_are_not_ours() {
+        let tenants = OperatorNames::new("tenants").unwrap();
+        let ours = labels(&[("tenants.shardop.dev/shard", "1")]);
+        assert_eq!(
+            ObjectPlacement::from_labels_of(Some(&ours), true, &tenants),
+            ObjectPlacement::Owned(S1)
+        );
+        assert_eq!(
+            ObjectPlacement::from_labels(Some(&ours), true),
+            ObjectPlacement::Unassigned { stray_drain: false },
+            "the default operator does not see another operator's shard label"
+        );
+    }
+
+    #[test]
     fn placement_from_labels() {
         assert_eq!(
             ObjectPlacement::from_labels(None, true),
@@ -268,29 +282,6 @@ mod tests {
             ObjectPlacement::Invalid {
                 value: "4294967295".into()
             }
-        );
-    }
-
-    #[test]
-    fn another_operators_labels_are_not_a_placement() {
-        let tenants = OperatorNames::new("tenants").unwrap();
-        let both = labels(&[
-            (SHARD_LABEL, "1"),
-            (DRAIN_LABEL, "2"),
-            ("tenants.shardop.dev/shard", "0"),
-        ]);
-        assert_eq!(
-            ObjectPlacement::from_labels_for(&tenants, Some(&both), true),
-            ObjectPlacement::Owned(S0)
-        );
-        assert_eq!(
-            ObjectPlacement::from_labels(Some(&both), true),
-            ObjectPlacement::Draining { from: S1 }
-        );
-        let default_only = labels(&[(SHARD_LABEL, "1"), (DRAIN_LABEL, "2")]);
-        assert_eq!(
-            ObjectPlacement::from_labels_for(&tenants, Some(&default_only), true),
-            ObjectPlacement::Unassigned { stray_drain: false }
         );
     }
 

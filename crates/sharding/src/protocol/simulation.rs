@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use super::failover::{Acquisition, Me, acquisition, should_release};
 use super::lease::LeaseSnapshot;
 use super::object::{AssignerAction, ObjectPlacement, WorkerAction, worker_action};
 use super::plan::{LeaseStep, ObjectFacts, plan_object, plan_shard};
@@ -247,8 +248,7 @@ impl Model {
                     steps.push(Step::Acquire(wi, s));
                 }
                 let holds = holds(w, wi, s);
-                if holds
-                    && w.leases[s].release_requested
+                if must_release(w, wi, s)
                     && !worker.reconciling.iter().any(|(rs, _)| *rs as usize == s)
                 {
                     steps.push(Step::Release(wi, s));
@@ -568,16 +568,22 @@ impl Model {
                     w.workers[wi].cache[o] = Some(w.objs[o].clone());
                 }
                 for s in 0..SHARDS {
-                    if holds(&w, wi, s) && w.leases[s].release_requested {
-                        release(&mut w.leases[s]);
-                    }
-                    // Hand-back: a taker releases a shard whose home worker is running.
-                    if holds(&w, wi, s) && s != wi && s < n {
+                    if must_release(&w, wi, s) {
                         release(&mut w.leases[s]);
                     }
                 }
-                if can_acquire(&w, wi, wi) {
-                    self.apply(&mut w, &Step::Acquire(wi, wi));
+                // The home shard: acquire it, or ask its taker to hand it back (the taker
+                // releases it in its next turn, through its own decision).
+                match lease_decision(&w, wi, wi) {
+                    Acquisition::Acquire if !holds(&w, wi, wi) => {
+                        self.apply(&mut w, &Step::Acquire(wi, wi));
+                    }
+                    Acquisition::RequestHandBack => {
+                        let lease = &mut w.leases[wi];
+                        lease.release_requested = true;
+                        lease.rv += 1;
+                    }
+                    _ => {}
                 }
                 for s in 0..SHARDS {
                     for o in 0..w.objs.len() {
@@ -668,15 +674,59 @@ fn holds(w: &World, wi: usize, s: usize) -> bool {
     w.workers[wi].alive && w.leases[s].live && w.leases[s].holder == Some(wi)
 }
 
-/// The worker side of "Lease transitions": the home worker acquires a Lease that is absent,
-/// released or expired; others take over only one that was served before; nobody acquires
-/// a retired Lease.
-fn can_acquire(w: &World, wi: usize, s: usize) -> bool {
+/// Worker `wi` as the worker's real decision functions see it.
+fn me(wi: usize) -> (String, Duration, Duration) {
+    (
+        worker_identity(wi),
+        Duration::from_secs(15),
+        Duration::from_secs(2),
+    )
+}
+
+fn worker_identity(wi: usize) -> String {
+    format!("shardop-worker-{wi}")
+}
+
+/// The worker's real decision ([`acquisition`]) about shard `s`'s Lease as worker `wi`
+/// sees it now. The model's "now" is far past every expiry and release grace, so the
+/// takeover stagger is over.
+fn lease_decision(w: &World, wi: usize, s: usize) -> Acquisition {
+    let (identity, lease_duration, retry_period) = me(wi);
+    let me = Me {
+        identity: &identity,
+        home: ShardIndex(wi as u32),
+        lease_duration,
+        retry_period,
+    };
     let lease = &w.leases[s];
-    w.workers[wi].alive
-        && !lease.live
-        && !lease.retired
-        && (wi == s || (lease.exists && lease.acquired_once))
+    let snapshot = lease.exists.then(|| lease.snapshot());
+    acquisition(
+        &me,
+        ShardIndex(s as u32),
+        snapshot.as_ref(),
+        SHARDS as u32,
+        Timestamp::from_second(NOW).unwrap_or(Timestamp::UNIX_EPOCH),
+    )
+}
+
+/// Whether a running worker acquires shard `s`'s Lease: the worker's decision, for a Lease
+/// it does not hold already.
+fn can_acquire(w: &World, wi: usize, s: usize) -> bool {
+    w.workers[wi].alive && !holds(w, wi, s) && lease_decision(w, wi, s) == Acquisition::Acquire
+}
+
+/// Whether worker `wi`, holding shard `s`, lets it go: the worker's real decision
+/// ([`should_release`]) on a hand-back or retirement request.
+fn must_release(w: &World, wi: usize, s: usize) -> bool {
+    let (identity, lease_duration, retry_period) = me(wi);
+    let me = Me {
+        identity: &identity,
+        home: ShardIndex(wi as u32),
+        lease_duration,
+        retry_period,
+    };
+    let lease = &w.leases[s];
+    holds(w, wi, s) && should_release(&me, ShardIndex(s as u32), Some(&lease.snapshot()))
 }
 
 fn release(lease: &mut Lease) {

@@ -1,17 +1,18 @@
-//! The worker's share of its `Shard` object's status: `holder`, `queueDepth`, `backlog` and
-//! `lastHeartbeatTime`, server-side applied with field manager `shardop-worker` (the
-//! assigner applies its own fields with its own manager), at most every 10 s and only when
-//! one of the reported values changed.
+//! A served shard's share of its `Shard` object's status: `holder`, `queueDepth`, `backlog`
+//! and `lastHeartbeatTime`, server-side applied with the operator's worker field manager
+//! (`shardop-worker`; the assigner applies its own fields with its own manager), at most
+//! every 10 s and only when one of the reported values changed.
 
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-use shardop_api::constants::WORKER_FIELD_MANAGER;
-use shardop_api::{Shard, ShardIndex};
-use shardop_runtime::LeaseGuard;
 use tokio::time::Instant;
+
+use crate::lease::LeaseGuard;
+use crate::names::OperatorNames;
+use crate::shard::Shard;
 
 /// Minimum time between two heartbeat writes of one shard.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(10);
@@ -48,19 +49,21 @@ impl Heartbeat {
     pub async fn maybe_send(
         &mut self,
         api: &Api<Shard>,
-        shard: ShardIndex,
+        names: &OperatorNames,
         guard: &LeaseGuard,
         report: Report,
     ) {
+        let shard = guard.shard();
         let now = Instant::now();
         if !self.due(&report, now) || guard.check().is_err() {
             return;
         }
         self.last_attempt = Some(now);
+        let name = names.shard_object_name(shard);
         let patch = json!({
-            "apiVersion": "shardop.dev/v1alpha1",
+            "apiVersion": crate::constants::API_GROUP.to_owned() + "/" + crate::constants::API_VERSION,
             "kind": "Shard",
-            "metadata": { "name": shard.shard_object_name() },
+            "metadata": { "name": name },
             "status": {
                 "holder": report.holder,
                 "queueDepth": report.queue_depth,
@@ -68,18 +71,18 @@ impl Heartbeat {
                 "lastHeartbeatTime": Time(jiff::Timestamp::now()),
             }
         });
-        let params = PatchParams::apply(WORKER_FIELD_MANAGER).force();
+        let params = PatchParams::apply(&names.worker_field_manager()).force();
         match api
-            .patch_status(&shard.shard_object_name(), &params, &Patch::Apply(&patch))
+            .patch_status(&name, &params, &Patch::Apply(&patch))
             .await
         {
             Ok(_) => self.last_sent = Some(report),
-            Err(kube::Error::Api(status)) if status.code == 404 => {
+            Err(kube::Error::Api(status)) if status.is_not_found() => {
                 tracing::debug!(%shard, "no Shard object yet, heartbeat skipped");
             }
             // The Lease went while the write waited: the fenced client refused it, as it
             // should; the controller is being stopped.
-            Err(err) if shardop_runtime::client::fenced_out(&err).is_some() => {
+            Err(err) if crate::client::fenced_out(&err).is_some() => {
                 tracing::debug!(%shard, "heartbeat not sent: the shard's lease is gone");
             }
             Err(err) => tracing::warn!(%shard, %err, "shard heartbeat failed"),

@@ -1,5 +1,11 @@
-//! The worker's Prometheus metrics (names and labels as promised in issue 3 and
-//! `docs/worker.md`). `shardop_kube_requests_total` lives in `shardop_runtime::client`.
+//! Per-shard Prometheus metrics of a sharded controller (names and labels as documented in
+//! `docs/worker.md`; the chart's alerts, HPA and dashboard read them).
+//! `shardop_kube_requests_total` lives in [`crate::client`].
+//!
+//! The library updates the gauges of every served shard (from [`crate::ShardScope`]'s load
+//! report), counts reconcile runs, queue waits and drain acknowledgements; a controller
+//! records the outcome of its reconciles with [`ShardMetrics::record_reconcile`] and
+//! [`ShardMetrics::record_error`] (or lets [`crate::ShardScope::reconciler`] do it).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -7,7 +13,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use shardop_api::ShardIndex;
+use std::time::Duration;
+
+use crate::shard_index::ShardIndex;
 
 /// `{shard}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,9 +60,13 @@ pub const LAG_BUCKETS: [f64; 15] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
-/// All worker metrics. Cheap to clone.
+/// The error reasons a controller reports when it does not name its own
+/// ([`ShardMetrics::register`]).
+pub const DEFAULT_ERROR_REASONS: [&str; 2] = ["lease_lost", "error"];
+
+/// All per-shard metrics. Cheap to clone.
 #[derive(Clone)]
-pub struct WorkerMetrics {
+pub struct ShardMetrics {
     /// `shardop_reconcile_duration_seconds{shard,result}`.
     pub reconcile_duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
     /// `shardop_reconcile_errors_total{shard,reason}`.
@@ -84,12 +96,33 @@ pub struct WorkerMetrics {
     /// `shardop_reconciles_total{shard,action}`-like count of reconcile starts, used by
     /// the e2e tests to prove "no requeue storm": `shardop_reconcile_runs_total{shard}`.
     pub runs: Family<ShardLabel, Counter>,
+    /// Every `reason` of `shardop_reconcile_errors_total`, created at zero per shard.
+    error_reasons: &'static [&'static str],
 }
 
-impl WorkerMetrics {
-    /// Creates and registers every worker metric.
+impl std::fmt::Debug for ShardMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardMetrics")
+            .field("error_reasons", &self.error_reasons)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardMetrics {
+    /// Creates and registers every per-shard metric, with the error reasons
+    /// [`DEFAULT_ERROR_REASONS`].
     pub fn register(registry: &mut Registry) -> Self {
+        Self::register_with_reasons(registry, &DEFAULT_ERROR_REASONS)
+    }
+
+    /// Creates and registers every per-shard metric; `error_reasons` are the values of the
+    /// `reason` label the controller's errors use, each created at zero for every shard.
+    pub fn register_with_reasons(
+        registry: &mut Registry,
+        error_reasons: &'static [&'static str],
+    ) -> Self {
         let metrics = Self {
+            error_reasons,
             reconcile_duration: Family::new_with_constructor(histogram_1ms_to_16s),
             reconcile_errors: Family::default(),
             queue_depth: Family::default(),
@@ -157,7 +190,7 @@ impl WorkerMetrics {
         );
         registry.register(
             "shardop_shard_objects",
-            "DatabaseClusters in the shard's cache",
+            "Objects in the shard's cache",
             metrics.shard_objects.clone(),
         );
         registry.register(
@@ -192,7 +225,7 @@ impl WorkerMetrics {
         self.retries.get_or_create(&label).inc_by(0);
         self.drains.get_or_create(&label).inc_by(0);
         self.runs.get_or_create(&label).inc_by(0);
-        for reason in crate::reconcile::ReconcileError::REASONS {
+        for &reason in self.error_reasons {
             self.reconcile_errors
                 .get_or_create(&ReasonLabels {
                     shard: label.shard.clone(),
@@ -200,6 +233,54 @@ impl WorkerMetrics {
                 })
                 .inc_by(0);
         }
+    }
+
+    /// Records one finished reconcile of `shard`: its duration under `result`
+    /// (`success`, `error`, or a controller's own outcome such as `skipped`).
+    pub fn record_reconcile(&self, shard: ShardIndex, result: &'static str, took: Duration) {
+        self.reconcile_duration
+            .get_or_create(&ResultLabels {
+                shard: shard.label_value(),
+                result,
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records a failed reconcile of `shard` with error class `reason`; `retried`: it is
+    /// requeued with backoff (counted in `shardop_reconcile_retries_total`).
+    pub fn record_error(&self, shard: ShardIndex, reason: &'static str, retried: bool) {
+        self.reconcile_errors
+            .get_or_create(&ReasonLabels {
+                shard: shard.label_value(),
+                reason,
+            })
+            .inc();
+        if retried {
+            self.retries.get_or_create(&Self::shard(shard)).inc();
+        }
+    }
+
+    /// Records how long a spec change of `shard` took to converge.
+    pub fn record_lag(&self, shard: ShardIndex, lag: Duration) {
+        self.reconcile_lag
+            .get_or_create(&Self::shard(shard))
+            .observe(lag.as_secs_f64());
+    }
+
+    /// Publishes the gauges of a served shard.
+    pub fn publish_load(&self, shard: ShardIndex, load: &ShardLoad) {
+        let label = Self::shard(shard);
+        self.shard_objects.get_or_create(&label).set(load.objects);
+        self.backlog.get_or_create(&label).set(load.backlog);
+        self.terminating.get_or_create(&label).set(load.terminating);
+        self.queue_depth.get_or_create(&label).set(load.queue_depth);
+        self.longest_running
+            .get_or_create(&label)
+            .set(load.longest_running.as_secs_f64());
+        self.oldest_unconverged
+            .get_or_create(&label)
+            .set(load.oldest_unconverged.as_secs_f64());
+        self.shard_leader.get_or_create(&label).set(1);
     }
 
     /// Resets the gauges of a shard this process stopped serving.
@@ -213,4 +294,21 @@ impl WorkerMetrics {
         self.shard_objects.get_or_create(&label).set(0);
         self.shard_leader.get_or_create(&label).set(0);
     }
+}
+
+/// What a served shard reports about its objects, for the gauges and the Shard heartbeat.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardLoad {
+    /// Objects in the shard's cache (`shardop_shard_objects`).
+    pub objects: i64,
+    /// Objects behind their generation (`shardop_backlog_objects`, Shard `backlog`).
+    pub backlog: i64,
+    /// Objects being deleted (`shardop_terminating_objects`).
+    pub terminating: i64,
+    /// Objects waiting for a reconcile (`shardop_queue_depth`, Shard `queueDepth`).
+    pub queue_depth: i64,
+    /// Age of the oldest reconcile still running.
+    pub longest_running: Duration,
+    /// Age of the oldest spec change not converged yet.
+    pub oldest_unconverged: Duration,
 }

@@ -1,4 +1,4 @@
-//! Which watch events of a DatabaseCluster deserve a reconcile.
+//! Which watch events of a sharded object deserve a reconcile.
 //!
 //! Our own status writes come back as watch events; reconciling them again would double
 //! the work for nothing. A reconcile is needed only when something the reconcile reads
@@ -15,10 +15,11 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use kube::ResourceExt;
+use kube::Resource;
 use kube::runtime::watcher::Event;
-use shardop_api::DatabaseCluster;
-use shardop_api::label_trust::shard_label_written_by_assigner;
+
+use crate::label_trust::shard_label_written_by;
+use crate::names::OperatorNames;
 
 /// What the filter remembers of an object in the watch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,24 +28,30 @@ struct Seen {
     label_trusted: bool,
 }
 
+/// `(namespace, name)`: an object's identity within one watch (no namespace for
+/// cluster-scoped kinds).
+type Key = (Option<String>, String);
+
 /// Passes on the objects whose fingerprint changed since the watch last showed them.
 #[derive(Debug, Default)]
 pub struct ChangeFilter {
+    /// The operator whose shard label decides trust.
+    names: OperatorNames,
     /// What was seen of every object currently in the watch, by `namespace/name`.
-    seen: HashMap<(Option<String>, String), Seen>,
+    seen: HashMap<Key, Seen>,
     /// The initial list has completed: objects seen from now on joined the shard.
     listed: bool,
     /// While the watch relists (after a gap, e.g. its resourceVersion expired), what it
     /// showed before: the relist is compared with it, and whatever it does not list again
     /// left during the gap and is forgotten.
-    before_relist: Option<HashMap<(Option<String>, String), Seen>>,
+    before_relist: Option<HashMap<Key, Seen>>,
 }
 
 /// An object to reconcile.
 #[derive(Debug)]
-pub struct Admitted {
+pub struct Admitted<K> {
     /// The object.
-    pub cluster: DatabaseCluster,
+    pub object: K,
     /// It joined the shard after its initial list: new to the watch, or its shard label
     /// became the assigner's (trusted) while in it. Its children may carry another shard's
     /// label, invisible to this shard's child watch.
@@ -52,14 +59,22 @@ pub struct Admitted {
 }
 
 impl ChangeFilter {
+    /// A filter for the objects of operator `names`.
+    pub fn new(names: OperatorNames) -> Self {
+        Self {
+            names,
+            ..Self::default()
+        }
+    }
+
     /// The object to reconcile for this watch event, if any.
-    pub fn admit(&mut self, event: Event<DatabaseCluster>) -> Option<Admitted> {
+    pub fn admit<K: Resource>(&mut self, event: Event<K>) -> Option<Admitted<K>> {
         match event {
-            Event::Apply(cluster) | Event::InitApply(cluster) => {
-                let key = (cluster.namespace(), cluster.name_any());
+            Event::Apply(object) | Event::InitApply(object) => {
+                let key = key_of(&object);
                 let now = Seen {
-                    fingerprint: reconcile_fingerprint(&cluster)?,
-                    label_trusted: label_trusted(&cluster),
+                    fingerprint: reconcile_fingerprint(&object, &self.names),
+                    label_trusted: label_trusted(&object, &self.names),
                 };
                 let previous = match self.before_relist.as_mut() {
                     Some(before) => {
@@ -72,10 +87,10 @@ impl ChangeFilter {
                     None => self.listed,
                     Some(before) => now.label_trusted && !before.label_trusted,
                 };
-                (previous != Some(now)).then_some(Admitted { cluster, joined })
+                (previous != Some(now)).then_some(Admitted { object, joined })
             }
-            Event::Delete(cluster) => {
-                self.seen.remove(&(cluster.namespace(), cluster.name_any()));
+            Event::Delete(object) => {
+                self.seen.remove(&key_of(&object));
                 None
             }
             Event::InitDone => {
@@ -95,89 +110,96 @@ impl ChangeFilter {
     }
 }
 
+fn key_of<K: Resource>(object: &K) -> Key {
+    let meta = object.meta();
+    (
+        meta.namespace.clone(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
 /// Whether the assigner wrote the object's shard label (kept in the cache as a marker).
-fn label_trusted(cluster: &DatabaseCluster) -> bool {
-    shard_label_written_by_assigner(cluster.metadata.managed_fields.as_deref())
+fn label_trusted<K: Resource>(object: &K, names: &OperatorNames) -> bool {
+    shard_label_written_by(object.meta().managed_fields.as_deref(), names)
 }
 
 /// A hash of the fields whose change triggers a reconcile.
-pub fn reconcile_fingerprint(cluster: &DatabaseCluster) -> Option<u64> {
-    let meta = &cluster.metadata;
+pub fn reconcile_fingerprint<K: Resource>(object: &K, names: &OperatorNames) -> u64 {
+    let meta = object.meta();
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     // A deleted and recreated object with the same name is a new object.
     meta.uid.hash(&mut hasher);
     meta.generation.hash(&mut hasher);
     meta.labels.hash(&mut hasher);
     // Who wrote the shard label decides whether the shard may act (a hand edit does not).
-    label_trusted(cluster).hash(&mut hasher);
+    label_trusted(object, names).hash(&mut hasher);
     meta.finalizers.hash(&mut hasher);
     meta.deletion_timestamp
         .as_ref()
         .map(|t| t.0.as_nanosecond())
         .hash(&mut hasher);
-    Some(hasher.finish())
+    hasher.finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use shardop_api::constants::{DRAIN_LABEL, FINALIZER, SHARD_LABEL};
-    use shardop_api::{DatabaseClusterSpec, DatabaseClusterStatus, ReclaimPolicy, StorageSpec};
+    use kube::api::ObjectMeta;
 
-    fn trusted(mut c: DatabaseCluster) -> DatabaseCluster {
+    fn names() -> OperatorNames {
+        OperatorNames::default()
+    }
+
+    fn trusted<K: Resource>(mut object: K) -> K {
         let written = [
             k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
-                manager: Some(shardop_api::constants::ASSIGNER_FIELD_MANAGER.into()),
+                manager: Some(names().assigner_field_manager()),
                 fields_v1: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
                     serde_json::json!({ "f:metadata": { "f:labels": { "f:shardop.dev/shard": {} } } }),
                 )),
                 ..Default::default()
             },
         ];
-        c.metadata.managed_fields = shardop_api::label_trust::trust_marker(Some(&written[..]));
-        c
+        object.meta_mut().managed_fields =
+            crate::label_trust::trust_marker_for(Some(&written[..]), &names());
+        object
     }
 
-    fn cluster() -> DatabaseCluster {
-        let mut c = DatabaseCluster::new(
-            "db",
-            DatabaseClusterSpec {
-                replicas: 1,
-                image: "postgres:17".into(),
-                resources: None,
-                storage: StorageSpec {
-                    storage_class_name: None,
-                    size: Quantity("1Gi".into()),
-                    reclaim_policy: ReclaimPolicy::Retain,
-                },
-            },
-        );
-        c.metadata.generation = Some(1);
-        c.metadata.labels = Some([(SHARD_LABEL.to_owned(), "1".to_owned())].into());
-        c
+    fn meta(namespace: Option<&str>) -> ObjectMeta {
+        ObjectMeta {
+            namespace: namespace.map(str::to_owned),
+            name: Some("db".into()),
+            generation: Some(1),
+            labels: Some([(names().shard_label(), "1".to_owned())].into()),
+            ..Default::default()
+        }
+    }
+
+    fn cluster() -> ConfigMap {
+        ConfigMap {
+            metadata: meta(Some("ns")),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn status_only_updates_are_filtered() {
         let before = cluster();
         let mut after = before.clone();
-        after.status = Some(DatabaseClusterStatus {
-            observed_generation: Some(1),
-            ..Default::default()
-        });
+        after.data = Some([("k".to_owned(), "v".to_owned())].into());
         after.metadata.resource_version = Some("42".into());
         assert_eq!(
-            reconcile_fingerprint(&before),
-            reconcile_fingerprint(&after)
+            reconcile_fingerprint(&before, &names()),
+            reconcile_fingerprint(&after, &names())
         );
     }
 
     #[test]
     fn spec_labels_finalizers_and_deletion_trigger() {
         let base = cluster();
-        let fp = reconcile_fingerprint(&base);
+        let fp = reconcile_fingerprint(&base, &names());
         let mut spec = base.clone();
         spec.metadata.generation = Some(2);
         let mut drain = base.clone();
@@ -186,20 +208,20 @@ mod tests {
             .labels
             .as_mut()
             .unwrap()
-            .insert(DRAIN_LABEL.into(), "2".into());
+            .insert(names().drain_label(), "2".into());
         let mut finalizer = base.clone();
-        finalizer.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        finalizer.metadata.finalizers = Some(vec!["example.com/cleanup".into()]);
         let mut deleting = base.clone();
         deleting.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::now()));
         let claimed = trusted(base.clone());
         for changed in [spec, drain, finalizer, deleting, claimed] {
-            assert_ne!(reconcile_fingerprint(&changed), fp);
+            assert_ne!(reconcile_fingerprint(&changed, &names()), fp);
         }
     }
 
     #[test]
     fn an_object_that_leaves_and_returns_unchanged_is_admitted_again() {
-        let mut filter = ChangeFilter::default();
+        let mut filter = ChangeFilter::new(names());
         let object = cluster();
         assert!(filter.admit(Event::InitApply(object.clone())).is_some());
         assert!(
@@ -214,15 +236,37 @@ mod tests {
     }
 
     #[test]
+    fn cluster_scoped_objects_are_tracked_by_name() {
+        let mut filter = ChangeFilter::new(names());
+        let object = trusted(Namespace {
+            metadata: meta(None),
+            ..Default::default()
+        });
+        filter.admit(Event::<Namespace>::InitDone);
+        assert!(filter.admit(Event::Apply(object.clone())).unwrap().joined);
+        assert!(filter.admit(Event::Apply(object.clone())).is_none());
+        filter.admit(Event::Delete(object.clone()));
+        assert!(filter.admit(Event::Apply(object)).unwrap().joined);
+    }
+
+    #[test]
+    fn another_operators_assigner_is_not_trusted() {
+        let tenants = OperatorNames::new("tenants").unwrap();
+        let object = trusted(cluster());
+        assert!(label_trusted(&object, &names()));
+        assert!(!label_trusted(&object, &tenants));
+    }
+
+    #[test]
     fn objects_that_join_after_the_initial_list_changed_owner() {
-        let mut filter = ChangeFilter::default();
+        let mut filter = ChangeFilter::new(names());
         let listed = trusted(cluster());
         let admitted = filter.admit(Event::InitApply(listed.clone())).unwrap();
         assert!(
             !admitted.joined,
             "the initial list is not a change of owner"
         );
-        filter.admit(Event::InitDone);
+        filter.admit(Event::<ConfigMap>::InitDone);
         // It leaves the shard and comes back: a new owner as far as its children go.
         filter.admit(Event::Delete(listed.clone()));
         assert!(filter.admit(Event::Apply(listed.clone())).unwrap().joined);
@@ -242,30 +286,30 @@ mod tests {
         let claimed = trusted(hand_edited);
         assert!(filter.admit(Event::Apply(claimed)).unwrap().joined);
         // Objects of a relist that were already there have not moved.
-        filter.admit(Event::Init);
+        filter.admit(Event::<ConfigMap>::Init);
         assert!(filter.admit(Event::InitApply(changed)).is_none());
     }
 
     #[test]
     fn a_relist_forgets_objects_that_left_during_the_gap_and_admits_those_that_came_back() {
-        let mut filter = ChangeFilter::default();
+        let mut filter = ChangeFilter::new(names());
         let object = trusted(cluster());
-        filter.admit(Event::Init);
+        filter.admit(Event::<ConfigMap>::Init);
         assert!(filter.admit(Event::InitApply(object.clone())).is_some());
-        filter.admit(Event::InitDone);
+        filter.admit(Event::<ConfigMap>::InitDone);
         // The watch loses its place; while it was away the object left the shard and came
         // back unchanged. The relist shows it again, and nothing else.
-        filter.admit(Event::Init);
+        filter.admit(Event::<ConfigMap>::Init);
         let unchanged = filter.admit(Event::InitApply(object.clone()));
         assert!(
             unchanged.is_none(),
             "an object listed again unchanged is not new"
         );
-        filter.admit(Event::InitDone);
+        filter.admit(Event::<ConfigMap>::InitDone);
         // A second gap, in which the object left and does not come back: it is forgotten,
         // so when it returns later it is admitted as joined.
-        filter.admit(Event::Init);
-        filter.admit(Event::InitDone);
+        filter.admit(Event::<ConfigMap>::Init);
+        filter.admit(Event::<ConfigMap>::InitDone);
         let back = filter.admit(Event::Apply(object)).expect("admitted");
         assert!(back.joined, "it rejoined the shard");
     }

@@ -4,7 +4,7 @@
 //! A step that failed because the API server is unreachable or failing (no response, 5xx,
 //! 429) waits out [`RetrySchedule::api_default`] (1 s doubling to 30 s, jittered) instead
 //! of the supervisor's one-second tick, and logs at `debug` when no response arrived (the
-//! outage itself is logged once by [`shardop_runtime::reachability`]); once the API server
+//! outage itself is logged once by [`crate::reachability`]); once the API server
 //! answers again (a watch reconnected) the next step runs at once. Any other failure
 //! (a 409 from a Lease race, a 403) is part of the protocol's normal traffic: it is retried
 //! at the next tick as before, so hand-backs and takeovers keep their pace, and logged at
@@ -13,8 +13,8 @@
 
 use std::time::Duration;
 
-use shardop_runtime::reachability::{error_chain, is_transport_error};
-use shardop_runtime::retry::{RetrySchedule, jitter_unit};
+use crate::reachability::{error_chain, is_transport_error};
+use crate::retry::{RetrySchedule, jitter_unit};
 use tokio::time::Instant;
 
 /// At most one `warn` line per this interval for step failures that are retried at the
@@ -33,9 +33,13 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    /// Classifies the first kube error in `error`'s chain.
-    pub fn of(error: &anyhow::Error) -> Self {
-        let Some(kube_error) = error.chain().find_map(|e| e.downcast_ref::<kube::Error>()) else {
+    /// Classifies the first kube error in `error`'s chain (`error` itself included).
+    pub fn of(error: &(dyn std::error::Error + 'static)) -> Self {
+        let chain = std::iter::successors(Some(error), |e| e.source());
+        let Some(kube_error) = chain
+            .into_iter()
+            .find_map(|e| e.downcast_ref::<kube::Error>())
+        else {
             return Self::Other;
         };
         match kube_error {
@@ -116,18 +120,18 @@ impl StepRetry {
     }
 
     /// A step failed at `now`; returns the delay before the next one (zero: next tick).
-    pub fn failed(&mut self, error: &anyhow::Error, now: Instant) -> Duration {
+    pub fn failed(&mut self, error: &(dyn std::error::Error + 'static), now: Instant) -> Duration {
         self.failed_with(FailureKind::of(error), error, now, jitter_unit())
     }
 
     fn failed_with(
         &mut self,
         kind: FailureKind,
-        error: &anyhow::Error,
+        error: &(dyn std::error::Error + 'static),
         now: Instant,
         unit: f64,
     ) -> Duration {
-        let cause = error_chain(error.as_ref());
+        let cause = error_chain(error);
         if kind == FailureKind::Other {
             self.schedule.reset();
             self.next = None;
@@ -158,15 +162,24 @@ impl StepRetry {
 mod tests {
     use super::*;
 
-    fn refused() -> anyhow::Error {
-        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        anyhow::Error::from(kube::Error::Service(Box::new(io))).context("acquiring shard 1")
+    /// A step error with a kube error as its source, as the supervisor's errors are.
+    #[derive(Debug, thiserror::Error)]
+    enum StepError {
+        #[error("acquiring shard 1")]
+        Kube(#[source] kube::Error),
+        #[error("no kube error")]
+        Other,
     }
 
-    fn status(code: u16) -> anyhow::Error {
+    fn refused() -> StepError {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        StepError::Kube(kube::Error::Service(Box::new(io)))
+    }
+
+    fn status(code: u16) -> StepError {
         let mut status = kube::core::Status::failure("boom", "Boom");
         status.code = code;
-        anyhow::Error::from(kube::Error::Api(Box::new(status)))
+        StepError::Kube(kube::Error::Api(Box::new(status)))
     }
 
     #[test]
@@ -175,10 +188,7 @@ mod tests {
         assert_eq!(FailureKind::of(&status(503)), FailureKind::ServerTrouble);
         assert_eq!(FailureKind::of(&status(429)), FailureKind::ServerTrouble);
         assert_eq!(FailureKind::of(&status(409)), FailureKind::Other);
-        assert_eq!(
-            FailureKind::of(&anyhow::anyhow!("no kube error")),
-            FailureKind::Other
-        );
+        assert_eq!(FailureKind::of(&StepError::Other), FailureKind::Other);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,13 +1,15 @@
-//! Which shard Leases a worker acquires, asks back, or lets go (no I/O).
+//! The worker's half of the protocol about shard Leases: which Leases a worker acquires,
+//! asks back, or lets go, and how long a stopping shard's reconciles may go on (no I/O).
 //!
 //! This is the worker's column of "Lease transitions" in `docs/shard-protocol.md`; the
-//! Lease state itself is judged by `shardop_api::protocol::lease`.
+//! Lease state itself is judged by [`super::lease`]. The worker's half about objects
+//! (reconcile, acknowledge a drain, clean up, ignore) is [`super::worker_action`].
 
 use std::time::Duration;
 
+use super::lease::{LeaseSnapshot, LeaseState};
+use crate::shard_index::ShardIndex;
 use jiff::{SignedDuration, Timestamp};
-use shardop_api::ShardIndex;
-use shardop_api::protocol::lease::{LeaseSnapshot, LeaseState};
 
 /// What the worker does about a shard it does not serve.
 #[derive(Clone, Debug, PartialEq, Eq)]

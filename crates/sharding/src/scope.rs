@@ -1,0 +1,803 @@
+//! [`ShardScope`]: what the controller of one served shard gets from the runtime: a client
+//! fenced by the shard's Lease, the shard's watcher config, a kube-runtime `Controller`
+//! over the shard's slice, the admission check every reconcile goes through (Lease held,
+//! object in the slice, drains acknowledged and never delivered), children labels, and the
+//! per-shard bookkeeping behind the metrics and the Shard heartbeat.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Debug;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::change_filter::ChangeFilter;
+use crate::lease::{LeaseGuard, LeaseLost};
+use crate::metrics::{ShardLoad, ShardMetrics};
+use crate::names::OperatorNames;
+use crate::protocol::{ObjectPlacement, WorkerAction, worker_action};
+use crate::shard_index::ShardIndex;
+use crate::strategy::AssignmentStrategy;
+
+/// `namespace/name` of an object (`/name` for a cluster-scoped one): the key of the
+/// per-shard bookkeeping.
+pub fn object_key<K: Resource>(object: &K) -> String {
+    let meta = object.meta();
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// What a reconcile may do with an object, decided by [`ShardScope::admit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Converge the object (W1 of the protocol).
+    Reconcile,
+    /// The object is being deleted: run the finalizer's cleanup.
+    Cleanup,
+    /// Not this shard's business (not in its slice, untrusted label, a drain this call
+    /// acknowledged or an earlier one did): do not touch it.
+    Skip,
+}
+
+/// Why an admission failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScopeError {
+    /// The shard's Lease is not held: nothing was written, the reconcile must not run.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
+    /// The drain acknowledgement (W2) failed; the object is looked at again.
+    #[error("acknowledging the drain: {0}")]
+    Drain(#[source] kube::Error),
+}
+
+/// A change of owner the children of an object have not followed yet (see
+/// [`ShardScope::moved_in`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoveIn(u64);
+
+type LoadReport = Box<dyn Fn() -> ShardLoad + Send + Sync>;
+
+/// Whether an object (by [`object_key`]) is in one of the shard's caches.
+type CacheLookup = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Per-object bookkeeping of one served shard.
+#[derive(Default)]
+struct ScopeBook {
+    /// Objects with an event not yet picked up by a reconcile, with the first such event.
+    pending: HashMap<String, Instant>,
+    /// Reconciles running, with their start.
+    running: HashMap<String, Instant>,
+    /// Objects that joined the shard and whose children have not been applied since,
+    /// numbered so a converge clears only the join it saw.
+    joined: HashMap<String, u64>,
+    /// Joins numbered so far.
+    joins: u64,
+    /// UIDs whose drain this shard acknowledged: a stale cache entry is not acted on again.
+    acknowledged: HashSet<String>,
+}
+
+impl ScopeBook {
+    fn mark_pending(&mut self, key: String) {
+        self.pending.entry(key).or_insert_with(Instant::now);
+    }
+
+    fn start_running(&mut self, key: &str) -> Option<Duration> {
+        self.running.insert(key.to_owned(), Instant::now());
+        self.pending.remove(key).map(|since| since.elapsed())
+    }
+
+    fn mark_joined(&mut self, key: String) {
+        self.joins = self.joins.wrapping_add(1);
+        self.joined.insert(key, self.joins);
+    }
+
+    /// The children were re-applied after join `join`: forget it unless the object
+    /// joined again since.
+    fn clear_join(&mut self, key: &str, join: u64) {
+        if self.joined.get(key) == Some(&join) {
+            self.joined.remove(key);
+        }
+    }
+
+    fn forget(&mut self, key: &str) {
+        self.pending.remove(key);
+        self.joined.remove(key);
+    }
+}
+
+struct ScopeInner {
+    shard: ShardIndex,
+    names: OperatorNames,
+    strategy: Arc<dyn AssignmentStrategy>,
+    client: Client,
+    guard: LeaseGuard,
+    stop: CancellationToken,
+    metrics: ShardMetrics,
+    streaming_lists: bool,
+    book: Mutex<ScopeBook>,
+    load: Mutex<Option<LoadReport>>,
+    caches: Mutex<Vec<CacheLookup>>,
+    synced: AtomicBool,
+}
+
+/// One served shard, as its controller sees it. Cheap to clone; valid for one acquisition
+/// of the shard's Lease (a new acquisition gets a new scope).
+#[derive(Clone)]
+pub struct ShardScope {
+    inner: Arc<ScopeInner>,
+}
+
+impl Debug for ShardScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardScope")
+            .field("shard", &self.inner.shard)
+            .field("operator", &self.inner.names.operator())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the runtime hands a new scope.
+pub(crate) struct ScopeParts {
+    pub shard: ShardIndex,
+    pub names: OperatorNames,
+    pub strategy: Arc<dyn AssignmentStrategy>,
+    pub client: Client,
+    pub guard: LeaseGuard,
+    pub metrics: ShardMetrics,
+    pub streaming_lists: bool,
+}
+
+impl ShardScope {
+    pub(crate) fn new(parts: ScopeParts) -> Self {
+        Self {
+            inner: Arc::new(ScopeInner {
+                shard: parts.shard,
+                names: parts.names,
+                strategy: parts.strategy,
+                client: parts.client,
+                guard: parts.guard,
+                stop: CancellationToken::new(),
+                metrics: parts.metrics,
+                streaming_lists: parts.streaming_lists,
+                book: Mutex::default(),
+                load: Mutex::new(None),
+                caches: Mutex::default(),
+                synced: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// A scope for tests of code that takes one: shard `shard` of operator `names` with
+    /// the label strategy, `client`, and a Lease `guard` that is never renewed.
+    pub fn detached(
+        shard: ShardIndex,
+        names: OperatorNames,
+        client: Client,
+        guard: LeaseGuard,
+    ) -> Self {
+        let mut registry = prometheus_client::registry::Registry::default();
+        Self::new(ScopeParts {
+            shard,
+            strategy: Arc::new(crate::strategy::LabelAssignment::new(names.clone())),
+            names,
+            client,
+            guard,
+            metrics: ShardMetrics::register(&mut registry),
+            streaming_lists: false,
+        })
+    }
+
+    fn book(&self) -> MutexGuard<'_, ScopeBook> {
+        self.inner
+            .book
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The shard served.
+    pub fn shard(&self) -> ShardIndex {
+        self.inner.shard
+    }
+
+    /// The operator's cluster-visible names.
+    pub fn names(&self) -> &OperatorNames {
+        &self.inner.names
+    }
+
+    /// A client acting as this shard: its writes are fenced by the shard's Lease (refused
+    /// with [`LeaseLost`] once the Lease is not held, see [`crate::client::fenced_out`]).
+    pub fn client(&self) -> Client {
+        self.inner.client.clone()
+    }
+
+    /// The shard Lease's fence, for checks before a write and for waiting on its loss.
+    pub fn guard(&self) -> &LeaseGuard {
+        &self.inner.guard
+    }
+
+    /// `Ok` while the shard's Lease is held.
+    pub fn check(&self) -> Result<(), LeaseLost> {
+        self.inner.guard.check()
+    }
+
+    /// The per-shard metrics.
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.inner.metrics
+    }
+
+    /// Completes when the shard stops being served here: its Lease is lost, it is handed
+    /// back, or the process shuts down. Pass it to `Controller::graceful_shutdown_on`.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
+        let stop = self.inner.stop.clone();
+        let lost = self.inner.guard.cancelled();
+        async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = lost => {}
+            }
+        }
+    }
+
+    /// Whether the shard is being stopped (or its Lease is lost).
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stop.is_cancelled() || !self.inner.guard.is_valid()
+    }
+
+    pub(crate) fn request_stop(&self) {
+        self.inner.stop.cancel();
+    }
+
+    /// The watcher config of the shard's slice: for the watch of the sharded kind and of
+    /// its children (`Controller::owns(api, scope.watcher_config())`).
+    pub fn watcher_config(&self) -> watcher::Config {
+        let config = self.inner.strategy.watcher_config(self.inner.shard);
+        if self.inner.streaming_lists {
+            config.streaming_lists()
+        } else {
+            config
+        }
+    }
+
+    /// The labels every child of a reconciled object carries, so that it follows its
+    /// controller's shard (and shows in the shard's child watch).
+    pub fn child_labels(&self) -> BTreeMap<String, String> {
+        self.inner.strategy.child_labels(self.inner.shard)
+    }
+
+    /// Adds [`child_labels`](Self::child_labels) to a child object.
+    pub fn label_child<C: Resource>(&self, child: &mut C) {
+        let labels = child.meta_mut().labels.get_or_insert_with(BTreeMap::new);
+        labels.extend(self.child_labels());
+    }
+
+    /// Where an object stands in the protocol, for this shard's assignment strategy.
+    pub fn placement<K: Resource>(&self, object: &K) -> ObjectPlacement {
+        self.inner.strategy.placement(object.meta())
+    }
+
+    /// Reports the shard's load to the gauges and the Shard heartbeat: `report` is called
+    /// once per supervisor tick. [`controller`](Self::controller) installs one that counts
+    /// its cache; queue depth and the longest running reconcile are added by the scope.
+    pub fn report_load(&self, report: impl Fn() -> ShardLoad + Send + Sync + 'static) {
+        *self
+            .inner
+            .load
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(report));
+    }
+
+    /// The shard's load: the controller's report plus the scope's queue bookkeeping.
+    pub(crate) fn load(&self) -> ShardLoad {
+        let mut load = self
+            .inner
+            .load
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|report| report())
+            .unwrap_or_default();
+        let caches = self
+            .inner
+            .caches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut book = self.book();
+        // Only objects still in a cache wait: one that left the shard (drain acknowledged,
+        // deleted, relabelled) before its queued reconcile ran is not waiting any more.
+        if !caches.is_empty() {
+            book.pending
+                .retain(|key, _| caches.iter().any(|cached| cached(key)));
+        }
+        load.queue_depth = i64::try_from(book.pending.len()).unwrap_or(i64::MAX);
+        load.longest_running = book
+            .running
+            .values()
+            .map(Instant::elapsed)
+            .max()
+            .unwrap_or_default();
+        load
+    }
+
+    /// Says that the shard's caches have their initial lists: the process is ready once
+    /// its home shard's scope said so. [`controller`](Self::controller) says it itself.
+    pub fn report_synced(&self) {
+        if !self.inner.synced.swap(true, Ordering::AcqRel) {
+            tracing::info!(shard = %self.inner.shard, "shard caches synced");
+        }
+    }
+
+    /// Whether [`report_synced`](Self::report_synced) was called.
+    pub fn is_synced(&self) -> bool {
+        self.inner.synced.load(Ordering::Acquire)
+    }
+
+    /// Records an event for an object (`object_key`) that a reconcile has not picked up
+    /// yet: it counts in the queue depth until [`admit`](Self::admit) starts its reconcile.
+    pub fn mark_pending(&self, key: String) {
+        self.book().mark_pending(key);
+    }
+
+    /// The shard's objects of kind `K` from `api`: a stream for `Controller::for_stream`
+    /// and the store it fills. See [`objects_with`](Self::objects_with).
+    pub fn objects<K>(
+        &self,
+        api: Api<K>,
+    ) -> (
+        Store<K>,
+        impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    )
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        self.objects_with(api, ())
+    }
+
+    /// The shard's objects of a kind with dynamic type `dyntype`: a watch with the shard's
+    /// [`watcher_config`](Self::watcher_config) whose cached objects are
+    /// [trimmed](Self::trim_cached), through [`filter_events`](Self::filter_events). The
+    /// scope reports itself synced once the initial list is in the store.
+    pub fn objects_with<K>(
+        &self,
+        api: Api<K>,
+        dyntype: K::DynamicType,
+    ) -> (
+        Store<K>,
+        impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    )
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + Hash + Default,
+    {
+        let dyntype_of_store = dyntype.clone();
+        let writer = reflector::store::Writer::new(dyntype);
+        let store = writer.as_reader();
+        self.track_cache_with(store.clone(), dyntype_of_store);
+        let scope = self.clone();
+        let trim = self.clone();
+        let watch = watcher(api, self.watcher_config())
+            .modify(move |object: &mut K| trim.trim_cached(object));
+        let events = reflector::reflector(writer, watch)
+            .default_backoff()
+            .inspect(move |event| {
+                if matches!(event, Ok(watcher::Event::InitDone)) {
+                    scope.report_synced();
+                }
+            });
+        (store, self.filter_events(events))
+    }
+
+    /// Drops from a cached object what the assignment strategy does not need (for the
+    /// label strategy: every managedFields entry but a marker of the assigner's ownership
+    /// of the shard label). Use with `WatchStreamExt::modify` on a watch of the shard's
+    /// objects.
+    pub fn trim_cached<K: Resource>(&self, object: &mut K) {
+        self.inner.strategy.trim_cached(object.meta_mut());
+    }
+
+    /// Tells the scope about a cache of the shard's objects, so that objects gone from it
+    /// stop counting in the queue depth. [`objects`](Self::objects) does it itself.
+    pub fn track_cache<K>(&self, store: Store<K>)
+    where
+        K: Resource + Clone + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + Hash + Default + Send + Sync,
+    {
+        self.track_cache_with(store, K::DynamicType::default());
+    }
+
+    /// [`track_cache`](Self::track_cache) for a kind with dynamic type `dyntype`.
+    pub fn track_cache_with<K>(&self, store: Store<K>, dyntype: K::DynamicType)
+    where
+        K: Resource + Clone + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + Hash + Send + Sync,
+    {
+        let lookup: CacheLookup = Box::new(move |key: &str| {
+            let Some((namespace, name)) = key.split_once('/') else {
+                return false;
+            };
+            let object = reflector::ObjectRef::new_with(name, dyntype.clone());
+            let object = if namespace.is_empty() {
+                object
+            } else {
+                object.within(namespace)
+            };
+            store.get(&object).is_some()
+        });
+        self.inner
+            .caches
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(lookup);
+    }
+
+    /// The watch events of the shard's objects (after the reflector stored them) to the
+    /// objects whose reconcile they call for: events that change nothing a reconcile reads
+    /// (status-only updates) are dropped, an object that joined the shard is remembered
+    /// for [`moved_in`](Self::moved_in), and every object passed on counts in the queue
+    /// depth until its reconcile starts. Untrusted and draining objects are passed on:
+    /// [`admit`](Self::admit) decides about them when their reconcile starts.
+    pub fn filter_events<K, S>(
+        &self,
+        events: S,
+    ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static + use<K, S>
+    where
+        K: Resource + Send + 'static,
+        S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    {
+        let scope = self.clone();
+        events
+            .scan(
+                ChangeFilter::new(self.inner.names.clone()),
+                move |filter, event| {
+                    let item = match event {
+                        Ok(event) => scope.observe(filter, event).map(Ok),
+                        Err(error) => Some(Err(error)),
+                    };
+                    futures::future::ready(Some(item))
+                },
+            )
+            .filter_map(futures::future::ready)
+    }
+
+    /// One watch event through the change filter and the bookkeeping.
+    fn observe<K: Resource>(
+        &self,
+        filter: &mut ChangeFilter,
+        event: watcher::Event<K>,
+    ) -> Option<K> {
+        if let watcher::Event::Delete(object) = &event {
+            self.book().forget(&object_key(object));
+        }
+        let admitted = filter.admit(event)?;
+        let key = object_key(&admitted.object);
+        let mut book = self.book();
+        if admitted.joined {
+            book.mark_joined(key.clone());
+        }
+        book.mark_pending(key);
+        Some(admitted.object)
+    }
+
+    /// A kube-runtime `Controller` over the shard's objects of kind `K` from `api`
+    /// (`Api::all`, `Api::namespaced`): fed by [`objects`](Self::objects), shut down
+    /// gracefully when the shard [stops](Self::stopped), with a load report counting its
+    /// cache. Add `.owns(child_api, scope.watcher_config())` for children labelled with
+    /// [`label_child`](Self::label_child), and run it with [`reconciler`](Self::reconciler).
+    pub fn controller<K>(&self, api: Api<K>) -> Controller<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        self.controller_with(api, ())
+    }
+
+    /// [`controller`](Self::controller) for a kind with dynamic type `dyntype` (e.g.
+    /// `DynamicObject` with its `ApiResource`).
+    pub fn controller_with<K>(&self, api: Api<K>, dyntype: K::DynamicType) -> Controller<K>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + Hash + Default + Debug + Unpin,
+    {
+        let (store, stream) = self.objects_with(api, dyntype.clone());
+        self.report_cache_load(store.clone());
+        Controller::for_stream_with(stream, store, dyntype).graceful_shutdown_on(self.stopped())
+    }
+
+    /// Installs a load report counting the objects (and those being deleted) in `store`.
+    fn report_cache_load<K>(&self, store: Store<K>)
+    where
+        K: Resource + Clone + Send + Sync + 'static,
+        K::DynamicType: Clone + Eq + Hash,
+    {
+        self.report_load(move || {
+            let objects = store.state();
+            ShardLoad {
+                objects: i64::try_from(objects.len()).unwrap_or(i64::MAX),
+                terminating: i64::try_from(
+                    objects
+                        .iter()
+                        .filter(|o| o.meta().deletion_timestamp.is_some())
+                        .count(),
+                )
+                .unwrap_or(i64::MAX),
+                ..ShardLoad::default()
+            }
+        });
+    }
+
+    /// Whether a reconcile may act on `object`, checked when it starts: the Lease must be
+    /// held, the object must be this shard's by a trusted label, and a drain requested by
+    /// the assigner is acknowledged here (W2: shard and drain labels removed in one patch
+    /// conditional on the object's resourceVersion) so the controller never sees a
+    /// drained object. Counts the run and its queue wait in the metrics; call
+    /// [`finished`](Self::finished) when the reconcile ends.
+    pub async fn admit<K>(&self, object: &K) -> Result<Admission, ScopeError>
+    where
+        K: Resource,
+        K::DynamicType: Default,
+    {
+        self.admit_with(object, &K::DynamicType::default()).await
+    }
+
+    /// [`admit`](Self::admit) for a kind with dynamic type `dyntype`.
+    pub async fn admit_with<K: Resource>(
+        &self,
+        object: &K,
+        dyntype: &K::DynamicType,
+    ) -> Result<Admission, ScopeError> {
+        self.check()?;
+        let key = object_key(object);
+        self.start_run(&key);
+        let placement = self.placement(object);
+        let uid = object.meta().uid.clone().unwrap_or_default();
+        if self.already_acknowledged(&uid, &placement) {
+            return Ok(Admission::Skip);
+        }
+        let deleting = object.meta().deletion_timestamp.is_some();
+        match worker_action(&placement, self.inner.shard, deleting) {
+            WorkerAction::Reconcile => Ok(Admission::Reconcile),
+            WorkerAction::Cleanup => Ok(Admission::Cleanup),
+            WorkerAction::Ignore => Ok(Admission::Skip),
+            WorkerAction::AcknowledgeDrain => {
+                self.acknowledge_drain(object, dyntype, &key, uid).await?;
+                Ok(Admission::Skip)
+            }
+        }
+    }
+
+    /// Counts a reconcile start, with its queue wait if an event asked for it.
+    fn start_run(&self, key: &str) {
+        let waited = self.book().start_running(key);
+        let label = ShardMetrics::shard(self.inner.shard);
+        let metrics = &self.inner.metrics;
+        if let Some(waited) = waited {
+            metrics
+                .queue_wait
+                .get_or_create(&label)
+                .observe(waited.as_secs_f64());
+        }
+        metrics.runs.get_or_create(&label).inc();
+    }
+
+    /// A stale cache entry of an object whose drain this shard acknowledged already is
+    /// skipped; once the object comes back without a drain label it is ours again.
+    fn already_acknowledged(&self, uid: &str, placement: &ObjectPlacement) -> bool {
+        let mut book = self.book();
+        if !book.acknowledged.contains(uid) {
+            return false;
+        }
+        if matches!(placement, ObjectPlacement::Draining { .. }) {
+            return true;
+        }
+        book.acknowledged.remove(uid);
+        false
+    }
+
+    /// W2: removes the shard and drain labels in one merge patch, conditional on the
+    /// version decided on. After it the object leaves this shard's watch.
+    async fn acknowledge_drain<K: Resource>(
+        &self,
+        object: &K,
+        dyntype: &K::DynamicType,
+        key: &str,
+        uid: String,
+    ) -> Result<(), ScopeError> {
+        let Some(labels) = self.inner.strategy.drain_acknowledgement() else {
+            return Ok(());
+        };
+        let meta = object.meta();
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": meta.resource_version, "labels": labels }
+        });
+        let resource = ApiResource::erase::<K>(dyntype);
+        let api: Api<DynamicObject> = match meta.namespace.as_deref() {
+            Some(namespace) => Api::namespaced_with(self.client(), namespace, &resource),
+            None => Api::all_with(self.client(), &resource),
+        };
+        self.check()?;
+        let params = PatchParams {
+            field_manager: Some(self.inner.names.worker_field_manager()),
+            ..PatchParams::default()
+        };
+        api.patch(
+            meta.name.as_deref().unwrap_or_default(),
+            &params,
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(|err| match crate::client::fenced_out(&err) {
+            Some(lost) => ScopeError::LeaseLost(lost),
+            None => ScopeError::Drain(err),
+        })?;
+        {
+            let mut book = self.book();
+            book.acknowledged.insert(uid);
+            book.forget(key);
+        }
+        self.inner
+            .metrics
+            .drains
+            .get_or_create(&ShardMetrics::shard(self.inner.shard))
+            .inc();
+        tracing::info!(shard = %self.inner.shard, object = %key, "drain acknowledged: shard and drain labels removed");
+        Ok(())
+    }
+
+    /// A reconcile of `object` ended.
+    pub fn finished<K: Resource>(&self, object: &K) {
+        self.book().running.remove(&object_key(object));
+    }
+
+    /// Whether `object` joined this shard (moved in from another shard, or its label
+    /// became trusted) and its children have not been re-applied since: they may carry
+    /// the previous shard's label, invisible to this shard's child watch, so the reconcile
+    /// must apply every child even if its cache shows none or an unchanged one. Pass the
+    /// returned value to [`children_relabelled`](Self::children_relabelled) once it did.
+    pub fn moved_in<K: Resource>(&self, object: &K) -> Option<MoveIn> {
+        self.book()
+            .joined
+            .get(&object_key(object))
+            .copied()
+            .map(MoveIn)
+    }
+
+    /// The children of `object` were applied with this shard's labels after the join
+    /// `move_in`: forgets it, unless the object joined again meanwhile.
+    pub fn children_relabelled<K: Resource>(&self, object: &K, move_in: MoveIn) {
+        self.book().clear_join(&object_key(object), move_in.0);
+    }
+
+    /// Wraps a reconcile function for `Controller::run`: each call is first
+    /// [admitted](Self::admit) (the function is not called for an object this shard may not
+    /// act on, nor once the Lease is lost), then timed in
+    /// `shardop_reconcile_duration_seconds{result="success"|"error"}`.
+    pub fn reconciler<K, C, E, F, Fut>(
+        &self,
+        reconcile: F,
+    ) -> impl FnMut(Arc<K>, Arc<C>) -> BoxFuture<'static, Result<Action, E>> + use<K, C, E, F, Fut>
+    where
+        K: Resource<DynamicType = ()> + Send + Sync + 'static,
+        C: Send + Sync + 'static,
+        E: From<ScopeError> + Send + 'static,
+        F: Fn(Arc<K>, Arc<C>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Action, E>> + Send + 'static,
+    {
+        let scope = self.clone();
+        let reconcile = Arc::new(reconcile);
+        move |object: Arc<K>, context: Arc<C>| {
+            let scope = scope.clone();
+            let reconcile = reconcile.clone();
+            Box::pin(async move {
+                let admission = scope.admit(object.as_ref()).await;
+                if !matches!(admission, Ok(Admission::Reconcile | Admission::Cleanup)) {
+                    scope.finished(object.as_ref());
+                    let admission = admission.map_err(|err| {
+                        scope.record_admission_error(&err);
+                        E::from(err)
+                    })?;
+                    debug_assert_eq!(admission, Admission::Skip);
+                    return Ok(Action::await_change());
+                }
+                let started = Instant::now();
+                let result = reconcile(object.clone(), context).await;
+                scope.finished(object.as_ref());
+                let outcome = if result.is_ok() { "success" } else { "error" };
+                scope
+                    .inner
+                    .metrics
+                    .record_reconcile(scope.shard(), outcome, started.elapsed());
+                if result.is_err() {
+                    scope
+                        .inner
+                        .metrics
+                        .record_error(scope.shard(), "error", true);
+                }
+                result
+            }) as BoxFuture<'static, Result<Action, E>>
+        }
+    }
+
+    fn record_admission_error(&self, err: &ScopeError) {
+        let (reason, retried) = match err {
+            ScopeError::LeaseLost(_) => ("lease_lost", false),
+            ScopeError::Drain(_) => ("error", true),
+        };
+        self.inner
+            .metrics
+            .record_error(self.shard(), reason, retried);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    use kube::api::ObjectMeta;
+
+    fn meta(namespace: Option<&str>) -> ObjectMeta {
+        ObjectMeta {
+            namespace: namespace.map(str::to_owned),
+            name: Some("a".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn keys_of_namespaced_and_cluster_scoped_objects() {
+        let namespaced = ConfigMap {
+            metadata: meta(Some("ns")),
+            ..Default::default()
+        };
+        let cluster_scoped = Namespace {
+            metadata: meta(None),
+            ..Default::default()
+        };
+        assert_eq!(object_key(&namespaced), "ns/a");
+        assert_eq!(object_key(&cluster_scoped), "/a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_wait_runs_from_the_first_unhandled_event() {
+        let mut book = ScopeBook::default();
+        book.mark_pending("ns/a".into());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // A second event while waiting does not restart the clock.
+        book.mark_pending("ns/a".into());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(book.start_running("ns/a"), Some(Duration::from_secs(3)));
+        assert!(book.running.contains_key("ns/a"));
+        // A requeue or resync run was not asked for by an event: no queue wait.
+        assert_eq!(book.start_running("ns/a"), None);
+        // An event during a run waits from then on.
+        book.mark_pending("ns/a".into());
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert_eq!(book.start_running("ns/a"), Some(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn a_converge_clears_only_the_join_it_saw() {
+        let mut book = ScopeBook::default();
+        book.mark_joined("ns/a".into());
+        let seen = book.joined["ns/a"];
+        // The object left and joined again while the converge ran.
+        book.mark_joined("ns/a".into());
+        book.clear_join("ns/a", seen);
+        assert!(book.joined.contains_key("ns/a"));
+        let seen = book.joined["ns/a"];
+        book.clear_join("ns/a", seen);
+        assert!(book.joined.is_empty());
+    }
+}

@@ -1,0 +1,414 @@
+//! The runtime's main loop: which shards this process serves. It acquires its home shard's
+//! Lease, takes over expired shards of dead workers, hands taken-over shards back on
+//! request, starts the user's controller (through a [`ShardScope`]) for every held Lease and
+//! stops it when the Lease is lost, and on shutdown stops everything and releases every
+//! Lease.
+//!
+//! The decisions are in [`crate::protocol::failover`]; this module only observes (one watch
+//! over all shard Leases) and acts. The watch is a hint: every Lease write it suggests
+//! (acquire, hand-back request) is decided again on a fresh read of that Lease, and retried
+//! from a fresh read when it loses a race (409), so a worker that was frozen or slow never
+//! writes from a stale view. Each served shard's scope gets a client fenced by that
+//! acquisition's [`LeaseGuard`](crate::LeaseGuard).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::heartbeat::{Heartbeat, Report};
+use crate::lease::{HeldLease, ShardLeaseWatch, ShardLeases, watch_operator_shard_leases};
+use crate::protocol::LeaseSnapshot;
+use crate::protocol::failover::{self, Acquisition, LEASE_WRITE_ATTEMPTS, Me, StopReason};
+use crate::scope::{ScopeParts, ShardScope};
+use crate::shard::Shard;
+use crate::shard_index::ShardIndex;
+use crate::sharding::{Clients, Runtime, ShardingError};
+use crate::step_retry::StepRetry;
+
+/// The user's controller for one shard, started for every acquisition.
+pub(crate) type Serve =
+    Arc<dyn Fn(ShardScope) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// A shard this process serves.
+struct Served {
+    lease: HeldLease,
+    scope: ShardScope,
+    task: JoinHandle<()>,
+    heartbeat: Heartbeat,
+    shards: Api<Shard>,
+}
+
+impl Served {
+    /// Stops the shard's controller: asks it to stop, lets it finish for up to `grace`,
+    /// then aborts it. Returns whether it stopped in time.
+    async fn stop(&mut self, grace: Duration) -> bool {
+        let shard = self.scope.shard();
+        self.scope.request_stop();
+        let clean = match tokio::time::timeout(grace, &mut self.task).await {
+            Ok(_) => true,
+            // A zero grace (the Lease is lost: the fence already refuses every write) aborts
+            // at once; that is the plan, not a reconcile that overran.
+            Err(_) if grace.is_zero() => {
+                tracing::debug!(%shard, "aborting in-flight reconciles: no grace");
+                self.abort().await;
+                false
+            }
+            Err(_) => {
+                tracing::warn!(%shard, ?grace, "in-flight reconciles did not finish in time, aborting them");
+                self.abort().await;
+                false
+            }
+        };
+        tracing::info!(%shard, clean, "shard controller stopped");
+        clean
+    }
+
+    async fn abort(&mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Lease I/O acting as each shard, created on first use.
+struct ShardClients {
+    clients: Clients,
+    runtime: Arc<Runtime>,
+    leases: HashMap<ShardIndex, ShardLeases>,
+}
+
+impl ShardClients {
+    /// Lease I/O acting as `shard`, on the Lease budget.
+    fn leases(&mut self, shard: ShardIndex) -> Result<ShardLeases, ShardingError> {
+        if let Some(leases) = self.leases.get(&shard) {
+            return Ok(leases.clone());
+        }
+        let client = self.clients.lease_client(&self.runtime.agent(shard))?;
+        let leases = ShardLeases::for_operator(
+            client,
+            self.runtime.settings.lease_settings(),
+            self.runtime.settings.names.clone(),
+        );
+        self.leases.insert(shard, leases.clone());
+        Ok(leases)
+    }
+}
+
+/// The supervisor of one process.
+pub(crate) struct Supervisor {
+    pub runtime: Arc<Runtime>,
+    pub clients: Clients,
+    pub serve: Serve,
+}
+
+impl Supervisor {
+    /// Runs until `shutdown` is cancelled, then stops every controller and releases every
+    /// Lease.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ShardingError> {
+        let settings = &self.runtime.settings;
+        let watch_client = self.clients.lease_client(&self.runtime.leases_agent())?;
+        let (mut watch, driver) = watch_operator_shard_leases(
+            watch_client,
+            &settings.namespace,
+            self.runtime.streaming_lists,
+            settings.names.clone(),
+        );
+        let driver = tokio::spawn(driver);
+        let mut clients = ShardClients {
+            clients: self.clients.clone(),
+            runtime: self.runtime.clone(),
+            leases: HashMap::new(),
+        };
+        tokio::select! {
+            () = watch.wait_until_ready() => {}
+            () = shutdown.cancelled() => {
+                driver.abort();
+                return Ok(());
+            }
+        }
+        tracing::info!(home = %settings.home, identity = %settings.identity, "watching shard leases");
+
+        let mut served: BTreeMap<ShardIndex, Served> = BTreeMap::new();
+        let mut tick = tokio::time::interval(settings.retry_period.min(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = StepRetry::default();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = watch.changed() => {}
+                _ = tick.tick() => {}
+            }
+            // Local work runs at every tick; steps that talk to the API server wait out
+            // the backoff while it is unreachable.
+            self.stop_lost(&mut served).await;
+            if retry.is_due(tokio::time::Instant::now(), self.clients.is_reachable()) {
+                match self.step(&watch, &mut clients, &mut served).await {
+                    Ok(()) => retry.succeeded(),
+                    Err(err) => {
+                        retry.failed(&err, tokio::time::Instant::now());
+                    }
+                }
+            }
+            self.publish_readiness(&served);
+        }
+        self.shut_down(served).await;
+        driver.abort();
+        Ok(())
+    }
+
+    /// Graceful shutdown: stop taking work, finish in flight, release.
+    async fn shut_down(&self, served: BTreeMap<ShardIndex, Served>) {
+        self.runtime.set_ready(false);
+        tracing::info!(
+            shards = served.len(),
+            "shutting down: stopping controllers and releasing leases"
+        );
+        let grace = self.stop_grace(StopReason::Shutdown);
+        let stops = served.into_values().map(|mut s| {
+            let metrics = self.runtime.metrics.clone();
+            async move {
+                let shard = s.lease.shard();
+                s.stop(grace).await;
+                if let Err(err) = s.lease.release().await {
+                    tracing::warn!(%shard, error = %err, "releasing the shard lease failed");
+                }
+                metrics.forget_shard(shard);
+            }
+        });
+        futures::future::join_all(stops).await;
+    }
+
+    fn me(&self) -> Me<'_> {
+        let settings = &self.runtime.settings;
+        Me {
+            identity: &settings.identity,
+            home: settings.home,
+            lease_duration: settings.lease_duration,
+            retry_period: settings.retry_period,
+        }
+    }
+
+    fn stop_grace(&self, reason: StopReason) -> Duration {
+        failover::stop_grace(reason, &self.me(), self.runtime.settings.shutdown_timeout)
+    }
+
+    fn snapshot(&self, lease: &Lease) -> LeaseSnapshot {
+        LeaseSnapshot::from_lease_of(lease, &self.runtime.settings.names)
+    }
+
+    /// One step: lost Leases, hand-back requests, acquisitions, then metrics and
+    /// heartbeats.
+    async fn step(
+        &self,
+        watch: &ShardLeaseWatch,
+        clients: &mut ShardClients,
+        served: &mut BTreeMap<ShardIndex, Served>,
+    ) -> Result<(), ShardingError> {
+        let leases = watch.all();
+        self.stop_lost(served).await;
+        self.release_requested(&leases, served).await?;
+        self.acquire(&leases, clients, served).await?;
+        self.report(served).await;
+        Ok(())
+    }
+
+    /// Hand-back / retirement requests for shards we serve.
+    async fn release_requested(
+        &self,
+        leases: &BTreeMap<ShardIndex, Arc<Lease>>,
+        served: &mut BTreeMap<ShardIndex, Served>,
+    ) -> Result<(), ShardingError> {
+        let me = self.me();
+        let to_release: Vec<ShardIndex> = served
+            .keys()
+            .copied()
+            .filter(|shard| {
+                let snapshot = leases.get(shard).map(|l| self.snapshot(l));
+                failover::should_release(&me, *shard, snapshot.as_ref())
+            })
+            .collect();
+        for shard in to_release {
+            if let Some(mut s) = served.remove(&shard) {
+                tracing::info!(%shard, "release requested: stopping the shard controller, then releasing its lease");
+                s.stop(self.stop_grace(StopReason::HandBack)).await;
+                s.lease.release().await?;
+                self.runtime.metrics.forget_shard(shard);
+            }
+        }
+        Ok(())
+    }
+
+    /// Acquisitions: the home shard, and every known shard we do not serve.
+    async fn acquire(
+        &self,
+        leases: &BTreeMap<ShardIndex, Arc<Lease>>,
+        clients: &mut ShardClients,
+        served: &mut BTreeMap<ShardIndex, Served>,
+    ) -> Result<(), ShardingError> {
+        let me = self.me();
+        let home = me.home;
+        let now = jiff::Timestamp::now();
+        let shard_count = leases
+            .keys()
+            .map(|s| s.0.saturating_add(1))
+            .chain([home.0.saturating_add(1)])
+            .max()
+            .unwrap_or(1);
+        let mut candidates: Vec<ShardIndex> = leases.keys().copied().collect();
+        if !candidates.contains(&home) {
+            candidates.push(home);
+        }
+        // Home first: it matters most and must not wait behind takeovers.
+        candidates.sort_by_key(|s| (*s != home, s.0));
+        for shard in candidates {
+            if served.contains_key(&shard) {
+                continue;
+            }
+            let snapshot = leases.get(&shard).map(|l| self.snapshot(l));
+            if failover::acquisition(&me, shard, snapshot.as_ref(), shard_count, now)
+                == Acquisition::Wait
+            {
+                continue;
+            }
+            let lease_io = clients.leases(shard)?;
+            // Bounded: a request stuck on a half-open connection must not hold up the
+            // rest of the step (hand-backs, the home shard, heartbeats) for the client's
+            // read timeout. A Lease acquired by a request we gave up on is never renewed
+            // and simply expires; nothing is written for it without a guard.
+            let attempt = tokio::time::timeout(
+                self.runtime.settings.lease_duration,
+                self.write_lease(&lease_io, shard, shard_count),
+            )
+            .await;
+            let Ok(attempt) = attempt else {
+                tracing::warn!(%shard, "shard lease request did not finish within the lease duration");
+                continue;
+            };
+            let Some(held) = attempt? else {
+                continue;
+            };
+            if shard != home {
+                tracing::warn!(%shard, "took over the shard of a worker that stopped renewing");
+            }
+            served.insert(shard, self.serve(held)?);
+        }
+        Ok(())
+    }
+
+    /// Metrics and heartbeats of every served shard.
+    async fn report(&self, served: &mut BTreeMap<ShardIndex, Served>) {
+        for (shard, s) in served.iter_mut() {
+            let load = s.scope.load();
+            self.runtime.metrics.publish_load(*shard, &load);
+            let report = Report {
+                holder: self.runtime.settings.identity.clone(),
+                queue_depth: load.queue_depth,
+                backlog: load.backlog,
+            };
+            s.heartbeat
+                .maybe_send(
+                    &s.shards,
+                    &self.runtime.settings.names,
+                    &s.lease.guard(),
+                    report,
+                )
+                .await;
+        }
+    }
+
+    /// Lost Leases (renew deadline passed, or someone else holds them): the fence has
+    /// already stopped every write and cancelled those in flight; stop the controller. No
+    /// API request.
+    async fn stop_lost(&self, served: &mut BTreeMap<ShardIndex, Served>) {
+        let lost: Vec<ShardIndex> = served
+            .iter()
+            .filter(|(_, s)| s.lease.is_lost())
+            .map(|(shard, _)| *shard)
+            .collect();
+        for shard in lost {
+            if let Some(mut s) = served.remove(&shard) {
+                tracing::warn!(%shard, "shard lease lost, stopping its controller");
+                s.stop(self.stop_grace(StopReason::LeaseLost)).await;
+                drop(s.lease);
+                self.runtime.metrics.forget_shard(shard);
+            }
+        }
+    }
+
+    /// Ready while the home shard is served with synced caches. Set after every tick,
+    /// whether or not the step ran or failed.
+    fn publish_readiness(&self, served: &BTreeMap<ShardIndex, Served>) {
+        let ready = served
+            .get(&self.runtime.settings.home)
+            .is_some_and(|s| s.scope.is_synced() && !s.lease.is_lost());
+        self.runtime.set_ready(ready);
+    }
+
+    /// Starts serving a freshly acquired shard: the user's controller, through a scope
+    /// whose client is fenced by this acquisition's guard.
+    fn serve(&self, held: HeldLease) -> Result<Served, ShardingError> {
+        let shard = held.shard();
+        let runtime = &self.runtime;
+        let client = self.clients.fenced(&runtime.agent(shard), held.guard())?;
+        runtime.metrics.start_shard(shard);
+        let scope = ShardScope::new(ScopeParts {
+            shard,
+            names: runtime.settings.names.clone(),
+            strategy: runtime.strategy.clone(),
+            client: client.clone(),
+            guard: held.guard(),
+            metrics: runtime.metrics.clone(),
+            streaming_lists: runtime.streaming_lists,
+        });
+        let task = tokio::spawn((self.serve)(scope.clone()));
+        tracing::info!(%shard, "shard controller started");
+        Ok(Served {
+            lease: held,
+            scope,
+            task,
+            heartbeat: Heartbeat::default(),
+            shards: Api::namespaced(client, &runtime.settings.namespace),
+        })
+    }
+
+    /// Carries out the Lease write the cached view suggested for `shard`, decided again on a
+    /// fresh read of the Lease: after a freeze or a slow step the cache can be seconds
+    /// behind (every Lease looks expired, the holder has renewed since), and a write based
+    /// on it would only lose a race. A write that loses one anyway (409: the holder renewed
+    /// in between) is decided again from the Lease read afresh, a few times. Returns the
+    /// Lease if it is ours now.
+    async fn write_lease(
+        &self,
+        leases: &ShardLeases,
+        shard: ShardIndex,
+        shard_count: u32,
+    ) -> Result<Option<HeldLease>, ShardingError> {
+        let me = self.me();
+        for _ in 0..LEASE_WRITE_ATTEMPTS {
+            let fresh = leases.get(shard).await?;
+            let snapshot = fresh.as_ref().map(|l| self.snapshot(l));
+            let now = jiff::Timestamp::now();
+            match failover::acquisition(&me, shard, snapshot.as_ref(), shard_count, now) {
+                Acquisition::Wait => return Ok(None),
+                Acquisition::RequestHandBack => {
+                    let Some(fresh) = fresh else { continue };
+                    if leases.request_release(shard, &fresh, me.identity).await? {
+                        tracing::info!(%shard, "home shard is held by another worker: hand-back requested");
+                        return Ok(None);
+                    }
+                }
+                Acquisition::Acquire => {
+                    if let Some(held) = leases.acquire(shard, fresh.as_ref()).await? {
+                        return Ok(Some(held));
+                    }
+                }
+            }
+            tracing::debug!(%shard, "shard lease changed under our write, reading it again");
+        }
+        Ok(None)
+    }
+}
