@@ -107,18 +107,21 @@ fn is_tenant_label_key(key: &str) -> bool {
 }
 
 /// Whether `existing` differs from `desired` in anything the operator owns: data, labels
-/// (other than the sharding layer's `*shardop.dev/*` labels, which are not the reconcile's
-/// to judge) or the controller reference. `None` (absent) always differs.
+/// or the controller reference. `*shardop.dev/*` labels count only if `desired` has them
+/// (its shard's child labels: a child still labelled for the previous shard differs);
+/// others, e.g. another operator's, are not the reconcile's to judge. `None` (absent)
+/// always differs.
 pub fn config_map_differs(existing: Option<&ConfigMap>, desired: &ConfigMap) -> bool {
     let Some(existing) = existing else {
         return true;
     };
+    let wanted = desired.metadata.labels.clone().unwrap_or_default();
     let own_labels = |cm: &ConfigMap| -> BTreeMap<String, String> {
         cm.metadata
             .labels
             .iter()
             .flatten()
-            .filter(|(key, _)| !key.contains("shardop.dev/"))
+            .filter(|(key, _)| !key.contains("shardop.dev/") || wanted.contains_key(*key))
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect()
     };
@@ -266,6 +269,38 @@ mod tests {
             .insert("tenants.shardop.dev/shard".into(), "2".into());
         assert!(!config_map_differs(Some(&live), &desired));
         assert!(config_map_differs(None, &desired));
+    }
+
+    #[test]
+    fn a_child_labelled_for_another_shard_differs() {
+        let mut desired = desired_config_map(&tenant("acme"), "tenants").unwrap();
+        desired
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("tenants.shardop.dev/shard".into(), "3".into());
+        let mut live = desired.clone();
+        let live_labels = live.metadata.labels.as_mut().unwrap();
+        live_labels.insert("tenants.shardop.dev/shard".into(), "1".into());
+        assert!(config_map_differs(Some(&live), &desired));
+        live.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove("tenants.shardop.dev/shard");
+        assert!(config_map_differs(Some(&live), &desired), "unlabelled");
+        let mut relabelled = desired.clone();
+        relabelled
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("billing.shardop.dev/shard".into(), "0".into());
+        assert!(
+            !config_map_differs(Some(&relabelled), &desired),
+            "another operator's label"
+        );
     }
 
     #[test]

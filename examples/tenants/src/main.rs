@@ -14,11 +14,14 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::runtime::{Controller, watcher};
 use kube::{Api, CustomResourceExt};
 
 use crate::reconcile::{Context, error_policy, reconcile};
 use crate::tenant::Tenant;
+
+/// The operator's name: its label keys (`tenants.shardop.dev/shard`), shard Leases
+/// (`tenants-shard-<i>`) and field managers derive from it.
+const OPERATOR: &str = "tenants";
 
 #[derive(Parser, Debug)]
 #[command(name = "tenants-operator", version, about)]
@@ -40,12 +43,6 @@ struct RunArgs {
     /// Namespace of the settings ConfigMaps.
     #[arg(long, env = "TENANTS_NAMESPACE", default_value = "tenants")]
     namespace: String,
-    /// Only Tenants matching this label selector (e.g. `env=prod`); all when empty.
-    #[arg(long, env = "TENANTS_SELECTOR", default_value = "")]
-    selector: String,
-    /// This process's name in the User-Agent of its requests (the pod name in a cluster).
-    #[arg(long, env = "POD_NAME", default_value = "tenants-operator")]
-    identity: String,
     #[command(flatten)]
     kube: shardop::KubeClientArgs,
 }
@@ -78,42 +75,56 @@ fn print_crd() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    // The library's client factory: rate-limited, and its requests name the process in
-    // their User-Agent (the audit log tells the operator's writes apart by it).
+    // The library's client factory: rate-limited, and each shard's client names the shard
+    // and the process in its User-Agent (`tenants-worker/shard-<i> (<pod>)`).
     let metrics =
         shardop::KubeMetrics::register(&mut prometheus_client::registry::Registry::default());
-    let client = shardop::ClientFactory::infer(&args.kube, metrics)
+    let factory = shardop::ClientFactory::infer(&args.kube, metrics)
         .await
-        .context("building the kube client")?
-        .client(&format!("tenants-operator ({})", args.identity))?;
-    let tenants: Api<Tenant> = Api::all(client.clone());
-    let settings: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
-    let settings_config = watcher::Config::default().labels(&format!(
-        "{}={}",
-        desired::MANAGED_BY_LABEL,
-        desired::MANAGED_BY
-    ));
-    let ctx = Arc::new(Context {
-        client,
-        namespace: args.namespace,
+        .context("building the kube client")?;
+    // sharding: identity (POD_NAME), home shard and Lease namespace from the environment.
+    let settings = shardop::ShardingSettings::from_env(OPERATOR, &args.namespace)?; // sharding:
+    let sharding = shardop::Sharding::with_client_factory(factory, settings); // sharding:
+    tracing::info!(namespace = args.namespace, "tenants-operator starting");
+    let namespace = args.namespace;
+    // sharding: one Controller per served shard (home shard and taken-over ones).
+    sharding
+        .run(move |scope: shardop::ShardScope| {
+            // sharding:
+            let namespace = namespace.clone();
+            async move { run_shard(scope, namespace).await }
+        })
+        .await?; // sharding:
+    tracing::info!("tenants-operator stopped");
+    Ok(())
+}
+
+/// Runs the Tenant controller over one shard's slice until the shard stops.
+async fn run_shard(scope: shardop::ShardScope, namespace: String) {
+    let client = scope.client(); // sharding: writes fenced by the shard's Lease
+    let settings: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    // sharding: the shard's children only (they carry its label); ours among them.
+    let mut settings_config = scope.watcher_config(); // sharding:
+    let own = format!("{}={}", desired::MANAGED_BY_LABEL, desired::MANAGED_BY);
+    settings_config.label_selector = Some(match settings_config.label_selector.take() {
+        Some(shard) => format!("{shard},{own}"), // sharding:
+        None => own,
     });
-    tracing::info!(namespace = ctx.namespace, "tenants-operator starting");
-    let tenants_config = match args.selector.as_str() {
-        "" => watcher::Config::default(),
-        selector => watcher::Config::default().labels(selector),
-    };
-    Controller::new(tenants, tenants_config)
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        namespace,
+        scope: scope.clone(), // sharding:
+    });
+    scope
+        .controller(Api::<Tenant>::all(client)) // sharding: the shard's Tenants
         .watches(settings, settings_config, |cm| {
             desired::owner_of_settings(&cm)
         })
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(scope.reconciler(reconcile), error_policy, ctx) // sharding:
         .for_each(|result| async move {
             if let Err(err) = result {
                 tracing::debug!(error = %err, "reconcile not run");
             }
         })
         .await;
-    tracing::info!("tenants-operator stopped");
-    Ok(())
 }

@@ -30,6 +30,8 @@ pub struct Context {
     pub client: Client,
     /// Namespace of the settings ConfigMaps.
     pub namespace: String,
+    /// The shard being served: its labels go on every child.
+    pub scope: shardop::ShardScope, // sharding:
 }
 
 /// Why a reconcile failed (retried by [`error_policy`]).
@@ -50,13 +52,16 @@ pub enum Error {
     /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<Error>>),
+    /// The shard may not act (Lease lost) or a drain acknowledgement failed.
+    #[error(transparent)]
+    Shard(#[from] shardop::ScopeError), // sharding:
 }
 
 fn api_error(action: &'static str) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Api { action, source }
 }
 
-/// Reconciles one Tenant.
+/// Reconciles one Tenant (of this shard: the library admits it first).
 pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action, Error> {
     let tenants: Api<Tenant> = Api::all(ctx.client.clone());
     finalizer(&tenants, FINALIZER, tenant, |event| async {
@@ -78,7 +83,8 @@ pub fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> A
 /// Brings the settings ConfigMap and the status in line with the spec.
 async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let outcome = match desired::desired_config_map(tenant, &ctx.namespace) {
-        Ok(config_map) => {
+        Ok(mut config_map) => {
+            ctx.scope.label_child(&mut config_map); // sharding: the child follows its Tenant
             apply_config_map(&config_map, ctx).await?;
             Outcome::Rendered
         }

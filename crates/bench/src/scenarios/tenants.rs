@@ -35,11 +35,14 @@ fn tenant_resource() -> ApiResource {
     )
 }
 
+/// Per Tenant name: its shard label and whether it is Ready for its generation.
+type TenantStates = HashMap<String, (Option<u32>, bool)>;
+
 /// What the bench knows of each Tenant: its shard label and whether its status is Ready
 /// for its generation.
 #[derive(Clone, Default)]
 struct Tenants {
-    by_name: Arc<Mutex<HashMap<String, (Option<u32>, bool)>>>,
+    by_name: Arc<Mutex<TenantStates>>,
 }
 
 impl Tenants {
@@ -63,7 +66,7 @@ impl Tenants {
         self.lock().insert(name, (shard, ready));
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Option<u32>, bool)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TenantStates> {
         self.by_name.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
