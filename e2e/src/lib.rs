@@ -65,16 +65,24 @@ pub fn repo_root() -> PathBuf {
 /// A worker StatefulSet named `shardop-worker` with `replicas`: the assigner's source of N
 /// (`--worker-statefulset`), as `kubectl scale` sets it. Its pods never run (no kubelet).
 pub fn worker_stateful_set(replicas: i32) -> k8s_openapi::api::apps::v1::StatefulSet {
+    worker_stateful_set_named("shardop-worker", replicas)
+}
+
+/// [`worker_stateful_set`] named `name` (another operator's workers, e.g. `tenants-worker`).
+pub fn worker_stateful_set_named(
+    name: &str,
+    replicas: i32,
+) -> k8s_openapi::api::apps::v1::StatefulSet {
     let manifest = serde_json::json!({
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": { "name": "shardop-worker" },
+        "metadata": { "name": name },
         "spec": {
             "replicas": replicas,
-            "serviceName": "shardop-worker",
-            "selector": { "matchLabels": { "app": "shardop-worker" } },
+            "serviceName": name,
+            "selector": { "matchLabels": { "app": name } },
             "template": {
-                "metadata": { "labels": { "app": "shardop-worker" } },
+                "metadata": { "labels": { "app": name } },
                 "spec": { "containers": [{ "name": "worker", "image": "shardop-worker:test" }] }
             }
         }

@@ -74,6 +74,12 @@ impl ProcessSpec {
             .arg(operator_namespace)
     }
 
+    /// Any binary of the workspace (e.g. an example operator), named `name` in logs and
+    /// `POD_NAME`.
+    pub fn binary(test: &str, binary: &str, name: &str) -> Self {
+        Self::new(test, binary, name)
+    }
+
     fn new(test: &str, binary: &str, name: &str) -> Self {
         Self {
             binary: binary.to_owned(),

@@ -5,10 +5,14 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use shardop::OperatorNames;
 use shardop_runtime::{KubeClientArgs, LogFormat, parse_positive_duration};
 
-/// Decides which shard owns each DatabaseCluster and moves objects between shards when the
-/// shard count changes, without ever letting two shards reconcile the same object.
+use crate::resources::{DEFAULT_RESOURCE, ResourceName};
+
+/// Decides which shard owns each object of the sharded kinds and moves objects between
+/// shards when the shard count changes, without ever letting two shards reconcile the same
+/// object.
 #[derive(Parser, Debug)]
 #[command(name = "shardop-assigner", version, about, long_about = None)]
 pub struct Cli {
@@ -24,6 +28,20 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
+    /// The operator this assigner serves: every label key, Lease name, Shard object name and
+    /// field manager derives from it (`shardop` keeps the DatabaseCluster operator's names).
+    #[arg(long, env = "SHARDOP_OPERATOR_NAME", default_value = shardop::names::DEFAULT_OPERATOR, value_parser = parse_operator_name)]
+    pub operator_name: OperatorNames,
+    /// A kind to shard, `<resource>.<version>.<group>` (`<resource>.<version>` for the core
+    /// group, e.g. `configmaps.v1`); repeatable, comma-separated in the environment.
+    /// Namespaced or cluster-scoped, as API discovery says.
+    #[arg(
+        long = "resource",
+        env = "SHARDOP_RESOURCES",
+        value_delimiter = ',',
+        default_value = DEFAULT_RESOURCE
+    )]
+    pub resources: Vec<ResourceName>,
     /// Namespace of the shard Leases, the Shard objects, the worker StatefulSet and the
     /// assigner's own leader-election Lease.
     #[arg(
@@ -50,7 +68,8 @@ pub struct RunArgs {
     /// Label writes in flight at once (assignments, moves, cancellations).
     #[arg(long, env = "SHARDOP_MAX_CONCURRENT_WRITES", default_value_t = 64, value_parser = parse_at_least_one)]
     pub max_concurrent_writes: usize,
-    /// Comma-separated namespaces to watch for DatabaseClusters; all namespaces when empty.
+    /// Comma-separated namespaces to watch for objects of the namespaced kinds; all
+    /// namespaces when empty. Cluster-scoped kinds are watched cluster-wide.
     #[arg(long, env = "SHARDOP_WATCH_NAMESPACES", value_delimiter = ',', num_args = 0..)]
     pub watch_namespaces: Vec<String>,
     /// Holder identity in the leader-election Lease; the pod name.
@@ -97,6 +116,17 @@ impl RunArgs {
             .unwrap_or_else(|| "shardop-assigner".to_owned())
     }
 
+    /// The sharded kinds, each once, in the order given.
+    pub fn resources(&self) -> Vec<ResourceName> {
+        let mut unique: Vec<ResourceName> = Vec::with_capacity(self.resources.len());
+        for resource in &self.resources {
+            if !unique.contains(resource) {
+                unique.push(resource.clone());
+            }
+        }
+        unique
+    }
+
     /// The watched namespaces, blanks removed; empty = all namespaces.
     pub fn namespaces(&self) -> Vec<String> {
         self.watch_namespaces
@@ -105,6 +135,10 @@ impl RunArgs {
             .filter(|n| !n.is_empty())
             .collect()
     }
+}
+
+fn parse_operator_name(value: &str) -> Result<OperatorNames, String> {
+    OperatorNames::new(value.trim()).map_err(|e| e.to_string())
 }
 
 /// A count where 0 would stop all progress (concurrency limits): at least 1.
@@ -163,6 +197,45 @@ mod tests {
         ] {
             let err = parse(bad).expect_err(&format!("{bad:?} must be rejected"));
             assert!(err.contains(bad[0].split('=').next().unwrap()), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_default_is_the_database_cluster_operator() {
+        let cli = Cli::try_parse_from(["a", "run", "--shards", "1"]).unwrap();
+        let Command::Run(args) = cli.command;
+        assert!(args.operator_name.is_default());
+        assert_eq!(
+            args.resources(),
+            [DEFAULT_RESOURCE.parse::<ResourceName>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn several_resources_and_another_operator() {
+        let cli = Cli::try_parse_from([
+            "a",
+            "run",
+            "--shards",
+            "1",
+            "--operator-name",
+            "tenants",
+            "--resource",
+            "configmaps.v1",
+            "--resource=widgets.v1.example.com,configmaps.v1",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.operator_name.operator(), "tenants");
+        let resources: Vec<String> = args.resources().iter().map(ToString::to_string).collect();
+        assert_eq!(resources, ["configmaps.v1", "widgets.v1.example.com"]);
+        for bad in [
+            &["--operator-name", "Tenants"][..],
+            &["--resource", "widgets"],
+            &["--resource", ""],
+        ] {
+            let args = ["a", "run", "--shards", "1"].iter().chain(bad).copied();
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -1,7 +1,8 @@
-//! The leader's loop: observe DatabaseCluster metadata, shard Leases, Shard objects and N;
-//! on any change (and periodically, because Leases expire by the passage of time) plan every
-//! object and shard with `shardop_api::protocol::plan`, and carry the plan out with bounded
-//! concurrency. Nothing here is needed by the next leader: all progress is in labels and
+//! The leader's loop: observe the metadata of every sharded kind, shard Leases, Shard
+//! objects and N; on any change (and periodically, because Leases expire by the passage of
+//! time) plan every object and shard (`crate::planning`, over `shardop::protocol::plan`),
+//! and carry the plan out with bounded concurrency. Objects are planned per key (kind,
+//! namespace, name), so the protocol's guarantees hold for each kind. Nothing here is needed by the next leader: all progress is in labels and
 //! Leases, and what is kept in memory (move start times, write back-off) only serves
 //! metrics and pacing.
 
@@ -16,18 +17,18 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use shardop_api::protocol::{
-    AssignerAction, LeaseSnapshot, LeaseStep, ObjectFacts, ObjectPlacement, ShardTable,
-    plan_object, plan_shard,
+use shardop::protocol::{
+    AssignerAction, LeaseSnapshot, LeaseStep, ObjectPlacement, ShardTable, plan_shard,
 };
-use shardop_api::{DatabaseCluster, Shard, ShardCount, ShardIndex, ShardState};
-use shardop_runtime::ShardLeaseWatch;
+use shardop::{OperatorNames, Shard, ShardCount, ShardIndex, ShardLeaseWatch, ShardState};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{AssignerMetrics, ShardLabel};
-use crate::objects::{ObjectKey, ObjectStore, Source};
+use crate::objects::{ObjectKey, ObjectMeta, ObjectStore, Source, SourceScope};
+use crate::planning::{self, Admitted, Candidate, Hold, Limits, Progress};
+use crate::resources::{KindId, ShardedKind};
 use crate::shard_count::ShardCountRx;
 use crate::shard_objects::{self, AssignerStatus};
 use crate::writes::{self, Outcome};
@@ -45,7 +46,13 @@ const SHARD_WRITE_HOLD: Duration = Duration::from_secs(5);
 /// What the engine needs from start-up.
 #[derive(Clone)]
 pub struct Settings {
+    /// Whose labels, Leases and Shard objects these are.
+    pub names: OperatorNames,
+    /// The sharded kinds, indexed by [`KindId`].
+    pub kinds: Vec<Arc<ShardedKind>>,
     pub operator_namespace: String,
+    /// Namespaces watched for namespaced kinds (all when empty); cluster-scoped kinds are
+    /// watched cluster-wide.
     pub watch_namespaces: Vec<String>,
     pub max_concurrent_moves: usize,
     pub max_concurrent_writes: usize,
@@ -53,23 +60,9 @@ pub struct Settings {
     pub resync_period: Duration,
 }
 
-type ObjectEvent = (
-    Source,
-    Result<watcher::Event<PartialObjectMeta<DatabaseCluster>>, watcher::Error>,
-);
+type ObjectEvent = (Source, Result<watcher::Event<ObjectMeta>, watcher::Error>);
 
-/// Why an object is left alone for now.
-enum Hold {
-    /// Its write conflicted: wait until a newer resourceVersion is observed.
-    UntilChanged(Box<str>, Instant),
-    /// Its write failed: wait a moment.
-    Until(Instant),
-}
-
-type LabelResult = Result<Outcome<PartialObjectMeta<DatabaseCluster>>, kube::Error>;
-
-/// A label write to make: the object, what to do, and when it was created.
-type Candidate = (Option<Timestamp>, ObjectKey, AssignerAction);
+type LabelResult = Result<Outcome<ObjectMeta>, kube::Error>;
 
 /// A label write in flight.
 struct LabelWrite {
@@ -98,8 +91,8 @@ pub struct Engine {
     shards: Store<Shard>,
     shard_count: ShardCountRx,
     objects: ObjectStore,
-    sources: usize,
-    scopes: Vec<Option<String>>,
+    /// What each watch stream covers, indexed by [`Source`].
+    scopes: Vec<SourceScope>,
     writes: JoinSet<Done>,
     /// Objects with a label write in flight, and the owner it moves them off (if any).
     in_flight: HashMap<ObjectKey, Option<ShardIndex>>,
@@ -123,23 +116,17 @@ impl Engine {
         shard_count: ShardCountRx,
         drivers: &mut JoinSet<()>,
     ) -> (Self, SelectAll<BoxStream<'static, ObjectEvent>>) {
-        let scopes: Vec<Option<String>> = if settings.watch_namespaces.is_empty() {
-            vec![None]
-        } else {
-            settings
-                .watch_namespaces
-                .iter()
-                .cloned()
-                .map(Some)
-                .collect()
-        };
+        let scopes = source_scopes(&settings.kinds, &settings.watch_namespaces);
         let mut events = SelectAll::new();
         for (source, scope) in scopes.iter().enumerate() {
+            let Some(kind) = settings.kinds.get(usize::from(scope.kind)) else {
+                continue;
+            };
             // Metadata only: labels, resourceVersion and timestamps are all the protocol
             // needs, and they are a small fraction of a full object.
-            let api: Api<PartialObjectMeta<DatabaseCluster>> = match scope {
-                Some(ns) => Api::namespaced(client.clone(), ns),
-                None => Api::all(client.clone()),
+            let api: Api<PartialObjectMeta<kube::api::DynamicObject>> = match &scope.namespace {
+                Some(ns) => Api::namespaced_with(client.clone(), ns, &kind.api),
+                None => Api::all_with(client.clone(), &kind.api),
             };
             let stream = watcher(api, watcher::Config::default().any_semantic())
                 .default_backoff()
@@ -160,6 +147,7 @@ impl Engine {
                     futures::future::ready(())
                 }),
         );
+        let objects = ObjectStore::new(settings.names.clone());
         let engine = Self {
             client,
             settings,
@@ -167,8 +155,7 @@ impl Engine {
             leases,
             shards,
             shard_count,
-            objects: ObjectStore::default(),
-            sources: scopes.len(),
+            objects,
             scopes,
             writes: JoinSet::new(),
             in_flight: HashMap::new(),
@@ -231,15 +218,20 @@ impl Engine {
     fn on_event(
         &mut self,
         source: Source,
-        event: Result<watcher::Event<PartialObjectMeta<DatabaseCluster>>, watcher::Error>,
+        event: Result<watcher::Event<ObjectMeta>, watcher::Error>,
     ) -> bool {
+        let Some(scope) = self.scopes.get(source) else {
+            return false;
+        };
         match event {
-            Ok(event) => {
-                let scope = self.scopes.get(source).cloned().flatten();
-                self.objects.apply(source, scope.as_deref(), event)
-            }
+            Ok(event) => self.objects.apply(source, scope, event),
             Err(err) => {
-                shardop_runtime::reachability::log_watch_error("DatabaseClusters", &err);
+                let what = self
+                    .settings
+                    .kinds
+                    .get(usize::from(scope.kind))
+                    .map_or("sharded objects", |k| k.api.plural.as_str());
+                shardop::reachability::log_watch_error(what, &err);
                 false
             }
         }
@@ -254,7 +246,7 @@ impl Engine {
             .set(n.map_or(0, |n| i64::from(n.get())));
         let Some(n) = n else { return };
         // Never decide on a partial view: "no object carries label i" must be true.
-        if !self.objects.is_ready(self.sources) || !self.leases.is_ready() {
+        if !self.objects.is_ready(self.scopes.len()) || !self.leases.is_ready() {
             return;
         }
         let now = Timestamp::now();
@@ -275,70 +267,47 @@ impl Engine {
         self.plan_shards(&table, n, &labelled, &leases);
     }
 
-    /// Counts objects per shard and collects the label writes to make, oldest object first.
+    /// Plans every object ([`planning::plan_objects`]) and keeps the engine's book-keeping
+    /// and metrics in step with the plan.
     fn plan_objects(
         &mut self,
         table: &ShardTable,
     ) -> (BTreeMap<ShardIndex, usize>, Vec<Candidate>) {
         let now = Instant::now();
-        let mut labelled: BTreeMap<ShardIndex, usize> = BTreeMap::new();
-        let mut unassigned = 0_i64;
-        let mut candidates = Vec::new();
-        let mut in_move = HashSet::new();
-        for (key, record) in self.objects.iter() {
-            match record.placement.owner() {
-                Some(owner) => *labelled.entry(owner).or_default() += 1,
-                None => unassigned += 1,
-            }
-            // A move is under way while the drain label is set, and between the
-            // acknowledgement and the new label.
-            let moving = matches!(record.placement, ObjectPlacement::Draining { .. })
-                || (self.moves.contains_key(key) && record.placement.owner().is_none());
-            if moving || self.in_flight.get(key).is_some_and(Option::is_some) {
-                in_move.insert(key.clone());
-            }
-            if self.in_flight.contains_key(key) {
-                continue;
-            }
-            match self.holds.get(key) {
-                Some(Hold::UntilChanged(rv, until))
-                    if *rv == record.resource_version && now < *until =>
-                {
-                    continue;
-                }
-                Some(Hold::Until(until)) if now < *until => continue,
-                Some(_) => {
-                    self.holds.remove(key);
-                }
-                None => {}
-            }
-            let action = plan_object(
-                ObjectFacts {
-                    placement: &record.placement,
-                    deleting: record.deleting,
-                    key_hash: record.key_hash,
-                    last_owner: record.last_owner,
-                },
-                table,
-            );
-            if writes::label_patch(&action).is_some() {
-                candidates.push((record.created, key.clone(), action));
-            }
+        let plan = planning::plan_objects(
+            self.objects.iter(),
+            &Progress {
+                in_flight: &self.in_flight,
+                holds: &self.holds,
+                moves: &self.moves,
+            },
+            table,
+            now,
+        );
+        for key in &plan.expired_holds {
+            self.holds.remove(key);
         }
         // Holds of deleted objects would otherwise stay forever.
         let objects = &self.objects;
         self.holds.retain(|key, _| objects.get(key).is_some());
         // Moves that ended without our write (object deleted, relabelled by someone else)
         // are forgotten; moves found in progress (a previous leader's) are adopted.
-        self.moves.retain(|key, _| in_move.contains(key));
-        for key in in_move {
+        self.moves.retain(|key, _| plan.in_move.contains(key));
+        for key in plan.in_move {
             self.moves.entry(key).or_insert(now);
         }
-        self.metrics.unassigned_objects.set(unassigned);
+        self.export_counts(plan.unassigned, &plan.labelled);
+        (plan.labelled, plan.candidates)
+    }
+
+    fn export_counts(&mut self, unassigned: usize, labelled: &BTreeMap<ShardIndex, usize>) {
+        self.metrics
+            .unassigned_objects
+            .set(i64::try_from(unassigned).unwrap_or(i64::MAX));
         self.metrics
             .moves_in_flight
             .set(i64::try_from(self.moves.len()).unwrap_or(i64::MAX));
-        for (shard, count) in &labelled {
+        for (shard, count) in labelled {
             self.metrics
                 .shard_objects
                 .get_or_create(&ShardLabel {
@@ -356,63 +325,74 @@ impl Engine {
             });
         }
         self.exported_shards = labelled.keys().copied().collect();
-        // Oldest first keeps the assignment latency of a creation storm fair.
-        candidates.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
-        (labelled, candidates)
     }
 
-    /// Starts label writes within the concurrency bounds.
+    /// Starts the label writes [`planning::admit`] lets through.
     fn dispatch_labels(&mut self, candidates: Vec<Candidate>) {
-        let mut moves = self.moves.len();
-        for (_, key, action) in candidates {
-            if self.writes.len() >= self.settings.max_concurrent_writes {
-                break;
-            }
-            let Some(record) = self.objects.get(&key) else {
-                continue;
-            };
-            let owner = record.placement.owner();
-            let starts_move = match action {
-                AssignerAction::RequestDrain { .. } => true,
-                AssignerAction::Assign { .. } => owner.is_some() && !self.moves.contains_key(&key),
-                _ => false,
-            };
-            if starts_move {
-                if moves >= self.settings.max_concurrent_moves {
-                    continue;
-                }
-                moves += 1;
-                self.moves.insert(key.clone(), Instant::now());
-            }
-            let Some(labels) = writes::label_patch(&action) else {
-                continue;
-            };
-            let direct_from = matches!(action, AssignerAction::Assign { .. })
-                .then_some(owner)
-                .flatten();
-            self.in_flight.insert(key.clone(), direct_from);
-            let write = LabelWrite {
-                key: key.clone(),
-                owner,
-                first: (!record.ever_owned && matches!(action, AssignerAction::Assign { .. }))
-                    .then_some(record.created)
-                    .flatten(),
-                action,
-                resource_version: record.resource_version.clone(),
-            };
-            let client = self.client.clone();
-            let claim =
-                writes::claim_same_value(&write.action, &record.placement, record.drain_label);
-            tracing::debug!(object = %key, action = ?write.action, claim = claim.is_some(), "label write");
-            self.writes.spawn(async move {
-                let (key, version) = (&write.key, &write.resource_version);
-                let result = match claim {
-                    Some(to) => writes::claim_shard_label(client, key, version, to).await,
-                    None => writes::patch_labels(client, key, version, labels).await,
-                };
-                Done::Label(Box::new((write, result)))
-            });
+        let limits = Limits {
+            max_concurrent_writes: self.settings.max_concurrent_writes,
+            max_concurrent_moves: self.settings.max_concurrent_moves,
+        };
+        let objects = &self.objects;
+        let admitted = planning::admit(
+            candidates,
+            |key| objects.get(key).map(|r| r.placement.owner()),
+            &self.moves,
+            self.writes.len(),
+            limits,
+        );
+        for admitted in admitted {
+            self.start_label_write(admitted);
         }
+    }
+
+    fn start_label_write(&mut self, admitted: Admitted) {
+        let Admitted {
+            candidate: Candidate { key, action, .. },
+            owner,
+            starts_move,
+        } = admitted;
+        let (Some(record), Some(kind)) = (self.objects.get(&key), self.kind(key.kind)) else {
+            return;
+        };
+        let Some(labels) = writes::label_patch(&self.settings.names, &action) else {
+            return;
+        };
+        if starts_move {
+            self.moves.insert(key.clone(), Instant::now());
+        }
+        let direct_from = matches!(action, AssignerAction::Assign { .. })
+            .then_some(owner)
+            .flatten();
+        self.in_flight.insert(key.clone(), direct_from);
+        let write = LabelWrite {
+            key: key.clone(),
+            owner,
+            first: (!record.ever_owned && matches!(action, AssignerAction::Assign { .. }))
+                .then_some(record.created)
+                .flatten(),
+            action,
+            resource_version: record.resource_version.clone(),
+        };
+        let client = self.client.clone();
+        let names = self.settings.names.clone();
+        let claim = writes::claim_same_value(&write.action, &record.placement, record.drain_label);
+        tracing::debug!(object = %key, action = ?write.action, claim = claim.is_some(), "label write");
+        self.writes.spawn(async move {
+            let (key, version) = (&write.key, &write.resource_version);
+            let result = match claim {
+                Some(to) => {
+                    writes::claim_shard_label(client, &names, &kind, key, version, to).await
+                }
+                None => writes::patch_labels(client, &names, &kind, key, version, labels).await,
+            };
+            Done::Label(Box::new((write, result)))
+        });
+    }
+
+    /// The sharded kind `id` (shared with a write task).
+    fn kind(&self, id: KindId) -> Option<Arc<ShardedKind>> {
+        self.settings.kinds.get(usize::from(id)).cloned()
     }
 
     /// Shard objects, their status, and the Lease steps of retirement.
@@ -423,11 +403,13 @@ impl Engine {
         labelled: &BTreeMap<ShardIndex, usize>,
         leases: &BTreeMap<ShardIndex, Arc<k8s_openapi::api::coordination::v1::Lease>>,
     ) {
+        // Another operator's Shard objects in the same namespace are not this one's.
+        let names = &self.settings.names;
         let shard_objects: BTreeMap<ShardIndex, Arc<Shard>> = self
             .shards
             .state()
             .into_iter()
-            .map(|s| (ShardIndex(s.spec.index), s))
+            .filter_map(|s| Some((shard_objects::index_of(names, &s)?, s)))
             .collect();
         let direct_from: HashSet<ShardIndex> = self.in_flight.values().flatten().copied().collect();
         let indices: BTreeSet<ShardIndex> = (0..n.get())
@@ -444,10 +426,10 @@ impl Engine {
             let lease = leases.get(&shard);
             let lease_rv = lease.and_then(|l| l.resource_version());
             if let Some(step) = plan.lease_step {
-                self.shard_write(shard, "lease", lease_rv.clone(), |client, ns| {
+                self.shard_write(shard, "lease", lease_rv.clone(), |client, names, ns| {
                     async move {
-                        let result =
-                            writes::lease_step(client, &ns, shard, lease_rv.as_deref(), step).await;
+                        let rv = lease_rv.as_deref();
+                        let result = writes::lease_step(client, &names, &ns, shard, rv, step).await;
                         Done::Lease(shard, step, result)
                     }
                     .boxed()
@@ -455,24 +437,24 @@ impl Engine {
             }
             let object = shard_objects.get(&shard);
             if object.is_none() && table.in_range(shard) {
-                self.shard_write(shard, "create", None, |client, ns| {
+                self.shard_write(shard, "create", None, |client, names, ns| {
                     async move {
                         Done::ShardObject(
                             shard,
                             "create",
-                            shard_objects::create(client, &ns, shard).await,
+                            shard_objects::create(client, &names, &ns, shard).await,
                         )
                     }
                     .boxed()
                 });
             }
             if object.is_some() && plan.delete_shard_object {
-                self.shard_write(shard, "delete", None, |client, ns| {
+                self.shard_write(shard, "delete", None, |client, names, ns| {
                     async move {
                         Done::ShardObject(
                             shard,
                             "delete",
-                            shard_objects::delete(client, &ns, shard).await,
+                            shard_objects::delete(client, &names, &ns, shard).await,
                         )
                     }
                     .boxed()
@@ -509,10 +491,11 @@ impl Engine {
         }
         self.statuses.insert(shard, (desired.clone(), now));
         let previous = object.status.clone();
-        self.shard_write(shard, "status", None, move |client, ns| {
+        self.shard_write(shard, "status", None, move |client, names, ns| {
             async move {
+                let previous = previous.as_ref();
                 let result =
-                    shard_objects::apply_status(client, &ns, shard, &desired, previous.as_ref())
+                    shard_objects::apply_status(client, &names, &ns, shard, &desired, previous)
                         .await;
                 Done::ShardObject(shard, "status", result)
             }
@@ -527,7 +510,7 @@ impl Engine {
         shard: ShardIndex,
         kind: &'static str,
         observed_rv: Option<String>,
-        write: impl FnOnce(Client, String) -> futures::future::BoxFuture<'static, Done>,
+        write: impl FnOnce(Client, OperatorNames, String) -> futures::future::BoxFuture<'static, Done>,
     ) {
         if let Some((rv, _)) = self.shard_holds.get(&(shard, kind))
             && (*rv == observed_rv || kind != "lease")
@@ -540,6 +523,7 @@ impl Engine {
         );
         let future = write(
             self.client.clone(),
+            self.settings.names.clone(),
             self.settings.operator_namespace.clone(),
         );
         self.writes.spawn(future);
@@ -567,7 +551,7 @@ impl Engine {
                 }
                 Ok(()) => tracing::info!(%shard, kind, "shard object updated"),
                 Err(err) => {
-                    if shardop_runtime::reachability::is_transport_error(&err) {
+                    if shardop::reachability::is_transport_error(&err) {
                         // The outage is logged once by the reachability tracker.
                         tracing::debug!(%shard, kind, %err, "writing the Shard object failed");
                     } else {
@@ -584,7 +568,7 @@ impl Engine {
         let key = &write.key;
         match result {
             Ok(Outcome::Applied(meta)) => {
-                self.objects.observe_write(&meta);
+                self.objects.observe_write(key.kind, &meta);
                 match write.action {
                     AssignerAction::Assign { to } => {
                         if let Some(started) = self.moves.remove(key) {
@@ -649,5 +633,59 @@ impl Engine {
                     .insert(key.clone(), Hold::Until(Instant::now() + ERROR_BACKOFF));
             }
         }
+    }
+}
+
+/// One watch stream per namespaced kind and watched namespace (or one for all namespaces),
+/// and one per cluster-scoped kind.
+fn source_scopes(kinds: &[Arc<ShardedKind>], watch_namespaces: &[String]) -> Vec<SourceScope> {
+    let mut scopes = Vec::new();
+    for kind in kinds {
+        if kind.namespaced && !watch_namespaces.is_empty() {
+            scopes.extend(watch_namespaces.iter().map(|ns| SourceScope {
+                kind: kind.id,
+                namespace: Some(ns.clone()),
+            }));
+        } else {
+            scopes.push(SourceScope {
+                kind: kind.id,
+                namespace: None,
+            });
+        }
+    }
+    scopes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::core::ApiResource;
+
+    fn kind(id: KindId, namespaced: bool) -> Arc<ShardedKind> {
+        Arc::new(ShardedKind {
+            id,
+            name: "configmaps.v1".parse().unwrap(),
+            api: ApiResource::erase::<ConfigMap>(&()),
+            namespaced,
+        })
+    }
+
+    #[test]
+    fn namespaced_kinds_are_watched_per_namespace_and_cluster_scoped_ones_cluster_wide() {
+        let kinds = [kind(0, true), kind(1, false)];
+        let all = |kind| SourceScope {
+            kind,
+            namespace: None,
+        };
+        assert_eq!(source_scopes(&kinds, &[]), [all(0), all(1)]);
+        let in_ns = |ns: &str| SourceScope {
+            kind: 0,
+            namespace: Some(ns.to_owned()),
+        };
+        assert_eq!(
+            source_scopes(&kinds, &["a".to_owned(), "b".to_owned()]),
+            [in_ns("a"), in_ns("b"), all(1)]
+        );
     }
 }

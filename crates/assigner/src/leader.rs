@@ -1,4 +1,4 @@
-//! Leader election over the `shardop-assigner` Lease (kube-lease-manager). Only the leader
+//! Leader election over the `<operator>-assigner` Lease (kube-lease-manager). Only the leader
 //! plans and writes; a standby takes over within one Lease duration of the leader's death
 //! and, because every bit of progress is in labels and Leases, simply continues.
 
@@ -8,13 +8,15 @@ use std::time::Duration;
 use anyhow::Context;
 use kube::Client;
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder, LeaseManagerError};
-use shardop_api::constants::{ASSIGNER_FIELD_MANAGER, ASSIGNER_LEASE_NAME};
+use shardop::OperatorNames;
 use shardop_runtime::reachability::{chain_has_transport_error, error_chain};
 use shardop_runtime::retry::{RetrySchedule, jitter_unit};
 use tokio_util::sync::CancellationToken;
 
 /// Leader-election settings.
 pub struct Election {
+    /// Whose assigner this is: the Lease name and field manager.
+    pub names: OperatorNames,
     pub namespace: String,
     pub identity: String,
     pub duration: Duration,
@@ -94,12 +96,12 @@ async fn build_manager(
 ) -> Option<LeaseManager> {
     let mut schedule = RetrySchedule::api_default();
     loop {
-        let built = LeaseManagerBuilder::new(client.clone(), ASSIGNER_LEASE_NAME)
+        let built = LeaseManagerBuilder::new(client.clone(), &election.names.assigner_lease_name())
             .with_namespace(&election.namespace)
             .with_identity(&election.identity)
             .with_duration(duration)
             .with_grace(grace)
-            .with_field_manager(ASSIGNER_FIELD_MANAGER)
+            .with_field_manager(election.names.assigner_field_manager())
             .build();
         let error = tokio::select! {
             () = shutdown.cancelled() => return None,

@@ -1,5 +1,6 @@
-//! `shardop-assigner`: stamps shard labels on DatabaseClusters and moves them between
-//! shards when the shard count changes, following `docs/shard-protocol.md`.
+//! `shardop-assigner`: stamps shard labels on the objects of the sharded kinds
+//! (DatabaseClusters by default) and moves them between shards when the shard count
+//! changes, following `docs/shard-protocol.md`.
 
 // Tests may panic on unexpected values; production code may not (workspace lints).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -9,6 +10,8 @@ mod engine;
 mod leader;
 mod metrics;
 mod objects;
+mod planning;
+mod resources;
 mod shard_count;
 mod shard_objects;
 mod writes;
@@ -17,8 +20,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use shardop::lease::watch_shard_leases_for;
 use shardop_runtime::serve::{Endpoints, serve};
-use shardop_runtime::{ClientFactory, KubeMetrics, Readiness, watch_shard_leases};
+use shardop_runtime::{ClientFactory, KubeMetrics, Readiness};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -88,11 +92,15 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(%health_addr, "serving /healthz and /readyz");
     }
 
-    let client = clients.client(&format!("shardop-assigner ({identity})"))?;
+    let names = args.operator_name.clone();
+    let agent = format!("{} ({identity})", names.assigner_field_manager());
+    let client = clients.client(&agent)?;
     // Leader election renews on the Lease budget: never behind a backlog of label writes.
-    let lease_client = clients.lease_client(&format!("shardop-assigner ({identity})"))?;
+    let lease_client = clients.lease_client(&agent)?;
     tracing::info!(
         %identity,
+        operator = names.operator(),
+        resources = ?args.resources().iter().map(ToString::to_string).collect::<Vec<_>>(),
         api_server = clients.reachability().server(),
         operator_namespace = %args.operator_namespace,
         worker_statefulset = ?args.worker_statefulset,
@@ -102,6 +110,9 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let settings = engine::Settings {
+        names: names.clone(),
+        // Resolved by discovery at the start of each term.
+        kinds: Vec::new(),
         operator_namespace: args.operator_namespace.clone(),
         watch_namespaces: args.namespaces(),
         max_concurrent_moves: args.max_concurrent_moves.max(1),
@@ -112,6 +123,7 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
             .max(std::time::Duration::from_millis(100)),
     };
     let election = leader::Election {
+        names,
         namespace: args.operator_namespace.clone(),
         identity,
         duration: args.leader_lease_duration,
@@ -135,17 +147,27 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
-/// One term as leader: start the watches, run the engine until `term` is cancelled.
+/// One term as leader: resolve the sharded kinds, start the watches, run the engine until
+/// `term` is cancelled.
 async fn lead(
     client: kube::Client,
-    settings: engine::Settings,
+    mut settings: engine::Settings,
     metrics: metrics::AssignerMetrics,
     args: &RunArgs,
     term: CancellationToken,
 ) {
+    let Some(kinds) = resources::discover_until_served(&client, &args.resources(), &term).await
+    else {
+        return;
+    };
+    settings.kinds = kinds.into_iter().map(Arc::new).collect();
     let mut drivers = JoinSet::new();
-    let (leases, lease_driver) =
-        watch_shard_leases(client.clone(), &settings.operator_namespace, false);
+    let (leases, lease_driver) = watch_shard_leases_for(
+        client.clone(),
+        &settings.operator_namespace,
+        &settings.names,
+        false,
+    );
     drivers.spawn(lease_driver);
     let (shard_count, count_driver) = match (args.shards, &args.worker_statefulset) {
         (Some(n), _) => shard_count::fixed(n),

@@ -1,4 +1,4 @@
-//! A compact record per DatabaseCluster, fed by a metadata-only watch: just what the
+//! A compact record per sharded object, fed by metadata-only watches: just what the
 //! protocol needs (labels and the shard label's field manager reduced to a placement,
 //! resourceVersion, deletion, key hash), so
 //! memory stays a small fraction of a worker's full-object caches.
@@ -7,24 +7,39 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use jiff::Timestamp;
+use kube::api::DynamicObject;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
-use shardop_api::assignment::object_key_hash;
-use shardop_api::constants::DRAIN_LABEL;
-use shardop_api::label_trust::shard_label_written_by_assigner;
-use shardop_api::protocol::ObjectPlacement;
-use shardop_api::{DatabaseCluster, ShardIndex};
+use shardop::assignment::object_key_hash;
+use shardop::label_trust::shard_label_written_by_assigner_for;
+use shardop::protocol::ObjectPlacement;
+use shardop::{OperatorNames, ShardIndex};
 
-/// `namespace/name` of an object; namespaces are interned.
+use crate::resources::KindId;
+
+/// The metadata of one object of a sharded kind, as watched and as a label write returns it.
+pub type ObjectMeta = PartialObjectMeta<DynamicObject>;
+
+/// The kind, namespace and name of an object; namespaces are interned. A cluster-scoped
+/// object's namespace is empty, and the kind keeps objects of different kinds with the
+/// same namespace and name apart.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey {
+    pub kind: KindId,
     pub namespace: Arc<str>,
     pub name: Box<str>,
 }
 
 impl std::fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        if self.kind != 0 {
+            write!(f, "{}:", self.kind)?;
+        }
+        if self.namespace.is_empty() {
+            write!(f, "{}", self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
     }
 }
 
@@ -67,12 +82,33 @@ impl ObjectRecord {
     }
 }
 
-/// Which watch stream an event came from: one per watched namespace, or one for all.
+/// Which watch stream an event came from: an index into the engine's [`SourceScope`]s.
 pub type Source = usize;
+
+/// What one watch stream covers: one kind, in one namespace or all of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceScope {
+    pub kind: KindId,
+    /// `None`: every namespace (and a cluster-scoped kind's only scope).
+    pub namespace: Option<String>,
+}
+
+impl SourceScope {
+    /// Whether an object with `key` is this stream's to list.
+    fn covers(&self, key: &ObjectKey) -> bool {
+        key.kind == self.kind
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| *key.namespace == *ns)
+    }
+}
 
 /// All records, plus the book-keeping of relists.
 #[derive(Default)]
 pub struct ObjectStore {
+    /// Whose labels and field manager placements are read with.
+    names: OperatorNames,
     records: HashMap<ObjectKey, ObjectRecord>,
     namespaces: HashSet<Arc<str>>,
     /// Sources whose initial list has completed at least once.
@@ -82,13 +118,21 @@ pub struct ObjectStore {
 }
 
 impl ObjectStore {
-    /// Applies one watch event from `source` (which covers `scope`: a namespace, or all).
+    /// An empty store reading the labels of the operator `names`.
+    pub fn new(names: OperatorNames) -> Self {
+        Self {
+            names,
+            ..Self::default()
+        }
+    }
+
+    /// Applies one watch event from `source` (which covers `scope`).
     /// Returns whether anything changed.
     pub fn apply(
         &mut self,
         source: Source,
-        scope: Option<&str>,
-        event: watcher::Event<PartialObjectMeta<DatabaseCluster>>,
+        scope: &SourceScope,
+        event: watcher::Event<ObjectMeta>,
     ) -> bool {
         match event {
             watcher::Event::Init => {
@@ -96,7 +140,7 @@ impl ObjectStore {
                 false
             }
             watcher::Event::InitApply(meta) => {
-                if let Some(key) = self.upsert(&meta)
+                if let Some(key) = self.upsert(scope.kind, &meta)
                     && let Some(seen) = self.relisting.get_mut(&source)
                 {
                     seen.insert(key);
@@ -106,15 +150,14 @@ impl ObjectStore {
             watcher::Event::InitDone => {
                 // Objects deleted while the watch was down never get a Delete event.
                 let seen = self.relisting.remove(&source).unwrap_or_default();
-                self.records.retain(|key, _| {
-                    scope.is_some_and(|ns| &*key.namespace != ns) || seen.contains(key)
-                });
+                self.records
+                    .retain(|key, _| !scope.covers(key) || seen.contains(key));
                 self.ready.insert(source);
                 true
             }
-            watcher::Event::Apply(meta) => self.upsert(&meta).is_some(),
+            watcher::Event::Apply(meta) => self.upsert(scope.kind, &meta).is_some(),
             watcher::Event::Delete(meta) => self
-                .key_of(&meta)
+                .key_of(scope.kind, &meta)
                 .is_some_and(|key| self.records.remove(&key).is_some()),
         }
     }
@@ -137,13 +180,14 @@ impl ObjectStore {
         self.records.len()
     }
 
-    /// Takes in the metadata a label patch returned (newer than anything watched so far).
-    pub fn observe_write(&mut self, meta: &PartialObjectMeta<DatabaseCluster>) {
-        self.upsert(meta);
+    /// Takes in the metadata a label patch of an object of `kind` returned (newer than
+    /// anything watched so far).
+    pub fn observe_write(&mut self, kind: KindId, meta: &ObjectMeta) {
+        self.upsert(kind, meta);
     }
 
-    fn key_of(&mut self, meta: &PartialObjectMeta<DatabaseCluster>) -> Option<ObjectKey> {
-        let namespace = meta.metadata.namespace.as_deref()?;
+    fn key_of(&mut self, kind: KindId, meta: &ObjectMeta) -> Option<ObjectKey> {
+        let namespace = meta.metadata.namespace.as_deref().unwrap_or_default();
         let name = meta.metadata.name.as_deref()?;
         let namespace = match self.namespaces.get(namespace) {
             Some(interned) => interned.clone(),
@@ -154,14 +198,15 @@ impl ObjectStore {
             }
         };
         Some(ObjectKey {
+            kind,
             namespace,
             name: name.into(),
         })
     }
 
-    fn upsert(&mut self, meta: &PartialObjectMeta<DatabaseCluster>) -> Option<ObjectKey> {
-        let key = self.key_of(meta)?;
-        let record = record_of(&key, meta);
+    fn upsert(&mut self, kind: KindId, meta: &ObjectMeta) -> Option<ObjectKey> {
+        let key = self.key_of(kind, meta)?;
+        let record = record_of(&self.names, &key, meta);
         match self.records.get_mut(&key) {
             Some(existing) => existing.observe(record),
             None => {
@@ -172,10 +217,12 @@ impl ObjectStore {
     }
 }
 
-fn record_of(key: &ObjectKey, meta: &PartialObjectMeta<DatabaseCluster>) -> ObjectRecord {
+/// The record of `meta`. A cluster-scoped object's key hash is that of `/name` (its
+/// namespace is empty).
+fn record_of(names: &OperatorNames, key: &ObjectKey, meta: &ObjectMeta) -> ObjectRecord {
     let m = &meta.metadata;
-    let trusted = shard_label_written_by_assigner(m.managed_fields.as_deref());
-    let placement = ObjectPlacement::from_labels(m.labels.as_ref(), trusted);
+    let trusted = shard_label_written_by_assigner_for(names, m.managed_fields.as_deref());
+    let placement = ObjectPlacement::from_labels_for(names, m.labels.as_ref(), trusted);
     ObjectRecord {
         resource_version: m.resource_version.as_deref().unwrap_or_default().into(),
         deleting: m.deletion_timestamp.is_some(),
@@ -191,7 +238,7 @@ fn record_of(key: &ObjectKey, meta: &PartialObjectMeta<DatabaseCluster>) -> Obje
         drain_label: m
             .labels
             .as_ref()
-            .is_some_and(|labels| labels.contains_key(DRAIN_LABEL)),
+            .is_some_and(|labels| labels.contains_key(&names.drain_label())),
         placement,
     }
 }
@@ -201,16 +248,27 @@ mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
     use kube::api::ObjectMeta;
-    use shardop_api::constants::ASSIGNER_FIELD_MANAGER;
-    use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL};
+    use shardop::constants::{ASSIGNER_FIELD_MANAGER, DRAIN_LABEL, SHARD_LABEL};
     use std::collections::BTreeMap;
+
+    const ALL: SourceScope = SourceScope {
+        kind: 0,
+        namespace: None,
+    };
+
+    fn in_ns(ns: &str) -> SourceScope {
+        SourceScope {
+            kind: 0,
+            namespace: Some(ns.to_owned()),
+        }
+    }
 
     fn meta(
         ns: &str,
         name: &str,
         rv: &str,
         labels: &[(&str, &str)],
-    ) -> PartialObjectMeta<DatabaseCluster> {
+    ) -> PartialObjectMeta<DynamicObject> {
         PartialObjectMeta {
             types: None,
             metadata: ObjectMeta {
@@ -249,7 +307,7 @@ mod tests {
         name: &str,
         rv: &str,
         labels: &[(&str, &str)],
-    ) -> PartialObjectMeta<DatabaseCluster> {
+    ) -> PartialObjectMeta<DynamicObject> {
         let mut edited = meta(ns, name, rv, labels);
         edited.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
             manager: Some("kubectl-label".into()),
@@ -263,10 +321,11 @@ mod tests {
         let mut store = ObjectStore::default();
         store.apply(
             0,
-            None,
+            &ALL,
             watcher::Event::Apply(meta("a", "x", "1", &[(SHARD_LABEL, "1")])),
         );
         let key = ObjectKey {
+            kind: 0,
             namespace: "a".into(),
             name: "x".into(),
         };
@@ -276,7 +335,7 @@ mod tests {
         );
         store.apply(
             0,
-            None,
+            &ALL,
             watcher::Event::Apply(hand_edited("a", "x", "2", &[(SHARD_LABEL, "2")])),
         );
         let record = store.get(&key).unwrap();
@@ -290,7 +349,7 @@ mod tests {
         // The out-of-range label of issue #11 is garbage, whoever wrote it.
         store.apply(
             0,
-            None,
+            &ALL,
             watcher::Event::Apply(meta("a", "x", "3", &[(SHARD_LABEL, "4294967295")])),
         );
         assert_eq!(
@@ -304,24 +363,25 @@ mod tests {
     #[test]
     fn relist_drops_objects_deleted_while_away_and_keeps_history() {
         let mut store = ObjectStore::default();
-        store.apply(0, None, watcher::Event::Init);
+        store.apply(0, &ALL, watcher::Event::Init);
         store.apply(
             0,
-            None,
+            &ALL,
             watcher::Event::InitApply(meta("a", "x", "1", &[(SHARD_LABEL, "1")])),
         );
-        store.apply(0, None, watcher::Event::InitApply(meta("a", "y", "1", &[])));
+        store.apply(0, &ALL, watcher::Event::InitApply(meta("a", "y", "1", &[])));
         assert!(!store.is_ready(1));
-        store.apply(0, None, watcher::Event::InitDone);
+        store.apply(0, &ALL, watcher::Event::InitDone);
         assert!(store.is_ready(1));
         assert_eq!(store.len(), 2);
         // The label is garbled: the last owner is remembered.
         store.apply(
             0,
-            None,
+            &ALL,
             watcher::Event::Apply(meta("a", "x", "2", &[(SHARD_LABEL, "x1")])),
         );
         let key = ObjectKey {
+            kind: 0,
             namespace: "a".into(),
             name: "x".into(),
         };
@@ -330,7 +390,7 @@ mod tests {
         // tampering.
         store.apply(
             0,
-            None,
+            &ALL,
             watcher::Event::Apply(meta(
                 "a",
                 "x",
@@ -338,13 +398,13 @@ mod tests {
                 &[(SHARD_LABEL, "1"), (DRAIN_LABEL, "2")],
             )),
         );
-        store.apply(0, None, watcher::Event::Apply(meta("a", "x", "4", &[])));
+        store.apply(0, &ALL, watcher::Event::Apply(meta("a", "x", "4", &[])));
         assert_eq!(store.get(&key).unwrap().last_owner, None);
         assert!(store.get(&key).unwrap().ever_owned);
         // Relist without y.
-        store.apply(0, None, watcher::Event::Init);
-        store.apply(0, None, watcher::Event::InitApply(meta("a", "x", "4", &[])));
-        store.apply(0, None, watcher::Event::InitDone);
+        store.apply(0, &ALL, watcher::Event::Init);
+        store.apply(0, &ALL, watcher::Event::InitApply(meta("a", "x", "4", &[])));
+        store.apply(0, &ALL, watcher::Event::InitDone);
         assert_eq!(store.len(), 1);
     }
 
@@ -352,13 +412,14 @@ mod tests {
     fn a_draining_owner_is_remembered_until_it_acknowledges() {
         let mut store = ObjectStore::default();
         let key = ObjectKey {
+            kind: 0,
             namespace: "a".into(),
             name: "x".into(),
         };
         let draining = &[(SHARD_LABEL, "1"), (DRAIN_LABEL, "2")];
         store.apply(
             0,
-            None,
+            &ALL,
             watcher::Event::Apply(meta("a", "x", "1", draining)),
         );
         assert_eq!(store.get(&key).unwrap().last_owner, Some(ShardIndex(1)));
@@ -366,7 +427,7 @@ mod tests {
         // reconciling, so the object must go back to it rather than straight to shard 2.
         store.apply(
             0,
-            None,
+            &ALL,
             watcher::Event::Apply(meta(
                 "a",
                 "x",
@@ -378,16 +439,16 @@ mod tests {
         // Back to draining, then both labels go: the acknowledgement.
         store.apply(
             0,
-            None,
+            &ALL,
             watcher::Event::Apply(meta("a", "x", "3", draining)),
         );
-        store.apply(0, None, watcher::Event::Apply(meta("a", "x", "4", &[])));
+        store.apply(0, &ALL, watcher::Event::Apply(meta("a", "x", "4", &[])));
         assert_eq!(store.get(&key).unwrap().last_owner, None);
         // Seen draining at first sight (an assigner that just started) counts too.
         let mut fresh = ObjectStore::default();
         fresh.apply(
             0,
-            None,
+            &ALL,
             watcher::Event::Apply(meta("a", "x", "5", draining)),
         );
         assert_eq!(fresh.get(&key).unwrap().last_owner, Some(ShardIndex(1)));
@@ -398,17 +459,75 @@ mod tests {
         let mut store = ObjectStore::default();
         store.apply(
             0,
-            Some("a"),
+            &in_ns("a"),
             watcher::Event::Apply(meta("a", "x", "1", &[])),
         );
         store.apply(
             1,
-            Some("b"),
+            &in_ns("b"),
             watcher::Event::Apply(meta("b", "x", "1", &[])),
         );
-        store.apply(0, Some("a"), watcher::Event::Init);
-        store.apply(0, Some("a"), watcher::Event::InitDone);
+        store.apply(0, &in_ns("a"), watcher::Event::Init);
+        store.apply(0, &in_ns("a"), watcher::Event::InitDone);
         assert_eq!(store.len(), 1);
         assert!(!store.is_ready(2));
+    }
+
+    #[test]
+    fn kinds_and_cluster_scoped_objects_never_share_a_key() {
+        let mut store = ObjectStore::default();
+        let cluster_scoped = SourceScope {
+            kind: 1,
+            namespace: None,
+        };
+        let mut widget = meta("", "x", "1", &[(SHARD_LABEL, "1")]);
+        widget.metadata.namespace = None;
+        store.apply(0, &ALL, watcher::Event::Apply(meta("a", "x", "1", &[])));
+        store.apply(1, &cluster_scoped, watcher::Event::Apply(widget.clone()));
+        assert_eq!(store.len(), 2);
+        let widget_key = ObjectKey {
+            kind: 1,
+            namespace: "".into(),
+            name: "x".into(),
+        };
+        let record = store.get(&widget_key).unwrap();
+        assert_eq!(record.placement, ObjectPlacement::Owned(ShardIndex(1)));
+        assert_eq!(record.key_hash, object_key_hash("", "x"));
+        assert_eq!(widget_key.to_string(), "1:x");
+        // A relist of kind 0 does not drop kind 1's objects, nor the other way round.
+        store.apply(0, &ALL, watcher::Event::Init);
+        store.apply(0, &ALL, watcher::Event::InitDone);
+        assert_eq!(store.len(), 1);
+        assert!(store.get(&widget_key).is_some());
+        store.apply(1, &cluster_scoped, watcher::Event::Delete(widget));
+        assert_eq!(store.len(), 0);
+    }
+
+    #[test]
+    fn another_operators_labels_leave_an_object_unassigned() {
+        let tenants = OperatorNames::new("tenants").unwrap();
+        let mut store = ObjectStore::new(tenants);
+        // Labelled by the default operator's assigner: not this operator's placement.
+        store.apply(
+            0,
+            &ALL,
+            watcher::Event::Apply(meta(
+                "a",
+                "x",
+                "1",
+                &[(SHARD_LABEL, "1"), (DRAIN_LABEL, "2")],
+            )),
+        );
+        let key = ObjectKey {
+            kind: 0,
+            namespace: "a".into(),
+            name: "x".into(),
+        };
+        let record = store.get(&key).unwrap();
+        assert_eq!(
+            record.placement,
+            ObjectPlacement::Unassigned { stray_drain: false }
+        );
+        assert!(!record.drain_label);
     }
 }

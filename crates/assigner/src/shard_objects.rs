@@ -5,12 +5,12 @@
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use shardop_api::constants::ASSIGNER_FIELD_MANAGER;
-use shardop_api::protocol::LeaseState;
-use shardop_api::{Shard, ShardIndex, ShardSpec, ShardState, ShardStatus};
+use shardop::protocol::LeaseState;
+use shardop::{OperatorNames, Shard, ShardIndex, ShardSpec, ShardState, ShardStatus};
 
 /// Condition type the assigner sets: whether some worker serves the shard.
 pub const LIVE_CONDITION: &str = "Live";
@@ -56,12 +56,26 @@ fn live_condition(status: &ShardStatus) -> Option<&Condition> {
     status.conditions.iter().find(|c| c.type_ == LIVE_CONDITION)
 }
 
-/// Creates `shard-<i>` (fails with 409 if it exists, which is fine).
-pub async fn create(client: Client, namespace: &str, shard: ShardIndex) -> Result<(), kube::Error> {
+/// The index of `object` if it is one of the Shard objects of the operator `names` (named
+/// after its own index by its own scheme); another operator's Shards in the same namespace
+/// are not.
+pub fn index_of(names: &OperatorNames, object: &Shard) -> Option<ShardIndex> {
+    let shard = ShardIndex(object.spec.index);
+    (object.name_any() == names.shard_object_name(shard)).then_some(shard)
+}
+
+/// Creates the Shard object of `shard` (`shard-<i>` for the default operator; exists
+/// already is fine).
+pub async fn create(
+    client: Client,
+    names: &OperatorNames,
+    namespace: &str,
+    shard: ShardIndex,
+) -> Result<(), kube::Error> {
     let api: Api<Shard> = Api::namespaced(client, namespace);
     let object = Shard {
         metadata: ObjectMeta {
-            name: Some(shard.shard_object_name()),
+            name: Some(names.shard_object_name(shard)),
             namespace: Some(namespace.to_owned()),
             ..Default::default()
         },
@@ -69,25 +83,30 @@ pub async fn create(client: Client, namespace: &str, shard: ShardIndex) -> Resul
         status: None,
     };
     let params = PostParams {
-        field_manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+        field_manager: Some(names.assigner_field_manager()),
         ..Default::default()
     };
     match api.create(&params, &object).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(()),
         Err(err) => Err(err),
     }
 }
 
-/// Deletes `shard-<i>` (gone already is fine).
-pub async fn delete(client: Client, namespace: &str, shard: ShardIndex) -> Result<(), kube::Error> {
+/// Deletes the Shard object of `shard` (gone already is fine).
+pub async fn delete(
+    client: Client,
+    names: &OperatorNames,
+    namespace: &str,
+    shard: ShardIndex,
+) -> Result<(), kube::Error> {
     let api: Api<Shard> = Api::namespaced(client, namespace);
     match api
-        .delete(&shard.shard_object_name(), &DeleteParams::default())
+        .delete(&names.shard_object_name(shard), &DeleteParams::default())
         .await
     {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
         Err(err) => Err(err),
     }
 }
@@ -96,6 +115,7 @@ pub async fn delete(client: Client, namespace: &str, shard: ShardIndex) -> Resul
 /// condition keeps its transition time when its status did not change.
 pub async fn apply_status(
     client: Client,
+    names: &OperatorNames,
     namespace: &str,
     shard: ShardIndex,
     status: &AssignerStatus,
@@ -119,7 +139,7 @@ pub async fn apply_status(
     let patch = json!({
         "apiVersion": "shardop.dev/v1alpha1",
         "kind": "Shard",
-        "metadata": { "name": shard.shard_object_name() },
+        "metadata": { "name": names.shard_object_name(shard) },
         "status": {
             "state": status.state,
             "objects": status.objects,
@@ -132,10 +152,14 @@ pub async fn apply_status(
             }],
         },
     });
-    let params = PatchParams::apply(ASSIGNER_FIELD_MANAGER).force();
-    api.patch_status(&shard.shard_object_name(), &params, &Patch::Apply(&patch))
-        .await
-        .map(drop)
+    let params = PatchParams::apply(&names.assigner_field_manager()).force();
+    api.patch_status(
+        &names.shard_object_name(shard),
+        &params,
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(drop)
 }
 
 #[cfg(test)]
@@ -169,5 +193,31 @@ mod tests {
         assert!(!desired.matches(None));
         let orphaned = AssignerStatus::new(ShardState::Orphaned, 3, &LeaseState::Released);
         assert_eq!(orphaned.live, ("False", "Released"));
+    }
+
+    #[test]
+    fn only_the_operators_own_shard_objects_are_its_shards() {
+        let shard = |name: &str, index: u32| Shard {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..Default::default()
+            },
+            spec: ShardSpec { index },
+            status: None,
+        };
+        let default = OperatorNames::default();
+        let tenants = OperatorNames::new("tenants").unwrap();
+        assert_eq!(
+            index_of(&default, &shard("shard-2", 2)),
+            Some(ShardIndex(2))
+        );
+        assert_eq!(index_of(&default, &shard("tenants-shard-2", 2)), None);
+        assert_eq!(
+            index_of(&tenants, &shard("tenants-shard-2", 2)),
+            Some(ShardIndex(2))
+        );
+        assert_eq!(index_of(&tenants, &shard("shard-2", 2)), None);
+        // A name that does not match its own index is nobody's.
+        assert_eq!(index_of(&default, &shard("shard-2", 3)), None);
     }
 }

@@ -4,52 +4,62 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use kube::Resource;
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
-use kube::core::PartialObjectMeta;
-use kube::{Api, Client};
-use serde_json::json;
-use shardop_api::constants::{
-    ASSIGNER_FIELD_MANAGER, DRAIN_LABEL, RELEASE_REQUESTED_ANNOTATION, RETIRED_ANNOTATION,
-    SHARD_LABEL, SHARD_LEASE_LABEL,
+use kube::api::{
+    DeleteParams, DynamicObject, ObjectMeta, Patch, PatchParams, PostParams, Preconditions,
 };
-use shardop_api::protocol::{AssignerAction, LeaseStep, ObjectPlacement};
-use shardop_api::{DatabaseCluster, ShardIndex};
+use kube::{Api, Client};
+use serde_json::{Map, Value, json};
+use shardop::protocol::{AssignerAction, LeaseStep, ObjectPlacement};
+use shardop::{OperatorNames, ShardIndex};
 
-use crate::objects::ObjectKey;
+use crate::objects::{self, ObjectKey};
+use crate::resources::ShardedKind;
 
 /// How a conditional write ended.
 #[derive(Debug)]
 pub enum Outcome<T> {
     /// Applied; the server's answer.
     Applied(T),
-    /// The precondition failed (409) or the object is gone (404): re-decide from the next
-    /// observation.
+    /// The precondition failed (409 Conflict), the object to create exists already (409
+    /// AlreadyExists) or the object is gone (404): re-decide from the next observation.
     Stale,
 }
 
 fn classify<T>(result: Result<T, kube::Error>) -> Result<Outcome<T>, kube::Error> {
     match result {
         Ok(value) => Ok(Outcome::Applied(value)),
-        Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => {
+        Err(kube::Error::Api(status))
+            if status.is_conflict() || status.is_already_exists() || status.is_not_found() =>
+        {
             Ok(Outcome::Stale)
         }
         Err(err) => Err(err),
     }
 }
 
-/// The labels part of the merge patch that carries out `action` (`None`: not a write).
-pub fn label_patch(action: &AssignerAction) -> Option<serde_json::Value> {
-    Some(match action {
+/// The labels part of the merge patch that carries out `action` with the label keys of
+/// `names` (`None`: not a write).
+pub fn label_patch(names: &OperatorNames, action: &AssignerAction) -> Option<Value> {
+    let mut labels = Map::new();
+    match action {
         AssignerAction::Assign { to } => {
-            json!({ SHARD_LABEL: to.label_value(), DRAIN_LABEL: null })
+            labels.insert(names.shard_label(), Value::String(to.label_value()));
+            labels.insert(names.drain_label(), Value::Null);
         }
-        AssignerAction::RequestDrain { to, .. } => json!({ DRAIN_LABEL: to.label_value() }),
+        AssignerAction::RequestDrain { to, .. } => {
+            labels.insert(names.drain_label(), Value::String(to.label_value()));
+        }
         AssignerAction::CancelDrain | AssignerAction::ClearStrayDrain => {
-            json!({ DRAIN_LABEL: null })
+            labels.insert(names.drain_label(), Value::Null);
         }
         AssignerAction::Nothing | AssignerAction::Wait => return None,
-    })
+    }
+    Some(Value::Object(labels))
+}
+
+/// Whether `action` is a label write at all.
+pub fn is_label_write(action: &AssignerAction) -> bool {
+    !matches!(action, AssignerAction::Nothing | AssignerAction::Wait)
 }
 
 /// The shard label to claim by server-side apply instead of a merge patch: an assignment to
@@ -75,26 +85,40 @@ pub fn claim_same_value(
     }
 }
 
+/// The API of the object `key` of `kind`: its namespace's, or the cluster's for a
+/// cluster-scoped kind.
+fn object_api(client: Client, kind: &ShardedKind, key: &ObjectKey) -> Api<DynamicObject> {
+    if kind.namespaced {
+        Api::namespaced_with(client, &key.namespace, &kind.api)
+    } else {
+        Api::all_with(client, &kind.api)
+    }
+}
+
 /// Claims the shard label `to` by a forced server-side apply of just that label,
 /// conditional on `resource_version` (never with a drain label beside it, see
 /// [`claim_same_value`]). Returns the object's metadata after the write.
 pub async fn claim_shard_label(
     client: Client,
+    names: &OperatorNames,
+    kind: &ShardedKind,
     key: &ObjectKey,
     resource_version: &str,
     to: ShardIndex,
-) -> Result<Outcome<PartialObjectMeta<DatabaseCluster>>, kube::Error> {
-    let api: Api<DatabaseCluster> = Api::namespaced(client, &key.namespace);
+) -> Result<Outcome<objects::ObjectMeta>, kube::Error> {
+    let api = object_api(client, kind, key);
+    let mut labels = Map::new();
+    labels.insert(names.shard_label(), Value::String(to.label_value()));
     let apply = json!({
-        "apiVersion": DatabaseCluster::api_version(&()),
-        "kind": DatabaseCluster::kind(&()),
+        "apiVersion": kind.api.api_version,
+        "kind": kind.api.kind,
         "metadata": {
             "name": &*key.name,
             "resourceVersion": resource_version,
-            "labels": { SHARD_LABEL: to.label_value() },
+            "labels": labels,
         }
     });
-    let params = PatchParams::apply(ASSIGNER_FIELD_MANAGER).force();
+    let params = PatchParams::apply(&names.assigner_field_manager()).force();
     classify(
         api.patch_metadata(&key.name, &params, &Patch::Apply(&apply))
             .await,
@@ -105,16 +129,18 @@ pub async fn claim_shard_label(
 /// on `resource_version`. Returns the object's metadata after the write.
 pub async fn patch_labels(
     client: Client,
+    names: &OperatorNames,
+    kind: &ShardedKind,
     key: &ObjectKey,
     resource_version: &str,
-    labels: serde_json::Value,
-) -> Result<Outcome<PartialObjectMeta<DatabaseCluster>>, kube::Error> {
-    let api: Api<DatabaseCluster> = Api::namespaced(client, &key.namespace);
+    labels: Value,
+) -> Result<Outcome<objects::ObjectMeta>, kube::Error> {
+    let api = object_api(client, kind, key);
     let patch = json!({
         "metadata": { "resourceVersion": resource_version, "labels": labels }
     });
     let params = PatchParams {
-        field_manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+        field_manager: Some(names.assigner_field_manager()),
         ..Default::default()
     };
     classify(
@@ -127,16 +153,22 @@ pub async fn patch_labels(
 /// Lease; ignored for a create).
 pub async fn lease_step(
     client: Client,
+    names: &OperatorNames,
     namespace: &str,
     shard: ShardIndex,
     resource_version: Option<&str>,
     step: LeaseStep,
 ) -> Result<Outcome<()>, kube::Error> {
     let api: Api<Lease> = Api::namespaced(client, namespace);
-    let name = shard.lease_name();
-    let annotate = |value: serde_json::Value| json!({ "metadata": { "resourceVersion": resource_version, "annotations": value } });
+    let name = names.shard_lease_name(shard);
+    let manager = names.assigner_field_manager();
+    let annotate = |key: String, value: Value| {
+        let mut annotations = Map::new();
+        annotations.insert(key, value);
+        json!({ "metadata": { "resourceVersion": resource_version, "annotations": annotations } })
+    };
     let params = PatchParams {
-        field_manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+        field_manager: Some(manager.clone()),
         ..Default::default()
     };
     let result = match step {
@@ -146,11 +178,11 @@ pub async fn lease_step(
                     name: Some(name),
                     namespace: Some(namespace.to_owned()),
                     labels: Some(BTreeMap::from([(
-                        SHARD_LEASE_LABEL.to_owned(),
+                        names.shard_lease_label(),
                         shard.label_value(),
                     )])),
                     annotations: Some(BTreeMap::from([(
-                        RETIRED_ANNOTATION.to_owned(),
+                        names.retired_annotation(),
                         "true".to_owned(),
                     )])),
                     ..Default::default()
@@ -158,25 +190,25 @@ pub async fn lease_step(
                 spec: Some(LeaseSpec::default()),
             };
             let params = PostParams {
-                field_manager: Some(ASSIGNER_FIELD_MANAGER.to_owned()),
+                field_manager: Some(manager),
                 ..Default::default()
             };
             api.create(&params, &lease).await.map(drop)
         }
         LeaseStep::MarkRetired => {
-            let patch = annotate(json!({ RETIRED_ANNOTATION: "true" }));
+            let patch = annotate(names.retired_annotation(), json!("true"));
             api.patch(&name, &params, &Patch::Merge(&patch))
                 .await
                 .map(drop)
         }
         LeaseStep::LiftRetirement => {
-            let patch = annotate(json!({ RETIRED_ANNOTATION: null }));
+            let patch = annotate(names.retired_annotation(), Value::Null);
             api.patch(&name, &params, &Patch::Merge(&patch))
                 .await
                 .map(drop)
         }
         LeaseStep::RequestRelease => {
-            let patch = annotate(json!({ RELEASE_REQUESTED_ANNOTATION: ASSIGNER_FIELD_MANAGER }));
+            let patch = annotate(names.release_requested_annotation(), json!(manager));
             api.patch(&name, &params, &Patch::Merge(&patch))
                 .await
                 .map(drop)
@@ -201,6 +233,8 @@ mod tests {
 
     #[test]
     fn patches_touch_only_the_protocol_labels() {
+        let names = OperatorNames::default();
+        let label_patch = |action: &AssignerAction| label_patch(&names, action);
         let to = ShardIndex(3);
         assert_eq!(
             label_patch(&AssignerAction::Assign { to }),
@@ -246,5 +280,42 @@ mod tests {
         );
         // With a drain label beside it, the merge patch (which removes it) goes first.
         assert_eq!(claim_same_value(&assign, &same, true), None);
+    }
+
+    #[test]
+    fn another_operator_patches_its_own_labels() {
+        let tenants = OperatorNames::new("tenants").unwrap();
+        let action = AssignerAction::Assign { to: ShardIndex(1) };
+        assert_eq!(
+            label_patch(&tenants, &action),
+            Some(json!({ "tenants.shardop.dev/shard": "1", "tenants.shardop.dev/drain": null }))
+        );
+        assert!(is_label_write(&action));
+        assert!(!is_label_write(&AssignerAction::Wait));
+    }
+
+    #[test]
+    fn conflicts_existing_and_missing_objects_are_stale_and_other_errors_are_not() {
+        let status = |code: u16, reason: &str| {
+            Err::<(), _>(kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                reason: reason.to_owned(),
+                ..kube::core::Status::failure("", reason)
+            })))
+        };
+        assert!(matches!(
+            classify(status(409, "Conflict")),
+            Ok(Outcome::Stale)
+        ));
+        assert!(matches!(
+            classify(status(409, "AlreadyExists")),
+            Ok(Outcome::Stale)
+        ));
+        assert!(matches!(
+            classify(status(404, "NotFound")),
+            Ok(Outcome::Stale)
+        ));
+        assert!(classify(status(403, "Forbidden")).is_err());
+        assert!(classify(status(422, "Invalid")).is_err());
     }
 }

@@ -143,6 +143,8 @@ enum Scenario {
     Cleanupdep,
     /// A busy, throttled worker frozen (SIGSTOP) past its Lease, taken over, resumed.
     Freeze,
+    /// The example operator (examples/tenants): OBJECTS Tenants on SHARDS shards, then one more.
+    Tenants,
     /// Regenerate docs/performance.md from the JSON files in BENCH_DIR.
     Report,
 }
@@ -201,6 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Crash => scenarios::crash(knobs).await?,
         Scenario::Cleanupdep => scenarios::cleanupdep(knobs).await?,
         Scenario::Freeze => scenarios::freeze(knobs).await?,
+        Scenario::Tenants => scenarios::tenants(knobs).await?,
         Scenario::Report => return Ok(()),
     };
     let mut report = outcome.report;

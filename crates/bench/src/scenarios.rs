@@ -26,7 +26,9 @@ use crate::run::{self, Run, names, on_shard, round1};
 use crate::{Knobs, apf};
 
 mod freeze;
+mod tenants;
 pub use freeze::freeze;
+pub use tenants::tenants;
 
 /// A scenario's result and the correctness checks it must pass.
 pub struct Outcome {

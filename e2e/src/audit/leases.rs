@@ -11,9 +11,8 @@
 
 use std::collections::HashMap;
 
-use shardop_api::ShardIndex;
-
 use super::event::{AuditEvent, Outcome};
+use super::operated::Operated;
 use super::order::{Position, RevisionClock};
 
 /// Who held a shard Lease at a revision.
@@ -40,12 +39,22 @@ impl<'a> LeaseHistory<'a> {
         namespace: &str,
         clock: &RevisionClock,
     ) -> Self {
+        Self::of_operator(events, namespace, clock, &Operated::default())
+    }
+
+    /// [`new`](Self::new) for the shard Leases (`<operator>-shard-<i>`) of `operated`.
+    pub fn of_operator(
+        events: impl IntoIterator<Item = &'a AuditEvent>,
+        namespace: &str,
+        clock: &RevisionClock,
+        operated: &Operated,
+    ) -> Self {
         let mut by_shard: HashMap<u32, Vec<(Position, Option<&'a str>)>> = HashMap::new();
         for event in events {
-            let Some(shard) = shard_lease(event, namespace) else {
+            let Some(shard) = shard_lease(event, namespace, operated) else {
                 continue;
             };
-            let Some(holder) = holder_after(event) else {
+            let Some(holder) = holder_after(event, operated) else {
                 continue;
             };
             let (position, _) = clock.place(event);
@@ -72,7 +81,7 @@ impl<'a> LeaseHistory<'a> {
 }
 
 /// The shard whose Lease `event` wrote, if it is a shard Lease in `namespace`.
-fn shard_lease(event: &AuditEvent, namespace: &str) -> Option<u32> {
+fn shard_lease(event: &AuditEvent, namespace: &str, operated: &Operated) -> Option<u32> {
     let object = event.object_ref.as_ref()?;
     let is_lease = object.resource == "leases"
         && object.api_group.as_deref() == Some("coordination.k8s.io")
@@ -80,17 +89,17 @@ fn shard_lease(event: &AuditEvent, namespace: &str) -> Option<u32> {
     if !is_lease || !event.in_namespace(namespace) || !event.is_write() {
         return None;
     }
-    ShardIndex::from_lease_name(object.name.as_deref()?).map(|shard| shard.0)
+    operated.shard_of_lease(object.name.as_deref()?)
 }
 
 /// The holder a Lease write left (`Some(None)`: nobody), or `None` when it tells nothing:
 /// refused or unanswered, or a deletion that is no hand-over (see the module docs).
-fn holder_after(event: &AuditEvent) -> Option<Option<&str>> {
+fn holder_after<'a>(event: &'a AuditEvent, operated: &Operated) -> Option<Option<&'a str>> {
     if event.outcome() != Outcome::Applied {
         return None;
     }
     match event.verb.as_str() {
-        "delete" if event.by_shardop() => Some(None),
+        "delete" if operated.by_operator(event) => Some(None),
         "create" | "update" | "patch" => {
             let lease = event
                 .response_object

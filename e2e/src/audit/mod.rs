@@ -9,6 +9,7 @@
 
 mod event;
 mod leases;
+mod operated;
 mod order;
 mod ownership;
 pub mod synthetic;
@@ -24,6 +25,7 @@ pub use event::{
     parse_line_checked,
 };
 pub use leases::{Holder, LeaseHistory};
+pub use operated::Operated;
 pub use order::{Basis, Position, RevisionClock};
 pub use ownership::{Ownership, Scope, ShardWrite};
 pub use tail::LogTail;
@@ -61,6 +63,28 @@ pub fn ownership(
         objects_namespace,
     };
     let mut ownership = Ownership::check(&events, scope);
+    ownership.unreadable_lines = log.unreadable_lines();
+    Ok(ownership)
+}
+
+/// [`ownership`] for the shards of `operated` (another sharded operator).
+pub fn ownership_of(
+    path: &Path,
+    leases_namespace: &str,
+    objects_namespace: &str,
+    operated: &Operated,
+) -> anyhow::Result<Ownership> {
+    let mut log = LogTail::from_start(path.to_path_buf());
+    let events = log.read_new(|line| {
+        line.contains(leases_namespace)
+            || line.contains(objects_namespace)
+            || (operated.cluster_scoped && line.contains(&operated.resource))
+    })?;
+    let scope = Scope {
+        leases_namespace,
+        objects_namespace,
+    };
+    let mut ownership = Ownership::check_operated(&events, scope, operated);
     ownership.unreadable_lines = log.unreadable_lines();
     Ok(ownership)
 }

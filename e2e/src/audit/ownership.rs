@@ -24,6 +24,7 @@ use std::fmt;
 
 use super::event::{AuditEvent, Outcome};
 use super::leases::{Holder, LeaseHistory};
+use super::operated::Operated;
 use super::order::{Basis, Position, RevisionClock};
 
 /// Which namespaces a check looks at: the shard Leases live in the operator's namespace,
@@ -120,13 +121,28 @@ pub struct Ownership {
 impl Ownership {
     /// Runs both checks over `events` (any order, any namespaces; only `scope`'s are used).
     pub fn check<'a>(events: impl IntoIterator<Item = &'a AuditEvent>, scope: Scope<'_>) -> Self {
+        Self::check_operated(events, scope, &Operated::default())
+    }
+
+    /// [`check`](Self::check) for the shards of `operated` (another operator than the
+    /// DatabaseCluster one, e.g. a cluster-scoped kind).
+    pub fn check_operated<'a>(
+        events: impl IntoIterator<Item = &'a AuditEvent>,
+        scope: Scope<'_>,
+        operated: &Operated,
+    ) -> Self {
         let events: Vec<&AuditEvent> = events.into_iter().collect();
         let clock = RevisionClock::new(events.iter().copied());
-        let leases = LeaseHistory::new(events.iter().copied(), scope.leases_namespace, &clock);
+        let leases = LeaseHistory::of_operator(
+            events.iter().copied(),
+            scope.leases_namespace,
+            &clock,
+            operated,
+        );
         let mut entries: Vec<Entry> = events
             .iter()
-            .filter(|e| e.in_namespace(scope.objects_namespace))
-            .filter_map(|e| Entry::of(e, &clock, &leases))
+            .filter(|e| operated.in_scope(e, scope.objects_namespace))
+            .filter_map(|e| Entry::of(e, &clock, &leases, operated))
             .collect();
         entries.sort_by_key(|entry| entry.position());
         let cross_shard_at = cross_shard_indexes(&entries);
@@ -231,13 +247,18 @@ enum Entry {
 }
 
 impl Entry {
-    fn of(event: &AuditEvent, clock: &RevisionClock, leases: &LeaseHistory<'_>) -> Option<Self> {
-        let object = event.owner()?.to_owned();
-        if event.is_assigner_label_request() {
+    fn of(
+        event: &AuditEvent,
+        clock: &RevisionClock,
+        leases: &LeaseHistory<'_>,
+        operated: &Operated,
+    ) -> Option<Self> {
+        let object = (operated.owner)(event)?;
+        if operated.is_assigner_label_request(event) {
             let (position, _) = clock.place(event);
             return Some(Self::Label { object, position });
         }
-        let (shard, pod) = (event.worker_shard()?, event.worker_pod()?);
+        let (shard, pod) = (operated.worker_shard(event)?, operated.worker_pod(event)?);
         let outcome = event.outcome();
         if !event.is_write() || outcome == Outcome::Rejected {
             return None;

@@ -24,10 +24,15 @@ impl Line {
         let group = match resource {
             "leases" => Some("coordination.k8s.io"),
             "databaseclusters" | "shards" => Some("shardop.dev"),
+            "tenants" => Some("example.shardop.dev"),
             "statefulsets" => Some("apps"),
             _ => None,
         };
-        let mut object_ref = json!({ "resource": resource, "namespace": namespace });
+        // An empty namespace: a cluster-scoped object, whose objectRef has none.
+        let mut object_ref = json!({ "resource": resource });
+        if !namespace.is_empty() {
+            object_ref["namespace"] = json!(namespace);
+        }
         if !name.is_empty() {
             object_ref["name"] = json!(name);
         }

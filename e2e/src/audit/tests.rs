@@ -348,3 +348,118 @@ fn lines_of_other_stages_and_garbage_are_skipped() {
     assert!(parse_line(&received).is_none());
     assert!(parse_line("{\"verb\":").is_none());
 }
+
+/// The oracle for another operator (`tenants`, a cluster-scoped kind whose children live in
+/// the objects' namespace): its user agents, Lease names and owner mapping.
+mod other_operator {
+    use super::*;
+
+    fn tenants() -> Operated {
+        Operated {
+            names: shardop::OperatorNames::new("tenants").unwrap(),
+            resource: "tenants".to_owned(),
+            cluster_scoped: true,
+            owner: |event| match event.resource() {
+                "tenants" => Some(event.name().to_owned()),
+                "configmaps" => event.name().strip_prefix("tenant-").map(str::to_owned),
+                _ => None,
+            },
+        }
+    }
+
+    fn worker(shard: u32, pod: u32) -> String {
+        format!("tenants-worker/shard-{shard} (tenants-worker-{pod})")
+    }
+
+    fn lease(shard: u32, holder: u32, revision: u64, ms: i64) -> Line {
+        Line::new(
+            "update",
+            &worker(shard, holder),
+            "leases",
+            OP,
+            &format!("tenants-shard-{shard}"),
+        )
+        .lease(Some(&format!("tenants-worker-{holder}")), revision)
+        .at(ms, ms + 5)
+    }
+
+    fn tenant_write(agent: &str, resource: &str, name: &str, revision: u64, ms: i64) -> Line {
+        let namespace = if resource.starts_with("tenants") {
+            ""
+        } else {
+            NS
+        };
+        Line::new("patch", agent, resource, namespace, name)
+            .response("Tenant", revision)
+            .at(ms, ms + 5)
+    }
+
+    fn check(lines: &[Line]) -> Ownership {
+        let events: Vec<AuditEvent> = lines.iter().map(|l| l.event().unwrap()).collect();
+        Ownership::check_operated(
+            &events,
+            Scope {
+                leases_namespace: OP,
+                objects_namespace: NS,
+            },
+            &tenants(),
+        )
+    }
+
+    #[test]
+    fn two_shards_writing_one_cluster_scoped_object_without_a_relabel_is_dual_ownership() {
+        let lines = [
+            lease(0, 0, 1, 0),
+            lease(1, 1, 2, 0),
+            tenant_write(&worker(0, 0), "tenants/status", "acme", 5, 100),
+            tenant_write(&worker(1, 1), "configmaps", "tenant-acme", 6, 200),
+        ];
+        let ownership = check(&lines);
+        assert_eq!(ownership.writes.len(), 2, "both writes are the tenant's");
+        assert_eq!(
+            ownership.cross_shard.len(),
+            1,
+            "{:?}",
+            ownership.violations()
+        );
+        assert_eq!(ownership.writes[1].object, "acme");
+    }
+
+    #[test]
+    fn a_relabel_by_the_operators_assigner_separates_two_shards() {
+        let lines = [
+            lease(0, 0, 1, 0),
+            lease(1, 1, 2, 0),
+            tenant_write(&worker(0, 0), "tenants/status", "acme", 5, 100),
+            tenant_write(
+                "tenants-assigner (tenants-assigner-0)",
+                "tenants",
+                "acme",
+                6,
+                150,
+            ),
+            tenant_write(&worker(1, 1), "configmaps", "tenant-acme", 7, 200),
+        ];
+        assert_eq!(check(&lines).dual_ownership(), 0);
+        // The DatabaseCluster operator's oracle sees none of it.
+        let events: Vec<AuditEvent> = lines.iter().map(|l| l.event().unwrap()).collect();
+        let default = Ownership::check(
+            &events,
+            Scope {
+                leases_namespace: OP,
+                objects_namespace: NS,
+            },
+        );
+        assert!(default.writes.is_empty());
+    }
+
+    #[test]
+    fn a_write_by_a_process_not_holding_the_other_operators_lease_is_foreign() {
+        let lines = [
+            lease(2, 2, 1, 0),
+            tenant_write(&worker(2, 3), "tenants", "acme", 5, 100),
+        ];
+        let ownership = check(&lines);
+        assert_eq!(ownership.foreign.len(), 1, "{:?}", ownership.violations());
+    }
+}

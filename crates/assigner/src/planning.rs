@@ -1,0 +1,506 @@
+//! The engine's decisions, without I/O: which label writes one planning pass makes, and
+//! which of them start now within the concurrency bounds. The engine observes, calls these,
+//! and carries the result out.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use jiff::Timestamp;
+use shardop::ShardIndex;
+use shardop::protocol::{AssignerAction, ObjectFacts, ObjectPlacement, ShardTable, plan_object};
+use tokio::time::Instant;
+
+use crate::objects::{ObjectKey, ObjectRecord};
+use crate::writes;
+
+/// Why an object is left alone for now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Its write conflicted: wait until a newer resourceVersion is observed.
+    UntilChanged(Box<str>, Instant),
+    /// Its write failed: wait a moment.
+    Until(Instant),
+}
+
+impl Hold {
+    /// Whether the hold still keeps an object observed at `resource_version` alone at `now`.
+    fn holds(&self, resource_version: &str, now: Instant) -> bool {
+        match self {
+            Self::UntilChanged(rv, until) => **rv == *resource_version && now < *until,
+            Self::Until(until) => now < *until,
+        }
+    }
+}
+
+/// A label write to make: the object, what to do, and when it was created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub created: Option<Timestamp>,
+    pub key: ObjectKey,
+    pub action: AssignerAction,
+}
+
+/// What the engine tracks between passes, as the planning reads it.
+pub struct Progress<'a> {
+    /// Objects with a label write in flight, and the owner it moves them off (if any).
+    pub in_flight: &'a HashMap<ObjectKey, Option<ShardIndex>>,
+    pub holds: &'a HashMap<ObjectKey, Hold>,
+    /// Objects in a move (from the drain request or direct relabel to the new label).
+    pub moves: &'a HashMap<ObjectKey, Instant>,
+}
+
+/// The outcome of planning every object once.
+#[derive(Debug, Default)]
+pub struct ObjectPlan {
+    /// Objects per owning shard (all kinds together).
+    pub labelled: BTreeMap<ShardIndex, usize>,
+    /// Objects without a valid owner.
+    pub unassigned: usize,
+    /// Label writes to make, oldest object first.
+    pub candidates: Vec<Candidate>,
+    /// Objects in a move now: drain label set, acknowledged but not relabelled yet, or a
+    /// write in flight that moves them off an owner.
+    pub in_move: HashSet<ObjectKey>,
+    /// Holds that ran out (or whose object changed) and can be forgotten.
+    pub expired_holds: Vec<ObjectKey>,
+}
+
+/// Plans every object against `table`: counts, moves under way, and the label writes to
+/// make (none for an object with a write in flight or a hold that still applies).
+pub fn plan_objects<'a>(
+    objects: impl IntoIterator<Item = (&'a ObjectKey, &'a ObjectRecord)>,
+    progress: &Progress<'_>,
+    table: &ShardTable,
+    now: Instant,
+) -> ObjectPlan {
+    let mut plan = ObjectPlan::default();
+    for (key, record) in objects {
+        match record.placement.owner() {
+            Some(owner) => *plan.labelled.entry(owner).or_default() += 1,
+            None => plan.unassigned += 1,
+        }
+        // A move is under way while the drain label is set, and between the
+        // acknowledgement and the new label.
+        let moving = matches!(record.placement, ObjectPlacement::Draining { .. })
+            || (progress.moves.contains_key(key) && record.placement.owner().is_none());
+        if moving || progress.in_flight.get(key).is_some_and(Option::is_some) {
+            plan.in_move.insert(key.clone());
+        }
+        if progress.in_flight.contains_key(key) {
+            continue;
+        }
+        if let Some(hold) = progress.holds.get(key) {
+            if hold.holds(&record.resource_version, now) {
+                continue;
+            }
+            plan.expired_holds.push(key.clone());
+        }
+        let action = plan_object(
+            ObjectFacts {
+                placement: &record.placement,
+                deleting: record.deleting,
+                key_hash: record.key_hash,
+                last_owner: record.last_owner,
+            },
+            table,
+        );
+        if writes::is_label_write(&action) {
+            plan.candidates.push(Candidate {
+                created: record.created,
+                key: key.clone(),
+                action,
+            });
+        }
+    }
+    // Oldest first keeps the assignment latency of a creation storm fair.
+    plan.candidates
+        .sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.key.cmp(&b.key)));
+    plan
+}
+
+/// The concurrency bounds of label writes.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Writes in flight at once (label and shard writes together).
+    pub max_concurrent_writes: usize,
+    /// Objects in a move at once.
+    pub max_concurrent_moves: usize,
+}
+
+/// A candidate allowed to start now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub candidate: Candidate,
+    /// The object's valid owner when the write was decided.
+    pub owner: Option<ShardIndex>,
+    /// The write begins a move (counted against the move bound from now on).
+    pub starts_move: bool,
+}
+
+/// Which candidates start now, in order, given `writes_in_flight` writes already running
+/// and the moves already under way: a drain request, or a direct relabel off a live owner,
+/// starts a move; other writes (first assignments, the end of a move, cancellations) are
+/// bounded by the write limit only.
+pub fn admit(
+    candidates: Vec<Candidate>,
+    owner_of: impl Fn(&ObjectKey) -> Option<Option<ShardIndex>>,
+    moves: &HashMap<ObjectKey, Instant>,
+    writes_in_flight: usize,
+    limits: Limits,
+) -> Vec<Admitted> {
+    let mut writes = writes_in_flight;
+    let mut moving = moves.len();
+    let mut admitted = Vec::new();
+    for candidate in candidates {
+        if writes >= limits.max_concurrent_writes {
+            break;
+        }
+        let Some(owner) = owner_of(&candidate.key) else {
+            continue;
+        };
+        let starts_move = match candidate.action {
+            AssignerAction::RequestDrain { .. } => true,
+            AssignerAction::Assign { .. } => owner.is_some() && !moves.contains_key(&candidate.key),
+            _ => false,
+        };
+        if starts_move {
+            if moving >= limits.max_concurrent_moves {
+                continue;
+            }
+            moving += 1;
+        }
+        writes += 1;
+        admitted.push(Admitted {
+            candidate,
+            owner,
+            starts_move,
+        });
+    }
+    admitted
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+    use kube::api::ObjectMeta;
+    use kube::core::PartialObjectMeta;
+    use kube::runtime::watcher;
+    use shardop::assignment::shard_for;
+    use shardop::label_trust::trust_marker_for;
+    use shardop::protocol::LeaseSnapshot;
+    use shardop::{OperatorNames, ShardCount};
+
+    use super::*;
+    use crate::objects::{ObjectMeta as Meta, ObjectStore, SourceScope};
+
+    fn names() -> OperatorNames {
+        OperatorNames::new("tenants").unwrap()
+    }
+
+    /// An object (cluster-scoped when `ns` is empty) with the operator's shard and drain
+    /// labels as given, the shard label written by its assigner.
+    fn object(ns: &str, name: &str, shard: Option<u32>, drain: Option<u32>) -> Meta {
+        let names = names();
+        let mut labels = BTreeMap::new();
+        if let Some(shard) = shard {
+            labels.insert(names.shard_label(), shard.to_string());
+        }
+        if let Some(drain) = drain {
+            labels.insert(names.drain_label(), drain.to_string());
+        }
+        let written = [ManagedFieldsEntry {
+            manager: Some(names.assigner_field_manager()),
+            fields_v1: Some(FieldsV1(serde_json::json!({
+                "f:metadata": { "f:labels": { format!("f:{}", names.shard_label()): {} } }
+            }))),
+            ..Default::default()
+        }];
+        PartialObjectMeta {
+            types: None,
+            metadata: ObjectMeta {
+                namespace: (!ns.is_empty()).then(|| ns.to_owned()),
+                name: Some(name.to_owned()),
+                resource_version: Some("1".to_owned()),
+                labels: Some(labels),
+                managed_fields: trust_marker_for(&names, Some(written.as_slice())),
+                ..Default::default()
+            },
+            _phantom: Default::default(),
+        }
+    }
+
+    fn store(objects: Vec<(u16, Meta)>) -> ObjectStore {
+        let mut store = ObjectStore::new(names());
+        for (kind, meta) in objects {
+            let scope = SourceScope {
+                kind,
+                namespace: None,
+            };
+            store.apply(usize::from(kind), &scope, watcher::Event::Apply(meta));
+        }
+        store
+    }
+
+    /// `n` desired shards, each of `live` held by its own worker.
+    fn table(n: u32, live: u32) -> ShardTable {
+        let now = Timestamp::now();
+        ShardTable::new(
+            ShardCount::new(n).unwrap(),
+            (0..live).map(|i| {
+                (
+                    ShardIndex(i),
+                    LeaseSnapshot {
+                        holder: Some(format!("tenants-worker-{i}")),
+                        acquired_once: true,
+                        renew_time: Some(now),
+                        duration: Some(Duration::from_secs(30)),
+                        ..Default::default()
+                    },
+                )
+            }),
+            now,
+        )
+    }
+
+    fn key(kind: u16, ns: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            kind,
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    struct Book {
+        in_flight: HashMap<ObjectKey, Option<ShardIndex>>,
+        holds: HashMap<ObjectKey, Hold>,
+        moves: HashMap<ObjectKey, Instant>,
+    }
+
+    impl Book {
+        fn new() -> Self {
+            Self {
+                in_flight: HashMap::new(),
+                holds: HashMap::new(),
+                moves: HashMap::new(),
+            }
+        }
+
+        fn plan(&self, store: &ObjectStore, table: &ShardTable) -> ObjectPlan {
+            let progress = Progress {
+                in_flight: &self.in_flight,
+                holds: &self.holds,
+                moves: &self.moves,
+            };
+            plan_objects(store.iter(), &progress, table, Instant::now())
+        }
+    }
+
+    fn actions(plan: &ObjectPlan) -> BTreeMap<ObjectKey, AssignerAction> {
+        plan.candidates
+            .iter()
+            .map(|c| (c.key.clone(), c.action.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn new_objects_of_every_kind_are_assigned_by_the_hash_of_their_namespace_and_name() {
+        let store = store(vec![
+            (0, object("a", "x", None, None)),
+            (1, object("", "x", None, None)),
+            (1, object("", "y", None, None)),
+        ]);
+        let n = ShardCount::new(4).unwrap();
+        let plan = Book::new().plan(&store, &table(4, 4));
+        assert_eq!(plan.unassigned, 3);
+        let expected: BTreeMap<_, _> = [
+            (key(0, "a", "x"), shard_for("a", "x", n)),
+            (key(1, "", "x"), shard_for("", "x", n)),
+            (key(1, "", "y"), shard_for("", "y", n)),
+        ]
+        .into_iter()
+        .map(|(k, to)| (k, AssignerAction::Assign { to }))
+        .collect();
+        assert_eq!(actions(&plan), expected);
+    }
+
+    #[test]
+    fn nothing_is_assigned_before_shard_zero_was_ever_held() {
+        let store = store(vec![(0, object("a", "x", None, None))]);
+        let plan = Book::new().plan(&store, &table(2, 0));
+        assert!(plan.candidates.is_empty(), "{:?}", plan.candidates);
+        assert_eq!(plan.unassigned, 1);
+    }
+
+    /// Objects of several kinds owned by shard 0 of 1, after N went to 2.
+    fn grown() -> (ObjectStore, ShardTable, Vec<ObjectKey>) {
+        let two = ShardCount::new(2).unwrap();
+        // Names that hash to shard 1 of 2, for each kind.
+        let mut objects = Vec::new();
+        let mut movers = Vec::new();
+        for kind in [0_u16, 1] {
+            let ns = if kind == 0 { "a" } else { "" };
+            for i in 0..40 {
+                let name = format!("o-{i}");
+                objects.push((kind, object(ns, &name, Some(0), None)));
+                if shard_for(ns, &name, two) == ShardIndex(1) {
+                    movers.push(key(kind, ns, &name));
+                }
+            }
+        }
+        assert!(!movers.is_empty());
+        (store(objects), table(2, 2), movers)
+    }
+
+    #[test]
+    fn a_shard_count_change_drains_exactly_the_objects_that_move() {
+        let (store, table, movers) = grown();
+        let plan = Book::new().plan(&store, &table);
+        assert_eq!(plan.labelled.get(&ShardIndex(0)), Some(&80));
+        let drained: Vec<_> = plan.candidates.iter().map(|c| c.key.clone()).collect();
+        let mut expected = movers.clone();
+        expected.sort();
+        let mut sorted = drained.clone();
+        sorted.sort();
+        assert_eq!(sorted, expected);
+        for c in &plan.candidates {
+            assert_eq!(
+                c.action,
+                AssignerAction::RequestDrain {
+                    from: ShardIndex(0),
+                    to: ShardIndex(1)
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn an_acknowledged_drain_is_relabelled_to_the_new_shard() {
+        let two = ShardCount::new(2).unwrap();
+        let name = (0..)
+            .map(|i| format!("o-{i}"))
+            .find(|n| shard_for("", n, two) == ShardIndex(1))
+            .unwrap();
+        let draining = store(vec![(1, object("", &name, Some(0), Some(1)))]);
+        let plan = Book::new().plan(&draining, &table(2, 2));
+        // Waiting for the owner's acknowledgement: no write, but a move under way.
+        assert!(plan.candidates.is_empty());
+        assert!(plan.in_move.contains(&key(1, "", &name)));
+        // Acknowledged (both labels gone after the drain).
+        let mut acknowledged = draining;
+        acknowledged.apply(
+            1,
+            &SourceScope {
+                kind: 1,
+                namespace: None,
+            },
+            watcher::Event::Apply(object("", &name, None, None)),
+        );
+        let plan = Book::new().plan(&acknowledged, &table(2, 2));
+        assert_eq!(
+            actions(&plan).get(&key(1, "", &name)),
+            Some(&AssignerAction::Assign { to: ShardIndex(1) })
+        );
+    }
+
+    #[test]
+    fn writes_in_flight_and_holds_leave_an_object_alone_until_they_end() {
+        let (store, table, movers) = grown();
+        let (first, second) = (movers[0].clone(), movers[1].clone());
+        let mut book = Book::new();
+        book.in_flight.insert(first.clone(), Some(ShardIndex(0)));
+        book.holds.insert(
+            second.clone(),
+            Hold::UntilChanged("1".into(), Instant::now() + Duration::from_secs(60)),
+        );
+        let plan = book.plan(&store, &table);
+        let planned = actions(&plan);
+        assert!(!planned.contains_key(&first));
+        assert!(!planned.contains_key(&second));
+        assert!(
+            plan.in_move.contains(&first),
+            "a write moving it off shard 0"
+        );
+        // A newer observation than the conflicted write's ends the hold.
+        book.holds.insert(
+            second.clone(),
+            Hold::UntilChanged("0".into(), Instant::now() + Duration::from_secs(60)),
+        );
+        let plan = book.plan(&store, &table);
+        assert!(actions(&plan).contains_key(&second));
+        assert_eq!(plan.expired_holds, vec![second]);
+    }
+
+    fn candidate(i: usize, action: AssignerAction) -> Candidate {
+        Candidate {
+            created: None,
+            key: key(0, "a", &format!("o-{i}")),
+            action,
+        }
+    }
+
+    #[test]
+    fn admission_bounds_moves_and_writes() {
+        let drain = AssignerAction::RequestDrain {
+            from: ShardIndex(0),
+            to: ShardIndex(1),
+        };
+        let assign = AssignerAction::Assign { to: ShardIndex(1) };
+        let mut candidates: Vec<_> = (0..5).map(|i| candidate(i, drain.clone())).collect();
+        // New objects (no owner) are not moves.
+        candidates.extend((5..8).map(|i| candidate(i, assign.clone())));
+        let owner_of = |k: &ObjectKey| {
+            let i: usize = k.name.trim_start_matches("o-").parse().unwrap();
+            Some((i < 5).then_some(ShardIndex(0)))
+        };
+        let limits = Limits {
+            max_concurrent_writes: 100,
+            max_concurrent_moves: 2,
+        };
+        let mut moves = HashMap::new();
+        moves.insert(key(0, "b", "already-moving"), Instant::now());
+        let admitted = admit(candidates.clone(), owner_of, &moves, 0, limits);
+        let started: Vec<_> = admitted.iter().filter(|a| a.starts_move).collect();
+        assert_eq!(started.len(), 1, "one move already under way, bound 2");
+        assert_eq!(
+            admitted.len(),
+            4,
+            "one drain and the three first assignments"
+        );
+        // The write bound counts writes already in flight.
+        let few = admit(
+            candidates,
+            owner_of,
+            &HashMap::new(),
+            98,
+            Limits {
+                max_concurrent_writes: 100,
+                max_concurrent_moves: 100,
+            },
+        );
+        assert_eq!(few.len(), 2);
+    }
+
+    #[test]
+    fn the_end_of_a_move_is_not_a_new_move() {
+        let assign = AssignerAction::Assign { to: ShardIndex(1) };
+        let moving = candidate(0, assign);
+        let mut moves = HashMap::new();
+        moves.insert(moving.key.clone(), Instant::now());
+        let limits = Limits {
+            max_concurrent_writes: 10,
+            max_concurrent_moves: 1,
+        };
+        // A direct relabel off a (dead) owner already counted as a move.
+        let admitted = admit(
+            vec![moving],
+            |_| Some(Some(ShardIndex(0))),
+            &moves,
+            0,
+            limits,
+        );
+        assert_eq!(admitted.len(), 1);
+        assert!(!admitted[0].starts_move);
+    }
+}
