@@ -563,3 +563,40 @@ async fn two_operators_shard_two_kinds_each_with_its_own_names() {
     );
     drop(stand_ins);
 }
+
+/// A kind the API server does not serve (its CRD not installed yet) keeps the assigner
+/// waiting, not crashing: it names the kind and retries with backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_not_served_yet_is_named_and_retried() {
+    let cluster = cluster();
+    let client = cluster.client().await.unwrap();
+    let operator = TestNamespace::create(&client, "unserved-kind-op")
+        .await
+        .unwrap();
+    let mut assigner = ProcessSpec::assigner(&operator.name, "gizmos-assigner-0", &operator.name)
+        .arg("--operator-name")
+        .arg("gizmos")
+        .arg("--shards")
+        .arg("1")
+        .arg("--resource")
+        .arg("configmaps.v1")
+        .arg("--resource")
+        .arg("gizmos.v1.e2e.shardop.dev")
+        .spawn(cluster)
+        .unwrap();
+    let reason = "the API server does not serve gizmos.v1.e2e.shardop.dev";
+    let retries = wait_for("two attempts naming the kind", TIMEOUT, || async {
+        let attempts = assigner.log().matches(reason).count();
+        (attempts >= 2).then_some(attempts)
+    })
+    .await
+    .unwrap_or_else(|err| panic!("{err}\n{}", assigner.log()));
+    assert!(retries >= 2);
+    assert!(assigner.is_running(), "waits instead of exiting");
+    // It never planned: no Shard object, no label.
+    let shards = Api::<Shard>::namespaced(client.clone(), &operator.name)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(shards.items.is_empty());
+}
