@@ -15,6 +15,7 @@ pub mod control_plane;
 pub mod metrics;
 pub mod node;
 pub mod process;
+pub mod test_kinds;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -167,25 +168,34 @@ pub(crate) fn run_script_with(
 
 /// Server-side applies every shardop CRD and waits until the API server serves them.
 pub async fn install_crds(cluster: &Cluster) -> anyhow::Result<()> {
+    apply_crds(cluster, shardop_api::crd::all()).await
+}
+
+/// Server-side applies `crds` and waits until the API server serves each of them.
+pub async fn apply_crds(
+    cluster: &Cluster,
+    crds: impl IntoIterator<Item = CustomResourceDefinition>,
+) -> anyhow::Result<()> {
     let client = cluster.client().await?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client);
+    let api: Api<CustomResourceDefinition> = Api::all(client);
     let params = PatchParams::apply("shardop-e2e").force();
-    for crd in shardop_api::crd::all() {
+    let mut names = Vec::new();
+    for crd in crds {
         let name = crd.metadata.name.clone().unwrap_or_default();
-        crds.patch(&name, &params, &Patch::Apply(&crd))
+        api.patch(&name, &params, &Patch::Apply(&crd))
             .await
             .with_context(|| format!("applying CRD {name}"))?;
+        names.push(name);
     }
-    for crd in shardop_api::crd::all() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
+    for name in names {
         wait_for(
             &format!("CRD {name} Established"),
             Duration::from_secs(30),
             || {
-                let crds = crds.clone();
+                let api = api.clone();
                 let name = name.clone();
                 async move {
-                    let crd = crds.get(&name).await.ok()?;
+                    let crd = api.get(&name).await.ok()?;
                     crd.status?
                         .conditions?
                         .iter()

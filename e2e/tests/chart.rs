@@ -1662,3 +1662,181 @@ async fn chart_label_policy_rejects_hand_edits_of_shard_labels() {
     );
     assert!(!labels.contains_key("shardop.dev/drain"), "{labels:?}");
 }
+
+/// `(apiGroup, resource)` of every rule of an RBAC role, with its verbs.
+fn rule_resources(role: &serde_json::Value) -> BTreeMap<(String, String), Vec<String>> {
+    let mut rules = BTreeMap::new();
+    for rule in role["rules"].as_array().into_iter().flatten() {
+        let strings = |key: &str| -> Vec<String> {
+            rule[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        };
+        for group in strings("apiGroups") {
+            for resource in strings("resources") {
+                rules.insert((group.clone(), resource), strings("verbs"));
+            }
+        }
+    }
+    rules
+}
+
+fn sharded_rules(pairs: &[(&str, &str)]) -> BTreeMap<(String, String), Vec<String>> {
+    pairs
+        .iter()
+        .map(|(group, resource)| {
+            (
+                ((*group).to_owned(), (*resource).to_owned()),
+                ["get", "list", "watch", "patch"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            )
+        })
+        .collect()
+}
+
+/// The assigner's RBAC, arguments and label policy follow `operatorName` and
+/// `assigner.shardedResources`: exactly the configured kinds, each in its own API group, a
+/// cluster-scoped kind cluster-wide even with `watchNamespaces`.
+#[test]
+fn chart_renders_the_assigner_for_exactly_the_sharded_kinds() {
+    let cluster = cluster();
+    const MULTI: &[&str] = &[
+        "operatorName=tenants",
+        "assigner.shardedResources[0]=configmaps.v1",
+        "assigner.shardedResources[1].name=widgets.v1.e2e.shardop.dev",
+        "assigner.shardedResources[1].clusterScoped=true",
+    ];
+    let chart = chart_dir();
+    let mut lint = vec!["lint", "--strict", chart.to_str().unwrap()];
+    lint.extend(set_args(MULTI));
+    helm_ok(cluster, &lint);
+
+    // Defaults: DatabaseClusters only, today's names.
+    let (_, docs) = render(cluster, "shardop-system", &[]);
+    let assigner = find(&docs, "Deployment", "shardop-assigner");
+    let args = string_args(container(assigner));
+    assert_eq!(
+        arg_value(&args, "--operator-name").as_deref(),
+        Some("shardop")
+    );
+    assert_eq!(
+        arg_value(&args, "--resource").as_deref(),
+        Some("databaseclusters.v1alpha1.shardop.dev")
+    );
+    let role = find(&docs, "ClusterRole", "shardop-system-shardop-assigner");
+    assert_eq!(
+        rule_resources(role),
+        sharded_rules(&[("shardop.dev", "databaseclusters")])
+    );
+
+    // Two kinds of another operator, all namespaces: one ClusterRole with both.
+    let (_, docs) = render(cluster, "tenants-system", MULTI);
+    let assigner = find(&docs, "Deployment", "shardop-assigner");
+    let args = string_args(container(assigner));
+    assert_eq!(
+        arg_value(&args, "--operator-name").as_deref(),
+        Some("tenants")
+    );
+    let resources: Vec<&String> = args
+        .iter()
+        .filter(|a| a.starts_with("--resource="))
+        .collect();
+    assert_eq!(
+        resources,
+        [
+            "--resource=configmaps.v1",
+            "--resource=widgets.v1.e2e.shardop.dev"
+        ]
+    );
+    let role = find(&docs, "ClusterRole", "tenants-system-shardop-assigner");
+    let both = sharded_rules(&[("", "configmaps"), ("e2e.shardop.dev", "widgets")]);
+    assert_eq!(rule_resources(role), both);
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["metadata"]["name"] == "tenants-system-shardop-assigner-cluster-scoped"),
+        "all namespaces: the one ClusterRole covers cluster-scoped kinds"
+    );
+    // The label policy guards the operator's own labels on exactly these kinds.
+    let policy = find(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "tenants-system-shardop-shard-labels",
+    );
+    let rules: BTreeSet<(String, String)> = policy["spec"]["matchConstraints"]["resourceRules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["apiGroups"][0].as_str().unwrap().to_owned(),
+                r["resources"][0].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(rules, both.keys().cloned().collect());
+    let variables = policy["spec"]["variables"].to_string();
+    assert!(
+        variables.contains("'tenants.shardop.dev/shard'"),
+        "{variables}"
+    );
+    assert!(
+        variables.contains("'tenants.shardop.dev/drain'"),
+        "{variables}"
+    );
+    assert!(!variables.contains("'shardop.dev/shard'"), "{variables}");
+
+    // Watched namespaces: the namespaced kind in each namespace's Role, the cluster-scoped
+    // kind in a ClusterRole of its own.
+    let mut sets = MULTI.to_vec();
+    sets.push("watchNamespaces={team-a,team-b}");
+    let (_, docs) = render(cluster, "tenants-system", &sets);
+    for ns in ["team-a", "team-b"] {
+        let role = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "Role"
+                    && d["metadata"]["name"] == "shardop-assigner-workload"
+                    && d["metadata"]["namespace"] == ns
+            })
+            .unwrap_or_else(|| panic!("no assigner Role in {ns}"));
+        assert_eq!(rule_resources(role), sharded_rules(&[("", "configmaps")]));
+    }
+    let cluster_scoped = find(
+        &docs,
+        "ClusterRole",
+        "tenants-system-shardop-assigner-cluster-scoped",
+    );
+    assert_eq!(
+        rule_resources(cluster_scoped),
+        sharded_rules(&[("e2e.shardop.dev", "widgets")])
+    );
+    let binding = find(
+        &docs,
+        "ClusterRoleBinding",
+        "tenants-system-shardop-assigner-cluster-scoped",
+    );
+    assert_eq!(binding["subjects"][0]["name"], "shardop-assigner");
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "ClusterRole"
+            && d["metadata"]["name"] == "tenants-system-shardop-assigner"),
+        "no cluster-wide grant of the namespaced kind"
+    );
+
+    for bad in [
+        "operatorName=Tenants",
+        "assigner.shardedResources[0]=widgets",
+        "assigner.shardedResources=null",
+        "assigner.shardedResources={}",
+    ] {
+        let output = helm(
+            cluster,
+            &["template", "shardop", chart.to_str().unwrap(), "--set", bad],
+        );
+        assert!(!output.status.success(), "{bad} must be rejected");
+    }
+}

@@ -148,6 +148,9 @@ seccompProfile:
 
 {{/* Environment shared by both binaries. */}}
 {{- define "shardop.commonEnv" -}}
+# The operator whose labels, Leases and Shard objects these are (docs/assigner.md).
+- name: SHARDOP_OPERATOR_NAME
+  value: {{ .Values.operatorName | quote }}
 - name: RUST_LOG
   value: {{ .Values.logLevel | quote }}
 {{- if .Values.otel.endpoint }}
@@ -165,4 +168,46 @@ seccompProfile:
 {{/* --watch-namespaces value, empty for all namespaces. */}}
 {{- define "shardop.watchNamespacesArg" -}}
 {{- join "," .Values.watchNamespaces }}
+{{- end }}
+
+{{/* Prefix of the operator's label and annotation keys: shardop.dev for the default
+operator, <operatorName>.shardop.dev otherwise (shardop::names::OperatorNames). */}}
+{{- define "shardop.labelPrefix" -}}
+{{- if eq .Values.operatorName "shardop" -}}
+shardop.dev
+{{- else -}}
+{{- printf "%s.shardop.dev" .Values.operatorName -}}
+{{- end -}}
+{{- end }}
+
+{{/* The kinds the assigner shards, as JSON {"items": [{name, resource, version, group,
+cluster}]}: each assigner.shardedResources entry is "<resource>.<version>.<group>"
+("<resource>.<version>" for the core group), or {name: ..., clusterScoped: true} for a
+cluster-scoped kind (whose RBAC is cluster-wide even when watchNamespaces is set). */}}
+{{- define "shardop.shardedResources" -}}
+{{- $items := list }}
+{{- range .Values.assigner.shardedResources }}
+{{- $name := . }}
+{{- $cluster := false }}
+{{- if kindIs "map" . }}
+{{- $name = .name }}
+{{- $cluster = .clusterScoped | default false }}
+{{- end }}
+{{- $parts := splitn "." 3 $name }}
+{{- $items = append $items (dict "name" $name "resource" $parts._0 "version" $parts._1 "group" ($parts._2 | default "") "cluster" $cluster) }}
+{{- end }}
+{{- dict "items" $items | toJson }}
+{{- end }}
+
+{{/* RBAC rules of the assigner on the sharded kinds of scope .scope: "all", "namespaced"
+or "cluster" (cluster-scoped kinds). Metadata watch and label-only patches. */}}
+{{- define "shardop.assignerShardedRules" -}}
+{{- $scope := .scope }}
+{{- range (include "shardop.shardedResources" .ctx | fromJson).items }}
+{{- if or (eq $scope "all") (eq .cluster (eq $scope "cluster")) }}
+- apiGroups: [{{ .group | quote }}]
+  resources: [{{ .resource | quote }}]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
 {{- end }}

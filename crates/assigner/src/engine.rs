@@ -17,9 +17,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use shardop::protocol::{
-    AssignerAction, LeaseSnapshot, LeaseStep, ObjectPlacement, ShardTable, plan_shard,
-};
+use shardop::protocol::{AssignerAction, LeaseStep, ObjectPlacement, ShardTable, plan_shard};
 use shardop::{OperatorNames, Shard, ShardCount, ShardIndex, ShardLeaseWatch, ShardState};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -251,13 +249,7 @@ impl Engine {
         }
         let now = Timestamp::now();
         let leases = self.leases.all();
-        let table = ShardTable::new(
-            n,
-            leases
-                .iter()
-                .map(|(i, l)| (*i, LeaseSnapshot::from_lease(l))),
-            now,
-        );
+        let table = planning::shard_table(&self.settings.names, n, &leases, now);
         self.metrics
             .effective_shards
             .set(table.effective_count().map_or(0, |e| i64::from(e.get())));

@@ -3,14 +3,32 @@
 //! and carries the result out.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use jiff::Timestamp;
-use shardop::ShardIndex;
-use shardop::protocol::{AssignerAction, ObjectFacts, ObjectPlacement, ShardTable, plan_object};
+use k8s_openapi::api::coordination::v1::Lease;
+use shardop::protocol::{
+    AssignerAction, LeaseSnapshot, ObjectFacts, ObjectPlacement, ShardTable, plan_object,
+};
+use shardop::{OperatorNames, ShardCount, ShardIndex};
 use tokio::time::Instant;
 
 use crate::objects::{ObjectKey, ObjectRecord};
 use crate::writes;
+
+/// The shard table of one pass: `n` desired shards and the operator's shard Leases, read
+/// with the operator's own annotations (retirement, release requests).
+pub fn shard_table(
+    names: &OperatorNames,
+    n: ShardCount,
+    leases: &BTreeMap<ShardIndex, Arc<Lease>>,
+    now: Timestamp,
+) -> ShardTable {
+    let snapshots = leases
+        .iter()
+        .map(|(shard, lease)| (*shard, LeaseSnapshot::from_lease_for(names, lease)));
+    ShardTable::new(n, snapshots, now)
+}
 
 /// Why an object is left alone for now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,8 +207,7 @@ mod tests {
     use kube::runtime::watcher;
     use shardop::assignment::shard_for;
     use shardop::label_trust::trust_marker_for;
-    use shardop::protocol::LeaseSnapshot;
-    use shardop::{OperatorNames, ShardCount};
+    use shardop::protocol::{LeaseStep, plan_shard};
 
     use super::*;
     use crate::objects::{ObjectMeta as Meta, ObjectStore, SourceScope};
@@ -502,5 +519,53 @@ mod tests {
         );
         assert_eq!(admitted.len(), 1);
         assert!(!admitted[0].starts_move);
+    }
+
+    #[test]
+    fn the_shard_table_reads_the_operators_own_lease_annotations() {
+        let names = names();
+        let lease: Lease = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "tenants-shard-2",
+                "annotations": {
+                    names.retired_annotation(): "true",
+                    names.release_requested_annotation(): "tenants-assigner",
+                },
+            },
+            "spec": {
+                "holderIdentity": "tenants-worker-2",
+                "acquireTime": Timestamp::now(),
+                "renewTime": Timestamp::now(),
+                "leaseDurationSeconds": 30,
+            },
+        }))
+        .unwrap();
+        let leases = BTreeMap::from([(ShardIndex(2), Arc::new(lease))]);
+        let table = shard_table(
+            &names,
+            ShardCount::new(2).unwrap(),
+            &leases,
+            Timestamp::now(),
+        );
+        let snapshot = table.lease(ShardIndex(2)).unwrap();
+        assert!(snapshot.retired);
+        assert_eq!(
+            snapshot.release_requested_by.as_deref(),
+            Some("tenants-assigner")
+        );
+        // Retired and asked already: no Lease write until the holder lets go (read with the
+        // default names, it would be marked retired again and again).
+        assert_eq!(plan_shard(ShardIndex(2), &table, 0, false).lease_step, None);
+        let unmarked = BTreeMap::from([(ShardIndex(2), Arc::new(Lease::default()))]);
+        let table = shard_table(
+            &names,
+            ShardCount::new(2).unwrap(),
+            &unmarked,
+            Timestamp::now(),
+        );
+        assert_eq!(
+            plan_shard(ShardIndex(2), &table, 0, false).lease_step,
+            Some(LeaseStep::MarkRetired)
+        );
     }
 }
