@@ -32,3 +32,18 @@ use_demo_cluster() {
   export SHARDOP_ETCD_PORT="${SHARDOP_DEMO_ETCD_PORT:-23890}"
   export SHARDOP_ETCD_PEER_PORT="${SHARDOP_DEMO_ETCD_PEER_PORT:-23900}"
 }
+
+# The version hack/<module dir>/go.mod pins for <module path>.
+pinned_version() { # <module dir> <module path>
+  awk -v m="$2" '$1 == m { print $2; exit }' "$hack_dir/$1/go.mod"
+}
+
+# Where hack/build-obs-tools.sh caches Prometheus, prometheus-adapter and the collector. The
+# key holds the pins and a hash of the two wrapper modules, so changing any of them builds
+# fresh binaries.
+obs_tools_bin_dir() {
+  local base="${SHARDOP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shardop}" key
+  key=$(cat "$hack_dir"/otelcol/go.mod "$hack_dir"/otelcol/go.sum "$hack_dir"/otelcol/*.go \
+    "$hack_dir"/prometheus-adapter/go.mod "$hack_dir"/prometheus-adapter/go.sum | sha256sum | cut -c1-12)
+  echo "$base/obs-prometheus-$PROMETHEUS_VERSION-adapter-$(pinned_version prometheus-adapter sigs.k8s.io/prometheus-adapter)-otelcol-$(pinned_version otelcol go.opentelemetry.io/collector/otelcol)-$key/bin"
+}
