@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod control_plane;
 pub mod metrics;
+pub mod obs;
 pub mod process;
 
 use std::future::Future;

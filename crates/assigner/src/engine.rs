@@ -25,12 +25,13 @@ use shardop_runtime::ShardLeaseWatch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::metrics::{AssignerMetrics, ShardLabel};
 use crate::objects::{ObjectKey, ObjectStore, Source};
 use crate::shard_count::ShardCountRx;
 use crate::shard_objects::{self, AssignerStatus};
-use crate::writes::{self, Outcome};
+use crate::writes::{self, Outcome, label_write_span, write_result};
 
 /// Passes run at most this often, so an event storm is handled in batches.
 const PASS_INTERVAL: Duration = Duration::from_millis(100);
@@ -403,15 +404,20 @@ impl Engine {
             let client = self.client.clone();
             let claim =
                 writes::claim_same_value(&write.action, &record.placement, record.drain_label);
-            tracing::debug!(object = %key, action = ?write.action, claim = claim.is_some(), "label write");
-            self.writes.spawn(async move {
-                let (key, version) = (&write.key, &write.resource_version);
-                let result = match claim {
-                    Some(to) => writes::claim_shard_label(client, key, version, to).await,
-                    None => writes::patch_labels(client, key, version, labels).await,
-                };
-                Done::Label(Box::new((write, result)))
-            });
+            let span = label_write_span(&key, &write.action);
+            span.in_scope(|| tracing::debug!(claim = claim.is_some(), "label write"));
+            self.writes.spawn(
+                async move {
+                    let (key, version) = (&write.key, &write.resource_version);
+                    let result = match claim {
+                        Some(to) => writes::claim_shard_label(client, key, version, to).await,
+                        None => writes::patch_labels(client, key, version, labels).await,
+                    };
+                    tracing::Span::current().record("result", write_result(&result));
+                    Done::Label(Box::new((write, result)))
+                }
+                .instrument(span),
+            );
         }
     }
 
