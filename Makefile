@@ -20,8 +20,9 @@ toolchain: ## Check that cargo, rustfmt and clippy are installed
 	@$(CARGO) clippy --version >/dev/null 2>&1 || { echo "error: clippy is missing: rustup component add clippy" >&2; exit 1; }
 
 .PHONY: tools
-tools: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl and helm from source (cached)
+tools: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, helm, Prometheus, prometheus-adapter and the OTel collector from source (cached)
 	@bash hack/build-tools.sh >/dev/null
+	@bash hack/build-obs-tools.sh >/dev/null
 
 .PHONY: cluster-up
 cluster-up: ## Start the local control plane (target/cluster/kubeconfig)
@@ -30,6 +31,14 @@ cluster-up: ## Start the local control plane (target/cluster/kubeconfig)
 .PHONY: cluster-down
 cluster-down: ## Stop the local control plane and remove its state
 	@bash hack/cluster-down.sh
+
+.PHONY: obs-up
+obs-up: ## Start Prometheus, prometheus-adapter (custom metrics API) and the OTel collector next to the local control plane
+	@bash hack/obs-up.sh
+
+.PHONY: obs-down
+obs-down: ## Stop what obs-up started (cluster-down stops it too)
+	@bash hack/obs-down.sh
 
 .PHONY: build
 build: toolchain ## Build the binaries
