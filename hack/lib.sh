@@ -39,11 +39,11 @@ pinned_version() { # <module dir> <module path>
 }
 
 # Where hack/build-obs-tools.sh caches Prometheus, prometheus-adapter and the collector. The
-# key holds the pins and a hash of the two wrapper modules, so changing any of them builds
-# fresh binaries.
+# key holds the pins and a hash of the wrapper modules, so changing any of them builds fresh
+# binaries.
 obs_tools_bin_dir() {
   local base="${SHARDOP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shardop}" key
-  key=$(cat "$hack_dir"/otelcol/go.mod "$hack_dir"/otelcol/go.sum "$hack_dir"/otelcol/*.go \
-    "$hack_dir"/prometheus-adapter/go.mod "$hack_dir"/prometheus-adapter/go.sum | sha256sum | cut -c1-12)
-  echo "$base/obs-prometheus-$PROMETHEUS_VERSION-adapter-$(pinned_version prometheus-adapter sigs.k8s.io/prometheus-adapter)-otelcol-$(pinned_version otelcol go.opentelemetry.io/collector/otelcol)-$key/bin"
+  key=$(cat "$hack_dir"/{prometheus,prometheus-adapter,otelcol}/go.{mod,sum} "$hack_dir"/otelcol/*.go |
+    sha256sum | cut -c1-12)
+  echo "$base/obs-prometheus-$(pinned_version prometheus github.com/prometheus/prometheus)-adapter-$(pinned_version prometheus-adapter sigs.k8s.io/prometheus-adapter)-otelcol-$(pinned_version otelcol go.opentelemetry.io/collector/otelcol)-$key/bin"
 }
