@@ -520,3 +520,123 @@ async fn a_span_per_reconcile_reaches_the_collector_with_the_trace_id_of_its_log
         );
     }
 }
+
+/// What a kubelet would report for a started pod: the HPA only counts Running pods (there
+/// is no kubelet here; the worker process plays the pod's container).
+async fn mark_running(pods: &Api<k8s_openapi::api::core::v1::Pod>, name: &str) {
+    let status = serde_json::json!({ "status": {
+        "phase": "Running",
+        "conditions": [{ "type": "Ready", "status": "True" }],
+    }});
+    pods.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn the_charts_hpa_scales_the_workers_up_on_queue_depth_read_through_the_adapter() {
+    let env = Env::new("obs-hpa", 1).await;
+    let ns = env.operator.name.clone();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &ns);
+    wait_for("Pod shardop-worker-0", Duration::from_secs(60), || async {
+        pods.get_opt("shardop-worker-0").await.ok()?
+    })
+    .await
+    .unwrap();
+    mark_running(&pods, "shardop-worker-0").await;
+    let assigner = env.assigner(&[]);
+    let worker = env.worker(
+        0,
+        &["--concurrency", "1", "--kube-qps", "5", "--kube-burst", "5"],
+        &[],
+    );
+    let _target = env
+        .obs
+        .scrape(
+            &ns,
+            "shardop-worker-0",
+            worker.metrics_addr().await.unwrap(),
+        )
+        .unwrap();
+
+    // The chart's HPA, with a low target and no scale-up stabilization so that the test
+    // does not wait out the production windows; the metric and the target are the chart's.
+    let helm = env.cluster.kubectl.parent().unwrap().join("helm");
+    let output = Command::new(helm)
+        .current_dir(&env.cluster.repo_root)
+        .args(["template", "shardop", "charts/shardop", "--namespace", &ns])
+        .args(["--show-only", "templates/hpa.yaml"])
+        .args(["--set", "worker.autoscaling.enabled=true"])
+        .args(["--set", "worker.autoscaling.minReplicas=1"])
+        .args(["--set", "worker.autoscaling.maxReplicas=2"])
+        .args(["--set-string", "worker.autoscaling.targetQueueDepth=2"])
+        .args([
+            "--set",
+            "worker.autoscaling.behavior.scaleUp.stabilizationWindowSeconds=0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let applied = env
+        .cluster
+        .kubectl_with_input(
+            &["-n", &ns, "apply", "-f", "-"],
+            &String::from_utf8(output.stdout).unwrap(),
+        )
+        .unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+
+    env.create_objects("db", 40).await;
+    let hpas: Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler> =
+        Api::namespaced(env.client.clone(), &ns);
+    let seen = wait_for(
+        "the HPA reading a non-zero shardop_queue_depth",
+        Duration::from_secs(120),
+        || async {
+            let hpa = hpas.get("shardop-worker").await.ok()?;
+            let metric = hpa.status?.current_metrics?.into_iter().next()?.pods?;
+            let value = quantity(&metric.current.average_value?.0);
+            (value > 0.0).then_some(value)
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!("the HPA saw an average shardop_queue_depth of {seen}");
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(env.client.clone(), &ns);
+    wait_for(
+        "the HPA scaling the worker StatefulSet to 2",
+        Duration::from_secs(120),
+        || async {
+            let sts = stateful_sets.get("shardop-worker").await.ok()?;
+            (sts.spec?.replicas == Some(2)).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // The assigner follows: two shards desired.
+    let assigner_metrics = assigner.metrics_addr().await.unwrap();
+    wait_for(
+        "the assigner expanding to 2 shards",
+        Duration::from_secs(60),
+        || async {
+            let text = shardop_e2e::metrics::scrape(assigner_metrics).await.ok()?;
+            let desired =
+                shardop_e2e::metrics::metric_value(&text, "shardop_assigner_desired_shards", &[]);
+            (desired == 2.0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
