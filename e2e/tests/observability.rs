@@ -1,8 +1,8 @@
 //! End-to-end tests of the observability pipeline for real (`hack/obs-up.sh`): Prometheus
 //! scraping shardop's processes and evaluating the chart's PrometheusRule groups,
-//! prometheus-adapter serving `shardop_queue_depth` through the custom metrics API, and the
-//! OpenTelemetry collector receiving the spans of a worker and the assigner started with the
-//! chart's OTel settings.
+//! prometheus-adapter serving `shardop_queue_depth` through the custom metrics API, the
+//! chart's HPA scaling the worker StatefulSet on it, and the OpenTelemetry collector
+//! receiving the spans of a worker and the assigner started with the chart's OTel settings.
 //!
 //! The worker StatefulSet exists as an object only (no kubelet): its controller creates the
 //! Pod objects `shardop-worker-<i>`, and the worker processes run under those names, which
