@@ -433,14 +433,30 @@ async fn a_span_per_reconcile_reaches_the_collector_with_the_trace_id_of_its_log
         .expect("a trace id in the log line")
         .to_owned();
 
-    // Every reconcile so far, by the worker's own count; SIGTERM flushes the exporter.
-    let metrics = shardop_e2e::metrics::scrape(worker.metrics_addr().await.unwrap())
-        .await
-        .unwrap();
-    let reconciles: f64 = shardop_e2e::metrics::samples(&metrics)
-        .filter(|s| s.name == "shardop_reconcile_duration_seconds_count")
-        .map(|s| s.value)
-        .sum();
+    // Every reconcile, by the worker's own count, once the count has settled (the
+    // controller manager's StatefulSet status writes still trigger a few reconciles after
+    // convergence); SIGTERM then flushes the exporter.
+    let metrics_addr = worker.metrics_addr().await.unwrap();
+    let reconcile_count = || async {
+        let text = shardop_e2e::metrics::scrape(metrics_addr).await.ok()?;
+        Some(shardop_e2e::metrics::metric_value(
+            &text,
+            "shardop_reconcile_duration_seconds_count",
+            &[],
+        ))
+    };
+    let reconciles = wait_for(
+        "a settled reconcile count",
+        Duration::from_secs(90),
+        || async {
+            let before = reconcile_count().await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let after = reconcile_count().await?;
+            (before == after).then_some(after)
+        },
+    )
+    .await
+    .unwrap();
     worker.terminate(Duration::from_secs(30)).unwrap();
     assigner.terminate(Duration::from_secs(30)).unwrap();
 
