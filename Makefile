@@ -20,8 +20,9 @@ toolchain: ## Check that cargo, rustfmt and clippy are installed
 	@$(CARGO) clippy --version >/dev/null 2>&1 || { echo "error: clippy is missing: rustup component add clippy" >&2; exit 1; }
 
 .PHONY: tools
-tools: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl and helm from source (cached)
+tools: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, helm, Prometheus, prometheus-adapter and the OTel collector from source (cached)
 	@bash hack/build-tools.sh >/dev/null
+	@bash hack/build-obs-tools.sh >/dev/null
 
 .PHONY: cluster-up
 cluster-up: ## Start the local control plane (target/cluster/kubeconfig)
@@ -46,6 +47,14 @@ node-up: build tools node-tools ## Add a node to the local control plane (starti
 .PHONY: node-down
 node-down: ## Stop the local node and remove its state (the control plane keeps running)
 	@bash hack/node-down.sh
+
+.PHONY: obs-up
+obs-up: ## Start Prometheus, prometheus-adapter (custom metrics API) and the OTel collector next to the local control plane
+	@bash hack/obs-up.sh
+
+.PHONY: obs-down
+obs-down: ## Stop what obs-up started (cluster-down stops it too)
+	@bash hack/obs-down.sh
 
 .PHONY: build
 build: toolchain ## Build the binaries

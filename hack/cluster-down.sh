@@ -13,6 +13,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/lib.sh"
 # shellcheck source=hack/cluster-lib.sh
 source "$here/cluster-lib.sh"
+# shellcheck source=hack/obs-lib.sh
+source "$here/obs-lib.sh"
 
 purge="${SHARDOP_CLUSTER_PURGE:-0}"
 for arg in "$@"; do
@@ -42,6 +44,11 @@ if [[ -d "$dir/node" ]]; then
   bash "$here/node-down.sh"
 fi
 
+# The observability pipeline (hack/obs-up.sh) belongs to this cluster: it goes first.
+for ((i = ${#obs_components[@]} - 1; i >= 0; i--)); do
+  stop_component "${obs_components[i]}"
+done
+
 # Clients first, etcd last: etcd then shuts down with no writer attached.
 for ((i = ${#cluster_components[@]} - 1; i >= 0; i--)); do
   stop_component "${cluster_components[i]}"
@@ -52,7 +59,7 @@ if [[ "$purge" == 1 ]]; then
   rm -rf "$dir"
   echo "cluster-down: stopped; removed $dir" >&2
 else
-  rm -rf "$dir/etcd"
+  rm -rf "$dir/etcd" "$dir/obs/prometheus-data" "$dir/obs/traces.jsonl" "$dir/obs/targets" "$dir/obs/rules"
   rm -f "$dir"/*.pid "$dir"/audit*.log "$dir/kubeconfig" "$dir/kube-controller-manager.kubeconfig" "$dir"/*.tmp
   echo "cluster-down: stopped; removed runtime state, kept $dir/pki and the component logs" >&2
 fi

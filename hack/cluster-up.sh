@@ -54,6 +54,8 @@ api_get() {
 cluster_ready() {
   local c
   [[ -s "$kubeconfig" ]] || return 1
+  # A cluster started before the aggregation layer was configured gets restarted with it.
+  [[ -s "$pki/front-proxy-client.crt" ]] || return 1
   for c in "${cluster_components[@]}"; do [[ -n "$(running_pid "$c")" ]] || return 1; done
   [[ "$(api_get /readyz)" == ok ]] || return 1
   # kube-system is created by the apiserver; the default ServiceAccount only appears once
@@ -113,6 +115,10 @@ issue_cert admin "/CN=shardop-admin/O=system:masters" clientAuth
 issue_cert kube-controller-manager "/CN=system:kube-controller-manager" clientAuth
 # The apiserver's identity towards a kubelet (logs, exec) when a node runs (hack/node-up.sh).
 issue_cert apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client/O=system:masters" clientAuth
+# The aggregation layer (APIServices such as custom.metrics.k8s.io, served by
+# prometheus-adapter in hack/obs-up.sh) proxies with this client certificate; extension
+# servers trust the user it names in X-Remote-User only from this CN.
+issue_cert front-proxy-client "/CN=front-proxy-client" clientAuth
 
 # The apiserver verifies ServiceAccount tokens with the public half, the controller
 # manager and the TokenRequest API sign them with the private half.
@@ -229,6 +235,13 @@ if [[ -z "$(running_pid kube-apiserver)" ]]; then
     --kubelet-client-certificate="$pki/apiserver-kubelet-client.crt" \
     --kubelet-client-key="$pki/apiserver-kubelet-client.key" \
     --kubelet-preferred-address-types=InternalIP \
+    --proxy-client-cert-file="$pki/front-proxy-client.crt" \
+    --proxy-client-key-file="$pki/front-proxy-client.key" \
+    --requestheader-client-ca-file="$pki/ca.crt" \
+    --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User \
+    --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
     ${feature_gates:+"--feature-gates=$feature_gates"}
 fi
 # The controller manager gives up if the apiserver is not healthy within 10 s of its own

@@ -44,3 +44,18 @@ node_cache_dir() {
 }
 
 node_bin_dir() { echo "$(node_cache_dir)/bin"; }
+
+# The version hack/<module dir>/go.mod pins for <module path>.
+pinned_version() { # <module dir> <module path>
+  awk -v m="$2" '$1 == m { print $2; exit }' "$hack_dir/$1/go.mod"
+}
+
+# Where hack/build-obs-tools.sh caches Prometheus, prometheus-adapter and the collector. The
+# key holds the pins and a hash of the wrapper modules, so changing any of them builds fresh
+# binaries.
+obs_tools_bin_dir() {
+  local base="${SHARDOP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shardop}" key
+  key=$(cat "$hack_dir"/{prometheus,prometheus-adapter,otelcol}/go.{mod,sum} "$hack_dir"/otelcol/*.go |
+    sha256sum | cut -c1-12)
+  echo "$base/obs-prometheus-$(pinned_version prometheus github.com/prometheus/prometheus)-adapter-$(pinned_version prometheus-adapter sigs.k8s.io/prometheus-adapter)-otelcol-$(pinned_version otelcol go.opentelemetry.io/collector/otelcol)-$key/bin"
+}

@@ -14,6 +14,7 @@ pub mod audit;
 pub mod control_plane;
 pub mod metrics;
 pub mod node;
+pub mod obs;
 pub mod process;
 pub mod test_kinds;
 

@@ -22,6 +22,7 @@ use shardop::{OperatorNames, Shard, ShardCount, ShardIndex, ShardLeaseWatch, Sha
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::metrics::{AssignerMetrics, ShardLabel};
 use crate::objects::{ObjectKey, ObjectMeta, ObjectStore, Source, SourceScope};
@@ -29,7 +30,7 @@ use crate::planning::{self, Admitted, Candidate, Hold, Limits, Progress};
 use crate::resources::{KindId, ShardedKind};
 use crate::shard_count::ShardCountRx;
 use crate::shard_objects::{self, AssignerStatus};
-use crate::writes::{self, Outcome};
+use crate::writes::{self, Outcome, label_write_span, write_result};
 
 /// Passes run at most this often, so an event storm is handled in batches.
 const PASS_INTERVAL: Duration = Duration::from_millis(100);
@@ -369,17 +370,24 @@ impl Engine {
         let client = self.client.clone();
         let names = self.settings.names.clone();
         let claim = writes::claim_same_value(&write.action, &record.placement, record.drain_label);
-        tracing::debug!(object = %key, action = ?write.action, claim = claim.is_some(), "label write");
-        self.writes.spawn(async move {
-            let (key, version) = (&write.key, &write.resource_version);
-            let result = match claim {
-                Some(to) => {
-                    writes::claim_shard_label(client, &names, &kind, key, version, to).await
-                }
-                None => writes::patch_labels(client, &names, &kind, key, version, labels).await,
-            };
-            Done::Label(Box::new((write, result)))
-        });
+        let span = label_write_span(&key, &write.action);
+        span.in_scope(|| tracing::debug!(claim = claim.is_some(), "label write"));
+        self.writes.spawn(
+            async move {
+                let (key, version) = (&write.key, &write.resource_version);
+                let result = match claim {
+                    Some(to) => {
+                        writes::claim_shard_label(client, &names, &kind, key, version, to).await
+                    }
+                    None => {
+                        writes::patch_labels(client, &names, &kind, key, version, labels).await
+                    }
+                };
+                tracing::Span::current().record("result", write_result(&result));
+                Done::Label(Box::new((write, result)))
+            }
+            .instrument(span),
+        );
     }
 
     /// The sharded kind `id` (shared with a write task).

@@ -62,6 +62,33 @@ pub fn is_label_write(action: &AssignerAction) -> bool {
     !matches!(action, AssignerAction::Nothing | AssignerAction::Wait)
 }
 
+/// The span of one label write: `object`, the `shard` the action moves it to (none for a
+/// drain cancellation), the `action`, and the `result` once the write ended. At info level,
+/// so that it is exported over OTLP with the default log level, like the worker's
+/// `reconcile` span; it logs nothing by itself.
+pub fn label_write_span(key: &ObjectKey, action: &AssignerAction) -> tracing::Span {
+    let span = tracing::info_span!(
+        "label_write",
+        object = %key,
+        shard = tracing::field::Empty,
+        action = ?action,
+        result = tracing::field::Empty,
+    );
+    if let AssignerAction::Assign { to } | AssignerAction::RequestDrain { to, .. } = action {
+        span.record("shard", tracing::field::display(to));
+    }
+    span
+}
+
+/// How a label write ended, for its span: `applied`, `stale` or `error`.
+pub fn write_result<T>(result: &Result<Outcome<T>, kube::Error>) -> &'static str {
+    match result {
+        Ok(Outcome::Applied(_)) => "applied",
+        Ok(Outcome::Stale) => "stale",
+        Err(_) => "error",
+    }
+}
+
 /// The shard label to claim by server-side apply instead of a merge patch: an assignment to
 /// the value the label already has but that the assigner did not write (a hand edit to the
 /// right shard). A merge patch of an unchanged value records no field manager, so the
