@@ -46,6 +46,8 @@ watch_namespaces='watchNamespaces={demo-payments,demo-search}'
 node_log="$(cluster_dir)/node-up.out"
 mode=pods
 db_image=shardop.local/db-standin:1
+# Requests that let all 24 stand-in database pods fit a 2-core node.
+db_requests='{ cpu: 10m, memory: 16Mi }'
 if [[ "${SHARDOP_DEMO_PROCESSES:-}" == 1 ]]; then
   mode=processes
   echo "demo: SHARDOP_DEMO_PROCESSES=1: running shardop as local processes"
@@ -60,6 +62,7 @@ if [[ "$mode" == pods ]]; then
     --set "$watch_namespaces" --wait --timeout 5m >/dev/null
 else
   db_image=postgres:17
+  db_requests='{ cpu: 250m, memory: 256Mi }'
   bash "$here/demo-chart.sh" up --set "$watch_namespaces"
 fi
 
@@ -79,7 +82,7 @@ spec:
   replicas: $(( (i % 3) + 1 ))
   image: $db_image
   resources:
-    requests: { cpu: 250m, memory: 256Mi }
+    requests: $db_requests
   storage:
     size: $((i * 5))Gi
     reclaimPolicy: $([[ $((i % 2)) == 0 ]] && echo Delete || echo Retain)
@@ -93,6 +96,12 @@ for _ in $(seq 1 60); do
   [[ "$pending" == 0 ]] && break
   sleep 1
 done
+
+if [[ "$mode" == pods ]]; then
+  echo "demo: waiting for the DatabaseClusters' database pods to become Ready..."
+  "$kubectl" wait --for=condition=Available dbc -A -l shardop.dev/demo=true --timeout=300s >/dev/null ||
+    echo "demo: some DatabaseClusters are not Available yet (kubectl get pods -A shows why)"
+fi
 
 # The shard table's HOLDER and QUEUE columns come from the workers' status reports: wait
 # for every shard's first one, so the first table is not half empty.

@@ -82,3 +82,15 @@ has_capability() {
   eff=$(awk '$1 == "CapEff:" { print $2 }' /proc/self/status)
   (((16#$eff >> $1) & 1))
 }
+
+# The pid and command line of a kube-proxy of another cluster directory, if one runs: two
+# nodes on one machine would rewrite each other's iptables rules.
+other_node() {
+  local p args
+  for p in /proc/[0-9]*; do
+    mapfile -d '' -t args 2>/dev/null <"$p/cmdline" || continue
+    [[ ${#args[@]} -gt 0 && "${args[0]##*/}" == kube-proxy && "${args[*]}" != *"$cluster_root/"* ]] || continue
+    echo "${p#/proc/} ${args[*]}"
+    return
+  done
+}

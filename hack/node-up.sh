@@ -46,6 +46,9 @@ install_node_packages
 
 bash "$here/cluster-up.sh" >&2
 take_node_lock
+other=$(other_node)
+[[ -z "$other" ]] || die "another local node runs on this machine (kube-proxy: $other); stop it first" \
+  "(make node-down or make demo-down with its settings): two nodes would rewrite each other's iptables rules"
 
 tools_bin=$(tools_bin_dir)
 node_bin=$("$here/build-node.sh")
