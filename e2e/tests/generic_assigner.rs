@@ -289,7 +289,7 @@ impl Env {
                 let fields = object.metadata.managed_fields.as_deref();
                 for names in &self.names {
                     assert!(
-                        shardop::label_trust::shard_label_written_by_assigner_for(names, fields),
+                        shardop::label_trust::shard_label_written_by(fields, names),
                         "{kind:?}/{}: {} not owned by {}: {fields:?}",
                         object.name_any(),
                         names.shard_label(),

@@ -379,9 +379,7 @@ impl Engine {
                     Some(to) => {
                         writes::claim_shard_label(client, &names, &kind, key, version, to).await
                     }
-                    None => {
-                        writes::patch_labels(client, &names, &kind, key, version, labels).await
-                    }
+                    None => writes::patch_labels(client, &names, &kind, key, version, labels).await,
                 };
                 tracing::Span::current().record("result", write_result(&result));
                 Done::Label(Box::new((write, result)))

@@ -26,7 +26,7 @@ pub fn shard_table(
 ) -> ShardTable {
     let snapshots = leases
         .iter()
-        .map(|(shard, lease)| (*shard, LeaseSnapshot::from_lease_for(names, lease)));
+        .map(|(shard, lease)| (*shard, LeaseSnapshot::from_lease_of(lease, names)));
     ShardTable::new(n, snapshots, now)
 }
 
@@ -241,7 +241,7 @@ mod tests {
                 name: Some(name.to_owned()),
                 resource_version: Some("1".to_owned()),
                 labels: Some(labels),
-                managed_fields: trust_marker_for(&names, Some(written.as_slice())),
+                managed_fields: trust_marker_for(Some(written.as_slice()), &names),
                 ..Default::default()
             },
             _phantom: Default::default(),
