@@ -755,6 +755,164 @@ mod tests {
         }
     }
 
+    /// Method, URI and body of every request sent.
+    type Requests = Arc<Mutex<Vec<(String, String, String)>>>;
+
+    /// A client that records every request and answers `200 {}`.
+    fn recording_client() -> (Client, Requests) {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = body.collect_bytes().await.unwrap_or_default();
+                seen.lock().unwrap().push((
+                    parts.method.to_string(),
+                    parts.uri.to_string(),
+                    String::from_utf8_lossy(&body).into_owned(),
+                ));
+                let response = http::Response::new(kube::client::Body::from(b"{}".to_vec()));
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        (Client::new(service, "default"), requests)
+    }
+
+    fn scope(valid_for: Duration) -> (ShardScope, Requests) {
+        let (client, requests) = recording_client();
+        let guard = LeaseGuard::detached(ShardIndex(1), Instant::now() + valid_for);
+        let names = OperatorNames::new("tenants").unwrap();
+        (
+            ShardScope::detached(ShardIndex(1), names, client, guard),
+            requests,
+        )
+    }
+
+    /// A cluster-scoped object labelled for shard 1 by the assigner, with more labels.
+    fn assigned(labels: &[(&str, &str)], by_assigner: bool) -> Namespace {
+        let names = OperatorNames::new("tenants").unwrap();
+        let entry = k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
+            manager: Some(if by_assigner {
+                names.assigner_field_manager()
+            } else {
+                "kubectl-edit".into()
+            }),
+            fields_v1: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
+                serde_json::json!({ "f:metadata": { "f:labels": { "f:tenants.shardop.dev/shard": {} } } }),
+            )),
+            ..Default::default()
+        };
+        let mut all = vec![("tenants.shardop.dev/shard", "1")];
+        all.extend_from_slice(labels);
+        Namespace {
+            metadata: ObjectMeta {
+                name: Some("a".into()),
+                uid: Some("u-a".into()),
+                resource_version: Some("7".into()),
+                labels: Some(
+                    all.iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                managed_fields: Some(vec![entry]),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// Runs `scope.reconciler` once on `object`; returns whether the user's reconcile ran
+    /// and the wrapper's result.
+    async fn reconcile_once(
+        scope: &ShardScope,
+        object: Namespace,
+    ) -> (bool, Result<Action, ScopeError>) {
+        let called = Arc::new(AtomicBool::new(false));
+        let mut reconcile =
+            scope.reconciler(|_: Arc<Namespace>, called: Arc<AtomicBool>| async move {
+                called.store(true, Ordering::SeqCst);
+                Ok::<_, ScopeError>(Action::await_change())
+            });
+        let result = reconcile(Arc::new(object), called.clone()).await;
+        (called.load(Ordering::SeqCst), result)
+    }
+
+    #[tokio::test]
+    async fn an_owned_object_is_reconciled() {
+        let (scope, requests) = scope(Duration::from_secs(60));
+        let (called, result) = reconcile_once(&scope, assigned(&[], true)).await;
+        assert!(called && result.is_ok());
+        assert!(requests.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_the_lease_the_reconcile_is_not_called_and_nothing_is_sent() {
+        let (scope, requests) = scope(Duration::ZERO);
+        let (called, result) = reconcile_once(&scope, assigned(&[], true)).await;
+        assert!(!called);
+        assert!(matches!(result, Err(ScopeError::LeaseLost(_))));
+        let (called, _) = reconcile_once(
+            &scope,
+            assigned(&[("tenants.shardop.dev/drain", "2")], true),
+        )
+        .await;
+        assert!(!called);
+        assert!(
+            requests.lock().unwrap().is_empty(),
+            "no drain acknowledged without the lease"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_drained_object_is_acknowledged_once_and_never_delivered() {
+        let (scope, requests) = scope(Duration::from_secs(60));
+        let draining = assigned(&[("tenants.shardop.dev/drain", "2")], true);
+        let (called, result) = reconcile_once(&scope, draining.clone()).await;
+        assert!(!called, "the controller never sees a drained object");
+        assert!(result.is_ok());
+        {
+            let requests = requests.lock().unwrap();
+            assert_eq!(requests.len(), 1);
+            let (method, uri, body) = &requests[0];
+            assert_eq!(method, "PATCH");
+            assert!(uri.starts_with("/api/v1/namespaces/a?"), "{uri}");
+            assert!(uri.contains("fieldManager=tenants-worker"), "{uri}");
+            let body: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({ "metadata": {
+                    "resourceVersion": "7",
+                    "labels": {
+                        "tenants.shardop.dev/shard": null,
+                        "tenants.shardop.dev/drain": null,
+                    },
+                } })
+            );
+        }
+        // A stale cache entry of the same object: not acknowledged again.
+        let (called, _) = reconcile_once(&scope, draining).await;
+        assert!(!called);
+        assert_eq!(requests.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_or_foreign_label_is_skipped() {
+        let (scope, requests) = scope(Duration::from_secs(60));
+        let (called, _) = reconcile_once(&scope, assigned(&[], false)).await;
+        assert!(!called, "a hand-edited label starts no reconcile");
+        let mut other = assigned(&[], true);
+        other
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("tenants.shardop.dev/shard".into(), "2".into());
+        let (called, _) = reconcile_once(&scope, other).await;
+        assert!(!called, "another shard's object");
+        assert!(requests.lock().unwrap().is_empty());
+    }
+
     #[test]
     fn keys_of_namespaced_and_cluster_scoped_objects() {
         let namespaced = ConfigMap {

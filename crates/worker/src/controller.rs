@@ -123,16 +123,6 @@ fn scope_controller(
     Store<DatabaseCluster>,
     futures::future::BoxFuture<'static, ()>,
 ) {
-    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-        K::DynamicType: Default,
-    {
-        match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
-    }
     let scope = shared.scope.clone();
     let client = scope.client();
     let config = scope.watcher_config();
@@ -142,29 +132,10 @@ fn scope_controller(
     let (services, svc_writer) = reflector::store::<Service>();
     scope.track_cache(clusters.clone());
     let clusters_synced = CancellationToken::new();
-    let sts_synced = CancellationToken::new();
-    let svc_synced = CancellationToken::new();
 
-    // The child caches are driven by their own tasks, not by the controller: kube-runtime
-    // stops polling its trigger streams while the runner waits for its main store or is at
-    // full concurrency, and a reconcile compares children with these caches. Their events
-    // reach the controller through unbounded channels (bounded in practice by the number
-    // of children and how long a stall lasts).
-    let (sts_task, sts_events) = drive_children(
-        sts_writer,
-        watcher(api::<StatefulSet>(&client, namespace), config.clone()).modify(drop_managed_fields),
-        sts_fingerprint,
-        sts_synced.clone(),
-        shared.clone(),
-    );
-    let (svc_task, svc_events) = drive_children(
-        svc_writer,
-        watcher(api::<Service>(&client, namespace), config.clone()).modify(drop_managed_fields),
-        predicates::resource_version,
-        svc_synced.clone(),
-        shared.clone(),
-    );
-
+    let children =
+        ChildWatches::start(&shared, &client, namespace, &config, sts_writer, svc_writer);
+    let (sts_synced, svc_synced) = (children.sts_synced.clone(), children.svc_synced.clone());
     // DatabaseCluster events start flowing only once the child caches are complete, so the
     // first reconcile of every object sees its children (no blind re-apply after start-up).
     let children_synced = {
@@ -177,7 +148,7 @@ fn scope_controller(
     let cluster_events = cluster_events(
         &shared,
         cluster_writer,
-        api::<DatabaseCluster>(&client, namespace),
+        scoped_api::<DatabaseCluster>(&client, namespace),
         config,
         clusters_synced.clone(),
     );
@@ -195,8 +166,8 @@ fn scope_controller(
         clusters: clusters.clone(),
     });
     let controller = Controller::for_stream(cluster_events, clusters.clone())
-        .owns_stream(sts_events)
-        .owns_stream(svc_events)
+        .owns_stream(children.sts_events)
+        .owns_stream(children.svc_events)
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(scope.stopped());
 
@@ -223,10 +194,81 @@ fn scope_controller(
     let run = async move {
         // Dropped both when the controller ends and when this future is aborted (stop
         // timeout): the helper tasks never outlive their controller.
-        let _helpers = AbortOnDrop(vec![tokio::spawn(report_synced), sts_task, svc_task]);
+        let _helpers = AbortOnDrop(vec![
+            tokio::spawn(report_synced),
+            children.sts_task,
+            children.svc_task,
+        ]);
         run.await;
     };
     (clusters, Box::pin(run))
+}
+
+type ChildEvents<K> = futures::channel::mpsc::UnboundedReceiver<Result<K, watcher::Error>>;
+
+/// The StatefulSet and Service watches of one namespace scope, each driven by its own task.
+struct ChildWatches {
+    sts_task: JoinHandle<()>,
+    sts_events: ChildEvents<StatefulSet>,
+    sts_synced: CancellationToken,
+    svc_task: JoinHandle<()>,
+    svc_events: ChildEvents<Service>,
+    svc_synced: CancellationToken,
+}
+
+impl ChildWatches {
+    /// The child caches are driven by their own tasks, not by the controller: kube-runtime
+    /// stops polling its trigger streams while the runner waits for its main store or is
+    /// at full concurrency, and a reconcile compares children with these caches. Their
+    /// events reach the controller through unbounded channels (bounded in practice by the
+    /// number of children and how long a stall lasts).
+    fn start(
+        shared: &Arc<ShardShared>,
+        client: &Client,
+        namespace: Option<&str>,
+        config: &watcher::Config,
+        sts_writer: reflector::store::Writer<StatefulSet>,
+        svc_writer: reflector::store::Writer<Service>,
+    ) -> Self {
+        let sts_synced = CancellationToken::new();
+        let svc_synced = CancellationToken::new();
+        let (sts_task, sts_events) = drive_children(
+            sts_writer,
+            watcher(scoped_api::<StatefulSet>(client, namespace), config.clone())
+                .modify(drop_managed_fields),
+            sts_fingerprint,
+            sts_synced.clone(),
+            shared.clone(),
+        );
+        let (svc_task, svc_events) = drive_children(
+            svc_writer,
+            watcher(scoped_api::<Service>(client, namespace), config.clone())
+                .modify(drop_managed_fields),
+            predicates::resource_version,
+            svc_synced.clone(),
+            shared.clone(),
+        );
+        Self {
+            sts_task,
+            sts_events,
+            sts_synced,
+            svc_task,
+            svc_events,
+            svc_synced,
+        }
+    }
+}
+
+/// An `Api` of one namespace, or of all (`None`).
+fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }
 
 /// The DatabaseCluster events of one namespace scope that call for a reconcile: the
@@ -303,10 +345,7 @@ fn drive_children<K, W, P>(
     predicate: P,
     synced: CancellationToken,
     shared: Arc<ShardShared>,
-) -> (
-    JoinHandle<()>,
-    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-)
+) -> (JoinHandle<()>, ChildEvents<K>)
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
     W: futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,

@@ -436,86 +436,24 @@ async fn converge(
             volume_resize::advance(&io, &cluster, cached_sts.as_deref(), under_way).await?
         }
     };
-    let join = shared.scope.moved_in(&cluster);
-    let ownership_changed = join.is_some();
     let (stateful_set, problem) = match known_problem {
         // The same spec was rejected before: do not hammer the API server with it.
         Some(problem) => (cached_sts.as_deref().cloned(), Some(problem)),
-        None => {
-            let service = desired_service(&cluster, shard);
-            let mut problem = match apply_if_changed(
-                ctx,
-                &service,
-                &ctx.services,
-                ownership_changed,
-                "applying the Service",
-            )
-            .await
-            {
-                Ok(_) => None,
-                Err(err) => Some(classify(err, "Service")?),
-            };
-            let mut sts = desired_stateful_set(&cluster, shard);
-            resize.shape(&mut sts);
-            let stateful_set = match apply_if_changed(
-                ctx,
-                &sts,
-                &ctx.stateful_sets,
-                ownership_changed,
-                "applying the StatefulSet",
-            )
-            .await
-            {
-                Ok(applied) => Some(applied),
-                Err(err) => {
-                    let terminal = classify(err, "StatefulSet")?;
-                    problem.get_or_insert(terminal);
-                    cached_sts.as_deref().cloned()
-                }
-            };
-            shared.guard.check()?;
-            let mut book = shared.book();
-            // Both children were applied: they carry our label. A child rejected for good
-            // may still carry another shard's: the next reconcile relabels it again.
-            if problem.is_none()
-                && let Some(join) = join
-            {
-                shared.scope.children_relabelled(&cluster, join);
-            }
-            book.record_problem(&uid, generation, problem.as_ref());
-            (stateful_set, problem)
-        }
+        None => apply_children(ctx, &cluster, &resize, cached_sts.as_deref()).await?,
     };
     if let Some(problem) = &problem {
         tracing::warn!(reason = %problem.reason, detail = %problem.message, "spec cannot be applied");
     }
 
-    let written = {
-        let mut book = shared.book();
-        // The object we read may already hold that write: the cache answers again then.
-        book.forget_status_once_seen(&cluster);
-        book.written_status(key)
-    };
-    let current_status = known_status(&cluster, written.as_ref());
-    let now = jiff::Timestamp::now();
-    let mut status = desired_status(&Observed {
-        cluster: &cluster,
-        current_status,
-        stateful_set: stateful_set.as_ref(),
-        problem: problem.as_ref(),
-        shard,
-        now,
-    });
-    let previous_conditions = current_status.map(|s| s.conditions.as_slice());
-    resize.annotate(&mut status, previous_conditions.unwrap_or_default(), now);
-    if current_status != Some(&status) {
-        shared.guard.check()?;
-        let updated = api(ctx, &namespace)
-            .patch_status(&name, &params(), &Patch::Merge(json!({ "status": status })))
-            .await
-            .map_err(ReconcileError::kube("writing the status"))?;
-        remember_status(ctx, key, updated);
-    }
+    write_status(
+        ctx,
+        &cluster,
+        key,
+        stateful_set.as_ref(),
+        problem.as_ref(),
+        &resize,
+    )
+    .await?;
 
     if problem.is_some() || resize.problem.is_some() {
         // Degraded: it waits for its owner to change the spec, not for this shard, so
@@ -533,6 +471,109 @@ async fn converge(
         shared.metrics.record_lag(shard, seen.elapsed());
     }
     Ok(Outcome::Done)
+}
+
+/// Writes the status the object should have (conditions, observed generation, resize
+/// progress) unless the server has it already.
+async fn write_status(
+    ctx: &ScopeContext,
+    cluster: &DatabaseCluster,
+    key: &str,
+    stateful_set: Option<&StatefulSet>,
+    problem: Option<&TerminalProblem>,
+    resize: &Resize,
+) -> Result<(), ReconcileError> {
+    let shared = &ctx.shared;
+    let shard = shared.shard;
+    let namespace = cluster.namespace().unwrap_or_default();
+    let name = cluster.name_any();
+    let written = {
+        let mut book = shared.book();
+        // The object we read may already hold that write: the cache answers again then.
+        book.forget_status_once_seen(cluster);
+        book.written_status(key)
+    };
+    let current_status = known_status(cluster, written.as_ref());
+    let now = jiff::Timestamp::now();
+    let mut status = desired_status(&Observed {
+        cluster,
+        current_status,
+        stateful_set,
+        problem,
+        shard,
+        now,
+    });
+    let previous_conditions = current_status.map(|s| s.conditions.as_slice());
+    resize.annotate(&mut status, previous_conditions.unwrap_or_default(), now);
+    if current_status != Some(&status) {
+        shared.guard.check()?;
+        let updated = api(ctx, &namespace)
+            .patch_status(&name, &params(), &Patch::Merge(json!({ "status": status })))
+            .await
+            .map_err(ReconcileError::kube("writing the status"))?;
+        remember_status(ctx, key, updated);
+    }
+    Ok(())
+}
+
+/// Applies the Service and the StatefulSet (shaped by `resize`) where they differ from the
+/// server's, or all of them after the object moved in. Returns the StatefulSet as the server
+/// has it and the terminal problem of this spec, if an apply was rejected for good (the
+/// cached StatefulSet is returned then).
+async fn apply_children(
+    ctx: &ScopeContext,
+    cluster: &DatabaseCluster,
+    resize: &Resize,
+    cached_sts: Option<&StatefulSet>,
+) -> Result<(Option<StatefulSet>, Option<TerminalProblem>), ReconcileError> {
+    let shared = &ctx.shared;
+    let shard = shared.shard;
+    let join = shared.scope.moved_in(cluster);
+    let ownership_changed = join.is_some();
+    let service = desired_service(cluster, shard);
+    let mut problem = match apply_if_changed(
+        ctx,
+        &service,
+        &ctx.services,
+        ownership_changed,
+        "applying the Service",
+    )
+    .await
+    {
+        Ok(_) => None,
+        Err(err) => Some(classify(err, "Service")?),
+    };
+    let mut sts = desired_stateful_set(cluster, shard);
+    resize.shape(&mut sts);
+    let stateful_set = match apply_if_changed(
+        ctx,
+        &sts,
+        &ctx.stateful_sets,
+        ownership_changed,
+        "applying the StatefulSet",
+    )
+    .await
+    {
+        Ok(applied) => Some(applied),
+        Err(err) => {
+            let terminal = classify(err, "StatefulSet")?;
+            problem.get_or_insert(terminal);
+            cached_sts.cloned()
+        }
+    };
+    shared.guard.check()?;
+    // Both children were applied: they carry our label. A child rejected for good may
+    // still carry another shard's: the next reconcile relabels it again.
+    if problem.is_none()
+        && let Some(join) = join
+    {
+        shared.scope.children_relabelled(cluster, join);
+    }
+    let uid = cluster.uid().unwrap_or_default();
+    shared
+        .book()
+        .record_problem(&uid, cluster.metadata.generation, problem.as_ref());
+    Ok((stateful_set, problem))
 }
 
 /// The object's StatefulSet: from the cache, or read by name when the cache cannot show it
