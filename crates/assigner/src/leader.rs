@@ -96,7 +96,7 @@ async fn build_manager(
 ) -> Option<LeaseManager> {
     let mut schedule = RetrySchedule::api_default();
     loop {
-        let built = LeaseManagerBuilder::new(client.clone(), &election.names.assigner_lease_name())
+        let built = LeaseManagerBuilder::new(client.clone(), election.names.assigner_lease_name())
             .with_namespace(&election.namespace)
             .with_identity(&election.identity)
             .with_duration(duration)
