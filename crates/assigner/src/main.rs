@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use shardop::lease::watch_shard_leases_for;
+use shardop::lease::watch_operator_shard_leases;
 use shardop_runtime::serve::{Endpoints, serve};
 use shardop_runtime::{ClientFactory, KubeMetrics, Readiness};
 use tokio::task::JoinSet;
@@ -162,11 +162,11 @@ async fn lead(
     };
     settings.kinds = kinds.into_iter().map(Arc::new).collect();
     let mut drivers = JoinSet::new();
-    let (leases, lease_driver) = watch_shard_leases_for(
+    let (leases, lease_driver) = watch_operator_shard_leases(
         client.clone(),
         &settings.operator_namespace,
-        &settings.names,
         false,
+        settings.names.clone(),
     );
     drivers.spawn(lease_driver);
     let (shard_count, count_driver) = match (args.shards, &args.worker_statefulset) {

@@ -11,7 +11,7 @@ use kube::api::DynamicObject;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher;
 use shardop::assignment::object_key_hash;
-use shardop::label_trust::shard_label_written_by_assigner_for;
+use shardop::label_trust::shard_label_written_by;
 use shardop::protocol::ObjectPlacement;
 use shardop::{OperatorNames, ShardIndex};
 
@@ -221,8 +221,8 @@ impl ObjectStore {
 /// namespace is empty).
 fn record_of(names: &OperatorNames, key: &ObjectKey, meta: &ObjectMeta) -> ObjectRecord {
     let m = &meta.metadata;
-    let trusted = shard_label_written_by_assigner_for(names, m.managed_fields.as_deref());
-    let placement = ObjectPlacement::from_labels_for(names, m.labels.as_ref(), trusted);
+    let trusted = shard_label_written_by(m.managed_fields.as_deref(), names);
+    let placement = ObjectPlacement::from_labels_of(m.labels.as_ref(), trusted, names);
     ObjectRecord {
         resource_version: m.resource_version.as_deref().unwrap_or_default().into(),
         deleting: m.deletion_timestamp.is_some(),

@@ -224,7 +224,7 @@ mod tests {
                 name: Some(name.to_owned()),
                 resource_version: Some("1".to_owned()),
                 labels: Some(labels),
-                managed_fields: trust_marker_for(&names, Some(written.as_slice())),
+                managed_fields: trust_marker_for(Some(written.as_slice()), &names),
                 ..Default::default()
             },
             _phantom: Default::default(),
