@@ -41,7 +41,7 @@ pub fn config_map_name(tenant: &str) -> String {
 /// kube's `Controller::owns` would give the owner the child's namespace, which a
 /// cluster-scoped Tenant does not have, so the Controller watches ConfigMaps with this mapper
 /// instead.
-pub fn owner_of_settings(config_map: &ConfigMap) -> Option<ObjectRef<Tenant>> {
+pub fn owner_of_settings(config_map: ConfigMap) -> Option<ObjectRef<Tenant>> {
     let owner = config_map
         .metadata
         .owner_references
@@ -236,8 +236,8 @@ mod tests {
             ("Tenant", "uid-acme")
         );
         assert_eq!(owner.api_version, "example.shardop.dev/v1alpha1");
-        assert_eq!(owner_of_settings(&cm), Some(ObjectRef::new("acme")));
-        assert_eq!(owner_of_settings(&cm).unwrap().namespace, None);
+        assert_eq!(owner_of_settings(cm.clone()), Some(ObjectRef::new("acme")));
+        assert_eq!(owner_of_settings(cm.clone()).unwrap().namespace, None);
     }
 
     #[test]
@@ -370,9 +370,9 @@ mod tests {
     fn only_a_tenant_controller_reference_maps_to_a_tenant() {
         let mut cm = desired_config_map(&tenant("acme"), "tenants").unwrap();
         cm.metadata.owner_references.as_mut().unwrap()[0].controller = Some(false);
-        assert_eq!(owner_of_settings(&cm), None);
+        assert_eq!(owner_of_settings(cm.clone()), None);
         cm.metadata.owner_references.as_mut().unwrap()[0].controller = Some(true);
         cm.metadata.owner_references.as_mut().unwrap()[0].kind = "Other".into();
-        assert_eq!(owner_of_settings(&cm), None);
+        assert_eq!(owner_of_settings(cm.clone()), None);
     }
 }

@@ -21,7 +21,7 @@ use crate::tenant::Tenant;
 
 /// The operator's name: its label keys (`tenants.shardop.dev/shard`), shard Leases
 /// (`tenants-shard-<i>`) and field managers derive from it.
-const OPERATOR: &str = "tenants";
+const OPERATOR: &str = "tenants"; // sharding:
 
 #[derive(Parser, Debug)]
 #[command(name = "tenants-operator", version, about)]
@@ -82,44 +82,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let factory = shardop::ClientFactory::infer(&args.kube, metrics)
         .await
         .context("building the kube client")?;
-    // sharding: identity (POD_NAME), home shard and Lease namespace from the environment.
+    tracing::info!(namespace = args.namespace, "tenants-operator starting");
+    // Identity (POD_NAME), home shard (its ordinal) and Lease namespace from the environment;
+    // one Controller per served shard: the home shard and any taken over from a dead peer.
     let settings = shardop::ShardingSettings::from_env(OPERATOR, &args.namespace)?; // sharding:
     let sharding = shardop::Sharding::with_client_factory(factory, settings); // sharding:
-    tracing::info!(namespace = args.namespace, "tenants-operator starting");
     let namespace = args.namespace;
-    // sharding: one Controller per served shard (home shard and taken-over ones).
-    sharding
-        .run(move |scope: shardop::ShardScope| {
-            // sharding:
-            let namespace = namespace.clone();
-            async move { run_shard(scope, namespace).await }
-        })
+    sharding // sharding:
+        .run(move |scope: shardop::ShardScope| run_shard(scope, namespace.clone())) // sharding:
         .await?; // sharding:
     tracing::info!("tenants-operator stopped");
     Ok(())
 }
 
-/// Runs the Tenant controller over one shard's slice until the shard stops.
+/// Runs the Tenant controller over one shard's slice until the shard stops (its
+/// `scope` parameter is a sharding line).
 async fn run_shard(scope: shardop::ShardScope, namespace: String) {
-    let client = scope.client(); // sharding: writes fenced by the shard's Lease
+    // Writes through the shard's client are fenced by its Lease.
+    let client = scope.client(); // sharding:
     let settings: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    // sharding: the shard's children only (they carry its label); ours among them.
-    let mut settings_config = scope.watcher_config(); // sharding:
-    let own = format!("{}={}", desired::MANAGED_BY_LABEL, desired::MANAGED_BY);
-    settings_config.label_selector = Some(match settings_config.label_selector.take() {
-        Some(shard) => format!("{shard},{own}"), // sharding:
-        None => own,
-    });
     let ctx = Arc::new(Context {
         client: client.clone(),
         namespace,
         scope: scope.clone(), // sharding:
     });
-    scope
-        .controller(Api::<Tenant>::all(client)) // sharding: the shard's Tenants
-        .watches(settings, settings_config, |cm| {
-            desired::owner_of_settings(&cm)
-        })
+    // The shard's Tenants, and the settings ConfigMaps labelled with its shard.
+    scope // sharding:
+        .controller(Api::<Tenant>::all(client)) // sharding:
+        .watches(settings, scope.watcher_config(), desired::owner_of_settings) // sharding:
         .run(scope.reconciler(reconcile), error_policy, ctx) // sharding:
         .for_each(|result| async move {
             if let Err(err) = result {

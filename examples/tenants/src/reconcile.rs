@@ -53,7 +53,7 @@ pub enum Error {
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<Error>>),
     /// The shard may not act (Lease lost) or a drain acknowledgement failed.
-    #[error(transparent)]
+    #[error(transparent)] // sharding:
     Shard(#[from] shardop::ScopeError), // sharding:
 }
 
@@ -84,7 +84,8 @@ pub fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> A
 async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action, Error> {
     let outcome = match desired::desired_config_map(tenant, &ctx.namespace) {
         Ok(mut config_map) => {
-            ctx.scope.label_child(&mut config_map); // sharding: the child follows its Tenant
+            // The child carries its Tenant's shard label, so it moves with it.
+            ctx.scope.label_child(&mut config_map); // sharding:
             apply_config_map(&config_map, ctx).await?;
             Outcome::Rendered
         }
