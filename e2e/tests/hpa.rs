@@ -6,12 +6,13 @@
 //! shards and contracts to two; never two owners (audit log).
 //!
 //! The queue builds because the workers are throttled by chart values, not by fault
-//! injection (the image runs the plain release binaries): `worker.concurrency=1` and
-//! `worker.kubeQps=3`, so a worker converges about one DatabaseCluster a second while the
-//! assigner stamps the storm's shard labels at its default 50 requests a second. The target
-//! queue depth (50 a pod) sits below the storm's queue (about 240 / 2 a pod) and above the
-//! spikes of the contraction (the objects of a retired shard queued on the others, at most
-//! 240 / 3 / 2 = 40 a pod), so scaling in never triggers a scale-out again.
+//! injection (the image runs the workspace's binaries, built without the fault-injection
+//! feature): `worker.concurrency=1` and `worker.kubeQps=3`, so a worker converges about one
+//! DatabaseCluster a second while the assigner stamps the storm's shard labels at its
+//! default 50 requests a second. The target queue depth (50 a pod) sits well below the
+//! storm's queue (about 240 / 2 a pod). Each contraction queues the retired shard's objects
+//! on the remaining shards again; should that spike pass the target, the HPA scales out
+//! once more, and the test waits for the final state (2 workers, everything converged).
 //!
 //! A ResourceQuota of zero pods in the objects' namespace keeps the storm's database pods
 //! off the single node: a DatabaseCluster counts as converged when its status reports the
