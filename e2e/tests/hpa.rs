@@ -232,7 +232,7 @@ async fn record(
     }
 }
 
-fn write_report(samples: &[Sample], scale_up: f64, scale_down: f64, drained: f64) {
+fn write_report(samples: &[Sample], scale_up: f64, scale_down: f64, drained: f64, rescaled: usize) {
     let dir = shardop_e2e::repo_root().join("target/hpa");
     std::fs::create_dir_all(&dir).unwrap();
     let report = serde_json::json!({
@@ -240,6 +240,7 @@ fn write_report(samples: &[Sample], scale_up: f64, scale_down: f64, drained: f64
         "scale_up_seconds": scale_up,
         "scale_down_seconds": scale_down,
         "all_converged_seconds": drained,
+        "scale_outs_after_first_scale_in": rescaled,
         "samples": samples,
     });
     std::fs::write(
@@ -421,7 +422,13 @@ async fn the_hpa_scales_the_workers_out_under_a_create_storm_and_back_in_when_qu
     );
 
     let samples = samples.lock().unwrap().clone();
-    write_report(&samples, scale_up, scale_down, drained.t);
+    // Scale-outs after the first scale-in: a contraction's queue spike passing the target.
+    let rescaled = samples
+        .windows(2)
+        .filter(|w| w[0].t >= first_step && w[1].replicas > w[0].replicas)
+        .count();
+    println!("scale-outs after the first scale-in step: {rescaled}");
+    write_report(&samples, scale_up, scale_down, drained.t, rescaled);
 
     // The assigner expanded to four shards and contracted to two.
     let labelled: BTreeSet<&String> = samples.iter().flat_map(|s| &s.shards_labelled).collect();
