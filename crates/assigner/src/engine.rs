@@ -566,7 +566,12 @@ impl Engine {
         let key = &write.key;
         match result {
             Ok(Outcome::Applied(meta)) => {
-                self.objects.observe_write(key.kind, &meta);
+                if !self
+                    .objects
+                    .observe_write(key.kind, &meta, &write.resource_version)
+                {
+                    tracing::debug!(object = %key, "the watch was ahead of the write's response");
+                }
                 match write.action {
                     AssignerAction::Assign { to } => {
                         if let Some(started) = self.moves.remove(key) {

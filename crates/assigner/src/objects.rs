@@ -180,10 +180,27 @@ impl ObjectStore {
         self.records.len()
     }
 
-    /// Takes in the metadata a label patch of an object of `kind` returned (newer than
-    /// anything watched so far).
-    pub fn observe_write(&mut self, kind: KindId, meta: &ObjectMeta) {
-        self.upsert(kind, meta);
+    /// Takes in the metadata a label patch of an object of `kind` returned, if it is still
+    /// the newest known: the write was conditional on `decided_on`, so the object went from
+    /// `decided_on` straight to the returned version, and a record that moved past
+    /// `decided_on` already holds that version or a later one (the watch was faster than
+    /// the write's response). Taking the response then would roll the record back: a drain
+    /// the owner has acknowledged meanwhile would read as still requested, and since no
+    /// further event comes for an object nobody touches again, it would wait unlabelled
+    /// forever. Returns whether the response was taken.
+    pub fn observe_write(&mut self, kind: KindId, meta: &ObjectMeta, decided_on: &str) -> bool {
+        let Some(key) = self.key_of(kind, meta) else {
+            return false;
+        };
+        // A record that is gone was deleted meanwhile: the response must not bring it back.
+        if self
+            .records
+            .get(&key)
+            .is_none_or(|r| *r.resource_version != *decided_on)
+        {
+            return false;
+        }
+        self.upsert(kind, meta).is_some()
     }
 
     fn key_of(&mut self, kind: KindId, meta: &ObjectMeta) -> Option<ObjectKey> {

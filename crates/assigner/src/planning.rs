@@ -421,6 +421,63 @@ mod tests {
         );
     }
 
+    /// `object` at resourceVersion `rv`.
+    fn at(mut meta: Meta, rv: &str) -> Meta {
+        meta.metadata.resource_version = Some(rv.to_owned());
+        meta
+    }
+
+    /// The tenants bench run: a cluster-scoped object drained from shard 3 to shard 4 of 5
+    /// whose owner acknowledged the drain before the drain request's response came back.
+    #[test]
+    fn a_drain_acknowledged_before_the_write_response_is_still_relabelled() {
+        let five = ShardCount::new(5).unwrap();
+        let name = (0..)
+            .map(|i| format!("tenant-{i:06}"))
+            .find(|n| shard_for("", n, five) == ShardIndex(4))
+            .unwrap();
+        let scope = SourceScope {
+            kind: 0,
+            namespace: None,
+        };
+        let mut store = store(vec![(0, at(object("", &name, Some(3), None), "10"))]);
+        let key = key(0, "", &name);
+        let table = table(5, 5);
+        assert_eq!(
+            actions(&Book::new().plan(&store, &table)).get(&key),
+            Some(&AssignerAction::RequestDrain {
+                from: ShardIndex(3),
+                to: ShardIndex(4)
+            })
+        );
+        // The drain request lands at 11; the watch brings it, then the acknowledgement (12),
+        // before the engine reads the write's response.
+        let draining = at(object("", &name, Some(3), Some(4)), "11");
+        store.apply(0, &scope, watcher::Event::Apply(draining.clone()));
+        store.apply(
+            0,
+            &scope,
+            watcher::Event::Apply(at(object("", &name, None, None), "12")),
+        );
+        assert!(!store.observe_write(0, &draining, "10"), "an older version");
+        let plan = Book::new().plan(&store, &table);
+        assert_eq!(
+            actions(&plan).get(&key),
+            Some(&AssignerAction::Assign { to: ShardIndex(4) })
+        );
+        // A response that is the newest known is taken.
+        let assigned = at(object("", &name, Some(4), None), "13");
+        assert!(store.observe_write(0, &assigned, "12"));
+        assert_eq!(
+            store.get(&key).unwrap().placement,
+            ObjectPlacement::Owned(ShardIndex(4))
+        );
+        // A response for an object deleted meanwhile does not bring it back.
+        store.apply(0, &scope, watcher::Event::Delete(assigned.clone()));
+        assert!(!store.observe_write(0, &at(assigned, "14"), "13"));
+        assert!(store.get(&key).is_none());
+    }
+
     #[test]
     fn writes_in_flight_and_holds_leave_an_object_alone_until_they_end() {
         let (store, table, movers) = grown();
