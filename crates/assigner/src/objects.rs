@@ -180,15 +180,15 @@ impl ObjectStore {
         self.records.len()
     }
 
-    /// Takes in the metadata a label patch of an object of `kind` returned, if it is still
-    /// the newest known: the write was conditional on `decided_on`, so the object went from
-    /// `decided_on` straight to the returned version, and a record that moved past
-    /// `decided_on` already holds that version or a later one (the watch was faster than
-    /// the write's response). Taking the response then would roll the record back: a drain
-    /// the owner has acknowledged meanwhile would read as still requested, and since no
-    /// further event comes for an object nobody touches again, it would wait unlabelled
-    /// forever. Returns whether the response was taken.
-    pub fn observe_write(&mut self, kind: KindId, meta: &ObjectMeta, decided_on: &str) -> bool {
+    /// Takes in the metadata a label write or a re-read of an object of `kind` returned, if
+    /// it is still the newest known. The request was made while the record was at
+    /// `based_on` (a label write is conditional on it), so the answer is that version or a
+    /// later one, and a record that has moved past `based_on` since is at least as new: the
+    /// watch was faster than the answer. Taking the answer then would roll the record back:
+    /// a drain the owner has acknowledged meanwhile would read as still requested, and as
+    /// no further event comes for an object nobody touches again, it would wait
+    /// unlabelled. Returns whether the answer was taken.
+    pub fn observe_response(&mut self, kind: KindId, meta: &ObjectMeta, based_on: &str) -> bool {
         let Some(key) = self.key_of(kind, meta) else {
             return false;
         };
@@ -196,7 +196,7 @@ impl ObjectStore {
         if self
             .records
             .get(&key)
-            .is_none_or(|r| *r.resource_version != *decided_on)
+            .is_none_or(|r| *r.resource_version != *based_on)
         {
             return false;
         }
