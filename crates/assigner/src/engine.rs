@@ -26,10 +26,11 @@ use tracing::Instrument;
 
 use crate::metrics::{AssignerMetrics, ShardLabel};
 use crate::objects::{ObjectKey, ObjectMeta, ObjectStore, Source, SourceScope};
-use crate::planning::{self, Admitted, Candidate, Hold, Limits, Progress};
+use crate::planning::{self, Admitted, Candidate, Hold, Limits, Progress, Unassigned};
 use crate::resources::{KindId, ShardedKind};
 use crate::shard_count::ShardCountRx;
 use crate::shard_objects::{self, AssignerStatus};
+use crate::stalls::{LongUnassigned, Rereads, UnassignedClock};
 use crate::writes::{self, Outcome, label_write_span, write_result};
 
 /// Passes run at most this often, so an event storm is handled in batches.
@@ -79,6 +80,8 @@ enum Done {
     Label(Box<(LabelWrite, LabelResult)>),
     Lease(ShardIndex, LeaseStep, Result<Outcome<()>, kube::Error>),
     ShardObject(ShardIndex, &'static str, Result<(), kube::Error>),
+    /// A stalled move's object re-read, and the resourceVersion its record had then.
+    Reread(Box<(ObjectKey, Box<str>, Result<ObjectMeta, kube::Error>)>),
 }
 
 /// The leader's state; dropped with the leadership.
@@ -103,6 +106,8 @@ pub struct Engine {
     /// The status last applied to each Shard object, and when.
     statuses: HashMap<ShardIndex, (AssignerStatus, Instant)>,
     exported_shards: BTreeSet<ShardIndex>,
+    rereads: Rereads,
+    unassigned_clock: UnassignedClock,
 }
 
 impl Engine {
@@ -163,6 +168,8 @@ impl Engine {
             shard_holds: HashMap::new(),
             statuses: HashMap::new(),
             exported_shards: BTreeSet::new(),
+            rereads: Rereads::default(),
+            unassigned_clock: UnassignedClock::default(),
         };
         (engine, events)
     }
@@ -290,7 +297,55 @@ impl Engine {
             self.moves.entry(key).or_insert(now);
         }
         self.export_counts(plan.unassigned, &plan.labelled);
+        self.report_long_unassigned(&plan.unassigned_keys, now);
+        self.reread_stalled_moves(now);
         (plan.labelled, plan.candidates)
+    }
+
+    /// Keeps how long each object has been without a valid owner: the oldest as a metric,
+    /// and a warning, with the reason, for each one past [`crate::stalls::LONG_UNASSIGNED`].
+    fn report_long_unassigned(&mut self, unassigned: &[(ObjectKey, Unassigned)], now: Instant) {
+        let (oldest, long) = self.unassigned_clock.observe(unassigned, now);
+        for LongUnassigned { key, why, waited } in long {
+            tracing::warn!(
+                object = %key,
+                waited_s = waited.as_secs(),
+                reason = why.as_str(),
+                "object without a shard label for long"
+            );
+        }
+        self.metrics
+            .oldest_unassigned_seconds
+            .set(i64::try_from(oldest.as_secs()).unwrap_or(i64::MAX));
+    }
+
+    /// Re-reads the objects of moves stalled for [`crate::stalls::STALLED_MOVE`]: the watch
+    /// normally brings every step, so a stall is either a slow owner or a record that fell
+    /// behind its object, and only a fresh read tells them apart.
+    fn reread_stalled_moves(&mut self, now: Instant) {
+        let in_flight = &self.in_flight;
+        let (stalled, due) = self
+            .rereads
+            .due(&self.moves, |key| in_flight.contains_key(key), now);
+        self.metrics
+            .stalled_moves
+            .set(i64::try_from(stalled).unwrap_or(i64::MAX));
+        for key in due {
+            let (Some(record), Some(kind)) = (self.objects.get(&key), self.kind(key.kind)) else {
+                continue;
+            };
+            tracing::warn!(
+                object = %key,
+                placement = ?record.placement,
+                "move stalled; re-reading the object"
+            );
+            let based_on = record.resource_version.clone();
+            let client = self.client.clone();
+            self.writes.spawn(async move {
+                let result = writes::read_metadata(client, &kind, &key).await;
+                Done::Reread(Box::new((key, based_on, result)))
+            });
+        }
     }
 
     fn export_counts(&mut self, unassigned: usize, labelled: &BTreeMap<ShardIndex, usize>) {
@@ -533,6 +588,19 @@ impl Engine {
                 let (write, result) = *done;
                 self.on_label_done(write, result);
             }
+            Done::Reread(done) => {
+                let (key, based_on, result) = *done;
+                match result {
+                    Ok(meta) => {
+                        if self.objects.observe_response(key.kind, &meta, &based_on) {
+                            self.metrics.rereads.inc();
+                        }
+                    }
+                    Err(err) => {
+                        tracing::debug!(object = %key, %err, "re-reading the object failed")
+                    }
+                }
+            }
             Done::Lease(shard, step, result) => match result {
                 Ok(Outcome::Applied(())) => tracing::info!(%shard, ?step, "shard lease updated"),
                 Ok(Outcome::Stale) => {
@@ -566,7 +634,12 @@ impl Engine {
         let key = &write.key;
         match result {
             Ok(Outcome::Applied(meta)) => {
-                self.objects.observe_write(key.kind, &meta);
+                if !self
+                    .objects
+                    .observe_response(key.kind, &meta, &write.resource_version)
+                {
+                    tracing::debug!(object = %key, "the watch was ahead of the write's response");
+                }
                 match write.action {
                     AssignerAction::Assign { to } => {
                         if let Some(started) = self.moves.remove(key) {

@@ -14,6 +14,7 @@ mod planning;
 mod resources;
 mod shard_count;
 mod shard_objects;
+mod stalls;
 mod writes;
 
 use std::sync::Arc;

@@ -36,6 +36,9 @@ pub struct AssignerMetrics {
     pub unassigned_objects: Gauge,
     pub shard_objects: Family<ShardLabel, Gauge>,
     pub conflicts: Counter,
+    pub oldest_unassigned_seconds: Gauge,
+    pub stalled_moves: Gauge,
+    pub rereads: Counter,
 }
 
 impl AssignerMetrics {
@@ -55,6 +58,9 @@ impl AssignerMetrics {
             unassigned_objects: Gauge::default(),
             shard_objects: Family::default(),
             conflicts: Counter::default(),
+            oldest_unassigned_seconds: Gauge::default(),
+            stalled_moves: Gauge::default(),
+            rereads: Counter::default(),
         };
         let m = metrics.clone();
         registry.register(
@@ -111,6 +117,21 @@ impl AssignerMetrics {
             "shardop_assigner_label_conflicts",
             "Label writes rejected by their resourceVersion precondition (409)",
             m.conflicts,
+        );
+        registry.register(
+            "shardop_assigner_oldest_unassigned_seconds",
+            "How long the object longest without a valid shard label has been so",
+            m.oldest_unassigned_seconds,
+        );
+        registry.register(
+            "shardop_assigner_stalled_moves",
+            "Moves without their next step for a minute or more",
+            m.stalled_moves,
+        );
+        registry.register(
+            "shardop_assigner_stalled_move_rereads",
+            "Re-reads of a stalled move's object that brought a newer version than the watch had",
+            m.rereads,
         );
         metrics
     }

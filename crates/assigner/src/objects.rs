@@ -180,10 +180,27 @@ impl ObjectStore {
         self.records.len()
     }
 
-    /// Takes in the metadata a label patch of an object of `kind` returned (newer than
-    /// anything watched so far).
-    pub fn observe_write(&mut self, kind: KindId, meta: &ObjectMeta) {
-        self.upsert(kind, meta);
+    /// Takes in the metadata a label write or a re-read of an object of `kind` returned, if
+    /// it is still the newest known. The request was made while the record was at
+    /// `based_on` (a label write is conditional on it), so the answer is that version or a
+    /// later one, and a record that has moved past `based_on` since is at least as new: the
+    /// watch was faster than the answer. Taking the answer then would roll the record back:
+    /// a drain the owner has acknowledged meanwhile would read as still requested, and as
+    /// no further event comes for an object nobody touches again, it would wait
+    /// unlabelled. Returns whether the answer was taken.
+    pub fn observe_response(&mut self, kind: KindId, meta: &ObjectMeta, based_on: &str) -> bool {
+        let Some(key) = self.key_of(kind, meta) else {
+            return false;
+        };
+        // A record that is gone was deleted meanwhile: the response must not bring it back.
+        if self
+            .records
+            .get(&key)
+            .is_none_or(|r| *r.resource_version != *based_on)
+        {
+            return false;
+        }
+        self.upsert(kind, meta).is_some()
     }
 
     fn key_of(&mut self, kind: KindId, meta: &ObjectMeta) -> Option<ObjectKey> {

@@ -80,6 +80,34 @@ pub struct ObjectPlan {
     pub in_move: HashSet<ObjectKey>,
     /// Holds that ran out (or whose object changed) and can be forgotten.
     pub expired_holds: Vec<ObjectKey>,
+    /// Every object without a valid owner, and why this pass leaves it so.
+    pub unassigned_keys: Vec<(ObjectKey, Unassigned)>,
+}
+
+/// Why a pass leaves an object without a valid owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unassigned {
+    /// A label write for it is in flight.
+    WriteInFlight,
+    /// Its last write failed or conflicted: it waits out [`Hold`].
+    Held,
+    /// Its destination has no live Lease (or no shard was ever acquired): it waits for a
+    /// worker, however long that takes.
+    NoLiveDestination,
+    /// A label write is planned; it starts once the write bound lets it.
+    WritePlanned,
+}
+
+impl Unassigned {
+    /// A short description for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WriteInFlight => "label write in flight",
+            Self::Held => "waiting after a failed or conflicted write",
+            Self::NoLiveDestination => "no live destination shard",
+            Self::WritePlanned => "label write planned",
+        }
+    }
 }
 
 /// Plans every object against `table`: counts, moves under way, and the label writes to
@@ -103,11 +131,19 @@ pub fn plan_objects<'a>(
         if moving || progress.in_flight.get(key).is_some_and(Option::is_some) {
             plan.in_move.insert(key.clone());
         }
+        let unowned = record.placement.owner().is_none();
+        let mut note = |why| {
+            if unowned {
+                plan.unassigned_keys.push((key.clone(), why));
+            }
+        };
         if progress.in_flight.contains_key(key) {
+            note(Unassigned::WriteInFlight);
             continue;
         }
         if let Some(hold) = progress.holds.get(key) {
             if hold.holds(&record.resource_version, now) {
+                note(Unassigned::Held);
                 continue;
             }
             plan.expired_holds.push(key.clone());
@@ -121,6 +157,14 @@ pub fn plan_objects<'a>(
             },
             table,
         );
+        if unowned {
+            let why = if matches!(action, AssignerAction::Assign { .. }) {
+                Unassigned::WritePlanned
+            } else {
+                Unassigned::NoLiveDestination
+            };
+            plan.unassigned_keys.push((key.clone(), why));
+        }
         if writes::is_label_write(&action) {
             plan.candidates.push(Candidate {
                 created: record.created,
@@ -418,6 +462,145 @@ mod tests {
         assert_eq!(
             actions(&plan).get(&key(1, "", &name)),
             Some(&AssignerAction::Assign { to: ShardIndex(1) })
+        );
+    }
+
+    /// `object` at resourceVersion `rv`.
+    fn at(mut meta: Meta, rv: &str) -> Meta {
+        meta.metadata.resource_version = Some(rv.to_owned());
+        meta
+    }
+
+    /// The tenants bench run: a cluster-scoped object drained from shard 3 to shard 4 of 5
+    /// whose owner acknowledged the drain before the drain request's response came back.
+    #[test]
+    fn a_drain_acknowledged_before_the_write_response_is_still_relabelled() {
+        let five = ShardCount::new(5).unwrap();
+        let name = (0..)
+            .map(|i| format!("tenant-{i:06}"))
+            .find(|n| shard_for("", n, five) == ShardIndex(4))
+            .unwrap();
+        let scope = SourceScope {
+            kind: 0,
+            namespace: None,
+        };
+        let mut store = store(vec![(0, at(object("", &name, Some(3), None), "10"))]);
+        let key = key(0, "", &name);
+        let table = table(5, 5);
+        assert_eq!(
+            actions(&Book::new().plan(&store, &table)).get(&key),
+            Some(&AssignerAction::RequestDrain {
+                from: ShardIndex(3),
+                to: ShardIndex(4)
+            })
+        );
+        // The drain request lands at 11; the watch brings it, then the acknowledgement (12),
+        // before the engine reads the write's response.
+        let draining = at(object("", &name, Some(3), Some(4)), "11");
+        store.apply(0, &scope, watcher::Event::Apply(draining.clone()));
+        store.apply(
+            0,
+            &scope,
+            watcher::Event::Apply(at(object("", &name, None, None), "12")),
+        );
+        assert!(
+            !store.observe_response(0, &draining, "10"),
+            "an older version"
+        );
+        let plan = Book::new().plan(&store, &table);
+        assert_eq!(
+            actions(&plan).get(&key),
+            Some(&AssignerAction::Assign { to: ShardIndex(4) })
+        );
+        // A response that is the newest known is taken.
+        let assigned = at(object("", &name, Some(4), None), "13");
+        assert!(store.observe_response(0, &assigned, "12"));
+        assert_eq!(
+            store.get(&key).unwrap().placement,
+            ObjectPlacement::Owned(ShardIndex(4))
+        );
+        // A response for an object deleted meanwhile does not bring it back.
+        store.apply(0, &scope, watcher::Event::Delete(assigned.clone()));
+        assert!(!store.observe_response(0, &at(assigned, "14"), "13"));
+        assert!(store.get(&key).is_none());
+    }
+
+    /// The safety net for a record that fell behind its object anyway: the re-read of a
+    /// stalled move is taken, and the move completes.
+    #[test]
+    fn a_reread_catches_a_record_up_with_an_acknowledged_drain() {
+        let two = ShardCount::new(2).unwrap();
+        let name = (0..)
+            .map(|i| format!("o-{i}"))
+            .find(|n| shard_for("", n, two) == ShardIndex(1))
+            .unwrap();
+        let mut store = store(vec![(0, at(object("", &name, Some(0), Some(1)), "11"))]);
+        let key = key(0, "", &name);
+        let table = table(2, 2);
+        assert_eq!(actions(&Book::new().plan(&store, &table)).get(&key), None);
+        let reread = at(object("", &name, None, None), "12");
+        assert!(store.observe_response(0, &reread, "11"));
+        assert_eq!(
+            actions(&Book::new().plan(&store, &table)).get(&key),
+            Some(&AssignerAction::Assign { to: ShardIndex(1) })
+        );
+    }
+
+    #[test]
+    fn every_object_without_an_owner_is_listed_with_why_it_stays_so() {
+        let two = ShardCount::new(2).unwrap();
+        let names: Vec<String> = (0..)
+            .map(|i| format!("o-{i}"))
+            .filter(|n| shard_for("", n, two) == ShardIndex(1))
+            .take(4)
+            .collect();
+        let mut objects: Vec<_> = names
+            .iter()
+            .map(|n| (0, object("", n, None, None)))
+            .collect();
+        objects.push((0, object("", "owned", Some(0), None)));
+        let store = store(objects);
+        let keys: Vec<_> = names.iter().map(|n| key(0, "", n)).collect();
+        let mut book = Book::new();
+        book.in_flight.insert(keys[0].clone(), None);
+        book.holds.insert(
+            keys[1].clone(),
+            Hold::Until(Instant::now() + Duration::from_secs(60)),
+        );
+        let reasons = |plan: ObjectPlan| -> BTreeMap<ObjectKey, Unassigned> {
+            plan.unassigned_keys.into_iter().collect()
+        };
+        // Shard 1 of 2 has no live Lease (acquired once, then lost).
+        let live = table(2, 2);
+        let lost = ShardTable::new(
+            two,
+            [
+                (ShardIndex(0), live.lease(ShardIndex(0)).unwrap().clone()),
+                (
+                    ShardIndex(1),
+                    LeaseSnapshot {
+                        acquired_once: true,
+                        ..Default::default()
+                    },
+                ),
+            ],
+            Timestamp::now(),
+        );
+        let expected = |rest| {
+            BTreeMap::from([
+                (keys[0].clone(), Unassigned::WriteInFlight),
+                (keys[1].clone(), Unassigned::Held),
+                (keys[2].clone(), rest),
+                (keys[3].clone(), rest),
+            ])
+        };
+        assert_eq!(
+            reasons(book.plan(&store, &lost)),
+            expected(Unassigned::NoLiveDestination)
+        );
+        assert_eq!(
+            reasons(book.plan(&store, &live)),
+            expected(Unassigned::WritePlanned)
         );
     }
 

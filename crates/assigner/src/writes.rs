@@ -122,6 +122,15 @@ fn object_api(client: Client, kind: &ShardedKind, key: &ObjectKey) -> Api<Dynami
     }
 }
 
+/// Reads the metadata of the object `key` of `kind`.
+pub async fn read_metadata(
+    client: Client,
+    kind: &ShardedKind,
+    key: &ObjectKey,
+) -> Result<objects::ObjectMeta, kube::Error> {
+    object_api(client, kind, key).get_metadata(&key.name).await
+}
+
 /// Claims the shard label `to` by a forced server-side apply of just that label,
 /// conditional on `resource_version` (never with a drain label beside it, see
 /// [`claim_same_value`]). Returns the object's metadata after the write.
