@@ -17,6 +17,7 @@ use shardop_e2e::metrics::metric_value;
 
 use crate::api_requests::RequestTimes;
 use crate::audit_tail::WorkerDeath;
+use crate::ceiling::{Ceiling, IdealWriter};
 use crate::convergence::{ChangeKind, Convergence, quantile};
 use crate::env;
 use crate::plot;
@@ -49,8 +50,46 @@ async fn begin(scenario: &str, knobs: &Knobs) -> anyhow::Result<(Run, RawCapacit
 /// A report with the common fields.
 fn report(scenario: &str, knobs: &Knobs, shards: &[u32], seconds: f64, raw: Value) -> Report {
     let mut report = Report::new(scenario, knobs.objects, shards);
-    report.set("seconds", seconds).set("raw", raw);
+    report.set("seconds", seconds).set("raw_write_probe", raw);
     report
+}
+
+/// The ideal writer of `shards` shards over `objects` objects, in a namespace of its own on
+/// the run's control plane (after shardop's figures are taken, so the two never compete).
+async fn ideal_writer(run: &Run, shards: u32, objects: usize) -> anyhow::Result<Ceiling> {
+    tracing::info!(shards, objects, "ideal writer");
+    let namespace = shardop_e2e::TestNamespace::create(&run.env.client, "bench-ceiling").await?;
+    let writer = IdealWriter::new(
+        &shardop_e2e::cluster().kubeconfig,
+        &namespace.name,
+        shards,
+        run.env.client.clone(),
+    )
+    .await?;
+    let ceiling = writer.measure(objects).await?;
+    tracing::info!(?ceiling, "ideal writer done");
+    Ok(ceiling)
+}
+
+/// The smoke checks of the ceiling figures: present and sane (not timing).
+fn ceiling_checks(ceiling_per_s: f64, efficiency: f64) -> Vec<(String, bool)> {
+    vec![
+        (
+            "ceiling_per_s > 0".into(),
+            ceiling_per_s.is_finite() && ceiling_per_s > 0.0,
+        ),
+        (
+            "efficiency finite and > 0".into(),
+            efficiency.is_finite() && efficiency > 0.0,
+        ),
+    ]
+}
+
+/// The ideal writer's rate on a mix of `creates` creates and `changes` spec changes: the
+/// time it needs for the mix is the sum of the time for each kind at its own rate.
+fn mixed_rate(creates: usize, changes: usize, ceiling: &Ceiling) -> f64 {
+    let seconds = creates as f64 / ceiling.creates_per_s + changes as f64 / ceiling.changes_per_s;
+    (creates + changes) as f64 / seconds
 }
 
 /// Draws the run's panels to `<dir>/<name>.png`.
@@ -80,6 +119,7 @@ async fn populate(run: &mut Run, knobs: &Knobs) -> anyhow::Result<()> {
 pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let mut runs = Vec::new();
     let mut first_raw = Value::Null;
+    let mut checks = Vec::new();
     let mut total = 0.0;
     for (index, &shards) in knobs.shards.iter().enumerate() {
         if index > 0 && !knobs.reuse_cluster {
@@ -100,8 +140,9 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
         let writes = run.audit()?.worker_writes_since(since);
         let reconciles_per_s = knobs.objects as f64 / seconds;
         let writes_per_reconcile = writes as f64 / knobs.objects as f64;
-        let raw_writes_per_s = capacity.writes_per_s();
-        let efficiency = reconciles_per_s / (raw_writes_per_s / writes_per_reconcile.max(1e-9));
+        let raw_write_probe_per_s = capacity.writes_per_s();
+        let raw_probe_efficiency =
+            reconciles_per_s / (raw_write_probe_per_s / writes_per_reconcile.max(1e-9));
         let lags = run.conv.lags(ChangeKind::Create, None);
         let runs_total = run
             .env
@@ -121,14 +162,25 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             .env
             .assigner_histogram("shardop_assigner_assignment_latency_seconds")
             .await;
+        let ceiling = ideal_writer(&run, shards, knobs.objects).await?;
+        let efficiency = reconciles_per_s / ceiling.creates_per_s;
+        checks.extend(
+            ceiling_checks(ceiling.creates_per_s, efficiency)
+                .into_iter()
+                .map(|(check, holds)| (format!("{shards} shards: {check}"), holds)),
+        );
         let entry = json!({
             "shards": shards,
             "seconds": seconds,
-            "raw": raw,
+            "ceiling_per_s": ceiling.creates_per_s,
+            "efficiency": efficiency,
+            "ceiling": ceiling.to_json(knobs.objects, shards),
+            "raw_write_probe": raw,
+            "raw_write_probe_per_s": raw_write_probe_per_s,
             "reconciles_per_s": reconciles_per_s,
             "writes": writes,
             "writes_per_reconcile": writes_per_reconcile,
-            "efficiency": efficiency,
+            "raw_probe_efficiency": raw_probe_efficiency,
             "lag_p50_s": quantile(&lags, 0.5),
             "lag_p99_s": quantile(&lags, 0.99),
             "reconcile_p50_s": run::histogram_quantile(&reconcile_durations, 0.5),
@@ -160,8 +212,11 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
     if let Some(Value::Object(last)) = runs.last() {
         for key in [
             "reconciles_per_s",
-            "writes_per_reconcile",
+            "ceiling_per_s",
             "efficiency",
+            "raw_write_probe_per_s",
+            "raw_probe_efficiency",
+            "writes_per_reconcile",
             "lag_p50_s",
             "lag_p99_s",
             "worker_rss_mib",
@@ -174,10 +229,7 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
         }
     }
     report.set("runs", runs);
-    Ok(Outcome {
-        report,
-        checks: Vec::new(),
-    })
+    Ok(Outcome { report, checks })
 }
 
 /// `restart`: with OBJECTS converged, every worker restarts at once.
@@ -738,6 +790,11 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     // What the workers wrote for that load (including their converging after it).
     let worker_writes = run.audit()?.worker_writes_by_kind_since(since);
     let worker_writes_total: usize = worker_writes.values().sum();
+    // The ideal writer on this run's mix of creates and changes: what the load used of it.
+    let ceiling = ideal_writer(&run, shards, knobs.raw_objects()).await?;
+    let churn_per_s = (created + changes) as f64 / load_s;
+    let ceiling_per_s = mixed_rate(created, changes, &ceiling);
+    let efficiency = churn_per_s / ceiling_per_s;
     let mut report = report(
         "churn",
         knobs,
@@ -753,6 +810,10 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("live_at_end", live)
         .set("changes", changes)
         .set("changes_per_s", changes as f64 / load_s)
+        .set("churn_per_s", churn_per_s)
+        .set("ceiling_per_s", ceiling_per_s)
+        .set("efficiency", efficiency)
+        .set("ceiling", ceiling.to_json(knobs.raw_objects(), shards))
         .set("queue_p99_s", queue_p99)
         .set("queue_p50_s", run::histogram_quantile(&queue_wait, 0.5))
         .set(
@@ -783,7 +844,7 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     run.finish();
     Ok(Outcome {
         report,
-        checks: Vec::new(),
+        checks: ceiling_checks(ceiling_per_s, efficiency),
     })
 }
 
