@@ -7,8 +7,10 @@
 //! `efficiency` divides by; the controller manager reacts to its StatefulSets as it does to
 //! shardop's.
 
+use std::future::Future;
 use std::time::Instant;
 
+use futures::channel::mpsc;
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -43,6 +45,13 @@ pub struct Ceiling {
 }
 
 impl Ceiling {
+    /// Its rate on a mix of `creates` creates and `changes` spec changes: the time the mix
+    /// takes is the sum of the time of each kind at its own rate.
+    pub fn mixed_rate(&self, creates: usize, changes: usize) -> f64 {
+        let seconds = creates as f64 / self.creates_per_s + changes as f64 / self.changes_per_s;
+        (creates + changes) as f64 / seconds
+    }
+
     /// The figures for a report.
     pub fn to_json(self, objects: usize, shards: u32) -> Value {
         json!({
@@ -58,22 +67,40 @@ impl Ceiling {
     }
 }
 
+/// The smoke checks of a scenario's ceiling figures: present and sane, not timing.
+pub fn checks(ceiling_per_s: f64, efficiency: f64) -> Vec<(String, bool)> {
+    vec![
+        (
+            "ceiling_per_s > 0".into(),
+            ceiling_per_s.is_finite() && ceiling_per_s > 0.0,
+        ),
+        (
+            "efficiency finite and > 0".into(),
+            efficiency.is_finite() && efficiency > 0.0,
+        ),
+    ]
+}
+
 /// The ideal operator of `shards` shards, writing into one namespace.
 pub struct IdealWriter {
     namespace: String,
     /// The user's client (the load generator's, unlimited).
     user: Client,
+    /// The user's writes in flight (the load generator's CONCURRENCY).
+    user_concurrency: usize,
     /// One client per shard, each with a worker's own rate limit.
     shards: Vec<Client>,
 }
 
 impl IdealWriter {
-    /// A writer for `shards` shards into `namespace`, with clients built from `kubeconfig`.
+    /// A writer for `shards` shards into `namespace`, with clients built from `kubeconfig`;
+    /// `user` writes the user's creates and changes, `user_concurrency` at a time.
     pub async fn new(
         kubeconfig: &std::path::Path,
         namespace: &str,
         shards: u32,
         user: Client,
+        user_concurrency: usize,
     ) -> anyhow::Result<Self> {
         let config = kube::Config::from_custom_kubeconfig(
             Kubeconfig::read_from(kubeconfig)?,
@@ -98,7 +125,8 @@ impl IdealWriter {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             namespace: namespace.to_owned(),
-            user: user.clone(),
+            user,
+            user_concurrency: user_concurrency.max(1),
             shards,
         })
     }
@@ -108,14 +136,20 @@ impl IdealWriter {
     /// the rate of each pass.
     pub async fn measure(&self, objects: usize) -> anyhow::Result<Ceiling> {
         let names: Vec<String> = (0..objects).map(|i| format!("ideal-{i:06}")).collect();
-        let started = Instant::now();
-        self.each(&names, |writer, name, shard| writer.create(name, shard))
+        let creates_per_s = self
+            .pipeline(
+                &names,
+                |name| self.user_create(name),
+                |cluster, shard| self.converge_new(cluster, shard),
+            )
             .await?;
-        let creates_per_s = objects as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        let started = Instant::now();
-        self.each(&names, |writer, name, shard| writer.change(name, shard))
+        let changes_per_s = self
+            .pipeline(
+                &names,
+                |name| self.user_change(name),
+                |cluster, shard| self.converge_change(cluster, shard),
+            )
             .await?;
-        let changes_per_s = objects as f64 / started.elapsed().as_secs_f64().max(1e-9);
         Ok(Ceiling {
             creates_per_s,
             changes_per_s,
@@ -124,26 +158,66 @@ impl IdealWriter {
         })
     }
 
-    /// Runs `op` for every name with a worker's concurrency per shard in flight.
-    async fn each<'a, F, Fut>(&'a self, names: &'a [String], op: F) -> anyhow::Result<()>
+    /// The user's writes (`user`, the load generator's concurrency in flight) feeding the
+    /// operator's (`operator`, a worker's concurrency per shard in flight), as in a bench
+    /// run of shardop; returns objects per second from the first user write to the last
+    /// operator write.
+    async fn pipeline<'a, U, UF, O, OF>(
+        &'a self,
+        names: &'a [String],
+        user: U,
+        operator: O,
+    ) -> anyhow::Result<f64>
     where
-        F: Fn(&'a Self, &'a str, usize) -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<()>> + 'a,
+        U: Fn(&'a str) -> UF,
+        UF: Future<Output = anyhow::Result<DatabaseCluster>>,
+        O: Fn(DatabaseCluster, usize) -> OF,
+        OF: Future<Output = anyhow::Result<()>>,
     {
-        let in_flight = self.shards.len() * WORKER_CONCURRENCY;
-        futures::stream::iter(names.iter().enumerate())
-            .map(|(i, name)| op(self, name.as_str(), i % self.shards.len()))
-            .buffer_unordered(in_flight)
-            .try_for_each(|()| async { Ok(()) })
-            .await
+        let started = Instant::now();
+        let shard_count = self.shards.len();
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..shard_count).map(|_| mpsc::unbounded()).unzip();
+        let users = async move {
+            futures::stream::iter(names.iter().enumerate())
+                .map(|(i, name)| {
+                    let written = user(name);
+                    async move { anyhow::Ok((i % shard_count, written.await?)) }
+                })
+                .buffer_unordered(self.user_concurrency)
+                .try_for_each(|(shard, cluster)| {
+                    // The receivers live until every sender is gone.
+                    let sent = senders[shard].unbounded_send(cluster);
+                    async move { sent.map_err(|_| anyhow::anyhow!("operator stage ended early")) }
+                })
+                .await
+            // `senders` drops here: each shard's stage ends once its backlog is done.
+        };
+        let operator = &operator;
+        let operators = futures::future::try_join_all(receivers.into_iter().enumerate().map(
+            |(shard, receiver)| {
+                receiver
+                    .map(move |cluster| operator(cluster, shard))
+                    .buffer_unordered(WORKER_CONCURRENCY)
+                    .try_for_each(|()| async { Ok(()) })
+            },
+        ));
+        futures::future::try_join(users, operators).await?;
+        Ok(names.len() as f64 / started.elapsed().as_secs_f64().max(1e-9))
     }
 
-    /// The user's create, then every write the owning shard's operator makes for it.
-    async fn create(&self, name: &str, shard: usize) -> anyhow::Result<()> {
+    /// The user's create.
+    async fn user_create(&self, name: &str) -> anyhow::Result<DatabaseCluster> {
         let user: Api<DatabaseCluster> = Api::namespaced(self.user.clone(), &self.namespace);
-        let cluster = user
+        Ok(user
             .create(&PostParams::default(), &load::database_cluster(name, 1))
-            .await?;
+            .await?)
+    }
+
+    /// Every write the owning shard's operator makes for a new object.
+    async fn converge_new(&self, cluster: DatabaseCluster, shard: usize) -> anyhow::Result<()> {
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        let name = name.as_str();
         let api = self.api(shard);
         let label = json!({ "metadata": { "labels": { SHARD_LABEL: shard.to_string() } } });
         // A label changes no generation: the created object's spec is the one to apply.
@@ -169,15 +243,20 @@ impl IdealWriter {
             .await
     }
 
-    /// The user's spec change, then the operator's StatefulSet apply and status write.
-    async fn change(&self, name: &str, shard: usize) -> anyhow::Result<()> {
+    /// The user's spec change.
+    async fn user_change(&self, name: &str) -> anyhow::Result<DatabaseCluster> {
         let user: Api<DatabaseCluster> = Api::namespaced(self.user.clone(), &self.namespace);
         let patch = json!({ "spec": { "image": "postgres:17.1" } });
-        let cluster = user
+        Ok(user
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
+            .await?)
+    }
+
+    /// The operator's StatefulSet apply and status write after a spec change.
+    async fn converge_change(&self, cluster: DatabaseCluster, shard: usize) -> anyhow::Result<()> {
+        let name = cluster.metadata.name.clone().unwrap_or_default();
         self.apply_stateful_set(&cluster, shard).await?;
-        self.write_status(name, cluster.metadata.generation, shard)
+        self.write_status(&name, cluster.metadata.generation, shard)
             .await
     }
 
@@ -299,4 +378,63 @@ fn stateful_set(cluster: &DatabaseCluster, shard: usize) -> Value {
             }],
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ceiling(creates_per_s: f64, changes_per_s: f64) -> Ceiling {
+        Ceiling {
+            creates_per_s,
+            changes_per_s,
+            writes_per_create: 6,
+            writes_per_change: 3,
+        }
+    }
+
+    #[test]
+    fn the_mixed_rate_adds_the_time_of_each_kind() {
+        let c = ceiling(10.0, 40.0);
+        assert!((c.mixed_rate(10, 0) - 10.0).abs() < 1e-9);
+        assert!((c.mixed_rate(0, 10) - 40.0).abs() < 1e-9);
+        // 10 creates take 1 s, 40 changes 1 s: 50 operations in 2 s.
+        assert!((c.mixed_rate(10, 40) - 25.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn checks_refuse_a_missing_or_absurd_ceiling() {
+        let holds = |ceiling_per_s, efficiency| {
+            checks(ceiling_per_s, efficiency)
+                .iter()
+                .all(|(_, holds)| *holds)
+        };
+        assert!(holds(50.0, 0.4));
+        assert!(!holds(0.0, 0.4));
+        assert!(!holds(50.0, f64::NAN));
+        assert!(!holds(50.0, f64::INFINITY));
+        assert!(!holds(f64::NAN, 0.4));
+        assert!(!holds(50.0, 0.0));
+    }
+
+    #[test]
+    fn children_are_the_workers_children() {
+        let mut cluster = load::database_cluster("db-1", 3);
+        cluster.metadata.namespace = Some("ns".to_owned());
+        cluster.metadata.uid = Some("uid-1".to_owned());
+        let set = stateful_set(&cluster, 2);
+        assert_eq!(set["metadata"]["name"], "db-1");
+        assert_eq!(set["metadata"]["labels"][SHARD_LABEL], "2");
+        assert_eq!(set["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        assert_eq!(set["spec"]["replicas"], 3);
+        assert_eq!(set["spec"]["serviceName"], "db-1-headless");
+        assert_eq!(
+            set["spec"]["template"]["spec"]["containers"][0]["image"],
+            "postgres:17"
+        );
+        let service = service(&cluster, 2);
+        assert_eq!(service["metadata"]["name"], "db-1-headless");
+        assert_eq!(service["spec"]["clusterIP"], "None");
+        assert_eq!(service["spec"]["selector"][INSTANCE_LABEL], "db-1");
+    }
 }

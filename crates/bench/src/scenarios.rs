@@ -17,7 +17,7 @@ use shardop_e2e::metrics::metric_value;
 
 use crate::api_requests::RequestTimes;
 use crate::audit_tail::WorkerDeath;
-use crate::ceiling::{Ceiling, IdealWriter};
+use crate::ceiling::{self, Ceiling, IdealWriter};
 use crate::convergence::{ChangeKind, Convergence, quantile};
 use crate::env;
 use crate::plot;
@@ -56,7 +56,12 @@ fn report(scenario: &str, knobs: &Knobs, shards: &[u32], seconds: f64, raw: Valu
 
 /// The ideal writer of `shards` shards over `objects` objects, in a namespace of its own on
 /// the run's control plane (after shardop's figures are taken, so the two never compete).
-async fn ideal_writer(run: &Run, shards: u32, objects: usize) -> anyhow::Result<Ceiling> {
+async fn ideal_writer(
+    run: &Run,
+    knobs: &Knobs,
+    shards: u32,
+    objects: usize,
+) -> anyhow::Result<Ceiling> {
     tracing::info!(shards, objects, "ideal writer");
     let namespace = shardop_e2e::TestNamespace::create(&run.env.client, "bench-ceiling").await?;
     let writer = IdealWriter::new(
@@ -64,32 +69,12 @@ async fn ideal_writer(run: &Run, shards: u32, objects: usize) -> anyhow::Result<
         &namespace.name,
         shards,
         run.env.client.clone(),
+        knobs.concurrency,
     )
     .await?;
     let ceiling = writer.measure(objects).await?;
     tracing::info!(?ceiling, "ideal writer done");
     Ok(ceiling)
-}
-
-/// The smoke checks of the ceiling figures: present and sane (not timing).
-fn ceiling_checks(ceiling_per_s: f64, efficiency: f64) -> Vec<(String, bool)> {
-    vec![
-        (
-            "ceiling_per_s > 0".into(),
-            ceiling_per_s.is_finite() && ceiling_per_s > 0.0,
-        ),
-        (
-            "efficiency finite and > 0".into(),
-            efficiency.is_finite() && efficiency > 0.0,
-        ),
-    ]
-}
-
-/// The ideal writer's rate on a mix of `creates` creates and `changes` spec changes: the
-/// time it needs for the mix is the sum of the time for each kind at its own rate.
-fn mixed_rate(creates: usize, changes: usize, ceiling: &Ceiling) -> f64 {
-    let seconds = creates as f64 / ceiling.creates_per_s + changes as f64 / ceiling.changes_per_s;
-    (creates + changes) as f64 / seconds
 }
 
 /// Draws the run's panels to `<dir>/<name>.png`.
@@ -162,10 +147,10 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             .env
             .assigner_histogram("shardop_assigner_assignment_latency_seconds")
             .await;
-        let ceiling = ideal_writer(&run, shards, knobs.objects).await?;
+        let ceiling = ideal_writer(&run, knobs, shards, knobs.objects).await?;
         let efficiency = reconciles_per_s / ceiling.creates_per_s;
         checks.extend(
-            ceiling_checks(ceiling.creates_per_s, efficiency)
+            ceiling::checks(ceiling.creates_per_s, efficiency)
                 .into_iter()
                 .map(|(check, holds)| (format!("{shards} shards: {check}"), holds)),
         );
@@ -791,9 +776,9 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let worker_writes = run.audit()?.worker_writes_by_kind_since(since);
     let worker_writes_total: usize = worker_writes.values().sum();
     // The ideal writer on this run's mix of creates and changes: what the load used of it.
-    let ceiling = ideal_writer(&run, shards, knobs.raw_objects()).await?;
+    let ceiling = ideal_writer(&run, knobs, shards, knobs.raw_objects()).await?;
     let churn_per_s = (created + changes) as f64 / load_s;
-    let ceiling_per_s = mixed_rate(created, changes, &ceiling);
+    let ceiling_per_s = ceiling.mixed_rate(created, changes);
     let efficiency = churn_per_s / ceiling_per_s;
     let mut report = report(
         "churn",
@@ -844,7 +829,7 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     run.finish();
     Ok(Outcome {
         report,
-        checks: ceiling_checks(ceiling_per_s, efficiency),
+        checks: ceiling::checks(ceiling_per_s, efficiency),
     })
 }
 
