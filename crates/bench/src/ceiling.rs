@@ -45,6 +45,16 @@ pub struct Ceiling {
 }
 
 impl Ceiling {
+    /// The figures of both passes; the writes per object are fixed by the workload.
+    pub fn new(creates_per_s: f64, changes_per_s: f64) -> Self {
+        Self {
+            creates_per_s,
+            changes_per_s,
+            writes_per_create: 6,
+            writes_per_change: 3,
+        }
+    }
+
     /// Its rate on a mix of `creates` creates and `changes` spec changes: the time the mix
     /// takes is the sum of the time of each kind at its own rate.
     pub fn mixed_rate(&self, creates: usize, changes: usize) -> f64 {
@@ -65,6 +75,11 @@ impl Ceiling {
             "writes_per_change": self.writes_per_change,
         })
     }
+}
+
+/// The ideal writer's object names.
+fn names(objects: usize) -> Vec<String> {
+    (0..objects).map(|i| format!("ideal-{i:06}")).collect()
 }
 
 /// The smoke checks of a scenario's ceiling figures: present and sane, not timing.
@@ -131,31 +146,26 @@ impl IdealWriter {
         })
     }
 
-    /// Creates `objects` objects and converges each (label, finalizer, Service,
-    /// StatefulSet, status), then changes each one's spec and converges it again; returns
-    /// the rate of each pass.
-    pub async fn measure(&self, objects: usize) -> anyhow::Result<Ceiling> {
-        let names: Vec<String> = (0..objects).map(|i| format!("ideal-{i:06}")).collect();
-        let creates_per_s = self
-            .pipeline(
-                &names,
-                |name| self.user_create(name),
-                |cluster, shard| self.converge_new(cluster, shard),
-            )
-            .await?;
-        let changes_per_s = self
-            .pipeline(
-                &names,
-                |name| self.user_change(name),
-                |cluster, shard| self.converge_change(cluster, shard),
-            )
-            .await?;
-        Ok(Ceiling {
-            creates_per_s,
-            changes_per_s,
-            writes_per_create: 6,
-            writes_per_change: 3,
-        })
+    /// Creates `objects` objects (`ideal-<i>`) and converges each (label, finalizer,
+    /// Service, StatefulSet, status); returns objects per second.
+    pub async fn measure_creates(&self, objects: usize) -> anyhow::Result<f64> {
+        self.pipeline(
+            &names(objects),
+            |name| self.user_create(name),
+            |cluster, shard| self.converge_new(cluster, shard),
+        )
+        .await
+    }
+
+    /// Changes the spec of the `objects` objects `measure_creates` made and converges each
+    /// again (StatefulSet, status); returns changes per second.
+    pub async fn measure_changes(&self, objects: usize) -> anyhow::Result<f64> {
+        self.pipeline(
+            &names(objects),
+            |name| self.user_change(name),
+            |cluster, shard| self.converge_change(cluster, shard),
+        )
+        .await
     }
 
     /// The user's writes (`user`, the load generator's concurrency in flight) feeding the

@@ -56,12 +56,14 @@ fn report(scenario: &str, knobs: &Knobs, shards: &[u32], seconds: f64, raw: Valu
 
 /// The ideal writer of `shards` shards over `objects` objects, in a namespace of its own on
 /// the run's control plane (after shardop's figures are taken, so the two never compete).
+/// Also returns what the API server served during its creates (every client's requests:
+/// the controller manager's reaction included, as in shardop's window).
 async fn ideal_writer(
     run: &Run,
     knobs: &Knobs,
     shards: u32,
     objects: usize,
-) -> anyhow::Result<Ceiling> {
+) -> anyhow::Result<(Ceiling, RequestTimes)> {
     tracing::info!(shards, objects, "ideal writer");
     let namespace = shardop_e2e::TestNamespace::create(&run.env.client, "bench-ceiling").await?;
     let writer = IdealWriter::new(
@@ -72,9 +74,13 @@ async fn ideal_writer(
         knobs.concurrency,
     )
     .await?;
-    let ceiling = writer.measure(objects).await?;
+    let before = RequestTimes::read(&run.env.client).await?;
+    let creates_per_s = writer.measure_creates(objects).await?;
+    let served = RequestTimes::read(&run.env.client).await?.since(&before);
+    let changes_per_s = writer.measure_changes(objects).await?;
+    let ceiling = Ceiling::new(creates_per_s, changes_per_s);
     tracing::info!(?ceiling, "ideal writer done");
-    Ok(ceiling)
+    Ok((ceiling, served))
 }
 
 /// Draws the run's panels to `<dir>/<name>.png`.
@@ -112,6 +118,7 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
         }
         let (mut run, capacity, raw) = begin("create", knobs).await?;
         run.start_operator(shards, &[], &[]).await?;
+        let requests_before = RequestTimes::read(&run.env.client).await?;
         let since = Timestamp::now();
         let started = Instant::now();
         tracing::info!(shards, objects = knobs.objects, "creating");
@@ -120,6 +127,9 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
         run.wait_converged(knobs.objects, knobs.converge_timeout())
             .await?;
         let seconds = started.elapsed().as_secs_f64();
+        let shardop_served = RequestTimes::read(&run.env.client)
+            .await?
+            .since(&requests_before);
         run.settle(Duration::from_secs(5), Duration::from_secs(120))
             .await?;
         let writes = run.audit()?.worker_writes_since(since);
@@ -147,7 +157,7 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             .env
             .assigner_histogram("shardop_assigner_assignment_latency_seconds")
             .await;
-        let ceiling = ideal_writer(&run, knobs, shards, knobs.objects).await?;
+        let (ceiling, ideal_served) = ideal_writer(&run, knobs, shards, knobs.objects).await?;
         let efficiency = reconciles_per_s / ceiling.creates_per_s;
         checks.extend(
             ceiling::checks(ceiling.creates_per_s, efficiency)
@@ -160,6 +170,10 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             "ceiling_per_s": ceiling.creates_per_s,
             "efficiency": efficiency,
             "ceiling": ceiling.to_json(knobs.objects, shards),
+            "api_requests_per_object": {
+                "shardop": shardop_served.per_object(knobs.objects),
+                "ideal_writer": ideal_served.per_object(knobs.objects),
+            },
             "raw_write_probe": raw,
             "raw_write_probe_per_s": raw_write_probe_per_s,
             "reconciles_per_s": reconciles_per_s,
@@ -776,7 +790,7 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let worker_writes = run.audit()?.worker_writes_by_kind_since(since);
     let worker_writes_total: usize = worker_writes.values().sum();
     // The ideal writer on this run's mix of creates and changes: what the load used of it.
-    let ceiling = ideal_writer(&run, knobs, shards, knobs.raw_objects()).await?;
+    let (ceiling, _) = ideal_writer(&run, knobs, shards, knobs.raw_objects()).await?;
     let churn_per_s = (created + changes) as f64 / load_s;
     let ceiling_per_s = ceiling.mixed_rate(created, changes);
     let efficiency = churn_per_s / ceiling_per_s;
