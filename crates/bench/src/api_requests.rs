@@ -103,6 +103,31 @@ impl RequestTimes {
             .collect();
         json!({ "total_seconds": round3(total), "top": top })
     }
+
+    /// Requests and API server seconds per object of a phase that handled `objects`
+    /// objects: in total, and per kind for the 12 kinds with the most requests.
+    pub fn per_object(&self, objects: usize) -> Value {
+        let objects = objects.max(1) as f64;
+        let requests: f64 = self.0.values().map(|s| s.requests).sum();
+        let seconds: f64 = self.0.values().map(|s| s.seconds).sum();
+        let mut kinds: Vec<_> = self.0.iter().collect();
+        kinds.sort_by(|a, b| b.1.requests.total_cmp(&a.1.requests));
+        let by_kind: serde_json::Map<String, Value> = kinds
+            .into_iter()
+            .take(12)
+            .map(|(kind, served)| {
+                (
+                    format!("{} {}", kind.verb, kind.resource),
+                    json!(round3(served.requests / objects)),
+                )
+            })
+            .collect();
+        json!({
+            "requests": round3(requests / objects),
+            "api_server_seconds": round3(seconds / objects),
+            "by_kind": by_kind,
+        })
+    }
 }
 
 fn round3(x: f64) -> f64 {
@@ -165,5 +190,16 @@ mod tests {
         assert_eq!(top["top"][0]["share"], 0.667);
         assert_eq!(top["top"][1]["verb"], "APPLY");
         assert_eq!(top["top"].as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn per_object_divides_every_kind_by_the_objects() {
+        let delta = RequestTimes::parse(AFTER).since(&RequestTimes::parse(BEFORE));
+        let per_object = delta.per_object(10);
+        assert_eq!(per_object["requests"], 9.0);
+        assert_eq!(per_object["api_server_seconds"], 0.9);
+        assert_eq!(per_object["by_kind"]["PUT statefulsets/status"], 4.0);
+        assert_eq!(per_object["by_kind"]["APPLY statefulsets"], 2.0);
+        assert_eq!(per_object["by_kind"]["POST pods"], 3.0);
     }
 }

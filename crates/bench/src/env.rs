@@ -90,10 +90,10 @@ impl BenchEnv {
         .arg(format!("127.0.0.1:{port}"));
         // A scenario may give a worker a budget of its own (clap refuses a flag twice).
         if !extra.iter().any(|a| a.starts_with("--kube-qps")) {
-            spec = spec.arg("--kube-qps").arg("200");
+            spec = spec.arg("--kube-qps").arg(WORKER_KUBE_QPS.to_string());
         }
         if !extra.iter().any(|a| a.starts_with("--kube-burst")) {
-            spec = spec.arg("--kube-burst").arg("400");
+            spec = spec.arg("--kube-burst").arg(WORKER_KUBE_BURST.to_string());
         }
         for arg in WORKER_LEASE_FLAGS.iter().chain(extra) {
             spec = spec.arg(*arg);
@@ -192,6 +192,12 @@ impl BenchEnv {
         total
     }
 }
+
+/// A bench worker's client budget (`--kube-qps`), unless a scenario gives it its own; the
+/// ideal writer (`ceiling`) gets the same per shard.
+pub const WORKER_KUBE_QPS: f32 = 200.0;
+/// A bench worker's `--kube-burst`.
+pub const WORKER_KUBE_BURST: u32 = 400;
 
 /// The load generator's client: shardop's stack (user agent, metrics, 429 handling) and no
 /// client-side rate limit, so the API server is the only limit.

@@ -11,6 +11,7 @@
 mod apf;
 mod api_requests;
 mod audit_tail;
+mod ceiling;
 mod convergence;
 mod env;
 mod load;

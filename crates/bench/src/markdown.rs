@@ -26,8 +26,10 @@ const SCENARIOS: &[(&str, &[&str])] = &[
         "create",
         &[
             "reconciles_per_s",
-            "writes_per_reconcile",
+            "ceiling_per_s",
             "efficiency",
+            "raw_probe_efficiency",
+            "writes_per_reconcile",
             "lag_p50_s",
             "lag_p99_s",
         ],
@@ -61,7 +63,14 @@ const SCENARIOS: &[(&str, &[&str])] = &[
     ("throttle", &["429s", "recover_s", "retry_after_honoured"]),
     (
         "churn",
-        &["queue_p99_s", "lag_p99_s", "changes_per_s", "slo_met"],
+        &[
+            "queue_p99_s",
+            "lag_p99_s",
+            "changes_per_s",
+            "ceiling_per_s",
+            "efficiency",
+            "slo_met",
+        ],
     ),
     (
         "slowdep",
@@ -142,8 +151,10 @@ fn render(reports: &[(String, Value)], docs_dir: &Path, bench_dir: &Path) -> Str
             .iter()
             .filter_map(|key| Some(format!("{key} {}", plain(report.get(*key)?))))
             .collect();
+        // `raw` is the probe's old name, in reports from before the ideal writer.
         let raw_creates = report
-            .get("raw")
+            .get("raw_write_probe")
+            .or_else(|| report.get("raw"))
             .and_then(|r| r.get("creates_per_s"))
             .or_else(|| report.get("creates_per_s"))
             .map_or("–".to_owned(), plain);
@@ -171,18 +182,22 @@ fn render(reports: &[(String, Value)], docs_dir: &Path, bench_dir: &Path) -> Str
     for (name, report) in reports {
         let _ = writeln!(out, "\n### {name}\n");
         if let Some(runs) = report.get("runs").and_then(Value::as_array) {
-            out.push_str("| shards | seconds | reconciles/s | writes/reconcile | efficiency | lag p50 s | lag p99 s | worker RSS MiB (peak, each) | worker CPU s (total) | assigner RSS MiB |\n");
-            out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+            out.push_str("| shards | seconds | reconciles/s | ceiling/s | efficiency | raw-probe efficiency | writes/reconcile | lag p50 s | lag p99 s | worker RSS MiB (peak, each) | worker CPU s (total) | assigner RSS MiB |\n");
+            out.push_str(
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+            );
             for run in runs {
                 let get = |key: &str| run.get(key).map_or("–".to_owned(), plain);
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     get("shards"),
                     get("seconds"),
                     get("reconciles_per_s"),
-                    get("writes_per_reconcile"),
+                    get("ceiling_per_s"),
                     get("efficiency"),
+                    get("raw_probe_efficiency"),
+                    get("writes_per_reconcile"),
                     get("lag_p50_s"),
                     get("lag_p99_s"),
                     get("worker_rss_mib"),

@@ -17,6 +17,7 @@ use shardop_e2e::metrics::metric_value;
 
 use crate::api_requests::RequestTimes;
 use crate::audit_tail::WorkerDeath;
+use crate::ceiling::{self, Ceiling, IdealWriter};
 use crate::convergence::{ChangeKind, Convergence, quantile};
 use crate::env;
 use crate::plot;
@@ -49,8 +50,37 @@ async fn begin(scenario: &str, knobs: &Knobs) -> anyhow::Result<(Run, RawCapacit
 /// A report with the common fields.
 fn report(scenario: &str, knobs: &Knobs, shards: &[u32], seconds: f64, raw: Value) -> Report {
     let mut report = Report::new(scenario, knobs.objects, shards);
-    report.set("seconds", seconds).set("raw", raw);
+    report.set("seconds", seconds).set("raw_write_probe", raw);
     report
+}
+
+/// The ideal writer of `shards` shards over `objects` objects, in a namespace of its own on
+/// the run's control plane (after shardop's figures are taken, so the two never compete).
+/// Also returns what the API server served during its creates (every client's requests:
+/// the controller manager's reaction included, as in shardop's window).
+async fn ideal_writer(
+    run: &Run,
+    knobs: &Knobs,
+    shards: u32,
+    objects: usize,
+) -> anyhow::Result<(Ceiling, RequestTimes)> {
+    tracing::info!(shards, objects, "ideal writer");
+    let namespace = shardop_e2e::TestNamespace::create(&run.env.client, "bench-ceiling").await?;
+    let writer = IdealWriter::new(
+        &shardop_e2e::cluster().kubeconfig,
+        &namespace.name,
+        shards,
+        run.env.client.clone(),
+        knobs.concurrency,
+    )
+    .await?;
+    let before = RequestTimes::read(&run.env.client).await?;
+    let creates_per_s = writer.measure_creates(objects).await?;
+    let served = RequestTimes::read(&run.env.client).await?.since(&before);
+    let changes_per_s = writer.measure_changes(objects).await?;
+    let ceiling = Ceiling::new(creates_per_s, changes_per_s);
+    tracing::info!(?ceiling, "ideal writer done");
+    Ok((ceiling, served))
 }
 
 /// Draws the run's panels to `<dir>/<name>.png`.
@@ -80,6 +110,7 @@ async fn populate(run: &mut Run, knobs: &Knobs) -> anyhow::Result<()> {
 pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let mut runs = Vec::new();
     let mut first_raw = Value::Null;
+    let mut checks = Vec::new();
     let mut total = 0.0;
     for (index, &shards) in knobs.shards.iter().enumerate() {
         if index > 0 && !knobs.reuse_cluster {
@@ -87,6 +118,7 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
         }
         let (mut run, capacity, raw) = begin("create", knobs).await?;
         run.start_operator(shards, &[], &[]).await?;
+        let requests_before = RequestTimes::read(&run.env.client).await?;
         let since = Timestamp::now();
         let started = Instant::now();
         tracing::info!(shards, objects = knobs.objects, "creating");
@@ -95,13 +127,17 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
         run.wait_converged(knobs.objects, knobs.converge_timeout())
             .await?;
         let seconds = started.elapsed().as_secs_f64();
+        let shardop_served = RequestTimes::read(&run.env.client)
+            .await?
+            .since(&requests_before);
         run.settle(Duration::from_secs(5), Duration::from_secs(120))
             .await?;
         let writes = run.audit()?.worker_writes_since(since);
         let reconciles_per_s = knobs.objects as f64 / seconds;
         let writes_per_reconcile = writes as f64 / knobs.objects as f64;
-        let raw_writes_per_s = capacity.writes_per_s();
-        let efficiency = reconciles_per_s / (raw_writes_per_s / writes_per_reconcile.max(1e-9));
+        let raw_write_probe_per_s = capacity.writes_per_s();
+        let raw_probe_efficiency =
+            reconciles_per_s / (raw_write_probe_per_s / writes_per_reconcile.max(1e-9));
         let lags = run.conv.lags(ChangeKind::Create, None);
         let runs_total = run
             .env
@@ -121,14 +157,29 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             .env
             .assigner_histogram("shardop_assigner_assignment_latency_seconds")
             .await;
+        let (ceiling, ideal_served) = ideal_writer(&run, knobs, shards, knobs.objects).await?;
+        let efficiency = reconciles_per_s / ceiling.creates_per_s;
+        checks.extend(
+            ceiling::checks(ceiling.creates_per_s, efficiency)
+                .into_iter()
+                .map(|(check, holds)| (format!("{shards} shards: {check}"), holds)),
+        );
         let entry = json!({
             "shards": shards,
             "seconds": seconds,
-            "raw": raw,
+            "ceiling_per_s": ceiling.creates_per_s,
+            "efficiency": efficiency,
+            "ceiling": ceiling.to_json(knobs.objects, shards),
+            "api_requests_per_object": {
+                "shardop": shardop_served.per_object(knobs.objects),
+                "ideal_writer": ideal_served.per_object(knobs.objects),
+            },
+            "raw_write_probe": raw,
+            "raw_write_probe_per_s": raw_write_probe_per_s,
             "reconciles_per_s": reconciles_per_s,
             "writes": writes,
             "writes_per_reconcile": writes_per_reconcile,
-            "efficiency": efficiency,
+            "raw_probe_efficiency": raw_probe_efficiency,
             "lag_p50_s": quantile(&lags, 0.5),
             "lag_p99_s": quantile(&lags, 0.99),
             "reconcile_p50_s": run::histogram_quantile(&reconcile_durations, 0.5),
@@ -160,8 +211,11 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
     if let Some(Value::Object(last)) = runs.last() {
         for key in [
             "reconciles_per_s",
-            "writes_per_reconcile",
+            "ceiling_per_s",
             "efficiency",
+            "raw_write_probe_per_s",
+            "raw_probe_efficiency",
+            "writes_per_reconcile",
             "lag_p50_s",
             "lag_p99_s",
             "worker_rss_mib",
@@ -174,10 +228,7 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
         }
     }
     report.set("runs", runs);
-    Ok(Outcome {
-        report,
-        checks: Vec::new(),
-    })
+    Ok(Outcome { report, checks })
 }
 
 /// `restart`: with OBJECTS converged, every worker restarts at once.
@@ -738,6 +789,11 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     // What the workers wrote for that load (including their converging after it).
     let worker_writes = run.audit()?.worker_writes_by_kind_since(since);
     let worker_writes_total: usize = worker_writes.values().sum();
+    // The ideal writer on this run's mix of creates and changes: what the load used of it.
+    let (ceiling, _) = ideal_writer(&run, knobs, shards, knobs.raw_objects()).await?;
+    let churn_per_s = (created + changes) as f64 / load_s;
+    let ceiling_per_s = ceiling.mixed_rate(created, changes);
+    let efficiency = churn_per_s / ceiling_per_s;
     let mut report = report(
         "churn",
         knobs,
@@ -753,6 +809,10 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("live_at_end", live)
         .set("changes", changes)
         .set("changes_per_s", changes as f64 / load_s)
+        .set("churn_per_s", churn_per_s)
+        .set("ceiling_per_s", ceiling_per_s)
+        .set("efficiency", efficiency)
+        .set("ceiling", ceiling.to_json(knobs.raw_objects(), shards))
         .set("queue_p99_s", queue_p99)
         .set("queue_p50_s", run::histogram_quantile(&queue_wait, 0.5))
         .set(
@@ -783,7 +843,7 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     run.finish();
     Ok(Outcome {
         report,
-        checks: Vec::new(),
+        checks: ceiling::checks(ceiling_per_s, efficiency),
     })
 }
 
