@@ -20,8 +20,11 @@ toolchain: ## Check that cargo, rustfmt and clippy are installed
 	@$(CARGO) clippy --version >/dev/null 2>&1 || { echo "error: clippy is missing: rustup component add clippy" >&2; exit 1; }
 
 .PHONY: tools
-tools: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, helm, Prometheus, prometheus-adapter and the OTel collector from source (cached)
+tools: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl and helm from source (cached)
 	@bash hack/build-tools.sh >/dev/null
+
+.PHONY: obs-tools
+obs-tools: ## Build Prometheus, prometheus-adapter and the OTel collector from source (cached)
 	@bash hack/build-obs-tools.sh >/dev/null
 
 .PHONY: cluster-up
@@ -78,7 +81,7 @@ unit: toolchain ## Unit tests (no cluster needed)
 	$(CARGO) test --workspace --exclude shardop-e2e
 
 .PHONY: e2e
-e2e: build tools node-tools ## End-to-end tests against the local control plane and node (KEEP_CLUSTER=1 leaves them running)
+e2e: build tools node-tools obs-tools ## End-to-end tests against the local control plane and node (KEEP_CLUSTER=1 leaves them running)
 	@bash hack/cluster-up.sh
 	@status=0; $(CARGO) test -p shardop-e2e --tests -- --test-threads=$(E2E_TEST_THREADS) || status=$$?; \
 	  if [[ -z "$${KEEP_CLUSTER:-}" ]]; then bash hack/cluster-down.sh; fi; exit $$status
