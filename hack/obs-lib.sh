@@ -11,7 +11,7 @@ obs_components=(prometheus otelcol prometheus-adapter)
 
 obs_dir="$cluster_root/obs"
 prometheus_port="${SHARDOP_PROMETHEUS_PORT:-19090}"
-adapter_port="${SHARDOP_ADAPTER_PORT:-16445}"
+adapter_port="${SHARDOP_ADAPTER_PORT:-19443}"
 otlp_grpc_port="${SHARDOP_OTLP_GRPC_PORT:-14317}"
 otlp_http_port="${SHARDOP_OTLP_HTTP_PORT:-14318}"
 # Where the custom metrics APIService points: a Service of type ExternalName (localhost).

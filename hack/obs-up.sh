@@ -19,7 +19,7 @@
 #
 # Environment (besides cluster-up.sh's SHARDOP_CLUSTER_DIR and ports):
 #   SHARDOP_PROMETHEUS_PORT   (19090)  Prometheus' HTTP port
-#   SHARDOP_ADAPTER_PORT      (16445)  prometheus-adapter's HTTPS port
+#   SHARDOP_ADAPTER_PORT      (19443)  prometheus-adapter's HTTPS port
 #   SHARDOP_OTLP_GRPC_PORT    (14317)  the collector's OTLP/gRPC port
 #   SHARDOP_OTLP_HTTP_PORT    (14318)  the collector's OTLP/HTTP port
 #   SHARDOP_PROMETHEUS_INTERVAL (2s)   scrape and rule evaluation interval

@@ -148,3 +148,44 @@ impl Drop for OwnControlPlane {
         let _ = self.script("hack/cluster-down.sh", &[]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The highest offset a test passes to [`OwnControlPlane::start`](super::OwnControlPlane::start).
+    const MAX_OFFSET: u16 = 2;
+
+    /// The default of each `${SHARDOP_..._PORT:-N}` in a hack/ script.
+    fn default_ports(script: &str) -> Vec<(String, u16)> {
+        let text = std::fs::read_to_string(crate::repo_root().join(script)).unwrap();
+        text.split("${SHARDOP_")
+            .skip(1)
+            .filter_map(|rest| {
+                let (variable, rest) = rest.split_once(":-")?;
+                let (default, _) = rest.split_once('}')?;
+                variable
+                    .ends_with("_PORT")
+                    .then(|| Some((variable.to_owned(), default.parse().ok()?)))?
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_observability_ports_stay_clear_of_every_control_plane_the_tests_start() {
+        let planes = default_ports("hack/cluster-lib.sh");
+        assert!(planes.len() >= 3, "cluster ports not found: {planes:?}");
+        let obs = default_ports("hack/obs-lib.sh");
+        assert!(obs.len() >= 4, "observability ports not found: {obs:?}");
+        for (plane_variable, base) in &planes {
+            for offset in 0..=MAX_OFFSET {
+                for (obs_variable, port) in &obs {
+                    assert_ne!(
+                        *port,
+                        base + offset,
+                        "SHARDOP_{obs_variable} defaults to SHARDOP_{plane_variable} + {offset}, \
+                         which a test's own control plane listens on"
+                    );
+                }
+            }
+        }
+    }
+}
