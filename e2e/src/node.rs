@@ -110,3 +110,34 @@ pub fn helm_ok(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
+
+/// A Helm release the test installed: `helm uninstall --wait` when the test ends, before
+/// its namespaces go (`SHARDOP_E2E_KEEP_NAMESPACES` keeps it).
+pub struct HelmRelease<'a> {
+    /// The cluster it is installed in.
+    pub cluster: &'a Cluster,
+    /// The release name.
+    pub name: &'a str,
+    /// The release namespace.
+    pub namespace: String,
+}
+
+impl Drop for HelmRelease<'_> {
+    fn drop(&mut self) {
+        if std::env::var_os("SHARDOP_E2E_KEEP_NAMESPACES").is_some() {
+            return;
+        }
+        let args = [
+            "uninstall",
+            self.name,
+            "-n",
+            &self.namespace,
+            "--wait",
+            "--timeout",
+            "120s",
+        ];
+        if let Err(error) = helm_ok(self.cluster, &args) {
+            eprintln!("cleanup: {error:#}");
+        }
+    }
+}

@@ -39,7 +39,7 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use shardop::constants::SHARD_LABEL;
 use shardop_api::DatabaseCluster;
-use shardop_e2e::node::{LocalNode, helm_ok};
+use shardop_e2e::node::{HelmRelease, LocalNode, helm_ok};
 use shardop_e2e::obs::{Observability, ScrapeTarget, observability, sample_value};
 use shardop_e2e::{Cluster, TestNamespace, audit, cluster, wait_for};
 
@@ -71,24 +71,6 @@ const HPA_VALUES: [(&str, &str); 10] = [
         r#"worker.autoscaling.behavior.scaleDown={"stabilizationWindowSeconds":20,"selectPolicy":"Max","policies":[{"type":"Pods","value":1,"periodSeconds":15}]}"#,
     ),
 ];
-
-/// `helm uninstall` when the test ends, before its namespaces go.
-struct Release<'a> {
-    cluster: &'a Cluster,
-    namespace: String,
-}
-
-impl Drop for Release<'_> {
-    fn drop(&mut self) {
-        if std::env::var_os("SHARDOP_E2E_KEEP_NAMESPACES").is_some() {
-            return;
-        }
-        let args = ["uninstall", RELEASE, "-n", &self.namespace, "--wait"];
-        if let Err(error) = helm_ok(self.cluster, &args) {
-            eprintln!("cleanup: {error:#}");
-        }
-    }
-}
 
 /// One observation of the loop.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -329,8 +311,9 @@ async fn the_hpa_scales_the_workers_out_under_a_create_storm_and_back_in_when_qu
     let operator = TestNamespace::create(&client, "hpa-op").await.unwrap();
     forbid_pods(&client, &objects.name).await;
     install(cluster, &node, &operator.name).await;
-    let _release = Release {
+    let _release = HelmRelease {
         cluster,
+        name: RELEASE,
         namespace: operator.name.clone(),
     };
     let mut scrapes = Scrapes {

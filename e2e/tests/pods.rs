@@ -23,7 +23,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use shardop_api::DatabaseCluster;
-use shardop_e2e::node::{LocalNode, helm_ok};
+use shardop_e2e::node::{HelmRelease, LocalNode, helm_ok};
 use shardop_e2e::{Cluster, TestNamespace, audit, cluster, wait_for};
 
 const RELEASE: &str = "shardop";
@@ -39,32 +39,6 @@ fn worker_pod(ordinal: u32) -> String {
 
 fn shard_lease(ordinal: u32) -> String {
     format!("{RELEASE}-shard-{ordinal}")
-}
-
-/// `helm uninstall` when the test ends, before its namespaces go.
-struct Release<'a> {
-    cluster: &'a Cluster,
-    namespace: String,
-}
-
-impl Drop for Release<'_> {
-    fn drop(&mut self) {
-        if std::env::var_os("SHARDOP_E2E_KEEP_NAMESPACES").is_some() {
-            return;
-        }
-        let args = [
-            "uninstall",
-            RELEASE,
-            "-n",
-            &self.namespace,
-            "--wait",
-            "--timeout",
-            "120s",
-        ];
-        if let Err(error) = helm_ok(self.cluster, &args) {
-            eprintln!("cleanup: {error:#}");
-        }
-    }
 }
 
 /// Drops every packet from a pod to the node (where the API server relay listens) while it
@@ -263,8 +237,9 @@ async fn the_chart_runs_in_pods_rolls_without_moves_and_fails_over() {
         ],
     )
     .unwrap();
-    let _release = Release {
+    let _release = HelmRelease {
         cluster,
+        name: RELEASE,
         namespace: operator.name.clone(),
     };
 
