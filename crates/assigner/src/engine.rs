@@ -30,7 +30,7 @@ use crate::planning::{self, Admitted, Candidate, Hold, Limits, Progress, Unassig
 use crate::resources::{KindId, ShardedKind};
 use crate::shard_count::ShardCountRx;
 use crate::shard_objects::{self, AssignerStatus};
-use crate::stalls::{LongUnassigned, Rereads, UnassignedClock};
+use crate::stalls::{Rereads, UnassignedClock};
 use crate::writes::{self, Outcome, label_write_span, write_result};
 
 /// Passes run at most this often, so an event storm is handled in batches.
@@ -303,17 +303,10 @@ impl Engine {
     }
 
     /// Keeps how long each object has been without a valid owner: the oldest as a metric,
-    /// and a warning, with the reason, for each one past [`crate::stalls::LONG_UNASSIGNED`].
+    /// and a warning for those past [`crate::stalls::LONG_UNASSIGNED`].
     fn report_long_unassigned(&mut self, unassigned: &[(ObjectKey, Unassigned)], now: Instant) {
         let (oldest, long) = self.unassigned_clock.observe(unassigned, now);
-        for LongUnassigned { key, why, waited } in long {
-            tracing::warn!(
-                object = %key,
-                waited_s = waited.as_secs(),
-                reason = why.as_str(),
-                "object without a shard label for long"
-            );
-        }
+        crate::stalls::log_long_unassigned(&long);
         self.metrics
             .oldest_unassigned_seconds
             .set(i64::try_from(oldest.as_secs()).unwrap_or(i64::MAX));
