@@ -32,6 +32,12 @@ pub const FAST_LEASES: [&str; 6] = [
     "1s",
 ];
 
+/// The MutatingWebhookConfiguration of [`ProcessSpec::with_webhook`] for an assigner
+/// serving `operator_namespace`.
+pub fn webhook_configuration(operator_namespace: &str) -> String {
+    format!("{operator_namespace}-assigner")
+}
+
 /// A running shardop process, killed (SIGKILL) when dropped.
 #[derive(Debug)]
 pub struct ShardopProcess {
@@ -72,6 +78,19 @@ impl ProcessSpec {
             .arg("run")
             .arg("--operator-namespace")
             .arg(operator_namespace)
+    }
+
+    /// The assigner's mutating admission webhook on a free loopback port, registered by URL
+    /// (the local control plane has no Service routing) in a MutatingWebhookConfiguration
+    /// named after `operator_namespace`, so parallel tests (and parallel control planes)
+    /// never share a port or a configuration. See [`webhook_configuration`].
+    pub fn with_webhook(self, operator_namespace: &str) -> Self {
+        self.arg("--webhook-addr")
+            .arg("127.0.0.1:0")
+            .arg("--webhook-url")
+            .arg("https://127.0.0.1:{port}/mutate")
+            .arg("--webhook-configuration")
+            .arg(webhook_configuration(operator_namespace))
     }
 
     /// Any binary of the workspace (e.g. an example operator), named `name` in logs and

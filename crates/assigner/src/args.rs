@@ -90,6 +90,8 @@ pub struct RunArgs {
     pub resync_period: Duration,
     #[command(flatten)]
     pub kube: KubeClientArgs,
+    #[command(flatten)]
+    pub webhook: crate::webhook::WebhookArgs,
     /// Address of `/metrics` (port 0 = any free port, logged at start-up).
     #[arg(long, env = "SHARDOP_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,

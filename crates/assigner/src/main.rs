@@ -15,6 +15,7 @@ mod resources;
 mod shard_count;
 mod shard_objects;
 mod stalls;
+mod webhook;
 mod writes;
 
 use std::sync::Arc;
@@ -71,6 +72,7 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let kube_metrics = KubeMetrics::register(&mut registry);
     let metrics = metrics::AssignerMetrics::register(&mut registry);
+    let webhook_metrics = webhook::WebhookMetrics::register(&mut registry);
     let registry = Arc::new(std::sync::Mutex::new(registry));
     // Reads the kubeconfig only (no request), so a bad one fails start-up at once.
     let clients = ClientFactory::infer(&args.kube, kube_metrics).await?;
@@ -110,6 +112,22 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
         "starting shardop-assigner"
     );
 
+    let webhook = webhook::start(
+        webhook::Setup {
+            args: &args.webhook,
+            client: &client,
+            names: &names,
+            operator_namespace: &args.operator_namespace,
+            watch_namespaces: args.namespaces(),
+            kinds: args.resources(),
+            count: shard_count_source(&client, &args),
+            metrics: webhook_metrics,
+        },
+        &mut tasks,
+        &servers,
+    )
+    .await?;
+
     let settings = engine::Settings {
         names: names.clone(),
         // Resolved by discovery at the start of each term.
@@ -135,9 +153,12 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
         let settings = settings.clone();
         let metrics = metrics.clone();
         let args = args.clone();
+        let webhook = webhook.clone();
         async move {
             metrics.is_leader.set(1);
+            let upkeep = webhook.map(|w| tokio::spawn(w.lead(term.clone())));
             lead(client, settings, metrics.clone(), &args, term).await;
+            upkeep.inspect(tokio::task::JoinHandle::abort);
             metrics.is_leader.set(0);
         }
     };
@@ -170,19 +191,30 @@ async fn lead(
         settings.names.clone(),
     );
     drivers.spawn(lease_driver);
-    let (shard_count, count_driver) = match (args.shards, &args.worker_statefulset) {
-        (Some(n), _) => shard_count::fixed(n),
-        (None, Some(name)) => {
-            shard_count::from_statefulset(client.clone(), &settings.operator_namespace, name)
-        }
-        // clap requires one of the two.
-        (None, None) => shard_count::fixed(shardop_api::ShardCount::MIN),
-    };
+    let (shard_count, count_driver) = shard_count_source(&client, args);
     drivers.spawn(count_driver);
     let (engine, events) =
         engine::Engine::start(client, settings, metrics, leases, shard_count, &mut drivers);
     engine.run(events, term).await;
     drivers.abort_all();
+}
+
+/// Where N comes from: `--shards`, else the worker StatefulSet.
+fn shard_count_source(
+    client: &kube::Client,
+    args: &RunArgs,
+) -> (
+    shard_count::ShardCountRx,
+    futures::future::BoxFuture<'static, ()>,
+) {
+    match (args.shards, &args.worker_statefulset) {
+        (Some(n), _) => shard_count::fixed(n),
+        (None, Some(name)) => {
+            shard_count::from_statefulset(client.clone(), &args.operator_namespace, name)
+        }
+        // clap requires one of the two.
+        (None, None) => shard_count::fixed(shardop_api::ShardCount::MIN),
+    }
 }
 
 #[cfg(test)]

@@ -54,6 +54,11 @@ struct ObjectTimes {
     draining: bool,
     /// Whether the status names a shard.
     status_shard: Option<u32>,
+    /// When the load generator's create returned, and whether its response already
+    /// carried a shard label (stamped at creation by the assigner's webhook).
+    created: Option<(Instant, bool)>,
+    /// When a shard label was first seen on it.
+    first_labelled: Option<Instant>,
 }
 
 impl ObjectTimes {
@@ -134,6 +139,9 @@ impl Convergence {
         } = &mut *state;
         let entry = objects.entry(name).or_default();
         let was_unassigned = entry.unassigned() && entry.generation != 0;
+        if shard.is_some() && entry.first_labelled.is_none() {
+            entry.first_labelled = Some(now);
+        }
         entry.deleted = false;
         entry.shard = shard;
         entry.draining = draining;
@@ -167,6 +175,41 @@ impl Convergence {
                 state.unassigned = state.unassigned.saturating_sub(1);
             }
         }
+    }
+
+    /// Records that the load generator's create of `name` returned, with a shard label in
+    /// the response (`labelled`) or not.
+    pub fn created(&self, name: &str, labelled: bool) {
+        let mut state = self.lock();
+        let entry = state.objects.entry(name.to_owned()).or_default();
+        entry.created = Some((Instant::now(), labelled));
+    }
+
+    /// Create → labelled, in seconds, of every created object seen labelled: 0 when the
+    /// create response carried the label (or the watch showed it first), else from the
+    /// response to the first watch event with a label.
+    pub fn assignment_lags(&self) -> Vec<f64> {
+        self.lock()
+            .objects
+            .values()
+            .filter_map(|o| {
+                let (created, labelled) = o.created?;
+                if labelled {
+                    return Some(0.0);
+                }
+                let first = o.first_labelled?;
+                Some(first.saturating_duration_since(created).as_secs_f64())
+            })
+            .collect()
+    }
+
+    /// Created objects whose create response carried a shard label.
+    pub fn stamped_at_creation(&self) -> usize {
+        self.lock()
+            .objects
+            .values()
+            .filter(|o| o.created.is_some_and(|(_, labelled)| labelled))
+            .count()
     }
 
     /// Objects that exist and are converged at their current generation.

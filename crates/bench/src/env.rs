@@ -27,6 +27,8 @@ pub struct BenchEnv {
     pub workers: BTreeMap<u32, Process>,
     /// The running assigner, if started.
     pub assigner: Option<Process>,
+    /// Start the assigner with its mutating admission webhook (registered by URL).
+    pub webhook: bool,
     scenario: String,
 }
 
@@ -62,6 +64,7 @@ impl BenchEnv {
             objects_ns,
             workers: BTreeMap::new(),
             assigner: None,
+            webhook: false,
             scenario: scenario.to_owned(),
         })
     }
@@ -133,6 +136,9 @@ impl BenchEnv {
             .arg("500")
             .arg("--kube-burst")
             .arg("1000");
+        if self.webhook {
+            spec = spec.with_webhook(&self.operator_ns.name);
+        }
         for arg in extra {
             spec = spec.arg(*arg);
         }

@@ -48,6 +48,10 @@ pub struct Knobs {
     /// How many DatabaseClusters the scenario works with.
     #[arg(long, env = "OBJECTS", default_value_t = 1000, global = true)]
     pub objects: usize,
+    /// `create`: whether the assigner serves its mutating admission webhook (`on`, the
+    /// label is stamped at creation) or not (`off`, the watch path assigns every object).
+    #[arg(long, env = "WEBHOOK", default_value = "on", value_parser = parse_on_off, global = true)]
+    pub webhook: bool,
     /// Shard counts (comma-separated; `create` runs each, the others use the first).
     #[arg(
         long,
@@ -153,6 +157,15 @@ enum Scenario {
 impl Scenario {
     fn needs_cluster(self) -> bool {
         self != Self::Report
+    }
+}
+
+/// `on` or `off` (also `true`/`false`).
+fn parse_on_off(value: &str) -> Result<bool, String> {
+    match value.trim() {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        other => Err(format!("{other:?}: use on or off")),
     }
 }
 

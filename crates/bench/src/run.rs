@@ -490,6 +490,12 @@ pub async fn create_all(
                     )
                     .await
                     .with_context(|| format!("creating {name}"))?;
+                let labelled = created
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .is_some_and(|l| l.contains_key(shardop_api::constants::SHARD_LABEL));
+                conv.created(&name, labelled);
                 conv.changed(
                     &name,
                     created.metadata.generation.unwrap_or(1),

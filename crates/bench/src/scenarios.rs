@@ -105,6 +105,46 @@ async fn populate(run: &mut Run, knobs: &Knobs) -> anyhow::Result<()> {
     run.settle(Duration::from_secs(10), settle_timeout).await
 }
 
+/// The smoke checks of `create`'s webhook figures: present and sane, not timing. With the
+/// webhook on, objects are stamped at creation; off, none is and every object needs a label
+/// write; every created object was seen labelled.
+fn webhook_checks(
+    knobs: &Knobs,
+    shards: u32,
+    stamped: usize,
+    lags: &[f64],
+    label_writes_per_object: f64,
+) -> Vec<(String, bool)> {
+    let mode = if knobs.webhook { "on" } else { "off" };
+    vec![
+        (
+            format!("{shards} shards, webhook {mode}: every object's create → labelled measured"),
+            lags.len() == knobs.objects && lags.iter().all(|l| l.is_finite() && *l >= 0.0),
+        ),
+        (
+            format!(
+                "{shards} shards, webhook {mode}: stamped at creation ({stamped}) as the mode says"
+            ),
+            if knobs.webhook {
+                stamped > 0
+            } else {
+                stamped == 0
+            },
+        ),
+        (
+            format!(
+                "{shards} shards, webhook {mode}: label writes per object ({label_writes_per_object:.3}) sane"
+            ),
+            label_writes_per_object.is_finite()
+                && if knobs.webhook {
+                    label_writes_per_object < 1.0
+                } else {
+                    label_writes_per_object >= 1.0
+                },
+        ),
+    ]
+}
+
 /// `create`: OBJECTS unlabelled objects as fast as the API server accepts them, per shard
 /// count in SHARDS, each on a fresh control plane.
 pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
@@ -117,6 +157,7 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             crate::restart_control_plane().await?;
         }
         let (mut run, capacity, raw) = begin("create", knobs).await?;
+        run.env.webhook = knobs.webhook;
         run.start_operator(shards, &[], &[]).await?;
         let requests_before = RequestTimes::read(&run.env.client).await?;
         let since = Timestamp::now();
@@ -133,6 +174,17 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
         run.settle(Duration::from_secs(5), Duration::from_secs(120))
             .await?;
         let writes = run.audit()?.worker_writes_since(since);
+        let label_writes = run.audit()?.assigner_label_writes_since(since);
+        let label_writes_per_object = label_writes as f64 / knobs.objects as f64;
+        let assignment_lags = run.conv.assignment_lags();
+        let stamped = run.conv.stamped_at_creation();
+        checks.extend(webhook_checks(
+            knobs,
+            shards,
+            stamped,
+            &assignment_lags,
+            label_writes_per_object,
+        ));
         let reconciles_per_s = knobs.objects as f64 / seconds;
         let writes_per_reconcile = writes as f64 / knobs.objects as f64;
         let raw_write_probe_per_s = capacity.writes_per_s();
@@ -185,6 +237,12 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             "reconcile_p50_s": run::histogram_quantile(&reconcile_durations, 0.5),
             "reconcile_p99_s": run::histogram_quantile(&reconcile_durations, 0.99),
             "assignment_p99_s": run::histogram_quantile(&assignment_latency, 0.99),
+            "webhook": knobs.webhook,
+            "stamped_at_creation": stamped,
+            "create_to_labelled_p50_s": quantile(&assignment_lags, 0.5),
+            "create_to_labelled_p99_s": quantile(&assignment_lags, 0.99),
+            "assigner_label_writes": label_writes,
+            "assigner_label_writes_per_object": label_writes_per_object,
             "worker_rss_mib": run.worker_rss(),
             "assigner_rss_mib": assigner_rss,
             "worker_cpu_s": worker_cpu,
@@ -221,6 +279,10 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             "worker_rss_mib",
             "assigner_rss_mib",
             "worker_cpu_s",
+            "webhook",
+            "create_to_labelled_p50_s",
+            "create_to_labelled_p99_s",
+            "assigner_label_writes_per_object",
         ] {
             if let Some(value) = last.get(key) {
                 report.set(key, value.clone());

@@ -1,6 +1,7 @@
 //! The shard protocol as pure functions: what state an object and a shard Lease are in,
 //! and what the assigner or a worker must do about it. Both halves live here: the
-//! assigner's ([`assigner_action`], [`plan`]) and the worker's ([`worker_action`] for objects,
+//! assigner's ([`assigner_action`], [`plan`], and [`admission`] for its webhook) and the
+//! worker's ([`worker_action`] for objects,
 //! including the drain acknowledgement, and [`failover`] for shard Leases). `docs/shard-protocol.md` is the
 //! prose version of this module; the two must stay in step.
 //!
@@ -10,6 +11,7 @@
 // Tests may panic on unexpected values; production code may not (workspace lints).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admission;
 pub mod failover;
 pub mod lease;
 pub mod object;
@@ -19,6 +21,7 @@ pub mod shards;
 #[cfg(test)]
 mod simulation;
 
+pub use admission::{Admission, Creation, SkipReason, admission};
 pub use failover::{
     Acquisition, LEASE_WRITE_ATTEMPTS, Me, StopReason, acquisition, ring_distance, should_release,
     stop_grace,

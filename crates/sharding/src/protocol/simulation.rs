@@ -18,6 +18,12 @@
 //! [`crate::label_trust`]). Hand edits to valid labels are inside the safety promise;
 //! removed and garbled labels are only checked for liveness.
 //!
+//! Objects may also be created during a run, through the assigner's mutating admission
+//! webhook: it stamps the shard label from its own snapshot of the shard count and Leases
+//! ([`admission`]), which may be as stale as the assigner's (a CREATE racing a shard-count
+//! change), or leaves the object unlabelled (webhook down, not ready). A user may create an
+//! object with a forged shard label, which no worker trusts.
+//!
 //! After every step it checks the safety property, **at most one shard reconciles an
 //! object at any time**, and from every explored state it runs a fair completion (no more
 //! failures, every worker in range running) that must end with every object owned by its
@@ -28,6 +34,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use super::admission::{Admission, Creation, admission};
 use super::failover::{Acquisition, Me, acquisition, should_release};
 use super::lease::LeaseSnapshot;
 use super::object::{AssignerAction, ObjectPlacement, WorkerAction, worker_action};
@@ -35,6 +42,7 @@ use super::plan::{LeaseStep, ObjectFacts, plan_object, plan_shard};
 use super::shards::ShardTable;
 use crate::assignment::{jump_consistent_hash, object_key_hash};
 use crate::constants::{DRAIN_LABEL, SHARD_LABEL};
+use crate::names::OperatorNames;
 use crate::shard_index::{ShardCount, ShardIndex};
 
 /// Shards (and workers: worker `w` is home for shard `w`) in the model.
@@ -56,6 +64,8 @@ struct Obj {
     label: Label,
     drain: bool,
     rv: u32,
+    /// Not created yet: nobody sees it (a worker's cached copy is unlabelled, so ignored).
+    created: bool,
 }
 
 impl Obj {
@@ -159,6 +169,15 @@ struct Budget {
     tampers: u8,
     /// Hand edits to valid, untrusted shard labels (inside it).
     hand_edits: u8,
+    /// Objects created with a forged (valid, untrusted) shard label (inside it).
+    forged_creates: u8,
+}
+
+/// What the webhook last observed of the shards: the desired count and the Leases.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct WebhookView {
+    n: u32,
+    leases: Vec<Lease>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -168,6 +187,8 @@ struct World {
     leases: Vec<Lease>,
     workers: Vec<Worker>,
     assigner: Assigner,
+    /// The webhook's snapshot (`None`: not ready, so it stamps nothing).
+    webhook: Option<WebhookView>,
     budget: Budget,
     tampered: bool,
 }
@@ -191,9 +212,14 @@ enum Step {
     RestartWorker(usize),
     ChangeN(u32),
     Tamper(usize, Label),
+    /// The webhook refreshes its snapshot of the shard count and Leases.
+    WebhookObserve,
+    /// Object created through the webhook, or with a forged label for this shard.
+    Create(usize, Option<u32>),
 }
 
 struct Model {
+    names: Vec<String>,
     keys: Vec<u64>,
 }
 
@@ -210,8 +236,48 @@ impl Model {
         )
     }
 
+    /// The webhook's real decision for creating object `o`, from its snapshot.
+    fn webhook_label(&self, w: &World, o: usize) -> Label {
+        let table = w.webhook.as_ref().map(|view| {
+            self.table(&Seen {
+                n: view.n,
+                objs: Vec::new(),
+                leases: view.leases.clone(),
+            })
+        });
+        let creation = Creation {
+            namespace: "ns",
+            name: Some(&self.names[o]),
+            labels: None,
+        };
+        match admission(creation, table.as_ref(), &OperatorNames::default()) {
+            Admission::Stamp(to) => Label::Shard(to.0),
+            Admission::Skip(_) => Label::Absent,
+        }
+    }
+
+    fn webhook_steps(&self, w: &World, steps: &mut Vec<Step>) {
+        let current = WebhookView {
+            n: w.n,
+            leases: w.leases.clone(),
+        };
+        if w.webhook.as_ref() != Some(&current) {
+            steps.push(Step::WebhookObserve);
+        }
+        for (o, obj) in w.objs.iter().enumerate() {
+            if obj.created {
+                continue;
+            }
+            steps.push(Step::Create(o, None));
+            if w.budget.forged_creates > 0 {
+                steps.extend((0..SHARDS as u32).map(|s| Step::Create(o, Some(s))));
+            }
+        }
+    }
+
     fn steps(&self, w: &World) -> Vec<Step> {
         let mut steps = Vec::new();
+        self.webhook_steps(w, &mut steps);
         let current = Seen {
             n: w.n,
             objs: w.objs.clone(),
@@ -303,7 +369,7 @@ impl Model {
         if w.budget.tampers > 0 {
             for o in 0..w.objs.len() {
                 for label in [Label::Absent, Label::Garbage] {
-                    if w.objs[o].label != label {
+                    if w.objs[o].created && w.objs[o].label != label {
                         steps.push(Step::Tamper(o, label));
                     }
                 }
@@ -313,7 +379,7 @@ impl Model {
             for o in 0..w.objs.len() {
                 for s in 0..SHARDS as u32 {
                     let label = Label::HandEdited(s);
-                    if w.objs[o].label != label {
+                    if w.objs[o].created && w.objs[o].label != label {
                         steps.push(Step::Tamper(o, label));
                     }
                 }
@@ -332,6 +398,9 @@ impl Model {
             return None;
         }
         let obj = &seen.objs[o];
+        if !obj.created {
+            return None;
+        }
         let placement = obj.placement();
         let action = plan_object(
             ObjectFacts {
@@ -492,6 +561,25 @@ impl Model {
                 w.budget.n_changes -= 1;
                 w.n = *n;
             }
+            Step::WebhookObserve => {
+                w.webhook = Some(WebhookView {
+                    n: w.n,
+                    leases: w.leases.clone(),
+                });
+            }
+            Step::Create(o, forged) => {
+                let label = match forged {
+                    Some(s) => {
+                        w.budget.forged_creates -= 1;
+                        Label::HandEdited(*s)
+                    }
+                    None => self.webhook_label(w, *o),
+                };
+                let obj = &mut w.objs[*o];
+                obj.created = true;
+                obj.label = label;
+                obj.rv += 1;
+            }
             Step::Tamper(o, label) => {
                 if matches!(label, Label::HandEdited(_)) {
                     w.budget.hand_edits -= 1;
@@ -546,6 +634,13 @@ impl Model {
         let mut w = start.clone();
         w.budget = Budget::default();
         let n = w.n as usize;
+        // Objects not created yet are created now, through the webhook's (maybe stale)
+        // snapshot.
+        for o in 0..w.objs.len() {
+            if !w.objs[o].created {
+                self.apply(&mut w, &Step::Create(o, None));
+            }
+        }
         while let Some(write) = w.assigner.pending.pop() {
             land(&mut w, write);
         }
@@ -790,12 +885,15 @@ fn land(w: &mut World, write: Write) {
 
 /// Object keys whose desired shards differ between 2 and 3 shards in useful ways: the first
 /// moves to shard 2 when growing 2 -> 3, the second stays on shard 1, the third on 0.
-fn keys() -> Vec<u64> {
+fn key_names() -> Vec<String> {
     let find = |at2: u32, at3: u32| {
         (0..)
-            .map(|i| object_key_hash("ns", &format!("db-{i}")))
-            .find(|&h| jump_consistent_hash(h, 2) == at2 && jump_consistent_hash(h, 3) == at3)
-            .unwrap_or(0)
+            .map(|i| format!("db-{i}"))
+            .find(|name| {
+                let h = object_key_hash("ns", name);
+                jump_consistent_hash(h, 2) == at2 && jump_consistent_hash(h, 3) == at3
+            })
+            .unwrap_or_default()
     };
     vec![find(0, 2), find(1, 1), find(0, 0)]
 }
@@ -803,13 +901,15 @@ fn keys() -> Vec<u64> {
 /// A steady state: `n` shards served by their home workers, objects on their desired
 /// shards, every worker (also those beyond `n`) running.
 fn steady(objects: usize, n: u32, budget: Budget) -> (Model, World) {
-    let keys: Vec<u64> = keys().into_iter().take(objects).collect();
+    let names: Vec<String> = key_names().into_iter().take(objects).collect();
+    let keys: Vec<u64> = names.iter().map(|n| object_key_hash("ns", n)).collect();
     let objs = keys
         .iter()
         .map(|&k| Obj {
             label: Label::Shard(jump_consistent_hash(k, n)),
             drain: false,
             rv: 1,
+            created: true,
         })
         .collect::<Vec<_>>();
     let leases = (0..SHARDS)
@@ -846,10 +946,25 @@ fn steady(objects: usize, n: u32, budget: Budget) -> (Model, World) {
         objs,
         leases,
         workers,
+        webhook: None,
         budget,
         tampered: false,
     };
-    (Model { keys }, world)
+    (Model { names, keys }, world)
+}
+
+/// `w` with object `o` not created yet (every worker's cached copy unlabelled).
+fn not_created(mut w: World, o: usize) -> World {
+    w.objs[o] = Obj {
+        label: Label::Absent,
+        drain: false,
+        rv: 1,
+        created: false,
+    };
+    for worker in &mut w.workers {
+        worker.cache[o] = Some(w.objs[o].clone());
+    }
+    w
 }
 
 /// Runs `f` on a copy of `w` to build a scenario's starting point.
@@ -1019,8 +1134,11 @@ fn random_walks_with_every_kind_of_failure() {
                 n_changes: 3,
                 tampers: 0,
                 hand_edits: 2,
+                forged_creates: 1,
             },
         );
+        // The last object is created during the walk, through the webhook.
+        let w = not_created(w, 2);
         model.walk(w, 250, seed);
     }
     for seed in 0..100 {
@@ -1036,4 +1154,64 @@ fn random_walks_with_every_kind_of_failure() {
         );
         model.walk(w, 150, 10_000 + seed);
     }
+}
+
+#[test]
+fn webhook_stamp_from_a_stale_view_racing_a_shrink() {
+    // The webhook saw 3 live shards; N drops to 2 (or to 1) while objects 0 (desired
+    // shard 2 at N = 3) and 1 are being created: it may stamp shard 2 after shard 2 was
+    // drained, released or deleted. Workers crash and stop too.
+    let (model, w) = steady(
+        3,
+        3,
+        Budget {
+            n_changes: 1,
+            crashes: 1,
+            ..Budget::default()
+        },
+    );
+    let w = with(w, &model, &[Step::WebhookObserve, Step::Observe]);
+    let w = not_created(not_created(w, 0), 1);
+    let w = World { n: 2, ..w };
+    let states = model.explore(w, 14, max_states());
+    assert!(states > 1_000, "explored only {states} states");
+}
+
+#[test]
+fn webhook_stamp_from_a_stale_view_racing_a_growth() {
+    // N grows 2 -> 3 (shard 2 acquired) while object 0, whose desired shard becomes 2, is
+    // created by a webhook that still sees 2 shards, then N may change again.
+    let (model, w) = steady(
+        2,
+        2,
+        Budget {
+            n_changes: 1,
+            ..Budget::default()
+        },
+    );
+    let w = with(w, &model, &[Step::WebhookObserve, Step::Acquire(2, 2)]);
+    let w = not_created(w, 0);
+    let w = World { n: 3, ..w };
+    let states = model.explore(w, 15, max_states());
+    assert!(states > 1_000, "explored only {states} states");
+}
+
+#[test]
+fn forged_labels_at_creation_never_start_a_second_reconciler() {
+    // Objects created with a valid shard label the assigner did not write, beside objects
+    // stamped by the webhook, while the shard count changes: no worker acts on a forged
+    // label, and the assigner claims or moves every object to its desired shard.
+    let (model, w) = steady(
+        2,
+        3,
+        Budget {
+            forged_creates: 2,
+            n_changes: 1,
+            ..Budget::default()
+        },
+    );
+    let w = with(w, &model, &[Step::WebhookObserve, Step::Observe]);
+    let w = not_created(not_created(w, 0), 1);
+    let states = model.explore(w, 12, max_states());
+    assert!(states > 1_000, "explored only {states} states");
 }

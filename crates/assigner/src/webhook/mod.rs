@@ -1,0 +1,357 @@
+//! Creation-time assignment: a mutating admission webhook that stamps the shard label on
+//! CREATE of an unlabelled object of a sharded kind, with the watch path's own decision
+//! ([`shardop::protocol::admission`]), so most new objects never need a label write.
+//! `failurePolicy: Ignore` and the watch path as fallback: a down webhook never blocks a
+//! user and never leaves an object unassigned.
+//!
+//! Every replica (leader or standby) serves the webhook from its own watches of the shard
+//! Leases and the shard count, and the same certificate (read from one Secret). The leader
+//! renews the certificate and keeps the configuration's `caBundle` in step.
+
+mod admission;
+mod config;
+mod metrics;
+mod secret;
+mod server;
+mod tls;
+mod view;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use shardop::OperatorNames;
+use shardop::lease::watch_operator_shard_leases;
+use shardop_runtime::parse_positive_duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use self::admission::Reviewer;
+use self::config::Registration;
+pub use self::metrics::WebhookMetrics;
+use self::secret::Renewer;
+use self::server::CertSlot;
+use self::tls::{Lifetimes, Material};
+use self::view::ShardView;
+use crate::resources::ResourceName;
+use crate::shard_count::ShardCountRx;
+
+/// A failed certificate or configuration write is retried after this long.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// The webhook's flags.
+#[derive(Args, Debug, Clone)]
+pub struct WebhookArgs {
+    /// Serve the mutating admission webhook (HTTPS, `POST /mutate`) on this address; off
+    /// when unset. Port 0 = any free port (see `--webhook-url`).
+    #[arg(long, env = "SHARDOP_WEBHOOK_ADDR")]
+    pub webhook_addr: Option<SocketAddr>,
+    /// Register the webhook by URL and write the whole MutatingWebhookConfiguration
+    /// (`{port}` is replaced by the bound port): for control planes without Service
+    /// routing. Without it the configuration is the chart's, and only its caBundle is kept.
+    #[arg(long, env = "SHARDOP_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Name of the MutatingWebhookConfiguration (default `<operator>-assigner`).
+    #[arg(long, env = "SHARDOP_WEBHOOK_CONFIGURATION")]
+    pub webhook_configuration: Option<String>,
+    /// Service in front of the webhook port, in the operator namespace: its DNS names go
+    /// into the certificate (default `<operator>-assigner-webhook`).
+    #[arg(long, env = "SHARDOP_WEBHOOK_SERVICE")]
+    pub webhook_service: Option<String>,
+    /// Secret holding the certificates (default `<operator>-assigner-webhook-tls`).
+    #[arg(long, env = "SHARDOP_WEBHOOK_SECRET")]
+    pub webhook_secret: Option<String>,
+    /// cert-manager issues the certificate and injects the caBundle: only read the Secret.
+    #[arg(long, env = "SHARDOP_WEBHOOK_CERT_MANAGER")]
+    pub webhook_cert_manager: bool,
+    /// Lifetime of the webhook's self-signed CA; renewed with a third of it left.
+    #[arg(long, env = "SHARDOP_WEBHOOK_CA_LIFETIME", default_value = "8760h", value_parser = parse_positive_duration)]
+    pub webhook_ca_lifetime: Duration,
+    /// Lifetime of the serving certificate; renewed with a third of it left.
+    #[arg(long, env = "SHARDOP_WEBHOOK_CERT_LIFETIME", default_value = "2160h", value_parser = parse_positive_duration)]
+    pub webhook_cert_lifetime: Duration,
+    /// How often the leader checks the certificate's age and the configuration's caBundle.
+    #[arg(long, env = "SHARDOP_WEBHOOK_CHECK_INTERVAL", default_value = "1m", value_parser = parse_positive_duration)]
+    pub webhook_check_interval: Duration,
+}
+
+/// Where the webhook runs and what it serves for.
+pub struct Setup<'a> {
+    pub args: &'a WebhookArgs,
+    pub client: &'a Client,
+    pub names: &'a OperatorNames,
+    pub operator_namespace: &'a str,
+    pub watch_namespaces: Vec<String>,
+    pub kinds: Vec<ResourceName>,
+    pub count: (ShardCountRx, BoxFuture<'static, ()>),
+    pub metrics: WebhookMetrics,
+}
+
+/// The running webhook; the leader's duties are [`Webhook::lead`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Webhook(Arc<Inner>);
+
+struct Inner {
+    client: Client,
+    names: OperatorNames,
+    kinds: Vec<ResourceName>,
+    watch_namespaces: Vec<String>,
+    configuration: String,
+    url: Option<String>,
+    cert_manager: bool,
+    check_interval: Duration,
+    renewer: Renewer,
+    material: watch::Receiver<Option<Material>>,
+    metrics: WebhookMetrics,
+}
+
+/// Spawns `driver` into `tasks`, stopped by `stop`.
+fn spawn_until(tasks: &mut JoinSet<()>, stop: &CancellationToken, driver: BoxFuture<'static, ()>) {
+    let stop = stop.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            () = driver => {}
+            () = stop.cancelled() => {}
+        }
+    });
+}
+
+/// Starts the webhook server and its watches (into `tasks`, until `stop`); `None` when
+/// `--webhook-addr` is unset.
+pub async fn start(
+    setup: Setup<'_>,
+    tasks: &mut JoinSet<()>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<Webhook>> {
+    let args = setup.args;
+    let Some(addr) = args.webhook_addr else {
+        return Ok(None);
+    };
+    let names = setup.names.clone();
+    let operator = names.operator().to_owned();
+    let (leases, lease_driver) = watch_operator_shard_leases(
+        setup.client.clone(),
+        setup.operator_namespace,
+        false,
+        names.clone(),
+    );
+    spawn_until(tasks, stop, lease_driver);
+    let (count, count_driver) = setup.count;
+    spawn_until(tasks, stop, count_driver);
+    let view = ShardView {
+        names: names.clone(),
+        leases,
+        count,
+    };
+    let reviewer = Reviewer {
+        names: names.clone(),
+        kinds: setup.kinds.clone(),
+    };
+    let metrics = setup.metrics.clone();
+    let handler: server::Handler = Arc::new(move |body: &[u8]| {
+        let now = Timestamp::now();
+        let table = view.table(now);
+        let (answer, verdict) = reviewer.review(body, table.as_ref(), now);
+        metrics
+            .reviews
+            .get_or_create(&metrics::VerdictLabel {
+                verdict: verdict.as_str(),
+            })
+            .inc();
+        tracing::debug!(verdict = verdict.as_str(), "webhook review");
+        answer
+    });
+    let slot = CertSlot::new();
+    let (bound, server) = server::serve(
+        addr,
+        slot.clone(),
+        handler,
+        setup.metrics.clone(),
+        stop.clone(),
+    )
+    .await?;
+    tasks.spawn(server);
+    let url = args
+        .webhook_url
+        .as_ref()
+        .map(|u| u.replace("{port}", &bound.port().to_string()));
+    tracing::info!(%bound, ?url, "serving the mutating admission webhook");
+
+    let secret_name = args
+        .webhook_secret
+        .clone()
+        .unwrap_or_else(|| format!("{operator}-assigner-webhook-tls"));
+    let secrets: Api<Secret> = Api::namespaced(setup.client.clone(), setup.operator_namespace);
+    let (material, secret_driver) = secret::watch_material(secrets.clone(), &secret_name);
+    spawn_until(tasks, stop, secret_driver);
+    spawn_until(
+        tasks,
+        stop,
+        Box::pin(serve_material(material.clone(), slot)),
+    );
+    let service = args
+        .webhook_service
+        .clone()
+        .unwrap_or_else(|| format!("{operator}-assigner-webhook"));
+    let renewer = Renewer {
+        api: secrets,
+        name: secret_name,
+        sans: tls::subject_alt_names(&service, setup.operator_namespace),
+        lifetimes: Lifetimes {
+            ca: args.webhook_ca_lifetime,
+            serving: args.webhook_cert_lifetime,
+        },
+    };
+    let webhook = Webhook(Arc::new(Inner {
+        client: setup.client.clone(),
+        names,
+        kinds: setup.kinds,
+        watch_namespaces: setup.watch_namespaces,
+        configuration: args
+            .webhook_configuration
+            .clone()
+            .unwrap_or_else(|| format!("{operator}-assigner")),
+        url,
+        cert_manager: args.webhook_cert_manager,
+        check_interval: args.webhook_check_interval,
+        renewer,
+        material,
+        metrics: setup.metrics,
+    }));
+    if !webhook.0.cert_manager {
+        spawn_until(tasks, stop, Box::pin(webhook.clone().create_secret()));
+    }
+    Ok(Some(webhook))
+}
+
+/// Loads every new material from the Secret into the server.
+async fn serve_material(mut material: watch::Receiver<Option<Material>>, slot: Arc<CertSlot>) {
+    loop {
+        let current = material.borrow_and_update().clone();
+        if let Some(current) = current {
+            match slot.load(&current) {
+                Ok(()) => tracing::info!("webhook serving certificate loaded"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "the webhook Secret's certificate is unusable")
+                }
+            }
+        }
+        if material.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Webhook {
+    /// Whichever replica comes first creates the Secret; the others read it.
+    async fn create_secret(self) {
+        loop {
+            match self.0.renewer.create_if_absent(Timestamp::now()).await {
+                Ok(created) => {
+                    if created {
+                        self.0.metrics.certificate_writes.inc();
+                        tracing::info!(secret = %self.0.renewer.name, "created the webhook certificate Secret");
+                    }
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "creating the webhook certificate Secret failed");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// The leader's duties until `term` ends: renew the certificate when due and keep the
+    /// configuration's caBundle equal to the Secret's CA bundle.
+    pub async fn lead(self, term: CancellationToken) {
+        let mut material = self.0.material.clone();
+        // What this term last wrote into the configuration.
+        let mut written: Option<String> = None;
+        loop {
+            let wait = match self.check(&mut written).await {
+                Ok(()) => self.0.check_interval,
+                Err(err) => {
+                    tracing::warn!(
+                        error = format!("{err:#}"),
+                        "webhook certificate or configuration upkeep failed"
+                    );
+                    RETRY
+                }
+            };
+            tokio::select! {
+                () = term.cancelled() => return,
+                _ = material.changed() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn check(&self, written: &mut Option<String>) -> anyhow::Result<()> {
+        if !self.0.cert_manager {
+            let renewed = self
+                .0
+                .renewer
+                .renew_due(Timestamp::now(), |next| async move {
+                    // Trust the new CA before any replica serves a certificate from it.
+                    let mut not_yet = None;
+                    self.write_configuration(&next.ca_pem, &mut not_yet).await
+                })
+                .await?;
+            if renewed {
+                self.0.metrics.certificate_writes.inc();
+            }
+        }
+        let current = self.0.material.borrow().clone();
+        if let Some(current) = current {
+            self.write_configuration(&current.ca_pem, written).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the configuration trust `ca_pem`; skipped when this term already wrote it.
+    async fn write_configuration(
+        &self,
+        ca_pem: &str,
+        written: &mut Option<String>,
+    ) -> anyhow::Result<()> {
+        if written.as_deref() == Some(ca_pem) {
+            return Ok(());
+        }
+        let api: Api<MutatingWebhookConfiguration> = Api::all(self.0.client.clone());
+        match &self.0.url {
+            Some(url) => {
+                let registration = Registration {
+                    names: &self.0.names,
+                    kinds: &self.0.kinds,
+                    namespaces: &self.0.watch_namespaces,
+                    url,
+                };
+                config::apply_url_configuration(&api, &self.0.configuration, &registration, ca_pem)
+                    .await?;
+                tracing::info!(configuration = %self.0.configuration, %url, "registered the webhook by URL");
+            }
+            // cert-manager injects the caBundle of the chart's configuration.
+            None if self.0.cert_manager => {}
+            None => {
+                let webhook = config::webhook_name(&self.0.names);
+                match config::sync_ca_bundle(&api, &self.0.configuration, &webhook, ca_pem).await? {
+                    config::Synced::Missing => return Ok(()),
+                    config::Synced::Unchanged => {}
+                    config::Synced::Written => {
+                        tracing::info!(configuration = %self.0.configuration, "updated the webhook caBundle");
+                    }
+                }
+            }
+        }
+        *written = Some(ca_pem.to_owned());
+        Ok(())
+    }
+}
