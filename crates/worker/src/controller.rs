@@ -282,7 +282,10 @@ fn cluster_events(
     let trim = shared.scope.clone();
     let events = reflector::reflector(
         writer,
-        watcher(api, config).modify(move |cluster| trim.trim_cached(cluster)),
+        watcher(api, config).modify(move |cluster| {
+            trim.trim_cached(cluster);
+            drop_unread_metadata(cluster);
+        }),
     )
     .default_backoff()
     .inspect({
@@ -314,6 +317,13 @@ fn cluster_events(
                 shared.book().mark_unconverged(&key_of(cluster));
             }
         })
+}
+
+/// Drops what neither the reconcile nor the filters read of a cached DatabaseCluster: its
+/// annotations (`kubectl apply` keeps a copy of the whole object in one). The library's
+/// trim ([`ShardScope::trim_cached`]) has replaced the managed fields already.
+fn drop_unread_metadata(cluster: &mut DatabaseCluster) {
+    cluster.metadata.annotations = None;
 }
 
 /// Aborts its tasks when dropped.
@@ -406,5 +416,50 @@ impl<K: Resource> ChildMeta for K {
             self.meta().namespace.as_deref().unwrap_or_default(),
             owner.name
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn a_cached_cluster_keeps_what_the_reconcile_and_the_filters_read() {
+        let mut cluster: DatabaseCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "shardop.dev/v1alpha1",
+            "kind": "DatabaseCluster",
+            "metadata": {
+                "name": "db", "namespace": "ns", "uid": "u", "generation": 3,
+                "resourceVersion": "7",
+                "labels": { "shardop.dev/shard": "1" },
+                "finalizers": ["shardop.dev/cleanup"],
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\": {}}"
+                },
+            },
+            "spec": { "replicas": 2, "image": "postgres:17", "storage": { "size": "1Gi" } },
+            "status": { "observedGeneration": 2, "replicas": 2, "readyReplicas": 0, "conditions": [], "shard": 1 },
+        }))
+        .unwrap();
+        cluster.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        let before = cluster.clone();
+        drop_unread_metadata(&mut cluster);
+        assert_eq!(cluster.metadata.annotations, None);
+        let mut without = before.clone();
+        without.metadata.annotations = None;
+        assert_eq!(
+            serde_json::to_value(&cluster).unwrap(),
+            serde_json::to_value(&without).unwrap(),
+            "nothing else is dropped"
+        );
+        assert_eq!(
+            cluster.metadata.labels,
+            Some(BTreeMap::from([("shardop.dev/shard".into(), "1".into())]))
+        );
+        assert_eq!(cluster.metadata.finalizers, before.metadata.finalizers);
+        assert_eq!(cluster.metadata.generation, Some(3));
+        assert!(is_behind(&cluster));
     }
 }
