@@ -843,6 +843,60 @@ async fn a_child_given_another_shards_label_is_relabelled_by_its_owner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_edited_by_someone_else_are_restored() {
+    // The shard caches only the fields it reads of each child: an edit of one of the
+    // fields it applies must still show as drift, and be applied back.
+    let env = Env::new("w-child-drift").await;
+    let _worker = env.worker(0, &[]);
+    env.create("db", Some(0), valid_spec(2)).await;
+    wait_owned_by(&env, "db", 0, "converged on shard 0").await;
+
+    let edit = PatchParams {
+        field_manager: Some("kubectl-edit".to_owned()),
+        ..PatchParams::default()
+    };
+    env.stateful_sets()
+        .patch(
+            "db",
+            &edit,
+            &Patch::Merge(json!({ "spec": {
+                "replicas": 5,
+                "template": { "spec": { "containers": [
+                    { "name": "database", "image": "someone/else:1" }
+                ] } },
+            } })),
+        )
+        .await
+        .unwrap();
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.objects.name);
+    services
+        .patch(
+            "db-headless",
+            &edit,
+            &Patch::Merge(json!({ "spec": { "publishNotReadyAddresses": false } })),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "both children restored",
+        Duration::from_secs(60),
+        || async {
+            let sts = env.stateful_sets().get("db").await.ok()?;
+            let spec = sts.spec?;
+            let image = spec.template.spec?.containers.first()?.image.clone();
+            let svc = services.get("db-headless").await.ok()?.spec?;
+            (spec.replicas == Some(2)
+                && image.as_deref() == Some("postgres:17")
+                && svc.publish_not_ready_addresses == Some(true))
+            .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    env.release_objects().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_owner_bounce_every_child_carries_the_owners_label() {
     let env = Env::new("w-bounce").await;
     let _workers = [env.worker(0, &FAST_LEASES), env.worker(1, &FAST_LEASES)];

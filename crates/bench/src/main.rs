@@ -20,6 +20,7 @@ mod plot;
 mod procs;
 mod raw;
 mod report;
+mod rss_fit;
 mod run;
 mod scenarios;
 

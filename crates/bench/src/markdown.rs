@@ -217,6 +217,18 @@ fn render(reports: &[(String, Value)], docs_dir: &Path, bench_dir: &Path) -> Str
                 let _ = writeln!(out, "| {key} | {} |", plain(value));
             }
         }
+        if let Some(slope) = report
+            .get("rss_slope_bytes_per_object")
+            .and_then(Value::as_f64)
+        {
+            let base = report.get("rss_base_bytes").and_then(Value::as_f64);
+            let _ = writeln!(
+                out,
+                "\nWorker memory (peak RSS against the objects of its slice, fitted over every worker of every run): {:.1} MiB + {:.1} KiB per object.",
+                base.unwrap_or_default() / (1024.0 * 1024.0),
+                slope / 1024.0
+            );
+        }
         if let Some(processes) = report.get("processes").and_then(Value::as_object) {
             let list: Vec<String> = processes
                 .iter()

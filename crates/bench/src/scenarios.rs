@@ -23,6 +23,7 @@ use crate::env;
 use crate::plot;
 use crate::raw::RawCapacity;
 use crate::report::Report;
+use crate::rss_fit::RssFit;
 use crate::run::{self, Run, names, on_shard, round1};
 use crate::{Knobs, apf};
 
@@ -152,6 +153,7 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let mut first_raw = Value::Null;
     let mut checks = Vec::new();
     let mut total = 0.0;
+    let mut rss_fit = RssFit::default();
     for (index, &shards) in knobs.shards.iter().enumerate() {
         if index > 0 && !knobs.reuse_cluster {
             crate::restart_control_plane().await?;
@@ -209,6 +211,8 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
             .env
             .assigner_histogram("shardop_assigner_assignment_latency_seconds")
             .await;
+        // Before the ideal writer's load: the slices as the workers served them.
+        rss_fit.add_run(&run.worker_rss(), run.conv.shards().values());
         let (ceiling, ideal_served) = ideal_writer(&run, knobs, shards, knobs.objects).await?;
         let efficiency = reconciles_per_s / ceiling.creates_per_s;
         checks.extend(
@@ -290,6 +294,12 @@ pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
         }
     }
     report.set("runs", runs);
+    if let Value::Object(fit) = rss_fit.to_json() {
+        for (key, value) in fit {
+            report.set(&key, value);
+        }
+    }
+    checks.extend(rss_fit.checks());
     Ok(Outcome { report, checks })
 }
 

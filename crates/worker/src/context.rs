@@ -12,6 +12,7 @@ use shardop_api::DatabaseCluster;
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
 use crate::book::{Bookkeeping, ObjectKey};
+use crate::child_cache::CachedChild;
 
 /// What the reconciles of one shard share.
 pub struct ShardShared {
@@ -50,10 +51,10 @@ pub struct ScopeContext {
     pub shared: Arc<ShardShared>,
     /// Client acting as the shard (`shardop-worker/shard-<i>` user agent).
     pub client: Client,
-    /// Cached StatefulSets of the shard.
-    pub stateful_sets: Store<StatefulSet>,
-    /// Cached Services of the shard.
-    pub services: Store<Service>,
+    /// Cached StatefulSets of the shard (what a reconcile reads of them).
+    pub stateful_sets: Store<CachedChild<StatefulSet>>,
+    /// Cached Services of the shard (what a reconcile reads of them).
+    pub services: Store<CachedChild<Service>>,
     /// Cached DatabaseClusters of the shard (the controller's own store).
     pub clusters: Store<DatabaseCluster>,
 }

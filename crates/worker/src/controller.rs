@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use shardop::{ShardLoad, ShardScope};
 use shardop_api::DatabaseCluster;
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
 use crate::book::{ObjectKey, key_of};
+use crate::child_cache::{CachedChild, Projected};
 use crate::context::{ScopeContext, ShardShared};
 use crate::reconcile;
 use crate::status::is_behind;
@@ -128,8 +129,8 @@ fn scope_controller(
     let config = scope.watcher_config();
 
     let (clusters, cluster_writer) = reflector::store::<DatabaseCluster>();
-    let (stateful_sets, sts_writer) = reflector::store::<StatefulSet>();
-    let (services, svc_writer) = reflector::store::<Service>();
+    let (stateful_sets, sts_writer) = reflector::store::<CachedChild<StatefulSet>>();
+    let (services, svc_writer) = reflector::store::<CachedChild<Service>>();
     scope.track_cache(clusters.clone());
     let clusters_synced = CancellationToken::new();
 
@@ -204,7 +205,8 @@ fn scope_controller(
     (clusters, Box::pin(run))
 }
 
-type ChildEvents<K> = futures::channel::mpsc::UnboundedReceiver<Result<K, watcher::Error>>;
+type ChildEvents<K> =
+    futures::channel::mpsc::UnboundedReceiver<Result<CachedChild<K>, watcher::Error>>;
 
 /// The StatefulSet and Service watches of one namespace scope, each driven by its own task.
 struct ChildWatches {
@@ -227,24 +229,20 @@ impl ChildWatches {
         client: &Client,
         namespace: Option<&str>,
         config: &watcher::Config,
-        sts_writer: reflector::store::Writer<StatefulSet>,
-        svc_writer: reflector::store::Writer<Service>,
+        sts_writer: reflector::store::Writer<CachedChild<StatefulSet>>,
+        svc_writer: reflector::store::Writer<CachedChild<Service>>,
     ) -> Self {
         let sts_synced = CancellationToken::new();
         let svc_synced = CancellationToken::new();
         let (sts_task, sts_events) = drive_children(
             sts_writer,
-            watcher(scoped_api::<StatefulSet>(client, namespace), config.clone())
-                .modify(drop_managed_fields),
-            sts_fingerprint,
+            watcher(scoped_api::<StatefulSet>(client, namespace), config.clone()),
             sts_synced.clone(),
             shared.clone(),
         );
         let (svc_task, svc_events) = drive_children(
             svc_writer,
-            watcher(scoped_api::<Service>(client, namespace), config.clone())
-                .modify(drop_managed_fields),
-            predicates::resource_version,
+            watcher(scoped_api::<Service>(client, namespace), config.clone()),
             svc_synced.clone(),
             shared.clone(),
         );
@@ -284,7 +282,10 @@ fn cluster_events(
     let trim = shared.scope.clone();
     let events = reflector::reflector(
         writer,
-        watcher(api, config).modify(move |cluster| trim.trim_cached(cluster)),
+        watcher(api, config).modify(move |cluster| {
+            trim.trim_cached(cluster);
+            drop_unread_metadata(cluster);
+        }),
     )
     .default_backoff()
     .inspect({
@@ -318,11 +319,11 @@ fn cluster_events(
         })
 }
 
-/// Cached children do without `managedFields`: nothing reads them, and they are a large
-/// share of every object (one entry per field manager: ours, the controller manager's
-/// status writes).
-fn drop_managed_fields<K: Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
+/// Drops what neither the reconcile nor the filters read of a cached DatabaseCluster: its
+/// annotations (`kubectl apply` keeps a copy of the whole object in one). The library's
+/// trim ([`ShardScope::trim_cached`]) has replaced the managed fields already.
+fn drop_unread_metadata(cluster: &mut DatabaseCluster) {
+    cluster.metadata.annotations = None;
 }
 
 /// Aborts its tasks when dropped.
@@ -338,20 +339,20 @@ impl Drop for AbortOnDrop {
 
 /// Drives a child reflector in its own task; returns the task and the stream of (filtered)
 /// child events for the controller, deletions included. Every event marks the parent as
-/// pending.
-fn drive_children<K, W, P>(
-    writer: reflector::store::Writer<K>,
+/// pending. The cache keeps each child as a [`CachedChild`], and only versions whose
+/// [`Projected::change_fingerprint`] changed reach the controller.
+fn drive_children<K, W>(
+    writer: reflector::store::Writer<CachedChild<K>>,
     watch: W,
-    predicate: P,
     synced: CancellationToken,
     shared: Arc<ShardShared>,
 ) -> (JoinHandle<()>, ChildEvents<K>)
 where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+    K: Projected,
     W: futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
-    P: kube::runtime::Predicate<K> + Send + 'static,
 {
     let (tx, rx) = futures::channel::mpsc::unbounded();
+    let watch = watch.map_ok(cached_event);
     let driver = reflector::reflector(writer, watch)
         .default_backoff()
         .inspect(move |event| {
@@ -367,7 +368,10 @@ where
             let shared = shared.clone();
             move |child| shared.book().forget_applied_once_seen(child)
         })
-        .predicate_filter(predicate, kube::runtime::PredicateConfig::default())
+        .predicate_filter(
+            CachedChild::<K>::change_fingerprint,
+            kube::runtime::PredicateConfig::default(),
+        )
         .for_each(move |event| {
             match event {
                 Ok(child) => {
@@ -384,22 +388,16 @@ where
     (tokio::spawn(driver), rx)
 }
 
-/// What of a StatefulSet matters to its parent: its spec (generation, drift by others),
-/// labels (shard), and the status fields the DatabaseCluster status is computed from.
-fn sts_fingerprint(sts: &StatefulSet) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let status = sts.status.clone().unwrap_or_default();
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (
-        sts.metadata.generation,
-        status.observed_generation,
-        status.replicas,
-        status.ready_replicas,
-        status.updated_replicas,
-        sts.metadata.labels.as_ref(),
-    )
-        .hash(&mut hasher);
-    Some(hasher.finish())
+/// A child watch event with the child in its cached form.
+fn cached_event<K: Projected>(event: watcher::Event<K>) -> watcher::Event<CachedChild<K>> {
+    use watcher::Event;
+    match event {
+        Event::Apply(child) => Event::Apply(CachedChild::of(&child)),
+        Event::Delete(child) => Event::Delete(CachedChild::of(&child)),
+        Event::InitApply(child) => Event::InitApply(CachedChild::of(&child)),
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+    }
 }
 
 /// The parent DatabaseCluster of a child, from its controller owner reference.
@@ -418,5 +416,50 @@ impl<K: Resource> ChildMeta for K {
             self.meta().namespace.as_deref().unwrap_or_default(),
             owner.name
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn a_cached_cluster_keeps_what_the_reconcile_and_the_filters_read() {
+        let mut cluster: DatabaseCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "shardop.dev/v1alpha1",
+            "kind": "DatabaseCluster",
+            "metadata": {
+                "name": "db", "namespace": "ns", "uid": "u", "generation": 3,
+                "resourceVersion": "7",
+                "labels": { "shardop.dev/shard": "1" },
+                "finalizers": ["shardop.dev/cleanup"],
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\": {}}"
+                },
+            },
+            "spec": { "replicas": 2, "image": "postgres:17", "storage": { "size": "1Gi" } },
+            "status": { "observedGeneration": 2, "replicas": 2, "readyReplicas": 0, "conditions": [], "shard": 1 },
+        }))
+        .unwrap();
+        cluster.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        let before = cluster.clone();
+        drop_unread_metadata(&mut cluster);
+        assert_eq!(cluster.metadata.annotations, None);
+        let mut without = before.clone();
+        without.metadata.annotations = None;
+        assert_eq!(
+            serde_json::to_value(&cluster).unwrap(),
+            serde_json::to_value(&without).unwrap(),
+            "nothing else is dropped"
+        );
+        assert_eq!(
+            cluster.metadata.labels,
+            Some(BTreeMap::from([("shardop.dev/shard".into(), "1".into())]))
+        );
+        assert_eq!(cluster.metadata.finalizers, before.metadata.finalizers);
+        assert_eq!(cluster.metadata.generation, Some(3));
+        assert!(is_behind(&cluster));
     }
 }

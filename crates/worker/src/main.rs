@@ -5,6 +5,7 @@
 
 mod backoff;
 mod book;
+mod child_cache;
 mod children;
 mod claims;
 mod condition_set;

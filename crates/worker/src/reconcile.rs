@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::backoff::jitter_unit;
 use crate::book::{AppliedMemo, AppliedObject, Bookkeeping, key_of, numeric_resource_version};
+use crate::child_cache::{CachedChild, Projected};
 use crate::children::{self, desired_service, desired_stateful_set, is_subset};
 use crate::claims::{self, ClaimDeletionError, DeletionPass};
 use crate::condition_set::{ConditionValue, set_condition};
@@ -266,15 +267,14 @@ async fn remove_finalizer(
         .map_err(ReconcileError::kube("removing the finalizer"))
 }
 
-fn cached<K>(
-    store: &kube::runtime::reflector::Store<K>,
+/// The cached child `namespace/name`, with the fields a reconcile reads.
+fn cached<K: Projected>(
+    store: &kube::runtime::reflector::Store<CachedChild<K>>,
     namespace: &str,
     name: &str,
-) -> Option<Arc<K>>
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-{
-    store.get(&ObjectRef::new(name).within(namespace))
+) -> Option<Arc<K>> {
+    let child = store.get(&ObjectRef::new(name).within(namespace))?;
+    child.object().map(Arc::new)
 }
 
 /// Server-side applies `desired` unless the server already has it. Returns the object as
@@ -282,19 +282,12 @@ where
 async fn apply_if_changed<K>(
     ctx: &ScopeContext,
     desired: &K,
-    store: &kube::runtime::reflector::Store<K>,
+    store: &kube::runtime::reflector::Store<CachedChild<K>>,
     ownership_changed: bool,
     action: &'static str,
 ) -> Result<K, ReconcileError>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Projected<Scope = k8s_openapi::NamespaceResourceScope> + std::fmt::Debug,
 {
     let namespace = desired.meta().namespace.clone().unwrap_or_default();
     let name = desired.meta().name.clone().unwrap_or_default();

@@ -1,0 +1,504 @@
+//! The children (StatefulSets, Services) as the shard's caches keep them: only the fields a
+//! reconcile or the child watch's filter reads, not the full typed object.
+//!
+//! A full typed StatefulSet is several KB (pod template with every server default, claim
+//! templates, managed fields, annotations), and the worker caches one StatefulSet and one
+//! Service per object of its slice. A [`CachedChild`] keeps the identity and owner of the
+//! child as typed metadata (the store, the controller's owner trigger and the change
+//! filter read them) and everything else a reconcile reads — the fields the worker applies
+//! (for the drift comparison, [`crate::children::is_subset`]), the rest of the metadata it
+//! reads and the status — as one compact JSON text. A reconcile turns it back into the
+//! typed object ([`CachedChild::object`]), so the comparison and the status are computed
+//! from the same values as from a full cache; fields outside [`Projected::READ`] read as
+//! absent.
+
+use std::borrow::Cow;
+use std::hash::{Hash, Hasher};
+use std::marker::PhantomData;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Which fields of a JSON object to keep: all of a value, or only some keys of an object
+/// (arrays apply the mask to each element).
+#[derive(Debug)]
+pub enum Mask {
+    /// The whole value.
+    All,
+    /// Only these keys, each with its own mask.
+    Fields(&'static [(&'static str, Mask)]),
+}
+
+/// A child kind the shard caches as a [`CachedChild`].
+pub trait Projected:
+    Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+    /// The fields a reconcile reads, as JSON paths (`metadata` included).
+    const READ: Mask;
+
+    /// What of the child matters to its parent: a version whose fingerprint did not change
+    /// triggers no reconcile. `None`: every version does.
+    fn change_fingerprint(&self) -> Option<u64>;
+}
+
+/// Metadata every child keeps: identity and owner as typed fields (see [`CachedChild`]),
+/// and what the reconcile reads of the rest.
+const METADATA: Mask = Mask::Fields(&[
+    ("name", Mask::All),
+    ("namespace", Mask::All),
+    ("uid", Mask::All),
+    ("resourceVersion", Mask::All),
+    ("generation", Mask::All),
+    ("deletionTimestamp", Mask::All),
+    ("labels", Mask::All),
+    ("ownerReferences", Mask::All),
+]);
+
+/// The `resources` of a container or a claim: quantities under any key.
+const RESOURCES: Mask = Mask::All;
+
+impl Projected for StatefulSet {
+    /// What [`crate::children::desired_stateful_set`] sets (and the volume resize shapes),
+    /// and the status the DatabaseCluster status is computed from.
+    const READ: Mask = Mask::Fields(&[
+        ("apiVersion", Mask::All),
+        ("kind", Mask::All),
+        ("metadata", METADATA),
+        (
+            "spec",
+            Mask::Fields(&[
+                ("replicas", Mask::All),
+                ("serviceName", Mask::All),
+                ("selector", Mask::All),
+                ("podManagementPolicy", Mask::All),
+                ("persistentVolumeClaimRetentionPolicy", Mask::All),
+                (
+                    "template",
+                    Mask::Fields(&[
+                        ("metadata", Mask::Fields(&[("labels", Mask::All)])),
+                        (
+                            "spec",
+                            Mask::Fields(&[(
+                                "containers",
+                                Mask::Fields(&[
+                                    ("name", Mask::All),
+                                    ("image", Mask::All),
+                                    ("resources", RESOURCES),
+                                    (
+                                        "volumeMounts",
+                                        Mask::Fields(&[
+                                            ("name", Mask::All),
+                                            ("mountPath", Mask::All),
+                                        ]),
+                                    ),
+                                ]),
+                            )]),
+                        ),
+                    ]),
+                ),
+                (
+                    "volumeClaimTemplates",
+                    Mask::Fields(&[
+                        ("apiVersion", Mask::All),
+                        ("kind", Mask::All),
+                        (
+                            "metadata",
+                            Mask::Fields(&[("name", Mask::All), ("labels", Mask::All)]),
+                        ),
+                        (
+                            "spec",
+                            Mask::Fields(&[
+                                ("accessModes", Mask::All),
+                                ("storageClassName", Mask::All),
+                                ("resources", RESOURCES),
+                            ]),
+                        ),
+                    ]),
+                ),
+            ]),
+        ),
+        ("status", Mask::All),
+    ]);
+
+    /// Its spec (generation, drift by others), labels (shard), and the status fields the
+    /// DatabaseCluster status is computed from.
+    fn change_fingerprint(&self) -> Option<u64> {
+        let status = self.status.clone().unwrap_or_default();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (
+            self.metadata.generation,
+            status.observed_generation,
+            status.replicas,
+            status.ready_replicas,
+            status.updated_replicas,
+            self.metadata.labels.as_ref(),
+        )
+            .hash(&mut hasher);
+        Some(hasher.finish())
+    }
+}
+
+impl Projected for Service {
+    /// What [`crate::children::desired_service`] sets.
+    const READ: Mask = Mask::Fields(&[
+        ("apiVersion", Mask::All),
+        ("kind", Mask::All),
+        ("metadata", METADATA),
+        (
+            "spec",
+            Mask::Fields(&[
+                ("clusterIP", Mask::All),
+                ("selector", Mask::All),
+                ("publishNotReadyAddresses", Mask::All),
+            ]),
+        ),
+    ]);
+
+    /// Every new version.
+    fn change_fingerprint(&self) -> Option<u64> {
+        kube::runtime::predicates::resource_version(self)
+    }
+}
+
+/// A child as the shard caches it (see the module docs).
+#[derive(Debug)]
+pub struct CachedChild<K> {
+    /// Name, namespace, uid, resourceVersion and owner references; nothing else.
+    metadata: ObjectMeta,
+    /// The rest of [`Projected::READ`], as JSON text.
+    read: Box<str>,
+    /// [`Projected::change_fingerprint`] of the full object.
+    change: Option<u64>,
+    kind: PhantomData<fn() -> K>,
+}
+
+impl<K> Clone for CachedChild<K> {
+    fn clone(&self) -> Self {
+        Self {
+            metadata: self.metadata.clone(),
+            read: self.read.clone(),
+            change: self.change,
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<K: Projected> CachedChild<K> {
+    /// The cached form of `object`.
+    pub fn of(object: &K) -> Self {
+        let meta = object.meta();
+        let metadata = ObjectMeta {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            owner_references: meta.owner_references.clone(),
+            ..ObjectMeta::default()
+        };
+        let read = match serde_json::to_value(object) {
+            Ok(mut value) => {
+                keep(&mut value, &K::READ);
+                if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+                    // Kept typed (above), not twice.
+                    for key in [
+                        "name",
+                        "namespace",
+                        "uid",
+                        "resourceVersion",
+                        "ownerReferences",
+                    ] {
+                        meta.remove(key);
+                    }
+                }
+                value.to_string()
+            }
+            // A typed object always serialises; should it not, the cache shows no fields
+            // beyond the metadata and the next reconcile re-applies the child.
+            Err(_) => String::new(),
+        };
+        Self {
+            metadata,
+            read: read.into_boxed_str(),
+            change: object.change_fingerprint(),
+            kind: PhantomData,
+        }
+    }
+
+    /// The child with the fields the reconcile reads ([`Projected::READ`]); `None` only if
+    /// the cached text does not parse back (never for a text made by [`Self::of`]).
+    pub fn object(&self) -> Option<K> {
+        let mut value: Value = serde_json::from_str(&self.read).ok()?;
+        let meta = serde_json::to_value(&self.metadata).ok()?;
+        if let (Some(read_meta), Value::Object(typed)) = (
+            value
+                .as_object_mut()?
+                .entry("metadata")
+                .or_insert_with(|| Value::Object(serde_json::Map::new()))
+                .as_object_mut(),
+            meta,
+        ) {
+            read_meta.extend(typed);
+        }
+        match serde_json::from_value(value) {
+            Ok(object) => Some(object),
+            Err(err) => {
+                tracing::warn!(%err, "a cached child does not parse back");
+                None
+            }
+        }
+    }
+
+    /// [`Projected::change_fingerprint`] of the object it was made of.
+    pub fn change_fingerprint(&self) -> Option<u64> {
+        self.change
+    }
+}
+
+/// Removes from `value` every field `mask` does not keep.
+fn keep(value: &mut Value, mask: &Mask) {
+    let Mask::Fields(fields) = mask else {
+        return;
+    };
+    match value {
+        Value::Object(map) => {
+            map.retain(|key, _| fields.iter().any(|(name, _)| name == key));
+            for (name, inner) in fields.iter() {
+                if let Some(child) = map.get_mut(*name) {
+                    keep(child, inner);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                keep(item, mask);
+            }
+        }
+        _ => {}
+    }
+}
+
+impl<K: Projected> Resource for CachedChild<K> {
+    type DynamicType = ();
+    type Scope = K::Scope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+
+    fn group(dt: &()) -> Cow<'_, str> {
+        K::group(dt)
+    }
+
+    fn version(dt: &()) -> Cow<'_, str> {
+        K::version(dt)
+    }
+
+    fn plural(dt: &()) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::children::{desired_service, desired_stateful_set, is_subset};
+    use crate::volume_resize::{Resize, template_size};
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use shardop_api::{
+        DatabaseCluster, DatabaseClusterSpec, ReclaimPolicy, ShardIndex, StorageSpec,
+    };
+    use std::collections::BTreeMap;
+
+    /// A DatabaseCluster that sets every optional field the desired children carry.
+    fn cluster() -> DatabaseCluster {
+        let mut c = DatabaseCluster::new(
+            "db-1",
+            DatabaseClusterSpec {
+                replicas: 3,
+                image: "postgres:17".into(),
+                resources: Some(ResourceRequirements {
+                    requests: Some(BTreeMap::from([("cpu".into(), Quantity("500m".into()))])),
+                    limits: Some(BTreeMap::from([("memory".into(), Quantity("1Gi".into()))])),
+                    ..Default::default()
+                }),
+                storage: StorageSpec {
+                    storage_class_name: Some("fast".into()),
+                    size: Quantity("10Gi".into()),
+                    reclaim_policy: ReclaimPolicy::Retain,
+                },
+            },
+        );
+        c.metadata.namespace = Some("team-a".into());
+        c.metadata.uid = Some("uid-1".into());
+        c
+    }
+
+    fn desired_sts() -> StatefulSet {
+        let mut sts = desired_stateful_set(&cluster(), ShardIndex(1));
+        Resize::hold(&Quantity("20Gi".into()), Some(&sts)).shape(&mut sts);
+        sts
+    }
+
+    /// `desired` as the API server returns it: server defaults, managed fields, an
+    /// annotation, and a status.
+    fn as_served<K: Serialize + DeserializeOwned>(desired: &K, status: Value) -> K {
+        let mut value = serde_json::to_value(desired).unwrap();
+        value["metadata"]["resourceVersion"] = "42".into();
+        value["metadata"]["generation"] = 2.into();
+        value["metadata"]["creationTimestamp"] = "2026-12-01T00:00:00Z".into();
+        value["metadata"]["annotations"] = serde_json::json!({
+            "kubectl.kubernetes.io/last-applied-configuration": "{\"a\": \"large\"}"
+        });
+        value["metadata"]["managedFields"] = serde_json::json!([{
+            "manager": "shardop-worker", "operation": "Apply", "apiVersion": "v1",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}
+        }]);
+        if let Some(spec) = value["spec"].as_object_mut() {
+            spec.insert("revisionHistoryLimit".into(), 10.into());
+            spec.insert("sessionAffinity".into(), "None".into());
+        }
+        if let Some(pod) = value["spec"]["template"]["spec"].as_object_mut() {
+            pod.insert("dnsPolicy".into(), "ClusterFirst".into());
+            pod.insert("restartPolicy".into(), "Always".into());
+            let container = &mut pod.get_mut("containers").unwrap()[0];
+            container["terminationMessagePath"] = "/dev/termination-log".into();
+            container["imagePullPolicy"] = "IfNotPresent".into();
+        }
+        value["status"] = status;
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn sts_status() -> Value {
+        serde_json::json!({
+            "observedGeneration": 2, "replicas": 3, "readyReplicas": 2,
+            "updatedReplicas": 3, "currentRevision": "db-1-abc", "updateRevision": "db-1-abc",
+            "availableReplicas": 2
+        })
+    }
+
+    #[test]
+    fn the_read_fields_cover_every_field_the_worker_applies() {
+        for desired in [
+            serde_json::to_value(desired_sts()).unwrap(),
+            serde_json::to_value(desired_service(&cluster(), ShardIndex(1))).unwrap(),
+        ] {
+            let mask = if desired["kind"] == "Service" {
+                &Service::READ
+            } else {
+                &StatefulSet::READ
+            };
+            let mut kept = desired.clone();
+            keep(&mut kept, mask);
+            assert_eq!(kept, desired, "a field the worker applies is not cached");
+        }
+    }
+
+    #[test]
+    fn a_cached_stateful_set_compares_and_reads_like_the_served_one() {
+        let desired = desired_sts();
+        let served = as_served(&desired, sts_status());
+        let cached = CachedChild::of(&served);
+        let object = cached.object().unwrap();
+        assert!(is_subset(&desired, &object), "in sync, no apply");
+        // What the status, the resize and the cleanup read.
+        assert_eq!(object.status, served.status);
+        assert_eq!(object.metadata.generation, Some(2));
+        assert_eq!(object.metadata.labels, served.metadata.labels);
+        assert_eq!(
+            object.metadata.owner_references,
+            served.metadata.owner_references
+        );
+        assert_eq!(object.metadata.uid, served.metadata.uid);
+        assert_eq!(object.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!(template_size(&object), Some(&Quantity("10Gi".into())));
+        assert_eq!(object.spec.as_ref().unwrap().replicas, Some(3));
+        assert_eq!(
+            cached.change_fingerprint(),
+            served.change_fingerprint(),
+            "the change filter sees what it saw of the full object"
+        );
+        // What nobody reads is gone.
+        assert_eq!(object.metadata.annotations, None);
+        assert_eq!(object.metadata.managed_fields, None);
+        assert_eq!(object.metadata.creation_timestamp, None);
+        let spec = object.spec.unwrap();
+        assert_eq!(spec.revision_history_limit, None);
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.dns_policy, None);
+        assert_eq!(pod.containers[0].termination_message_path, None);
+        assert!(cached.read.len() < serde_json::to_string(&served).unwrap().len());
+    }
+
+    #[test]
+    fn drift_of_a_cached_stateful_set_is_still_seen() {
+        let desired = desired_sts();
+        let drifted = |edit: &dyn Fn(&mut Value)| {
+            let mut value = serde_json::to_value(as_served(&desired, sts_status())).unwrap();
+            edit(&mut value);
+            let served: StatefulSet = serde_json::from_value(value).unwrap();
+            CachedChild::of(&served).object().unwrap()
+        };
+        let scaled = drifted(&|v| v["spec"]["replicas"] = 1.into());
+        assert!(!is_subset(&desired, &scaled), "scaled by someone else");
+        let image = drifted(&|v| {
+            v["spec"]["template"]["spec"]["containers"][0]["image"] = "other:1".into();
+        });
+        assert!(!is_subset(&desired, &image), "image edited");
+        let relabelled = drifted(&|v| v["metadata"]["labels"]["shardop.dev/shard"] = "0".into());
+        assert!(!is_subset(&desired, &relabelled), "another shard's label");
+        let limits = drifted(&|v| {
+            v["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] =
+                "2Gi".into();
+        });
+        assert!(!is_subset(&desired, &limits), "resources edited");
+        let deleting =
+            drifted(&|v| v["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:01Z".into());
+        assert!(deleting.metadata.deletion_timestamp.is_some());
+    }
+
+    #[test]
+    fn a_cached_service_compares_like_the_served_one() {
+        let desired = desired_service(&cluster(), ShardIndex(1));
+        let served = as_served(&desired, serde_json::json!({"loadBalancer": {}}));
+        let object = CachedChild::of(&served).object().unwrap();
+        assert!(is_subset(&desired, &object));
+        assert_eq!(object.status, None);
+        assert_eq!(object.spec.as_ref().unwrap().session_affinity, None);
+        let mut edited = serde_json::to_value(&served).unwrap();
+        edited["spec"]["publishNotReadyAddresses"] = false.into();
+        let edited: Service = serde_json::from_value(edited).unwrap();
+        let object = CachedChild::of(&edited).object().unwrap();
+        assert!(!is_subset(&desired, &object), "edited by someone else");
+        // Every new version of a Service reaches its parent.
+        assert_eq!(
+            CachedChild::of(&served).change_fingerprint(),
+            kube::runtime::predicates::resource_version(&served)
+        );
+    }
+
+    #[test]
+    fn a_deletion_timestamp_reaches_the_resize() {
+        let mut served = as_served(&desired_sts(), sts_status());
+        served.metadata.deletion_timestamp = Some(Time(jiff::Timestamp::UNIX_EPOCH));
+        let object = CachedChild::of(&served).object().unwrap();
+        assert_eq!(
+            object.metadata.deletion_timestamp,
+            served.metadata.deletion_timestamp
+        );
+    }
+}
