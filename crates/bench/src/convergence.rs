@@ -27,6 +27,8 @@ struct State {
     /// Live objects without a valid shard label, now and at most since the last reset.
     unassigned: usize,
     max_unassigned: usize,
+    /// Create response → first shard label seen (seconds), per created object, in order.
+    assign_lags: Vec<f64>,
 }
 
 /// What the load generator did to an object.
@@ -54,6 +56,8 @@ struct ObjectTimes {
     draining: bool,
     /// Whether the status names a shard.
     status_shard: Option<u32>,
+    /// Whether its create → labelled lag was recorded.
+    assign_recorded: bool,
 }
 
 impl ObjectTimes {
@@ -90,9 +94,17 @@ impl Convergence {
         let now = Instant::now();
         let mut state = self.lock();
         let State {
-            objects, completed, ..
+            objects,
+            completed,
+            assign_lags,
+            ..
         } = &mut *state;
         let entry = objects.entry(name.to_owned()).or_default();
+        if kind == ChangeKind::Create && !entry.assign_recorded && entry.shard.is_some() {
+            // Labelled before the create's response arrived.
+            entry.assign_recorded = true;
+            assign_lags.push(0.0);
+        }
         // The watch can beat the response: an event that already showed this generation
         // converged counts as converged at once.
         if entry.generation == generation
@@ -131,9 +143,17 @@ impl Convergence {
             completed,
             unassigned,
             max_unassigned,
+            assign_lags,
         } = &mut *state;
         let entry = objects.entry(name).or_default();
         let was_unassigned = entry.unassigned() && entry.generation != 0;
+        if shard.is_some()
+            && !entry.assign_recorded
+            && let Some((at, ChangeKind::Create)) = entry.changed_at
+        {
+            entry.assign_recorded = true;
+            assign_lags.push(now.duration_since(at).as_secs_f64());
+        }
         entry.deleted = false;
         entry.shard = shard;
         entry.draining = draining;
@@ -215,6 +235,12 @@ impl Convergence {
                 let want = desired(n);
                 t.shard == Some(want) && !t.draining && t.status_shard == Some(want)
             })
+    }
+
+    /// Create response → first shard label seen (seconds) of the objects created since the
+    /// last call (the watch's own latency included); clears them.
+    pub fn take_assign_lags(&self) -> Vec<f64> {
+        std::mem::take(&mut self.lock().assign_lags)
     }
 
     /// The most live objects without a valid shard label at once since the last call.

@@ -95,6 +95,11 @@ impl BenchEnv {
         if !extra.iter().any(|a| a.starts_with("--kube-burst")) {
             spec = spec.arg("--kube-burst").arg(WORKER_KUBE_BURST.to_string());
         }
+        if !extra.iter().any(|a| a.starts_with("--kube-qps")) {
+            spec = spec
+                .arg("--kube-qps-max")
+                .arg(WORKER_KUBE_QPS_MAX.to_string());
+        }
         for arg in WORKER_LEASE_FLAGS.iter().chain(extra) {
             spec = spec.arg(*arg);
         }
@@ -198,6 +203,9 @@ impl BenchEnv {
 pub const WORKER_KUBE_QPS: f32 = 200.0;
 /// A bench worker's `--kube-burst`.
 pub const WORKER_KUBE_BURST: u32 = 400;
+/// A bench worker's `--kube-qps-max`: its budget adapts between `--kube-qps` and this to
+/// what the API server absorbs (a scenario that sets `--kube-qps` itself gets a fixed one).
+pub const WORKER_KUBE_QPS_MAX: f32 = 1000.0;
 
 /// The load generator's client: shardop's stack (user agent, metrics, 429 handling) and no
 /// client-side rate limit, so the API server is the only limit.

@@ -26,8 +26,10 @@ use crate::report::Report;
 use crate::run::{self, Run, names, on_shard, round1};
 use crate::{Knobs, apf};
 
+mod assign;
 mod freeze;
 mod tenants;
+pub use assign::assign;
 pub use freeze::freeze;
 pub use tenants::tenants;
 
