@@ -320,7 +320,7 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     worker_statefulset(&run, 3).await?;
     for index in 0..3 {
-        run.env.start_worker(index, &[])?;
+        run.env.start_worker(index, &env::DEFAULT_LEASE_FLAGS)?;
     }
     run.env
         .start_assigner(None, &["--worker-statefulset", "shardop-worker"])?;
@@ -335,7 +335,7 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
         tracing::info!(from, to, "rescaling");
         if to > from {
             for index in from..to {
-                run.env.start_worker(index, &[])?;
+                run.env.start_worker(index, &env::DEFAULT_LEASE_FLAGS)?;
             }
             worker_statefulset(&run, i32::try_from(to)?).await?;
         } else {
