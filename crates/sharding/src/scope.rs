@@ -75,6 +75,15 @@ type LoadReport = Box<dyn Fn() -> ShardLoad + Send + Sync>;
 /// Whether an object (by [`object_key`]) is in one of the shard's caches.
 type CacheLookup = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Per-object bookkeeping of one served shard.
 #[derive(Default)]
 struct ScopeBook {
@@ -487,6 +496,13 @@ impl ShardScope {
 
     /// [`filter_events`](Self::filter_events) for objects of the kind `resource` (whose
     /// API a drain acknowledgement patches).
+    ///
+    /// From its first poll on, `events` is driven by a task of its own and what passes the
+    /// filter reaches the returned stream through an unbounded channel: kube-runtime stops
+    /// polling its trigger stream while every reconcile slot is busy, and a drain event
+    /// must reach [`observe`](Self::observe) (which acknowledges it) even then. The channel
+    /// holds at most the events of a stall of the controller, as the worker's child
+    /// watches do. The task ends when the returned stream is dropped.
     fn filter_events_of<K, S>(
         &self,
         events: S,
@@ -497,18 +513,30 @@ impl ShardScope {
         S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     {
         let scope = self.clone();
-        events
-            .scan(
-                ChangeFilter::new(self.inner.names.clone()),
-                move |filter, event| {
+        futures::stream::once(async move {
+            let (sender, receiver) = futures::channel::mpsc::unbounded();
+            let driver = tokio::spawn(async move {
+                let mut filter = ChangeFilter::new(scope.inner.names.clone());
+                let mut events = std::pin::pin!(events);
+                while let Some(event) = events.next().await {
                     let item = match event {
-                        Ok(event) => scope.observe(filter, event, &resource).map(Ok),
+                        Ok(event) => scope.observe(&mut filter, event, &resource).map(Ok),
                         Err(error) => Some(Err(error)),
                     };
-                    futures::future::ready(Some(item))
-                },
-            )
-            .filter_map(futures::future::ready)
+                    if let Some(item) = item
+                        && sender.unbounded_send(item).is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            let driver = AbortOnDrop(driver);
+            receiver.map(move |item| {
+                let _driven_by = &driver;
+                item
+            })
+        })
+        .flatten()
     }
 
     /// One watch event through the change filter and the bookkeeping; a drain requested
@@ -1069,6 +1097,31 @@ mod tests {
         let (called, result) = reconcile_once(&scope, draining).await;
         assert!(!called && result.is_ok());
         assert_eq!(requests.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_drain_is_acknowledged_while_the_controller_polls_no_events() {
+        let (scope, requests) = scope(Duration::from_secs(60));
+        let mut owned = assigned(&[], true);
+        owned.metadata.name = Some("b".into());
+        owned.metadata.uid = Some("u-b".into());
+        let draining = assigned(&[("tenants.shardop.dev/drain", "2")], true);
+        let events = futures::stream::iter([
+            Ok(watcher::Event::Apply(owned)),
+            Ok(watcher::Event::Apply(draining)),
+        ])
+        .chain(futures::stream::pending());
+        let mut filtered = Box::pin(scope.filter_events(events));
+        // A controller takes one event, then all its reconcile slots are busy: it polls no
+        // more.
+        let first = filtered.next().await;
+        assert_eq!(first.unwrap().unwrap().metadata.name.as_deref(), Some("b"));
+        assert_eq!(
+            requests_reach(&requests, 1).await,
+            1,
+            "the drain behind it was acknowledged anyway"
+        );
+        drop(filtered);
     }
 
     #[tokio::test]
