@@ -408,15 +408,25 @@ mod tests {
             kind: 0,
             namespace: None,
         };
-        store.apply(0, &scope, watcher::Event::Apply(object("a", "new", None, None)));
+        store.apply(
+            0,
+            &scope,
+            watcher::Event::Apply(object("a", "new", None, None)),
+        );
         let plan = Book::new().plan(&store, &table);
-        assert!(plan.candidates.len() > 1, "drains and an assignment planned");
+        assert!(
+            plan.candidates.len() > 1,
+            "drains and an assignment planned"
+        );
         let owner_of = |key: &ObjectKey| store.get(key).map(|r| r.placement.owner());
         let started = assignments_of_unowned(plan.candidates, owner_of);
         assert_eq!(started.len(), 1, "{started:?}");
         assert_eq!(started[0].key, key(0, "a", "new"));
         assert!(matches!(started[0].action, AssignerAction::Assign { .. }));
-        assert!(!movers.contains(&started[0].key), "no drain starts between passes");
+        assert!(
+            !movers.contains(&started[0].key),
+            "no drain starts between passes"
+        );
         // A candidate whose object is gone, or got an owner meanwhile, is dropped too.
         let gone = Candidate {
             created: None,
