@@ -129,7 +129,7 @@ BENCH_BIN_DIR = $(TARGET_DIR)/$(if $(filter dev,$(BENCH_PROFILE)),debug,$(BENCH_
 SCENARIO ?= create
 
 .PHONY: bench
-bench: toolchain tools ## Run benchmark SCENARIO (one or more of raw create restart rescale failover delete throttle churn slowdep crash cleanupdep freeze tenants; knobs OBJECTS SHARDS DURATION RATE ...)
+bench: toolchain tools ## Run benchmark SCENARIO (one or more of raw create restart rescale failover delete throttle churn slowdep crash cleanupdep freeze tenants assign; knobs OBJECTS SHARDS DURATION RATE ...)
 	$(CARGO) build --profile $(BENCH_PROFILE) -p shardop-worker -p shardop-assigner -p shardop-bench -p shardop-example-tenants $(BENCH_FEATURES)
 	@export $(BENCH_CLUSTER_ENV) SHARDOP_BIN_DIR=$(BENCH_BIN_DIR); status=0; \
 	  for scenario in $(SCENARIO); do \
@@ -147,7 +147,7 @@ bench-report: ## Regenerate docs/performance.md from target/bench/*.json
 # fresh control plane (REUSE_CLUSTER) to stay within a few minutes, and fail on any
 # violated correctness field (writes on restart, dual ownership, relabels, overlap, stuck or
 # orphaned objects, duplicated side effects, late writes after a Lease was taken).
-SMOKE_SCENARIOS := raw create restart rescale failover delete throttle churn slowdep crash cleanupdep freeze tenants
+SMOKE_SCENARIOS := raw create restart rescale failover delete throttle churn slowdep crash cleanupdep freeze tenants assign
 SMOKE_KNOBS := OBJECTS=200 RAW_OBJECTS=100 SHARDS=3 DURATION=30s CREATE_RATE=40 SLOW_OBJECTS=3 SLOW_DELAY=5s CRASHES=2 TIMEOUT=240s BENCH_DIR=$(CURDIR)/target/bench-smoke REUSE_CLUSTER=true
 
 .PHONY: bench-smoke

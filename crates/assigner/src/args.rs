@@ -63,10 +63,10 @@ pub struct RunArgs {
     #[arg(long, env = "SHARDOP_SHARDS", value_parser = shardop_api::parse_shard_count)]
     pub shards: Option<NonZeroU32>,
     /// Objects being moved at once (between the drain request and the new label).
-    #[arg(long, env = "SHARDOP_MAX_CONCURRENT_MOVES", default_value_t = 100, value_parser = parse_at_least_one)]
+    #[arg(long, env = "SHARDOP_MAX_CONCURRENT_MOVES", default_value_t = 1000, value_parser = parse_at_least_one)]
     pub max_concurrent_moves: usize,
     /// Label writes in flight at once (assignments, moves, cancellations).
-    #[arg(long, env = "SHARDOP_MAX_CONCURRENT_WRITES", default_value_t = 64, value_parser = parse_at_least_one)]
+    #[arg(long, env = "SHARDOP_MAX_CONCURRENT_WRITES", default_value_t = 256, value_parser = parse_at_least_one)]
     pub max_concurrent_writes: usize,
     /// Comma-separated namespaces to watch for objects of the namespaced kinds; all
     /// namespaces when empty. Cluster-scoped kinds are watched cluster-wide.
@@ -163,7 +163,8 @@ mod tests {
         let Command::Run(args) = cli.command;
         assert_eq!(args.shards, NonZeroU32::new(3));
         assert_eq!(args.namespaces(), ["x", "y"]);
-        assert_eq!(args.max_concurrent_moves, 100);
+        assert_eq!(args.max_concurrent_moves, 1000);
+        assert_eq!(args.max_concurrent_writes, 256);
         assert!(parse(&["a", "run"]).is_err(), "N must come from somewhere");
         assert!(parse(&["a", "run", "--shards", "3", "--worker-statefulset", "w"]).is_err());
         assert!(parse(&["a", "run", "--worker-statefulset", "shardop-worker"]).is_ok());

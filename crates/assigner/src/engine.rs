@@ -108,6 +108,9 @@ pub struct Engine {
     exported_shards: BTreeSet<ShardIndex>,
     rereads: Rereads,
     unassigned_clock: UnassignedClock,
+    /// Objects a watch event showed without a valid owner since the last pass: they are
+    /// assigned at once ([`Engine::assign_unowned`]) instead of at the next pass.
+    unowned_events: Vec<ObjectKey>,
 }
 
 impl Engine {
@@ -170,6 +173,7 @@ impl Engine {
             exported_shards: BTreeSet::new(),
             rereads: Rereads::default(),
             unassigned_clock: UnassignedClock::default(),
+            unowned_events: Vec::new(),
         };
         (engine, events)
     }
@@ -211,6 +215,7 @@ impl Engine {
                             _ => break,
                         }
                     }
+                    self.assign_unowned();
                 }
                 () = self.leases.changed() => dirty = true,
                 Ok(()) = self.shard_count.changed() => dirty = true,
@@ -230,6 +235,19 @@ impl Engine {
             return false;
         };
         match event {
+            Ok(watcher::Event::Apply(meta)) => {
+                let Some(key) = self.objects.apply_change(scope.kind, &meta) else {
+                    return false;
+                };
+                if self
+                    .objects
+                    .get(&key)
+                    .is_some_and(|r| r.placement.owner().is_none())
+                {
+                    self.unowned_events.push(key);
+                }
+                true
+            }
             Ok(event) => self.objects.apply(source, scope, event),
             Err(err) => {
                 let what = self
@@ -243,9 +261,50 @@ impl Engine {
         }
     }
 
+    /// Plans, right away, the objects watch events just showed without a valid owner (a
+    /// new object, a drain acknowledged): the same decision a pass makes for them
+    /// ([`planning::plan_objects`] over these objects only), without waiting up to
+    /// [`PASS_INTERVAL`] and without planning every other object again. Only label
+    /// writes that give an object its owner are started here; everything else waits for
+    /// the pass.
+    fn assign_unowned(&mut self) {
+        let keys = std::mem::take(&mut self.unowned_events);
+        if keys.is_empty() {
+            return;
+        }
+        let Some(n) = *self.shard_count.borrow() else {
+            return;
+        };
+        if !self.objects.is_ready(self.scopes.len()) || !self.leases.is_ready() {
+            return;
+        }
+        let leases = self.leases.all();
+        let table = planning::shard_table(&self.settings.names, n, &leases, Timestamp::now());
+        let records = keys
+            .iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|key| Some((key, self.objects.get(key)?)));
+        let plan = planning::plan_objects(
+            records,
+            &Progress {
+                in_flight: &self.in_flight,
+                holds: &self.holds,
+                moves: &self.moves,
+            },
+            &table,
+            Instant::now(),
+        );
+        let assignments = planning::assignments_of_unowned(plan.candidates, |key| {
+            self.objects.get(key).map(|r| r.placement.owner())
+        });
+        self.dispatch_labels(assignments);
+    }
+
     /// One planning pass over every object and shard.
     #[tracing::instrument(level = "debug", skip_all)]
     fn pass(&mut self) {
+        self.unowned_events.clear();
         let n = *self.shard_count.borrow();
         self.metrics
             .desired_shards

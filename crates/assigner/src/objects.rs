@@ -162,6 +162,12 @@ impl ObjectStore {
         }
     }
 
+    /// Takes in a changed (or new) object of `kind` seen by a watch, like an `Apply` event
+    /// through [`apply`](Self::apply); returns its key.
+    pub fn apply_change(&mut self, kind: KindId, meta: &ObjectMeta) -> Option<ObjectKey> {
+        self.upsert(kind, meta)
+    }
+
     /// Whether every source has completed its initial list.
     pub fn is_ready(&self, sources: usize) -> bool {
         (0..sources).all(|s| self.ready.contains(&s))

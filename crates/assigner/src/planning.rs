@@ -179,6 +179,21 @@ pub fn plan_objects<'a>(
     plan
 }
 
+/// The candidates that give an object without a valid owner its shard label (an
+/// assignment), in order: what may start between passes. `owner_of` is the object's
+/// current valid owner (`None` inside when it has none; outer `None`: the object is gone).
+pub fn assignments_of_unowned(
+    candidates: Vec<Candidate>,
+    owner_of: impl Fn(&ObjectKey) -> Option<Option<ShardIndex>>,
+) -> Vec<Candidate> {
+    candidates
+        .into_iter()
+        .filter(|c| {
+            matches!(c.action, AssignerAction::Assign { .. }) && owner_of(&c.key) == Some(None)
+        })
+        .collect()
+}
+
 /// The concurrency bounds of label writes.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -384,6 +399,45 @@ mod tests {
         .map(|(k, to)| (k, AssignerAction::Assign { to }))
         .collect();
         assert_eq!(actions(&plan), expected);
+    }
+
+    #[test]
+    fn between_passes_only_objects_without_an_owner_are_assigned() {
+        let (mut store, table, movers) = grown();
+        let scope = SourceScope {
+            kind: 0,
+            namespace: None,
+        };
+        store.apply(
+            0,
+            &scope,
+            watcher::Event::Apply(object("a", "new", None, None)),
+        );
+        let plan = Book::new().plan(&store, &table);
+        assert!(
+            plan.candidates.len() > 1,
+            "drains and an assignment planned"
+        );
+        let owner_of = |key: &ObjectKey| store.get(key).map(|r| r.placement.owner());
+        let started = assignments_of_unowned(plan.candidates, owner_of);
+        assert_eq!(started.len(), 1, "{started:?}");
+        assert_eq!(started[0].key, key(0, "a", "new"));
+        assert!(matches!(started[0].action, AssignerAction::Assign { .. }));
+        assert!(
+            !movers.contains(&started[0].key),
+            "no drain starts between passes"
+        );
+        // A candidate whose object is gone, or got an owner meanwhile, is dropped too.
+        let gone = Candidate {
+            created: None,
+            key: key(0, "a", "gone"),
+            action: AssignerAction::Assign { to: ShardIndex(0) },
+        };
+        let owned = Candidate {
+            key: movers[0].clone(),
+            ..gone.clone()
+        };
+        assert!(assignments_of_unowned(vec![gone, owned], owner_of).is_empty());
     }
 
     #[test]

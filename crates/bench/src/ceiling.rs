@@ -25,7 +25,7 @@ use shardop_api::constants::{
     INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, NAME_LABEL, NAME_VALUE,
 };
 
-use crate::env::{WORKER_KUBE_BURST, WORKER_KUBE_QPS};
+use crate::env::{WORKER_KUBE_BURST, WORKER_KUBE_QPS, WORKER_KUBE_QPS_MAX};
 use crate::load;
 
 /// A worker's default `--concurrency`: reconciles in flight per shard.
@@ -69,6 +69,7 @@ impl Ceiling {
             "shards": shards,
             "concurrency": shards as usize * WORKER_CONCURRENCY,
             "kube_qps_per_shard": WORKER_KUBE_QPS,
+            "kube_qps_max_per_shard": WORKER_KUBE_QPS_MAX,
             "creates_per_s": self.creates_per_s,
             "changes_per_s": self.changes_per_s,
             "writes_per_create": self.writes_per_create,
@@ -125,6 +126,7 @@ impl IdealWriter {
         let args = KubeClientArgs {
             kube_qps: WORKER_KUBE_QPS,
             kube_burst: WORKER_KUBE_BURST,
+            kube_qps_max: WORKER_KUBE_QPS_MAX,
             ..KubeClientArgs::default()
         };
         let shards = (0..shards.max(1))

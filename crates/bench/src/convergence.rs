@@ -27,6 +27,8 @@ struct State {
     /// Live objects without a valid shard label, now and at most since the last reset.
     unassigned: usize,
     max_unassigned: usize,
+    /// Create response → first shard label seen (seconds), per created object, in order.
+    assign_lags: Vec<f64>,
 }
 
 /// What the load generator did to an object.
@@ -59,6 +61,8 @@ struct ObjectTimes {
     created: Option<(Instant, bool)>,
     /// When a shard label was first seen on it.
     first_labelled: Option<Instant>,
+    /// Whether its create → labelled lag was recorded.
+    assign_recorded: bool,
 }
 
 impl ObjectTimes {
@@ -95,9 +99,17 @@ impl Convergence {
         let now = Instant::now();
         let mut state = self.lock();
         let State {
-            objects, completed, ..
+            objects,
+            completed,
+            assign_lags,
+            ..
         } = &mut *state;
         let entry = objects.entry(name.to_owned()).or_default();
+        if kind == ChangeKind::Create && !entry.assign_recorded && entry.shard.is_some() {
+            // Labelled before the create's response arrived.
+            entry.assign_recorded = true;
+            assign_lags.push(0.0);
+        }
         // The watch can beat the response: an event that already showed this generation
         // converged counts as converged at once.
         if entry.generation == generation
@@ -136,11 +148,19 @@ impl Convergence {
             completed,
             unassigned,
             max_unassigned,
+            assign_lags,
         } = &mut *state;
         let entry = objects.entry(name).or_default();
         let was_unassigned = entry.unassigned() && entry.generation != 0;
         if shard.is_some() && entry.first_labelled.is_none() {
             entry.first_labelled = Some(now);
+        }
+        if shard.is_some()
+            && !entry.assign_recorded
+            && let Some((at, ChangeKind::Create)) = entry.changed_at
+        {
+            entry.assign_recorded = true;
+            assign_lags.push(now.duration_since(at).as_secs_f64());
         }
         entry.deleted = false;
         entry.shard = shard;
@@ -258,6 +278,12 @@ impl Convergence {
                 let want = desired(n);
                 t.shard == Some(want) && !t.draining && t.status_shard == Some(want)
             })
+    }
+
+    /// Create response → first shard label seen (seconds) of the objects created since the
+    /// last call (the watch's own latency included); clears them.
+    pub fn take_assign_lags(&self) -> Vec<f64> {
+        std::mem::take(&mut self.lock().assign_lags)
     }
 
     /// The most live objects without a valid shard label at once since the last call.

@@ -51,6 +51,18 @@ pub const WORKER_LEASE_FLAGS: [&str; 6] = [
     "1s",
 ];
 
+/// The workers' default Lease timings (15 s / 10 s / 2 s), for scenarios that measure no
+/// failover: with the short ones, a worker starved of CPU on a loaded 2-core machine gives
+/// its Lease up every few tens of seconds and its shard's controller starts over.
+pub const DEFAULT_LEASE_FLAGS: [&str; 6] = [
+    "--lease-duration",
+    "15s",
+    "--renew-deadline",
+    "10s",
+    "--retry-period",
+    "2s",
+];
+
 impl BenchEnv {
     /// Creates the namespaces for `scenario` on `cluster`.
     pub async fn new(cluster: &'static Cluster, scenario: &str) -> anyhow::Result<Self> {
@@ -98,7 +110,20 @@ impl BenchEnv {
         if !extra.iter().any(|a| a.starts_with("--kube-burst")) {
             spec = spec.arg("--kube-burst").arg(WORKER_KUBE_BURST.to_string());
         }
-        for arg in WORKER_LEASE_FLAGS.iter().chain(extra) {
+        if !extra.iter().any(|a| a.starts_with("--kube-qps")) {
+            spec = spec
+                .arg("--kube-qps-max")
+                .arg(WORKER_KUBE_QPS_MAX.to_string());
+        }
+        // A scenario may give the Lease timings of its own, as it may the budget.
+        for flag in WORKER_LEASE_FLAGS.chunks(2) {
+            if !extra.contains(&flag[0]) {
+                for arg in flag {
+                    spec = spec.arg(*arg);
+                }
+            }
+        }
+        for arg in extra {
             spec = spec.arg(*arg);
         }
         for (key, value) in environment {
@@ -204,6 +229,9 @@ impl BenchEnv {
 pub const WORKER_KUBE_QPS: f32 = 200.0;
 /// A bench worker's `--kube-burst`.
 pub const WORKER_KUBE_BURST: u32 = 400;
+/// A bench worker's `--kube-qps-max`: its budget adapts between `--kube-qps` and this to
+/// what the API server absorbs (a scenario that sets `--kube-qps` itself gets a fixed one).
+pub const WORKER_KUBE_QPS_MAX: f32 = 1000.0;
 
 /// The load generator's client: shardop's stack (user agent, metrics, 429 handling) and no
 /// client-side rate limit, so the API server is the only limit.

@@ -151,6 +151,8 @@ enum Scenario {
     Freeze,
     /// The example operator (examples/tenants): OBJECTS Tenants on SHARDS shards, then one more.
     Tenants,
+    /// Create → labelled latency of the watch path at 10 and 50 creates/s.
+    Assign,
     /// Regenerate docs/performance.md from the JSON files in BENCH_DIR.
     Report,
 }
@@ -219,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Cleanupdep => scenarios::cleanupdep(knobs).await?,
         Scenario::Freeze => scenarios::freeze(knobs).await?,
         Scenario::Tenants => scenarios::tenants(knobs).await?,
+        Scenario::Assign => scenarios::assign(knobs).await?,
         Scenario::Report => return Ok(()),
     };
     let mut report = outcome.report;

@@ -93,6 +93,10 @@ const SCENARIOS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "assign",
+        &["rate", "assign_latency_p50_s", "assign_latency_p99_s"],
+    ),
+    (
         "freeze",
         &[
             "late_writes",

@@ -27,8 +27,10 @@ use crate::rss_fit::RssFit;
 use crate::run::{self, Run, names, on_shard, round1};
 use crate::{Knobs, apf};
 
+mod assign;
 mod freeze;
 mod tenants;
+pub use assign::assign;
 pub use freeze::freeze;
 pub use tenants::tenants;
 
@@ -390,7 +392,7 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     worker_statefulset(&run, 3).await?;
     for index in 0..3 {
-        run.env.start_worker(index, &[])?;
+        run.env.start_worker(index, &env::DEFAULT_LEASE_FLAGS)?;
     }
     run.env
         .start_assigner(None, &["--worker-statefulset", "shardop-worker"])?;
@@ -405,7 +407,7 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
         tracing::info!(from, to, "rescaling");
         if to > from {
             for index in from..to {
-                run.env.start_worker(index, &[])?;
+                run.env.start_worker(index, &env::DEFAULT_LEASE_FLAGS)?;
             }
             worker_statefulset(&run, i32::try_from(to)?).await?;
         } else {

@@ -75,6 +75,15 @@ type LoadReport = Box<dyn Fn() -> ShardLoad + Send + Sync>;
 /// Whether an object (by [`object_key`]) is in one of the shard's caches.
 type CacheLookup = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Per-object bookkeeping of one served shard.
 #[derive(Default)]
 struct ScopeBook {
@@ -89,6 +98,10 @@ struct ScopeBook {
     joins: u64,
     /// UIDs whose drain this shard acknowledged: a stale cache entry is not acted on again.
     acknowledged: HashSet<String>,
+    /// Objects whose drain is being acknowledged straight from their watch event (ahead
+    /// of the reconcile queue), each with a lock the acknowledgement holds while it runs:
+    /// a reconcile of the object waits for it to end before it starts.
+    acknowledging: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl ScopeBook {
@@ -117,6 +130,20 @@ impl ScopeBook {
     fn forget(&mut self, key: &str) {
         self.pending.remove(key);
         self.joined.remove(key);
+    }
+
+    /// Reserves `key` for an acknowledgement ahead of the queue: only while no reconcile
+    /// of it runs and no other acknowledgement of it is under way, so the acknowledgement
+    /// still comes after the object's in-flight reconcile (the protocol's W2). The guard is
+    /// held until the acknowledgement ended.
+    fn reserve_acknowledgement(&mut self, key: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if self.running.contains_key(key) || self.acknowledging.contains_key(key) {
+            return None;
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        let guard = lock.clone().try_lock_owned().ok()?;
+        self.acknowledging.insert(key.to_owned(), lock);
+        Some(guard)
     }
 }
 
@@ -384,6 +411,7 @@ impl ShardScope {
         K::DynamicType: Clone + Eq + Hash + Default,
     {
         let dyntype_of_store = dyntype.clone();
+        let dyntype_of_store_events = dyntype.clone();
         let writer = reflector::store::Writer::new(dyntype);
         let store = writer.as_reader();
         self.track_cache_with(store.clone(), dyntype_of_store);
@@ -398,7 +426,8 @@ impl ShardScope {
                     scope.report_synced();
                 }
             });
-        (store, self.filter_events(events))
+        let resource = ApiResource::erase::<K>(&dyntype_of_store_events);
+        (store, self.filter_events_of(events, resource))
     }
 
     /// Drops from a cached object what the assignment strategy does not need (for the
@@ -449,47 +478,148 @@ impl ShardScope {
     /// (status-only updates) are dropped, an object that joined the shard is remembered
     /// for [`moved_in`](Self::moved_in), and every object passed on counts in the queue
     /// depth until its reconcile starts. Untrusted and draining objects are passed on:
-    /// [`admit`](Self::admit) decides about them when their reconcile starts.
+    /// [`admit`](Self::admit) decides about them when their reconcile starts. A drain the
+    /// assigner requested from this shard is also acknowledged at once, ahead of the
+    /// reconcile queue (see [`admit`](Self::admit)), unless a reconcile of the object is
+    /// running; the queued reconcile then finds it acknowledged.
     pub fn filter_events<K, S>(
         &self,
         events: S,
     ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static + use<K, S>
     where
         K: Resource + Send + 'static,
+        K::DynamicType: Default,
+        S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    {
+        self.filter_events_of(events, ApiResource::erase::<K>(&K::DynamicType::default()))
+    }
+
+    /// [`filter_events`](Self::filter_events) for objects of the kind `resource` (whose
+    /// API a drain acknowledgement patches).
+    ///
+    /// From its first poll on, `events` is driven by a task of its own and what passes the
+    /// filter reaches the returned stream through an unbounded channel: kube-runtime stops
+    /// polling its trigger stream while every reconcile slot is busy, and a drain event
+    /// must reach [`observe`](Self::observe) (which acknowledges it) even then. The channel
+    /// holds at most the events of a stall of the controller, as the worker's child
+    /// watches do. The task ends when the returned stream is dropped.
+    fn filter_events_of<K, S>(
+        &self,
+        events: S,
+        resource: ApiResource,
+    ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static + use<K, S>
+    where
+        K: Resource + Send + 'static,
         S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     {
         let scope = self.clone();
-        events
-            .scan(
-                ChangeFilter::new(self.inner.names.clone()),
-                move |filter, event| {
+        futures::stream::once(async move {
+            let (sender, receiver) = futures::channel::mpsc::unbounded();
+            let driver = tokio::spawn(async move {
+                let mut filter = ChangeFilter::new(scope.inner.names.clone());
+                let mut events = std::pin::pin!(events);
+                while let Some(event) = events.next().await {
                     let item = match event {
-                        Ok(event) => scope.observe(filter, event).map(Ok),
+                        Ok(event) => scope.observe(&mut filter, event, &resource).map(Ok),
                         Err(error) => Some(Err(error)),
                     };
-                    futures::future::ready(Some(item))
-                },
-            )
-            .filter_map(futures::future::ready)
+                    if let Some(item) = item
+                        && sender.unbounded_send(item).is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            let driver = AbortOnDrop(driver);
+            receiver.map(move |item| {
+                let _driven_by = &driver;
+                item
+            })
+        })
+        .flatten()
     }
 
-    /// One watch event through the change filter and the bookkeeping.
+    /// One watch event through the change filter and the bookkeeping; a drain requested
+    /// from this shard is acknowledged ahead of the queue.
     fn observe<K: Resource>(
         &self,
         filter: &mut ChangeFilter,
         event: watcher::Event<K>,
+        resource: &ApiResource,
     ) -> Option<K> {
         if let watcher::Event::Delete(object) = &event {
             self.book().forget(&object_key(object));
         }
         let admitted = filter.admit(event)?;
         let key = object_key(&admitted.object);
-        let mut book = self.book();
-        if admitted.joined {
-            book.mark_joined(key.clone());
+        let early = {
+            let mut book = self.book();
+            if admitted.joined {
+                book.mark_joined(key.clone());
+            }
+            book.mark_pending(key.clone());
+            self.early_acknowledgement(&mut book, &admitted.object, &key)
+        };
+        if let Some(guard) = early {
+            self.spawn_acknowledgement(admitted.object.meta(), resource, key, guard);
         }
-        book.mark_pending(key);
         Some(admitted.object)
+    }
+
+    /// Whether the event of `object` asks this shard to acknowledge a drain that can be
+    /// acknowledged now, ahead of the queue: it reserves the object if so.
+    fn early_acknowledgement<K: Resource>(
+        &self,
+        book: &mut ScopeBook,
+        object: &K,
+        key: &str,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let meta = object.meta();
+        let placement = self.placement(object);
+        let deleting = meta.deletion_timestamp.is_some();
+        if worker_action(&placement, self.inner.shard, deleting) != WorkerAction::AcknowledgeDrain
+            || self.inner.strategy.drain_acknowledgement().is_none()
+            || self.is_stopping()
+            || meta
+                .uid
+                .as_ref()
+                .is_some_and(|uid| book.acknowledged.contains(uid))
+        {
+            return None;
+        }
+        book.reserve_acknowledgement(key)
+    }
+
+    /// Acknowledges the drain of the object `meta` (reserved as `key`) in a task of its
+    /// own. Whatever the outcome, the event also goes to the queue: a failed
+    /// acknowledgement is retried by the reconcile as before.
+    fn spawn_acknowledgement(
+        &self,
+        meta: &kube::api::ObjectMeta,
+        resource: &ApiResource,
+        key: String,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+    ) {
+        let scope = self.clone();
+        let meta = kube::api::ObjectMeta {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            uid: meta.uid.clone(),
+            resource_version: meta.resource_version.clone(),
+            ..Default::default()
+        };
+        let resource = resource.clone();
+        tokio::spawn(async move {
+            let uid = meta.uid.clone().unwrap_or_default();
+            match scope.send_drain_acknowledgement(&meta, &resource).await {
+                Ok(()) => scope.record_drain_acknowledged(&key, uid),
+                Err(err) => {
+                    tracing::debug!(shard = %scope.inner.shard, object = %key, %err, "early drain acknowledgement failed; the reconcile retries it");
+                }
+            }
+            scope.book().acknowledging.remove(&key);
+            drop(guard);
+        });
     }
 
     /// A kube-runtime `Controller` over the shard's objects of kind `K` from `api`
@@ -560,7 +690,7 @@ impl ShardScope {
     ) -> Result<Admission, ScopeError> {
         self.check()?;
         let key = object_key(object);
-        self.start_run(&key);
+        self.start_run_after_acknowledgement(&key).await;
         let placement = self.placement(object);
         let uid = object.meta().uid.clone().unwrap_or_default();
         if self.already_acknowledged(&uid, &placement) {
@@ -578,9 +708,24 @@ impl ShardScope {
         }
     }
 
+    /// Marks the reconcile of `key` running once no early acknowledgement of it is under
+    /// way (it waits for one to end), then counts it.
+    async fn start_run_after_acknowledgement(&self, key: &str) {
+        let waited = loop {
+            let acknowledging = {
+                let mut book = self.book();
+                match book.acknowledging.get(key) {
+                    Some(lock) => lock.clone(),
+                    None => break book.start_running(key),
+                }
+            };
+            drop(acknowledging.lock().await);
+        };
+        self.count_run(waited);
+    }
+
     /// Counts a reconcile start, with its queue wait if an event asked for it.
-    fn start_run(&self, key: &str) {
-        let waited = self.book().start_running(key);
+    fn count_run(&self, waited: Option<Duration>) {
         let label = ShardMetrics::shard(self.inner.shard);
         let metrics = &self.inner.metrics;
         if let Some(waited) = waited {
@@ -615,17 +760,28 @@ impl ShardScope {
         key: &str,
         uid: String,
     ) -> Result<(), ScopeError> {
+        let resource = ApiResource::erase::<K>(dyntype);
+        self.send_drain_acknowledgement(object.meta(), &resource)
+            .await?;
+        self.record_drain_acknowledged(key, uid);
+        Ok(())
+    }
+
+    /// The W2 patch of the object `meta` of kind `resource`, fenced by the Lease.
+    async fn send_drain_acknowledgement(
+        &self,
+        meta: &kube::api::ObjectMeta,
+        resource: &ApiResource,
+    ) -> Result<(), ScopeError> {
         let Some(labels) = self.inner.strategy.drain_acknowledgement() else {
             return Ok(());
         };
-        let meta = object.meta();
         let patch = serde_json::json!({
             "metadata": { "resourceVersion": meta.resource_version, "labels": labels }
         });
-        let resource = ApiResource::erase::<K>(dyntype);
         let api: Api<DynamicObject> = match meta.namespace.as_deref() {
-            Some(namespace) => Api::namespaced_with(self.client(), namespace, &resource),
-            None => Api::all_with(self.client(), &resource),
+            Some(namespace) => Api::namespaced_with(self.client(), namespace, resource),
+            None => Api::all_with(self.client(), resource),
         };
         self.check()?;
         let params = PatchParams {
@@ -642,6 +798,11 @@ impl ShardScope {
             Some(lost) => ScopeError::LeaseLost(lost),
             None => ScopeError::Drain(err),
         })?;
+        Ok(())
+    }
+
+    /// Books an acknowledged drain: the object's stale cache entries are not acted on.
+    fn record_drain_acknowledged(&self, key: &str, uid: String) {
         {
             let mut book = self.book();
             book.acknowledged.insert(uid);
@@ -653,7 +814,6 @@ impl ShardScope {
             .get_or_create(&ShardMetrics::shard(self.inner.shard))
             .inc();
         tracing::info!(shard = %self.inner.shard, object = %key, "drain acknowledged: shard and drain labels removed");
-        Ok(())
     }
 
     /// A reconcile of `object` ended.
@@ -894,6 +1054,133 @@ mod tests {
         let (called, _) = reconcile_once(&scope, draining).await;
         assert!(!called);
         assert_eq!(requests.lock().unwrap().len(), 1);
+    }
+
+    /// Passes `object`'s watch event through `scope.filter_events`; returns what came out.
+    async fn through_filter(scope: &ShardScope, object: Namespace) -> Vec<Namespace> {
+        let events = futures::stream::iter([Ok(watcher::Event::Apply(object))]);
+        scope
+            .filter_events(events)
+            .filter_map(|item| futures::future::ready(item.ok()))
+            .collect()
+            .await
+    }
+
+    /// Waits (a bounded number of scheduler turns) until `requests` holds `count`.
+    async fn requests_reach(requests: &Requests, count: usize) -> usize {
+        for _ in 0..1000 {
+            if requests.lock().unwrap().len() >= count {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        requests.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn a_drain_is_acknowledged_from_its_event_ahead_of_the_queue() {
+        let (scope, requests) = scope(Duration::from_secs(60));
+        let draining = assigned(&[("tenants.shardop.dev/drain", "2")], true);
+        let passed = through_filter(&scope, draining.clone()).await;
+        assert_eq!(passed.len(), 1, "the queue still gets the event");
+        assert_eq!(
+            requests_reach(&requests, 1).await,
+            1,
+            "acknowledged before any reconcile ran"
+        );
+        assert!(
+            requests.lock().unwrap()[0]
+                .2
+                .contains("\"tenants.shardop.dev/drain\":null")
+        );
+        // The queued reconcile finds it acknowledged: no second patch, no delivery.
+        let (called, result) = reconcile_once(&scope, draining).await;
+        assert!(!called && result.is_ok());
+        assert_eq!(requests.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_drain_is_acknowledged_while_the_controller_polls_no_events() {
+        let (scope, requests) = scope(Duration::from_secs(60));
+        let mut owned = assigned(&[], true);
+        owned.metadata.name = Some("b".into());
+        owned.metadata.uid = Some("u-b".into());
+        let draining = assigned(&[("tenants.shardop.dev/drain", "2")], true);
+        let events = futures::stream::iter([
+            Ok(watcher::Event::Apply(owned)),
+            Ok(watcher::Event::Apply(draining)),
+        ])
+        .chain(futures::stream::pending());
+        let mut filtered = Box::pin(scope.filter_events(events));
+        // A controller takes one event, then all its reconcile slots are busy: it polls no
+        // more.
+        let first = filtered.next().await;
+        assert_eq!(first.unwrap().unwrap().metadata.name.as_deref(), Some("b"));
+        assert_eq!(
+            requests_reach(&requests, 1).await,
+            1,
+            "the drain behind it was acknowledged anyway"
+        );
+        drop(filtered);
+    }
+
+    #[tokio::test]
+    async fn a_drain_is_not_acknowledged_ahead_of_a_running_reconcile_of_the_object() {
+        let (scope, requests) = scope(Duration::from_secs(60));
+        scope.book().start_running("/a");
+        let draining = assigned(&[("tenants.shardop.dev/drain", "2")], true);
+        through_filter(&scope, draining.clone()).await;
+        assert_eq!(
+            requests_reach(&requests, 1).await,
+            0,
+            "the running reconcile goes first"
+        );
+        scope.finished(&draining);
+        // The reconcile queued behind it acknowledges.
+        let (called, _) = reconcile_once(&scope, draining).await;
+        assert!(!called);
+        assert_eq!(requests.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn no_early_acknowledgement_without_the_lease_or_for_an_owned_object() {
+        let (scope, requests) = scope(Duration::ZERO);
+        through_filter(
+            &scope,
+            assigned(&[("tenants.shardop.dev/drain", "2")], true),
+        )
+        .await;
+        let (owned, owned_requests) = self::scope(Duration::from_secs(60));
+        through_filter(&owned, assigned(&[], true)).await;
+        assert_eq!(requests_reach(&requests, 1).await, 0);
+        assert_eq!(requests_reach(&owned_requests, 1).await, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconcile_waits_for_an_early_acknowledgement_under_way() {
+        let (scope, _) = scope(Duration::from_secs(60));
+        let guard = scope.book().reserve_acknowledgement("/a").unwrap();
+        assert!(
+            scope.book().reserve_acknowledgement("/a").is_none(),
+            "one acknowledgement at a time"
+        );
+        let started = tokio::spawn({
+            let scope = scope.clone();
+            async move { scope.start_run_after_acknowledgement("/a").await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            !scope.book().running.contains_key("/a"),
+            "waits for the acknowledgement"
+        );
+        scope.book().acknowledging.remove("/a");
+        drop(guard);
+        started.await.unwrap();
+        assert!(scope.book().running.contains_key("/a"));
+        assert!(
+            scope.book().reserve_acknowledgement("/a").is_none(),
+            "no acknowledgement while it runs"
+        );
     }
 
     #[tokio::test]

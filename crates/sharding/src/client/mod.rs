@@ -18,6 +18,11 @@
 //!    throttled request is not a failure, the reconcile never sees it. After
 //!    `MAX_THROTTLE_RETRIES` resends the 429 goes to the caller, still only after its
 //!    `Retry-After`, so no request ever follows a 429 sooner than the server asked.
+//!    With `--kube-qps-max` above `--kube-qps` the bulk bucket is adaptive: each answer
+//!    tells it whether the server had room (answered a request that waited for its token
+//!    in time), or was overloaded (a 429, or a write answered after [`SLOW_WRITE`]), and
+//!    the rate moves between the two flags by AIMD ([`TokenBucket::adaptive`]);
+//!    `shardop_kube_rate_limit_qps` shows where it is.
 //!    A *fenced* client ([`ClientFactory::fenced_client`], one per held shard Lease) also
 //!    checks the shard's [`LeaseGuard`] for every mutating request right before each send
 //!    and resend (after the token wait, after each `Retry-After`), and abandons the request
@@ -33,6 +38,7 @@
 mod token_bucket;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,13 +49,15 @@ use kube::client::{Body, ClientBuilder};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::time::Instant;
 use tower::buffer::Buffer;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 use crate::lease::{LeaseGuard, LeaseLost};
 
-pub use token_bucket::{Reservation, TokenBucket};
+pub use token_bucket::{Answer, Reservation, TokenBucket};
 
 use crate::reachability::{ApiReachability, ReachabilityLayer};
 
@@ -62,6 +70,10 @@ const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Requests queued in front of kube's default stack; same as kube's own buffer.
 const BUFFER_CAPACITY: usize = 1024;
+/// A write answered later than this is a sign of an overloaded API server (an adaptive
+/// bulk budget halves; see [`TokenBucket::adaptive`]). Reads are not timed: a large list
+/// is slow by nature.
+pub const SLOW_WRITE: Duration = Duration::from_secs(1);
 
 /// Client flags shared by every shardop binary (`#[command(flatten)]`).
 #[derive(clap::Args, Clone, Debug)]
@@ -73,6 +85,12 @@ pub struct KubeClientArgs {
     /// Client-side request rate limit: burst size (token bucket capacity), at least 1.
     #[arg(long, env = "SHARDOP_KUBE_BURST", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub kube_burst: u32,
+    /// Adaptive request rate: when above `--kube-qps`, the sustained rate starts at
+    /// `--kube-qps` and follows the API server between the two (AIMD: it grows while
+    /// answers come back in time and the limit binds, halves on a 429 or a write slower
+    /// than 1 s). 0 = a fixed rate of `--kube-qps`.
+    #[arg(long, env = "SHARDOP_KUBE_QPS_MAX", default_value_t = 0.0, value_parser = parse_qps)]
+    pub kube_qps_max: f32,
     /// Rate limit of Lease traffic (acquire, renew, release, hand-back requests): a bucket
     /// of its own, so Lease requests never wait behind bulk writes. Sustained requests per
     /// second; 0 = no limit.
@@ -103,6 +121,7 @@ impl Default for KubeClientArgs {
         Self {
             kube_qps: 50.0,
             kube_burst: 100,
+            kube_qps_max: 0.0,
             kube_lease_qps: 10.0,
             kube_lease_burst: 20,
         }
@@ -143,6 +162,9 @@ pub struct KubeMetrics {
     /// `shardop_kube_fenced_requests_total{verb}`: mutating requests not sent, or abandoned
     /// in flight, because the shard's Lease guard was no longer valid.
     pub fenced: Family<FencedLabels, Counter>,
+    /// `shardop_kube_rate_limit_qps`: the bulk budget's current rate (an adaptive one
+    /// moves; 0 without a limit).
+    pub rate_limit: Gauge<f64, AtomicU64>,
 }
 
 /// Labels of `shardop_kube_fenced_requests_total`.
@@ -165,6 +187,11 @@ impl KubeMetrics {
             "shardop_kube_throttled_retries",
             "Requests resent after 429 Too Many Requests, following Retry-After",
             metrics.throttled_retries.clone(),
+        );
+        registry.register(
+            "shardop_kube_rate_limit_qps",
+            "Current sustained request rate of the bulk client budget (0 = no limit)",
+            metrics.rate_limit.clone(),
         );
         registry.register(
             "shardop_kube_fenced_requests",
@@ -200,7 +227,7 @@ impl ClientFactory {
         let reachability = ApiReachability::new(&config.cluster_url.to_string());
         Self {
             config,
-            bucket: TokenBucket::new(args.kube_qps, args.kube_burst),
+            bucket: TokenBucket::adaptive(args.kube_qps, args.kube_qps_max, args.kube_burst),
             lease_bucket: TokenBucket::new(args.kube_lease_qps, args.kube_lease_burst),
             metrics,
             reachability,
@@ -263,6 +290,7 @@ impl ClientFactory {
                 bucket: bucket.clone(),
                 metrics: self.metrics.clone(),
                 fence,
+                reports_rate: budget == Budget::Bulk,
             }),
         })
     }
@@ -299,6 +327,37 @@ struct Shared {
     metrics: KubeMetrics,
     /// The Lease guard of a fenced client: checked before every mutating send.
     fence: Option<LeaseGuard>,
+    /// Whether the bucket's rate is `shardop_kube_rate_limit_qps` (the bulk budget's).
+    reports_rate: bool,
+}
+
+impl Shared {
+    /// Tells the bucket what the answer to a request sent at `sent` says about the
+    /// server's load.
+    fn observe_answer(
+        &self,
+        waited: bool,
+        mutating: bool,
+        sent: Instant,
+        status: Option<StatusCode>,
+    ) {
+        let overloaded = status == Some(StatusCode::TOO_MANY_REQUESTS)
+            || (mutating && sent.elapsed() > SLOW_WRITE);
+        let answer = if overloaded {
+            Answer::Overloaded
+        } else if waited && status.is_some() {
+            Answer::FastAfterWait
+        } else {
+            Answer::Fast
+        };
+        self.bucket.observe(answer);
+        if self.reports_rate {
+            let rate = self.bucket.rate();
+            self.metrics
+                .rate_limit
+                .set(if rate.is_finite() { rate } else { 0.0 });
+        }
+    }
 }
 
 /// Wraps kube's default stack in a [`RequestPolicy`].
@@ -440,11 +499,20 @@ where
             // Dropping the unused token refunds it.
             guard.check()?;
         }
+        let waited = token.waited();
         token.consume();
+        let mutating = is_mutating(request.method());
+        let sent = Instant::now();
         let result = match inner.ready().await {
             Ok(ready) => ready.call(request).await.map_err(Into::into),
             Err(err) => Err(err.into()),
         };
+        shared.observe_answer(
+            waited,
+            mutating,
+            sent,
+            result.as_ref().ok().map(Response::status),
+        );
         let code = match &result {
             Ok(response) => response.status().as_u16().to_string(),
             Err(_) => "error".to_owned(),
@@ -725,6 +793,7 @@ mod tests {
                     bucket,
                     metrics: KubeMetrics::default(),
                     fence,
+                    reports_rate: true,
                 }),
             }
         }
@@ -740,6 +809,7 @@ mod tests {
                     bucket: TokenBucket::new(0.0, 1),
                     metrics: metrics.clone(),
                     fence: None,
+                    reports_rate: true,
                 }),
             };
             let start = tokio::time::Instant::now();
@@ -915,6 +985,39 @@ mod tests {
         let mut other = fake.policy(bucket, None);
         send(&mut other, Method::PATCH).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(900));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_budget_grows_with_timely_answers_and_halves_on_a_429() {
+        let bucket = TokenBucket::adaptive(10.0, 100.0, 1);
+        let mut policy = Fake::throttling(0).policy(bucket.clone(), None);
+        // The first write takes the burst; the next 20 wait for their tokens and are
+        // answered at once.
+        for _ in 0..21 {
+            send(&mut policy, Method::PATCH).await.unwrap();
+        }
+        assert_eq!(bucket.rate(), 15.0);
+        assert_eq!(policy.shared.metrics.rate_limit.get(), 15.0);
+        let mut throttled = Fake::throttling(1).policy(bucket.clone(), None);
+        send(&mut throttled, Method::PATCH).await.unwrap();
+        assert_eq!(bucket.rate(), 10.0, "halved, but not below --kube-qps");
+    }
+
+    #[tokio::test]
+    async fn a_fixed_budget_stays_fixed() {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let factory =
+            ClientFactory::new(config, &KubeClientArgs::default(), KubeMetrics::default());
+        factory.bucket.observe(Answer::FastAfterWait);
+        assert_eq!(factory.bucket.rate(), 50.0);
+        let args = KubeClientArgs {
+            kube_qps_max: 80.0,
+            ..KubeClientArgs::default()
+        };
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let factory = ClientFactory::new(config, &args, KubeMetrics::default());
+        factory.bucket.observe(Answer::FastAfterWait);
+        assert_eq!(factory.bucket.rate(), 50.25);
     }
 
     #[tokio::test(start_paused = true)]
