@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use shardop::OperatorNames;
 use shardop::lease::watch_operator_shard_leases;
 use shardop_runtime::serve::{Endpoints, serve};
 use shardop_runtime::{ClientFactory, KubeMetrics, Readiness};
@@ -84,16 +85,7 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
         Endpoints::new(registry, readiness).requiring_api(clients.reachability().clone());
     let servers = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    let (metrics_addr, metrics_server) =
-        serve(args.metrics_addr, endpoints.clone(), servers.clone()).await?;
-    tasks.spawn(metrics_server);
-    tracing::info!(%metrics_addr, "serving /metrics");
-    if args.health_addr != args.metrics_addr {
-        let (health_addr, health_server) =
-            serve(args.health_addr, endpoints, servers.clone()).await?;
-        tasks.spawn(health_server);
-        tracing::info!(%health_addr, "serving /healthz and /readyz");
-    }
+    serve_endpoints(&args, endpoints, &servers, &mut tasks).await?;
 
     let names = args.operator_name.clone();
     let agent = format!("{} ({identity})", names.assigner_field_manager());
@@ -128,19 +120,7 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
     )
     .await?;
 
-    let settings = engine::Settings {
-        names: names.clone(),
-        // Resolved by discovery at the start of each term.
-        kinds: Vec::new(),
-        operator_namespace: args.operator_namespace.clone(),
-        watch_namespaces: args.namespaces(),
-        max_concurrent_moves: args.max_concurrent_moves.max(1),
-        max_concurrent_writes: args.max_concurrent_writes.max(1),
-        status_interval: args.status_interval,
-        resync_period: args
-            .resync_period
-            .max(std::time::Duration::from_millis(100)),
-    };
+    let settings = engine_settings(&args, &names);
     let election = leader::Election {
         names,
         namespace: args.operator_namespace.clone(),
@@ -167,6 +147,43 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
     while tasks.join_next().await.is_some() {}
     tracing::info!("shardop-assigner stopped");
     result
+}
+
+/// Serves /metrics, and /healthz and /readyz on their own address when it differs.
+async fn serve_endpoints(
+    args: &RunArgs,
+    endpoints: Endpoints,
+    servers: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    let (metrics_addr, metrics_server) =
+        serve(args.metrics_addr, endpoints.clone(), servers.clone()).await?;
+    tasks.spawn(metrics_server);
+    tracing::info!(%metrics_addr, "serving /metrics");
+    if args.health_addr != args.metrics_addr {
+        let (health_addr, health_server) =
+            serve(args.health_addr, endpoints, servers.clone()).await?;
+        tasks.spawn(health_server);
+        tracing::info!(%health_addr, "serving /healthz and /readyz");
+    }
+    Ok(())
+}
+
+/// The engine's settings from the command line; the kinds are resolved by discovery at
+/// the start of each term.
+fn engine_settings(args: &RunArgs, names: &OperatorNames) -> engine::Settings {
+    engine::Settings {
+        names: names.clone(),
+        kinds: Vec::new(),
+        operator_namespace: args.operator_namespace.clone(),
+        watch_namespaces: args.namespaces(),
+        max_concurrent_moves: args.max_concurrent_moves.max(1),
+        max_concurrent_writes: args.max_concurrent_writes.max(1),
+        status_interval: args.status_interval,
+        resync_period: args
+            .resync_period
+            .max(std::time::Duration::from_millis(100)),
+    }
 }
 
 /// One term as leader: resolve the sharded kinds, start the watches, run the engine until

@@ -154,20 +154,7 @@ pub async fn start(
         names: names.clone(),
         kinds: setup.kinds.clone(),
     };
-    let metrics = setup.metrics.clone();
-    let handler: server::Handler = Arc::new(move |body: &[u8]| {
-        let now = Timestamp::now();
-        let table = view.table(now);
-        let (answer, verdict) = reviewer.review(body, table.as_ref(), now);
-        metrics
-            .reviews
-            .get_or_create(&metrics::VerdictLabel {
-                verdict: verdict.as_str(),
-            })
-            .inc();
-        tracing::debug!(verdict = verdict.as_str(), "webhook review");
-        answer
-    });
+    let handler = review_handler(view, reviewer, setup.metrics.clone());
     let slot = CertSlot::new();
     let (bound, server) = server::serve(
         addr,
@@ -196,19 +183,13 @@ pub async fn start(
         stop,
         Box::pin(serve_material(material.clone(), slot)),
     );
-    let service = args
-        .webhook_service
-        .clone()
-        .unwrap_or_else(|| format!("{operator}-assigner-webhook"));
-    let renewer = Renewer {
-        api: secrets,
-        name: secret_name,
-        sans: tls::subject_alt_names(&service, setup.operator_namespace),
-        lifetimes: Lifetimes {
-            ca: args.webhook_ca_lifetime,
-            serving: args.webhook_cert_lifetime,
-        },
-    };
+    let renewer = renewer(
+        args,
+        &operator,
+        secrets,
+        secret_name,
+        setup.operator_namespace,
+    );
     let webhook = Webhook(Arc::new(Inner {
         client: setup.client.clone(),
         names,
@@ -229,6 +210,48 @@ pub async fn start(
         spawn_until(tasks, stop, Box::pin(webhook.clone().create_secret()));
     }
     Ok(Some(webhook))
+}
+
+/// Answers one AdmissionReview from the replica's current view of the shards, and counts
+/// the verdict.
+fn review_handler(view: ShardView, reviewer: Reviewer, metrics: WebhookMetrics) -> server::Handler {
+    Arc::new(move |body: &[u8]| {
+        let now = Timestamp::now();
+        let table = view.table(now);
+        let (answer, verdict) = reviewer.review(body, table.as_ref(), now);
+        metrics
+            .reviews
+            .get_or_create(&metrics::VerdictLabel {
+                verdict: verdict.as_str(),
+            })
+            .inc();
+        tracing::debug!(verdict = verdict.as_str(), "webhook review");
+        answer
+    })
+}
+
+/// What the leader renews: the serving certificate for the webhook Service's names, kept
+/// in `secret_name`.
+fn renewer(
+    args: &WebhookArgs,
+    operator: &str,
+    secrets: Api<Secret>,
+    secret_name: String,
+    operator_namespace: &str,
+) -> Renewer {
+    let service = args
+        .webhook_service
+        .clone()
+        .unwrap_or_else(|| format!("{operator}-assigner-webhook"));
+    Renewer {
+        api: secrets,
+        name: secret_name,
+        sans: tls::subject_alt_names(&service, operator_namespace),
+        lifetimes: Lifetimes {
+            ca: args.webhook_ca_lifetime,
+            serving: args.webhook_cert_lifetime,
+        },
+    }
 }
 
 /// Loads every new material from the Secret into the server.
