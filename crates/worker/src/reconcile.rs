@@ -524,29 +524,32 @@ async fn apply_children(
     let join = shared.scope.moved_in(cluster);
     let ownership_changed = join.is_some();
     let service = desired_service(cluster, shard);
-    let mut problem = match apply_if_changed(
-        ctx,
-        &service,
-        &ctx.services,
-        ownership_changed,
-        "applying the Service",
-    )
-    .await
-    {
+    let mut sts = desired_stateful_set(cluster, shard);
+    resize.shape(&mut sts);
+    // The two applies do not depend on each other (the StatefulSet names its Service, it
+    // does not need it to exist), so they share one round trip: a moved-in object's first
+    // reconcile relabels both children, and that bounds how fast a rebalance completes.
+    let (service_applied, sts_applied) = tokio::join!(
+        apply_if_changed(
+            ctx,
+            &service,
+            &ctx.services,
+            ownership_changed,
+            "applying the Service",
+        ),
+        apply_if_changed(
+            ctx,
+            &sts,
+            &ctx.stateful_sets,
+            ownership_changed,
+            "applying the StatefulSet",
+        ),
+    );
+    let mut problem = match service_applied {
         Ok(_) => None,
         Err(err) => Some(classify(err, "Service")?),
     };
-    let mut sts = desired_stateful_set(cluster, shard);
-    resize.shape(&mut sts);
-    let stateful_set = match apply_if_changed(
-        ctx,
-        &sts,
-        &ctx.stateful_sets,
-        ownership_changed,
-        "applying the StatefulSet",
-    )
-    .await
-    {
+    let stateful_set = match sts_applied {
         Ok(applied) => Some(applied),
         Err(err) => {
             let terminal = classify(err, "StatefulSet")?;
