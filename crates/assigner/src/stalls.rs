@@ -30,7 +30,16 @@ pub struct LongUnassigned {
 #[derive(Default)]
 pub struct UnassignedClock {
     /// The start, and whether it was reported already.
-    since: HashMap<ObjectKey, (Instant, bool)>,
+    since: HashMap<ObjectKey, Waiting>,
+    /// Counts the passes, so that entries not seen in the latest one can be dropped.
+    pass: u64,
+}
+
+/// One object's wait: when it started, whether it was reported, the last pass it was seen.
+struct Waiting {
+    start: Instant,
+    reported: bool,
+    seen_in_pass: u64,
 }
 
 impl UnassignedClock {
@@ -42,24 +51,37 @@ impl UnassignedClock {
         unassigned: &[(ObjectKey, Unassigned)],
         now: Instant,
     ) -> (Duration, Vec<LongUnassigned>) {
-        let mut since = HashMap::with_capacity(unassigned.len());
+        // Updated in place: a pass over a backlog of 100,000 objects copies no key but
+        // those of objects that just lost their owner.
+        self.pass += 1;
+        let pass = self.pass;
         let mut oldest = Duration::ZERO;
         let mut long = Vec::new();
         for (key, why) in unassigned {
-            let (start, mut reported) = self.since.remove(key).unwrap_or((now, false));
-            let waited = now.saturating_duration_since(start);
+            if !self.since.contains_key(key) {
+                let waiting = Waiting {
+                    start: now,
+                    reported: false,
+                    seen_in_pass: pass,
+                };
+                self.since.insert(key.clone(), waiting);
+            }
+            let Some(waiting) = self.since.get_mut(key) else {
+                continue;
+            };
+            waiting.seen_in_pass = pass;
+            let waited = now.saturating_duration_since(waiting.start);
             oldest = oldest.max(waited);
-            if waited >= LONG_UNASSIGNED && !reported {
-                reported = true;
+            if waited >= LONG_UNASSIGNED && !waiting.reported {
+                waiting.reported = true;
                 long.push(LongUnassigned {
                     key: key.clone(),
                     why: *why,
                     waited,
                 });
             }
-            since.insert(key.clone(), (start, reported));
         }
-        self.since = since;
+        self.since.retain(|_, waiting| waiting.seen_in_pass == pass);
         (oldest, long)
     }
 }

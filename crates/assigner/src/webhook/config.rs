@@ -115,7 +115,7 @@ pub fn ca_bundle_patch(
             ]
         })
         .collect();
-    (!ops.is_empty()).then(|| Value::Array(ops))
+    (!ops.is_empty()).then_some(Value::Array(ops))
 }
 
 /// What [`sync_ca_bundle`] found.
