@@ -1261,14 +1261,18 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
             "worker.concurrency=8",
             "worker.kubeQps=40",
             "worker.kubeBurst=80",
+            "worker.kubeQpsMax=120",
             "assigner.maxConcurrentMoves=50",
             "assigner.kubeQps=20",
             "assigner.kubeBurst=40",
+            "assigner.kubeQpsMax=60",
         ],
     );
     let manifest = parse_documents(&release.manifest());
     let worker_args = string_args(container(find(&manifest, "StatefulSet", "shardop-worker")));
     let assigner_args = string_args(container(find(&manifest, "Deployment", "shardop-assigner")));
+    assert!(worker_args.contains(&"--kube-qps-max=120".to_owned()));
+    assert!(assigner_args.contains(&"--kube-qps-max=60".to_owned()));
     let dir = log_dir(TEST);
     let worker_config = service_account_kubeconfig(cluster, &operator.name, "shardop-worker", &dir);
     let assigner_config =

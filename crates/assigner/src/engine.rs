@@ -26,11 +26,11 @@ use tracing::Instrument;
 
 use crate::metrics::{AssignerMetrics, ShardLabel};
 use crate::objects::{ObjectKey, ObjectMeta, ObjectStore, Source, SourceScope};
-use crate::planning::{self, Admitted, Candidate, Hold, Limits, Progress, Unassigned};
+use crate::planning::{self, Admitted, Candidate, Hold, Limits, Progress, Room};
 use crate::resources::{KindId, ShardedKind};
 use crate::shard_count::ShardCountRx;
 use crate::shard_objects::{self, AssignerStatus};
-use crate::stalls::{Rereads, UnassignedClock};
+use crate::stalls::{LongUnassigned, Rereads};
 use crate::writes::{self, Outcome, label_write_span, write_result};
 
 /// Passes run at most this often, so an event storm is handled in batches.
@@ -58,6 +58,13 @@ pub struct Settings {
     pub max_concurrent_writes: usize,
     pub status_interval: Duration,
     pub resync_period: Duration,
+}
+
+/// The pause after a pass that took `took`: [`PASS_INTERVAL`], or longer when a pass over
+/// many objects is slow, so that passes take at most a fifth of the engine's time and
+/// events and write results are taken in between.
+fn pass_interval(took: Duration) -> Duration {
+    PASS_INTERVAL.max(took.saturating_mul(4))
 }
 
 type ObjectEvent = (Source, Result<watcher::Event<ObjectMeta>, watcher::Error>);
@@ -107,7 +114,6 @@ pub struct Engine {
     statuses: HashMap<ShardIndex, (AssignerStatus, Instant)>,
     exported_shards: BTreeSet<ShardIndex>,
     rereads: Rereads,
-    unassigned_clock: UnassignedClock,
     /// Objects a watch event showed without a valid owner since the last pass: they are
     /// assigned at once ([`Engine::assign_unowned`]) instead of at the next pass.
     unowned_events: Vec<ObjectKey>,
@@ -172,7 +178,6 @@ impl Engine {
             statuses: HashMap::new(),
             exported_shards: BTreeSet::new(),
             rereads: Rereads::default(),
-            unassigned_clock: UnassignedClock::default(),
             unowned_events: Vec::new(),
         };
         (engine, events)
@@ -192,9 +197,10 @@ impl Engine {
         loop {
             // Checked before waiting, so a steady stream of events cannot starve planning.
             if dirty && Instant::now() >= next_pass {
+                let started = Instant::now();
                 self.pass();
                 dirty = false;
-                next_pass = Instant::now() + PASS_INTERVAL;
+                next_pass = Instant::now() + pass_interval(started.elapsed());
             }
             tokio::select! {
                 biased;
@@ -293,6 +299,7 @@ impl Engine {
                 moves: &self.moves,
             },
             &table,
+            self.room(),
             Instant::now(),
         );
         let assignments = planning::assignments_of_unowned(plan.candidates, |key| {
@@ -341,6 +348,7 @@ impl Engine {
                 moves: &self.moves,
             },
             table,
+            self.room(),
             now,
         );
         for key in &plan.expired_holds {
@@ -356,16 +364,18 @@ impl Engine {
             self.moves.entry(key).or_insert(now);
         }
         self.export_counts(plan.unassigned, &plan.labelled);
-        self.report_long_unassigned(&plan.unassigned_keys, now);
+        self.report_long_unassigned(&plan.long_unassigned, plan.oldest_unassigned);
         self.reread_stalled_moves(now);
         (plan.labelled, plan.candidates)
     }
 
-    /// Keeps how long each object has been without a valid owner: the oldest as a metric,
-    /// and a warning for those past [`crate::stalls::LONG_UNASSIGNED`].
-    fn report_long_unassigned(&mut self, unassigned: &[(ObjectKey, Unassigned)], now: Instant) {
-        let (oldest, long) = self.unassigned_clock.observe(unassigned, now);
-        crate::stalls::log_long_unassigned(&long);
+    /// Reports the waits for an owner: the oldest as a metric, and a warning for those that
+    /// just passed [`crate::stalls::LONG_UNASSIGNED`] (once per wait).
+    fn report_long_unassigned(&mut self, long: &[LongUnassigned], oldest: Duration) {
+        crate::stalls::log_long_unassigned(long);
+        for waiting in long {
+            self.objects.mark_wait_reported(&waiting.key);
+        }
         self.metrics
             .oldest_unassigned_seconds
             .set(i64::try_from(oldest.as_secs()).unwrap_or(i64::MAX));
@@ -427,12 +437,21 @@ impl Engine {
         self.exported_shards = labelled.keys().copied().collect();
     }
 
-    /// Starts the label writes [`planning::admit`] lets through.
-    fn dispatch_labels(&mut self, candidates: Vec<Candidate>) {
-        let limits = Limits {
+    fn limits(&self) -> Limits {
+        Limits {
             max_concurrent_writes: self.settings.max_concurrent_writes,
             max_concurrent_moves: self.settings.max_concurrent_moves,
-        };
+        }
+    }
+
+    /// How many label writes and moves may start now.
+    fn room(&self) -> Room {
+        Room::left(self.limits(), self.writes.len(), self.moves.len())
+    }
+
+    /// Starts the label writes [`planning::admit`] lets through.
+    fn dispatch_labels(&mut self, candidates: Vec<Candidate>) {
+        let limits = self.limits();
         let objects = &self.objects;
         let admitted = planning::admit(
             candidates,
@@ -784,6 +803,14 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::core::ApiResource;
+
+    #[test]
+    fn a_slow_pass_spaces_out_the_next_so_passes_take_at_most_a_fifth_of_the_time() {
+        let ms = Duration::from_millis;
+        assert_eq!(pass_interval(ms(5)), PASS_INTERVAL);
+        assert_eq!(pass_interval(ms(25)), PASS_INTERVAL);
+        assert_eq!(pass_interval(ms(200)), ms(800));
+    }
 
     fn kind(id: KindId, namespaced: bool) -> Arc<ShardedKind> {
         Arc::new(ShardedKind {

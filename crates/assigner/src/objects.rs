@@ -14,6 +14,7 @@ use shardop::assignment::object_key_hash;
 use shardop::label_trust::shard_label_written_by;
 use shardop::protocol::ObjectPlacement;
 use shardop::{OperatorNames, ShardIndex};
+use tokio::time::Instant;
 
 use crate::resources::KindId;
 
@@ -59,6 +60,20 @@ pub struct ObjectRecord {
     pub ever_owned: bool,
     /// It carries a drain label (whatever its placement says: an Untrusted one may too).
     pub drain_label: bool,
+    /// While it has no valid owner: since when, as observed by this process. Kept on the
+    /// record so that a pass over a backlog of 100,000 unassigned objects needs no map
+    /// of its own (and no copy of their keys) to time them.
+    pub unowned: Option<UnownedWait>,
+    /// The number of the latest relist that listed it (see [`ObjectStore`]).
+    listed_in: Option<u32>,
+}
+
+/// How long an object has been without a valid owner, and whether a warning said so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnownedWait {
+    pub since: Instant,
+    /// A warning named it (or counted it) already: reported once per wait.
+    pub reported: bool,
 }
 
 impl ObjectRecord {
@@ -67,7 +82,14 @@ impl ObjectRecord {
         let previous_owner = self.last_owner;
         let was_draining = matches!(self.placement, ObjectPlacement::Draining { .. });
         let ever_owned = self.ever_owned;
+        let unowned = self.unowned;
+        let listed_in = self.listed_in;
         *self = newer;
+        self.listed_in = self.listed_in.or(listed_in);
+        // Still without an owner: the wait that began earlier goes on.
+        if self.unowned.is_some() && unowned.is_some() {
+            self.unowned = unowned;
+        }
         self.ever_owned |= ever_owned;
         self.last_owner = match &self.placement {
             ObjectPlacement::Owned(shard) | ObjectPlacement::Draining { from: shard } => {
@@ -113,8 +135,11 @@ pub struct ObjectStore {
     namespaces: HashSet<Arc<str>>,
     /// Sources whose initial list has completed at least once.
     ready: HashSet<Source>,
-    /// Keys seen during a relist in progress, per source.
-    relisting: HashMap<Source, HashSet<ObjectKey>>,
+    /// The number of the relist in progress, per source: the records it lists are stamped
+    /// with it (rather than their keys copied into a set: 100,000 of them at start-up).
+    relisting: HashMap<Source, u32>,
+    /// The number of the latest relist of any source.
+    relists: u32,
 }
 
 impl ObjectStore {
@@ -136,26 +161,25 @@ impl ObjectStore {
     ) -> bool {
         match event {
             watcher::Event::Init => {
-                self.relisting.insert(source, HashSet::new());
+                self.relists = self.relists.wrapping_add(1);
+                self.relisting.insert(source, self.relists);
                 false
             }
             watcher::Event::InitApply(meta) => {
-                if let Some(key) = self.upsert(scope.kind, &meta)
-                    && let Some(seen) = self.relisting.get_mut(&source)
-                {
-                    seen.insert(key);
-                }
+                let relist = self.relisting.get(&source).copied();
+                self.upsert(scope.kind, &meta, relist);
                 true
             }
             watcher::Event::InitDone => {
                 // Objects deleted while the watch was down never get a Delete event.
-                let seen = self.relisting.remove(&source).unwrap_or_default();
-                self.records
-                    .retain(|key, _| !scope.covers(key) || seen.contains(key));
+                let relist = self.relisting.remove(&source);
+                self.records.retain(|key, record| {
+                    !scope.covers(key) || relist.is_some_and(|r| record.listed_in == Some(r))
+                });
                 self.ready.insert(source);
                 true
             }
-            watcher::Event::Apply(meta) => self.upsert(scope.kind, &meta).is_some(),
+            watcher::Event::Apply(meta) => self.upsert(scope.kind, &meta, None).is_some(),
             watcher::Event::Delete(meta) => self
                 .key_of(scope.kind, &meta)
                 .is_some_and(|key| self.records.remove(&key).is_some()),
@@ -165,7 +189,18 @@ impl ObjectStore {
     /// Takes in a changed (or new) object of `kind` seen by a watch, like an `Apply` event
     /// through [`apply`](Self::apply); returns its key.
     pub fn apply_change(&mut self, kind: KindId, meta: &ObjectMeta) -> Option<ObjectKey> {
-        self.upsert(kind, meta)
+        self.upsert(kind, meta, None)
+    }
+
+    /// Notes that the wait of `key` for an owner has been reported.
+    pub fn mark_wait_reported(&mut self, key: &ObjectKey) {
+        if let Some(wait) = self
+            .records
+            .get_mut(key)
+            .and_then(|record| record.unowned.as_mut())
+        {
+            wait.reported = true;
+        }
     }
 
     /// Whether every source has completed its initial list.
@@ -206,7 +241,7 @@ impl ObjectStore {
         {
             return false;
         }
-        self.upsert(kind, meta).is_some()
+        self.upsert(kind, meta, None).is_some()
     }
 
     fn key_of(&mut self, kind: KindId, meta: &ObjectMeta) -> Option<ObjectKey> {
@@ -227,9 +262,16 @@ impl ObjectStore {
         })
     }
 
-    fn upsert(&mut self, kind: KindId, meta: &ObjectMeta) -> Option<ObjectKey> {
+    /// Takes in `meta`, listed by relist number `relist` if it comes from one.
+    fn upsert(
+        &mut self,
+        kind: KindId,
+        meta: &ObjectMeta,
+        relist: Option<u32>,
+    ) -> Option<ObjectKey> {
         let key = self.key_of(kind, meta)?;
-        let record = record_of(&self.names, &key, meta);
+        let mut record = record_of(&self.names, &key, meta, Instant::now());
+        record.listed_in = relist;
         match self.records.get_mut(&key) {
             Some(existing) => existing.observe(record),
             None => {
@@ -242,7 +284,13 @@ impl ObjectStore {
 
 /// The record of `meta`. A cluster-scoped object's key hash is that of `/name` (its
 /// namespace is empty).
-fn record_of(names: &OperatorNames, key: &ObjectKey, meta: &ObjectMeta) -> ObjectRecord {
+/// `now` starts its wait if it has no valid owner.
+fn record_of(
+    names: &OperatorNames,
+    key: &ObjectKey,
+    meta: &ObjectMeta,
+    now: Instant,
+) -> ObjectRecord {
     let m = &meta.metadata;
     let trusted = shard_label_written_by(m.managed_fields.as_deref(), names);
     let placement = ObjectPlacement::from_labels_of(m.labels.as_ref(), trusted, names);
@@ -262,6 +310,11 @@ fn record_of(names: &OperatorNames, key: &ObjectKey, meta: &ObjectMeta) -> Objec
             .labels
             .as_ref()
             .is_some_and(|labels| labels.contains_key(&names.drain_label())),
+        unowned: placement.owner().is_none().then_some(UnownedWait {
+            since: now,
+            reported: false,
+        }),
+        listed_in: None,
         placement,
     }
 }

@@ -2,8 +2,10 @@
 //! which of them start now within the concurrency bounds. The engine observes, calls these,
 //! and carries the result out.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -13,7 +15,8 @@ use shardop::protocol::{
 use shardop::{OperatorNames, ShardCount, ShardIndex};
 use tokio::time::Instant;
 
-use crate::objects::{ObjectKey, ObjectRecord};
+use crate::objects::{ObjectKey, ObjectRecord, UnownedWait};
+use crate::stalls::{LONG_UNASSIGNED, LongUnassigned, Unassigned};
 use crate::writes;
 
 /// The shard table of one pass: `n` desired shards and the operator's shard Leases, read
@@ -73,110 +76,229 @@ pub struct ObjectPlan {
     pub labelled: BTreeMap<ShardIndex, usize>,
     /// Objects without a valid owner.
     pub unassigned: usize,
-    /// Label writes to make, oldest object first.
+    /// Label writes to make, oldest object first: at most what [`Room`] lets start.
     pub candidates: Vec<Candidate>,
     /// Objects in a move now: drain label set, acknowledged but not relabelled yet, or a
     /// write in flight that moves them off an owner.
     pub in_move: HashSet<ObjectKey>,
     /// Holds that ran out (or whose object changed) and can be forgotten.
     pub expired_holds: Vec<ObjectKey>,
-    /// Every object without a valid owner, and why this pass leaves it so.
-    pub unassigned_keys: Vec<(ObjectKey, Unassigned)>,
+    /// How long the object without a valid owner the longest has waited.
+    pub oldest_unassigned: Duration,
+    /// Objects whose wait for an owner has just passed [`LONG_UNASSIGNED`] (not reported
+    /// before), and why this pass leaves them so.
+    pub long_unassigned: Vec<LongUnassigned>,
 }
 
-/// Why a pass leaves an object without a valid owner.
+/// How many label writes may start now: a pass keeps only that many candidates (the
+/// oldest), so that planning a backlog of 100,000 objects copies a few hundred keys, not
+/// every one, and sorts only those.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Unassigned {
-    /// A label write for it is in flight.
-    WriteInFlight,
-    /// Its last write failed or conflicted: it waits out [`Hold`].
-    Held,
-    /// Its destination has no live Lease (or no shard was ever acquired): it waits for a
-    /// worker, however long that takes.
-    NoLiveDestination,
-    /// A label write is planned; it starts once the write bound lets it.
-    WritePlanned,
+pub struct Room {
+    /// Writes that may start.
+    pub writes: usize,
+    /// Moves that may start (each also takes a write).
+    pub moves: usize,
 }
 
-impl Unassigned {
-    /// A short description for logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::WriteInFlight => "label write in flight",
-            Self::Held => "waiting after a failed or conflicted write",
-            Self::NoLiveDestination => "no live destination shard",
-            Self::WritePlanned => "label write planned",
+impl Room {
+    /// Room left under `limits` with `writes` writes in flight and `moves` moves under way.
+    pub fn left(limits: Limits, writes: usize, moves: usize) -> Self {
+        Self {
+            writes: limits.max_concurrent_writes.saturating_sub(writes),
+            moves: limits.max_concurrent_moves.saturating_sub(moves),
         }
     }
 }
 
-/// Plans every object against `table`: counts, moves under way, and the label writes to
-/// make (none for an object with a write in flight or a hold that still applies).
+/// Plans every object against `table`: counts, moves under way, waits for an owner, and
+/// the label writes to make (none for an object with a write in flight or a hold that
+/// still applies), of which only the oldest that `room` lets start are kept.
 pub fn plan_objects<'a>(
     objects: impl IntoIterator<Item = (&'a ObjectKey, &'a ObjectRecord)>,
     progress: &Progress<'_>,
     table: &ShardTable,
+    room: Room,
     now: Instant,
 ) -> ObjectPlan {
     let mut plan = ObjectPlan::default();
+    // Admission ([`admit`]) takes the oldest candidates in order, skipping moves beyond
+    // the move bound: what it can take are the oldest `writes` that start no move and
+    // the oldest `min(writes, moves)` that do, so those are all a pass must keep.
+    let mut others = OldestCandidates::new(room.writes);
+    let mut movers = OldestCandidates::new(room.writes.min(room.moves));
     for (key, record) in objects {
-        match record.placement.owner() {
+        let owner = record.placement.owner();
+        match owner {
             Some(owner) => *plan.labelled.entry(owner).or_default() += 1,
             None => plan.unassigned += 1,
         }
         // A move is under way while the drain label is set, and between the
         // acknowledgement and the new label.
+        let in_move = progress.moves.contains_key(key);
         let moving = matches!(record.placement, ObjectPlacement::Draining { .. })
-            || (progress.moves.contains_key(key) && record.placement.owner().is_none());
+            || (in_move && owner.is_none());
         if moving || progress.in_flight.get(key).is_some_and(Option::is_some) {
             plan.in_move.insert(key.clone());
         }
-        let unowned = record.placement.owner().is_none();
-        let mut note = |why| {
-            if unowned {
-                plan.unassigned_keys.push((key.clone(), why));
-            }
-        };
-        if progress.in_flight.contains_key(key) {
-            note(Unassigned::WriteInFlight);
+        let Some(action) = action_now(key, record, progress, table, now, &mut plan) else {
             continue;
-        }
-        if let Some(hold) = progress.holds.get(key) {
-            if hold.holds(&record.resource_version, now) {
-                note(Unassigned::Held);
-                continue;
-            }
-            plan.expired_holds.push(key.clone());
-        }
-        let action = plan_object(
-            ObjectFacts {
-                placement: &record.placement,
-                deleting: record.deleting,
-                key_hash: record.key_hash,
-                last_owner: record.last_owner,
-            },
-            table,
-        );
-        if unowned {
+        };
+        if let Some(wait) = &record.unowned {
             let why = if matches!(action, AssignerAction::Assign { .. }) {
                 Unassigned::WritePlanned
             } else {
                 Unassigned::NoLiveDestination
             };
-            plan.unassigned_keys.push((key.clone(), why));
+            plan.time_wait(key, wait, why, now);
         }
         if writes::is_label_write(&action) {
-            plan.candidates.push(Candidate {
-                created: record.created,
+            let sort = if starts_move(&action, owner, in_move) {
+                &mut movers
+            } else {
+                &mut others
+            };
+            sort.offer(record.created, key, action);
+        }
+    }
+    plan.candidates = others.into_iter().chain(movers).collect();
+    // Oldest first keeps the assignment latency of a creation storm fair.
+    plan.candidates.sort_by(oldest_first);
+    plan
+}
+
+/// What the protocol decides for one object now, or `None` when a write in flight or a
+/// hold leaves it alone this pass (noted in `plan`).
+fn action_now(
+    key: &ObjectKey,
+    record: &ObjectRecord,
+    progress: &Progress<'_>,
+    table: &ShardTable,
+    now: Instant,
+    plan: &mut ObjectPlan,
+) -> Option<AssignerAction> {
+    let waits = |plan: &mut ObjectPlan, why| {
+        if let Some(wait) = &record.unowned {
+            plan.time_wait(key, wait, why, now);
+        }
+    };
+    if progress.in_flight.contains_key(key) {
+        waits(plan, Unassigned::WriteInFlight);
+        return None;
+    }
+    if let Some(hold) = progress.holds.get(key) {
+        if hold.holds(&record.resource_version, now) {
+            waits(plan, Unassigned::Held);
+            return None;
+        }
+        plan.expired_holds.push(key.clone());
+    }
+    Some(plan_object(
+        ObjectFacts {
+            placement: &record.placement,
+            deleting: record.deleting,
+            key_hash: record.key_hash,
+            last_owner: record.last_owner,
+        },
+        table,
+    ))
+}
+
+impl ObjectPlan {
+    /// Times the wait of an object without a valid owner.
+    fn time_wait(&mut self, key: &ObjectKey, wait: &UnownedWait, why: Unassigned, now: Instant) {
+        let waited = now.saturating_duration_since(wait.since);
+        self.oldest_unassigned = self.oldest_unassigned.max(waited);
+        if waited >= LONG_UNASSIGNED && !wait.reported {
+            self.long_unassigned.push(LongUnassigned {
                 key: key.clone(),
-                action,
+                why,
+                waited,
             });
         }
     }
-    // Oldest first keeps the assignment latency of a creation storm fair.
-    plan.candidates
-        .sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.key.cmp(&b.key)));
-    plan
+}
+
+/// Whether a label write begins a move (counted against the move bound): a drain
+/// request, or a direct relabel of an object that has a valid owner and no move yet.
+fn starts_move(action: &AssignerAction, owner: Option<ShardIndex>, in_move: bool) -> bool {
+    match action {
+        AssignerAction::RequestDrain { .. } => true,
+        AssignerAction::Assign { .. } => owner.is_some() && !in_move,
+        _ => false,
+    }
+}
+
+/// Candidates by creation, then key: the order label writes start in.
+fn oldest_first(a: &Candidate, b: &Candidate) -> Ordering {
+    a.created.cmp(&b.created).then_with(|| a.key.cmp(&b.key))
+}
+
+/// The `capacity` oldest candidates offered (a max-heap whose top is the newest kept).
+struct OldestCandidates {
+    capacity: usize,
+    heap: BinaryHeap<ByAge>,
+}
+
+/// A candidate ordered by [`oldest_first`].
+struct ByAge(Candidate);
+
+impl PartialEq for ByAge {
+    fn eq(&self, other: &Self) -> bool {
+        oldest_first(&self.0, &other.0) == Ordering::Equal
+    }
+}
+
+impl Eq for ByAge {}
+
+impl PartialOrd for ByAge {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByAge {
+    fn cmp(&self, other: &Self) -> Ordering {
+        oldest_first(&self.0, &other.0)
+    }
+}
+
+impl OldestCandidates {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            heap: BinaryHeap::new(),
+        }
+    }
+
+    /// Keeps the candidate if it is among the `capacity` oldest so far; its key is copied
+    /// only then.
+    fn offer(&mut self, created: Option<Timestamp>, key: &ObjectKey, action: AssignerAction) {
+        if self.heap.len() >= self.capacity {
+            let Some(newest) = self.heap.peek() else {
+                return;
+            };
+            if (created, key) >= (newest.0.created, &newest.0.key) {
+                return;
+            }
+            self.heap.pop();
+        }
+        self.heap.push(ByAge(Candidate {
+            created,
+            key: key.clone(),
+            action,
+        }));
+    }
+}
+
+impl IntoIterator for OldestCandidates {
+    type Item = Candidate;
+    type IntoIter =
+        std::iter::Map<std::collections::binary_heap::IntoIter<ByAge>, fn(ByAge) -> Candidate>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.heap.into_iter().map(|by_age| by_age.0)
+    }
 }
 
 /// The candidates that give an object without a valid owner its shard label (an
@@ -234,11 +356,7 @@ pub fn admit(
         let Some(owner) = owner_of(&candidate.key) else {
             continue;
         };
-        let starts_move = match candidate.action {
-            AssignerAction::RequestDrain { .. } => true,
-            AssignerAction::Assign { .. } => owner.is_some() && !moves.contains_key(&candidate.key),
-            _ => false,
-        };
+        let starts_move = starts_move(&candidate.action, owner, moves.contains_key(&candidate.key));
         if starts_move {
             if moving >= limits.max_concurrent_moves {
                 continue;
@@ -348,6 +466,11 @@ mod tests {
         }
     }
 
+    const UNBOUNDED: Room = Room {
+        writes: usize::MAX,
+        moves: usize::MAX,
+    };
+
     struct Book {
         in_flight: HashMap<ObjectKey, Option<ShardIndex>>,
         holds: HashMap<ObjectKey, Hold>,
@@ -364,12 +487,22 @@ mod tests {
         }
 
         fn plan(&self, store: &ObjectStore, table: &ShardTable) -> ObjectPlan {
+            self.plan_at(store, table, UNBOUNDED, Instant::now())
+        }
+
+        fn plan_at(
+            &self,
+            store: &ObjectStore,
+            table: &ShardTable,
+            room: Room,
+            now: Instant,
+        ) -> ObjectPlan {
             let progress = Progress {
                 in_flight: &self.in_flight,
                 holds: &self.holds,
                 moves: &self.moves,
             };
-            plan_objects(store.iter(), &progress, table, Instant::now())
+            plan_objects(store.iter(), &progress, table, room, now)
         }
     }
 
@@ -601,7 +734,88 @@ mod tests {
     }
 
     #[test]
-    fn every_object_without_an_owner_is_listed_with_why_it_stays_so() {
+    fn a_pass_keeps_only_the_oldest_candidates_that_can_start_and_admission_takes_the_same() {
+        let (mut store, table, movers) = grown();
+        let scope = SourceScope {
+            kind: 0,
+            namespace: None,
+        };
+        for i in 0..30 {
+            let new = object("a", &format!("new-{i}"), None, None);
+            store.apply(0, &scope, watcher::Event::Apply(new));
+        }
+        let book = Book::new();
+        let now = Instant::now();
+        let all = book.plan_at(&store, &table, UNBOUNDED, now).candidates;
+        assert_eq!(all.len(), movers.len() + 30, "drains and assignments");
+        let owner_of = |key: &ObjectKey| store.get(key).map(|r| r.placement.owner());
+        for writes in [0, 1, 3, 10, 45, 200] {
+            for moves in [0, 2, 5, 1000] {
+                let limits = Limits {
+                    max_concurrent_writes: writes,
+                    max_concurrent_moves: moves,
+                };
+                let room = Room::left(limits, 0, 0);
+                let kept = book.plan_at(&store, &table, room, now).candidates;
+                assert!(kept.len() <= writes + writes.min(moves));
+                assert_eq!(
+                    admit(kept, owner_of, &book.moves, 0, limits),
+                    admit(all.clone(), owner_of, &book.moves, 0, limits),
+                    "{writes} writes, {moves} moves"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_wait_for_an_owner_is_reported_once_and_a_new_wait_starts_after_an_owner() {
+        let mut store = store(vec![(0, object("", "x", None, None))]);
+        let scope = SourceScope {
+            kind: 0,
+            namespace: None,
+        };
+        let x = key(0, "", "x");
+        let table = table(4, 0);
+        let book = Book::new();
+        let since = store.get(&x).and_then(|r| r.unowned).unwrap().since;
+        let young = book.plan_at(&store, &table, UNBOUNDED, since + Duration::from_secs(1));
+        assert_eq!(young.oldest_unassigned, Duration::from_secs(1));
+        assert!(young.long_unassigned.is_empty());
+        let long = since + LONG_UNASSIGNED;
+        let plan = book.plan_at(&store, &table, UNBOUNDED, long);
+        assert_eq!(plan.long_unassigned.len(), 1);
+        assert_eq!(plan.long_unassigned[0].waited, LONG_UNASSIGNED);
+        store.mark_wait_reported(&x);
+        // A newer observation of the still unowned object keeps the wait and its report.
+        store.apply(
+            0,
+            &scope,
+            watcher::Event::Apply(object("", "x", None, None)),
+        );
+        let later = book.plan_at(&store, &table, UNBOUNDED, long + Duration::from_secs(1));
+        assert!(later.long_unassigned.is_empty(), "reported already");
+        assert_eq!(
+            later.oldest_unassigned,
+            LONG_UNASSIGNED + Duration::from_secs(1)
+        );
+        // Owned, then without an owner again: a new wait.
+        store.apply(
+            0,
+            &scope,
+            watcher::Event::Apply(object("", "x", Some(0), None)),
+        );
+        assert_eq!(store.get(&x).and_then(|r| r.unowned), None);
+        store.apply(
+            0,
+            &scope,
+            watcher::Event::Apply(object("", "x", None, None)),
+        );
+        let again = store.get(&x).and_then(|r| r.unowned).unwrap();
+        assert!(again.since > since && !again.reported);
+    }
+
+    #[test]
+    fn every_object_long_without_an_owner_is_listed_with_why_it_stays_so() {
         let two = ShardCount::new(2).unwrap();
         let names: Vec<String> = (0..)
             .map(|i| format!("o-{i}"))
@@ -617,12 +831,16 @@ mod tests {
         let keys: Vec<_> = names.iter().map(|n| key(0, "", n)).collect();
         let mut book = Book::new();
         book.in_flight.insert(keys[0].clone(), None);
-        book.holds.insert(
-            keys[1].clone(),
-            Hold::Until(Instant::now() + Duration::from_secs(60)),
-        );
-        let reasons = |plan: ObjectPlan| -> BTreeMap<ObjectKey, Unassigned> {
-            plan.unassigned_keys.into_iter().collect()
+        let long = Instant::now() + LONG_UNASSIGNED;
+        book.holds
+            .insert(keys[1].clone(), Hold::Until(long + Duration::from_secs(1)));
+        let reasons = |table: &ShardTable| -> BTreeMap<ObjectKey, Unassigned> {
+            let plan = book.plan_at(&store, table, UNBOUNDED, long);
+            assert!(plan.oldest_unassigned >= LONG_UNASSIGNED);
+            plan.long_unassigned
+                .into_iter()
+                .map(|l| (l.key, l.why))
+                .collect()
         };
         // Shard 1 of 2 has no live Lease (acquired once, then lost).
         let live = table(2, 2);
@@ -648,14 +866,8 @@ mod tests {
                 (keys[3].clone(), rest),
             ])
         };
-        assert_eq!(
-            reasons(book.plan(&store, &lost)),
-            expected(Unassigned::NoLiveDestination)
-        );
-        assert_eq!(
-            reasons(book.plan(&store, &live)),
-            expected(Unassigned::WritePlanned)
-        );
+        assert_eq!(reasons(&lost), expected(Unassigned::NoLiveDestination));
+        assert_eq!(reasons(&live), expected(Unassigned::WritePlanned));
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Objects that make no progress for long, so that none can stay so silently: how long
-//! each object has been without a valid owner, and which moves have stalled and whose
-//! objects are due a re-read. Pure book-keeping; the engine logs, exports and reads.
+//! Objects that make no progress for long, so that none can stay so silently: why an
+//! object is without a valid owner and how a pass reports those that stay so for long
+//! (the wait itself is kept on each object's record), and which moves have stalled and
+//! whose objects are due a re-read. Pure book-keeping; the engine logs, exports and reads.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -8,7 +9,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::objects::ObjectKey;
-use crate::planning::Unassigned;
 
 /// An object without a valid owner this long is reported (once until it is owned).
 pub const LONG_UNASSIGNED: Duration = Duration::from_secs(60);
@@ -18,72 +18,38 @@ pub const LONG_UNASSIGNED_EXAMPLES: usize = 5;
 /// long, so a record that fell behind its object cannot hold the move forever.
 pub const STALLED_MOVE: Duration = Duration::from_secs(60);
 
+/// Why a pass leaves an object without a valid owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unassigned {
+    /// A label write for it is in flight.
+    WriteInFlight,
+    /// Its last write failed or conflicted: it waits out its hold.
+    Held,
+    /// Its destination has no live Lease (or no shard was ever acquired): it waits for a
+    /// worker, however long that takes.
+    NoLiveDestination,
+    /// A label write is planned; it starts once the write bound lets it.
+    WritePlanned,
+}
+
+impl Unassigned {
+    /// A short description for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WriteInFlight => "label write in flight",
+            Self::Held => "waiting after a failed or conflicted write",
+            Self::NoLiveDestination => "no live destination shard",
+            Self::WritePlanned => "label write planned",
+        }
+    }
+}
+
 /// An object that has just been without a valid owner for [`LONG_UNASSIGNED`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LongUnassigned {
     pub key: ObjectKey,
     pub why: Unassigned,
     pub waited: Duration,
-}
-
-/// Since when each object has been without a valid owner.
-#[derive(Default)]
-pub struct UnassignedClock {
-    /// The start, and whether it was reported already.
-    since: HashMap<ObjectKey, Waiting>,
-    /// Counts the passes, so that entries not seen in the latest one can be dropped.
-    pass: u64,
-}
-
-/// One object's wait: when it started, whether it was reported, the last pass it was seen.
-struct Waiting {
-    start: Instant,
-    reported: bool,
-    seen_in_pass: u64,
-}
-
-impl UnassignedClock {
-    /// Takes in one pass's objects without a valid owner (the others are forgotten).
-    /// Returns how long the oldest has waited, and those that just passed
-    /// [`LONG_UNASSIGNED`].
-    pub fn observe(
-        &mut self,
-        unassigned: &[(ObjectKey, Unassigned)],
-        now: Instant,
-    ) -> (Duration, Vec<LongUnassigned>) {
-        // Updated in place: a pass over a backlog of 100,000 objects copies no key but
-        // those of objects that just lost their owner.
-        self.pass += 1;
-        let pass = self.pass;
-        let mut oldest = Duration::ZERO;
-        let mut long = Vec::new();
-        for (key, why) in unassigned {
-            if !self.since.contains_key(key) {
-                let waiting = Waiting {
-                    start: now,
-                    reported: false,
-                    seen_in_pass: pass,
-                };
-                self.since.insert(key.clone(), waiting);
-            }
-            let Some(waiting) = self.since.get_mut(key) else {
-                continue;
-            };
-            waiting.seen_in_pass = pass;
-            let waited = now.saturating_duration_since(waiting.start);
-            oldest = oldest.max(waited);
-            if waited >= LONG_UNASSIGNED && !waiting.reported {
-                waiting.reported = true;
-                long.push(LongUnassigned {
-                    key: key.clone(),
-                    why: *why,
-                    waited,
-                });
-            }
-        }
-        self.since.retain(|_, waiting| waiting.seen_in_pass == pass);
-        (oldest, long)
-    }
 }
 
 /// Logs the objects that just passed [`LONG_UNASSIGNED`]: one warning per pass with their
@@ -171,31 +137,6 @@ mod tests {
             namespace: "".into(),
             name: name.into(),
         }
-    }
-
-    #[test]
-    fn an_object_unassigned_for_long_is_reported_once_until_it_is_owned() {
-        let mut clock = UnassignedClock::default();
-        let start = Instant::now();
-        let x = [(key("x"), Unassigned::NoLiveDestination)];
-        assert_eq!(clock.observe(&x, start), (Duration::ZERO, vec![]));
-        let later = start + LONG_UNASSIGNED;
-        let (oldest, long) = clock.observe(&x, later);
-        assert_eq!(oldest, LONG_UNASSIGNED);
-        assert_eq!(
-            long,
-            vec![LongUnassigned {
-                key: key("x"),
-                why: Unassigned::NoLiveDestination,
-                waited: LONG_UNASSIGNED,
-            }]
-        );
-        let (oldest, long) = clock.observe(&x, later + Duration::from_secs(1));
-        assert_eq!(oldest, LONG_UNASSIGNED + Duration::from_secs(1));
-        assert!(long.is_empty(), "reported already");
-        // Owned, then unassigned again: a new episode.
-        assert_eq!(clock.observe(&[], later), (Duration::ZERO, vec![]));
-        assert_eq!(clock.observe(&x, later).0, Duration::ZERO);
     }
 
     /// Counts the warnings logged while it is the default subscriber.

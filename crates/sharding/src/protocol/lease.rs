@@ -64,6 +64,12 @@ impl LeaseSnapshot {
         renewed.checked_add(duration).ok()
     }
 
+    /// Whether a holder renews it in time at wall-clock time `now`: `state(now).is_live()`
+    /// without copying the holder's name, as a planning pass asks it once per object.
+    pub fn is_live_at(&self, now: Timestamp) -> bool {
+        self.expires_at().is_some_and(|expires| now < expires)
+    }
+
     /// The state of the Lease at wall-clock time `now`.
     pub fn state(&self, now: Timestamp) -> LeaseState {
         match (&self.holder, self.expires_at()) {
@@ -173,6 +179,24 @@ mod tests {
             ..Default::default()
         };
         assert!(!no_renew.state(ts(0)).is_live());
+    }
+
+    #[test]
+    fn is_live_at_agrees_with_the_state() {
+        let no_renew = LeaseSnapshot {
+            holder: Some("w-0".into()),
+            ..Default::default()
+        };
+        let released = LeaseSnapshot {
+            renew_time: Some(ts(100)),
+            duration: Some(Duration::from_secs(15)),
+            ..Default::default()
+        };
+        for lease in [held("w-1", 100, 15), no_renew, released] {
+            for now in [0, 99, 100, 114, 115, 200] {
+                assert_eq!(lease.is_live_at(ts(now)), lease.state(ts(now)).is_live());
+            }
+        }
     }
 
     #[test]

@@ -77,7 +77,9 @@ impl ShardTable {
 
     /// Whether some worker serves `shard` right now.
     pub fn is_live(&self, shard: ShardIndex) -> bool {
-        self.lease_state(shard).is_live()
+        self.leases
+            .get(&shard)
+            .is_some_and(|lease| lease.is_live_at(self.now))
     }
 
     /// Whether `shard` is fenced: out of range, its Lease retired and not live. Nobody
@@ -88,7 +90,7 @@ impl ShardTable {
             && self
                 .leases
                 .get(&shard)
-                .is_some_and(|l| l.retired && !l.state(self.now).is_live())
+                .is_some_and(|l| l.retired && !l.is_live_at(self.now))
     }
 }
 
