@@ -161,7 +161,10 @@ pub fn plan_objects<'a>(
             sort.offer(record.created, key, action);
         }
     }
-    plan.candidates = others.into_iter().chain(movers).collect();
+    plan.candidates = others
+        .into_candidates()
+        .chain(movers.into_candidates())
+        .collect();
     // Oldest first keeps the assignment latency of a creation storm fair.
     plan.candidates.sort_by(oldest_first);
     plan
@@ -229,9 +232,14 @@ fn starts_move(action: &AssignerAction, owner: Option<ShardIndex>, in_move: bool
     }
 }
 
-/// Candidates by creation, then key: the order label writes start in.
+/// What orders candidates: creation, then key.
+fn age(candidate: &Candidate) -> (Option<Timestamp>, &ObjectKey) {
+    (candidate.created, &candidate.key)
+}
+
+/// Candidates by [`age`]: the order label writes start in.
 fn oldest_first(a: &Candidate, b: &Candidate) -> Ordering {
-    a.created.cmp(&b.created).then_with(|| a.key.cmp(&b.key))
+    age(a).cmp(&age(b))
 }
 
 /// The `capacity` oldest candidates offered (a max-heap whose top is the newest kept).
@@ -278,7 +286,7 @@ impl OldestCandidates {
             let Some(newest) = self.heap.peek() else {
                 return;
             };
-            if (created, key) >= (newest.0.created, &newest.0.key) {
+            if (created, key) >= age(&newest.0) {
                 return;
             }
             self.heap.pop();
@@ -289,14 +297,9 @@ impl OldestCandidates {
             action,
         }));
     }
-}
 
-impl IntoIterator for OldestCandidates {
-    type Item = Candidate;
-    type IntoIter =
-        std::iter::Map<std::collections::binary_heap::IntoIter<ByAge>, fn(ByAge) -> Candidate>;
-
-    fn into_iter(self) -> Self::IntoIter {
+    /// The candidates kept, in no particular order.
+    fn into_candidates(self) -> impl Iterator<Item = Candidate> {
         self.heap.into_iter().map(|by_age| by_age.0)
     }
 }
