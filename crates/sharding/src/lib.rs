@@ -78,7 +78,8 @@
 //! * [`reachability`], [`step_retry`]: whether the API server answers, and how the
 //!   supervisor retries when it does not;
 //! * [`retry`]: the capped, jittered exponential backoff;
-//! * [`watch_list`]: streaming lists only where the API server serves them.
+//! * [`watch_list`]: streaming lists only where the API server serves them;
+//! * [`memory`]: giving the memory a shrunken slice freed back to the system.
 
 #![warn(missing_docs)]
 // Tests may panic on unexpected values; production code may not (workspace lints).
@@ -92,6 +93,7 @@ pub mod duration;
 pub mod heartbeat;
 pub mod label_trust;
 pub mod lease;
+pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod protocol;

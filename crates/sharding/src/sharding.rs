@@ -63,6 +63,10 @@ pub struct ShardingSettings {
     pub shutdown_timeout: Duration,
     /// Use streaming lists (WatchList) for initial lists where the API server serves them.
     pub streaming_lists: bool,
+    /// How often freed memory is given back to the system while shards are served (see
+    /// [`crate::memory`]): a slice that shrank (a rebalance, a hand-back) otherwise leaves
+    /// the process at its peak. `None`: never.
+    pub memory_return_interval: Option<Duration>,
 }
 
 /// Environment variables read by [`ShardingSettings::from_env`].
@@ -85,6 +89,21 @@ pub mod env {
     pub const SHUTDOWN_TIMEOUT: &str = "SHARDOP_SHUTDOWN_TIMEOUT";
     /// Streaming lists (`true`).
     pub const STREAMING_LISTS: &str = "SHARDOP_STREAMING_LISTS";
+    /// How often freed memory is given back to the system (`10s`; `off` never).
+    pub const MEMORY_RETURN_INTERVAL: &str = "SHARDOP_MEMORY_RETURN_INTERVAL";
+}
+
+/// How often [`ShardingSettings::memory_return_interval`] gives freed memory back by default.
+pub const DEFAULT_MEMORY_RETURN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Parses a memory return interval: a positive duration (`10s`), or `off` for never.
+pub fn parse_memory_return_interval(value: &str) -> Result<Option<Duration>, String> {
+    match value {
+        "off" => Ok(None),
+        value => parse_positive_duration(value)
+            .map(Some)
+            .map_err(|e| format!("{e} (or `off`)")),
+    }
 }
 
 impl ShardingSettings {
@@ -107,6 +126,7 @@ impl ShardingSettings {
             retry_period: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(20),
             streaming_lists: true,
+            memory_return_interval: Some(DEFAULT_MEMORY_RETURN_INTERVAL),
         })
     }
 
@@ -157,6 +177,12 @@ impl ShardingSettings {
         if let Some(value) = lookup(env::STREAMING_LISTS) {
             settings.streaming_lists = bool::from_str(&value)
                 .map_err(|e| ShardingError::Settings(format!("{}: {e}", env::STREAMING_LISTS)))?;
+        }
+        if let Some(value) = lookup(env::MEMORY_RETURN_INTERVAL) {
+            settings.memory_return_interval =
+                parse_memory_return_interval(&value).map_err(|e| {
+                    ShardingError::Settings(format!("{}: {e}", env::MEMORY_RETURN_INTERVAL))
+                })?;
         }
         settings.validate()?;
         Ok(settings)
@@ -378,6 +404,12 @@ impl Sharding {
             streaming_lists,
             on_readiness: self.on_readiness,
         });
+        // Ends with this call (the guard), whether it stops by shutdown or by an error.
+        let memory_return = shutdown.child_token();
+        let _memory_return_ends = memory_return.clone().drop_guard();
+        if let Some(every) = runtime.settings.memory_return_interval {
+            tokio::spawn(crate::memory::return_freed_memory(every, memory_return));
+        }
         let serve: Serve = Arc::new(move |scope| serve(scope).boxed());
         let supervisor = Supervisor {
             runtime,
@@ -472,6 +504,10 @@ mod tests {
         assert_eq!(settings.namespace, "ops");
         assert_eq!(settings.names.shard_label(), "tenants.shardop.dev/shard");
         assert_eq!(settings.lease_duration, Duration::from_secs(15));
+        assert_eq!(
+            settings.memory_return_interval,
+            Some(DEFAULT_MEMORY_RETURN_INTERVAL)
+        );
 
         let settings = ShardingSettings::from_lookup(
             "tenants",
@@ -482,6 +518,7 @@ mod tests {
                 ("SHARDOP_LEASE_DURATION", "30s"),
                 ("SHARDOP_RENEW_DEADLINE", "20s"),
                 ("SHARDOP_STREAMING_LISTS", "false"),
+                ("SHARDOP_MEMORY_RETURN_INTERVAL", "off"),
             ]),
         )
         .unwrap();
@@ -489,6 +526,7 @@ mod tests {
         assert_eq!(settings.namespace, "default");
         assert_eq!(settings.lease_duration, Duration::from_secs(30));
         assert!(!settings.streaming_lists);
+        assert_eq!(settings.memory_return_interval, None);
     }
 
     #[test]
@@ -499,6 +537,10 @@ mod tests {
             &[("POD_NAME", "w-0"), ("SHARDOP_SHARD", "1024")],
             &[("POD_NAME", "w-0"), ("SHARDOP_RENEW_DEADLINE", "15s")],
             &[("POD_NAME", "w-0"), ("SHARDOP_RETRY_PERIOD", "0s")],
+            &[
+                ("POD_NAME", "w-0"),
+                ("SHARDOP_MEMORY_RETURN_INTERVAL", "0s"),
+            ],
         ] {
             assert!(
                 ShardingSettings::from_lookup("tenants", "default", lookup(vars)).is_err(),

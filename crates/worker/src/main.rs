@@ -111,6 +111,11 @@ struct RunArgs {
     /// Use streaming lists (WatchList) for the initial state of the watches.
     #[arg(long, env = "SHARDOP_STREAMING_LISTS", default_value_t = true, action = clap::ArgAction::Set)]
     streaming_lists: bool,
+    /// How often memory freed by a shrunken slice is given back to the system (`off`:
+    /// never).
+    #[arg(long, env = "SHARDOP_MEMORY_RETURN_INTERVAL", default_value = "10s", value_parser = shardop::sharding::parse_memory_return_interval)]
+    // Spelled out so clap parses the value itself into `None` (off) or `Some`.
+    memory_return_interval: std::option::Option<Duration>,
     /// Backoff of transient reconcile errors: first delay.
     #[arg(long, env = "SHARDOP_BACKOFF_BASE", default_value = "500ms", value_parser = parse_positive_duration)]
     backoff_base: Duration,
@@ -134,7 +139,15 @@ struct RunArgs {
     shutdown_timeout: Duration,
 }
 
+/// With `--features heap-profile`, every allocation goes through dhat's profiler.
+#[cfg(feature = "heap-profile")]
+#[global_allocator]
+static ALLOCATOR: dhat::Alloc = dhat::Alloc;
+
 fn main() -> anyhow::Result<()> {
+    // Written to dhat-heap.json when it drops, i.e. when the worker exits normally.
+    #[cfg(feature = "heap-profile")]
+    let _profiler = dhat::Profiler::new_heap();
     let cli = Cli::parse();
     match cli.command {
         Command::Crd { output_dir } => print_crds(output_dir),
@@ -239,6 +252,7 @@ fn sharding_settings(args: &RunArgs) -> anyhow::Result<ShardingSettings> {
         retry_period: args.retry_period,
         shutdown_timeout: args.shutdown_timeout,
         streaming_lists: args.streaming_lists,
+        memory_return_interval: args.memory_return_interval,
     })
 }
 

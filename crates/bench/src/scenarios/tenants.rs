@@ -27,6 +27,10 @@ use crate::{Knobs, env, procs};
 const OPERATOR: &str = "tenants";
 const BINARY: &str = "tenants-operator";
 const WORKERS: &str = "tenants-worker";
+/// How long after the last Tenant was placed the steady RSS is read: one memory return
+/// (`shardop::sharding::DEFAULT_MEMORY_RETURN_INTERVAL`) and a margin, so a worker whose
+/// slice shrank has given the freed memory back.
+const SETTLE: Duration = Duration::from_secs(15);
 
 fn tenant_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
@@ -304,7 +308,7 @@ async fn singleton_rss(
         cpu_s: HashMap::new(),
     };
     wait_placed(tenants, &mut processes, count, 1, timeout).await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(SETTLE).await;
     let rss = processes.rss_now();
     for process in &mut processes.running {
         process.terminate(Duration::from_secs(30))?;
@@ -354,7 +358,7 @@ pub async fn tenants(knobs: &Knobs) -> anyhow::Result<Outcome> {
     }
     processes.running.push(env.assigner()?);
     let converged_s = wait_placed(&tenants, &mut processes, count, shards, timeout).await?;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(SETTLE).await;
     let steady_rss = processes.rss_now();
     let assigner_cpu_s = processes
         .cpu_s
