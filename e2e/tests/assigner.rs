@@ -15,18 +15,18 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL};
 use shardop_api::{DatabaseCluster, Shard, ShardCount, ShardState, shard_for};
 use shardop_e2e::audit::{self, AuditEvent};
 use shardop_e2e::metrics::{metric_value, scrape};
-use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess};
-use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
+use shardop_e2e::process::{FAST_LEASES, ShardopProcess};
+use shardop_e2e::test_env::TestEnv;
+use shardop_e2e::{valid_spec, wait_for};
 
 /// Objects per test (`SHARDOP_E2E_ASSIGNER_OBJECTS`, default 300).
 fn objects() -> usize {
@@ -44,97 +44,50 @@ fn budget(base_secs: u64) -> Duration {
 /// Every label state of every object, as the test's own watch saw it, with the time seen.
 type Timeline = Arc<Mutex<HashMap<String, Vec<(Timestamp, Option<String>, bool)>>>>;
 
+/// The test's cluster and namespaces, a worker StatefulSet, and the label timeline its
+/// watch records.
 struct Env {
-    cluster: &'static Cluster,
-    client: Client,
-    test: &'static str,
-    operator: TestNamespace,
-    objects: TestNamespace,
+    base: TestEnv,
     timeline: Timeline,
+}
+
+impl std::ops::Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.base
+    }
 }
 
 impl Env {
     async fn new(test: &'static str, shards: i32) -> Self {
-        let cluster = cluster();
-        let client = cluster.client().await.unwrap();
-        let operator = TestNamespace::create(&client, &format!("{test}-op"))
-            .await
-            .unwrap();
-        let objects = TestNamespace::create(&client, test).await.unwrap();
         let env = Self {
-            cluster,
-            client,
-            test,
-            operator,
-            objects,
+            base: TestEnv::with_worker_stateful_set(test, shards).await,
             timeline: Timeline::default(),
         };
-        env.create_worker_statefulset(shards).await;
         env.record_timeline();
         env
     }
 
-    /// The worker StatefulSet whose `spec.replicas` is N. Its pods never run (no kubelet).
-    async fn create_worker_statefulset(&self, replicas: i32) {
-        let sts = shardop_e2e::worker_stateful_set(replicas);
-        Api::<StatefulSet>::namespaced(self.client.clone(), &self.operator.name)
-            .create(&PostParams::default(), &sts)
-            .await
-            .unwrap();
-    }
-
-    /// `kubectl scale statefulset shardop-worker --replicas=<n>`.
-    fn scale(&self, replicas: u32) {
-        self.cluster
-            .kubectl_ok(&[
-                "-n",
-                &self.operator.name,
-                "scale",
-                "statefulset",
-                "shardop-worker",
-                &format!("--replicas={replicas}"),
-            ])
-            .unwrap();
-    }
-
     fn worker(&self, ordinal: u32) -> ShardopProcess {
-        let mut spec = ProcessSpec::worker(
-            self.test,
-            &format!("shardop-worker-{ordinal}"),
-            &self.operator.name,
-        )
-        .arg("--watch-namespaces")
-        .arg(&self.objects.name);
-        for arg in FAST_LEASES {
-            spec = spec.arg(arg);
-        }
-        spec.spawn(self.cluster).unwrap()
+        self.worker_spec(ordinal)
+            .args(FAST_LEASES)
+            .spawn(self.cluster)
+            .unwrap()
     }
 
     fn assigner(&self, name: &str, extra: &[&str]) -> ShardopProcess {
-        let mut spec = ProcessSpec::assigner(self.test, name, &self.operator.name)
-            .arg("--worker-statefulset")
-            .arg("shardop-worker")
-            .arg("--watch-namespaces")
-            .arg(&self.objects.name)
-            .arg("--status-interval")
-            .arg("1s")
-            .arg("--kube-qps")
-            .arg("200")
-            .arg("--kube-burst")
-            .arg("400");
-        for arg in extra {
-            spec = spec.arg(*arg);
-        }
-        spec.spawn(self.cluster).unwrap()
-    }
-
-    fn clusters(&self) -> Api<DatabaseCluster> {
-        Api::namespaced(self.client.clone(), &self.objects.name)
-    }
-
-    fn leases(&self) -> Api<Lease> {
-        Api::namespaced(self.client.clone(), &self.operator.name)
+        self.assigner_spec(name)
+            .args([
+                "--status-interval",
+                "1s",
+                "--kube-qps",
+                "200",
+                "--kube-burst",
+                "400",
+            ])
+            .args(extra.iter().copied())
+            .spawn(self.cluster)
+            .unwrap()
     }
 
     fn shards(&self) -> Api<Shard> {
@@ -353,26 +306,6 @@ impl Env {
         let status = shard.status.unwrap_or_default();
         Some((status.state, status.objects))
     }
-
-    /// Removes shardop's finalizer from every object, so that the namespace can be deleted
-    /// after the workers are gone (the harness deletes it on drop).
-    async fn release_objects(&self) {
-        let api = self.clusters();
-        futures::stream::iter(self.list().await)
-            .for_each_concurrent(16, |object| {
-                let api = api.clone();
-                async move {
-                    let _ = api
-                        .patch(
-                            &object.name_any(),
-                            &PatchParams::default(),
-                            &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
-                        )
-                        .await;
-                }
-            })
-            .await;
-    }
 }
 
 fn converged(object: &DatabaseCluster, shard: &str) -> bool {
@@ -545,7 +478,7 @@ async fn scale_out_then_in_moves_the_minimum_without_dual_ownership() {
     // 3 -> 4: the 4th worker starts, then the StatefulSet is scaled.
     workers.insert(3, env.worker(3));
     let started = Instant::now();
-    env.scale(4);
+    env.scale_workers(4);
     env.wait_labelled(4, count, budget(60)).await;
     let relabelled = started.elapsed();
     env.wait_placed(4, count, budget(60)).await;
@@ -569,7 +502,7 @@ async fn scale_out_then_in_moves_the_minimum_without_dual_ownership() {
     // 4 -> 2: the StatefulSet shrinks; workers 3 and 2 are stopped gracefully (pod
     // deletion), after the assigner has had a moment to start draining them.
     let shrink = Instant::now();
-    env.scale(2);
+    env.scale_workers(2);
     tokio::time::sleep(Duration::from_secs(2)).await;
     for ordinal in [3, 2] {
         workers
@@ -669,7 +602,7 @@ async fn a_standby_assigner_finishes_the_rebalance_of_a_killed_leader() {
         .count();
 
     workers.push(env.worker(3));
-    env.scale(4);
+    env.scale_workers(4);
     // Kill the leader once the expansion is under way but far from done.
     wait_for("expansion under way", budget(30), || async {
         let on_new = env
@@ -1013,7 +946,7 @@ async fn bench_the_assigner_with_stand_in_workers() {
 
     stand_ins.insert(3, StandIn::start(&env, 3).await);
     let growing = Instant::now();
-    env.scale(4);
+    env.scale_workers(4);
     env.wait_labelled_watched(4, count, timeout).await;
     let grow_time = growing.elapsed();
     let after = env.watched_labels();
@@ -1026,7 +959,7 @@ async fn bench_the_assigner_with_stand_in_workers() {
     );
 
     let shrinking = Instant::now();
-    env.scale(2);
+    env.scale_workers(2);
     tokio::time::sleep(Duration::from_secs(2)).await;
     for shard in [3, 2] {
         stand_ins.remove(&shard).unwrap().stop(&env).await;

@@ -16,62 +16,43 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
 use shardop_api::DatabaseCluster;
 use shardop_api::constants::SHARD_LABEL;
 use shardop_e2e::obs::{Observability, observability, sample_value};
-use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess};
-use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
+use shardop_e2e::process::{FAST_LEASES, ShardopProcess};
+use shardop_e2e::test_env::TestEnv;
+use shardop_e2e::{Cluster, valid_spec, wait_for};
 
+/// The test's cluster and namespaces, a worker StatefulSet, and the observability stack.
 struct Env {
-    cluster: &'static Cluster,
+    base: TestEnv,
     obs: &'static Observability,
-    client: Client,
-    test: &'static str,
-    operator: TestNamespace,
-    objects: TestNamespace,
+}
+
+impl std::ops::Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.base
+    }
 }
 
 impl Env {
     /// Namespaces of its own, and a worker StatefulSet of `shards` replicas (the assigner's
     /// N; its controller creates the Pod objects, one at a time, that never run).
     async fn new(test: &'static str, shards: i32) -> Self {
-        let cluster = cluster();
-        let obs = observability(cluster);
-        let client = cluster.client().await.unwrap();
-        let operator = TestNamespace::create(&client, &format!("{test}-op"))
-            .await
-            .unwrap();
-        let objects = TestNamespace::create(&client, test).await.unwrap();
-        Api::<StatefulSet>::namespaced(client.clone(), &operator.name)
-            .create(
-                &PostParams::default(),
-                &shardop_e2e::worker_stateful_set(shards),
-            )
-            .await
-            .unwrap();
+        let base = TestEnv::with_worker_stateful_set(test, shards).await;
         Self {
-            cluster,
-            obs,
-            client,
-            test,
-            operator,
-            objects,
+            obs: observability(base.cluster),
+            base,
         }
     }
 
     fn worker(&self, ordinal: u32, extra: &[&str], env: &[(String, String)]) -> ShardopProcess {
-        let mut spec = ProcessSpec::worker(
-            self.test,
-            &format!("shardop-worker-{ordinal}"),
-            &self.operator.name,
-        )
-        .arg("--watch-namespaces")
-        .arg(&self.objects.name);
-        for arg in FAST_LEASES.iter().chain(extra) {
-            spec = spec.arg(*arg);
-        }
+        let mut spec = self
+            .worker_spec(ordinal)
+            .args(FAST_LEASES)
+            .args(extra.iter().copied());
         for (key, value) in env {
             spec = spec.env(key, value);
         }
@@ -79,11 +60,8 @@ impl Env {
     }
 
     fn assigner(&self, env: &[(String, String)]) -> ShardopProcess {
-        let mut spec = ProcessSpec::assigner(self.test, "shardop-assigner-0", &self.operator.name)
-            .arg("--worker-statefulset")
-            .arg("shardop-worker")
-            .arg("--watch-namespaces")
-            .arg(&self.objects.name)
+        let mut spec = self
+            .assigner_spec("shardop-assigner-0")
             .arg("--status-interval")
             .arg("1s");
         for (key, value) in env {

@@ -16,24 +16,29 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use shardop_api::DatabaseCluster;
 use shardop_api::constants::{ASSIGNER_FIELD_MANAGER, SHARD_LABEL, condition};
-use shardop_e2e::process::{ProcessSpec, ShardopProcess};
-use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
+use shardop_e2e::process::ShardopProcess;
+use shardop_e2e::test_env::TestEnv;
+use shardop_e2e::{valid_spec, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The test's cluster and namespaces, and the cluster-scoped objects it made.
 struct Env {
-    cluster: &'static Cluster,
-    client: Client,
-    test: &'static str,
-    operator: TestNamespace,
-    objects: TestNamespace,
+    base: TestEnv,
     /// Cluster-scoped objects to delete at the end: (kubectl resource, name).
     cluster_scoped: std::sync::Mutex<Vec<(&'static str, String)>>,
+}
+
+impl std::ops::Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.base
+    }
 }
 
 impl Drop for Env {
@@ -58,28 +63,14 @@ impl Drop for Env {
 
 impl Env {
     async fn new(test: &'static str) -> Self {
-        let cluster = cluster();
-        let client = cluster.client().await.unwrap();
-        let operator = TestNamespace::create(&client, &format!("{test}-op"))
-            .await
-            .unwrap();
-        let objects = TestNamespace::create(&client, test).await.unwrap();
         Self {
-            cluster,
-            client,
-            test,
-            operator,
-            objects,
+            base: TestEnv::new(test).await,
             cluster_scoped: std::sync::Mutex::default(),
         }
     }
 
     fn worker(&self) -> ShardopProcess {
-        ProcessSpec::worker(self.test, "shardop-worker-0", &self.operator.name)
-            .arg("--watch-namespaces")
-            .arg(&self.objects.name)
-            .spawn(self.cluster)
-            .unwrap()
+        self.worker_spec(0).spawn(self.cluster).unwrap()
     }
 
     fn remember(&self, resource: &'static str, name: &str) {
@@ -87,14 +78,6 @@ impl Env {
             .lock()
             .unwrap()
             .push((resource, name.to_owned()));
-    }
-
-    fn clusters(&self) -> Api<DatabaseCluster> {
-        Api::namespaced(self.client.clone(), &self.objects.name)
-    }
-
-    fn stateful_sets(&self) -> Api<StatefulSet> {
-        Api::namespaced(self.client.clone(), &self.objects.name)
     }
 
     fn claims(&self) -> Api<PersistentVolumeClaim> {
@@ -160,17 +143,6 @@ impl Env {
         };
         self.clusters()
             .create(&params, &serde_json::from_value(manifest).unwrap())
-            .await
-            .unwrap();
-    }
-
-    async fn patch_spec(&self, name: &str, spec: serde_json::Value) {
-        self.clusters()
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "spec": spec })),
-            )
             .await
             .unwrap();
     }

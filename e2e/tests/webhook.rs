@@ -10,77 +10,48 @@
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 use shardop::label_trust::shard_label_written_by_assigner;
 use shardop_api::constants::SHARD_LABEL;
 use shardop_api::{DatabaseCluster, ShardCount, shard_for};
 use shardop_e2e::audit::{self, AuditEvent};
 use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess, webhook_configuration};
-use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
+use shardop_e2e::test_env::TestEnv;
+use shardop_e2e::{valid_spec, wait_for};
 
 const SHARDS: u32 = 2;
 
-struct Env {
-    cluster: &'static Cluster,
-    client: Client,
-    test: &'static str,
-    operator: TestNamespace,
-    objects: TestNamespace,
+/// The test's cluster and namespaces, and a worker StatefulSet of [`SHARDS`] replicas.
+struct Env(TestEnv);
+
+impl std::ops::Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.0
+    }
 }
 
 impl Env {
     async fn new(test: &'static str) -> Self {
-        let cluster = cluster();
-        let client = cluster.client().await.unwrap();
-        let operator = TestNamespace::create(&client, &format!("{test}-op"))
-            .await
-            .unwrap();
-        let objects = TestNamespace::create(&client, test).await.unwrap();
-        let sts = shardop_e2e::worker_stateful_set(SHARDS as i32);
-        Api::<StatefulSet>::namespaced(client.clone(), &operator.name)
-            .create(&PostParams::default(), &sts)
-            .await
-            .unwrap();
-        Self {
-            cluster,
-            client,
-            test,
-            operator,
-            objects,
-        }
+        Self(TestEnv::with_worker_stateful_set(test, SHARDS as i32).await)
     }
 
     fn worker(&self, ordinal: u32) -> ShardopProcess {
-        let mut spec = ProcessSpec::worker(
-            self.test,
-            &format!("shardop-worker-{ordinal}"),
-            &self.operator.name,
-        )
-        .arg("--watch-namespaces")
-        .arg(&self.objects.name);
-        for arg in FAST_LEASES {
-            spec = spec.arg(arg);
-        }
-        spec.spawn(self.cluster).unwrap()
+        self.worker_spec(ordinal)
+            .args(FAST_LEASES)
+            .spawn(self.cluster)
+            .unwrap()
     }
 
     fn assigner(&self, spec: impl FnOnce(ProcessSpec) -> ProcessSpec) -> ShardopProcess {
-        let base = ProcessSpec::assigner(self.test, "shardop-assigner-0", &self.operator.name)
-            .arg("--worker-statefulset")
-            .arg("shardop-worker")
-            .arg("--watch-namespaces")
-            .arg(&self.objects.name)
+        let base = self
+            .assigner_spec("shardop-assigner-0")
             .arg("--webhook-check-interval")
             .arg("2s");
         spec(base).spawn(self.cluster).unwrap()
-    }
-
-    fn clusters(&self) -> Api<DatabaseCluster> {
-        Api::namespaced(self.client.clone(), &self.objects.name)
     }
 
     fn configurations(&self) -> Api<MutatingWebhookConfiguration> {

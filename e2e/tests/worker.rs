@@ -16,11 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::StreamExt;
 use jiff::Timestamp;
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
 use shardop_api::DatabaseCluster;
 use shardop_api::constants::{
@@ -28,61 +26,33 @@ use shardop_api::constants::{
 };
 use shardop_e2e::audit::{self, AuditEvent};
 use shardop_e2e::metrics::{http_get, metric_value, scrape};
-use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess};
-use shardop_e2e::{Cluster, TestNamespace, cluster, valid_spec, wait_for};
+use shardop_e2e::process::{FAST_LEASES, ShardopProcess};
+use shardop_e2e::test_env::TestEnv;
+use shardop_e2e::{valid_spec, wait_for};
 
 /// A finalizer of some other controller.
 const OTHER_FINALIZER: &str = "backup.example.com/final-snapshot";
 
-struct Env {
-    cluster: &'static Cluster,
-    client: Client,
-    test: &'static str,
-    operator: TestNamespace,
-    objects: TestNamespace,
+/// The test's cluster and namespaces; it plays the assigner.
+struct Env(TestEnv);
+
+impl std::ops::Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.0
+    }
 }
 
 impl Env {
     async fn new(test: &'static str) -> Self {
-        let cluster = cluster();
-        let client = cluster.client().await.unwrap();
-        let operator = TestNamespace::create(&client, &format!("{test}-op"))
-            .await
-            .unwrap();
-        let objects = TestNamespace::create(&client, test).await.unwrap();
-        Self {
-            cluster,
-            client,
-            test,
-            operator,
-            objects,
-        }
+        Self(TestEnv::new(test).await)
     }
 
     fn worker(&self, ordinal: u32, extra: &[&str]) -> ShardopProcess {
-        let mut spec = ProcessSpec::worker(
-            self.test,
-            &format!("shardop-worker-{ordinal}"),
-            &self.operator.name,
-        )
-        .arg("--watch-namespaces")
-        .arg(&self.objects.name);
-        for arg in extra {
-            spec = spec.arg(*arg);
-        }
-        spec.spawn(self.cluster).unwrap()
-    }
-
-    fn clusters(&self) -> Api<DatabaseCluster> {
-        Api::namespaced(self.client.clone(), &self.objects.name)
-    }
-
-    fn stateful_sets(&self) -> Api<StatefulSet> {
-        Api::namespaced(self.client.clone(), &self.objects.name)
-    }
-
-    fn leases(&self) -> Api<Lease> {
-        Api::namespaced(self.client.clone(), &self.operator.name)
+        self.worker_spec(ordinal)
+            .args(extra.iter().copied())
+            .spawn(self.cluster)
+            .unwrap()
     }
 
     /// Creates an object; a shard label is written as the assigner would (its field
@@ -101,17 +71,6 @@ impl Env {
             .create(&params, &object)
             .await
             .with_context(|| format!("creating {name}"))
-            .unwrap();
-    }
-
-    async fn patch_spec(&self, name: &str, spec: serde_json::Value) {
-        self.clusters()
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "spec": spec })),
-            )
-            .await
             .unwrap();
     }
 
@@ -157,29 +116,6 @@ impl Env {
         })
         .await
         .unwrap()
-    }
-
-    /// Removes shardop's finalizer from every object of the test, so that the namespace
-    /// can be deleted after the workers are gone (the harness deletes it on drop).
-    async fn release_objects(&self) {
-        let api = self.clusters();
-        let Ok(list) = api.list(&ListParams::default()).await else {
-            return;
-        };
-        futures::stream::iter(list.items)
-            .for_each_concurrent(16, |object| {
-                let api = api.clone();
-                async move {
-                    let _ = api
-                        .patch(
-                            &object.name_any(),
-                            &PatchParams::default(),
-                            &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
-                        )
-                        .await;
-                }
-            })
-            .await;
     }
 
     /// Successful writes by shardop workers, anywhere.
