@@ -23,14 +23,15 @@ use crate::env;
 use crate::plot;
 use crate::raw::RawCapacity;
 use crate::report::Report;
-use crate::rss_fit::RssFit;
-use crate::run::{self, Run, names, on_shard, round1};
+use crate::run::{self, Run, names, on_shard};
 use crate::{Knobs, apf};
 
 mod assign;
+mod create;
 mod freeze;
 mod tenants;
 pub use assign::assign;
+pub use create::create;
 pub use freeze::freeze;
 pub use tenants::tenants;
 
@@ -106,203 +107,6 @@ async fn populate(run: &mut Run, knobs: &Knobs) -> anyhow::Result<()> {
     let settle_timeout =
         Duration::from_secs(120) + Duration::from_millis(50) * knobs.objects as u32;
     run.settle(Duration::from_secs(10), settle_timeout).await
-}
-
-/// The smoke checks of `create`'s webhook figures: present and sane, not timing. With the
-/// webhook on, objects are stamped at creation; off, none is and every object needs a label
-/// write; every created object was seen labelled.
-fn webhook_checks(
-    knobs: &Knobs,
-    shards: u32,
-    stamped: usize,
-    lags: &[f64],
-    label_writes_per_object: f64,
-) -> Vec<(String, bool)> {
-    let mode = if knobs.webhook { "on" } else { "off" };
-    vec![
-        (
-            format!("{shards} shards, webhook {mode}: every object's create → labelled measured"),
-            lags.len() == knobs.objects && lags.iter().all(|l| l.is_finite() && *l >= 0.0),
-        ),
-        (
-            format!(
-                "{shards} shards, webhook {mode}: stamped at creation ({stamped}) as the mode says"
-            ),
-            if knobs.webhook {
-                stamped > 0
-            } else {
-                stamped == 0
-            },
-        ),
-        (
-            format!(
-                "{shards} shards, webhook {mode}: label writes per object ({label_writes_per_object:.3}) sane"
-            ),
-            label_writes_per_object.is_finite()
-                && if knobs.webhook {
-                    label_writes_per_object < 1.0
-                } else {
-                    label_writes_per_object >= 1.0
-                },
-        ),
-    ]
-}
-
-/// `create`: OBJECTS unlabelled objects as fast as the API server accepts them, per shard
-/// count in SHARDS, each on a fresh control plane.
-pub async fn create(knobs: &Knobs) -> anyhow::Result<Outcome> {
-    let mut runs = Vec::new();
-    let mut first_raw = Value::Null;
-    let mut checks = Vec::new();
-    let mut total = 0.0;
-    let mut rss_fit = RssFit::default();
-    for (index, &shards) in knobs.shards.iter().enumerate() {
-        if index > 0 && !knobs.reuse_cluster {
-            crate::restart_control_plane().await?;
-        }
-        let (mut run, capacity, raw) = begin("create", knobs).await?;
-        run.env.webhook = knobs.webhook;
-        run.start_operator(shards, &[], &[]).await?;
-        let requests_before = RequestTimes::read(&run.env.client).await?;
-        let since = Timestamp::now();
-        let started = Instant::now();
-        tracing::info!(shards, objects = knobs.objects, "creating");
-        run.create_objects(names("db", 0..knobs.objects), knobs.concurrency, 0.0)
-            .await?;
-        run.wait_converged(knobs.objects, knobs.converge_timeout())
-            .await?;
-        let seconds = started.elapsed().as_secs_f64();
-        let shardop_served = RequestTimes::read(&run.env.client)
-            .await?
-            .since(&requests_before);
-        run.settle(Duration::from_secs(5), Duration::from_secs(120))
-            .await?;
-        let writes = run.audit()?.worker_writes_since(since);
-        let label_writes = run.audit()?.assigner_label_writes_since(since);
-        let label_writes_per_object = label_writes as f64 / knobs.objects as f64;
-        let assignment_lags = run.conv.assignment_lags();
-        let stamped = run.conv.stamped_at_creation();
-        checks.extend(webhook_checks(
-            knobs,
-            shards,
-            stamped,
-            &assignment_lags,
-            label_writes_per_object,
-        ));
-        let reconciles_per_s = knobs.objects as f64 / seconds;
-        let writes_per_reconcile = writes as f64 / knobs.objects as f64;
-        let raw_write_probe_per_s = capacity.writes_per_s();
-        let raw_probe_efficiency =
-            reconciles_per_s / (raw_write_probe_per_s / writes_per_reconcile.max(1e-9));
-        let lags = run.conv.lags(ChangeKind::Create, None);
-        let runs_total = run
-            .env
-            .worker_metric_sum("shardop_reconcile_runs_total", &[])
-            .await;
-        let assigner_rss = run
-            .processes
-            .get("shardop-assigner-0")
-            .map_or(0.0, |f| round1(f.peak_rss_mib));
-        let worker_cpu = run.worker_cpu();
-        let worker_cpu_total: f64 = worker_cpu.values().sum();
-        let reconcile_durations = run
-            .env
-            .worker_histogram("shardop_reconcile_duration_seconds")
-            .await;
-        let assignment_latency = run
-            .env
-            .assigner_histogram("shardop_assigner_assignment_latency_seconds")
-            .await;
-        // Before the ideal writer's load: the slices as the workers served them.
-        rss_fit.add_run(&run.worker_rss(), run.conv.shards().values());
-        let (ceiling, ideal_served) = ideal_writer(&run, knobs, shards, knobs.objects).await?;
-        let efficiency = reconciles_per_s / ceiling.creates_per_s;
-        checks.extend(
-            ceiling::checks(ceiling.creates_per_s, efficiency)
-                .into_iter()
-                .map(|(check, holds)| (format!("{shards} shards: {check}"), holds)),
-        );
-        let entry = json!({
-            "shards": shards,
-            "seconds": seconds,
-            "ceiling_per_s": ceiling.creates_per_s,
-            "efficiency": efficiency,
-            "ceiling": ceiling.to_json(knobs.objects, shards),
-            "api_requests_per_object": {
-                "shardop": shardop_served.per_object(knobs.objects),
-                "ideal_writer": ideal_served.per_object(knobs.objects),
-            },
-            "raw_write_probe": raw,
-            "raw_write_probe_per_s": raw_write_probe_per_s,
-            "reconciles_per_s": reconciles_per_s,
-            "writes": writes,
-            "writes_per_reconcile": writes_per_reconcile,
-            "raw_probe_efficiency": raw_probe_efficiency,
-            "lag_p50_s": quantile(&lags, 0.5),
-            "lag_p99_s": quantile(&lags, 0.99),
-            "reconcile_p50_s": run::histogram_quantile(&reconcile_durations, 0.5),
-            "reconcile_p99_s": run::histogram_quantile(&reconcile_durations, 0.99),
-            "assignment_p99_s": run::histogram_quantile(&assignment_latency, 0.99),
-            "webhook": knobs.webhook,
-            "stamped_at_creation": stamped,
-            "create_to_labelled_p50_s": quantile(&assignment_lags, 0.5),
-            "create_to_labelled_p99_s": quantile(&assignment_lags, 0.99),
-            "assigner_label_writes": label_writes,
-            "assigner_label_writes_per_object": label_writes_per_object,
-            "worker_rss_mib": run.worker_rss(),
-            "assigner_rss_mib": assigner_rss,
-            "worker_cpu_s": worker_cpu,
-            "worker_cpu_s_total": worker_cpu_total,
-            "reconcile_runs": runs_total,
-            "processes": run.process_table(),
-        });
-        tracing::info!(%entry, "create run done");
-        if index == 0 {
-            first_raw = raw.clone();
-        }
-        total += seconds;
-        let name = if knobs.shards.len() == 1 {
-            "create".to_owned()
-        } else {
-            format!("create-{shards}")
-        };
-        draw(&run, knobs, &name)?;
-        runs.push(entry);
-        run.finish();
-    }
-    let mut report = report("create", knobs, &knobs.shards, total, first_raw);
-    // The top-level figures are those of the largest shard count; `runs` has each.
-    if let Some(Value::Object(last)) = runs.last() {
-        for key in [
-            "reconciles_per_s",
-            "ceiling_per_s",
-            "efficiency",
-            "raw_write_probe_per_s",
-            "raw_probe_efficiency",
-            "writes_per_reconcile",
-            "lag_p50_s",
-            "lag_p99_s",
-            "worker_rss_mib",
-            "assigner_rss_mib",
-            "worker_cpu_s",
-            "webhook",
-            "create_to_labelled_p50_s",
-            "create_to_labelled_p99_s",
-            "assigner_label_writes_per_object",
-        ] {
-            if let Some(value) = last.get(key) {
-                report.set(key, value.clone());
-            }
-        }
-    }
-    report.set("runs", runs);
-    if let Value::Object(fit) = rss_fit.to_json() {
-        for (key, value) in fit {
-            report.set(&key, value);
-        }
-    }
-    checks.extend(rss_fit.checks());
-    Ok(Outcome { report, checks })
 }
 
 /// `restart`: with OBJECTS converged, every worker restarts at once.
