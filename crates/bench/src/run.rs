@@ -312,8 +312,8 @@ impl Run {
 
     /// Waits until no worker has written to the objects for `quiet` (at most `timeout`):
     /// the StatefulSet controller's follow-up (pods and claims created) has been reflected
-    /// in the status and nothing is left to do.
-    pub async fn settle(&mut self, quiet: Duration, timeout: Duration) -> anyhow::Result<()> {
+    /// in the status and nothing is left to do. Returns whether it got quiet.
+    pub async fn settle(&mut self, quiet: Duration, timeout: Duration) -> anyhow::Result<bool> {
         let started = Instant::now();
         loop {
             self.sample().await;
@@ -325,7 +325,7 @@ impl Run {
                 if !idle {
                     tracing::warn!("workers still writing after {timeout:?}; continuing");
                 }
-                return Ok(());
+                return Ok(idle);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

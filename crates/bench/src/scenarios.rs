@@ -102,11 +102,17 @@ async fn populate(run: &mut Run, knobs: &Knobs) -> anyhow::Result<()> {
     run.create_objects(objects, knobs.concurrency, 0.0).await?;
     run.wait_converged(knobs.objects, knobs.converge_timeout())
         .await?;
-    // The StatefulSet controller creates a pod and a claim per object at its own client
-    // limit (200 QPS) and the status follows; at 10,000 objects that takes minutes.
-    let settle_timeout =
-        Duration::from_secs(120) + Duration::from_millis(50) * knobs.objects as u32;
-    run.settle(Duration::from_secs(10), settle_timeout).await
+    run.settle(Duration::from_secs(10), settle_timeout(knobs.objects))
+        .await?;
+    Ok(())
+}
+
+/// How long the StatefulSet controller's follow-up of `objects` may take: it creates a pod
+/// and a claim per object at its own client limit (200 QPS) and the status follows; at
+/// 10,000 objects that takes minutes.
+fn settle_timeout(objects: usize) -> Duration {
+    Duration::from_secs(120)
+        + Duration::from_millis(50) * u32::try_from(objects).unwrap_or(u32::MAX)
 }
 
 /// `restart`: with OBJECTS converged, every worker restarts at once.
@@ -116,6 +122,11 @@ pub async fn restart(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let started = Instant::now();
     run.start_operator(shards, &[], &[]).await?;
     populate(&mut run, knobs).await?;
+    // Every write after the restart must be one the restart caused: wait until the
+    // controller manager's follow-up (pods, claims, their status) is done, or say it is not.
+    let quiet = run
+        .settle(Duration::from_secs(10), settle_timeout(knobs.objects))
+        .await?;
     let since = Timestamp::now();
     tracing::info!("restarting every worker at once");
     for worker in run.env.workers.values_mut() {
@@ -158,6 +169,7 @@ pub async fn restart(knobs: &Knobs) -> anyhow::Result<Outcome> {
     );
     report
         .set("reverify_s", reverify)
+        .set("quiet_before_restart", quiet)
         .set("writes", writes)
         .set("worker_rss_mib", run.worker_rss())
         .set("processes", run.process_table());
@@ -165,7 +177,10 @@ pub async fn restart(knobs: &Knobs) -> anyhow::Result<Outcome> {
     run.finish();
     Ok(Outcome {
         report,
-        checks: vec![("writes == 0".into(), writes == 0)],
+        checks: vec![
+            ("quiet before the restart".into(), quiet),
+            ("writes == 0".into(), writes == 0),
+        ],
     })
 }
 
