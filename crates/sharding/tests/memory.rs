@@ -42,7 +42,8 @@ fn freed_memory_pinned_by_live_objects_goes_back_to_the_system() {
     assert_eq!(survivors.len(), 4096);
 }
 
-/// Resident set size of this process, from `/proc/self/statm` (pages).
+/// Resident set size of this process, from `/proc/self/statm` (counted in pages, 4 KiB on
+/// x86-64).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn resident_bytes() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
