@@ -244,6 +244,20 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// `kubectl -n <namespace> scale statefulset <name> --replicas=<replicas>`: how the tests
+    /// change an assigner's shard count.
+    pub fn scale_stateful_set(&self, namespace: &str, name: &str, replicas: u32) {
+        self.kubectl_ok(&[
+            "-n",
+            namespace,
+            "scale",
+            "statefulset",
+            name,
+            &format!("--replicas={replicas}"),
+        ])
+        .unwrap();
+    }
+
     /// Runs kubectl with `stdin` as input (e.g. `apply -f -`).
     pub fn kubectl_with_input(&self, args: &[&str], stdin: &str) -> anyhow::Result<Output> {
         use std::io::Write;

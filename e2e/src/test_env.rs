@@ -70,15 +70,7 @@ impl TestEnv {
     /// namespace: the assigner's shard count.
     pub fn scale_workers(&self, replicas: u32) {
         self.cluster
-            .kubectl_ok(&[
-                "-n",
-                &self.operator.name,
-                "scale",
-                "statefulset",
-                "shardop-worker",
-                &format!("--replicas={replicas}"),
-            ])
-            .unwrap();
+            .scale_stateful_set(&self.operator.name, "shardop-worker", replicas);
     }
 
     /// Worker `shardop-worker-<ordinal>` (home shard `ordinal`) watching the objects'

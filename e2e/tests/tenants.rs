@@ -145,15 +145,7 @@ impl Env {
 
     fn scale(&self, replicas: u32) {
         self.cluster
-            .kubectl_ok(&[
-                "-n",
-                &self.operator.name,
-                "scale",
-                "statefulset",
-                "tenants-worker",
-                &format!("--replicas={replicas}"),
-            ])
-            .unwrap();
+            .scale_stateful_set(&self.operator.name, "tenants-worker", replicas);
     }
 
     fn tenants(&self) -> Api<DynamicObject> {
