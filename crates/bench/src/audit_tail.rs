@@ -132,6 +132,21 @@ impl AuditTail {
             .max()
     }
 
+    /// The last time anyone (the controller manager's StatefulSet controller, as it creates
+    /// pods and claims) updated a StatefulSet's status in the namespace: what a worker's
+    /// next status write follows.
+    pub fn last_stateful_set_status_write(&self) -> Option<Timestamp> {
+        self.events
+            .iter()
+            .filter(|e| {
+                e.resource() == "statefulsets"
+                    && e.subresource() == Some("status")
+                    && e.is_successful_write()
+            })
+            .map(|e| e.stage_timestamp)
+            .max()
+    }
+
     /// Successful assigner label writes since `since`.
     pub fn assigner_label_writes_since(&self, since: Timestamp) -> usize {
         self.events
@@ -361,6 +376,26 @@ mod tests {
                 ("patch databaseclusters/status".to_owned(), 1),
                 ("patch statefulsets".to_owned(), 1),
             ]
+        );
+    }
+
+    #[test]
+    fn quiet_needs_the_stateful_set_controller_quiet_too() {
+        let worker = "shardop-worker/shard-0 (shardop-worker-0)";
+        let controller = "kube-controller-manager/v1.36.3 (linux/amd64)";
+        let log = tail(vec![
+            event(worker, "databaseclusters/status", "db", 1, 200),
+            event(controller, "statefulsets/status", "db", 7, 200),
+            event(controller, "statefulsets/status", "db", 8, 409),
+            event(controller, "statefulsets", "db", 9, 200),
+        ]);
+        assert_eq!(
+            log.last_worker_write(),
+            Some(Timestamp::from_millisecond(1_010).unwrap())
+        );
+        assert_eq!(
+            log.last_stateful_set_status_write(),
+            Some(Timestamp::from_millisecond(7_010).unwrap())
         );
     }
 

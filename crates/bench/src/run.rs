@@ -310,14 +310,18 @@ impl Run {
             })
     }
 
-    /// Waits until no worker has written to the objects for `quiet` (at most `timeout`):
-    /// the StatefulSet controller's follow-up (pods and claims created) has been reflected
-    /// in the status and nothing is left to do. Returns whether it got quiet.
+    /// Waits until neither a worker nor the StatefulSet controller has written in the
+    /// objects' namespace for `quiet` (at most `timeout`): the StatefulSet controller's
+    /// follow-up (pods and claims created, StatefulSet status) has been reflected in the
+    /// objects' status and nothing is left to do. Returns whether it got quiet.
     pub async fn settle(&mut self, quiet: Duration, timeout: Duration) -> anyhow::Result<bool> {
         let started = Instant::now();
         loop {
             self.sample().await;
-            let last = self.audit()?.last_worker_write();
+            let audit = self.audit()?;
+            let last = audit
+                .last_worker_write()
+                .max(audit.last_stateful_set_status_write());
             let idle = last.is_none_or(|last| {
                 jiff::Timestamp::now().duration_since(last).as_secs_f64() >= quiet.as_secs_f64()
             });
