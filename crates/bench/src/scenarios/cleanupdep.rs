@@ -1,0 +1,351 @@
+//! `cleanupdep`: the finalizer cleanup's dependency is down. Stuck deletions must show a
+//! condition, retry with a growing delay (no requeue storm) while the others keep
+//! converging, and finish once the dependency is back.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{Api, DeleteParams};
+use serde_json::Value;
+
+use super::{Knobs, Outcome, begin, change_specs, draw, fault_names, report};
+use crate::convergence::quantile;
+use crate::run::{Run, names};
+
+/// A stuck cleanup backs off when its last wait between attempts is at least this many
+/// times the median of its earlier waits: doubling delays give 2 or more, a fixed poll or
+/// an immediate retry about 1.
+const MIN_GAP_GROWTH: f64 = 2.0;
+
+/// The ValidatingAdmissionPolicy (and binding) of `cleanupdep`: the claim deletions of the
+/// finalizer cleanup are refused in `namespace`, i.e. the cleanup's dependency is down.
+fn claim_deletion_outage(namespace: &str) -> (String, Value) {
+    let name = format!("{namespace}-claims-down");
+    let manifest = shardop_e2e::claim_deletion_refusal(
+        &name,
+        namespace,
+        "the storage backend is down (bench cleanupdep)",
+    );
+    (name, manifest)
+}
+
+/// Whether a dry-run deletion of claim `claim` is refused (the outage is in effect).
+async fn claim_deletion_refused(run: &Run, claim: &str) -> bool {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(run.env.client.clone(), &run.env.objects_ns.name);
+    let dry_run = DeleteParams {
+        dry_run: true,
+        ..DeleteParams::default()
+    };
+    matches!(
+        claims.delete(claim, &dry_run).await,
+        Err(kube::Error::Api(status)) if status.code != 404
+    )
+}
+
+/// Refused claim deletions by the workers since `since`, per DatabaseCluster (from the
+/// claim name `data-<name>-<ordinal>`): the cleanup attempts of the stuck objects.
+fn refused_cleanups(
+    run: &mut Run,
+    since: Timestamp,
+) -> anyhow::Result<BTreeMap<String, Vec<Timestamp>>> {
+    let mut attempts: BTreeMap<String, Vec<Timestamp>> = BTreeMap::new();
+    for event in &run.audit()?.events {
+        let Some(object) = event.object_ref.as_ref() else {
+            continue;
+        };
+        let refused = event
+            .response_status
+            .as_ref()
+            .is_some_and(|s| s.code >= 400 && s.code != 404);
+        if event.request_received_timestamp < since
+            || event.worker_shard().is_none()
+            || event.verb != "delete"
+            || object.resource != "persistentvolumeclaims"
+            || !refused
+        {
+            continue;
+        }
+        let owner = object
+            .name
+            .as_deref()
+            .and_then(|n| n.strip_prefix("data-"))
+            .and_then(|n| n.rsplit_once('-'))
+            .map(|(owner, _)| owner.to_owned());
+        if let Some(owner) = owner {
+            attempts
+                .entry(owner)
+                .or_default()
+                .push(event.request_received_timestamp);
+        }
+    }
+    Ok(attempts)
+}
+
+/// Stuck objects whose `Cleanup` condition shows the refused deletion.
+async fn cleanup_condition_shown(run: &Run, stuck: &[String]) -> usize {
+    let api = run.api();
+    let mut shown = 0;
+    for name in stuck {
+        let Ok(Some(object)) = api.get_opt(name).await else {
+            continue;
+        };
+        if object
+            .condition(shardop_api::constants::condition::CLEANUP)
+            .is_some_and(|c| c.status == "True" && c.reason == "VolumeClaimDeletionFailed")
+        {
+            shown += 1;
+        }
+    }
+    shown
+}
+
+/// Creates `names`, waits until they converged and their claim (`data-<name>-0`) exists:
+/// without claims a cleanup has nothing to fail on. Returns the claim names.
+async fn create_with_claims(
+    run: &mut Run,
+    knobs: &Knobs,
+    names: &[String],
+) -> anyhow::Result<Vec<String>> {
+    run.create_objects(names.to_vec(), knobs.concurrency, 0.0)
+        .await?;
+    let set: HashSet<String> = names.iter().cloned().collect();
+    run.wait_until(knobs.converge_timeout(), |run| run.conv.all_converged(&set))
+        .await
+        .context("the objects to delete did not converge")?;
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(run.env.client.clone(), &run.env.objects_ns.name);
+    let claim_names: Vec<String> = names.iter().map(|n| format!("data-{n}-0")).collect();
+    run.wait_until_async(knobs.converge_timeout(), async |_, _| {
+        for claim in &claim_names {
+            if !matches!(claims.get_opt(claim).await, Ok(Some(_))) {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .context("the claims of the objects to delete did not appear")?;
+    Ok(claim_names)
+}
+
+/// Installs the outage and waits until deleting `probe_claim` is refused. Returns the
+/// policy's name.
+async fn begin_claim_deletion_outage(run: &Run, probe_claim: &str) -> anyhow::Result<String> {
+    let (policy, manifest) = claim_deletion_outage(&run.env.objects_ns.name);
+    let output = run
+        .env
+        .cluster
+        .kubectl_with_input(&["apply", "-f", "-"], &manifest.to_string())?;
+    anyhow::ensure!(output.status.success(), "installing the outage: {output:?}");
+    for _ in 0..150 {
+        if claim_deletion_refused(run, probe_claim).await {
+            return Ok(policy);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("the claim deletion policy never took effect")
+}
+
+/// Creates `others` at CREATE_RATE, waits for them, changes each once and waits again.
+async fn create_and_change(run: &mut Run, knobs: &Knobs, others: &[String]) -> anyhow::Result<()> {
+    run.create_objects(others.to_vec(), knobs.concurrency, knobs.create_rate)
+        .await?;
+    let set: HashSet<String> = others.iter().cloned().collect();
+    run.wait_until(knobs.converge_timeout(), |run| run.conv.all_converged(&set))
+        .await
+        .context("the other objects did not converge during the outage")?;
+    change_specs(run, others, 1, knobs.concurrency).await?;
+    run.wait_until(knobs.converge_timeout(), |run| run.conv.all_converged(&set))
+        .await
+        .context("the other objects' changes did not converge during the outage")?;
+    Ok(())
+}
+
+/// Deletes the outage's policy and waits until every object in `stuck` is gone. Returns
+/// the seconds that took, `None` on timeout.
+async fn end_claim_deletion_outage(
+    run: &mut Run,
+    knobs: &Knobs,
+    policy: &str,
+    stuck: &[String],
+) -> anyhow::Result<Option<f64>> {
+    let output = run.env.cluster.kubectl(&[
+        "delete",
+        "validatingadmissionpolicybinding,validatingadmissionpolicy",
+        policy,
+    ])?;
+    anyhow::ensure!(output.status.success(), "ending the outage: {output:?}");
+    let api = run.api();
+    Ok(run
+        .wait_until_async(knobs.converge_timeout(), async |_, _| {
+            for name in stuck {
+                if !matches!(api.get_opt(name).await, Ok(None)) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await)
+}
+
+/// `cleanupdep`: the finalizer cleanup's dependency is down. SLOW_OBJECTS objects are
+/// deleted while a ValidatingAdmissionPolicy refuses every claim deletion in the namespace;
+/// meanwhile OBJECTS others are created at CREATE_RATE and then changed once. The outage
+/// lasts until the others converged and at least SLOW_DELAY; then the policy goes and every
+/// cleanup must finish.
+pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
+    let shards = knobs.first_shards();
+    let (mut run, _, raw) = begin("cleanupdep", knobs).await?;
+    let started = Instant::now();
+    run.start_operator(shards, &[], &[]).await?;
+    let stuck = names("gone", 0..knobs.slow_objects.max(1));
+    let claim_names = create_with_claims(&mut run, knobs, &stuck).await?;
+    let policy = begin_claim_deletion_outage(&run, &claim_names[0]).await?;
+
+    let outage_started = Instant::now();
+    let outage_since = Timestamp::now();
+    let api = run.api();
+    for name in &stuck {
+        api.delete(name, &DeleteParams::default()).await?;
+    }
+    let (_, others) = fault_names(knobs, 0);
+    create_and_change(&mut run, knobs, &others).await?;
+    let others_done = run.t();
+    while outage_started.elapsed() < knobs.slow_delay {
+        run.sample().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Counts only objects that still exist: a cleanup that got through shows nothing.
+    let condition_shown = cleanup_condition_shown(&run, &stuck).await;
+    let attempts = refused_cleanups(&mut run, outage_since)?;
+    let outage_s = outage_started.elapsed().as_secs_f64();
+    let recovery = end_claim_deletion_outage(&mut run, knobs, &policy, &stuck).await?;
+
+    let others_set: HashSet<String> = others.iter().cloned().collect();
+    let lags = run.conv.lags_of(&others_set);
+    let attempts_max = attempts.values().map(Vec::len).max().unwrap_or(0);
+    let growth = attempts
+        .values()
+        .filter_map(|times| gap_growth(times))
+        .fold(f64::INFINITY, f64::min);
+    let judged = attempts
+        .values()
+        .filter(|t| gap_growth(t).is_some())
+        .count();
+    let mut report = report(
+        "cleanupdep",
+        knobs,
+        &[shards],
+        started.elapsed().as_secs_f64(),
+        raw,
+    );
+    report
+        .set("stuck_objects", stuck.len())
+        .set("outage_s", outage_s)
+        .set("create_rate", knobs.create_rate)
+        .set("others_lag_p50_s", quantile(&lags, 0.5))
+        .set("others_lag_p99_s", quantile(&lags, 0.99))
+        .set("others_converged_at_s", others_done)
+        .set("cleanup_condition_shown", condition_shown)
+        .set("stuck_cleanup_attempts_max", attempts_max)
+        .set(
+            "stuck_cleanup_attempts_total",
+            attempts.values().map(Vec::len).sum::<usize>(),
+        )
+        .set("stuck_cleanup_gap_growth_min", growth)
+        .set("stuck_cleanups_judged", judged)
+        .set("cleanup_recovery_s", recovery.unwrap_or(f64::NAN))
+        .set("cleanups_finished", recovery.is_some())
+        .set("processes", run.process_table());
+    draw(&run, knobs, "cleanupdep")?;
+    run.finish();
+    // A requeue storm (a fixed poll, or an immediate retry) waits the same between
+    // attempts; backoff waits longer each time. At least one stuck object must have
+    // retried often enough to tell.
+    let backs_off = judged > 0 && growth >= MIN_GAP_GROWTH;
+    Ok(Outcome {
+        report,
+        checks: vec![
+            (
+                "every stuck cleanup shows the Cleanup condition".into(),
+                condition_shown == stuck.len(),
+            ),
+            (
+                format!("stuck cleanups back off (gap growth >= {MIN_GAP_GROWTH})"),
+                backs_off,
+            ),
+            (
+                "every cleanup finished once the dependency was back".into(),
+                recovery.is_some(),
+            ),
+        ],
+    })
+}
+
+/// How much the waits between `attempts` grew: the last wait over the median of the earlier
+/// ones. `None` with fewer than three attempts (two waits), too few to tell.
+fn gap_growth(attempts: &[Timestamp]) -> Option<f64> {
+    let mut sorted = attempts.to_vec();
+    sorted.sort();
+    let gaps: Vec<f64> = sorted
+        .windows(2)
+        .map(|pair| pair[1].duration_since(pair[0]).as_secs_f64())
+        .collect();
+    let (last, earlier) = gaps.split_last()?;
+    if earlier.is_empty() {
+        return None;
+    }
+    let median = quantile(earlier, 0.5);
+    Some(if median > 0.0 {
+        last / median
+    } else {
+        f64::INFINITY
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: &[f64]) -> Vec<Timestamp> {
+        seconds
+            .iter()
+            .map(|s| Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_secs_f64(*s))
+            .collect()
+    }
+
+    #[test]
+    fn doubling_delays_grow() {
+        // 0.5 s base, ±10 % jitter, in the order the audit log may list them.
+        let growth = gap_growth(&at(&[3.6, 0.0, 0.45, 1.5, 7.3])).unwrap();
+        assert!(growth >= MIN_GAP_GROWTH, "{growth}");
+    }
+
+    #[test]
+    fn a_fixed_poll_does_not_grow() {
+        let growth = gap_growth(&at(&[0.0, 1.0, 2.1, 3.0, 4.0, 5.05, 6.0, 7.0])).unwrap();
+        assert!(growth < MIN_GAP_GROWTH, "{growth}");
+    }
+
+    #[test]
+    fn a_capped_backoff_that_settled_into_a_poll_does_not_grow() {
+        let growth = gap_growth(&at(&[0.0, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5])).unwrap();
+        assert!(growth < MIN_GAP_GROWTH, "{growth}");
+    }
+
+    #[test]
+    fn immediate_retries_do_not_grow() {
+        let growth = gap_growth(&at(&[0.0, 0.01, 0.02, 0.03, 0.04])).unwrap();
+        assert!(growth < MIN_GAP_GROWTH, "{growth}");
+    }
+
+    #[test]
+    fn two_attempts_are_too_few_to_tell() {
+        assert_eq!(gap_growth(&at(&[0.0, 0.5])), None);
+        assert_eq!(gap_growth(&at(&[])), None);
+    }
+}
