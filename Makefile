@@ -119,7 +119,9 @@ chart-lint: tools ## Lint charts/shardop (defaults, every feature, KEDA) and par
 BENCH_APISERVER_PORT ?= 17443
 BENCH_ETCD_PORT ?= 24790
 BENCH_ETCD_PEER_PORT ?= 24800
-BENCH_CLUSTER_ENV := SHARDOP_CLUSTER_DIR=$(CURDIR)/target/bench-cluster SHARDOP_APISERVER_PORT=$(BENCH_APISERVER_PORT) SHARDOP_ETCD_PORT=$(BENCH_ETCD_PORT) SHARDOP_ETCD_PEER_PORT=$(BENCH_ETCD_PEER_PORT)
+# The bench binary runs outside cargo, so it would find the checkout by the path it was
+# compiled in; with a CARGO_TARGET_DIR shared between checkouts that may be another one.
+BENCH_CLUSTER_ENV := CARGO_MANIFEST_DIR=$(CURDIR)/crates/bench SHARDOP_CLUSTER_DIR=$(CURDIR)/target/bench-cluster SHARDOP_APISERVER_PORT=$(BENCH_APISERVER_PORT) SHARDOP_ETCD_PORT=$(BENCH_ETCD_PORT) SHARDOP_ETCD_PEER_PORT=$(BENCH_ETCD_PEER_PORT)
 # Where cargo puts binaries (.ci/run moves the target directory out of the clone).
 TARGET_DIR = $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 BENCH_FEATURES := --features shardop-worker/fault-injection

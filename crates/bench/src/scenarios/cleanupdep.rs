@@ -227,15 +227,7 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
 
     let others_set: HashSet<String> = others.iter().cloned().collect();
     let lags = run.conv.lags_of(&others_set);
-    let attempts_max = attempts.values().map(Vec::len).max().unwrap_or(0);
-    let growth = attempts
-        .values()
-        .filter_map(|times| gap_growth(times))
-        .fold(f64::INFINITY, f64::min);
-    let judged = attempts
-        .values()
-        .filter(|t| gap_growth(t).is_some())
-        .count();
+    let backoff = StuckRetries::of(&attempts);
     let mut report = report(
         "cleanupdep",
         knobs,
@@ -251,22 +243,15 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("others_lag_p99_s", quantile(&lags, 0.99))
         .set("others_converged_at_s", others_done)
         .set("cleanup_condition_shown", condition_shown)
-        .set("stuck_cleanup_attempts_max", attempts_max)
-        .set(
-            "stuck_cleanup_attempts_total",
-            attempts.values().map(Vec::len).sum::<usize>(),
-        )
-        .set("stuck_cleanup_gap_growth_min", growth)
-        .set("stuck_cleanups_judged", judged)
+        .set("stuck_cleanup_attempts_max", backoff.attempts_max)
+        .set("stuck_cleanup_attempts_total", backoff.attempts_total)
+        .set("stuck_cleanup_gap_growth_min", backoff.growth_min)
+        .set("stuck_cleanups_judged", backoff.judged)
         .set("cleanup_recovery_s", recovery.unwrap_or(f64::NAN))
         .set("cleanups_finished", recovery.is_some())
         .set("processes", run.process_table());
     draw(&run, knobs, "cleanupdep")?;
     run.finish();
-    // A requeue storm (a fixed poll, or an immediate retry) waits the same between
-    // attempts; backoff waits longer each time. At least one stuck object must have
-    // retried often enough to tell.
-    let backs_off = judged > 0 && growth >= MIN_GAP_GROWTH;
     Ok(Outcome {
         report,
         checks: vec![
@@ -276,7 +261,7 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
             ),
             (
                 format!("stuck cleanups back off (gap growth >= {MIN_GAP_GROWTH})"),
-                backs_off,
+                backoff.backs_off(),
             ),
             (
                 "every cleanup finished once the dependency was back".into(),
@@ -284,6 +269,35 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
             ),
         ],
     })
+}
+
+/// The refused cleanup attempts of the stuck objects, summed up.
+struct StuckRetries {
+    attempts_max: usize,
+    attempts_total: usize,
+    /// The smallest [`gap_growth`] over the objects with enough attempts to tell.
+    growth_min: f64,
+    /// How many objects had enough attempts to tell.
+    judged: usize,
+}
+
+impl StuckRetries {
+    fn of(attempts: &BTreeMap<String, Vec<Timestamp>>) -> Self {
+        let growths: Vec<f64> = attempts.values().filter_map(|t| gap_growth(t)).collect();
+        Self {
+            attempts_max: attempts.values().map(Vec::len).max().unwrap_or(0),
+            attempts_total: attempts.values().map(Vec::len).sum(),
+            growth_min: growths.iter().copied().fold(f64::INFINITY, f64::min),
+            judged: growths.len(),
+        }
+    }
+
+    /// A requeue storm (a fixed poll, or an immediate retry) waits the same between
+    /// attempts; backoff waits longer each time. At least one stuck object must have
+    /// retried often enough to tell.
+    fn backs_off(&self) -> bool {
+        self.judged > 0 && self.growth_min >= MIN_GAP_GROWTH
+    }
 }
 
 /// How much the waits between `attempts` grew: the last wait over the median of the earlier
