@@ -167,17 +167,11 @@ pub fn plan_objects<'a>(
     // drain request is still served by its old owner. Ending moves first also lets the new
     // owners reconcile beside the rest of the label phase instead of after it. Within each
     // group, oldest first keeps the assignment latency of a creation storm fair.
-    plan.candidates = oldest_first_of(others)
-        .chain(oldest_first_of(movers))
+    plan.candidates = others
+        .into_oldest_first()
+        .chain(movers.into_oldest_first())
         .collect();
     plan
-}
-
-/// `candidates` in the order label writes start in.
-fn oldest_first_of(candidates: OldestCandidates) -> impl Iterator<Item = Candidate> {
-    let mut sorted: Vec<Candidate> = candidates.into_candidates().collect();
-    sorted.sort_by(oldest_first);
-    sorted.into_iter()
 }
 
 /// What the protocol decides for one object now, or `None` when a write in flight or a
@@ -308,9 +302,12 @@ impl OldestCandidates {
         }));
     }
 
-    /// The candidates kept, in no particular order.
-    fn into_candidates(self) -> impl Iterator<Item = Candidate> {
-        self.heap.into_iter().map(|by_age| by_age.0)
+    /// The candidates kept, oldest first ([`oldest_first`]).
+    fn into_oldest_first(self) -> impl Iterator<Item = Candidate> {
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|by_age| by_age.0)
     }
 }
 

@@ -227,7 +227,7 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
 
     let others_set: HashSet<String> = others.iter().cloned().collect();
     let lags = run.conv.lags_of(&others_set);
-    let backoff = StuckRetries::of(&attempts);
+    let retries = StuckRetries::of(&attempts);
     let mut report = report(
         "cleanupdep",
         knobs,
@@ -243,10 +243,10 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("others_lag_p99_s", quantile(&lags, 0.99))
         .set("others_converged_at_s", others_done)
         .set("cleanup_condition_shown", condition_shown)
-        .set("stuck_cleanup_attempts_max", backoff.attempts_max)
-        .set("stuck_cleanup_attempts_total", backoff.attempts_total)
-        .set("stuck_cleanup_gap_growth_min", backoff.growth_min)
-        .set("stuck_cleanups_judged", backoff.judged)
+        .set("stuck_cleanup_attempts_max", retries.attempts_max)
+        .set("stuck_cleanup_attempts_total", retries.attempts_total)
+        .set("stuck_cleanup_gap_growth_min", retries.growth_min)
+        .set("stuck_cleanups_judged", retries.judged)
         .set("cleanup_recovery_s", recovery.unwrap_or(f64::NAN))
         .set("cleanups_finished", recovery.is_some())
         .set("processes", run.process_table());
@@ -261,7 +261,7 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
             ),
             (
                 format!("stuck cleanups back off (gap growth >= {MIN_GAP_GROWTH})"),
-                backoff.backs_off(),
+                retries.backs_off(),
             ),
             (
                 "every cleanup finished once the dependency was back".into(),
