@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod node;
 pub mod obs;
 pub mod process;
+pub mod reconciled;
 pub mod test_env;
 pub mod test_kinds;
 

@@ -25,6 +25,7 @@ use shardop_api::{DatabaseCluster, Shard, ShardCount, ShardState, shard_for};
 use shardop_e2e::audit::{self, AuditEvent};
 use shardop_e2e::metrics::{metric_value, scrape};
 use shardop_e2e::process::{FAST_LEASES, ShardopProcess};
+use shardop_e2e::reconciled::{converged_on, stateful_set_shards};
 use shardop_e2e::test_env::TestEnv;
 use shardop_e2e::{valid_spec, wait_for};
 
@@ -150,7 +151,7 @@ impl Env {
     }
 
     /// Waits until every object carries its desired shard label for `n` shards, no drain
-    /// label, and was reconciled by that shard.
+    /// label, and was reconciled by that shard (its StatefulSet carries that label).
     async fn wait_placed(&self, n: u32, expected: usize, timeout: Duration) -> Duration {
         let started = Instant::now();
         let result = wait_for(
@@ -158,30 +159,34 @@ impl Env {
             timeout,
             || async {
                 let list = self.list().await;
+                let children = stateful_set_shards(&self.client, &self.objects.name).await?;
                 let placed = list.iter().filter(|o| {
                     let want = self.desired(&o.name_any(), n);
                     o.labels().get(SHARD_LABEL) == Some(&want)
                         && !o.labels().contains_key(DRAIN_LABEL)
-                        && converged(o, &want)
+                        && converged_on(o, &want, &children)
                 });
                 (list.len() == expected && placed.count() == expected).then_some(())
             },
         )
         .await;
         if let Err(err) = result {
+            let children = stateful_set_shards(&self.client, &self.objects.name)
+                .await
+                .unwrap_or_default();
             let stale: Vec<String> = self
                 .list()
                 .await
                 .iter()
                 .filter(|o| {
                     let want = self.desired(&o.name_any(), n);
-                    o.labels().get(SHARD_LABEL) == Some(&want) && !converged(o, &want)
+                    o.labels().get(SHARD_LABEL) == Some(&want) && !converged_on(o, &want, &children)
                 })
                 .map(|o| {
                     format!(
-                        "{} (status.shard {:?})",
+                        "{} (StatefulSet of shard {:?})",
                         o.name_any(),
-                        o.status.as_ref().and_then(|s| s.shard)
+                        children.get(&o.name_any())
                     )
                 })
                 .collect();
@@ -306,13 +311,6 @@ impl Env {
         let status = shard.status.unwrap_or_default();
         Some((status.state, status.objects))
     }
-}
-
-fn converged(object: &DatabaseCluster, shard: &str) -> bool {
-    object.status.as_ref().is_some_and(|s| {
-        s.observed_generation == object.metadata.generation
-            && s.shard.map(|s| s.to_string()).as_deref() == Some(shard)
-    })
 }
 
 /// The upper bound of the histogram bucket holding quantile `q` of `metric`.

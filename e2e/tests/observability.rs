@@ -92,9 +92,9 @@ impl Env {
                         .labels
                         .as_ref()
                         .is_some_and(|l| l.contains_key(SHARD_LABEL))
-                        && o.status.as_ref().is_some_and(|s| {
-                            s.observed_generation == o.metadata.generation && s.shard.is_some()
-                        })
+                        && o.status
+                            .as_ref()
+                            .is_some_and(|s| s.observed_generation == o.metadata.generation)
                 }))
             .then_some(())
         })

@@ -20,6 +20,7 @@ use shardop_api::constants::SHARD_LABEL;
 use shardop_e2e::control_plane::OwnControlPlane;
 use shardop_e2e::metrics::http_get;
 use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess};
+use shardop_e2e::reconciled::{converged_on, stateful_set_shards};
 use shardop_e2e::{database_cluster_json, valid_spec, wait_for};
 
 const OPERATOR_NAMESPACE: &str = "shardop-system";
@@ -67,16 +68,15 @@ async fn create_objects(client: &Client, first: usize, count: usize) {
 }
 
 /// Waits until every DatabaseCluster carries shard 0 and a status of its current
-/// generation written by shard 0.
+/// generation, reconciled by shard 0.
 async fn wait_converged(client: &Client, count: usize, timeout: Duration) {
     let api: Api<DatabaseCluster> = Api::namespaced(client.clone(), OBJECT_NAMESPACE);
     wait_for("every object assigned and converged", timeout, || async {
         let list = api.list(&ListParams::default()).await.ok()?;
+        let children = stateful_set_shards(client, OBJECT_NAMESPACE).await?;
         let done = list.items.iter().filter(|o| {
             o.labels().get(SHARD_LABEL).map(String::as_str) == Some("0")
-                && o.status.as_ref().is_some_and(|s| {
-                    s.observed_generation == o.metadata.generation && s.shard == Some(0)
-                })
+                && converged_on(o, "0", &children)
         });
         (done.count() == count).then_some(())
     })

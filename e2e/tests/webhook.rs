@@ -19,6 +19,7 @@ use shardop_api::constants::SHARD_LABEL;
 use shardop_api::{DatabaseCluster, ShardCount, shard_for};
 use shardop_e2e::audit::{self, AuditEvent};
 use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess, webhook_configuration};
+use shardop_e2e::reconciled::{converged_on, stateful_set_shards};
 use shardop_e2e::test_env::TestEnv;
 use shardop_e2e::{valid_spec, wait_for};
 
@@ -94,11 +95,12 @@ impl Env {
                     .await
                     .ok()?
                     .items;
+                let children = stateful_set_shards(&self.client, &self.objects.name).await?;
                 let done = list.iter().filter(|o| {
                     let want = self.desired(&o.name_any());
                     o.labels().get(SHARD_LABEL) == Some(&want)
                         && shard_label_written_by_assigner(o.metadata.managed_fields.as_deref())
-                        && converged(o, &want)
+                        && converged_on(o, &want, &children)
                 });
                 (list.len() == expected && done.count() == expected).then_some(list)
             },
@@ -164,13 +166,6 @@ impl Env {
             )
             .await;
     }
-}
-
-fn converged(object: &DatabaseCluster, shard: &str) -> bool {
-    object.status.as_ref().is_some_and(|s| {
-        s.observed_generation == object.metadata.generation
-            && s.shard.map(|s| s.to_string()).as_deref() == Some(shard)
-    })
 }
 
 fn trusted(object: &DatabaseCluster) -> bool {

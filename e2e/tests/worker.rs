@@ -9,7 +9,7 @@
 // Tests fail by panicking; the workspace lints forbid unwrap/expect only in production code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use shardop_api::constants::{
 use shardop_e2e::audit::{self, AuditEvent};
 use shardop_e2e::metrics::{http_get, metric_value, scrape};
 use shardop_e2e::process::{FAST_LEASES, ShardopProcess};
+use shardop_e2e::reconciled::{converged_on, stateful_set_shards};
 use shardop_e2e::test_env::TestEnv;
 use shardop_e2e::{valid_spec, wait_for};
 
@@ -46,6 +47,11 @@ impl std::ops::Deref for Env {
 impl Env {
     async fn new(test: &'static str) -> Self {
         Self(TestEnv::new(test).await)
+    }
+
+    /// The shard label of each StatefulSet of the test, by name.
+    async fn children(&self) -> Option<HashMap<String, String>> {
+        stateful_set_shards(&self.client, &self.objects.name).await
     }
 
     fn worker(&self, ordinal: u32, extra: &[&str]) -> ShardopProcess {
@@ -177,10 +183,10 @@ async fn health_addr(process: &ShardopProcess) -> SocketAddr {
     .unwrap()
 }
 
-fn converged(object: &DatabaseCluster, shard: u32) -> bool {
-    object.status.as_ref().is_some_and(|s| {
-        s.observed_generation == object.metadata.generation && s.shard == Some(shard)
-    })
+/// Whether `object`'s status describes its generation and its StatefulSet was last applied
+/// by `shard` (`children`: [`stateful_set_shards`]).
+fn converged(object: &DatabaseCluster, shard: u32, children: &HashMap<String, String>) -> bool {
+    converged_on(object, &shard.to_string(), children)
 }
 
 fn label_shard(object: &DatabaseCluster) -> Option<u32> {
@@ -214,8 +220,9 @@ async fn three_hundred_objects_converge_on_their_own_shards_and_a_second_pass_wr
         Duration::from_secs(120),
         || async {
             let list = env.clusters().list(&ListParams::default()).await.ok()?;
+            let children = env.children().await?;
             let done = list.items.iter().filter(|o| {
-                converged(o, label_shard(o).unwrap_or(u32::MAX))
+                converged(o, label_shard(o).unwrap_or(u32::MAX), &children)
                     && o.status.as_ref().is_some_and(|s| s.replicas == 1)
             });
             (done.count() == OBJECTS as usize).then_some(())
@@ -484,9 +491,10 @@ async fn a_dead_workers_shard_is_taken_over_without_relabeling_and_handed_back()
     let clusters = env.clusters();
     wait_for("objects converged", Duration::from_secs(30), || async {
         let list = clusters.list(&ListParams::default()).await.ok()?;
+        let children = env.children().await?;
         list.items
             .iter()
-            .all(|o| converged(o, label_shard(o).unwrap()))
+            .all(|o| converged(o, label_shard(o).unwrap(), &children))
             .then_some(())
     })
     .await
@@ -627,8 +635,11 @@ async fn drain_is_acknowledged_once_and_sigterm_releases_the_lease_at_once() {
     let _worker1 = env.worker(1, &FAST_LEASES);
     env.create("db", Some(0), valid_spec(1)).await;
     let clusters = env.clusters();
+    // Converged, with the StatefulSet's pod created: its status is settled (no kubelet).
     wait_for("converged on shard 0", Duration::from_secs(30), || async {
-        converged(&clusters.get("db").await.ok()?, 0).then_some(())
+        let children = env.children().await?;
+        let object = clusters.get("db").await.ok()?;
+        (converged(&object, 0, &children) && object.status.as_ref()?.replicas == 1).then_some(())
     })
     .await
     .unwrap();
@@ -661,8 +672,9 @@ async fn drain_is_acknowledged_once_and_sigterm_releases_the_lease_at_once() {
         || async {
             let sts = sts_api.get_opt("db").await.ok()??;
             let object = clusters.get("db").await.ok()?;
+            let children = env.children().await?;
             (sts.labels().get(SHARD_LABEL).map(String::as_str) == Some("1")
-                && converged(&object, 1))
+                && converged(&object, 1, &children))
             .then_some(())
         },
     )
@@ -682,6 +694,30 @@ async fn drain_is_acknowledged_once_and_sigterm_releases_the_lease_at_once() {
     assert!(
         late.is_empty(),
         "shard 0 wrote after its acknowledgement: {late:?}"
+    );
+    // Taking over cost shard 1 the children's relabel and nothing else: the status was
+    // settled before the move and names no shard, so there was no status to write.
+    let taken_over: Vec<_> = env
+        .object_writes()
+        .into_iter()
+        .filter(|e| e.worker_shard() == Some(1) && e.database_cluster().as_deref() == Some("db"))
+        .map(|e| {
+            let subresource = e.object_ref.as_ref().and_then(|o| o.subresource.clone());
+            (
+                e.verb.clone(),
+                e.target().map(|(r, n)| format!("{r}/{n}")),
+                subresource,
+            )
+        })
+        .collect();
+    assert_eq!(
+        taken_over.len(),
+        2,
+        "shard 1 should apply the StatefulSet and the Service only: {taken_over:?}"
+    );
+    assert!(
+        taken_over.iter().all(|(_, _, sub)| sub.is_none()),
+        "shard 1 wrote a status it had nothing to put in: {taken_over:?}"
     );
 
     // SIGTERM: the lease is released at once, not left to expire.
@@ -720,8 +756,9 @@ async fn wait_owned_by(env: &Env, name: &str, shard: u32, what: &str) {
     let want = shard.to_string();
     let result = wait_for(what, Duration::from_secs(30), || async {
         let object = env.clusters().get(name).await.ok()?;
+        let children = env.children().await?;
         let (sts, svc) = child_labels(env, name).await;
-        (converged(&object, shard)
+        (converged(&object, shard, &children)
             && sts.as_deref() == Some(want.as_str())
             && svc.as_deref() == Some(want.as_str()))
         .then_some(())
@@ -977,12 +1014,14 @@ async fn bench_first_pass_reconciles_per_second() {
         .await;
     let reconciled = |env: &Env| {
         let clusters = env.clusters();
+        let (client, namespace) = (env.client.clone(), env.objects.name.clone());
         async move {
             let list = clusters.list(&ListParams::default()).await.ok()?;
+            let children = stateful_set_shards(&client, &namespace).await?;
             let done = list
                 .items
                 .iter()
-                .filter(|o| converged(o, label_shard(o).unwrap_or(u32::MAX)))
+                .filter(|o| converged(o, label_shard(o).unwrap_or(u32::MAX), &children))
                 .count();
             (done == objects as usize).then_some(())
         }
@@ -1069,7 +1108,7 @@ async fn the_longest_admitted_name_gets_its_children_and_its_pod() {
     let clusters = env.clusters();
     wait_for("converged", Duration::from_secs(60), || async {
         let object = clusters.get(&name).await.ok()?;
-        converged(&object, 0).then_some(())
+        converged(&object, 0, &env.children().await?).then_some(())
     })
     .await
     .unwrap();
@@ -1111,10 +1150,10 @@ async fn non_canonical_quantities_converge_and_a_second_pass_writes_nothing() {
     let clusters = env.clusters();
     wait_for("converged", Duration::from_secs(60), || async {
         let list = clusters.list(&ListParams::default()).await.ok()?;
-        let done = list
-            .items
-            .iter()
-            .filter(|o| converged(o, 0) && o.status.as_ref().is_some_and(|s| s.replicas == 1));
+        let children = env.children().await?;
+        let done = list.items.iter().filter(|o| {
+            converged(o, 0, &children) && o.status.as_ref().is_some_and(|s| s.replicas == 1)
+        });
         (done.count() == specs.len()).then_some(())
     })
     .await
@@ -1207,7 +1246,7 @@ async fn a_stuck_object_shows_in_the_oldest_unconverged_gauge() {
         Duration::from_secs(60),
         || async {
             let object = clusters.get("stuck").await.ok()?;
-            converged(&object, 0).then_some(())
+            converged(&object, 0, &env.children().await?).then_some(())
         },
     )
     .await

@@ -249,9 +249,6 @@ pub struct DatabaseClusterStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
-    /// The shard whose worker last reconciled this object.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shard: Option<u32>,
     /// How many volume-claim ordinals may exist: claims `data-<name>-0` up to
     /// `data-<name>-<claimOrdinals - 1>`, the highest replica count the StatefulSet was ever
     /// given. Claims of removed replicas are kept on scale-down, so deletion with

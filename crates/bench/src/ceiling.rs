@@ -300,7 +300,6 @@ impl IdealWriter {
             "observedGeneration": generation,
             "replicas": 1,
             "readyReplicas": 0,
-            "shard": shard,
         } });
         let params = PatchParams {
             field_manager: Some(WORKER_FIELD_MANAGER.to_owned()),

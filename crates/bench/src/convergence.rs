@@ -1,14 +1,18 @@
 //! Watching DatabaseClusters converge: for each object, when the load generator changed it
-//! and when the watch first showed it converged (status for the current generation written
-//! by its shard), plus its shard and drain labels. Lag figures come from here, with the
-//! watch's own latency included, as a user watching `kubectl get dbc -w` would see it.
+//! and when the watch first showed it converged (status for the current generation, which
+//! only the owning shard writes), plus its shard and drain labels and the shard label of
+//! its StatefulSet (the shard that last reconciled it: the status names no shard). Lag
+//! figures come from here, with the watch's own latency included, as a user watching
+//! `kubectl get dbc -w` would see it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
 use shardop_api::DatabaseCluster;
 use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL};
@@ -29,6 +33,8 @@ struct State {
     max_unassigned: usize,
     /// Create response → first shard label seen (seconds), per created object, in order.
     assign_lags: Vec<f64>,
+    /// The shard label of each StatefulSet (named as its DatabaseCluster).
+    children: HashMap<String, u32>,
 }
 
 /// What the load generator did to an object.
@@ -54,8 +60,6 @@ struct ObjectTimes {
     shard: Option<u32>,
     /// Whether it carries a drain label.
     draining: bool,
-    /// Whether the status names a shard.
-    status_shard: Option<u32>,
     /// When the load generator's create returned, and whether its response already
     /// carried a shard label (stamped at creation by the assigner's webhook).
     created: Option<(Instant, bool)>,
@@ -71,23 +75,63 @@ impl ObjectTimes {
     }
 }
 
+/// An event of one of the two watches.
+enum Seen {
+    Object(watcher::Result<Event<DatabaseCluster>>),
+    Child(watcher::Result<Event<PartialObjectMeta<StatefulSet>>>),
+}
+
 impl Convergence {
-    /// Starts watching `api`; the watch ends with the returned task.
-    pub fn watch(api: Api<DatabaseCluster>) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts watching the DatabaseClusters of `api` and the StatefulSets of `children`
+    /// (their metadata only); the watches end with the returned task.
+    pub fn watch(
+        api: Api<DatabaseCluster>,
+        children: Api<PartialObjectMeta<StatefulSet>>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let state = Self::default();
         let inner = state.clone();
         let task = tokio::spawn(async move {
-            let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
+            let objects = watcher::watcher(api, watcher::Config::default()).map(Seen::Object);
+            let children = watcher::watcher(children, watcher::Config::default()).map(Seen::Child);
+            let mut events = futures::stream::select(objects.boxed(), children.boxed());
             while let Some(event) = events.next().await {
                 match event {
-                    Ok(Event::Apply(object) | Event::InitApply(object)) => inner.observe(&object),
-                    Ok(Event::Delete(object)) => inner.mark_deleted(&object),
-                    Ok(Event::Init | Event::InitDone) => {}
-                    Err(error) => tracing::warn!(%error, "convergence watch error"),
+                    Seen::Object(Ok(Event::Apply(object) | Event::InitApply(object))) => {
+                        inner.observe(&object);
+                    }
+                    Seen::Object(Ok(Event::Delete(object))) => inner.mark_deleted(&object),
+                    Seen::Child(Ok(Event::Apply(child) | Event::InitApply(child))) => {
+                        inner.observe_child(&child.metadata, true);
+                    }
+                    Seen::Child(Ok(Event::Delete(child))) => {
+                        inner.observe_child(&child.metadata, false);
+                    }
+                    Seen::Object(Ok(Event::Init | Event::InitDone))
+                    | Seen::Child(Ok(Event::Init | Event::InitDone)) => {}
+                    Seen::Object(Err(error)) | Seen::Child(Err(error)) => {
+                        tracing::warn!(%error, "convergence watch error");
+                    }
                 }
             }
         });
         (state, task)
+    }
+
+    /// Records the shard label of a StatefulSet (`exists`) or forgets it (deleted).
+    fn observe_child(&self, meta: &kube::api::ObjectMeta, exists: bool) {
+        let Some(name) = meta.name.clone() else {
+            return;
+        };
+        let shard = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SHARD_LABEL))
+            .and_then(|v| v.parse::<u32>().ok());
+        let mut state = self.lock();
+        match shard.filter(|_| exists) {
+            Some(shard) => state.children.insert(name, shard),
+            None => state.children.remove(&name),
+        };
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -137,11 +181,10 @@ impl Convergence {
             .and_then(|l| l.get(SHARD_LABEL))
             .and_then(|v| v.parse::<u32>().ok());
         let draining = labels.is_some_and(|l| l.contains_key(DRAIN_LABEL));
-        let status_shard = object.status.as_ref().and_then(|s| s.shard);
         let converged = object
             .status
             .as_ref()
-            .is_some_and(|s| s.observed_generation == Some(generation) && s.shard.is_some());
+            .is_some_and(|s| s.observed_generation == Some(generation));
         let mut state = self.lock();
         let State {
             objects,
@@ -149,6 +192,7 @@ impl Convergence {
             unassigned,
             max_unassigned,
             assign_lags,
+            ..
         } = &mut *state;
         let entry = objects.entry(name).or_default();
         let was_unassigned = entry.unassigned() && entry.generation != 0;
@@ -165,7 +209,6 @@ impl Convergence {
         entry.deleted = false;
         entry.shard = shard;
         entry.draining = draining;
-        entry.status_shard = status_shard;
         if entry.generation != generation {
             entry.generation = generation;
             entry.converged_at = None;
@@ -268,15 +311,16 @@ impl Convergence {
     }
 
     /// Whether every live object carries `desired(name)` as its shard label, no drain label,
-    /// and a status written by that shard.
+    /// and a StatefulSet that shard applied (the new owner's reconcile after a move).
     pub fn placed(&self, desired: impl Fn(&str) -> u32) -> bool {
-        self.lock()
+        let state = self.lock();
+        state
             .objects
             .iter()
             .filter(|(_, t)| !t.deleted)
             .all(|(n, t)| {
                 let want = desired(n);
-                t.shard == Some(want) && !t.draining && t.status_shard == Some(want)
+                t.shard == Some(want) && !t.draining && state.children.get(n) == Some(&want)
             })
     }
 

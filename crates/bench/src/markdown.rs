@@ -44,6 +44,7 @@ const SCENARIOS: &[(&str, &[&str])] = &[
             "max_unassigned",
             "dual_ownership",
             "imbalance",
+            "writes_per_moved_object",
         ],
     ),
     (

@@ -68,7 +68,8 @@ impl Run {
         let cluster = shardop_e2e::cluster();
         let env = BenchEnv::new(cluster, scenario).await?;
         let api: Api<DatabaseCluster> = Api::namespaced(env.client.clone(), &env.objects_ns.name);
-        let (conv, watch) = Convergence::watch(api);
+        let children = Api::namespaced(env.client.clone(), &env.objects_ns.name);
+        let (conv, watch) = Convergence::watch(api, children);
         let audit = cluster
             .audit_log
             .clone()

@@ -205,6 +205,83 @@ fn desired_shard(namespace: &str, shards: u32) -> impl Fn(&str) -> u32 + '_ {
     }
 }
 
+/// The writes a rebalance step cost per moved object, from the audit log since
+/// `since`: their total, and the assigner's label writes and the workers' writes by verb
+/// and resource (acknowledgements, child applies, status patches), each ÷ `moved`.
+fn writes_per_moved_object(
+    run: &mut Run,
+    since: Timestamp,
+    moved: usize,
+) -> anyhow::Result<(f64, Value)> {
+    let audit = run.audit()?;
+    let per_move = |count: usize| count as f64 / moved.max(1) as f64;
+    let mut by_kind = serde_json::Map::new();
+    let mut total = audit.assigner_label_writes_since(since);
+    by_kind.insert("assigner label".into(), json!(per_move(total)));
+    for (kind, count) in audit.worker_writes_by_kind_since(since) {
+        total += count;
+        by_kind.insert(format!("worker {kind}"), json!(per_move(count)));
+    }
+    Ok((per_move(total), Value::Object(by_kind)))
+}
+
+/// One `rescale` step, `from` → `to` shards: starts or stops workers as the StatefulSet
+/// would, waits until every object is placed and reconciled by its desired shard, and
+/// returns the step's figures.
+async fn rescale_step(run: &mut Run, knobs: &Knobs, from: u32, to: u32) -> anyhow::Result<Value> {
+    let namespace = run.env.objects_ns.name.clone();
+    let before = run.conv.shards();
+    run.conv.take_max_unassigned();
+    let step_started = Instant::now();
+    let step_since = Timestamp::now();
+    tracing::info!(from, to, "rescaling");
+    if to > from {
+        for index in from..to {
+            run.env.start_worker(index, &env::DEFAULT_LEASE_FLAGS)?;
+        }
+        worker_statefulset(run, i32::try_from(to)?).await?;
+    } else {
+        worker_statefulset(run, i32::try_from(to)?).await?;
+        // The StatefulSet controller deletes the highest ordinals.
+        for index in (to..from).rev() {
+            if let Some(mut worker) = run.env.workers.remove(&index) {
+                worker.process.terminate(Duration::from_secs(30))?;
+            }
+        }
+    }
+    let desired = desired_shard(&namespace, to);
+    let rebalance = run
+        .wait_until(knobs.converge_timeout(), |run| run.conv.placed(&desired))
+        .await
+        .with_context(|| format!("{from} → {to}: objects not on their desired shards"))?;
+    let rebalance_s = step_started.elapsed().as_secs_f64().max(rebalance);
+    let after = run.conv.shards();
+    let moved = after
+        .iter()
+        .filter(|(name, shard)| before.get(*name) != Some(shard))
+        .count();
+    let mut per_shard: BTreeMap<u32, usize> = BTreeMap::new();
+    for shard in after.values().flatten() {
+        *per_shard.entry(*shard).or_default() += 1;
+    }
+    let max = per_shard.values().copied().max().unwrap_or(0) as f64;
+    let mean = after.len() as f64 / f64::from(to);
+    let objects = after.len().max(1) as f64;
+    let (writes, writes_by_kind) = writes_per_moved_object(run, step_since, moved)?;
+    Ok(json!({
+        "from": from,
+        "to": to,
+        "moved_fraction": moved as f64 / objects,
+        "ideal_fraction": f64::from(from.abs_diff(to)) / f64::from(from.max(to)),
+        "rebalance_s": rebalance_s,
+        "max_unassigned": run.conv.take_max_unassigned(),
+        "imbalance": max / mean.max(1e-9),
+        "objects_per_shard": per_shard,
+        "writes_per_moved_object": writes,
+        "writes_per_moved_object_by_kind": writes_by_kind,
+    }))
+}
+
 /// `rescale`: 3 → 4, then 4 → 2.
 pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let (mut run, _, raw) = begin("rescale", knobs).await?;
@@ -219,60 +296,20 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
     // Measured from quiet: moves share the API server with the controller manager's
     // follow-up of the creates otherwise, and the step times measure that backlog.
     let quiet = populate(&mut run, knobs).await?;
-    let namespace = run.env.objects_ns.name.clone();
     let mut steps = Vec::new();
     for (from, to) in [(3_u32, 4_u32), (4, 2)] {
-        let before = run.conv.shards();
-        run.conv.take_max_unassigned();
-        let step_started = Instant::now();
-        tracing::info!(from, to, "rescaling");
-        if to > from {
-            for index in from..to {
-                run.env.start_worker(index, &env::DEFAULT_LEASE_FLAGS)?;
-            }
-            worker_statefulset(&run, i32::try_from(to)?).await?;
-        } else {
-            worker_statefulset(&run, i32::try_from(to)?).await?;
-            // The StatefulSet controller deletes the highest ordinals.
-            for index in (to..from).rev() {
-                if let Some(mut worker) = run.env.workers.remove(&index) {
-                    worker.process.terminate(Duration::from_secs(30))?;
-                }
-            }
-        }
-        let desired = desired_shard(&namespace, to);
-        let rebalance = run
-            .wait_until(knobs.converge_timeout(), |run| run.conv.placed(&desired))
-            .await
-            .with_context(|| format!("{from} → {to}: objects not on their desired shards"))?;
-        let rebalance_s = step_started.elapsed().as_secs_f64().max(rebalance);
-        let after = run.conv.shards();
-        let moved = after
-            .iter()
-            .filter(|(name, shard)| before.get(*name) != Some(shard))
-            .count();
-        let mut per_shard: BTreeMap<u32, usize> = BTreeMap::new();
-        for shard in after.values().flatten() {
-            *per_shard.entry(*shard).or_default() += 1;
-        }
-        let max = per_shard.values().copied().max().unwrap_or(0) as f64;
-        let mean = after.len() as f64 / f64::from(to);
-        let objects = after.len().max(1) as f64;
-        steps.push(json!({
-            "from": from,
-            "to": to,
-            "moved_fraction": moved as f64 / objects,
-            "ideal_fraction": f64::from(from.abs_diff(to)) / f64::from(from.max(to)),
-            "rebalance_s": rebalance_s,
-            "max_unassigned": run.conv.take_max_unassigned(),
-            "imbalance": max / mean.max(1e-9),
-            "objects_per_shard": per_shard,
-        }));
+        steps.push(rescale_step(&mut run, knobs, from, to).await?);
     }
     run.settle(Duration::from_secs(3), Duration::from_secs(60))
         .await?;
     let ownership = run.audit()?.ownership_figures();
     let dual_ownership = ownership.dual_ownership;
+    // Every step moves objects, each with at least its new label and its children's.
+    let writes_counted = steps.iter().all(|s| {
+        s["writes_per_moved_object"]
+            .as_f64()
+            .is_some_and(|w| w.is_finite() && w >= 1.0)
+    });
     let mut report = report(
         "rescale",
         knobs,
@@ -286,6 +323,7 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
         "rebalance_s",
         "max_unassigned",
         "imbalance",
+        "writes_per_moved_object",
     ] {
         let values: Vec<Value> = steps.iter().map(|s| s[key].clone()).collect();
         report.set(key, values);
@@ -300,7 +338,10 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
     run.finish();
     Ok(Outcome {
         report,
-        checks: vec![("dual_ownership == 0".into(), dual_ownership == 0)],
+        checks: vec![
+            ("dual_ownership == 0".into(), dual_ownership == 0),
+            ("writes_per_moved_object >= 1".into(), writes_counted),
+        ],
     })
 }
 

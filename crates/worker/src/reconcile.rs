@@ -477,7 +477,6 @@ async fn write_status(
     resize: &Resize,
 ) -> Result<(), ReconcileError> {
     let shared = &ctx.shared;
-    let shard = shared.shard;
     let namespace = cluster.namespace().unwrap_or_default();
     let name = cluster.name_any();
     let written = {
@@ -493,7 +492,6 @@ async fn write_status(
         current_status,
         stateful_set,
         problem,
-        shard,
         now,
     });
     let previous_conditions = current_status.map(|s| s.conditions.as_slice());

@@ -12,7 +12,7 @@
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use shardop_api::constants::condition::{AVAILABLE, DEGRADED, PROGRESSING};
-use shardop_api::{DatabaseCluster, DatabaseClusterStatus, ShardIndex};
+use shardop_api::{DatabaseCluster, DatabaseClusterStatus};
 
 pub use crate::book::{TerminalProblem, WrittenStatus};
 
@@ -41,8 +41,6 @@ pub struct Observed<'a> {
     pub stateful_set: Option<&'a StatefulSet>,
     /// A terminal problem with the current generation, if any.
     pub problem: Option<&'a TerminalProblem>,
-    /// The shard reconciling it.
-    pub shard: ShardIndex,
     /// The current time, for conditions that transition now.
     pub now: jiff::Timestamp,
 }
@@ -135,7 +133,6 @@ pub fn desired_status(observed: &Observed<'_>) -> DatabaseClusterStatus {
             condition(PROGRESSING, progressing),
             condition(DEGRADED, degraded),
         ],
-        shard: Some(observed.shard.0),
         claim_ordinals: Some(crate::claims::ordinals_to_record(
             cluster,
             observed.current_status,
@@ -207,11 +204,9 @@ mod tests {
             current_status: c.status.as_ref(),
             stateful_set: None,
             problem: None,
-            shard: ShardIndex(1),
             now: at(100),
         });
         assert_eq!(status.observed_generation, Some(1));
-        assert_eq!(status.shard, Some(1));
         assert_eq!(cond(&status, AVAILABLE).status, "False");
         assert_eq!(cond(&status, PROGRESSING).reason, "Creating");
         assert_eq!(cond(&status, DEGRADED).status, "False");
@@ -228,7 +223,6 @@ mod tests {
                 current_status: c.status.as_ref(),
                 stateful_set: Some(s),
                 problem: None,
-                shard: ShardIndex(0),
                 now: at(now),
             })
         };
@@ -277,7 +271,6 @@ mod tests {
             current_status: Some(&written),
             stateful_set: Some(&s),
             problem: None,
-            shard: ShardIndex(0),
             now: at(100),
         });
         assert_eq!(status.claim_ordinals, Some(5), "claims 3 and 4 may exist");
@@ -293,7 +286,6 @@ mod tests {
                 current_status: current,
                 stateful_set: Some(&s),
                 problem: None,
-                shard: ShardIndex(0),
                 now: at(now),
             })
         };
@@ -355,7 +347,6 @@ mod tests {
             current_status: c.status.as_ref(),
             stateful_set: None,
             problem: Some(&problem),
-            shard: ShardIndex(0),
             now: at(1),
         });
         let degraded = cond(&status, DEGRADED);
