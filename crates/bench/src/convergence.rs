@@ -82,18 +82,24 @@ enum Seen {
 }
 
 impl Convergence {
-    /// Starts watching the DatabaseClusters of `api` and the StatefulSets of `children`
-    /// (their metadata only); the watches end with the returned task.
+    /// Starts watching the DatabaseClusters of `api` and, when given, the StatefulSets of
+    /// `children` (their metadata only: [`placed`](Self::placed) reads their shard label);
+    /// the watches end with the returned task.
     pub fn watch(
         api: Api<DatabaseCluster>,
-        children: Api<PartialObjectMeta<StatefulSet>>,
+        children: Option<Api<PartialObjectMeta<StatefulSet>>>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let state = Self::default();
         let inner = state.clone();
         let task = tokio::spawn(async move {
             let objects = watcher::watcher(api, watcher::Config::default()).map(Seen::Object);
-            let children = watcher::watcher(children, watcher::Config::default()).map(Seen::Child);
-            let mut events = futures::stream::select(objects.boxed(), children.boxed());
+            let children = match children {
+                Some(api) => watcher::watcher(api, watcher::Config::default())
+                    .map(Seen::Child)
+                    .boxed(),
+                None => futures::stream::pending().boxed(),
+            };
+            let mut events = futures::stream::select(objects.boxed(), children);
             while let Some(event) = events.next().await {
                 match event {
                     Seen::Object(Ok(Event::Apply(object) | Event::InitApply(object))) => {
@@ -311,7 +317,8 @@ impl Convergence {
     }
 
     /// Whether every live object carries `desired(name)` as its shard label, no drain label,
-    /// and a StatefulSet that shard applied (the new owner's reconcile after a move).
+    /// and a StatefulSet that shard applied (the new owner's reconcile after a move). Needs
+    /// the StatefulSet watch ([`watch`](Self::watch) with `children`).
     pub fn placed(&self, desired: impl Fn(&str) -> u32) -> bool {
         let state = self.lock();
         state
