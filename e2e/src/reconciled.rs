@@ -33,6 +33,14 @@ pub async fn stateful_set_shards(
     )
 }
 
+/// Whether `object`'s status describes its current generation.
+pub fn status_is_current(object: &DatabaseCluster) -> bool {
+    object
+        .status
+        .as_ref()
+        .is_some_and(|s| s.observed_generation == object.metadata.generation)
+}
+
 /// Whether `object`'s status describes its current generation and its StatefulSet was
 /// last applied by `shard` (from [`stateful_set_shards`]).
 pub fn converged_on(
@@ -40,10 +48,6 @@ pub fn converged_on(
     shard: &str,
     stateful_set_shards: &HashMap<String, String>,
 ) -> bool {
-    let current = object
-        .status
-        .as_ref()
-        .is_some_and(|s| s.observed_generation == object.metadata.generation);
     let name = object.metadata.name.as_deref().unwrap_or_default();
-    current && stateful_set_shards.get(name).map(String::as_str) == Some(shard)
+    status_is_current(object) && stateful_set_shards.get(name).map(String::as_str) == Some(shard)
 }

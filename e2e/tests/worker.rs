@@ -27,7 +27,7 @@ use shardop_api::constants::{
 use shardop_e2e::audit::{self, AuditEvent};
 use shardop_e2e::metrics::{http_get, metric_value, scrape};
 use shardop_e2e::process::{FAST_LEASES, ShardopProcess};
-use shardop_e2e::reconciled::{converged_on, stateful_set_shards};
+use shardop_e2e::reconciled::{converged_on, stateful_set_shards, status_is_current};
 use shardop_e2e::test_env::TestEnv;
 use shardop_e2e::{valid_spec, wait_for};
 
@@ -672,9 +672,8 @@ async fn drain_is_acknowledged_once_and_sigterm_releases_the_lease_at_once() {
         || async {
             let sts = sts_api.get_opt("db").await.ok()??;
             let object = clusters.get("db").await.ok()?;
-            let children = env.children().await?;
             (sts.labels().get(SHARD_LABEL).map(String::as_str) == Some("1")
-                && converged(&object, 1, &children))
+                && status_is_current(&object))
             .then_some(())
         },
     )
@@ -756,9 +755,8 @@ async fn wait_owned_by(env: &Env, name: &str, shard: u32, what: &str) {
     let want = shard.to_string();
     let result = wait_for(what, Duration::from_secs(30), || async {
         let object = env.clusters().get(name).await.ok()?;
-        let children = env.children().await?;
         let (sts, svc) = child_labels(env, name).await;
-        (converged(&object, shard, &children)
+        (status_is_current(&object)
             && sts.as_deref() == Some(want.as_str())
             && svc.as_deref() == Some(want.as_str()))
         .then_some(())
