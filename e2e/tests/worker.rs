@@ -814,6 +814,42 @@ async fn a_child_given_another_shards_label_is_relabelled_by_its_owner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_children_are_recreated_at_once() {
+    // A deleted child's last version looks like the one before it: the deletion itself
+    // must trigger its parent (the next resync is an hour away).
+    let env = Env::new("w-child-deleted").await;
+    let _worker = env.worker(0, &[]);
+    env.create("db", Some(0), valid_spec(2)).await;
+    wait_owned_by(&env, "db", 0, "converged on shard 0").await;
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.objects.name);
+    let sts_uid = env.stateful_sets().get("db").await.unwrap().uid();
+    let svc_uid = services.get("db-headless").await.unwrap().uid();
+
+    // One at a time: a reconcile of the parent recreates both.
+    env.stateful_sets()
+        .delete("db", &DeleteParams::background())
+        .await
+        .unwrap();
+    wait_for("the StatefulSet recreated", Duration::from_secs(30), || async {
+        let sts = env.stateful_sets().get("db").await.ok()?;
+        (sts.uid() != sts_uid).then_some(())
+    })
+    .await
+    .unwrap();
+    services
+        .delete("db-headless", &DeleteParams::background())
+        .await
+        .unwrap();
+    wait_for("the Service recreated", Duration::from_secs(30), || async {
+        let svc = services.get("db-headless").await.ok()?;
+        (svc.uid() != svc_uid).then_some(())
+    })
+    .await
+    .unwrap();
+    env.release_objects().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn children_edited_by_someone_else_are_restored() {
     // The shard caches only the fields it reads of each child: an edit of one of the
     // fields it applies must still show as drift, and be applied back.

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::{BackoffPolicy, FailureCounts};
 use crate::book::{ObjectKey, key_of};
 use crate::child_cache::{CachedChild, Projected};
+use crate::child_events::ChildCache;
 use crate::context::{ScopeContext, ShardShared};
 use crate::reconcile;
 use crate::status::is_behind;
@@ -337,10 +338,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Drives a child reflector in its own task; returns the task and the stream of (filtered)
-/// child events for the controller, deletions included. Every event marks the parent as
-/// pending. The cache keeps each child as a [`CachedChild`], and only versions whose
-/// [`Projected::change_fingerprint`] changed reach the controller.
+/// Drives a child cache in its own task; returns the task and the stream of the children
+/// whose parents should reconcile ([`ChildCache::apply`]), for the controller. Every such
+/// child marks its parent as pending.
 fn drive_children<K, W>(
     writer: reflector::store::Writer<CachedChild<K>>,
     watch: W,
@@ -352,34 +352,34 @@ where
     W: futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
 {
     let (tx, rx) = futures::channel::mpsc::unbounded();
-    let watch = watch.map_ok(cached_event);
-    let driver = reflector::reflector(writer, watch)
+    let mut cache = ChildCache::new(writer);
+    let driver = watch
         .default_backoff()
-        .inspect(move |event| {
-            if matches!(event, Ok(watcher::Event::InitDone)) {
-                synced.cancel();
-            }
-        })
-        // Deletes too: a child that leaves the shard's selector (someone gave it another
-        // shard's label) is invisible from then on, and only a reconcile of its parent
-        // puts the label back. The memo of a child gone from the cache is void as well.
-        .touched_objects()
-        .inspect_ok({
-            let shared = shared.clone();
-            move |child| shared.book().forget_applied_once_seen(child)
-        })
-        .predicate_filter(
-            CachedChild::<K>::change_fingerprint,
-            kube::runtime::PredicateConfig::default(),
-        )
+        .map_ok(cached_event)
         .for_each(move |event| {
             match event {
-                Ok(child) => {
-                    if let Some(parent) = child.parent_key() {
-                        shared.scope.mark_pending(parent);
+                Ok(event) => {
+                    // Deletes too: a child that leaves the shard's selector (someone gave it
+                    // another shard's label) is invisible from then on, and only a reconcile
+                    // of its parent puts the label back.
+                    let touched = cache.apply(&event);
+                    if let watcher::Event::Apply(child)
+                    | watcher::Event::InitApply(child)
+                    | watcher::Event::Delete(child) = &event
+                    {
+                        // After the cache holds this version (see `reconcile::apply_if_changed`).
+                        shared.book().forget_applied_once_seen(child);
                     }
-                    // The receiver is gone only when the controller stopped.
-                    let _ = tx.unbounded_send(Ok(child));
+                    if matches!(event, watcher::Event::InitDone) {
+                        synced.cancel();
+                    }
+                    for child in touched {
+                        if let Some(parent) = child.parent_key() {
+                            shared.scope.mark_pending(parent);
+                        }
+                        // The receiver is gone only when the controller stopped.
+                        let _ = tx.unbounded_send(Ok(child));
+                    }
                 }
                 Err(err) => shardop::reachability::log_watch_error("children", &err),
             }

@@ -6,6 +6,7 @@
 mod backoff;
 mod book;
 mod child_cache;
+mod child_events;
 mod children;
 mod claims;
 mod condition_set;
@@ -145,9 +146,10 @@ struct RunArgs {
 static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 fn main() -> anyhow::Result<()> {
-    // Written to dhat-heap.json when it drops, i.e. when the worker exits normally.
+    // Written to dhat-heap.json when it drops, i.e. when the worker exits normally. Deep
+    // backtraces: what holds a cached object is often many (inlined) frames up.
     #[cfg(feature = "heap-profile")]
-    let _profiler = dhat::Profiler::new_heap();
+    let _profiler = dhat::Profiler::builder().trim_backtraces(Some(48)).build();
     let cli = Cli::parse();
     match cli.command {
         Command::Crd { output_dir } => print_crds(output_dir),
