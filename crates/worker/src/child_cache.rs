@@ -64,7 +64,9 @@ const RESOURCES: Mask = Mask::All;
 
 impl Projected for StatefulSet {
     /// What [`crate::children::desired_stateful_set`] sets (and the volume resize shapes),
-    /// and the status the DatabaseCluster status is computed from.
+    /// and the status fields the DatabaseCluster status is computed from
+    /// ([`crate::status::desired_status`]); revisions, conditions and the other counts are
+    /// not read.
     const READ: Mask = Mask::Fields(&[
         ("apiVersion", Mask::All),
         ("kind", Mask::All),
@@ -122,7 +124,15 @@ impl Projected for StatefulSet {
                 ),
             ]),
         ),
-        ("status", Mask::All),
+        (
+            "status",
+            Mask::Fields(&[
+                ("observedGeneration", Mask::All),
+                ("replicas", Mask::All),
+                ("readyReplicas", Mask::All),
+                ("updatedReplicas", Mask::All),
+            ]),
+        ),
     ]);
 
     /// Its spec (generation, drift by others), labels (shard), and the status fields the
@@ -416,7 +426,19 @@ mod tests {
         let object = cached.object().unwrap();
         assert!(is_subset(&desired, &object), "in sync, no apply");
         // What the status, the resize and the cleanup read.
-        assert_eq!(object.status, served.status);
+        let (status, served_status) = (
+            object.status.clone().unwrap(),
+            served.status.clone().unwrap(),
+        );
+        assert_eq!(
+            status.observed_generation,
+            served_status.observed_generation
+        );
+        assert_eq!(status.replicas, served_status.replicas);
+        assert_eq!(status.ready_replicas, served_status.ready_replicas);
+        assert_eq!(status.updated_replicas, served_status.updated_replicas);
+        assert_eq!(status.current_revision, None, "not read, not kept");
+        assert_eq!(status.available_replicas, None, "not read, not kept");
         assert_eq!(object.metadata.generation, Some(2));
         assert_eq!(object.metadata.labels, served.metadata.labels);
         assert_eq!(
