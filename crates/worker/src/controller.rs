@@ -29,6 +29,7 @@ use crate::child_cache::{CachedChild, Projected};
 use crate::child_events::ChildCache;
 use crate::context::{ScopeContext, ShardShared};
 use crate::reconcile;
+use crate::resync;
 use crate::status::is_behind;
 
 /// Settings shared by every shard controller of the process.
@@ -170,6 +171,10 @@ fn scope_controller(
     let controller = Controller::for_stream(cluster_events, clusters.clone())
         .owns_stream(children.sts_events)
         .owns_stream(children.svc_events)
+        .reconcile_on(resync::due_for_resync(
+            clusters.clone(),
+            resync::RESYNC_PERIOD,
+        ))
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(scope.stopped());
 

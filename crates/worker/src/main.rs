@@ -16,6 +16,7 @@ mod error;
 mod fault;
 mod quantity;
 mod reconcile;
+mod resync;
 mod status;
 mod volume_resize;
 

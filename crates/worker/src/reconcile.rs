@@ -32,14 +32,6 @@ pub use crate::error::ReconcileError;
 use crate::status::{Observed, TerminalProblem, WrittenStatus, desired_status, known_status};
 use crate::volume_resize::{self, Resize, ResizeIo};
 
-/// Shortest requeue of a converged object. Changes arrive by watch; the resync is a safety
-/// net against an event lost to a bug in event filtering, and costs no API request (the
-/// comparison is with the caches). Hours, not minutes: at 10,000 objects it is ~2
-/// cache-only reconciles per second.
-const RESYNC_MIN: Duration = Duration::from_secs(60 * 60);
-/// The resync is spread over this much more, so that objects converged together (a mass
-/// creation, a restart) do not come back together.
-const RESYNC_SPREAD: Duration = Duration::from_secs(30 * 60);
 /// Requeue of an object whose spec cannot be applied: it waits for a spec change.
 const TERMINAL_RESYNC: Duration = Duration::from_secs(10 * 60);
 /// First requeue while deleted claims are still terminating; it doubles with every pass
@@ -128,7 +120,8 @@ pub async fn reconcile(
     match outcome {
         Ok(Outcome::Done) => {
             shared.failures.reset(&key);
-            Ok(Action::requeue(resync_after(jitter_unit())))
+            // The periodic resync is the controller's (`crate::resync`), not a requeue.
+            Ok(Action::await_change())
         }
         Ok(Outcome::Terminal) => {
             shared.failures.reset(&key);
@@ -148,12 +141,6 @@ pub async fn reconcile(
             Err(err)
         }
     }
-}
-
-/// When a converged object is looked at again: [`RESYNC_MIN`] plus `unit` (in `[0, 1)`,
-/// random) of [`RESYNC_SPREAD`].
-fn resync_after(unit: f64) -> Duration {
-    RESYNC_MIN + RESYNC_SPREAD.mul_f64(unit.clamp(0.0, 1.0))
 }
 
 /// kube-runtime's error policy: per-object exponential backoff.
@@ -860,26 +847,6 @@ mod tests {
         let waits: Vec<u64> = (1..=8).map(|n| cleanup_poll(n).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
         assert_eq!(cleanup_poll(u32::MAX), CLEANUP_POLL_CAP);
-    }
-
-    #[test]
-    fn converged_objects_come_back_after_one_to_one_and_a_half_hours_spread_at_random() {
-        let hour = Duration::from_secs(3600);
-        assert_eq!(resync_after(0.0), hour);
-        assert_eq!(resync_after(0.5), hour + Duration::from_secs(15 * 60));
-        assert!(resync_after(0.999_999) < hour + Duration::from_secs(30 * 60));
-        let draws: Vec<Duration> = (0..200).map(|_| resync_after(jitter_unit())).collect();
-        assert!(
-            draws
-                .iter()
-                .all(|d| (hour..hour + Duration::from_secs(30 * 60)).contains(d))
-        );
-        let min = draws.iter().min().unwrap();
-        let max = draws.iter().max().unwrap();
-        assert!(
-            *max - *min > Duration::from_secs(10 * 60),
-            "not spread: {min:?}..{max:?}"
-        );
     }
 
     fn refused(message: &str) -> Result<DeletionPass, ClaimDeletionError> {
