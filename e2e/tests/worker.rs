@@ -830,10 +830,14 @@ async fn deleted_children_are_recreated_at_once() {
         .delete("db", &DeleteParams::background())
         .await
         .unwrap();
-    wait_for("the StatefulSet recreated", Duration::from_secs(30), || async {
-        let sts = env.stateful_sets().get("db").await.ok()?;
-        (sts.uid() != sts_uid).then_some(())
-    })
+    wait_for(
+        "the StatefulSet recreated",
+        Duration::from_secs(30),
+        || async {
+            let sts = env.stateful_sets().get("db").await.ok()?;
+            (sts.uid() != sts_uid).then_some(())
+        },
+    )
     .await
     .unwrap();
     services

@@ -63,28 +63,17 @@ pub fn due_for_resync(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use kube::runtime::reflector;
     use kube::runtime::watcher::Event;
-    use shardop_api::{DatabaseClusterSpec, ReclaimPolicy, StorageSpec};
 
     fn cluster(name: &str) -> DatabaseCluster {
-        let mut cluster = DatabaseCluster::new(
-            name,
-            DatabaseClusterSpec {
-                replicas: 1,
-                image: "postgres:17".into(),
-                resources: None,
-                storage: StorageSpec {
-                    storage_class_name: None,
-                    size: Quantity("1Gi".into()),
-                    reclaim_policy: ReclaimPolicy::Retain,
-                },
-            },
-        );
-        cluster.metadata.namespace = Some("ns".into());
-        cluster.metadata.uid = Some(format!("uid-of-{name}"));
-        cluster
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "shardop.dev/v1alpha1",
+            "kind": "DatabaseCluster",
+            "metadata": { "name": name, "namespace": "ns", "uid": format!("uid-of-{name}") },
+            "spec": { "replicas": 1, "image": "postgres:17", "storage": { "size": "1Gi" } },
+        }))
+        .unwrap()
     }
 
     #[test]
