@@ -822,35 +822,26 @@ async fn deleted_children_are_recreated_at_once() {
     env.create("db", Some(0), valid_spec(2)).await;
     wait_owned_by(&env, "db", 0, "converged on shard 0").await;
     let services: Api<Service> = Api::namespaced(env.client.clone(), &env.objects.name);
-    let sts_uid = env.stateful_sets().get("db").await.unwrap().uid();
-    let svc_uid = services.get("db-headless").await.unwrap().uid();
-
     // One at a time: a reconcile of the parent recreates both.
-    env.stateful_sets()
-        .delete("db", &DeleteParams::background())
-        .await
-        .unwrap();
-    wait_for(
-        "the StatefulSet recreated",
-        Duration::from_secs(30),
-        || async {
-            let sts = env.stateful_sets().get("db").await.ok()?;
-            (sts.uid() != sts_uid).then_some(())
-        },
-    )
-    .await
-    .unwrap();
-    services
-        .delete("db-headless", &DeleteParams::background())
-        .await
-        .unwrap();
-    wait_for("the Service recreated", Duration::from_secs(30), || async {
-        let svc = services.get("db-headless").await.ok()?;
-        (svc.uid() != svc_uid).then_some(())
+    delete_and_wait_recreated(&env.stateful_sets(), "db", "the StatefulSet recreated").await;
+    delete_and_wait_recreated(&services, "db-headless", "the Service recreated").await;
+    env.release_objects().await;
+}
+
+/// Deletes `name` (background propagation) and waits up to 30 s for an object of that name
+/// with another uid.
+async fn delete_and_wait_recreated<K>(api: &Api<K>, name: &str, what: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let uid = api.get(name).await.unwrap().uid();
+    api.delete(name, &DeleteParams::background()).await.unwrap();
+    wait_for(what, Duration::from_secs(30), || async {
+        let object = api.get(name).await.ok()?;
+        (object.uid() != uid).then_some(())
     })
     .await
     .unwrap();
-    env.release_objects().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
