@@ -11,10 +11,17 @@
 //! typed object ([`CachedChild::object`]), so the comparison and the status are computed
 //! from the same values as from a full cache; fields outside [`Projected::READ`] read as
 //! absent.
+//!
+//! The text is kept LZ4-compressed against a dictionary per kind
+//! ([`Projected::dictionary`]): the text of the child the worker would apply for a sample
+//! parent. Every child of a kind repeats the same keys, labels and template, so what is
+//! left per child is little more than its names and counts (a StatefulSet's ≈ 1.1 KB text
+//! keeps ≈ 0.1 KB); a reconcile pays one decompression of a few microseconds.
 
 use std::borrow::Cow;
 use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
+use std::sync::LazyLock;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
@@ -23,6 +30,9 @@ use kube::Resource;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use shardop_api::{DatabaseCluster, DatabaseClusterSpec, ShardIndex, StorageSpec};
+
+use crate::children::{desired_service, desired_stateful_set};
 
 /// Which fields of a JSON object to keep: all of a value, or only some keys of an object
 /// (arrays apply the mask to each element).
@@ -44,6 +54,76 @@ pub trait Projected:
     /// What of the child matters to its parent: a version whose fingerprint did not change
     /// triggers no reconcile. `None`: every version does.
     fn change_fingerprint(&self) -> Option<u64>;
+
+    /// The dictionary the cached texts of this kind are compressed against: the
+    /// [`Self::READ`] text of a typical child, so what all children share is stored once.
+    fn dictionary() -> &'static [u8];
+}
+
+/// The parent the dictionaries are built from: a DatabaseCluster with every optional
+/// field the desired children carry, so each key and label of a child is in its
+/// dictionary.
+fn sample_parent() -> DatabaseCluster {
+    let spec: DatabaseClusterSpec = DatabaseClusterSpec {
+        replicas: 3,
+        image: "postgres:17".into(),
+        resources: serde_json::from_value(serde_json::json!({
+            "requests": {"cpu": "500m", "memory": "1Gi"},
+            "limits": {"cpu": "1", "memory": "1Gi"},
+        }))
+        .ok(),
+        storage: StorageSpec {
+            storage_class_name: Some("standard".into()),
+            size: k8s_openapi::apimachinery::pkg::api::resource::Quantity("10Gi".into()),
+            reclaim_policy: Default::default(),
+        },
+    };
+    let mut parent = DatabaseCluster::new("database", spec);
+    parent.metadata.namespace = Some("default".into());
+    parent.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
+    parent
+}
+
+/// The JSON text [`CachedChild`] keeps of `object`: [`Projected::READ`] without the
+/// metadata it keeps typed.
+fn projected_text<K: Projected>(object: &K) -> String {
+    let Ok(mut value) = serde_json::to_value(object) else {
+        // A typed object always serialises; should it not, the cache shows no fields
+        // beyond the metadata and the next reconcile re-applies the child.
+        return String::new();
+    };
+    keep(&mut value, &K::READ);
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        // Kept typed (see [`CachedChild::of`]), not twice.
+        for key in TYPED_METADATA {
+            meta.remove(key);
+        }
+    }
+    value.to_string()
+}
+
+/// The metadata a [`CachedChild`] keeps as typed fields.
+const TYPED_METADATA: [&str; 5] = [
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "ownerReferences",
+];
+
+/// The dictionary of kind `K`: the text of `sample`, a child as served (generation and the
+/// status fields set).
+fn dictionary_of<K: Projected>(mut sample: K, status: Value) -> Vec<u8> {
+    if let Ok(mut value) = serde_json::to_value(&sample) {
+        value["metadata"]["generation"] = 1.into();
+        if !status.is_null() {
+            value["status"] = status;
+        }
+        if let Ok(served) = serde_json::from_value(value) {
+            sample = served;
+        }
+    }
+    projected_text(&sample).into_bytes()
 }
 
 /// Metadata every child keeps: identity and owner as typed fields (see [`CachedChild`]),
@@ -151,6 +231,19 @@ impl Projected for StatefulSet {
             .hash(&mut hasher);
         Some(hasher.finish())
     }
+
+    fn dictionary() -> &'static [u8] {
+        static DICTIONARY: LazyLock<Vec<u8>> = LazyLock::new(|| {
+            dictionary_of(
+                desired_stateful_set(&sample_parent(), ShardIndex(0)),
+                serde_json::json!({
+                    "observedGeneration": 1, "replicas": 3, "readyReplicas": 3,
+                    "updatedReplicas": 3
+                }),
+            )
+        });
+        &DICTIONARY
+    }
 }
 
 impl Projected for Service {
@@ -173,6 +266,16 @@ impl Projected for Service {
     fn change_fingerprint(&self) -> Option<u64> {
         kube::runtime::predicates::resource_version(self)
     }
+
+    fn dictionary() -> &'static [u8] {
+        static DICTIONARY: LazyLock<Vec<u8>> = LazyLock::new(|| {
+            dictionary_of(
+                desired_service(&sample_parent(), ShardIndex(0)),
+                Value::Null,
+            )
+        });
+        &DICTIONARY
+    }
 }
 
 /// A child as the shard caches it (see the module docs).
@@ -180,8 +283,9 @@ impl Projected for Service {
 pub struct CachedChild<K> {
     /// Name, namespace, uid, resourceVersion and owner references; nothing else.
     metadata: ObjectMeta,
-    /// The rest of [`Projected::READ`], as JSON text.
-    read: Box<str>,
+    /// The rest of [`Projected::READ`], as JSON text compressed against
+    /// [`Projected::dictionary`] (its length prepended).
+    read: Box<[u8]>,
     /// [`Projected::change_fingerprint`] of the full object.
     change: Option<u64>,
     kind: PhantomData<fn() -> K>,
@@ -210,39 +314,26 @@ impl<K: Projected> CachedChild<K> {
             owner_references: meta.owner_references.clone(),
             ..ObjectMeta::default()
         };
-        let read = match serde_json::to_value(object) {
-            Ok(mut value) => {
-                keep(&mut value, &K::READ);
-                if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-                    // Kept typed (above), not twice.
-                    for key in [
-                        "name",
-                        "namespace",
-                        "uid",
-                        "resourceVersion",
-                        "ownerReferences",
-                    ] {
-                        meta.remove(key);
-                    }
-                }
-                value.to_string()
-            }
-            // A typed object always serialises; should it not, the cache shows no fields
-            // beyond the metadata and the next reconcile re-applies the child.
-            Err(_) => String::new(),
-        };
+        let read = lz4_flex::block::compress_prepend_size_with_dict(
+            projected_text(object).as_bytes(),
+            K::dictionary(),
+        );
         Self {
             metadata,
-            read: read.into_boxed_str(),
+            read: read.into_boxed_slice(),
             change: object.change_fingerprint(),
             kind: PhantomData,
         }
     }
 
     /// The child with the fields the reconcile reads ([`Projected::READ`]); `None` only if
-    /// the cached text does not parse back (never for a text made by [`Self::of`]).
+    /// the cached text does not decompress or parse back (never for one made by
+    /// [`Self::of`]).
     pub fn object(&self) -> Option<K> {
-        let mut value: Value = serde_json::from_str(&self.read).ok()?;
+        let text =
+            lz4_flex::block::decompress_size_prepended_with_dict(&self.read, K::dictionary())
+                .ok()?;
+        let mut value: Value = serde_json::from_slice(&text).ok()?;
         let meta = serde_json::to_value(&self.metadata).ok()?;
         if let (Some(read_meta), Value::Object(typed)) = (
             value
@@ -464,6 +555,35 @@ mod tests {
         assert_eq!(pod.dns_policy, None);
         assert_eq!(pod.containers[0].termination_message_path, None);
         assert!(cached.read.len() < serde_json::to_string(&served).unwrap().len());
+    }
+
+    #[test]
+    fn a_cached_child_keeps_little_more_than_what_sets_it_apart() {
+        // Names, image, sizes and counts all differ from the dictionary's sample parent.
+        let sts = as_served(&desired_sts(), sts_status());
+        let text = projected_text(&sts);
+        let cached = CachedChild::of(&sts);
+        assert!(
+            cached.read.len() * 4 < text.len(),
+            "{} compressed bytes of a {}-byte text",
+            cached.read.len(),
+            text.len()
+        );
+        assert!(is_subset(&desired_sts(), &cached.object().unwrap()));
+        let service = desired_service(&cluster(), ShardIndex(1));
+        let cached = CachedChild::of(&service);
+        assert!(cached.read.len() * 3 < projected_text(&service).len());
+        assert!(is_subset(&service, &cached.object().unwrap()));
+    }
+
+    #[test]
+    fn a_damaged_cached_text_reads_as_no_child() {
+        let mut cached = CachedChild::of(&as_served(&desired_sts(), sts_status()));
+        cached.read = cached.read[..cached.read.len() / 2].into();
+        assert!(
+            cached.object().is_none(),
+            "the next reconcile re-applies it"
+        );
     }
 
     #[test]
