@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
-use shardop_api::{DatabaseCluster, DatabaseClusterStatus};
+use shardop_api::DatabaseClusterStatus;
 use tokio::time::Instant;
 
 /// The resourceVersion as a number. Kubernetes calls it opaque, but with etcd it is the
@@ -49,7 +50,7 @@ impl WrittenStatus {
     /// Whether `cached` already holds this write or a later version of the object. A
     /// resourceVersion that is not a number counts as seen: the cache answers then, and
     /// the worst outcome is one redundant write.
-    pub fn is_seen_in(&self, cached: &DatabaseCluster) -> bool {
+    pub fn is_seen_in(&self, cached: &impl Resource) -> bool {
         numeric_resource_version(cached).is_none_or(|seen| seen >= self.resource_version)
     }
 }
@@ -151,7 +152,7 @@ impl Bookkeeping {
     }
 
     /// Forgets everything about an object whose cleanup finished.
-    pub fn forget_deleted(&mut self, key: &str, uid: &str, cluster: &DatabaseCluster) {
+    pub fn forget_deleted(&mut self, key: &str, uid: &str, cluster: &impl Resource) {
         self.terminal.remove(uid);
         self.unconverged_since.remove(key);
         self.forget_object(cluster);
@@ -180,7 +181,7 @@ impl Bookkeeping {
 
     /// Drops the status memo of an object once the watch delivered the written version
     /// (or a later one).
-    pub fn forget_status_once_seen(&mut self, cluster: &DatabaseCluster) {
+    pub fn forget_status_once_seen(&mut self, cluster: &impl Resource) {
         let key = key_of(cluster);
         if self
             .status_written
@@ -196,32 +197,31 @@ impl Bookkeeping {
     /// Degraded for their current generation: those wait for the user to change the spec,
     /// their condition says why, and counting them would keep the gauge high for a problem
     /// the operator cannot fix. Zero when there is none.
-    pub fn oldest_unconverged(
+    pub fn oldest_unconverged<K: Resource>(
         &self,
         now: Instant,
-        cached: impl Fn(&str) -> Option<Arc<DatabaseCluster>>,
+        cached: impl Fn(&str) -> Option<Arc<K>>,
     ) -> Duration {
         self.unconverged_since
             .iter()
-            .filter(|(key, _)| cached(key).is_some_and(|object| !self.is_degraded(&object)))
+            .filter(|(key, _)| cached(key).is_some_and(|object| !self.is_degraded(object.meta())))
             .map(|(_, since)| now.saturating_duration_since(*since))
             .max()
             .unwrap_or_default()
     }
 
     /// Whether the object's current generation was found impossible to apply.
-    fn is_degraded(&self, object: &DatabaseCluster) -> bool {
+    fn is_degraded(&self, object: &ObjectMeta) -> bool {
         object
-            .metadata
             .uid
             .as_ref()
             .and_then(|uid| self.terminal.get(uid))
-            .is_some_and(|(generation, _)| *generation == object.metadata.generation)
+            .is_some_and(|(generation, _)| *generation == object.generation)
     }
 
     /// Forgets what this shard wrote for an object that leaves it (drained, deleted):
     /// the status memo and the apply memo of its children.
-    pub fn forget_object(&mut self, cluster: &DatabaseCluster) {
+    pub fn forget_object(&mut self, cluster: &impl Resource) {
         self.status_written.remove(&key_of(cluster));
         self.forget_children(
             cluster.meta().namespace.as_deref().unwrap_or_default(),
@@ -245,6 +245,7 @@ impl Bookkeeping {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::Service;
+    use shardop_api::DatabaseCluster;
 
     fn cached_cluster(name: &str, uid: &str, generation: i64) -> Arc<DatabaseCluster> {
         Arc::new(

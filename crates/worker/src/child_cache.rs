@@ -18,7 +18,6 @@
 //! left per child is little more than its names and counts (a StatefulSet's ≈ 1.1 KB text
 //! keeps ≈ 0.1 KB); a reconcile pays one decompression of a few microseconds.
 
-use std::borrow::Cow;
 use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
 use std::sync::LazyLock;
@@ -32,7 +31,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use shardop_api::{DatabaseCluster, DatabaseClusterSpec, ShardIndex, StorageSpec};
 
+use crate::cached_kind::impl_resource_as;
 use crate::children::{desired_service, desired_stateful_set};
+use crate::packed::PackedText;
 
 /// Which fields of a JSON object to keep: all of a value, or only some keys of an object
 /// (arrays apply the mask to each element).
@@ -63,7 +64,7 @@ pub trait Projected:
 /// The parent the dictionaries are built from: a DatabaseCluster with every optional
 /// field the desired children carry, so each key and label of a child is in its
 /// dictionary.
-fn sample_parent() -> DatabaseCluster {
+pub fn sample_parent() -> DatabaseCluster {
     let spec: DatabaseClusterSpec = DatabaseClusterSpec {
         replicas: 3,
         image: "postgres:17".into(),
@@ -285,7 +286,7 @@ pub struct CachedChild<K> {
     metadata: ObjectMeta,
     /// The rest of [`Projected::READ`], as JSON text compressed against
     /// [`Projected::dictionary`] (its length prepended).
-    read: Box<[u8]>,
+    read: PackedText,
     /// [`Projected::change_fingerprint`] of the full object.
     change: Option<u64>,
     kind: PhantomData<fn() -> K>,
@@ -314,13 +315,10 @@ impl<K: Projected> CachedChild<K> {
             owner_references: meta.owner_references.clone(),
             ..ObjectMeta::default()
         };
-        let read = lz4_flex::block::compress_prepend_size_with_dict(
-            projected_text(object).as_bytes(),
-            K::dictionary(),
-        );
+        let read = PackedText::pack(projected_text(object).as_bytes(), K::dictionary());
         Self {
             metadata,
-            read: read.into_boxed_slice(),
+            read,
             change: object.change_fingerprint(),
             kind: PhantomData,
         }
@@ -330,9 +328,7 @@ impl<K: Projected> CachedChild<K> {
     /// the cached text does not decompress or parse back (never for one made by
     /// [`Self::of`]).
     pub fn object(&self) -> Option<K> {
-        let text =
-            lz4_flex::block::decompress_size_prepended_with_dict(&self.read, K::dictionary())
-                .ok()?;
+        let text = self.read.unpack(K::dictionary())?;
         let mut value: Value = serde_json::from_slice(&text).ok()?;
         let meta = serde_json::to_value(&self.metadata).ok()?;
         if let (Some(read_meta), Value::Object(typed)) = (
@@ -383,34 +379,7 @@ fn keep(value: &mut Value, mask: &Mask) {
     }
 }
 
-impl<K: Projected> Resource for CachedChild<K> {
-    type DynamicType = ();
-    type Scope = K::Scope;
-
-    fn kind(dt: &()) -> Cow<'_, str> {
-        K::kind(dt)
-    }
-
-    fn group(dt: &()) -> Cow<'_, str> {
-        K::group(dt)
-    }
-
-    fn version(dt: &()) -> Cow<'_, str> {
-        K::version(dt)
-    }
-
-    fn plural(dt: &()) -> Cow<'_, str> {
-        K::plural(dt)
-    }
-
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+impl_resource_as!(impl<K: Projected> for CachedChild<K> as K);
 
 #[cfg(test)]
 mod tests {
@@ -579,7 +548,7 @@ mod tests {
     #[test]
     fn a_damaged_cached_text_reads_as_no_child() {
         let mut cached = CachedChild::of(&as_served(&desired_sts(), sts_status()));
-        cached.read = cached.read[..cached.read.len() / 2].into();
+        cached.read = PackedText::damaged();
         assert!(
             cached.object().is_none(),
             "the next reconcile re-applies it"

@@ -8,11 +8,11 @@ use k8s_openapi::api::core::v1::Service;
 use kube::Client;
 use kube::runtime::reflector::Store;
 use shardop::{LeaseGuard, ShardIndex, ShardMetrics, ShardScope};
-use shardop_api::DatabaseCluster;
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
 use crate::book::{Bookkeeping, ObjectKey};
 use crate::child_cache::CachedChild;
+use crate::cluster_cache::CachedCluster;
 
 /// What the reconciles of one shard share.
 pub struct ShardShared {
@@ -56,5 +56,5 @@ pub struct ScopeContext {
     /// Cached Services of the shard (what a reconcile reads of them).
     pub services: Store<CachedChild<Service>>,
     /// Cached DatabaseClusters of the shard (the controller's own store).
-    pub clusters: Store<DatabaseCluster>,
+    pub clusters: Store<CachedCluster>,
 }

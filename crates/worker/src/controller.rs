@@ -27,10 +27,10 @@ use crate::backoff::{BackoffPolicy, FailureCounts};
 use crate::book::{ObjectKey, key_of};
 use crate::child_cache::{CachedChild, Projected};
 use crate::child_events::ChildCache;
+use crate::cluster_cache::CachedCluster;
 use crate::context::{ScopeContext, ShardShared};
 use crate::reconcile;
 use crate::resync;
-use crate::status::is_behind;
 
 /// Settings shared by every shard controller of the process.
 #[derive(Clone, Debug)]
@@ -90,13 +90,13 @@ pub async fn serve(scope: ShardScope, settings: ControllerSettings) {
 
 /// The shard's load, from the caches and the bookkeeping (the library adds queue depth and
 /// the longest running reconcile).
-fn load(shared: &ShardShared, stores: &[Store<DatabaseCluster>]) -> ShardLoad {
+fn load(shared: &ShardShared, stores: &[Store<CachedCluster>]) -> ShardLoad {
     let mut load = ShardLoad::default();
     for store in stores {
         for object in store.state() {
             load.objects += 1;
-            load.backlog += i64::from(is_behind(&object));
-            load.terminating += i64::from(object.metadata.deletion_timestamp.is_some());
+            load.backlog += i64::from(object.is_behind());
+            load.terminating += i64::from(object.meta().deletion_timestamp.is_some());
         }
     }
     let cached = |key: &str| {
@@ -123,14 +123,14 @@ fn scope_controller(
     settings: &ControllerSettings,
     synced: SyncedScopes,
 ) -> (
-    Store<DatabaseCluster>,
+    Store<CachedCluster>,
     futures::future::BoxFuture<'static, ()>,
 ) {
     let scope = shared.scope.clone();
     let client = scope.client();
     let config = scope.watcher_config();
 
-    let (clusters, cluster_writer) = reflector::store::<DatabaseCluster>();
+    let (clusters, cluster_writer) = reflector::store::<CachedCluster>();
     let (stateful_sets, sts_writer) = reflector::store::<CachedChild<StatefulSet>>();
     let (services, svc_writer) = reflector::store::<CachedChild<Service>>();
     scope.track_cache(clusters.clone());
@@ -280,18 +280,20 @@ where
 /// worker's memos kept in step with what the watch delivers.
 fn cluster_events(
     shared: &Arc<ShardShared>,
-    writer: reflector::store::Writer<DatabaseCluster>,
+    writer: reflector::store::Writer<CachedCluster>,
     api: Api<DatabaseCluster>,
     config: watcher::Config,
     synced: CancellationToken,
-) -> impl futures::Stream<Item = Result<DatabaseCluster, watcher::Error>> + Send + 'static {
+) -> impl futures::Stream<Item = Result<CachedCluster, watcher::Error>> + Send + 'static {
     let trim = shared.scope.clone();
     let events = reflector::reflector(
         writer,
-        watcher(api, config).modify(move |cluster| {
-            trim.trim_cached(cluster);
-            drop_unread_metadata(cluster);
-        }),
+        watcher(api, config)
+            .modify(move |cluster| {
+                trim.trim_cached(cluster);
+                drop_unread_metadata(cluster);
+            })
+            .map_ok(cached_cluster_event),
     )
     .default_backoff()
     .inspect({
@@ -319,7 +321,7 @@ fn cluster_events(
         .scope
         .filter_events(events)
         .inspect_ok(move |cluster| {
-            if is_behind(cluster) {
+            if cluster.is_behind() {
                 shared.book().mark_unconverged(&key_of(cluster));
             }
         })
@@ -330,6 +332,23 @@ fn cluster_events(
 /// trim ([`ShardScope::trim_cached`]) has replaced the managed fields already.
 fn drop_unread_metadata(cluster: &mut DatabaseCluster) {
     cluster.metadata.annotations = None;
+}
+
+/// A watch event with the cluster in its cached form.
+fn cached_cluster_event(event: watcher::Event<DatabaseCluster>) -> watcher::Event<CachedCluster> {
+    map_event(event, CachedCluster::of)
+}
+
+/// A watch event with its object turned into another form.
+fn map_event<A, B>(event: watcher::Event<A>, into: impl Fn(A) -> B) -> watcher::Event<B> {
+    use watcher::Event;
+    match event {
+        Event::Apply(object) => Event::Apply(into(object)),
+        Event::Delete(object) => Event::Delete(into(object)),
+        Event::InitApply(object) => Event::InitApply(into(object)),
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+    }
 }
 
 /// Aborts its tasks when dropped.
@@ -395,14 +414,7 @@ where
 
 /// A child watch event with the child in its cached form.
 fn cached_event<K: Projected>(event: watcher::Event<K>) -> watcher::Event<CachedChild<K>> {
-    use watcher::Event;
-    match event {
-        Event::Apply(child) => Event::Apply(CachedChild::of(&child)),
-        Event::Delete(child) => Event::Delete(CachedChild::of(&child)),
-        Event::InitApply(child) => Event::InitApply(CachedChild::of(&child)),
-        Event::Init => Event::Init,
-        Event::InitDone => Event::InitDone,
-    }
+    map_event(event, |child| CachedChild::of(&child))
 }
 
 /// The parent DatabaseCluster of a child, from its controller owner reference.
@@ -465,6 +477,6 @@ mod tests {
         );
         assert_eq!(cluster.metadata.finalizers, before.metadata.finalizers);
         assert_eq!(cluster.metadata.generation, Some(3));
-        assert!(is_behind(&cluster));
+        assert!(CachedCluster::of(cluster).is_behind());
     }
 }

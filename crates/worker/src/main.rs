@@ -5,15 +5,18 @@
 
 mod backoff;
 mod book;
+mod cached_kind;
 mod child_cache;
 mod child_events;
 mod children;
 mod claims;
+mod cluster_cache;
 mod condition_set;
 mod context;
 mod controller;
 mod error;
 mod fault;
+mod packed;
 mod quantity;
 mod reconcile;
 mod resync;

@@ -26,6 +26,7 @@ use crate::book::{AppliedMemo, AppliedObject, Bookkeeping, key_of, numeric_resou
 use crate::child_cache::{CachedChild, Projected};
 use crate::children::{self, desired_service, desired_stateful_set, is_subset};
 use crate::claims::{self, ClaimDeletionError, DeletionPass};
+use crate::cluster_cache::CachedCluster;
 use crate::condition_set::{ConditionValue, set_condition};
 use crate::context::ScopeContext;
 pub use crate::error::ReconcileError;
@@ -86,7 +87,7 @@ fn is_undecodable_object(status: &kube::core::Status) -> bool {
 
 /// kube-runtime's reconcile entry point.
 pub async fn reconcile(
-    cluster: Arc<DatabaseCluster>,
+    cluster: Arc<CachedCluster>,
     ctx: Arc<ScopeContext>,
 ) -> Result<Action, ReconcileError> {
     let shared = ctx.shared.clone();
@@ -96,12 +97,12 @@ pub async fn reconcile(
         "reconcile",
         object = %key,
         shard = %shard,
-        generation = cluster.metadata.generation,
+        generation = cluster.meta().generation,
         action = tracing::field::Empty,
         result = tracing::field::Empty,
     );
     let started = std::time::Instant::now();
-    let outcome = reconcile_inner(&cluster, &ctx, &key)
+    let outcome = reconcile_cached(&cluster, &ctx, &key)
         .instrument(span.clone())
         .await;
     let result = match &outcome {
@@ -145,7 +146,7 @@ pub async fn reconcile(
 
 /// kube-runtime's error policy: per-object exponential backoff.
 pub fn error_policy(
-    cluster: Arc<DatabaseCluster>,
+    cluster: Arc<CachedCluster>,
     err: &ReconcileError,
     ctx: Arc<ScopeContext>,
 ) -> Action {
@@ -174,6 +175,39 @@ enum Outcome {
     CleanupPending,
     /// A step in progress that produces no event (a volume resize); look again then.
     Waiting(Duration),
+}
+
+/// Reconciles the object the cache holds in its compact form.
+async fn reconcile_cached(
+    cached: &CachedCluster,
+    ctx: &ScopeContext,
+    key: &str,
+) -> Result<Outcome, ReconcileError> {
+    match cached.object() {
+        Some(cluster) => reconcile_inner(&cluster, ctx, key).await,
+        None => match read_cluster(cached, ctx).await? {
+            Some(cluster) => reconcile_inner(&cluster, ctx, key).await,
+            // Deleted meanwhile: its watch event tells the cache.
+            None => Ok(Outcome::Skipped),
+        },
+    }
+}
+
+/// The object from the API server, as the cache would hold it, for a cached form that
+/// does not read back (see [`CachedCluster::object`]).
+async fn read_cluster(
+    cached: &CachedCluster,
+    ctx: &ScopeContext,
+) -> Result<Option<DatabaseCluster>, ReconcileError> {
+    let namespace = cached.namespace().unwrap_or_default();
+    let found = api(ctx, &namespace)
+        .get_opt(&cached.name_any())
+        .await
+        .map_err(ReconcileError::kube("reading the DatabaseCluster"))?;
+    Ok(found.map(|mut cluster| {
+        ctx.shared.scope.trim_cached(&mut cluster);
+        cluster
+    }))
 }
 
 async fn reconcile_inner(
@@ -596,7 +630,9 @@ fn remember_status(ctx: &ScopeContext, key: &str, updated: DatabaseCluster) {
         return;
     };
     let mut book = ctx.shared.book();
-    let cached = ctx.clusters.get(&ObjectRef::from_obj(&updated));
+    let cached = ctx
+        .clusters
+        .get(&ObjectRef::new(&updated.name_any()).within(&updated.namespace().unwrap_or_default()));
     let Some(status) = updated.status else {
         return;
     };
@@ -604,7 +640,7 @@ fn remember_status(ctx: &ScopeContext, key: &str, updated: DatabaseCluster) {
         resource_version,
         status,
     };
-    if cached.is_some_and(|cached| written.is_seen_in(&cached)) {
+    if cached.is_some_and(|cached| written.is_seen_in(cached.as_ref())) {
         return;
     }
     book.remember_status(key, written);

@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use kube::Resource;
 use kube::runtime::reflector::{ObjectRef, Store};
-use shardop_api::DatabaseCluster;
 
 /// How often every object is reconciled again without an event.
 pub const RESYNC_PERIOD: Duration = Duration::from_secs(60 * 60);
@@ -35,10 +35,13 @@ pub fn slot_of(uid: &str, slots: u32) -> u32 {
 /// (the first tick one tick after the call): at tick `n`, those whose
 /// [`slot_of`] is `n mod SLOTS`. Lazy: the store is read when a tick is taken, so a
 /// controller that stops polling while busy delays the resync but queues nothing.
-pub fn due_for_resync(
-    store: Store<DatabaseCluster>,
+pub fn due_for_resync<K>(
+    store: Store<K>,
     period: Duration,
-) -> impl Stream<Item = ObjectRef<DatabaseCluster>> + Send + 'static {
+) -> impl Stream<Item = ObjectRef<K>> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
     let tick = period / SLOTS;
     let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     // After a stall, the next tick comes one tick later rather than in a burst.
@@ -48,11 +51,11 @@ pub fn due_for_resync(
         Some((n % SLOTS, (interval, n.wrapping_add(1))))
     })
     .flat_map(move |slot| {
-        let due: Vec<ObjectRef<DatabaseCluster>> = store
+        let due: Vec<ObjectRef<K>> = store
             .state()
             .iter()
             .filter(|object| {
-                slot_of(object.metadata.uid.as_deref().unwrap_or_default(), SLOTS) == slot
+                slot_of(object.meta().uid.as_deref().unwrap_or_default(), SLOTS) == slot
             })
             .map(|object| ObjectRef::from_obj(object.as_ref()))
             .collect();
@@ -65,6 +68,7 @@ mod tests {
     use super::*;
     use kube::runtime::reflector;
     use kube::runtime::watcher::Event;
+    use shardop_api::DatabaseCluster;
 
     fn cluster(name: &str) -> DatabaseCluster {
         serde_json::from_value(serde_json::json!({
