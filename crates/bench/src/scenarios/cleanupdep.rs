@@ -46,40 +46,61 @@ async fn claim_deletion_refused(run: &Run, claim: &str) -> bool {
     )
 }
 
+/// One cleanup pass of a stuck object that the dependency refused: from the worker's
+/// deletion of the StatefulSet that opens the pass (or, without one, the claim deletion)
+/// to the refused claim deletion's response.
+#[derive(Clone, Copy, Debug)]
+struct Attempt {
+    start: Timestamp,
+    end: Timestamp,
+}
+
 /// Refused claim deletions by the workers since `since`, per DatabaseCluster (from the
-/// claim name `data-<name>-<ordinal>`): the cleanup attempts of the stuck objects.
+/// claim name `data-<name>-<ordinal>`): the cleanup attempts of the stuck objects, each
+/// with the time its pass started.
 fn refused_cleanups(
     run: &mut Run,
     since: Timestamp,
-) -> anyhow::Result<BTreeMap<String, Vec<Timestamp>>> {
-    let mut attempts: BTreeMap<String, Vec<Timestamp>> = BTreeMap::new();
-    for event in &run.audit()?.events {
+) -> anyhow::Result<BTreeMap<String, Vec<Attempt>>> {
+    let mut attempts: BTreeMap<String, Vec<Attempt>> = BTreeMap::new();
+    // The last StatefulSet deletion of each object by a worker: where its next pass began.
+    let mut pass_started: BTreeMap<String, Timestamp> = BTreeMap::new();
+    let mut events: Vec<_> = run.audit()?.events.iter().collect();
+    events.sort_by_key(|event| event.request_received_timestamp);
+    for event in events {
         let Some(object) = event.object_ref.as_ref() else {
             continue;
         };
+        if event.request_received_timestamp < since
+            || event.worker_shard().is_none()
+            || event.verb != "delete"
+        {
+            continue;
+        }
+        let name = object.name.as_deref().unwrap_or_default();
+        if object.resource == "statefulsets" {
+            pass_started.insert(name.to_owned(), event.request_received_timestamp);
+            continue;
+        }
         let refused = event
             .response_status
             .as_ref()
             .is_some_and(|s| s.code >= 400 && s.code != 404);
-        if event.request_received_timestamp < since
-            || event.worker_shard().is_none()
-            || event.verb != "delete"
-            || object.resource != "persistentvolumeclaims"
-            || !refused
-        {
+        if object.resource != "persistentvolumeclaims" || !refused {
             continue;
         }
-        let owner = object
-            .name
-            .as_deref()
-            .and_then(|n| n.strip_prefix("data-"))
+        let owner = name
+            .strip_prefix("data-")
             .and_then(|n| n.rsplit_once('-'))
             .map(|(owner, _)| owner.to_owned());
         if let Some(owner) = owner {
-            attempts
-                .entry(owner)
-                .or_default()
-                .push(event.request_received_timestamp);
+            let start = pass_started
+                .remove(&owner)
+                .unwrap_or(event.request_received_timestamp);
+            attempts.entry(owner).or_default().push(Attempt {
+                start,
+                end: event.stage_timestamp,
+            });
         }
     }
     Ok(attempts)
@@ -282,7 +303,7 @@ struct StuckRetries {
 }
 
 impl StuckRetries {
-    fn of(attempts: &BTreeMap<String, Vec<Timestamp>>) -> Self {
+    fn of(attempts: &BTreeMap<String, Vec<Attempt>>) -> Self {
         let growths: Vec<f64> = attempts.values().filter_map(|t| gap_growth(t)).collect();
         Self {
             attempts_max: attempts.values().map(Vec::len).max().unwrap_or(0),
@@ -301,13 +322,21 @@ impl StuckRetries {
 }
 
 /// How much the waits between `attempts` grew: the last wait over the median of the earlier
-/// ones. `None` with fewer than three attempts (two waits), too few to tell.
-fn gap_growth(attempts: &[Timestamp]) -> Option<f64> {
+/// ones. `None` with fewer than three attempts (two waits), too few to tell. A wait runs
+/// from the end of one attempt to the start of the next, so the time a pass spends in its
+/// own requests (seconds each on a loaded API server) does not flatten the growth.
+fn gap_growth(attempts: &[Attempt]) -> Option<f64> {
     let mut sorted = attempts.to_vec();
-    sorted.sort();
+    sorted.sort_by_key(|attempt| attempt.start);
     let gaps: Vec<f64> = sorted
         .windows(2)
-        .map(|pair| pair[1].duration_since(pair[0]).as_secs_f64())
+        .map(|pair| {
+            pair[1]
+                .start
+                .duration_since(pair[0].end)
+                .as_secs_f64()
+                .max(0.0)
+        })
         .collect();
     let (last, earlier) = gaps.split_last()?;
     if earlier.is_empty() {
@@ -325,11 +354,44 @@ fn gap_growth(attempts: &[Timestamp]) -> Option<f64> {
 mod tests {
     use super::*;
 
-    fn at(seconds: &[f64]) -> Vec<Timestamp> {
+    fn time(seconds: f64) -> Timestamp {
+        Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_secs_f64(seconds)
+    }
+
+    /// Attempts that take no time, starting at `seconds`.
+    fn at(seconds: &[f64]) -> Vec<Attempt> {
         seconds
             .iter()
-            .map(|s| Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_secs_f64(*s))
+            .map(|s| Attempt {
+                start: time(*s),
+                end: time(*s),
+            })
             .collect()
+    }
+
+    /// Attempts waiting `waits` after one another, each taking `pass` seconds.
+    fn passes(waits: &[f64], pass: f64) -> Vec<Attempt> {
+        let mut start = 0.0;
+        let mut attempts = vec![];
+        for wait in std::iter::once(&0.0).chain(waits) {
+            start += wait;
+            attempts.push(Attempt {
+                start: time(start),
+                end: time(start + pass),
+            });
+            start += pass;
+        }
+        attempts
+    }
+
+    #[test]
+    fn doubling_delays_grow_however_long_each_pass_takes() {
+        // A loaded API server: every pass spends 3 s in its own requests (counted from
+        // one attempt's start to the next, the growth would be 7 / 4).
+        let growth = gap_growth(&passes(&[0.5, 1.0, 2.0, 4.0], 3.0)).unwrap();
+        assert!(growth >= MIN_GAP_GROWTH, "{growth}");
+        let polled = gap_growth(&passes(&[1.0, 1.0, 1.0, 1.0], 3.0)).unwrap();
+        assert!(polled < MIN_GAP_GROWTH, "{polled}");
     }
 
     #[test]
