@@ -183,14 +183,15 @@ async fn reconcile_cached(
     ctx: &ScopeContext,
     key: &str,
 ) -> Result<Outcome, ReconcileError> {
-    match cached.object() {
-        Some(cluster) => reconcile_inner(&cluster, ctx, key).await,
+    let cluster = match cached.object() {
+        Some(cluster) => cluster,
         None => match read_cluster(cached, ctx).await? {
-            Some(cluster) => reconcile_inner(&cluster, ctx, key).await,
+            Some(cluster) => cluster,
             // Deleted meanwhile: its watch event tells the cache.
-            None => Ok(Outcome::Skipped),
+            None => return Ok(Outcome::Skipped),
         },
-    }
+    };
+    reconcile_inner(&cluster, ctx, key).await
 }
 
 /// The object from the API server, as the cache would hold it, for a cached form that
