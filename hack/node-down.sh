@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Stops the local node started by hack/node-up.sh and removes its runtime state: kubelet,
-# kube-scheduler, kube-proxy (and its iptables rules), every container and pod network
-# namespace, containerd, the apiserver relay, the pods' bridge and the Node object. The
-# control plane keeps running (hack/cluster-down.sh stops both). Idempotent: with nothing
-# running it just cleans up. Logs stay in the cluster directory.
+# kube-scheduler, kube-proxy (and its iptables rules), the tests' partition chain, every
+# container and pod network namespace, containerd, the apiserver relay, the pods' bridge
+# and the Node object. The control plane keeps running (hack/cluster-down.sh stops both).
+# Idempotent: with nothing running it just cleans up. Logs stay in the cluster directory.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=hack/lib.sh
@@ -92,6 +92,9 @@ if [[ -x "$node_bin/kube-proxy" ]]; then
   "$node_bin/kube-proxy" --cleanup >/dev/null 2>&1 || true
 fi
 remove_kubelet_chains
+iptables -D INPUT -j "$partition_chain" 2>/dev/null || true
+iptables -F "$partition_chain" 2>/dev/null || true
+iptables -X "$partition_chain" 2>/dev/null || true
 unmount_node_dir
 remove_pod_cgroups
 ip link del "$node_bridge" 2>/dev/null || true

@@ -14,6 +14,10 @@ pod_prefix_len=${pod_cidr#*/}
 # The node's own address is the first one of the pod range, on the bridge.
 node_ip=$(awk -F'[./]' '{ printf "%d.%d.%d.%d", $1, $2, $3, $4 + 1 }' <<<"$pod_cidr")
 node_bridge="${SHARDOP_NODE_BRIDGE:-shardop0}"
+# The iptables chain (filter table, jumped to from INPUT) that holds the e2e tests' pod
+# partitions on this node (e2e/src/node.rs builds the same name): one per node, so the
+# demo's node and the tests' node never share it; at most 28 characters.
+partition_chain="SHARDOP-CUT-$node_bridge"
 kubelet_port="${SHARDOP_KUBELET_PORT:-10250}"
 # Where socat relays the apiserver to pods (node address): the apiserver's own port.
 api_relay_port=$apiserver_port

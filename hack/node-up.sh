@@ -109,6 +109,7 @@ setup_network() {
     echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables
   fi
   echo 1 >/proc/sys/net/ipv4/ip_forward
+  setup_partition_chain
   mkdir -p "$node_dir/cni"
   cat >"$node_dir/cni/10-shardop.conflist" <<EOF
 {
@@ -131,6 +132,21 @@ setup_network() {
   ]
 }
 EOF
+}
+
+# The e2e tests cut a pod off the node with a DROP rule in this node's partition chain and
+# lift it when they end. A test process killed in between (a timeout, ^C) cannot lift it,
+# and the rule would then cut off whichever pod gets that address next, in every later run:
+# the chain starts empty whenever the node starts.
+setup_partition_chain() {
+  iptables -N "$partition_chain" 2>/dev/null || iptables -F "$partition_chain"
+  iptables -C INPUT -j "$partition_chain" 2>/dev/null || iptables -I INPUT -j "$partition_chain"
+  # Tests before the chain existed put their partitions straight into INPUT.
+  local rule
+  while read -ra rule; do
+    rule[0]=-D
+    iptables "${rule[@]}"
+  done < <(iptables -S INPUT | grep -E "^-A INPUT -s ${node_ip%.*}\.[0-9]+/32 -j DROP$" || true)
 }
 
 # ---------------------------------------------------------------------------------------

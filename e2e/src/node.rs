@@ -3,7 +3,7 @@
 //! [`LocalNode::start`], which skips them with a message only when this machine cannot run
 //! a node at all (not root, no network namespaces); any other failure fails the test.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{Context, bail};
@@ -25,6 +25,8 @@ pub struct LocalNode {
     pub db_standin_image: &'static str,
     /// The node's name.
     pub name: &'static str,
+    /// The iptables chain of [`LocalNode::partition`]'s rules.
+    partition_chain: String,
 }
 
 impl LocalNode {
@@ -32,13 +34,7 @@ impl LocalNode {
     /// binaries in [`crate::process::bin_dir`]). `Ok(None)`: this machine cannot run one,
     /// which is printed with the reason.
     pub fn start(cluster: &Cluster) -> anyhow::Result<Option<Self>> {
-        let output = Command::new("bash")
-            .arg(cluster.repo_root.join("hack/node-up.sh"))
-            .current_dir(&cluster.repo_root)
-            .env("SHARDOP_IMAGE_BIN_DIR", crate::process::bin_dir())
-            .env("SHARDOP_NODE_TIMEOUT", "300")
-            .output()
-            .context("running hack/node-up.sh")?;
+        let output = node_up(&cluster.repo_root)?;
         if output.status.code() == Some(UNSUPPORTED) {
             eprintln!(
                 "SKIPPED: no local node on this machine: {}",
@@ -46,20 +42,101 @@ impl LocalNode {
             );
             return Ok(None);
         }
-        if !output.status.success() {
-            bail!(
-                "hack/node-up.sh failed ({}):\n{}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        succeeded(&output).context("hack/node-up.sh")?;
         Ok(Some(Self {
             repo_root: cluster.repo_root.clone(),
             values_local: cluster.repo_root.join("target/images/values-local.yaml"),
             db_standin_image: "shardop.local/db-standin:1",
             name: "shardop-node",
+            partition_chain: partition_chain(),
         }))
     }
+
+    /// Runs `hack/node-up.sh` again on the running node, as the next test run would.
+    pub fn start_again(&self) -> anyhow::Result<()> {
+        succeeded(&node_up(&self.repo_root)?).context("hack/node-up.sh")
+    }
+
+    /// Drops every packet from `pod_ip` to the node (where the API server relay listens)
+    /// until the returned [`Partition`] is dropped: the pod is cut off from the control
+    /// plane.
+    pub fn partition(&self, pod_ip: &str) -> anyhow::Result<Partition> {
+        let rule = vec![
+            self.partition_chain.clone(),
+            "-s".to_owned(),
+            pod_ip.to_owned(),
+            "-j".to_owned(),
+            "DROP".to_owned(),
+        ];
+        iptables("-I", &rule)?;
+        Ok(Partition { rule })
+    }
+
+    /// The rules of the node's partition chain, as `iptables -S` prints them.
+    pub fn partitions(&self) -> anyhow::Result<Vec<String>> {
+        let output = Command::new("iptables")
+            .args(["-S", &self.partition_chain])
+            .output()
+            .context("running iptables -S")?;
+        succeeded(&output).context("iptables -S")?;
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| line.starts_with("-A "))
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+/// A pod cut off from the node by [`LocalNode::partition`]; dropping it lifts the cut. A
+/// test killed before that leaves the rule behind, and the next `hack/node-up.sh` removes it.
+#[derive(Debug)]
+pub struct Partition {
+    rule: Vec<String>,
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        if let Err(error) = iptables("-D", &self.rule) {
+            eprintln!("cleanup: lifting the partition {:?}: {error:#}", self.rule);
+        }
+    }
+}
+
+/// The node's partition chain: `partition_chain` in hack/node-lib.sh, named after the
+/// node's bridge.
+fn partition_chain() -> String {
+    let bridge = std::env::var("SHARDOP_NODE_BRIDGE").unwrap_or_else(|_| "shardop0".to_owned());
+    format!("SHARDOP-CUT-{bridge}")
+}
+
+fn node_up(repo_root: &Path) -> anyhow::Result<Output> {
+    Command::new("bash")
+        .arg(repo_root.join("hack/node-up.sh"))
+        .current_dir(repo_root)
+        .env("SHARDOP_IMAGE_BIN_DIR", crate::process::bin_dir())
+        .env("SHARDOP_NODE_TIMEOUT", "300")
+        .output()
+        .context("running hack/node-up.sh")
+}
+
+fn iptables(operation: &str, rule: &[String]) -> anyhow::Result<()> {
+    let output = Command::new("iptables")
+        .arg(operation)
+        .args(rule)
+        .output()
+        .context("running iptables")?;
+    succeeded(&output).with_context(|| format!("iptables {operation} {rule:?}"))
+}
+
+fn succeeded(output: &Output) -> anyhow::Result<()> {
+    if !output.status.success() {
+        bail!(
+            "failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
 }
 
 impl Drop for LocalNode {
