@@ -3,7 +3,7 @@
 //! [`LocalNode::start`], which skips them with a message only when this machine cannot run
 //! a node at all (not root, no network namespaces); any other failure fails the test.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use anyhow::{Context, bail};
@@ -34,7 +34,12 @@ impl LocalNode {
     /// binaries in [`crate::process::bin_dir`]). `Ok(None)`: this machine cannot run one,
     /// which is printed with the reason.
     pub fn start(cluster: &Cluster) -> anyhow::Result<Option<Self>> {
-        let output = node_up(&cluster.repo_root)?;
+        let output = Command::new("bash")
+            .arg(cluster.repo_root.join(NODE_UP))
+            .current_dir(&cluster.repo_root)
+            .envs(node_up_env())
+            .output()
+            .context("running hack/node-up.sh")?;
         if output.status.code() == Some(UNSUPPORTED) {
             eprintln!(
                 "SKIPPED: no local node on this machine: {}",
@@ -42,7 +47,13 @@ impl LocalNode {
             );
             return Ok(None);
         }
-        succeeded(&output).context("hack/node-up.sh")?;
+        if !output.status.success() {
+            bail!(
+                "hack/node-up.sh failed ({}):\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
         Ok(Some(Self {
             repo_root: cluster.repo_root.clone(),
             values_local: cluster.repo_root.join("target/images/values-local.yaml"),
@@ -54,32 +65,22 @@ impl LocalNode {
 
     /// Runs `hack/node-up.sh` again on the running node, as the next test run would.
     pub fn start_again(&self) -> anyhow::Result<()> {
-        succeeded(&node_up(&self.repo_root)?).context("hack/node-up.sh")
+        crate::run_script_with(&self.repo_root, NODE_UP, &[], &node_up_env()).map(drop)
     }
 
     /// Drops every packet from `pod_ip` to the node (where the API server relay listens)
     /// until the returned [`Partition`] is dropped: the pod is cut off from the control
     /// plane.
     pub fn partition(&self, pod_ip: &str) -> anyhow::Result<Partition> {
-        let rule = vec![
-            self.partition_chain.clone(),
-            "-s".to_owned(),
-            pod_ip.to_owned(),
-            "-j".to_owned(),
-            "DROP".to_owned(),
-        ];
+        let rule = [self.partition_chain.as_str(), "-s", pod_ip, "-j", "DROP"].map(str::to_owned);
         iptables("-I", &rule)?;
         Ok(Partition { rule })
     }
 
     /// The rules of the node's partition chain, as `iptables -S` prints them.
     pub fn partitions(&self) -> anyhow::Result<Vec<String>> {
-        let output = Command::new("iptables")
-            .args(["-S", &self.partition_chain])
-            .output()
-            .context("running iptables -S")?;
-        succeeded(&output).context("iptables -S")?;
-        Ok(String::from_utf8_lossy(&output.stdout)
+        let listing = iptables("-S", std::slice::from_ref(&self.partition_chain))?;
+        Ok(listing
             .lines()
             .filter(|line| line.starts_with("-A "))
             .map(str::to_owned)
@@ -91,7 +92,7 @@ impl LocalNode {
 /// test killed before that leaves the rule behind, and the next `hack/node-up.sh` removes it.
 #[derive(Debug)]
 pub struct Partition {
-    rule: Vec<String>,
+    rule: [String; 5],
 }
 
 impl Drop for Partition {
@@ -102,6 +103,18 @@ impl Drop for Partition {
     }
 }
 
+const NODE_UP: &str = "hack/node-up.sh";
+
+fn node_up_env() -> [(String, String); 2] {
+    [
+        (
+            "SHARDOP_IMAGE_BIN_DIR".to_owned(),
+            crate::process::bin_dir().display().to_string(),
+        ),
+        ("SHARDOP_NODE_TIMEOUT".to_owned(), "300".to_owned()),
+    ]
+}
+
 /// The node's partition chain: `partition_chain` in hack/node-lib.sh, named after the
 /// node's bridge.
 fn partition_chain() -> String {
@@ -109,34 +122,21 @@ fn partition_chain() -> String {
     format!("SHARDOP-CUT-{bridge}")
 }
 
-fn node_up(repo_root: &Path) -> anyhow::Result<Output> {
-    Command::new("bash")
-        .arg(repo_root.join("hack/node-up.sh"))
-        .current_dir(repo_root)
-        .env("SHARDOP_IMAGE_BIN_DIR", crate::process::bin_dir())
-        .env("SHARDOP_NODE_TIMEOUT", "300")
-        .output()
-        .context("running hack/node-up.sh")
-}
-
-fn iptables(operation: &str, rule: &[String]) -> anyhow::Result<()> {
+/// `iptables <operation> <rule>`: its standard output, or an error with its standard error.
+fn iptables(operation: &str, rule: &[String]) -> anyhow::Result<String> {
     let output = Command::new("iptables")
         .arg(operation)
         .args(rule)
         .output()
         .context("running iptables")?;
-    succeeded(&output).with_context(|| format!("iptables {operation} {rule:?}"))
-}
-
-fn succeeded(output: &Output) -> anyhow::Result<()> {
     if !output.status.success() {
         bail!(
-            "failed ({}):\n{}",
+            "iptables {operation} {rule:?} failed ({}):\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 impl Drop for LocalNode {
