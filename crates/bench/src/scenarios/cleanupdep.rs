@@ -15,9 +15,9 @@ use super::{Knobs, Outcome, begin, change_specs, draw, fault_names, report};
 use crate::convergence::quantile;
 use crate::run::{Run, names};
 
-/// A stuck cleanup backs off when its last wait between attempts is at least this many
-/// times the median of its earlier waits: doubling delays give 2 or more, a fixed poll or
-/// an immediate retry about 1.
+/// A stuck cleanup backs off when its later waits between attempts are on average at least
+/// this many times its earlier ones (see [`gap_growth`]): doubling delays give 3 or more, a
+/// fixed poll or an immediate retry about 1.
 const MIN_GAP_GROWTH: f64 = 2.0;
 
 /// The ValidatingAdmissionPolicy (and binding) of `cleanupdep`: the claim deletions of the
@@ -304,6 +304,9 @@ struct StuckRetries {
 
 impl StuckRetries {
     fn of(attempts: &BTreeMap<String, Vec<Attempt>>) -> Self {
+        for (name, tries) in attempts {
+            tracing::info!(object = %name, waits_s = ?waits(tries), "stuck cleanup attempts");
+        }
         let growths: Vec<f64> = attempts.values().filter_map(|t| gap_growth(t)).collect();
         Self {
             attempts_max: attempts.values().map(Vec::len).max().unwrap_or(0),
@@ -321,14 +324,33 @@ impl StuckRetries {
     }
 }
 
-/// How much the waits between `attempts` grew: the last wait over the median of the earlier
-/// ones. `None` with fewer than three attempts (two waits), too few to tell. A wait runs
-/// from the end of one attempt to the start of the next, so the time a pass spends in its
-/// own requests (seconds each on a loaded API server) does not flatten the growth.
+/// How much the waits between `attempts` grew: the mean of the later half of the waits
+/// over the mean of the earlier half. `None` with fewer than four attempts (three waits),
+/// too few to tell. Halves rather than the last wait alone because a loaded API server
+/// stretches single waits by seconds (the worker's client rate limiter holds the next
+/// pass back): one stretched wait must neither hide doubling delays nor make a fixed poll
+/// look like growth. A wait runs from the end of one attempt to the start of the next, so
+/// the time a pass spends in its own requests does not flatten the growth either.
 fn gap_growth(attempts: &[Attempt]) -> Option<f64> {
+    let gaps = waits(attempts);
+    if gaps.len() < 3 {
+        return None;
+    }
+    let (earlier, later) = gaps.split_at(gaps.len() / 2);
+    let mean = |waits: &[f64]| waits.iter().sum::<f64>() / waits.len() as f64;
+    let (earlier, later) = (mean(earlier), mean(later));
+    Some(if earlier > 0.0 {
+        later / earlier
+    } else {
+        f64::INFINITY
+    })
+}
+
+/// The waits between `attempts` in order: from the end of one to the start of the next.
+fn waits(attempts: &[Attempt]) -> Vec<f64> {
     let mut sorted = attempts.to_vec();
     sorted.sort_by_key(|attempt| attempt.start);
-    let gaps: Vec<f64> = sorted
+    sorted
         .windows(2)
         .map(|pair| {
             pair[1]
@@ -337,17 +359,7 @@ fn gap_growth(attempts: &[Attempt]) -> Option<f64> {
                 .as_secs_f64()
                 .max(0.0)
         })
-        .collect();
-    let (last, earlier) = gaps.split_last()?;
-    if earlier.is_empty() {
-        return None;
-    }
-    let median = quantile(earlier, 0.5);
-    Some(if median > 0.0 {
-        last / median
-    } else {
-        f64::INFINITY
-    })
+        .collect()
 }
 
 #[cfg(test)]
@@ -402,6 +414,21 @@ mod tests {
     }
 
     #[test]
+    fn doubling_delays_grow_when_the_api_server_stretches_one_wait() {
+        // A smoke run on a loaded API server: the third wait was due after 2 s and came
+        // after 6 s. The last wait over the median of the earlier ones was 1.72.
+        let growth = gap_growth(&at(&[0.0, 0.1, 2.6, 8.6, 12.9])).unwrap();
+        assert!(growth >= MIN_GAP_GROWTH, "{growth}");
+    }
+
+    #[test]
+    fn a_fixed_poll_with_stretched_waits_does_not_grow() {
+        let growth = gap_growth(&at(&[0.0, 0.05, 1.05, 2.05, 6.05, 7.05, 8.05, 9.05, 12.55]));
+        let growth = growth.unwrap();
+        assert!(growth < MIN_GAP_GROWTH, "{growth}");
+    }
+
+    #[test]
     fn a_fixed_poll_does_not_grow() {
         let growth = gap_growth(&at(&[0.0, 1.0, 2.1, 3.0, 4.0, 5.05, 6.0, 7.0])).unwrap();
         assert!(growth < MIN_GAP_GROWTH, "{growth}");
@@ -420,7 +447,8 @@ mod tests {
     }
 
     #[test]
-    fn two_attempts_are_too_few_to_tell() {
+    fn three_attempts_are_too_few_to_tell() {
+        assert_eq!(gap_growth(&at(&[0.0, 0.5, 1.5])), None);
         assert_eq!(gap_growth(&at(&[0.0, 0.5])), None);
         assert_eq!(gap_growth(&at(&[])), None);
     }
