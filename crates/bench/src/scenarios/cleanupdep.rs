@@ -15,9 +15,9 @@ use super::{Knobs, Outcome, begin, change_specs, draw, fault_names, report};
 use crate::convergence::quantile;
 use crate::run::{Run, names};
 
-/// A stuck cleanup backs off when its later waits between attempts are on average at least
-/// this many times its earlier ones (see [`gap_growth`]): doubling delays give 3 or more, a
-/// fixed poll or an immediate retry about 1.
+/// Stuck cleanups back off when, for the median stuck object, the later waits between
+/// attempts are on average at least this many times the earlier ones (see [`gap_growth`]):
+/// doubling delays give 3 or more, a fixed poll or an immediate retry about 1.
 const MIN_GAP_GROWTH: f64 = 2.0;
 
 /// The ValidatingAdmissionPolicy (and binding) of `cleanupdep`: the claim deletions of the
@@ -266,6 +266,7 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("cleanup_condition_shown", condition_shown)
         .set("stuck_cleanup_attempts_max", retries.attempts_max)
         .set("stuck_cleanup_attempts_total", retries.attempts_total)
+        .set("stuck_cleanup_gap_growth_median", retries.growth_median)
         .set("stuck_cleanup_gap_growth_min", retries.growth_min)
         .set("stuck_cleanups_judged", retries.judged)
         .set("cleanup_recovery_s", recovery.unwrap_or(f64::NAN))
@@ -281,7 +282,7 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
                 condition_shown == stuck.len(),
             ),
             (
-                format!("stuck cleanups back off (gap growth >= {MIN_GAP_GROWTH})"),
+                format!("stuck cleanups back off (median gap growth >= {MIN_GAP_GROWTH})"),
                 retries.backs_off(),
             ),
             (
@@ -296,7 +297,9 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
 struct StuckRetries {
     attempts_max: usize,
     attempts_total: usize,
-    /// The smallest [`gap_growth`] over the objects with enough attempts to tell.
+    /// The median [`gap_growth`] over the objects with enough attempts to tell.
+    growth_median: f64,
+    /// The smallest.
     growth_min: f64,
     /// How many objects had enough attempts to tell.
     judged: usize,
@@ -311,6 +314,7 @@ impl StuckRetries {
         Self {
             attempts_max: attempts.values().map(Vec::len).max().unwrap_or(0),
             attempts_total: attempts.values().map(Vec::len).sum(),
+            growth_median: quantile(&growths, 0.5),
             growth_min: growths.iter().copied().fold(f64::INFINITY, f64::min),
             judged: growths.len(),
         }
@@ -318,9 +322,13 @@ impl StuckRetries {
 
     /// A requeue storm (a fixed poll, or an immediate retry) waits the same between
     /// attempts; backoff waits longer each time. At least one stuck object must have
-    /// retried often enough to tell.
+    /// retried often enough to tell. Judged by the median object: every stuck object
+    /// retries by the same code, while a loaded API server stretches single waits of single
+    /// objects by seconds (the worker's next pass waits for its client or a free reconcile
+    /// slot), which can flatten one object's growth (0.81 once in a CI run, the other two
+    /// objects 7.4 and 5.4).
     fn backs_off(&self) -> bool {
-        self.judged > 0 && self.growth_min >= MIN_GAP_GROWTH
+        self.judged > 0 && self.growth_median >= MIN_GAP_GROWTH
     }
 }
 
@@ -419,6 +427,46 @@ mod tests {
         // after 6 s. The last wait over the median of the earlier ones was 1.72.
         let growth = gap_growth(&at(&[0.0, 0.1, 2.6, 8.6, 12.9])).unwrap();
         assert!(growth >= MIN_GAP_GROWTH, "{growth}");
+    }
+
+    /// Objects whose attempts wait `waits` after one another, each pass 0.2 s long.
+    fn retries_of(objects: &[&[f64]]) -> StuckRetries {
+        let attempts: BTreeMap<String, Vec<Attempt>> = objects
+            .iter()
+            .enumerate()
+            .map(|(i, waits)| (format!("gone-{i}"), passes(waits, 0.2)))
+            .collect();
+        StuckRetries::of(&attempts)
+    }
+
+    #[test]
+    fn backoff_is_judged_by_the_median_object_not_by_one_whose_wait_was_stretched() {
+        // A CI run: the third object's second wait was due after 1 s and came after 9.4 s.
+        let retries = retries_of(&[
+            &[0.106, 1.539, 6.256, 3.844, 8.214],
+            &[0.158, 1.678, 2.507, 4.017, 8.426],
+            &[0.284, 9.375, 2.196, 5.619],
+        ]);
+        assert!(
+            retries.growth_min < MIN_GAP_GROWTH,
+            "{}",
+            retries.growth_min
+        );
+        assert!(retries.backs_off(), "median {}", retries.growth_median);
+        assert_eq!(retries.judged, 3);
+    }
+
+    #[test]
+    fn a_poll_on_every_object_does_not_back_off_whatever_one_object_shows() {
+        let retries = retries_of(&[
+            &[0.1, 1.0, 1.0, 1.0, 1.0, 1.0],
+            &[0.1, 1.0, 1.0, 1.0, 7.0, 7.5],
+            &[0.1, 1.0, 1.1, 0.9, 1.0, 1.0],
+        ]);
+        assert!(!retries.backs_off(), "median {}", retries.growth_median);
+        let too_few = retries_of(&[&[0.5, 1.0]]);
+        assert_eq!(too_few.judged, 0);
+        assert!(!too_few.backs_off(), "nothing to judge is no pass");
     }
 
     #[test]
