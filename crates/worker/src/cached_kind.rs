@@ -1,7 +1,6 @@
-//! The `Resource` of a cached form of a kind ([`crate::child_cache::CachedChild`],
-//! [`crate::cluster_cache::CachedCluster`]): the kind's own group, version and names, so
-//! stores, owner references and the controller's queue see the kind, and the form's own
-//! (partial) metadata.
+//! The `Resource` of a cached form of a kind ([`crate::cluster_cache::CachedCluster`]): the
+//! kind's own group, version and names, so the store, owner references and the
+//! controller's queue see the kind, and the form's own (partial) metadata.
 
 /// Implements `kube::Resource` for a cached form with a `metadata: ObjectMeta` field, as
 /// the kind it caches: `impl_resource_as!(impl<K: Bound> for Form<K> as K)` or

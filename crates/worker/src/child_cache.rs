@@ -3,20 +3,19 @@
 //!
 //! A full typed StatefulSet is several KB (pod template with every server default, claim
 //! templates, managed fields, annotations), and the worker caches one StatefulSet and one
-//! Service per object of its slice. A [`CachedChild`] keeps the identity and owner of the
-//! child as typed metadata (the store, the controller's owner trigger and the change
-//! filter read them) and everything else a reconcile reads — the fields the worker applies
-//! (for the drift comparison, [`crate::children::is_subset`]), the rest of the metadata it
-//! reads and the status — as one compact JSON text. A reconcile turns it back into the
-//! typed object ([`CachedChild::object`]), so the comparison and the status are computed
-//! from the same values as from a full cache; fields outside [`Projected::READ`] read as
-//! absent.
+//! Service per object of its slice. A [`CachedChild`] keeps what a reconcile reads — the
+//! fields the worker applies (for the drift comparison, [`crate::children::is_subset`]),
+//! the metadata it reads (identity, labels, owner) and the status — as one compact JSON
+//! text, and the fingerprint the child watch's filter compares. A reconcile turns it back
+//! into the typed object ([`CachedChild::object`]), so the comparison and the status are
+//! computed from the same values as from a full cache; fields outside [`Projected::READ`]
+//! read as absent. [`crate::child_store`] keeps them by namespace and name.
 //!
 //! The text is kept LZ4-compressed against a dictionary per kind
 //! ([`Projected::dictionary`]): the text of the child the worker would apply for a sample
 //! parent. Every child of a kind repeats the same keys, labels and template, so what is
-//! left per child is little more than its names and counts (a StatefulSet's ≈ 1.1 KB text
-//! keeps ≈ 0.1 KB); a reconcile pays one decompression of a few microseconds.
+//! left per child is little more than its names, uids and counts (a StatefulSet's ≈ 1.3 KB
+//! text keeps ≈ 0.15 KB); a reconcile pays one decompression of a few microseconds.
 
 use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
@@ -24,14 +23,12 @@ use std::sync::LazyLock;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use shardop_api::{DatabaseCluster, DatabaseClusterSpec, ShardIndex, StorageSpec};
 
-use crate::cached_kind::impl_resource_as;
 use crate::children::{desired_service, desired_stateful_set};
 use crate::packed::PackedText;
 
@@ -85,38 +82,24 @@ pub fn sample_parent() -> DatabaseCluster {
     parent
 }
 
-/// The JSON text [`CachedChild`] keeps of `object`: [`Projected::READ`] without the
-/// metadata it keeps typed.
+/// The JSON text [`CachedChild`] keeps of `object`: [`Projected::READ`].
 fn projected_text<K: Projected>(object: &K) -> String {
     let Ok(mut value) = serde_json::to_value(object) else {
-        // A typed object always serialises; should it not, the cache shows no fields
-        // beyond the metadata and the next reconcile re-applies the child.
+        // A typed object always serialises; should it not, the cached text reads back as
+        // no child, and the next reconcile re-applies it.
         return String::new();
     };
     keep(&mut value, &K::READ);
-    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-        // Kept typed (see [`CachedChild::of`]), not twice.
-        for key in TYPED_METADATA {
-            meta.remove(key);
-        }
-    }
     value.to_string()
 }
 
-/// The metadata a [`CachedChild`] keeps as typed fields.
-const TYPED_METADATA: [&str; 5] = [
-    "name",
-    "namespace",
-    "uid",
-    "resourceVersion",
-    "ownerReferences",
-];
-
-/// The dictionary of kind `K`: the text of `sample`, a child as served (generation and the
-/// status fields set).
+/// The dictionary of kind `K`: the text of `sample`, a child as served (generation,
+/// resourceVersion, uid and the status fields set).
 fn dictionary_of<K: Projected>(mut sample: K, status: Value) -> Vec<u8> {
     if let Ok(mut value) = serde_json::to_value(&sample) {
         value["metadata"]["generation"] = 1.into();
+        value["metadata"]["resourceVersion"] = "1".into();
+        value["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000".into();
         if !status.is_null() {
             value["status"] = status;
         }
@@ -127,8 +110,7 @@ fn dictionary_of<K: Projected>(mut sample: K, status: Value) -> Vec<u8> {
     projected_text(&sample).into_bytes()
 }
 
-/// Metadata every child keeps: identity and owner as typed fields (see [`CachedChild`]),
-/// and what the reconcile reads of the rest.
+/// Metadata every child keeps: identity, owner, and what the reconcile reads of the rest.
 const METADATA: Mask = Mask::Fields(&[
     ("name", Mask::All),
     ("namespace", Mask::All),
@@ -282,9 +264,7 @@ impl Projected for Service {
 /// A child as the shard caches it (see the module docs).
 #[derive(Debug)]
 pub struct CachedChild<K> {
-    /// Name, namespace, uid, resourceVersion and owner references; nothing else.
-    metadata: ObjectMeta,
-    /// The rest of [`Projected::READ`], as JSON text compressed against
+    /// [`Projected::READ`] of the child, as JSON text compressed against
     /// [`Projected::dictionary`] (its length prepended).
     read: PackedText,
     /// [`Projected::change_fingerprint`] of the full object.
@@ -295,7 +275,6 @@ pub struct CachedChild<K> {
 impl<K> Clone for CachedChild<K> {
     fn clone(&self) -> Self {
         Self {
-            metadata: self.metadata.clone(),
             read: self.read.clone(),
             change: self.change,
             kind: PhantomData,
@@ -306,18 +285,8 @@ impl<K> Clone for CachedChild<K> {
 impl<K: Projected> CachedChild<K> {
     /// The cached form of `object`.
     pub fn of(object: &K) -> Self {
-        let meta = object.meta();
-        let metadata = ObjectMeta {
-            name: meta.name.clone(),
-            namespace: meta.namespace.clone(),
-            uid: meta.uid.clone(),
-            resource_version: meta.resource_version.clone(),
-            owner_references: meta.owner_references.clone(),
-            ..ObjectMeta::default()
-        };
         let read = PackedText::pack(projected_text(object).as_bytes(), K::dictionary());
         Self {
-            metadata,
             read,
             change: object.change_fingerprint(),
             kind: PhantomData,
@@ -329,19 +298,7 @@ impl<K: Projected> CachedChild<K> {
     /// [`Self::of`]).
     pub fn object(&self) -> Option<K> {
         let text = self.read.unpack(K::dictionary())?;
-        let mut value: Value = serde_json::from_slice(&text).ok()?;
-        let meta = serde_json::to_value(&self.metadata).ok()?;
-        if let (Some(read_meta), Value::Object(typed)) = (
-            value
-                .as_object_mut()?
-                .entry("metadata")
-                .or_insert_with(|| Value::Object(serde_json::Map::new()))
-                .as_object_mut(),
-            meta,
-        ) {
-            read_meta.extend(typed);
-        }
-        match serde_json::from_value(value) {
+        match serde_json::from_slice(&text) {
             Ok(object) => Some(object),
             Err(err) => {
                 tracing::warn!(%err, "a cached child does not parse back");
@@ -378,8 +335,6 @@ fn keep(value: &mut Value, mask: &Mask) {
         _ => {}
     }
 }
-
-impl_resource_as!(impl<K: Projected> for CachedChild<K> as K);
 
 #[cfg(test)]
 mod tests {

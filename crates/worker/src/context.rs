@@ -11,7 +11,7 @@ use shardop::{LeaseGuard, ShardIndex, ShardMetrics, ShardScope};
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
 use crate::book::{Bookkeeping, ObjectKey};
-use crate::child_cache::CachedChild;
+use crate::child_store::ChildStore;
 use crate::cluster_cache::CachedCluster;
 
 /// What the reconciles of one shard share.
@@ -52,9 +52,9 @@ pub struct ScopeContext {
     /// Client acting as the shard (`shardop-worker/shard-<i>` user agent).
     pub client: Client,
     /// Cached StatefulSets of the shard (what a reconcile reads of them).
-    pub stateful_sets: Store<CachedChild<StatefulSet>>,
+    pub stateful_sets: ChildStore<StatefulSet>,
     /// Cached Services of the shard (what a reconcile reads of them).
-    pub services: Store<CachedChild<Service>>,
+    pub services: ChildStore<Service>,
     /// Cached DatabaseClusters of the shard (the controller's own store).
     pub clusters: Store<CachedCluster>,
 }

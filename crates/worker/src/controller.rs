@@ -14,9 +14,9 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
 use kube::api::Api;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use shardop::{ShardLoad, ShardScope};
 use shardop_api::DatabaseCluster;
 use tokio::task::JoinHandle;
@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
 use crate::book::{ObjectKey, key_of};
-use crate::child_cache::{CachedChild, Projected};
+use crate::child_cache::Projected;
 use crate::child_events::ChildCache;
+use crate::child_store::ChildStore;
 use crate::cluster_cache::CachedCluster;
 use crate::context::{ScopeContext, ShardShared};
 use crate::reconcile;
@@ -101,7 +102,7 @@ fn load(shared: &ShardShared, stores: &[Store<CachedCluster>]) -> ShardLoad {
     }
     let cached = |key: &str| {
         let (namespace, name) = key.split_once('/')?;
-        let object = reflector::ObjectRef::new(name).within(namespace);
+        let object = ObjectRef::new(name).within(namespace);
         stores.iter().find_map(|store| store.get(&object))
     };
     load.oldest_unconverged = shared.book().oldest_unconverged(Instant::now(), cached);
@@ -131,13 +132,18 @@ fn scope_controller(
     let config = scope.watcher_config();
 
     let (clusters, cluster_writer) = reflector::store::<CachedCluster>();
-    let (stateful_sets, sts_writer) = reflector::store::<CachedChild<StatefulSet>>();
-    let (services, svc_writer) = reflector::store::<CachedChild<Service>>();
+    let (stateful_sets, services) = (ChildStore::default(), ChildStore::default());
     scope.track_cache(clusters.clone());
     let clusters_synced = CancellationToken::new();
 
-    let children =
-        ChildWatches::start(&shared, &client, namespace, &config, sts_writer, svc_writer);
+    let children = ChildWatches::start(
+        &shared,
+        &client,
+        namespace,
+        &config,
+        &stateful_sets,
+        &services,
+    );
     let (sts_synced, svc_synced) = (children.sts_synced.clone(), children.svc_synced.clone());
     // DatabaseCluster events start flowing only once the child caches are complete, so the
     // first reconcile of every object sees its children (no blind re-apply after start-up).
@@ -169,8 +175,8 @@ fn scope_controller(
         clusters: clusters.clone(),
     });
     let controller = Controller::for_stream(cluster_events, clusters.clone())
-        .owns_stream(children.sts_events)
-        .owns_stream(children.svc_events)
+        .reconcile_on(children.sts_events)
+        .reconcile_on(children.svc_events)
         .reconcile_on(resync::due_for_resync(
             clusters.clone(),
             resync::RESYNC_PERIOD,
@@ -211,16 +217,16 @@ fn scope_controller(
     (clusters, Box::pin(run))
 }
 
-type ChildEvents<K> =
-    futures::channel::mpsc::UnboundedReceiver<Result<CachedChild<K>, watcher::Error>>;
+/// The parents whose children changed, for the controller.
+type ParentsToReconcile = futures::channel::mpsc::UnboundedReceiver<ObjectRef<CachedCluster>>;
 
 /// The StatefulSet and Service watches of one namespace scope, each driven by its own task.
 struct ChildWatches {
     sts_task: JoinHandle<()>,
-    sts_events: ChildEvents<StatefulSet>,
+    sts_events: ParentsToReconcile,
     sts_synced: CancellationToken,
     svc_task: JoinHandle<()>,
-    svc_events: ChildEvents<Service>,
+    svc_events: ParentsToReconcile,
     svc_synced: CancellationToken,
 }
 
@@ -235,19 +241,19 @@ impl ChildWatches {
         client: &Client,
         namespace: Option<&str>,
         config: &watcher::Config,
-        sts_writer: reflector::store::Writer<CachedChild<StatefulSet>>,
-        svc_writer: reflector::store::Writer<CachedChild<Service>>,
+        stateful_sets: &ChildStore<StatefulSet>,
+        services: &ChildStore<Service>,
     ) -> Self {
         let sts_synced = CancellationToken::new();
         let svc_synced = CancellationToken::new();
         let (sts_task, sts_events) = drive_children(
-            sts_writer,
+            ChildCache::new(stateful_sets.clone()),
             watcher(scoped_api::<StatefulSet>(client, namespace), config.clone()),
             sts_synced.clone(),
             shared.clone(),
         );
         let (svc_task, svc_events) = drive_children(
-            svc_writer,
+            ChildCache::new(services.clone()),
             watcher(scoped_api::<Service>(client, namespace), config.clone()),
             svc_synced.clone(),
             shared.clone(),
@@ -362,78 +368,57 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Drives a child cache in its own task; returns the task and the stream of the children
-/// whose parents should reconcile ([`ChildCache::apply`]), for the controller. Every such
-/// child marks its parent as pending.
+/// Drives a child cache in its own task; returns the task and the stream of the parents
+/// whose children call for a reconcile ([`ChildCache::apply`]), for the controller. Every
+/// such parent is marked pending.
 fn drive_children<K, W>(
-    writer: reflector::store::Writer<CachedChild<K>>,
+    mut cache: ChildCache<K>,
     watch: W,
     synced: CancellationToken,
     shared: Arc<ShardShared>,
-) -> (JoinHandle<()>, ChildEvents<K>)
+) -> (JoinHandle<()>, ParentsToReconcile)
 where
     K: Projected,
     W: futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
 {
     let (tx, rx) = futures::channel::mpsc::unbounded();
-    let mut cache = ChildCache::new(writer);
-    let driver = watch
-        .default_backoff()
-        .map_ok(cached_event)
-        .for_each(move |event| {
-            match event {
-                Ok(event) => {
-                    // Deletes too: a child that leaves the shard's selector (someone gave it
-                    // another shard's label) is invisible from then on, and only a reconcile
-                    // of its parent puts the label back.
-                    let touched = cache.apply(&event);
-                    if let watcher::Event::Apply(child)
-                    | watcher::Event::InitApply(child)
-                    | watcher::Event::Delete(child) = &event
-                    {
-                        // After the cache holds this version (see `reconcile::apply_if_changed`).
-                        shared.book().forget_applied_once_seen(child);
-                    }
-                    if matches!(event, watcher::Event::InitDone) {
-                        synced.cancel();
-                    }
-                    for child in touched {
-                        if let Some(parent) = child.parent_key() {
-                            shared.scope.mark_pending(parent);
-                        }
-                        // The receiver is gone only when the controller stopped.
-                        let _ = tx.unbounded_send(Ok(child));
-                    }
+    let driver = watch.default_backoff().for_each(move |event| {
+        match event {
+            Ok(event) => {
+                // Deletes too: a child that leaves the shard's selector (someone gave it
+                // another shard's label) is invisible from then on, and only a reconcile
+                // of its parent puts the label back.
+                let parents = cache.apply(&event);
+                if let watcher::Event::Apply(child)
+                | watcher::Event::InitApply(child)
+                | watcher::Event::Delete(child) = &event
+                {
+                    // After the cache holds this version (see `reconcile::apply_if_changed`).
+                    shared.book().forget_applied_once_seen(child);
                 }
-                Err(err) => shardop::reachability::log_watch_error("children", &err),
+                if matches!(event, watcher::Event::InitDone) {
+                    synced.cancel();
+                }
+                for parent in parents {
+                    shared.scope.mark_pending(parent_key(&parent));
+                    // The receiver is gone only when the controller stopped.
+                    let _ = tx.unbounded_send(parent);
+                }
             }
-            futures::future::ready(())
-        });
+            Err(err) => shardop::reachability::log_watch_error("children", &err),
+        }
+        futures::future::ready(())
+    });
     (tokio::spawn(driver), rx)
 }
 
-/// A child watch event with the child in its cached form.
-fn cached_event<K: Projected>(event: watcher::Event<K>) -> watcher::Event<CachedChild<K>> {
-    map_event(event, |child| CachedChild::of(&child))
-}
-
-/// The parent DatabaseCluster of a child, from its controller owner reference.
-trait ChildMeta {
-    fn parent_key(&self) -> Option<ObjectKey>;
-}
-
-impl<K: Resource> ChildMeta for K {
-    fn parent_key(&self) -> Option<ObjectKey> {
-        let owner = self
-            .owner_references()
-            .iter()
-            .find(|o| o.controller == Some(true) && o.kind == "DatabaseCluster")?;
-        Some(format!(
-            "{}/{}",
-            self.meta().namespace.as_deref().unwrap_or_default(),
-            owner.name
-        ))
-    }
+/// The bookkeeping key (`namespace/name`) of `parent`.
+fn parent_key(parent: &ObjectRef<CachedCluster>) -> ObjectKey {
+    format!(
+        "{}/{}",
+        parent.namespace.as_deref().unwrap_or_default(),
+        parent.name
+    )
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod book;
 mod cached_kind;
 mod child_cache;
 mod child_events;
+mod child_store;
 mod children;
 mod claims;
 mod cluster_cache;

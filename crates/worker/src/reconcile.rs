@@ -23,7 +23,8 @@ use tracing::Instrument;
 
 use crate::backoff::jitter_unit;
 use crate::book::{AppliedMemo, AppliedObject, Bookkeeping, key_of, numeric_resource_version};
-use crate::child_cache::{CachedChild, Projected};
+use crate::child_cache::Projected;
+use crate::child_store::ChildStore;
 use crate::children::{self, desired_service, desired_stateful_set, is_subset};
 use crate::claims::{self, ClaimDeletionError, DeletionPass};
 use crate::cluster_cache::CachedCluster;
@@ -290,13 +291,8 @@ async fn remove_finalizer(
 }
 
 /// The cached child `namespace/name`, with the fields a reconcile reads.
-fn cached<K: Projected>(
-    store: &kube::runtime::reflector::Store<CachedChild<K>>,
-    namespace: &str,
-    name: &str,
-) -> Option<Arc<K>> {
-    let child = store.get(&ObjectRef::new(name).within(namespace))?;
-    child.object().map(Arc::new)
+fn cached<K: Projected>(store: &ChildStore<K>, namespace: &str, name: &str) -> Option<Arc<K>> {
+    store.get(namespace, name).map(Arc::new)
 }
 
 /// Server-side applies `desired` unless the server already has it. Returns the object as
@@ -304,7 +300,7 @@ fn cached<K: Projected>(
 async fn apply_if_changed<K>(
     ctx: &ScopeContext,
     desired: &K,
-    store: &kube::runtime::reflector::Store<CachedChild<K>>,
+    store: &ChildStore<K>,
     ownership_changed: bool,
     action: &'static str,
 ) -> Result<K, ReconcileError>
