@@ -14,8 +14,9 @@
 //! The text is kept LZ4-compressed against a dictionary per kind
 //! ([`Projected::dictionary`]): the text of the child the worker would apply for a sample
 //! parent. Every child of a kind repeats the same keys, labels and template, so what is
-//! left per child is little more than its names, uids and counts (a StatefulSet's ≈ 1.3 KB
-//! text keeps ≈ 0.15 KB); a reconcile pays one decompression of a few microseconds.
+//! left per child is little more than its names, uids and counts (a StatefulSet's ≈ 1.5 KB
+//! text keeps ≈ 0.23 KB, a Service's 0.67 KB ≈ 0.16 KB); a reconcile pays one
+//! decompression of a few microseconds.
 
 use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
