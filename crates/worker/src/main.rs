@@ -5,6 +5,7 @@
 
 mod backoff;
 mod book;
+mod cache_footprint;
 mod cached_kind;
 mod child_cache;
 mod child_events;
