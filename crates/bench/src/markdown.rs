@@ -90,6 +90,7 @@ const SCENARIOS: &[(&str, &[&str])] = &[
         &[
             "others_lag_p99_s",
             "stuck_cleanup_attempts_max",
+            "stuck_cleanup_attempts_over_allowed_max",
             "stuck_cleanup_gap_growth_median",
             "cleanup_recovery_s",
         ],
