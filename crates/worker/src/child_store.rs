@@ -5,7 +5,7 @@
 //! `ObjectRef` key: per child a 360-byte `ObjectMeta` (mostly empty options), four owned
 //! strings in the key and four more in the metadata, and the owner reference with four
 //! strings of its own, about a kilobyte with the allocator's overhead, for a child whose
-//! compressed text is 100–150 bytes. Nothing needs that form: the controller hears of child
+//! compressed text is 160–230 bytes. Nothing needs that form: the controller hears of child
 //! changes as references to their parents ([`crate::child_events`]), and a reconcile reads
 //! a child by namespace and name and decodes it ([`CachedChild::object`]). So this store
 //! keeps, per child, its name and its [`CachedChild`], under one copy of each namespace.
