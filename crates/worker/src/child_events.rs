@@ -39,12 +39,9 @@ impl<K: Projected> ChildCache<K> {
             Event::Apply(child) | Event::InitApply(child) => {
                 let (namespace, name) = identity(child);
                 let cached = CachedChild::of(child);
-                let changed = self
-                    .store
-                    .fingerprint(namespace, name)
-                    .is_none_or(|before| differs(before, cached.change_fingerprint()));
-                self.store.insert(namespace, name, cached);
-                if changed {
+                let after = cached.change_fingerprint();
+                let before = self.store.insert(namespace, name, cached);
+                if before.is_none_or(|before| differs(before, after)) {
                     parent_of(child).into_iter().collect()
                 } else {
                     Vec::new()

@@ -60,24 +60,29 @@ impl<K: Projected> ChildStore<K> {
         self.read().live.get(namespace)?.get(name)?.object()
     }
 
-    /// [`Projected::change_fingerprint`] of the child `namespace/name` as readers see it:
-    /// `None` when it is not cached, `Some(None)` for a kind without fingerprints.
-    pub fn fingerprint(&self, namespace: &str, name: &str) -> Option<Option<u64>> {
-        let children = self.read();
-        let child = children.live.get(namespace)?.get(name)?;
-        Some(child.change_fingerprint())
-    }
-
     /// Stores `child` as `namespace/name`: for readers at once, or, during a relist, once
-    /// the relist completes.
-    pub fn insert(&self, namespace: &str, name: &str, child: CachedChild<K>) {
+    /// the relist completes. Returns the [`Projected::change_fingerprint`] of the version
+    /// readers saw before: `None` when they saw none, `Some(None)` for a kind without
+    /// fingerprints.
+    pub fn insert(
+        &self,
+        namespace: &str,
+        name: &str,
+        child: CachedChild<K>,
+    ) -> Option<Option<u64>> {
         let mut guard = self.write();
         let children = &mut *guard;
+        let before = children
+            .live
+            .get(namespace)
+            .and_then(|names| names.get(name))
+            .map(CachedChild::change_fingerprint);
         let target = children.relist.as_mut().unwrap_or(&mut children.live);
         target
             .entry(namespace.into())
             .or_default()
             .insert(name.into(), child);
+        before
     }
 
     /// Forgets the child `namespace/name` (in a relist's buffer too).

@@ -378,11 +378,11 @@ fn retries_allowed(span_s: f64) -> usize {
 
 /// How much the waits between `attempts` grew: the mean of the later half of the waits
 /// over the mean of the earlier half. `None` with fewer than four attempts (three waits),
-/// too few to tell. Halves rather than the last wait alone because a loaded API server
-/// stretches single waits by seconds (the worker's client rate limiter holds the next
-/// pass back): one stretched wait must neither hide doubling delays nor make a fixed poll
-/// look like growth. A wait runs from the end of one attempt to the start of the next, so
-/// the time a pass spends in its own requests does not flatten the growth either.
+/// too few to tell. A reported figure, not the check: a loaded API server stretches single
+/// waits by seconds, which can flatten the growth of doubling delays below 2 (halves less
+/// often than the last wait alone, see [`StuckRetries::backs_off`]). A wait runs from the
+/// end of one attempt to the start of the next, so the time a pass spends in its own
+/// requests does not flatten the growth.
 fn gap_growth(attempts: &[Attempt]) -> Option<f64> {
     let gaps = waits(attempts);
     if gaps.len() < 3 {
