@@ -17,8 +17,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntr
 use kube::Resource;
 use kube::runtime::reflector;
 use kube::runtime::watcher::Event;
-use shardop::OperatorNames;
 use shardop::change_filter::ChangeFilter;
+use shardop::{AssignmentStrategy, LabelAssignment, OperatorNames};
 use shardop_api::{DatabaseCluster, ShardIndex};
 
 use crate::child_cache::{Projected, sample_parent};
@@ -26,6 +26,7 @@ use crate::child_events::ChildCache;
 use crate::child_store::ChildStore;
 use crate::children::{desired_service, desired_stateful_set};
 use crate::cluster_cache::CachedCluster;
+use crate::controller::drop_unread_metadata;
 
 /// Objects per measurement: enough that hash tables and one-off allocations fade.
 const OBJECTS: usize = 2_000;
@@ -110,10 +111,10 @@ fn cache_footprint() {
         let (reader, mut writer) = reflector::store::<CachedCluster>();
         writer.apply_watcher_event(&Event::Init);
         for cluster in &clusters {
+            // Trimmed as the worker's watch trims it.
             let mut cluster = cluster.clone();
-            let fields = cluster.metadata.managed_fields.take();
-            cluster.metadata.managed_fields = shardop::label_trust::trust_marker(fields.as_deref());
-            cluster.metadata.annotations = None;
+            LabelAssignment::default().trim_cached(&mut cluster.metadata);
+            drop_unread_metadata(&mut cluster);
             writer.apply_watcher_event(&Event::InitApply(CachedCluster::of(cluster)));
         }
         writer.apply_watcher_event(&Event::InitDone);

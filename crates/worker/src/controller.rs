@@ -336,7 +336,7 @@ fn cluster_events(
 /// Drops what neither the reconcile nor the filters read of a cached DatabaseCluster: its
 /// annotations (`kubectl apply` keeps a copy of the whole object in one). The library's
 /// trim ([`ShardScope::trim_cached`]) has replaced the managed fields already.
-fn drop_unread_metadata(cluster: &mut DatabaseCluster) {
+pub(crate) fn drop_unread_metadata(cluster: &mut DatabaseCluster) {
     cluster.metadata.annotations = None;
 }
 

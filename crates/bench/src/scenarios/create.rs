@@ -97,16 +97,8 @@ async fn create_run(knobs: &Knobs, shards: u32, rss_fit: &mut RssFit) -> anyhow:
         &assignment.lags,
         assignment.label_writes_per_object,
     );
-    let (writes, writes_by_kind) = {
-        let audit = run.audit()?;
-        let per_object = |count: usize| count as f64 / knobs.objects.max(1) as f64;
-        let by_kind: serde_json::Map<String, Value> = audit
-            .worker_writes_by_kind_since(since)
-            .into_iter()
-            .map(|(kind, count)| (kind, json!(per_object(count))))
-            .collect();
-        (audit.worker_writes_since(since), by_kind)
-    };
+    let writes_by_kind = run.audit()?.worker_writes_by_kind_since(since);
+    let writes: usize = writes_by_kind.values().sum();
     let operator = OperatorFigures::read(&run).await;
     // Before the ideal writer's load: the slices as the workers served them.
     rss_fit.add_run(&run.worker_rss(), run.conv.shards().values());
@@ -132,7 +124,10 @@ async fn create_run(knobs: &Knobs, shards: u32, rss_fit: &mut RssFit) -> anyhow:
         "reconciles_per_s": throughput.reconciles_per_s,
         "writes": writes,
         "writes_per_reconcile": throughput.writes_per_reconcile,
-        "writes_per_object_by_kind": writes_by_kind,
+        "writes_per_object_by_kind": writes_by_kind
+            .iter()
+            .map(|(kind, count)| (kind.clone(), json!(*count as f64 / knobs.objects.max(1) as f64)))
+            .collect::<serde_json::Map<String, Value>>(),
         "raw_probe_efficiency": throughput.raw_probe_efficiency,
         "lag_p50_s": quantile(&operator.lags, 0.5),
         "lag_p99_s": quantile(&operator.lags, 0.99),
