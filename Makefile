@@ -149,7 +149,9 @@ bench-report: ## Regenerate docs/performance.md from target/bench/*.json
 # fresh control plane (REUSE_CLUSTER) to stay within a few minutes, and fail on any
 # violated correctness field (writes on restart, dual ownership, relabels, overlap, stuck or
 # orphaned objects, duplicated side effects, late writes after a Lease was taken).
-SMOKE_SCENARIOS := raw create restart rescale failover delete throttle churn slowdep crash cleanupdep freeze tenants assign
+# rescale-fixed is rescale with a fixed shard count (FIXED_SHARDS=6): shards move between
+# workers instead of objects between shards.
+SMOKE_SCENARIOS := raw create restart rescale rescale-fixed failover delete throttle churn slowdep crash cleanupdep freeze tenants assign
 SMOKE_KNOBS := OBJECTS=200 RAW_OBJECTS=100 SHARDS=3 DURATION=30s CREATE_RATE=40 SLOW_OBJECTS=3 SLOW_DELAY=5s CRASHES=2 TIMEOUT=240s BENCH_DIR=$(CURDIR)/target/bench-smoke REUSE_CLUSTER=true
 
 .PHONY: bench-smoke
@@ -158,9 +160,10 @@ bench-smoke: toolchain tools ## A fast version of every benchmark scenario (part
 	@export $(BENCH_CLUSTER_ENV) SHARDOP_BIN_DIR=$(TARGET_DIR)/debug; \
 	  mkdir -p target/bench-smoke; bash hack/cluster-down.sh 2>/dev/null; status=0; passed=0; failed=0; \
 	  for scenario in $(SMOKE_SCENARIOS); do \
-	    started=$$SECONDS; extra=; \
+	    started=$$SECONDS; extra=; run=$$scenario; \
 	    if [[ "$$scenario" == throttle || "$$scenario" == freeze ]]; then extra=OBJECTS=60; fi; \
-	    if env $(SMOKE_KNOBS) $$extra "$(TARGET_DIR)/debug/shardop-bench" "$$scenario" \
+	    if [[ "$$scenario" == rescale-fixed ]]; then run=rescale; extra="FIXED_SHARDS=6 BENCH_DIR=$(CURDIR)/target/bench-smoke/fixed"; fi; \
+	    if env $(SMOKE_KNOBS) $$extra "$(TARGET_DIR)/debug/shardop-bench" "$$run" \
 	         >"target/bench-smoke/$$scenario.out" 2>"target/bench-smoke/$$scenario.log"; then \
 	      passed=$$((passed + 1)); echo "bench-smoke: $$scenario ok ($$((SECONDS - started)) s)"; \
 	    else \

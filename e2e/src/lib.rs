@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod control_plane;
+pub mod homes;
 pub mod metrics;
 pub mod node;
 pub mod obs;

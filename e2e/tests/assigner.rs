@@ -572,6 +572,97 @@ async fn scale_out_then_in_moves_the_minimum_without_dual_ownership() {
     env.release_objects().await;
 }
 
+async fn homes_served(env: &Env, shards: u32, workers: u32) -> Option<Vec<u32>> {
+    shardop_e2e::homes::homes_served(&env.client, &env.operator.name, shards, workers).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_shards_move_between_workers_without_relabelling() {
+    const SHARDS: u32 = 6;
+    let env = Env::new("a-homes", 2).await;
+    let mut workers: BTreeMap<u32, ShardopProcess> = (0..2).map(|i| (i, env.worker(i))).collect();
+    let shards = SHARDS.to_string();
+    let assigner = env.assigner("shardop-assigner-0", &["--shards", &shards]);
+    let count = objects().min(300);
+    env.create_objects(count).await;
+    env.wait_placed(SHARDS, count, budget(60)).await;
+    let two = wait_for(
+        "6 shards served by 2 workers",
+        Duration::from_secs(60),
+        || homes_served(&env, SHARDS, 2),
+    )
+    .await
+    .unwrap();
+    let before = env.labels().await;
+    // Objects created while the first shards were still being acquired moved once E
+    // reached 6; from here on, none may.
+    let moves = async || {
+        let metrics = scrape(assigner.metrics_addr().await.unwrap())
+            .await
+            .unwrap();
+        metric_value(&metrics, "shardop_assigner_moves_total", &[])
+    };
+    let moves_before = moves().await;
+
+    // 2 -> 3 workers: the new worker is named home for a third of the shards and their
+    // holders hand them over; no object label changes.
+    workers.insert(2, env.worker(2));
+    let grow = Instant::now();
+    env.scale_workers(3);
+    let three = wait_for("6 shards served by 3 workers", budget(60), || {
+        homes_served(&env, SHARDS, 3)
+    })
+    .await
+    .unwrap();
+    let grown = grow.elapsed();
+    let moved = two.iter().zip(&three).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        moved, 2,
+        "only the new worker's share moves: {two:?} → {three:?}"
+    );
+    assert!(two.iter().zip(&three).all(|(a, b)| a == b || *b == 2));
+    // The new holders reconcile what changes from now on.
+    let patch = json!({ "spec": { "replicas": 2 } });
+    for name in before.keys() {
+        env.clusters()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+    env.wait_placed(SHARDS, count, budget(60)).await;
+
+    // 3 -> 2: the StatefulSet shrinks and worker 2 stops; its shards go back.
+    let shrink = Instant::now();
+    env.scale_workers(2);
+    workers
+        .get_mut(&2)
+        .unwrap()
+        .terminate(Duration::from_secs(30))
+        .unwrap();
+    wait_for("6 shards served by 2 workers again", budget(60), || {
+        homes_served(&env, SHARDS, 2)
+    })
+    .await
+    .unwrap();
+    let shrunk = shrink.elapsed();
+    env.wait_placed(SHARDS, count, budget(60)).await;
+    assert_eq!(env.labels().await, before, "no object was relabelled");
+
+    assert_eq!(
+        moves().await,
+        moves_before,
+        "no object moved between shards"
+    );
+    let writes = env.assert_single_owner();
+    eprintln!(
+        "{count} objects on {SHARDS} shards: 2 -> 3 workers in {grown:?} ({moved} shards \
+         moved), 3 -> 2 in {shrunk:?}; {writes} worker writes, all by the owner"
+    );
+    drop(assigner);
+    drop(workers);
+    env.release_objects().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_assigner_finishes_the_rebalance_of_a_killed_leader() {
     let env = Env::new("a-failover", 3).await;

@@ -269,6 +269,16 @@ fn chart_lints_renders_and_rejects_bad_values() {
         arg_value(&string_args(container(assigner)), "--worker-statefulset").as_deref(),
         Some("shardop-worker")
     );
+    assert_eq!(
+        arg_value(&string_args(container(assigner)), "--shards"),
+        None,
+        "one shard per worker unless assigner.shards is set"
+    );
+    assert_eq!(
+        arg_value(&string_args(container(assigner)), "--webhook-finalizers").as_deref(),
+        Some("shardop.dev/cleanup"),
+        "the webhook adds the DatabaseCluster worker's finalizer"
+    );
     assert_restricted(sts);
     assert_restricted(assigner);
     let k = kinds(&docs);
@@ -283,6 +293,14 @@ fn chart_lints_renders_and_rejects_bad_values() {
     ] {
         assert!(!k.contains_key(absent), "{absent} must be opt-in: {k:?}");
     }
+    // A fixed shard count, spread over the worker StatefulSet's replicas.
+    let (_, fixed) = render(cluster, "shardop-system", &["assigner.shards=12"]);
+    let fixed_args = string_args(container(find(&fixed, "Deployment", "shardop-assigner")));
+    assert_eq!(arg_value(&fixed_args, "--shards").as_deref(), Some("12"));
+    assert_eq!(
+        arg_value(&fixed_args, "--worker-statefulset").as_deref(),
+        Some("shardop-worker")
+    );
     // No rule anywhere grants secrets, pods, configmaps or a wildcard; the one exception is
     // the assigner's webhook certificate Secret: by name, and create (which cannot be
     // limited to a name).
@@ -475,6 +493,10 @@ fn chart_lints_renders_and_rejects_bad_values() {
         (
             "worker.autoscaling.minReplicas=5,worker.autoscaling.maxReplicas=4,worker.autoscaling.enabled=true",
             "must not exceed",
+        ),
+        (
+            "assigner.shards=8,worker.autoscaling.enabled=true,worker.autoscaling.maxReplicas=12",
+            "must be at least the most worker replicas",
         ),
     ] {
         let output = helm(cluster, &["template", "shardop", chart, "--set", set]);

@@ -15,7 +15,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use shardop::label_trust::shard_label_written_by_assigner;
-use shardop_api::constants::SHARD_LABEL;
+use shardop_api::constants::{FINALIZER, SHARD_LABEL, WORKER_FIELD_MANAGER};
 use shardop_api::{DatabaseCluster, ShardCount, shard_for};
 use shardop_e2e::audit::{self, AuditEvent};
 use shardop_e2e::process::{FAST_LEASES, ProcessSpec, ShardopProcess, webhook_configuration};
@@ -127,6 +127,19 @@ impl Env {
             .count()
     }
 
+    /// The workers' writes to `name` itself (not its status or children): the finalizer's
+    /// apply, and its removal.
+    fn worker_object_writes(&self, writes: &[AuditEvent], name: &str) -> usize {
+        writes
+            .iter()
+            .filter(|e| {
+                e.user_agent.starts_with("shardop-worker/")
+                    && e.subresource().is_none()
+                    && e.target() == Some(("databaseclusters", name))
+            })
+            .count()
+    }
+
     /// No two shards ever acted on an object, by the audit log's own order.
     fn assert_single_owner(&self) {
         let log = self.cluster.audit_log().unwrap();
@@ -177,7 +190,11 @@ async fn objects_are_stamped_at_creation_and_trusted_without_a_label_write() {
     let env = Env::new("wh-stamp").await;
     let _workers: Vec<ShardopProcess> = (0..SHARDS).map(|i| env.worker(i)).collect();
     let operator = env.operator.name.clone();
-    let assigner = env.assigner(|spec| spec.with_webhook(&operator));
+    let assigner = env.assigner(|spec| {
+        spec.with_webhook(&operator)
+            .arg("--webhook-finalizers")
+            .arg(FINALIZER)
+    });
     let configuration = webhook_configuration(&operator);
 
     // The assigner created the certificate Secret and made the configuration trust its CA.
@@ -227,6 +244,18 @@ async fn objects_are_stamped_at_creation_and_trusted_without_a_label_write() {
             "{name}"
         );
         assert_eq!(created.labels().get("app").map(String::as_str), Some("e2e"));
+        // The worker's finalizer too, owned by the workers' field manager.
+        assert_eq!(created.finalizers(), [FINALIZER.to_owned()], "{name}");
+        assert!(
+            created
+                .metadata
+                .managed_fields
+                .iter()
+                .flatten()
+                .any(|m| m.manager.as_deref() == Some(WORKER_FIELD_MANAGER)),
+            "{name}: {:?}",
+            created.metadata.managed_fields
+        );
         // Owned by the assigner's field manager: the API server kept the managedFields
         // entry the webhook added, so workers trust the label as they would an assigner write.
         assert!(
@@ -268,7 +297,43 @@ async fn objects_are_stamped_at_creation_and_trusted_without_a_label_write() {
             0,
             "{name} needed a label write"
         );
+        assert_eq!(
+            env.worker_object_writes(&writes, name),
+            0,
+            "{name}: the worker wrote its finalizer although the webhook had added it"
+        );
     }
+    for name in &generated {
+        assert!(
+            env.worker_object_writes(&writes, name) >= 1,
+            "{name}: not stamped, so the worker adds its finalizer itself"
+        );
+    }
+    // The finalizer the webhook added does its job: a deleted object waits for the
+    // worker's cleanup, which removes it.
+    let deleted = &stamped[0];
+    env.clusters()
+        .delete(deleted, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the deleted object's cleanup",
+        Duration::from_secs(60),
+        || async {
+            env.clusters()
+                .get_opt(deleted)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        env.worker_object_writes(&env.writes(), deleted) >= 1,
+        "{deleted}: gone without the worker removing its finalizer"
+    );
     for name in &generated {
         assert!(
             env.assigner_label_writes(&writes, name) >= 1,

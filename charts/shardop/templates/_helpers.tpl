@@ -121,6 +121,14 @@ so `helm template` and `helm install` fail before anything reaches the cluster.
 {{- if and .Values.keda.enabled (gt (int .Values.keda.minReplicas) (int .Values.keda.maxReplicas)) }}
 {{- fail (printf "keda.minReplicas (%d) must not exceed keda.maxReplicas (%d)" (int .Values.keda.minReplicas) (int .Values.keda.maxReplicas)) }}
 {{- end }}
+{{- with .Values.assigner.shards }}
+{{- $most := int $.Values.worker.replicas }}
+{{- if $.Values.worker.autoscaling.enabled }}{{ $most = int $.Values.worker.autoscaling.maxReplicas }}{{ end }}
+{{- if $.Values.keda.enabled }}{{ $most = int $.Values.keda.maxReplicas }}{{ end }}
+{{- if gt $most (int .) }}
+{{- fail (printf "assigner.shards (%d) must be at least the most worker replicas (%d): a worker beyond the shard count serves nothing" (int .) $most) }}
+{{- end }}
+{{- end }}
 {{- $_ := include "shardop.workerGracePeriod" . }}
 {{- end }}
 

@@ -50,16 +50,18 @@ pub struct RunArgs {
         default_value = "shardop-system"
     )]
     pub operator_namespace: String,
-    /// Worker StatefulSet whose `spec.replicas` is the desired shard count N.
+    /// Worker StatefulSet whose `spec.replicas` is the desired shard count N; with
+    /// `--shards`, the worker count the fixed shards are spread over instead.
     #[arg(
         long,
         env = "SHARDOP_WORKER_STATEFULSET",
-        conflicts_with = "shards",
         required_unless_present = "shards"
     )]
     pub worker_statefulset: Option<String>,
-    /// A fixed desired shard count N instead of following the worker StatefulSet
-    /// (1 to `MAX_SHARDS`, 1024).
+    /// A fixed desired shard count N (1 to `MAX_SHARDS`, 1024). Alone, workers
+    /// `0..N` are each home for the shard of their ordinal; with `--worker-statefulset`,
+    /// the N shards are spread over the StatefulSet's replicas, and a rescale moves whole
+    /// shards between workers (no object is relabelled).
     #[arg(long, env = "SHARDOP_SHARDS", value_parser = shardop_api::parse_shard_count)]
     pub shards: Option<NonZeroU32>,
     /// Objects being moved at once (between the drain request and the new label).
@@ -157,7 +159,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fixed_or_statefulset_but_not_both() {
+    fn fixed_statefulset_or_both() {
         let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
         let cli = parse(&["a", "run", "--shards", "3", "--watch-namespaces", "x, y"]).unwrap();
         let Command::Run(args) = cli.command;
@@ -166,7 +168,10 @@ mod tests {
         assert_eq!(args.max_concurrent_moves, 1000);
         assert_eq!(args.max_concurrent_writes, 256);
         assert!(parse(&["a", "run"]).is_err(), "N must come from somewhere");
-        assert!(parse(&["a", "run", "--shards", "3", "--worker-statefulset", "w"]).is_err());
+        let both = parse(&["a", "run", "--shards", "12", "--worker-statefulset", "w"]).unwrap();
+        let Command::Run(both) = both.command;
+        assert_eq!(both.shards, NonZeroU32::new(12));
+        assert_eq!(both.worker_statefulset.as_deref(), Some("w"));
         assert!(parse(&["a", "run", "--worker-statefulset", "shardop-worker"]).is_ok());
         let max = parse(&["a", "run", "--shards", "1024"]).unwrap();
         let Command::Run(args) = max.command;

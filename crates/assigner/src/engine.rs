@@ -17,7 +17,9 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use shardop::protocol::{AssignerAction, LeaseStep, ObjectPlacement, ShardTable, plan_shard};
+use shardop::protocol::{
+    AssignerAction, LeaseStep, ObjectPlacement, ShardTable, home_step, plan_shard, spread_homes,
+};
 use shardop::{OperatorNames, Shard, ShardCount, ShardIndex, ShardLeaseWatch, ShardState};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -99,6 +101,9 @@ pub struct Engine {
     leases: ShardLeaseWatch,
     shards: Store<Shard>,
     shard_count: ShardCountRx,
+    /// The worker count the shards are spread over, when the shard count is fixed and the
+    /// worker count follows the StatefulSet (`None`: worker `i` is home for shard `i`).
+    worker_count: Option<ShardCountRx>,
     objects: ObjectStore,
     /// What each watch stream covers, indexed by [`Source`].
     scopes: Vec<SourceScope>,
@@ -127,6 +132,7 @@ impl Engine {
         metrics: AssignerMetrics,
         leases: ShardLeaseWatch,
         shard_count: ShardCountRx,
+        worker_count: Option<ShardCountRx>,
         drivers: &mut JoinSet<()>,
     ) -> (Self, SelectAll<BoxStream<'static, ObjectEvent>>) {
         let scopes = source_scopes(&settings.kinds, &settings.watch_namespaces);
@@ -168,6 +174,7 @@ impl Engine {
             leases,
             shards,
             shard_count,
+            worker_count,
             objects,
             scopes,
             writes: JoinSet::new(),
@@ -225,6 +232,7 @@ impl Engine {
                 }
                 () = self.leases.changed() => dirty = true,
                 Ok(()) = self.shard_count.changed() => dirty = true,
+                Ok(()) = changed(self.worker_count.as_mut()) => dirty = true,
                 _ = resync.tick() => dirty = true,
                 () = tokio::time::sleep_until(next_pass), if dirty => {}
             }
@@ -544,9 +552,15 @@ impl Engine {
             .collect();
         let now = Instant::now();
         self.shard_holds.retain(|_, (_, until)| now < *until);
+        let homes = self.spread_homes(table);
         for shard in indices {
             let count = labelled.get(&shard).copied().unwrap_or(0);
-            let plan = plan_shard(shard, table, count, direct_from.contains(&shard));
+            let mut plan = plan_shard(shard, table, count, direct_from.contains(&shard));
+            if plan.lease_step.is_none()
+                && let Some(home) = homes.get(shard.0 as usize)
+            {
+                plan.lease_step = home_step(shard, table.lease(shard), *home);
+            }
             let lease = leases.get(&shard);
             let lease_rv = lease.and_then(|l| l.resource_version());
             if let Some(step) = plan.lease_step {
@@ -589,6 +603,17 @@ impl Engine {
             }
         }
         self.statuses.retain(|s, _| shard_objects.contains_key(s));
+    }
+
+    /// The home worker of every shard in range, when the shards are spread over a worker
+    /// count of their own (empty otherwise: worker `i` is home for shard `i`).
+    fn spread_homes(&self, table: &ShardTable) -> Vec<ShardIndex> {
+        let Some(workers) = self.worker_count.as_ref().and_then(|rx| *rx.borrow()) else {
+            return Vec::new();
+        };
+        spread_homes(table.desired_count(), workers, |shard| {
+            table.lease(shard).map_or(shard, |l| l.home_of(shard))
+        })
     }
 
     fn maybe_write_status(
@@ -796,6 +821,16 @@ fn source_scopes(kinds: &[Arc<ShardedKind>], watch_namespaces: &[String]) -> Vec
         }
     }
     scopes
+}
+
+/// Resolves when `rx` (if any) changes; never when there is none or its sender is gone.
+async fn changed(
+    rx: Option<&mut ShardCountRx>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

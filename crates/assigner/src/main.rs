@@ -210,8 +210,19 @@ async fn lead(
     drivers.spawn(lease_driver);
     let (shard_count, count_driver) = shard_count_source(&client, args);
     drivers.spawn(count_driver);
-    let (engine, events) =
-        engine::Engine::start(client, settings, metrics, leases, shard_count, &mut drivers);
+    let worker_count = worker_count_source(&client, args).map(|(rx, driver)| {
+        drivers.spawn(driver);
+        rx
+    });
+    let (engine, events) = engine::Engine::start(
+        client,
+        settings,
+        metrics,
+        leases,
+        shard_count,
+        worker_count,
+        &mut drivers,
+    );
     engine.run(events, term).await;
     drivers.abort_all();
 }
@@ -232,6 +243,25 @@ fn shard_count_source(
         // clap requires one of the two.
         (None, None) => shard_count::fixed(shardop_api::ShardCount::MIN),
     }
+}
+
+/// The worker count the shards are spread over, when both `--shards` and
+/// `--worker-statefulset` are given: the shard count stays fixed and a rescale moves whole
+/// shards between workers instead of objects between shards.
+fn worker_count_source(
+    client: &kube::Client,
+    args: &RunArgs,
+) -> Option<(
+    shard_count::ShardCountRx,
+    futures::future::BoxFuture<'static, ()>,
+)> {
+    let name = args.worker_statefulset.as_deref()?;
+    args.shards?;
+    Some(shard_count::from_statefulset(
+        client.clone(),
+        &args.operator_namespace,
+        name,
+    ))
 }
 
 #[cfg(test)]

@@ -209,27 +209,26 @@ pub async fn lease_step(
     };
     let result = match step {
         LeaseStep::CreateRetired => {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(name),
-                    namespace: Some(namespace.to_owned()),
-                    labels: Some(BTreeMap::from([(
-                        names.shard_lease_label(),
-                        shard.label_value(),
-                    )])),
-                    annotations: Some(BTreeMap::from([(
-                        names.retired_annotation(),
-                        "true".to_owned(),
-                    )])),
-                    ..Default::default()
-                },
-                spec: Some(LeaseSpec::default()),
-            };
-            let params = PostParams {
-                field_manager: Some(manager),
-                ..Default::default()
-            };
-            api.create(&params, &lease).await.map(drop)
+            let lease =
+                holderless_lease(names, namespace, shard, names.retired_annotation(), "true");
+            api.create(&create_params(manager), &lease).await.map(drop)
+        }
+        LeaseStep::CreateHomed(home) => {
+            let home = home.label_value();
+            let lease = holderless_lease(
+                names,
+                namespace,
+                shard,
+                names.home_worker_annotation(),
+                &home,
+            );
+            api.create(&create_params(manager), &lease).await.map(drop)
+        }
+        LeaseStep::SetHome(home) => {
+            let patch = annotate(names.home_worker_annotation(), json!(home.label_value()));
+            api.patch(&name, &params, &Patch::Merge(&patch))
+                .await
+                .map(drop)
         }
         LeaseStep::MarkRetired => {
             let patch = annotate(names.retired_annotation(), json!("true"));
@@ -261,6 +260,36 @@ pub async fn lease_step(
         }
     };
     classify(result)
+}
+
+/// A shard Lease nobody holds yet, carrying one of the assigner's annotations.
+fn holderless_lease(
+    names: &OperatorNames,
+    namespace: &str,
+    shard: ShardIndex,
+    annotation: String,
+    value: &str,
+) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(names.shard_lease_name(shard)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([(
+                names.shard_lease_label(),
+                shard.label_value(),
+            )])),
+            annotations: Some(BTreeMap::from([(annotation, value.to_owned())])),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec::default()),
+    }
+}
+
+fn create_params(field_manager: String) -> PostParams {
+    PostParams {
+        field_manager: Some(field_manager),
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

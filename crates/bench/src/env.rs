@@ -162,7 +162,11 @@ impl BenchEnv {
             .arg("--kube-burst")
             .arg("1000");
         if self.webhook {
-            spec = spec.with_webhook(&self.operator_ns.name);
+            // The DatabaseCluster worker's finalizer comes with the label at creation.
+            spec = spec
+                .with_webhook(&self.operator_ns.name)
+                .arg("--webhook-finalizers")
+                .arg(shardop_api::constants::FINALIZER);
         }
         for arg in extra {
             spec = spec.arg(*arg);

@@ -62,6 +62,11 @@ pub struct Knobs {
         global = true
     )]
     pub shards: Vec<u32>,
+    /// `rescale`: a fixed shard count spread over the workers (the assigner's `--shards`
+    /// with `--worker-statefulset`), so a rescale moves whole shards between workers; 0 =
+    /// one shard per worker, and a rescale moves objects between shards.
+    #[arg(long, env = "FIXED_SHARDS", default_value_t = 0, global = true)]
+    pub fixed_shards: u32,
     /// Requests in flight from the load generator.
     #[arg(long, env = "CONCURRENCY", default_value_t = 32, global = true)]
     pub concurrency: usize,

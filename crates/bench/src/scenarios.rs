@@ -30,6 +30,7 @@ mod assign;
 mod cleanupdep;
 mod create;
 mod freeze;
+mod homes;
 mod tenants;
 pub use assign::assign;
 pub use cleanupdep::cleanupdep;
@@ -225,16 +226,8 @@ fn writes_per_moved_object(
     Ok((per_move(total), Value::Object(by_kind)))
 }
 
-/// One `rescale` step, `from` → `to` shards: starts or stops workers as the StatefulSet
-/// would, waits until every object is placed and reconciled by its desired shard, and
-/// returns the step's figures.
-async fn rescale_step(run: &mut Run, knobs: &Knobs, from: u32, to: u32) -> anyhow::Result<Value> {
-    let namespace = run.env.objects_ns.name.clone();
-    let before = run.conv.shards();
-    run.conv.take_max_unassigned();
-    let step_started = Instant::now();
-    let step_since = Timestamp::now();
-    tracing::info!(from, to, "rescaling");
+/// Starts or stops workers as the StatefulSet would for `from` → `to` replicas.
+async fn scale_workers(run: &mut Run, from: u32, to: u32) -> anyhow::Result<()> {
     if to > from {
         for index in from..to {
             run.env.start_worker(index, &env::DEFAULT_LEASE_FLAGS)?;
@@ -249,6 +242,20 @@ async fn rescale_step(run: &mut Run, knobs: &Knobs, from: u32, to: u32) -> anyho
             }
         }
     }
+    Ok(())
+}
+
+/// One `rescale` step, `from` → `to` shards: starts or stops workers as the StatefulSet
+/// would, waits until every object is placed and reconciled by its desired shard, and
+/// returns the step's figures.
+async fn rescale_step(run: &mut Run, knobs: &Knobs, from: u32, to: u32) -> anyhow::Result<Value> {
+    let namespace = run.env.objects_ns.name.clone();
+    let before = run.conv.shards();
+    run.conv.take_max_unassigned();
+    let step_started = Instant::now();
+    let step_since = Timestamp::now();
+    tracing::info!(from, to, "rescaling");
+    scale_workers(run, from, to).await?;
     let desired = desired_shard(&namespace, to);
     let rebalance = run
         .wait_until(knobs.converge_timeout(), |run| run.conv.placed(&desired))
@@ -282,34 +289,50 @@ async fn rescale_step(run: &mut Run, knobs: &Knobs, from: u32, to: u32) -> anyho
     }))
 }
 
-/// `rescale`: 3 → 4, then 4 → 2.
+/// `rescale`: 3 → 4, then 4 → 2 workers; one shard per worker (objects move between
+/// shards), or `FIXED_SHARDS` shards spread over them (shards move between workers).
 pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let (mut run, _, raw) = begin("rescale", knobs).await?;
     let started = Instant::now();
+    let fixed = knobs.fixed_shards;
     worker_statefulset(&run, 3).await?;
     for index in 0..3 {
         run.env.start_worker(index, &env::DEFAULT_LEASE_FLAGS)?;
     }
-    run.env
-        .start_assigner(None, &["--worker-statefulset", "shardop-worker"])?;
-    run.wait_for_operator(3).await?;
+    let fixed_flag = fixed.to_string();
+    let mut assigner_flags = vec!["--worker-statefulset", "shardop-worker"];
+    if fixed > 0 {
+        assigner_flags.extend(["--shards", fixed_flag.as_str()]);
+    }
+    run.env.start_assigner(None, &assigner_flags)?;
+    run.wait_for_operator(if fixed > 0 { fixed } else { 3 })
+        .await?;
     // Measured from quiet: moves share the API server with the controller manager's
     // follow-up of the creates otherwise, and the step times measure that backlog.
     let quiet = populate(&mut run, knobs).await?;
     let mut steps = Vec::new();
     for (from, to) in [(3_u32, 4_u32), (4, 2)] {
-        steps.push(rescale_step(&mut run, knobs, from, to).await?);
+        let step = if fixed > 0 {
+            homes::homes_step(&mut run, knobs, fixed, from, to).await?
+        } else {
+            rescale_step(&mut run, knobs, from, to).await?
+        };
+        steps.push(step);
     }
     run.settle(Duration::from_secs(3), Duration::from_secs(60))
         .await?;
     let ownership = run.audit()?.ownership_figures();
     let dual_ownership = ownership.dual_ownership;
-    // Every step moves objects, each with at least its new label and its children's.
+    // Every step moves objects, each with at least its new label and its children's; with
+    // fixed shards, none is relabelled.
     let writes_counted = steps.iter().all(|s| {
         s["writes_per_moved_object"]
             .as_f64()
-            .is_some_and(|w| w.is_finite() && w >= 1.0)
+            .is_some_and(|w| w.is_finite() && (w >= 1.0 || fixed > 0))
     });
+    let none_relabelled = steps
+        .iter()
+        .all(|s| s["relabelled"].as_u64().unwrap_or(0) == 0);
     let mut report = report(
         "rescale",
         knobs,
@@ -330,6 +353,7 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
     }
     report
         .set("quiet_before_rescale", quiet)
+        .set("fixed_shards", fixed)
         .set("dual_ownership", dual_ownership)
         .set("ownership", ownership)
         .set("steps", steps)
@@ -340,7 +364,11 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
         report,
         checks: vec![
             ("dual_ownership == 0".into(), dual_ownership == 0),
-            ("writes_per_moved_object >= 1".into(), writes_counted),
+            if fixed > 0 {
+                ("no object relabelled".into(), none_relabelled)
+            } else {
+                ("writes_per_moved_object >= 1".into(), writes_counted)
+            },
         ],
     })
 }

@@ -39,5 +39,9 @@ pub const RELEASE_REQUESTED_ANNOTATION: &str = "shardop.dev/release-requested-by
 /// Annotation the assigner puts on the Lease of a shard that is no longer part of the
 /// desired shard count; workers never take over a retired shard.
 pub const RETIRED_ANNOTATION: &str = "shardop.dev/retired";
+/// Annotation the assigner puts on a shard Lease to name the worker ordinal that is home for
+/// the shard, when the shard count is fixed and the worker count is not; without it, shard
+/// `i`'s home worker is ordinal `i`.
+pub const HOME_WORKER_ANNOTATION: &str = "shardop.dev/home-worker";
 /// Name of the assigner's own leader-election Lease.
 pub const ASSIGNER_LEASE_NAME: &str = "shardop-assigner";

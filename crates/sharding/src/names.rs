@@ -103,6 +103,13 @@ impl OperatorNames {
         format!("{}/retired", self.label_prefix)
     }
 
+    /// Annotation on a shard Lease naming the ordinal of the worker that is home for the
+    /// shard (`shardop.dev/home-worker`), when shards outnumber workers; without it, shard
+    /// `i`'s home is worker `i`.
+    pub fn home_worker_annotation(&self) -> String {
+        format!("{}/home-worker", self.label_prefix)
+    }
+
     /// Prefix of the shard Lease names (`shardop-shard-`).
     pub fn shard_lease_prefix(&self) -> String {
         format!("{}-shard-", self.operator)
@@ -180,6 +187,10 @@ mod tests {
             constants::RELEASE_REQUESTED_ANNOTATION
         );
         assert_eq!(names.retired_annotation(), constants::RETIRED_ANNOTATION);
+        assert_eq!(
+            names.home_worker_annotation(),
+            constants::HOME_WORKER_ANNOTATION
+        );
         assert_eq!(names.assigner_lease_name(), constants::ASSIGNER_LEASE_NAME);
         assert_eq!(
             names.assigner_field_manager(),

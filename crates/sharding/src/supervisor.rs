@@ -153,7 +153,7 @@ impl Supervisor {
                     }
                 }
             }
-            self.publish_readiness(&served);
+            self.publish_readiness(&watch, &served);
         }
         self.shut_down(served).await;
         driver.abort();
@@ -242,7 +242,7 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Acquisitions: the home shard, and every known shard we do not serve.
+    /// Acquisitions: the home shards, and every known shard we do not serve.
     async fn acquire(
         &self,
         leases: &BTreeMap<ShardIndex, Arc<Lease>>,
@@ -250,28 +250,24 @@ impl Supervisor {
         served: &mut BTreeMap<ShardIndex, Served>,
     ) -> Result<(), ShardingError> {
         let me = self.me();
-        let home = me.home;
         let now = jiff::Timestamp::now();
-        let shard_count = leases
-            .keys()
-            .map(|s| s.0.saturating_add(1))
-            .chain([home.0.saturating_add(1)])
-            .max()
-            .unwrap_or(1);
-        let mut candidates: Vec<ShardIndex> = leases.keys().copied().collect();
-        if !candidates.contains(&home) {
-            candidates.push(home);
+        let snapshots: BTreeMap<ShardIndex, LeaseSnapshot> = leases
+            .iter()
+            .map(|(shard, lease)| (*shard, self.snapshot(lease)))
+            .collect();
+        let ring = worker_ring(&snapshots, me.home);
+        let mut candidates: Vec<ShardIndex> = snapshots.keys().copied().collect();
+        if !candidates.contains(&me.home) {
+            candidates.push(me.home);
         }
-        // Home first: it matters most and must not wait behind takeovers.
-        candidates.sort_by_key(|s| (*s != home, s.0));
+        // Home shards first: they matter most and must not wait behind takeovers.
+        candidates.sort_by_key(|s| (!failover::is_home(&me, *s, snapshots.get(s)), s.0));
         for shard in candidates {
             if served.contains_key(&shard) {
                 continue;
             }
-            let snapshot = leases.get(&shard).map(|l| self.snapshot(l));
-            if failover::acquisition(&me, shard, snapshot.as_ref(), shard_count, now)
-                == Acquisition::Wait
-            {
+            let snapshot = snapshots.get(&shard);
+            if failover::acquisition(&me, shard, snapshot, ring, now) == Acquisition::Wait {
                 continue;
             }
             let lease_io = clients.leases(shard)?;
@@ -281,7 +277,7 @@ impl Supervisor {
             // and simply expires; nothing is written for it without a guard.
             let attempt = tokio::time::timeout(
                 self.runtime.settings.lease_duration,
-                self.write_lease(&lease_io, shard, shard_count),
+                self.write_lease(&lease_io, shard, ring),
             )
             .await;
             let Ok(attempt) = attempt else {
@@ -291,7 +287,7 @@ impl Supervisor {
             let Some(held) = attempt? else {
                 continue;
             };
-            if shard != home {
+            if !failover::is_home(&me, shard, snapshot) {
                 tracing::warn!(%shard, "took over the shard of a worker that stopped renewing");
             }
             served.insert(shard, self.serve(held)?);
@@ -339,12 +335,21 @@ impl Supervisor {
         }
     }
 
-    /// Ready while the home shard is served with synced caches. Set after every tick,
-    /// whether or not the step ran or failed.
-    fn publish_readiness(&self, served: &BTreeMap<ShardIndex, Served>) {
-        let ready = served
-            .get(&self.runtime.settings.home)
-            .is_some_and(|s| s.scope.is_synced() && !s.lease.is_lost());
+    /// Ready while every home shard is served with synced caches: the shard of the pod's
+    /// ordinal, or those whose Leases name this worker home. Set after every tick, whether
+    /// or not the step ran or failed.
+    fn publish_readiness(&self, watch: &ShardLeaseWatch, served: &BTreeMap<ShardIndex, Served>) {
+        let me = self.me();
+        let snapshots: BTreeMap<ShardIndex, LeaseSnapshot> = watch
+            .all()
+            .iter()
+            .map(|(shard, lease)| (*shard, self.snapshot(lease)))
+            .collect();
+        let ready = home_shards(&me, &snapshots).iter().all(|shard| {
+            served
+                .get(shard)
+                .is_some_and(|s| s.scope.is_synced() && !s.lease.is_lost())
+        });
         self.runtime.set_ready(ready);
     }
 
@@ -385,14 +390,14 @@ impl Supervisor {
         &self,
         leases: &ShardLeases,
         shard: ShardIndex,
-        shard_count: u32,
+        ring: u32,
     ) -> Result<Option<HeldLease>, ShardingError> {
         let me = self.me();
         for _ in 0..LEASE_WRITE_ATTEMPTS {
             let fresh = leases.get(shard).await?;
             let snapshot = fresh.as_ref().map(|l| self.snapshot(l));
             let now = jiff::Timestamp::now();
-            match failover::acquisition(&me, shard, snapshot.as_ref(), shard_count, now) {
+            match failover::acquisition(&me, shard, snapshot.as_ref(), ring, now) {
                 Acquisition::Wait => return Ok(None),
                 Acquisition::RequestHandBack => {
                     let Some(fresh) = fresh else { continue };
@@ -410,5 +415,85 @@ impl Supervisor {
             tracing::debug!(%shard, "shard lease changed under our write, reading it again");
         }
         Ok(None)
+    }
+}
+
+/// The number of worker ordinals the Leases show, for the takeover stagger: the highest
+/// home worker any Lease names (a shard's own index where none is named), or this
+/// worker's ordinal, plus one.
+fn worker_ring(leases: &BTreeMap<ShardIndex, LeaseSnapshot>, me: ShardIndex) -> u32 {
+    leases
+        .iter()
+        .map(|(shard, lease)| lease.home_of(*shard))
+        .chain([me])
+        .map(|worker| worker.0.saturating_add(1))
+        .max()
+        .unwrap_or(1)
+}
+
+/// The shards this worker is home for: those whose Leases name it (or, naming nobody,
+/// carry its ordinal as index), and its ordinal's shard while that has no Lease yet.
+fn home_shards(me: &Me<'_>, leases: &BTreeMap<ShardIndex, LeaseSnapshot>) -> Vec<ShardIndex> {
+    let mut homes: Vec<ShardIndex> = leases
+        .iter()
+        .filter(|(shard, lease)| failover::is_home(me, **shard, Some(lease)))
+        .map(|(shard, _)| *shard)
+        .collect();
+    if !leases.contains_key(&me.home) {
+        homes.push(me.home);
+    }
+    homes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Me<'static> {
+        Me {
+            identity: "shardop-worker-1",
+            home: ShardIndex(1),
+            lease_duration: Duration::from_secs(15),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+
+    fn homed(home: Option<u32>) -> LeaseSnapshot {
+        LeaseSnapshot {
+            home_worker: home.map(ShardIndex),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn without_named_homes_the_home_shard_is_the_ordinal() {
+        let leases = BTreeMap::from([(ShardIndex(0), homed(None)), (ShardIndex(2), homed(None))]);
+        assert_eq!(home_shards(&me(), &leases), vec![ShardIndex(1)]);
+        assert_eq!(worker_ring(&leases, ShardIndex(1)), 3);
+        let own = BTreeMap::from([(ShardIndex(1), homed(None))]);
+        assert_eq!(home_shards(&me(), &own), vec![ShardIndex(1)]);
+    }
+
+    #[test]
+    fn named_homes_replace_the_ordinal() {
+        // Eight shards over three workers; worker 1 is named home for 3 and 6, and its
+        // ordinal's shard 1 went to worker 0.
+        let leases: BTreeMap<ShardIndex, LeaseSnapshot> = [0, 0, 2, 1, 0, 2, 1, 2]
+            .into_iter()
+            .enumerate()
+            .map(|(shard, home)| (ShardIndex(shard as u32), homed(Some(home))))
+            .collect();
+        assert_eq!(
+            home_shards(&me(), &leases),
+            vec![ShardIndex(3), ShardIndex(6)]
+        );
+        assert_eq!(
+            worker_ring(&leases, ShardIndex(1)),
+            3,
+            "three workers, not eight shards"
+        );
+        // A worker the spread gave nothing is home for nothing (and so ready).
+        let far = BTreeMap::from([(ShardIndex(1), homed(Some(0)))]);
+        assert!(home_shards(&me(), &far).is_empty());
     }
 }

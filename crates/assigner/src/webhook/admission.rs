@@ -8,6 +8,12 @@
 //! `managedFields` changes a mutating webhook makes, so the patch also appends the entry
 //! that makes the assigner the label's owner: the worker's trust rule stays "the assigner
 //! wrote it", at creation or later.
+//!
+//! With `--webhook-finalizers`, the patch also adds those finalizers, with a `managedFields`
+//! entry that makes the workers' field manager their owner, exactly as the worker's own
+//! server-side apply of its finalizer would: the first reconcile then skips that write, and
+//! a later apply by the creator that omits the finalizer cannot remove it (a field
+//! another manager owns stays).
 
 use jiff::Timestamp;
 use kube::core::DynamicObject;
@@ -45,6 +51,8 @@ impl Verdict {
 pub struct Reviewer {
     pub names: OperatorNames,
     pub kinds: Vec<ResourceName>,
+    /// Finalizers added to every stamped object, owned by the workers' field manager.
+    pub finalizers: Vec<String>,
 }
 
 impl Reviewer {
@@ -101,7 +109,10 @@ impl Reviewer {
         match admission(creation, table, &self.names) {
             Admission::Skip(reason) => (response, Verdict::Skipped(reason)),
             Admission::Stamp(shard) => {
-                let patch = stamp_patch(object, shard, &self.names, now);
+                let mut patch = stamp_patch(object, shard, &self.names, now);
+                if let Value::Array(ops) = &mut patch {
+                    ops.extend(finalizer_ops(object, &self.finalizers, &self.names, now));
+                }
                 match serde_json::from_value(patch).map(|p| response.clone().with_patch(p)) {
                     Ok(Ok(patched)) => (patched, Verdict::Stamped(shard)),
                     _ => (response, Verdict::Unreadable),
@@ -155,11 +166,7 @@ pub fn stamp_patch(
             json!({ "op": "add", "path": "/metadata/labels", "value": { label.clone(): value } })
         }
     };
-    let api_version = object
-        .types
-        .as_ref()
-        .map(|t| t.api_version.clone())
-        .unwrap_or_default();
+    let api_version = api_version(object);
     let entry = json!({
         "manager": names.assigner_field_manager(),
         "operation": "Update",
@@ -173,6 +180,89 @@ pub fn stamp_patch(
         None => json!({ "op": "add", "path": "/metadata/managedFields", "value": [entry] }),
     };
     json!([label_op, fields_op])
+}
+
+/// The JSONPatch operations that add `finalizers` (those `object` does not carry yet) and
+/// a `managedFields` entry making the workers' field manager their owner, as its
+/// server-side apply of them would. Nothing when every one is there already.
+pub fn finalizer_ops(
+    object: &DynamicObject,
+    finalizers: &[String],
+    names: &OperatorNames,
+    now: Timestamp,
+) -> Vec<Value> {
+    let present = object.metadata.finalizers.as_deref().unwrap_or_default();
+    let mut missing: Vec<&String> = Vec::new();
+    for finalizer in finalizers {
+        if !present.contains(finalizer) && !missing.contains(&finalizer) {
+            missing.push(finalizer);
+        }
+    }
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    let mut ops: Vec<Value> = match &object.metadata.finalizers {
+        Some(_) => missing
+            .iter()
+            .map(|f| json!({ "op": "add", "path": "/metadata/finalizers/-", "value": f }))
+            .collect(),
+        None => vec![json!({ "op": "add", "path": "/metadata/finalizers", "value": missing })],
+    };
+    let owned: serde_json::Map<String, Value> = missing
+        .iter()
+        .map(|f| (format!("v:{}", Value::String((*f).clone())), json!({})))
+        .collect();
+    let entry = json!({
+        "manager": names.worker_field_manager(),
+        "operation": "Apply",
+        "apiVersion": api_version(object),
+        "time": Timestamp::from_second(now.as_second()).unwrap_or(now).to_string(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": { "f:metadata": { "f:finalizers": owned } },
+    });
+    // The label's entry was appended before this one, so the list exists by now.
+    ops.push(json!({ "op": "add", "path": "/metadata/managedFields/-", "value": entry }));
+    ops
+}
+
+fn api_version(object: &DynamicObject) -> String {
+    object
+        .types
+        .as_ref()
+        .map(|t| t.api_version.clone())
+        .unwrap_or_default()
+}
+
+/// A finalizer name as the API server accepts it: `<DNS subdomain>/<name>`, the name at
+/// most 63 characters of letters, digits, `-`, `_` and `.`, beginning and ending with a
+/// letter or digit.
+pub fn parse_finalizer(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    let invalid = || format!("{value:?} is not a finalizer name (<domain>/<name>)");
+    let (prefix, name) = value.split_once('/').ok_or_else(invalid)?;
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    let prefix_ok = !prefix.is_empty()
+        && prefix.len() <= 253
+        && prefix.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && alnum(part.chars().next())
+                && alnum(part.chars().last())
+        });
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && alnum(name.chars().next())
+        && alnum(name.chars().last());
+    if prefix_ok && name_ok {
+        Ok(value.to_owned())
+    } else {
+        Err(invalid())
+    }
 }
 
 #[cfg(test)]
@@ -210,6 +300,14 @@ mod tests {
         Reviewer {
             names: OperatorNames::default(),
             kinds: vec!["databaseclusters.v1alpha1.shardop.dev".parse().unwrap()],
+            finalizers: Vec::new(),
+        }
+    }
+
+    fn reviewer_adding(finalizers: &[&str]) -> Reviewer {
+        Reviewer {
+            finalizers: finalizers.iter().map(|f| (*f).to_owned()).collect(),
+            ..reviewer()
         }
     }
 
@@ -281,6 +379,76 @@ mod tests {
         assert_eq!(entry["manager"], "shardop-assigner");
         assert_eq!(entry["apiVersion"], "shardop.dev/v1alpha1");
         assert_eq!(entry["time"], "2027-01-15T08:00:00Z");
+    }
+
+    #[test]
+    fn a_stamped_create_gets_the_finalizers_owned_by_the_workers_manager() {
+        let reviewer = reviewer_adding(&["shardop.dev/cleanup"]);
+        let request = review("CREATE", "databaseclusters", json!({"name": "db-1"}));
+        let (out, verdict) = reviewer.review(&request, Some(&table()), now());
+        assert!(matches!(verdict, Verdict::Stamped(_)));
+        let object = patched(&request, &serde_json::from_slice(&out).unwrap());
+        assert_eq!(
+            object["metadata"]["finalizers"],
+            json!(["shardop.dev/cleanup"])
+        );
+        assert!(trusted(&object), "the label entry is still there");
+        let entry = &object["metadata"]["managedFields"][1];
+        assert_eq!(entry["manager"], "shardop-worker");
+        assert_eq!(entry["operation"], "Apply");
+        assert_eq!(
+            entry["fieldsV1"],
+            json!({"f:metadata": {"f:finalizers": {"v:\"shardop.dev/cleanup\"": {}}}})
+        );
+        let parsed: Vec<ManagedFieldsEntry> =
+            serde_json::from_value(object["metadata"]["managedFields"].clone()).unwrap();
+        assert_eq!(parsed.len(), 2);
+    }
+
+    #[test]
+    fn finalizers_already_there_are_not_added_twice_and_others_are_kept() {
+        let names = OperatorNames::default();
+        let object = |finalizers: Value| -> DynamicObject {
+            serde_json::from_value(json!({
+                "apiVersion": "shardop.dev/v1alpha1",
+                "kind": "DatabaseCluster",
+                "metadata": {"name": "db", "finalizers": finalizers},
+            }))
+            .unwrap()
+        };
+        let wanted = [
+            "shardop.dev/cleanup".to_owned(),
+            "shardop.dev/cleanup".to_owned(),
+        ];
+        let present = object(json!(["shardop.dev/cleanup"]));
+        assert!(finalizer_ops(&present, &wanted, &names, now()).is_empty());
+        let others = object(json!(["example.com/keep"]));
+        let ops = finalizer_ops(&others, &wanted, &names, now());
+        assert_eq!(
+            ops[0],
+            json!({"op": "add", "path": "/metadata/finalizers/-", "value": "shardop.dev/cleanup"})
+        );
+        assert_eq!(ops.len(), 2, "one finalizer, once, and its owner: {ops:?}");
+        assert!(finalizer_ops(&others, &[], &names, now()).is_empty());
+    }
+
+    #[test]
+    fn finalizer_names_are_checked() {
+        for good in ["shardop.dev/cleanup", "a.b-c.io/x_y.z", "example.com/0"] {
+            assert_eq!(parse_finalizer(good).as_deref(), Ok(good));
+        }
+        for bad in [
+            "cleanup",
+            "/cleanup",
+            "shardop.dev/",
+            "Shardop.dev/x",
+            "shardop..dev/x",
+            "shardop.dev/-x",
+            "shardop.dev/x/y",
+            "shardop.dev/a b",
+        ] {
+            assert!(parse_finalizer(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -80,6 +80,12 @@ pub struct WebhookArgs {
     /// How often the leader checks the certificate's age and the configuration's caBundle.
     #[arg(long, env = "SHARDOP_WEBHOOK_CHECK_INTERVAL", default_value = "1m", value_parser = parse_positive_duration)]
     pub webhook_check_interval: Duration,
+    /// Finalizers the webhook adds to every object it stamps (comma-separated), owned by
+    /// the workers' field manager (`<operator>-worker`) as if a worker had applied them:
+    /// the worker's first reconcile finds its finalizer in place and skips that write. Name
+    /// only finalizers your workers add on their first reconcile and remove themselves.
+    #[arg(long, env = "SHARDOP_WEBHOOK_FINALIZERS", value_delimiter = ',', value_parser = admission::parse_finalizer)]
+    pub webhook_finalizers: Vec<String>,
 }
 
 /// Where the webhook runs and what it serves for.
@@ -153,6 +159,7 @@ pub async fn start(
     let reviewer = Reviewer {
         names: names.clone(),
         kinds: setup.kinds.clone(),
+        finalizers: args.webhook_finalizers.clone(),
     };
     let handler = review_handler(view, reviewer, setup.metrics.clone());
     let slot = CertSlot::new();

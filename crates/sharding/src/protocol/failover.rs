@@ -27,7 +27,8 @@ pub enum Acquisition {
 pub struct Me<'a> {
     /// Holder identity (pod name).
     pub identity: &'a str,
-    /// The home shard (the pod ordinal).
+    /// The pod ordinal: the home shard, unless a shard's Lease names another home worker
+    /// ([`LeaseSnapshot::home_worker`]).
     pub home: ShardIndex,
     /// Lease duration, for "released long enough ago".
     pub lease_duration: Duration,
@@ -42,16 +43,23 @@ pub fn ring_distance(shard: ShardIndex, home: ShardIndex, shards: u32) -> u32 {
     (home.0 % n + n - shard.0 % n) % n
 }
 
+/// Whether this worker is home for `shard`, whose Lease is `lease` (`None` = absent): the
+/// worker the Lease names, else the worker whose ordinal is the shard's index.
+pub fn is_home(me: &Me<'_>, shard: ShardIndex, lease: Option<&LeaseSnapshot>) -> bool {
+    lease.map_or(shard, |l| l.home_of(shard)) == me.home
+}
+
 /// Decides about shard `shard`'s Lease (`None` = absent) at wall-clock `now`.
-/// `shards` is the number of shards known (for the stagger).
+/// `ring` is the number of worker ordinals known (for the stagger): the highest home
+/// worker any Lease names (a shard's own index where none is named), plus one.
 pub fn acquisition(
     me: &Me<'_>,
     shard: ShardIndex,
     lease: Option<&LeaseSnapshot>,
-    shards: u32,
+    ring: u32,
     now: Timestamp,
 ) -> Acquisition {
-    let home = shard == me.home;
+    let home = is_home(me, shard, lease);
     let Some(lease) = lease else {
         // Only the home worker creates a shard's first Lease: a shard nobody ever served
         // is not part of the desired count yet (expansion gating).
@@ -80,9 +88,11 @@ pub fn acquisition(
             _ => Acquisition::Acquire,
         };
     }
-    let stagger = me
-        .retry_period
-        .saturating_mul(ring_distance(shard, me.home, shards));
+    // Ordered by distance from the shard's home worker, so the worker right after it goes
+    // first whichever shards it was home for.
+    let stagger =
+        me.retry_period
+            .saturating_mul(ring_distance(lease.home_of(shard), me.home, ring));
     let free_since = match state {
         LeaseState::Held { holder } if holder == me.identity => return Acquisition::Acquire,
         LeaseState::Held { .. } | LeaseState::Absent => return Acquisition::Wait,
@@ -143,14 +153,17 @@ pub fn stop_grace(reason: StopReason, me: &Me<'_>, shutdown_timeout: Duration) -
 }
 
 /// Whether the worker should let go of a shard it serves: a hand-back or retirement was
-/// requested and the shard is not its home (a home worker keeps its own shard).
+/// requested and the shard is not its home. A home worker keeps the shard of its ordinal
+/// (retired, it is on its way out with its pod); a worker the assigner named home lets a
+/// retired shard go like any other, as it stays on while the shard count shrank.
 pub fn should_release(me: &Me<'_>, shard: ShardIndex, lease: Option<&LeaseSnapshot>) -> bool {
-    shard != me.home
-        && lease.is_some_and(|l| {
-            l.release_requested_by
+    lease.is_some_and(|l| {
+        let keeps = is_home(me, shard, Some(l)) && !(l.retired && l.home_worker.is_some());
+        !keeps
+            && l.release_requested_by
                 .as_deref()
                 .is_some_and(|by| by != me.identity)
-        })
+    })
 }
 
 #[cfg(test)]
@@ -283,6 +296,76 @@ mod tests {
             ),
             Acquisition::Wait
         );
+    }
+
+    fn homed_at(home: u32, lease: LeaseSnapshot) -> LeaseSnapshot {
+        LeaseSnapshot {
+            home_worker: Some(ShardIndex(home)),
+            ..lease
+        }
+    }
+
+    #[test]
+    fn a_shard_whose_lease_names_this_worker_home_is_treated_as_home() {
+        // Shard 5 of 8 shards spread over 3 workers; its Lease names worker 1 home.
+        let shard = ShardIndex(5);
+        let taken = homed_at(1, lease(Some("shardop-worker-0"), 100));
+        assert!(is_home(&me(), shard, Some(&taken)));
+        assert_eq!(
+            acquisition(&me(), shard, Some(&taken), 3, ts(101)),
+            Acquisition::RequestHandBack
+        );
+        let released = homed_at(1, lease(None, 100));
+        assert_eq!(
+            acquisition(&me(), shard, Some(&released), 3, ts(101)),
+            Acquisition::Acquire,
+            "a released shard goes to its home worker at once"
+        );
+        // Its own index is no longer home when the Lease names another worker.
+        let elsewhere = homed_at(2, lease(Some("shardop-worker-2"), 100));
+        assert!(!is_home(&me(), ShardIndex(1), Some(&elsewhere)));
+        assert_eq!(
+            acquisition(&me(), ShardIndex(1), Some(&elsewhere), 3, ts(101)),
+            Acquisition::Wait
+        );
+        // An absent Lease is home by index only: a named home needs a Lease to name it.
+        assert!(is_home(&me(), ShardIndex(1), None));
+        assert!(!is_home(&me(), shard, None));
+    }
+
+    #[test]
+    fn a_worker_named_home_no_longer_hands_the_shard_back_on_request() {
+        let asked = LeaseSnapshot {
+            release_requested_by: Some("shardop-worker-3".into()),
+            ..lease(Some(W1), 100)
+        };
+        // Shard 1 used to be worker 1's own; the assigner named worker 3 home for it.
+        assert!(!should_release(&me(), ShardIndex(1), Some(&asked)));
+        assert!(should_release(
+            &me(),
+            ShardIndex(1),
+            Some(&homed_at(3, asked.clone()))
+        ));
+        // And a shard it was named home for, it keeps, unless the shard was retired.
+        assert!(!should_release(
+            &me(),
+            ShardIndex(6),
+            Some(&homed_at(1, asked.clone()))
+        ));
+        let retired = LeaseSnapshot {
+            retired: true,
+            ..homed_at(1, asked)
+        };
+        assert!(should_release(&me(), ShardIndex(6), Some(&retired)));
+    }
+
+    #[test]
+    fn the_takeover_stagger_counts_from_the_named_home_worker() {
+        // Shard 7's home is worker 0, which died: worker 1 is next to it and goes first.
+        let expired = homed_at(0, lease(Some("shardop-worker-0"), 100));
+        let take = |now| acquisition(&me(), ShardIndex(7), Some(&expired), 3, ts(now));
+        assert_eq!(take(116), Acquisition::Wait, "stagger");
+        assert_eq!(take(117), Acquisition::Acquire, "115 + 1 × 2 s");
     }
 
     #[test]

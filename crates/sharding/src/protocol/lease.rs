@@ -23,6 +23,10 @@ pub struct LeaseSnapshot {
     pub release_requested_by: Option<String>,
     /// The shard is no longer part of the desired shard count.
     pub retired: bool,
+    /// The ordinal of the shard's home worker, when the assigner named one (fixed shard
+    /// count, shards spread over the workers); `None`: worker `i` is home for shard `i`.
+    /// A value that is not a canonical index below `MAX_SHARDS` reads as `None`.
+    pub home_worker: Option<ShardIndex>,
 }
 
 impl LeaseSnapshot {
@@ -53,7 +57,15 @@ impl LeaseSnapshot {
                 .map(Duration::from_secs),
             release_requested_by: annotation(&names.release_requested_annotation()),
             retired: annotation(&names.retired_annotation()).is_some_and(|v| v == "true"),
+            home_worker: annotation(&names.home_worker_annotation())
+                .and_then(|v| v.parse::<ShardIndex>().ok()),
         }
+    }
+
+    /// The ordinal of `shard`'s home worker: the one the assigner named, else `shard`
+    /// itself.
+    pub fn home_of(&self, shard: ShardIndex) -> ShardIndex {
+        self.home_worker.unwrap_or(shard)
     }
 
     /// When the current holder's claim runs out, if there is a holder.
@@ -127,6 +139,8 @@ impl LeaseState {
 
 /// The home shard of a worker identity: the StatefulSet ordinal at the end of its pod name
 /// (`shardop-worker-2` → shard 2). An ordinal at or above `MAX_SHARDS` has no home shard.
+/// Where a Lease names a home worker ([`LeaseSnapshot::home_worker`]), this is the
+/// worker's ordinal, compared with that name.
 pub fn home_shard_of(identity: &str) -> Option<ShardIndex> {
     let (_, ordinal) = identity.rsplit_once('-')?;
     ordinal.parse().ok()
@@ -135,7 +149,9 @@ pub fn home_shard_of(identity: &str) -> Option<ShardIndex> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::constants::{RELEASE_REQUESTED_ANNOTATION, RETIRED_ANNOTATION};
+    use crate::constants::{
+        HOME_WORKER_ANNOTATION, RELEASE_REQUESTED_ANNOTATION, RETIRED_ANNOTATION,
+    };
     use k8s_openapi::api::coordination::v1::LeaseSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
     use std::collections::BTreeMap;
@@ -229,6 +245,31 @@ mod tests {
             Some("shardop-worker-1")
         );
         assert_eq!(snapshot.state(ts(11)), LeaseState::Released);
+        assert_eq!(snapshot.home_worker, None);
+        assert_eq!(snapshot.home_of(ShardIndex(4)), ShardIndex(4));
+    }
+
+    #[test]
+    fn reads_the_home_worker_and_ignores_a_garbled_one() {
+        let with_home = |value: &str| {
+            LeaseSnapshot::from_lease(&Lease {
+                metadata: kube::api::ObjectMeta {
+                    annotations: Some(BTreeMap::from([(
+                        HOME_WORKER_ANNOTATION.to_owned(),
+                        value.to_owned(),
+                    )])),
+                    ..Default::default()
+                },
+                spec: None,
+            })
+        };
+        assert_eq!(with_home("2").home_worker, Some(ShardIndex(2)));
+        assert_eq!(with_home("2").home_of(ShardIndex(7)), ShardIndex(2));
+        for garbled in ["", "02", "x", "-1", "1024"] {
+            let snapshot = with_home(garbled);
+            assert_eq!(snapshot.home_worker, None, "{garbled:?}");
+            assert_eq!(snapshot.home_of(ShardIndex(7)), ShardIndex(7));
+        }
     }
 
     #[test]

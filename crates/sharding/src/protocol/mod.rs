@@ -13,6 +13,7 @@
 
 pub mod admission;
 pub mod failover;
+pub mod homes;
 pub mod lease;
 pub mod object;
 pub mod plan;
@@ -23,9 +24,10 @@ mod simulation;
 
 pub use admission::{Admission, Creation, SkipReason, admission};
 pub use failover::{
-    Acquisition, LEASE_WRITE_ATTEMPTS, Me, StopReason, acquisition, ring_distance, should_release,
-    stop_grace,
+    Acquisition, LEASE_WRITE_ATTEMPTS, Me, StopReason, acquisition, is_home, ring_distance,
+    should_release, stop_grace,
 };
+pub use homes::{home_step, spread_homes};
 pub use lease::{LeaseSnapshot, LeaseState, home_shard_of};
 pub use object::{
     AssignerAction, ObjectPlacement, WorkerAction, assigner_action, assigner_decision,

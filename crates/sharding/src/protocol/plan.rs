@@ -63,6 +63,12 @@ pub enum LeaseStep {
     /// Delete the Lease: a retired shard is empty and nobody holds it, or a shard back in
     /// range must be acquired afresh before it counts towards `E` again.
     Delete,
+    /// Create a holderless Lease naming this worker ordinal home for the shard (see
+    /// [`super::homes`]).
+    CreateHomed(ShardIndex),
+    /// Name this worker ordinal home for the shard on its Lease; the worker then asks the
+    /// holder to hand the shard back.
+    SetHome(ShardIndex),
 }
 
 /// The assigner's plan for one shard index.
@@ -87,9 +93,10 @@ pub fn plan_shard(
 ) -> ShardPlan {
     let lease = table.lease(shard);
     let live_holder = table.lease_state(shard).live_holder().map(str::to_owned);
+    let home = lease.map_or(shard, |l| l.home_of(shard));
     let home_held = live_holder
         .as_deref()
-        .is_some_and(|h| home_shard_of(h) == Some(shard));
+        .is_some_and(|h| home_shard_of(h) == Some(home));
     let empty = labelled_objects == 0;
     let release_pending = lease.is_some_and(|l| l.release_requested_by.is_some());
 
@@ -382,6 +389,29 @@ mod tests {
         for i in 0..4 {
             assert_eq!(plan_shard(ShardIndex(i), &t, 5, false).lease_step, None);
         }
+    }
+
+    #[test]
+    fn a_shard_held_by_the_home_its_lease_names_is_active() {
+        let named = |holder: &str, home: u32| LeaseSnapshot {
+            home_worker: Some(ShardIndex(home)),
+            ..held(holder)
+        };
+        // Shards 4 and 5 of six, spread over workers 0 and 1.
+        let t = table(
+            6,
+            vec![
+                (4, named("shardop-worker-1", 1)),
+                (5, named("shardop-worker-5", 0)),
+            ],
+        );
+        let state = |i| plan_shard(ShardIndex(i), &t, 5, false).state;
+        assert_eq!(state(4), ShardState::Active, "held by its named home");
+        assert_eq!(
+            state(5),
+            ShardState::TakenOver,
+            "held by the worker of its index, not its named home"
+        );
     }
 
     #[test]

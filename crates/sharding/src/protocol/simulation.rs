@@ -100,6 +100,8 @@ struct Lease {
     acquired_once: bool,
     retired: bool,
     release_requested: bool,
+    /// The home worker the assigner named on it (`None`: the worker of the shard's index).
+    home: Option<usize>,
     rv: u32,
 }
 
@@ -113,6 +115,7 @@ impl Lease {
             duration: Some(Duration::from_secs(15)),
             release_requested_by: self.release_requested.then(|| "x".to_owned()),
             retired: self.retired,
+            home_worker: self.home.map(|h| ShardIndex(h as u32)),
         }
     }
 }
@@ -171,6 +174,9 @@ struct Budget {
     hand_edits: u8,
     /// Objects created with a forged (valid, untrusted) shard label (inside it).
     forged_creates: u8,
+    /// The assigner naming another home worker on a shard's Lease (a rescale with a fixed
+    /// shard count).
+    rehomes: u8,
 }
 
 /// What the webhook last observed of the shards: the desired count and the Leases.
@@ -216,6 +222,9 @@ enum Step {
     WebhookObserve,
     /// Object created through the webhook, or with a forged label for this shard.
     Create(usize, Option<u32>),
+    /// The assigner names worker `.1` home for shard `.0` on its Lease (a `SetHome` write
+    /// landing; a stale one loses to the resourceVersion precondition like any other).
+    Rehome(usize, usize),
 }
 
 struct Model {
@@ -363,6 +372,13 @@ impl Model {
             for n in 1..=SHARDS as u32 {
                 if n != w.n {
                     steps.push(Step::ChangeN(n));
+                }
+            }
+        }
+        if w.budget.rehomes > 0 {
+            for (s, lease) in w.leases.iter().enumerate() {
+                for wi in (0..w.n as usize).filter(|wi| lease.exists && lease.home != Some(*wi)) {
+                    steps.push(Step::Rehome(s, wi));
                 }
             }
         }
@@ -515,6 +531,7 @@ impl Model {
                     acquired_once: true,
                     retired: false,
                     release_requested: false,
+                    home: lease.home,
                     rv: lease.rv + 1,
                 };
                 // A controller for a newly acquired shard starts from a fresh list.
@@ -560,6 +577,12 @@ impl Model {
             Step::ChangeN(n) => {
                 w.budget.n_changes -= 1;
                 w.n = *n;
+            }
+            Step::Rehome(s, wi) => {
+                w.budget.rehomes -= 1;
+                let lease = &mut w.leases[*s];
+                lease.home = Some(*wi);
+                lease.rv += 1;
             }
             Step::WebhookObserve => {
                 w.webhook = Some(WebhookView {
@@ -667,18 +690,22 @@ impl Model {
                         release(&mut w.leases[s]);
                     }
                 }
-                // The home shard: acquire it, or ask its taker to hand it back (the taker
-                // releases it in its next turn, through its own decision).
-                match lease_decision(&w, wi, wi) {
-                    Acquisition::Acquire if !holds(&w, wi, wi) => {
-                        self.apply(&mut w, &Step::Acquire(wi, wi));
+                // Its home shards: acquire them, or ask their takers to hand them back (a
+                // taker releases in its next turn, through its own decision). A shard whose
+                // named home is gone is taken over (the model's clock is past every
+                // stagger), as the workers do until the assigner names a new home.
+                for s in 0..SHARDS {
+                    match lease_decision(&w, wi, s) {
+                        Acquisition::Acquire if !holds(&w, wi, s) => {
+                            self.apply(&mut w, &Step::Acquire(wi, s));
+                        }
+                        Acquisition::RequestHandBack => {
+                            let lease = &mut w.leases[s];
+                            lease.release_requested = true;
+                            lease.rv += 1;
+                        }
+                        _ => {}
                     }
-                    Acquisition::RequestHandBack => {
-                        let lease = &mut w.leases[wi];
-                        lease.release_requested = true;
-                        lease.rv += 1;
-                    }
-                    _ => {}
                 }
                 for s in 0..SHARDS {
                     for o in 0..w.objs.len() {
@@ -865,7 +892,17 @@ fn land(w: &mut World, write: Write) {
                     };
                 }
                 LeaseStep::CreateRetired => {}
+                LeaseStep::CreateHomed(h) if !lease.exists => {
+                    *lease = Lease {
+                        exists: true,
+                        home: Some(h.0 as usize),
+                        rv: lease.rv + 1,
+                        ..Lease::default()
+                    };
+                }
+                LeaseStep::CreateHomed(_) => {}
                 _ if !lease.exists || lease.rv != rv => {}
+                LeaseStep::SetHome(h) => lease.home = Some(h.0 as usize),
                 LeaseStep::MarkRetired => lease.retired = true,
                 LeaseStep::LiftRetirement => lease.retired = false,
                 LeaseStep::RequestRelease => lease.release_requested = true,
@@ -981,6 +1018,26 @@ fn max_states() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(6_000)
+}
+
+#[test]
+fn shards_handed_to_a_newly_named_home_worker_are_never_served_twice() {
+    // A fixed shard count spread anew over the workers: the assigner names other home
+    // workers on the Leases while their holders reconcile, crash or stop; the new home asks
+    // for the shard, the holder lets go only once its reconciles are done.
+    let (model, w) = steady(
+        2,
+        3,
+        Budget {
+            rehomes: 2,
+            crashes: 1,
+            stops: 1,
+            ..Budget::default()
+        },
+    );
+    let w = with(w, &model, &[Step::StartReconcile(1, 1, 1)]);
+    let states = model.explore(w, 14, max_states());
+    assert!(states > 100, "explored only {states} states");
 }
 
 #[test]
@@ -1135,6 +1192,7 @@ fn random_walks_with_every_kind_of_failure() {
                 tampers: 0,
                 hand_edits: 2,
                 forged_creates: 1,
+                rehomes: 2,
             },
         );
         // The last object is created during the walk, through the webhook.
