@@ -200,6 +200,16 @@ impl Supervisor {
         LeaseSnapshot::from_lease_of(lease, &self.runtime.settings.names)
     }
 
+    fn snapshots(
+        &self,
+        leases: &BTreeMap<ShardIndex, Arc<Lease>>,
+    ) -> BTreeMap<ShardIndex, LeaseSnapshot> {
+        leases
+            .iter()
+            .map(|(shard, lease)| (*shard, self.snapshot(lease)))
+            .collect()
+    }
+
     /// One step: lost Leases, hand-back requests, acquisitions, then metrics and
     /// heartbeats.
     async fn step(
@@ -251,10 +261,7 @@ impl Supervisor {
     ) -> Result<(), ShardingError> {
         let me = self.me();
         let now = jiff::Timestamp::now();
-        let snapshots: BTreeMap<ShardIndex, LeaseSnapshot> = leases
-            .iter()
-            .map(|(shard, lease)| (*shard, self.snapshot(lease)))
-            .collect();
+        let snapshots = self.snapshots(leases);
         let ring = worker_ring(&snapshots, me.home);
         let mut candidates: Vec<ShardIndex> = snapshots.keys().copied().collect();
         if !candidates.contains(&me.home) {
@@ -340,11 +347,7 @@ impl Supervisor {
     /// or not the step ran or failed.
     fn publish_readiness(&self, watch: &ShardLeaseWatch, served: &BTreeMap<ShardIndex, Served>) {
         let me = self.me();
-        let snapshots: BTreeMap<ShardIndex, LeaseSnapshot> = watch
-            .all()
-            .iter()
-            .map(|(shard, lease)| (*shard, self.snapshot(lease)))
-            .collect();
+        let snapshots = self.snapshots(&watch.all());
         let ready = home_shards(&me, &snapshots).iter().all(|shard| {
             served
                 .get(shard)

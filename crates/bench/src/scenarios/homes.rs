@@ -18,11 +18,6 @@ use crate::Knobs;
 use crate::env;
 use crate::run::Run;
 
-/// The shards' home workers among `workers`, once every shard is held by its home.
-async fn homes_now(run: &Run, shards: u32, workers: u32) -> Option<Vec<u32>> {
-    homes_served(&run.env.client, &run.env.operator_ns.name, shards, workers).await
-}
-
 /// Whether worker `worker` has reconciled at least `objects` objects of `shard` since it
 /// acquired it, and has none of them queued.
 async fn reconciled_by(env: &env::BenchEnv, worker: u32, shard: u32, objects: usize) -> bool {
@@ -46,9 +41,11 @@ pub(super) async fn homes_step(
     from: u32,
     to: u32,
 ) -> anyhow::Result<Value> {
-    let before = homes_now(run, shards, from).await.with_context(|| {
-        format!("{shards} shards not served by their homes among {from} workers")
-    })?;
+    let before = homes_served(&run.env.client, &run.env.operator_ns.name, shards, from)
+        .await
+        .with_context(|| {
+            format!("{shards} shards not served by their homes among {from} workers")
+        })?;
     let labels_before = run.conv.shards();
     let mut per_shard: BTreeMap<u32, usize> = BTreeMap::new();
     for shard in labels_before.values().flatten() {
