@@ -231,9 +231,25 @@ impl ShardopProcess {
     }
 }
 
+/// How many of its last log lines a process shows when the test that ran it fails.
+const LOG_LINES_ON_FAILURE: usize = 40;
+
 impl Drop for ShardopProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what its processes did last: CI keeps only the test output.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_LINES_ON_FAILURE)..];
+            eprintln!(
+                "--- last {} lines of {} ({}) ---\n{}",
+                tail.len(),
+                self.name,
+                self.log_path.display(),
+                tail.join("\n")
+            );
+        }
     }
 }

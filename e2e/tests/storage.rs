@@ -21,6 +21,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use shardop_api::DatabaseCluster;
 use shardop_api::constants::{ASSIGNER_FIELD_MANAGER, SHARD_LABEL, condition};
+use shardop_e2e::audit;
 use shardop_e2e::process::ShardopProcess;
 use shardop_e2e::test_env::TestEnv;
 use shardop_e2e::{valid_spec, wait_for};
@@ -175,6 +176,31 @@ impl Env {
         })
         .await
         .unwrap()
+    }
+
+    /// From the audit log: the worker created StatefulSet `db` twice (the original and its
+    /// replacement) and deleted it once, and nothing deleted a claim. A StatefulSet applied
+    /// while it is being deleted comes back with the old template and is replaced again, and
+    /// the StatefulSet controller's claim adoption racing such a short-lived StatefulSet
+    /// leaves claims owned by a deleted owner, which the garbage collector deletes.
+    fn replaced_once_and_no_claim_deleted(&self) {
+        let log = self.cluster.audit_log().unwrap();
+        let events = audit::events_in_namespace(log, &self.objects.name).unwrap();
+        let worker_writes = |verb: &str, code: u16| {
+            events
+                .iter()
+                .filter(|e| e.by_shardop() && e.target() == Some(("statefulsets", "db")))
+                .filter(|e| e.verb == verb && e.code() == Some(code))
+                .count()
+        };
+        assert_eq!(worker_writes("patch", 201), 2, "StatefulSet creations");
+        assert_eq!(worker_writes("delete", 200), 1, "StatefulSet deletions");
+        let claim_deletions: Vec<_> = events
+            .iter()
+            .filter(|e| e.resource() == "persistentvolumeclaims" && e.verb.starts_with("delete"))
+            .map(|e| format!("{} {} by {}", e.verb, e.name(), e.user.username))
+            .collect();
+        assert!(claim_deletions.is_empty(), "{claim_deletions:?}");
     }
 
     async fn claims_bound(&self, names: &[String]) {
@@ -350,6 +376,7 @@ async fn growing_storage_expands_the_claims_and_replaces_the_stateful_set_withou
     assert_ne!(progressing.reason, "Blocked", "{progressing:?}");
     assert_eq!(object.status.as_ref().unwrap().claim_ordinals, Some(2));
     assert_eq!(env.claim_uids(&claims).await, claim_uids, "same claims");
+    env.replaced_once_and_no_claim_deleted();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

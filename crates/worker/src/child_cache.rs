@@ -375,9 +375,10 @@ mod tests {
     }
 
     fn desired_sts() -> StatefulSet {
-        let mut sts = desired_stateful_set(&cluster(), ShardIndex(1));
-        Resize::hold(&Quantity("20Gi".into()), Some(&sts)).shape(&mut sts);
-        sts
+        let sts = desired_stateful_set(&cluster(), ShardIndex(1));
+        Resize::hold(&Quantity("20Gi".into()), Some(&sts))
+            .stateful_set_to_apply(sts.clone())
+            .expect("a StatefulSet behind the spec is applied with its template kept")
     }
 
     /// `desired` as the API server returns it: server defaults, managed fields, an

@@ -18,7 +18,7 @@ use shardop::Admission;
 use shardop::protocol::{WorkerAction, worker_action};
 use shardop_api::constants::condition::CLEANUP;
 use shardop_api::constants::{FINALIZER, WORKER_FIELD_MANAGER};
-use shardop_api::{DatabaseCluster, ReclaimPolicy};
+use shardop_api::{DatabaseCluster, DatabaseClusterStatus, ReclaimPolicy};
 use tracing::Instrument;
 
 use crate::backoff::jitter_unit;
@@ -31,7 +31,9 @@ use crate::cluster_cache::CachedCluster;
 use crate::condition_set::{ConditionValue, set_condition};
 use crate::context::ScopeContext;
 pub use crate::error::ReconcileError;
-use crate::status::{Observed, TerminalProblem, WrittenStatus, desired_status, known_status};
+use crate::status::{
+    Observed, TerminalProblem, WrittenStatus, desired_status, is_newer, known_status,
+};
 use crate::volume_resize::{self, Resize, ResizeIo};
 
 /// Requeue of an object whose spec cannot be applied: it waits for a spec change.
@@ -442,9 +444,8 @@ async fn converge(
                 guard: &shared.guard,
             };
             // The status as it is, including our own write the cache has not delivered yet.
-            let written = shared.book().written_status(key);
-            let under_way = volume_resize::under_way(known_status(&cluster, written.as_ref()));
-            volume_resize::advance(&io, &cluster, cached_sts.as_deref(), under_way).await?
+            let status = status_known(ctx, &cluster, key);
+            volume_resize::advance(&io, &cluster, cached_sts.as_deref(), status.as_ref()).await?
         }
     };
     let (stateful_set, problem) = match known_problem {
@@ -497,13 +498,8 @@ async fn write_status(
     let shared = &ctx.shared;
     let namespace = cluster.namespace().unwrap_or_default();
     let name = cluster.name_any();
-    let written = {
-        let mut book = shared.book();
-        // The object we read may already hold that write: the cache answers again then.
-        book.forget_status_once_seen(cluster);
-        book.written_status(key)
-    };
-    let current_status = known_status(cluster, written.as_ref());
+    let current_status = status_known(ctx, cluster, key);
+    let current_status = current_status.as_ref();
     let now = jiff::Timestamp::now();
     let mut status = desired_status(&Observed {
         cluster,
@@ -525,10 +521,11 @@ async fn write_status(
     Ok(())
 }
 
-/// Applies the Service and the StatefulSet (shaped by `resize`) where they differ from the
-/// server's, or all of them after the object moved in. Returns the StatefulSet as the server
-/// has it and the terminal problem of this spec, if an apply was rejected for good (the
-/// cached StatefulSet is returned then).
+/// Applies the Service and the StatefulSet (as `resize` plans it: shaped, or not at all
+/// while it is being replaced) where they differ from the server's, or all of them after the
+/// object moved in. Returns the StatefulSet as the server has it (the cached one when it was
+/// not applied) and the terminal problem of this spec, if an apply was rejected for good
+/// (the cached StatefulSet is returned then).
 async fn apply_children(
     ctx: &ScopeContext,
     cluster: &DatabaseCluster,
@@ -540,8 +537,7 @@ async fn apply_children(
     let join = shared.scope.moved_in(cluster);
     let ownership_changed = join.is_some();
     let service = desired_service(cluster, shard);
-    let mut sts = desired_stateful_set(cluster, shard);
-    resize.shape(&mut sts);
+    let sts = resize.stateful_set_to_apply(desired_stateful_set(cluster, shard));
     // The two applies do not depend on each other (the StatefulSet names its Service, it
     // does not need it to exist), so they share one round trip: a moved-in object's first
     // reconcile relabels both children, and that bounds how fast a rebalance completes.
@@ -553,20 +549,28 @@ async fn apply_children(
             ownership_changed,
             "applying the Service",
         ),
-        apply_if_changed(
-            ctx,
-            &sts,
-            &ctx.stateful_sets,
-            ownership_changed,
-            "applying the StatefulSet",
-        ),
+        async {
+            match &sts {
+                Some(sts) => apply_if_changed(
+                    ctx,
+                    sts,
+                    &ctx.stateful_sets,
+                    ownership_changed,
+                    "applying the StatefulSet",
+                )
+                .await
+                .map(Some),
+                None => Ok(None),
+            }
+        },
     );
     let mut problem = match service_applied {
         Ok(_) => None,
         Err(err) => Some(classify(err, "Service")?),
     };
     let stateful_set = match sts_applied {
-        Ok(applied) => Some(applied),
+        Ok(Some(applied)) => Some(applied),
+        Ok(None) => cached_sts.cloned(),
         Err(err) => {
             let terminal = classify(err, "StatefulSet")?;
             problem.get_or_insert(terminal);
@@ -574,9 +578,11 @@ async fn apply_children(
         }
     };
     shared.guard.check()?;
-    // Both children were applied: they carry our label. A child rejected for good may
-    // still carry another shard's: the next reconcile relabels it again.
+    // Both children were applied: they carry our label. A child rejected for good, or a
+    // StatefulSet left alone while it is replaced, may still carry another shard's: a
+    // later reconcile relabels it.
     if problem.is_none()
+        && sts.is_some()
         && let Some(join) = join
     {
         shared.scope.children_relabelled(cluster, join);
@@ -615,6 +621,32 @@ async fn current_stateful_set(
         sts.metadata.managed_fields = None;
         Arc::new(sts)
     }))
+}
+
+/// The status the server holds as far as this shard knows (see [`known_status`]), from
+/// `cluster` (the version the reconcile started from), the cache and our status memo. The
+/// memo and the cache are read together under the bookkeeping lock, which the watch takes
+/// after storing a version to drop the memo it delivers: one of the two shows our last
+/// write.
+fn status_known(
+    ctx: &ScopeContext,
+    cluster: &DatabaseCluster,
+    key: &str,
+) -> Option<DatabaseClusterStatus> {
+    let (latest, written) = {
+        let mut book = ctx.shared.book();
+        // The object we read may already hold that write: the cache answers again then.
+        book.forget_status_once_seen(cluster);
+        let latest = ctx.clusters.get(
+            &ObjectRef::new(&cluster.name_any()).within(&cluster.namespace().unwrap_or_default()),
+        );
+        (latest, book.written_status(key))
+    };
+    // Decompressed only when the cache moved on since the reconcile started.
+    let latest = latest
+        .filter(|latest| is_newer(latest.as_ref(), cluster))
+        .and_then(|latest| latest.object());
+    known_status(cluster, latest.as_ref(), written.as_ref()).cloned()
 }
 
 /// Keeps the status just written until the watch delivers it (see [`known_status`]),
@@ -672,9 +704,8 @@ async fn cleanup(
         }
         let ordinals = {
             // Our own newer status write counts too (see `ordinals_to_record`).
-            let written = shared.book().written_status(key);
-            let known = known_status(cluster, written.as_ref());
-            claims::ordinals_to_record(cluster, known, sts.as_deref())
+            let known = status_known(ctx, cluster, key);
+            claims::ordinals_to_record(cluster, known.as_ref(), sts.as_deref())
         };
         let names = claims::claim_names(&name, ordinals);
         let pass = claims::delete_claims(&ctx.client, &shared.guard, &namespace, &names).await;
@@ -771,13 +802,11 @@ async fn write_cleanup_condition(
     key: &str,
     progress: ConditionValue,
 ) -> Result<(), ReconcileError> {
-    let written = {
-        let mut book = ctx.shared.book();
-        book.forget_status_once_seen(cluster);
-        book.written_status(key)
-    };
-    let current = known_status(cluster, written.as_ref());
-    let previous = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let current = status_known(ctx, cluster, key);
+    let previous = current
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
     let mut conditions = previous.to_vec();
     set_condition(
         &mut conditions,

@@ -14,19 +14,42 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use shardop_api::constants::condition::{AVAILABLE, DEGRADED, PROGRESSING};
 use shardop_api::{DatabaseCluster, DatabaseClusterStatus};
 
+use crate::book::numeric_resource_version;
 pub use crate::book::{TerminalProblem, WrittenStatus};
 
-/// The status the server holds as far as this worker knows: the one it wrote itself while
-/// the cache has not caught up with that write, else the cached one. Only the worker
-/// owning the shard writes the status subresource, so nothing else can have replaced our
-/// write without the cache showing a later version.
+/// The status the server holds as far as this worker knows: the newest of the version a
+/// reconcile started from (`started`), the version the cache holds now (`latest`) and the
+/// status it wrote itself while the cache has not caught up with that write (`written`).
+/// Only the worker owning the shard writes the status subresource, so nothing else can have
+/// replaced our write without the cache showing a later version.
+///
+/// `latest` matters because the watch drops the memo of a write once the cache holds it,
+/// and that may happen after the reconcile took its snapshot (kube-runtime reads the cache
+/// when it dispatches the reconcile, before the reconcile runs): the snapshot then shows
+/// neither the write nor the memo, and a decision taken from it (a resize that looks not
+/// under way) undoes what the previous reconcile wrote.
 pub fn known_status<'a>(
-    cached: &'a DatabaseCluster,
+    started: &'a DatabaseCluster,
+    latest: Option<&'a DatabaseCluster>,
     written: Option<&'a WrittenStatus>,
 ) -> Option<&'a DatabaseClusterStatus> {
+    let newest = latest
+        .filter(|latest| is_newer(*latest, started))
+        .unwrap_or(started);
     match written {
-        Some(written) if !written.is_seen_in(cached) => Some(&written.status),
-        _ => cached.status.as_ref(),
+        Some(written) if !written.is_seen_in(newest) => Some(&written.status),
+        _ => newest.status.as_ref(),
+    }
+}
+
+/// Whether `candidate` is a later version than `than` (both with numeric resourceVersions).
+pub fn is_newer(candidate: &impl kube::Resource, than: &impl kube::Resource) -> bool {
+    match (
+        numeric_resource_version(candidate),
+        numeric_resource_version(than),
+    ) {
+        (Some(candidate), Some(than)) => candidate > than,
+        _ => false,
     }
 }
 
@@ -292,11 +315,11 @@ mod tests {
         };
         let written = WrittenStatus {
             resource_version: 11,
-            status: observe(known_status(&cached, None), 100),
+            status: observe(known_status(&cached, None, None), 100),
         };
         // A reconcile right after the write, before the watch delivered it: the cache
         // still has no status, yet the status to compare with is the one written.
-        let current = known_status(&cached, Some(&written));
+        let current = known_status(&cached, None, Some(&written));
         assert_eq!(current, Some(&written.status));
         assert_eq!(observe(current, 101), written.status, "nothing to write");
         // Compared with the stale cache instead, the same world looks different (fresh
@@ -325,15 +348,56 @@ mod tests {
         ] {
             let cached = at_version(later.clone(), version);
             assert_eq!(
-                known_status(&cached, Some(&written)),
+                known_status(&cached, None, Some(&written)),
                 Some(expected),
                 "{version}"
             );
         }
         // A resourceVersion that is not a number: trust the cache (a write at worst).
         let opaque = at_version(later.clone(), "opaque");
-        assert_eq!(known_status(&opaque, Some(&written)), later.status.as_ref());
-        assert_eq!(known_status(&later, None), later.status.as_ref());
+        assert_eq!(
+            known_status(&opaque, None, Some(&written)),
+            later.status.as_ref()
+        );
+        assert_eq!(known_status(&later, None, None), later.status.as_ref());
+    }
+
+    #[test]
+    fn a_reconcile_started_before_the_watch_delivered_our_write_sees_it_in_the_cache() {
+        // The reconcile's snapshot predates our last write (version 11); the watch then
+        // delivered it, storing version 11 and dropping the memo.
+        let mut started = at_version(cluster(2), "10");
+        started.status = Some(DatabaseClusterStatus {
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        let mut latest = at_version(cluster(2), "11");
+        latest.status = Some(DatabaseClusterStatus {
+            observed_generation: Some(2),
+            ..Default::default()
+        });
+        assert_eq!(
+            known_status(&started, Some(&latest), None),
+            latest.status.as_ref(),
+            "not the snapshot's older status"
+        );
+        // The memo, while it is there, still wins over an older cache.
+        let written = WrittenStatus {
+            resource_version: 12,
+            status: DatabaseClusterStatus {
+                observed_generation: Some(3),
+                ..Default::default()
+            },
+        };
+        assert_eq!(
+            known_status(&started, Some(&latest), Some(&written)),
+            Some(&written.status)
+        );
+        // A cache older than the snapshot (never the case, but harmless) is not used.
+        assert_eq!(
+            known_status(&latest, Some(&started), None),
+            latest.status.as_ref()
+        );
     }
 
     #[test]

@@ -7,16 +7,24 @@
 //! 1. the template asks for less than the spec (phase [`Phase::Behind`]): check that the
 //!    claims' StorageClass allows expansion (else `StorageResizing=False`,
 //!    `ExpansionNotAllowed`, and Degraded; the template keeps its size, so every other
-//!    change still applies), patch the request of every bound claim below the size, then
-//!    delete the StatefulSet with `propagationPolicy: Orphan`: its pods and claims stay;
-//! 2. while it is being deleted ([`Phase::Replacing`]) the apply keeps the old template;
-//! 3. once it is gone the normal apply creates it with the new template; it adopts the
+//!    change still applies), patch the request of every bound claim below the size;
+//! 2. make the StatefulSet let go of its claims: apply it with `whenDeleted: Retain` and
+//!    wait until the StatefulSet controller has seen that ([`claims_released`]). With
+//!    `whenDeleted: Delete` the controller owns every claim, and a sync it runs from a
+//!    lagging cache while the StatefulSet is deleted can put its owner reference back after
+//!    the garbage collector took it off: the collector then deletes the claim (and, with a
+//!    `Delete` volume reclaim policy, the data);
+//! 3. delete the StatefulSet with `propagationPolicy: Orphan`: its pods and claims stay;
+//! 4. while it is being deleted ([`Phase::Replacing`]) it is not applied at all: an apply
+//!    landing after the deletion completed would create it again with the old template;
+//! 5. once it is gone the normal apply creates it with the new template; it adopts the
 //!    pods back (the pod template is unchanged, so is the revision hash: no pod rolls);
-//! 4. while `StorageResizing` is `True`, claims that were not bound yet (the API server
+//! 6. while `StorageResizing` is `True`, claims that were not bound yet (the API server
 //!    expands only bound claims) are patched once bound (looked at every
 //!    [`BINDING_POLL`]); with none left the condition ends `False`, `Resized`.
 //!
-//! The decisions ([`phase`], [`claim_plan`]) are pure; [`advance`] does the I/O.
+//! The decisions ([`phase`], [`claim_plan`], [`claims_released`]) are pure; [`advance`]
+//! does the I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -40,8 +48,8 @@ use crate::condition_set::{ConditionValue, keep_condition, set_condition};
 use crate::error::ReconcileError;
 use crate::status::TerminalProblem;
 
-/// Look again this soon while the old StatefulSet is being deleted (its deletion event
-/// usually comes first).
+/// Look again this soon while the old StatefulSet lets go of its claims or is being deleted
+/// (its status or deletion event usually comes first).
 const REPLACE_POLL: Duration = Duration::from_secs(2);
 /// Look again this soon while claims wait to be bound before they can be expanded.
 pub const BINDING_POLL: Duration = Duration::from_secs(30);
@@ -120,6 +128,37 @@ pub fn set_template_size(stateful_set: &mut StatefulSet, size: &Quantity) {
         .and_then(|r| r.requests.as_mut());
     if let Some(requests) = requests {
         requests.insert("storage".to_owned(), size.clone());
+    }
+}
+
+/// Whether the StatefulSet controller no longer owns the claims of `stateful_set`: its
+/// `whenDeleted` policy is `Retain` (the default when unset) and the controller has seen the
+/// generation that says so. From then on no sync of the controller adds an owner reference
+/// to a claim, so deleting the StatefulSet cannot leave a claim owned by a StatefulSet that
+/// no longer exists (which the garbage collector would delete).
+pub fn claims_released(stateful_set: &StatefulSet) -> bool {
+    let retains = stateful_set
+        .spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_claim_retention_policy.as_ref())
+        .and_then(|p| p.when_deleted.as_deref())
+        .is_none_or(|when| when == RETAIN);
+    let observed = stateful_set
+        .status
+        .as_ref()
+        .and_then(|s| s.observed_generation);
+    retains && observed.is_some() && observed >= stateful_set.metadata.generation
+}
+
+/// The `whenDeleted` policy under which the StatefulSet controller owns no claim.
+const RETAIN: &str = "Retain";
+
+/// Sets the StatefulSet's `whenDeleted` claim retention policy to `Retain`.
+fn retain_claims(stateful_set: &mut StatefulSet) {
+    if let Some(spec) = stateful_set.spec.as_mut() {
+        spec.persistent_volume_claim_retention_policy
+            .get_or_insert_with(Default::default)
+            .when_deleted = Some(RETAIN.to_owned());
     }
 }
 
@@ -265,12 +304,28 @@ pub fn claim_plan(
     plan
 }
 
+/// What a pass does with the StatefulSet.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum StatefulSetPlan {
+    /// Apply it as the spec says.
+    #[default]
+    Apply,
+    /// Apply it keeping its claim template at this size: the template is immutable and the
+    /// StatefulSet is not being replaced (expansion not allowed, or a known problem).
+    KeepTemplate(Quantity),
+    /// Apply it keeping its claim template at this size and with `whenDeleted: Retain`, so
+    /// that it owns no claim when it is deleted (see [`claims_released`]).
+    ReleaseClaims(Quantity),
+    /// Do not apply it: it is being deleted to be replaced. An apply landing after the
+    /// deletion completed would create it again with the old template.
+    LeaveAlone,
+}
+
 /// What the resize decided for this pass.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Resize {
-    /// The size the StatefulSet's claim template must keep (its current one) while the
-    /// StatefulSet is not replaced; `None`: the spec's.
-    pub keep_template: Option<Quantity>,
+    /// What the apply does with the StatefulSet.
+    pub stateful_set: StatefulSetPlan,
     /// The `StorageResizing` condition; `None` keeps the one the object has (if any).
     pub condition: Option<ConditionValue>,
     /// Why the size cannot be carried out (shown as Degraded).
@@ -282,22 +337,32 @@ pub struct Resize {
 
 impl Resize {
     /// The resize held where it stands (no I/O): while the StatefulSet's template asks for
-    /// less than the spec, the apply keeps it.
+    /// less than the spec, the apply keeps it; while it is being replaced, it is left alone.
     pub fn hold(size: &Quantity, stateful_set: Option<&StatefulSet>) -> Self {
-        match phase(size, stateful_set) {
-            Phase::Behind { template } | Phase::Replacing { template } => Self {
-                keep_template: Some(template),
-                ..Self::default()
-            },
-            Phase::InSync => Self::default(),
+        let stateful_set = match phase(size, stateful_set) {
+            Phase::Behind { template } => StatefulSetPlan::KeepTemplate(template),
+            Phase::Replacing { .. } => StatefulSetPlan::LeaveAlone,
+            Phase::InSync => StatefulSetPlan::Apply,
+        };
+        Self {
+            stateful_set,
+            ..Self::default()
         }
     }
 
-    /// Makes the desired StatefulSet keep its current claim template while it exists.
-    pub fn shape(&self, desired: &mut StatefulSet) {
-        if let Some(size) = &self.keep_template {
-            set_template_size(desired, size);
+    /// The StatefulSet to apply this pass, from the one the spec asks for; `None`: apply
+    /// none.
+    pub fn stateful_set_to_apply(&self, mut desired: StatefulSet) -> Option<StatefulSet> {
+        match &self.stateful_set {
+            StatefulSetPlan::Apply => {}
+            StatefulSetPlan::KeepTemplate(size) => set_template_size(&mut desired, size),
+            StatefulSetPlan::ReleaseClaims(size) => {
+                set_template_size(&mut desired, size);
+                retain_claims(&mut desired);
+            }
+            StatefulSetPlan::LeaveAlone => return None,
         }
+        Some(desired)
     }
 
     /// Sets the `StorageResizing` condition in `status` (or keeps the previous one), and
@@ -368,7 +433,7 @@ fn not_allowed(
         ),
     };
     Resize {
-        keep_template: template,
+        stateful_set: template.map_or(StatefulSetPlan::Apply, StatefulSetPlan::KeepTemplate),
         condition: Some(ConditionValue {
             status: "False",
             reason: "ExpansionNotAllowed",
@@ -390,9 +455,8 @@ pub struct ResizeIo<'a> {
     pub guard: &'a LeaseGuard,
 }
 
-/// Whether the status the object has (see [`crate::status::known_status`]) shows a resize
-/// under way.
-pub fn under_way(status: Option<&DatabaseClusterStatus>) -> bool {
+/// Whether `status` shows a resize under way.
+fn under_way(status: Option<&DatabaseClusterStatus>) -> bool {
     status.is_some_and(|s| {
         s.conditions
             .iter()
@@ -401,47 +465,37 @@ pub fn under_way(status: Option<&DatabaseClusterStatus>) -> bool {
 }
 
 /// Carries the resize one step further (see the module documentation) and says what the
-/// apply and the status must show; `under_way` is [`under_way`] of the object's status.
+/// apply and the status must show. `status` is the status the object has (see
+/// [`crate::status::known_status`]: the reconcile's snapshot may be older than our last
+/// write).
 /// Reads nothing while the template matches the spec and no resize is under way.
 pub async fn advance(
     io: &ResizeIo<'_>,
     cluster: &DatabaseCluster,
     stateful_set: Option<&StatefulSet>,
-    under_way: bool,
+    status: Option<&DatabaseClusterStatus>,
 ) -> Result<Resize, ReconcileError> {
     let size = &cluster.spec.storage.size;
     match phase(size, stateful_set) {
-        Phase::InSync if !under_way => Ok(Resize::default()),
-        Phase::Replacing { template } => Ok(Resize {
-            keep_template: Some(template),
-            condition: resizing(
-                "ReplacingStatefulSet",
-                "waiting for the StatefulSet to be deleted; its pods and claims are kept".into(),
-            ),
-            requeue: Some(REPLACE_POLL),
-            ..Resize::default()
-        }),
+        Phase::InSync if !under_way(status) => Ok(Resize::default()),
+        Phase::Replacing { .. } => Ok(replacing(
+            "waiting for the StatefulSet to be deleted; its pods and claims are kept".into(),
+        )),
         Phase::Behind { template } => {
-            let plan = plan_claims(io, cluster, stateful_set).await?;
+            let plan = plan_claims(io, cluster, status, stateful_set).await?;
             if let Some((claim, class)) = &plan.not_allowed {
                 return Ok(not_allowed(size, Some(template), claim, class.as_deref()));
             }
             expand_claims(io, cluster, &plan.expand).await?;
             if let Some(stateful_set) = stateful_set {
-                delete_orphaning(io, stateful_set).await?;
+                let step = replace_step(size, template, stateful_set);
+                if step.stateful_set == StatefulSetPlan::LeaveAlone {
+                    delete_orphaning(io, stateful_set).await?;
+                }
+                return Ok(step);
             }
-            Ok(Resize {
-                keep_template: Some(template),
-                condition: resizing(
-                    "ReplacingStatefulSet",
-                    format!(
-                        "claims expanded to {}; replacing the StatefulSet around the new claim template, its pods are kept",
-                        size.0
-                    ),
-                ),
-                requeue: Some(REPLACE_POLL),
-                ..Resize::default()
-            })
+            // `phase` says Behind only of an existing StatefulSet.
+            Ok(Resize::hold(size, None))
         }
         Phase::InSync if stateful_set.is_none() => Ok(Resize {
             condition: resizing(
@@ -452,13 +506,47 @@ pub async fn advance(
             ..Resize::default()
         }),
         Phase::InSync => {
-            let plan = plan_claims(io, cluster, stateful_set).await?;
+            let plan = plan_claims(io, cluster, status, stateful_set).await?;
             if let Some((claim, class)) = &plan.not_allowed {
                 return Ok(not_allowed(size, None, claim, class.as_deref()));
             }
             expand_claims(io, cluster, &plan.expand).await?;
             Ok(finishing(size, &plan.unbound))
         }
+    }
+}
+
+/// The pass that replaces a StatefulSet whose claims are expanded already: first it lets
+/// go of its claims ([`claims_released`]); once it has, it is deleted (the caller deletes it
+/// when the plan is [`StatefulSetPlan::LeaveAlone`]) and left alone until it is gone.
+pub fn replace_step(size: &Quantity, template: Quantity, stateful_set: &StatefulSet) -> Resize {
+    if !claims_released(stateful_set) {
+        return Resize {
+            stateful_set: StatefulSetPlan::ReleaseClaims(template),
+            condition: resizing(
+                "ReleasingClaims",
+                format!(
+                    "claims expanded to {}; the StatefulSet lets go of its claims (whenDeleted: Retain) before it is replaced",
+                    size.0
+                ),
+            ),
+            requeue: Some(REPLACE_POLL),
+            ..Resize::default()
+        };
+    }
+    replacing(format!(
+        "claims expanded to {}; replacing the StatefulSet around the new claim template, its pods are kept",
+        size.0
+    ))
+}
+
+/// A pass while the StatefulSet is deleted to be replaced: not applied, looked at again.
+fn replacing(message: String) -> Resize {
+    Resize {
+        stateful_set: StatefulSetPlan::LeaveAlone,
+        condition: resizing("ReplacingStatefulSet", message),
+        requeue: Some(REPLACE_POLL),
+        ..Resize::default()
     }
 }
 
@@ -492,17 +580,19 @@ fn finishing(size: &Quantity, unbound: &[String]) -> Resize {
     }
 }
 
-/// Reads the claims that may exist (by name) and the StorageClasses of those to expand.
+/// Reads the claims that may exist (by name, from the ordinals `status` records) and the
+/// StorageClasses of those to expand.
 async fn plan_claims(
     io: &ResizeIo<'_>,
     cluster: &DatabaseCluster,
+    status: Option<&DatabaseClusterStatus>,
     stateful_set: Option<&StatefulSet>,
 ) -> Result<ClaimPlan, ReconcileError> {
     let want = size_millis(&cluster.spec.storage.size.0).unwrap_or_default();
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(io.client.clone(), &cluster.namespace().unwrap_or_default());
     let mut claims = Vec::new();
-    let ordinals = claims::ordinals_to_record(cluster, cluster.status.as_ref(), stateful_set);
+    let ordinals = claims::ordinals_to_record(cluster, status, stateful_set);
     for name in claims::claim_names(&cluster.name_any(), ordinals) {
         let claim = api
             .get_opt(&name)
@@ -652,18 +742,99 @@ mod tests {
 
     #[test]
     fn the_apply_keeps_the_old_template_until_the_stateful_set_is_replaced() {
-        let mut desired = sts("2Gi");
         let held = Resize::hold(&q("2Gi"), Some(&sts("1Gi")));
-        held.shape(&mut desired);
+        let desired = held.stateful_set_to_apply(sts("2Gi")).unwrap();
         assert_eq!(template_size(&desired), Some(&q("1Gi")));
         assert!(
             crate::children::is_subset(&desired, &sts("1Gi")),
             "no apply of the immutable field"
         );
         // Gone: the new StatefulSet is created with the spec's size.
-        let mut created = sts("2Gi");
-        Resize::hold(&q("2Gi"), None).shape(&mut created);
+        let created = Resize::hold(&q("2Gi"), None)
+            .stateful_set_to_apply(sts("2Gi"))
+            .unwrap();
         assert_eq!(template_size(&created), Some(&q("2Gi")));
+    }
+
+    /// `stateful_set` as the StatefulSet controller has seen it (or not) at `generation`.
+    fn observed(mut stateful_set: StatefulSet, generation: i64, seen: i64) -> StatefulSet {
+        stateful_set.metadata.generation = Some(generation);
+        stateful_set.status = Some(k8s_openapi::api::apps::v1::StatefulSetStatus {
+            observed_generation: Some(seen),
+            ..Default::default()
+        });
+        stateful_set
+    }
+
+    fn when_deleted(stateful_set: &StatefulSet) -> Option<&str> {
+        stateful_set
+            .spec
+            .as_ref()?
+            .persistent_volume_claim_retention_policy
+            .as_ref()?
+            .when_deleted
+            .as_deref()
+    }
+
+    #[test]
+    fn the_stateful_set_lets_go_of_its_claims_before_it_is_deleted() {
+        // The spec's policy is Delete: the StatefulSet controller owns the claims.
+        let owning = observed(sts("1Gi"), 1, 1);
+        assert_eq!(when_deleted(&owning), Some("Delete"));
+        assert!(!claims_released(&owning));
+        let step = replace_step(&q("2Gi"), q("1Gi"), &owning);
+        assert_eq!(
+            step.stateful_set,
+            StatefulSetPlan::ReleaseClaims(q("1Gi")),
+            "not deleted yet"
+        );
+        assert_eq!(step.requeue, Some(REPLACE_POLL));
+        let applied = step.stateful_set_to_apply(sts("2Gi")).unwrap();
+        assert_eq!(when_deleted(&applied), Some("Retain"));
+        assert_eq!(template_size(&applied), Some(&q("1Gi")), "template kept");
+
+        // Applied, but the controller has not seen it yet: a sync from its cache may
+        // still put an owner reference on a claim.
+        let unseen = observed(applied.clone(), 2, 1);
+        assert!(!claims_released(&unseen));
+        assert!(matches!(
+            replace_step(&q("2Gi"), q("1Gi"), &unseen).stateful_set,
+            StatefulSetPlan::ReleaseClaims(_)
+        ));
+
+        // Seen: delete it, and leave it alone from then on.
+        let released = observed(applied, 2, 2);
+        assert!(claims_released(&released));
+        let step = replace_step(&q("2Gi"), q("1Gi"), &released);
+        assert_eq!(step.stateful_set, StatefulSetPlan::LeaveAlone);
+        assert_eq!(step.stateful_set_to_apply(sts("2Gi")), None);
+        assert_eq!(step.condition.unwrap().reason, "ReplacingStatefulSet");
+    }
+
+    #[test]
+    fn a_stateful_set_being_replaced_is_never_applied() {
+        // Once its deletion completes an apply would create it again with the old
+        // template (and a StatefulSet created and deleted in a hurry is what the
+        // controller's claim adoption races with).
+        let held = Resize::hold(&q("2Gi"), Some(&deleting(sts("1Gi"))));
+        assert_eq!(held.stateful_set, StatefulSetPlan::LeaveAlone);
+        assert_eq!(held.stateful_set_to_apply(sts("2Gi")), None);
+        let waiting = replacing("waiting".into());
+        assert_eq!(waiting.stateful_set_to_apply(sts("2Gi")), None);
+        assert_eq!(waiting.requeue, Some(REPLACE_POLL));
+    }
+
+    #[test]
+    fn a_retain_policy_needs_no_release_step_once_seen() {
+        let mut retaining = sts("1Gi");
+        retain_claims(&mut retaining);
+        assert!(!claims_released(&retaining), "no status: not seen");
+        let seen = observed(retaining, 3, 3);
+        assert!(claims_released(&seen));
+        assert_eq!(
+            replace_step(&q("2Gi"), q("1Gi"), &seen).stateful_set,
+            StatefulSetPlan::LeaveAlone
+        );
     }
 
     fn claim(name: &str, bound: bool, size: &str, class: Option<&str>) -> ClaimView {
@@ -731,7 +902,7 @@ mod tests {
     #[test]
     fn not_allowed_is_degraded_but_keeps_the_template_and_the_other_conditions() {
         let resize = not_allowed(&q("2Gi"), Some(q("1Gi")), "data-db-0", Some("slow"));
-        assert_eq!(resize.keep_template, Some(q("1Gi")));
+        assert_eq!(resize.stateful_set, StatefulSetPlan::KeepTemplate(q("1Gi")));
         let now = jiff::Timestamp::from_second(100).unwrap();
         let mut status = DatabaseClusterStatus {
             observed_generation: Some(2),
