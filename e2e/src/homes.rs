@@ -39,7 +39,37 @@ pub async fn homes_served(
         (home < workers && holder == format!("shardop-worker-{home}")).then_some(())?;
         homes.push(home);
     }
-    let load = |w: u32| homes.iter().filter(|h| **h == w).count() as u32;
-    let balanced = (0..workers.max(1)).all(|w| load(w).abs_diff(shards / workers.max(1)) <= 1);
-    balanced.then_some(homes)
+    balanced(&homes, workers).then_some(homes)
+}
+
+/// Whether `homes` (each shard's home worker ordinal) gives every one of `workers` workers
+/// `shards / workers` shards, rounded down or up. Within one shard of the mean is not
+/// enough: 3 workers' spread of 6 shards (2, 2, 2) would pass for 4 workers (2, 2, 2, 0)
+/// before the assigner named the new worker home of anything.
+fn balanced(homes: &[u32], workers: u32) -> bool {
+    let workers = workers.max(1);
+    let shards = homes.len() as u32;
+    let (fewest, most) = (shards / workers, shards.div_ceil(workers));
+    (0..workers).all(|w| {
+        let load = homes.iter().filter(|h| **h == w).count() as u32;
+        (fewest..=most).contains(&load)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced;
+
+    #[test]
+    fn a_new_worker_without_a_shard_is_not_balanced() {
+        assert!(!balanced(&[0, 1, 2, 0, 1, 2], 4), "(2, 2, 2, 0)");
+        assert!(balanced(&[0, 1, 2, 0, 1, 3], 4), "(2, 2, 1, 1)");
+        assert!(balanced(&[0, 1, 2, 0, 1, 2], 3));
+        assert!(
+            !balanced(&[0, 1, 2, 3, 0, 1], 2),
+            "homes beyond the workers"
+        );
+        assert!(balanced(&[0, 1, 0, 1, 0, 1], 2));
+        assert!(!balanced(&[0, 0, 0, 0, 1, 1], 2), "(4, 2)");
+    }
 }
