@@ -200,6 +200,7 @@ impl Supervisor {
         LeaseSnapshot::from_lease_of(lease, &self.runtime.settings.names)
     }
 
+    /// [`Self::snapshot`] of each Lease.
     fn snapshots(
         &self,
         leases: &BTreeMap<ShardIndex, Arc<Lease>>,

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
-use kube::Client;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
 use shardop::{LeaseGuard, ShardIndex, ShardMetrics, ShardScope};
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
@@ -57,4 +57,13 @@ pub struct ScopeContext {
     pub services: ChildStore<Service>,
     /// Cached DatabaseClusters of the shard (the controller's own store).
     pub clusters: Store<CachedCluster>,
+}
+
+impl ScopeContext {
+    /// The version of `cluster` the cache holds now.
+    pub fn cached_cluster(&self, cluster: &impl ResourceExt) -> Option<Arc<CachedCluster>> {
+        self.clusters.get(
+            &ObjectRef::new(&cluster.name_any()).within(&cluster.namespace().unwrap_or_default()),
+        )
+    }
 }

@@ -11,7 +11,6 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use shardop::Admission;
@@ -637,10 +636,7 @@ fn status_known(
         let mut book = ctx.shared.book();
         // The object we read may already hold that write: the cache answers again then.
         book.forget_status_once_seen(cluster);
-        let latest = ctx.clusters.get(
-            &ObjectRef::new(&cluster.name_any()).within(&cluster.namespace().unwrap_or_default()),
-        );
-        (latest, book.written_status(key))
+        (ctx.cached_cluster(cluster), book.written_status(key))
     };
     // Decompressed only when the cache moved on since the reconcile started.
     let latest = latest
@@ -659,9 +655,7 @@ fn remember_status(ctx: &ScopeContext, key: &str, updated: DatabaseCluster) {
         return;
     };
     let mut book = ctx.shared.book();
-    let cached = ctx
-        .clusters
-        .get(&ObjectRef::new(&updated.name_any()).within(&updated.namespace().unwrap_or_default()));
+    let cached = ctx.cached_cluster(&updated);
     let Some(status) = updated.status else {
         return;
     };
