@@ -482,6 +482,13 @@ impl Engine {
         let (Some(record), Some(kind)) = (self.objects.get(&key), self.kind(key.kind)) else {
             return;
         };
+        if let (AssignerAction::Assign { .. }, Some(wait)) = (&action, record.unowned) {
+            // The assigner's own share of assignment latency: the watch and the write are
+            // the API server's.
+            self.metrics
+                .unowned_wait
+                .observe(wait.since.elapsed().as_secs_f64());
+        }
         let Some(labels) = writes::label_patch(&self.settings.names, &action) else {
             return;
         };

@@ -33,6 +33,7 @@ pub struct AssignerMetrics {
     pub moves_in_flight: Gauge,
     pub move_duration: Histogram,
     pub assignment_latency: Histogram,
+    pub unowned_wait: Histogram,
     pub unassigned_objects: Gauge,
     pub shard_objects: Family<ShardLabel, Gauge>,
     pub conflicts: Counter,
@@ -55,6 +56,9 @@ impl AssignerMetrics {
             move_duration: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
             // 10 ms .. ~80 s: a creation storm queues behind the client rate limit.
             assignment_latency: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            // 0.1 ms .. ~13 s: the assigner's own time is sub-millisecond unless its write
+            // budget or a pass holds an object back.
+            unowned_wait: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             unassigned_objects: Gauge::default(),
             shard_objects: Family::default(),
             conflicts: Counter::default(),
@@ -102,6 +106,11 @@ impl AssignerMetrics {
             "shardop_assigner_assignment_latency_seconds",
             "Time from an object's creation to its first shard label",
             m.assignment_latency,
+        );
+        registry.register(
+            "shardop_assigner_unowned_wait_seconds",
+            "Time from the watch event that showed an object without a valid owner to the start of the label write that gives it one",
+            m.unowned_wait,
         );
         registry.register(
             "shardop_assigner_unassigned_objects",

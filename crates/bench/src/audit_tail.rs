@@ -3,7 +3,7 @@
 //! namespace and the operator's shard Leases, and analysed for the correctness fields
 //! (writes, dual ownership, overlap, relabels, duplicated side effects, 429s).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use jiff::Timestamp;
@@ -40,6 +40,16 @@ pub struct WorkerDeath {
     pub pod: String,
     pub alive_at: Timestamp,
     pub noticed_at: Timestamp,
+}
+
+/// The API server's (received, answered) times of an object's create and of the
+/// assigner's first label write of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LabelTimeline {
+    /// The load generator's create.
+    pub create: Option<(Timestamp, Timestamp)>,
+    /// The assigner's first successful label write after it.
+    pub label: Option<(Timestamp, Timestamp)>,
 }
 
 /// An audit log read incrementally, keeping the events of the objects' namespace and the
@@ -153,6 +163,37 @@ impl AuditTail {
             .iter()
             .filter(|e| e.request_received_timestamp >= since && e.is_assigner_label_write())
             .count()
+    }
+
+    /// For each DatabaseCluster the load generator created (`creator` starts its user
+    /// agent): when the API server received and answered the create, and the assigner's
+    /// first successful label write of it. Both times are the API server's. The two are
+    /// joined by name, not by log order: the create's event is logged after its response
+    /// was sent, and by then the assigner's label write may have finished and been logged.
+    pub fn label_timelines(&self, creator: &str) -> HashMap<String, LabelTimeline> {
+        let mut timelines: HashMap<String, LabelTimeline> = HashMap::new();
+        let mut labels: HashMap<&str, (Timestamp, Timestamp)> = HashMap::new();
+        for event in &self.events {
+            if event.resource() != "databaseclusters" || event.subresource().is_some() {
+                continue;
+            }
+            let span = (event.request_received_timestamp, event.stage_timestamp);
+            if event.verb == "create"
+                && event.user_agent.starts_with(creator)
+                && event.is_successful_write()
+            {
+                timelines.entry(event.name().to_owned()).or_default().create = Some(span);
+            } else if event.is_assigner_label_write() {
+                labels
+                    .entry(event.name())
+                    .and_modify(|first| *first = (*first).min(span))
+                    .or_insert(span);
+            }
+        }
+        for (name, timeline) in &mut timelines {
+            timeline.label = labels.get(name.as_str()).copied();
+        }
+        timelines
     }
 
     /// Writes outside single ownership ([`Ownership::dual_ownership`]): foreign writes (by
@@ -357,6 +398,47 @@ mod tests {
             events,
             lease_events,
         }
+    }
+
+    #[test]
+    fn a_label_write_logged_before_the_create_still_joins_its_timeline() {
+        let create = |name: &str, received, completed| {
+            Line::new(
+                "create",
+                "shardop-bench/loadgen",
+                "databaseclusters",
+                "objs",
+                name,
+            )
+            .at(received, completed)
+            .code(201)
+            .response("DatabaseCluster", 1)
+            .event()
+            .unwrap()
+        };
+        let assigner = "shardop-assigner (shardop-assigner-0)";
+        let log = tail(vec![
+            // The assigner saw "late" from the watch and its write was logged first.
+            timed(assigner, "databaseclusters", "late", 1_004, 1_006, 200),
+            create("late", 1_000, 1_008),
+            create("early", 2_000, 2_002),
+            timed(assigner, "databaseclusters", "early", 2_010, 2_020, 409),
+            timed(assigner, "databaseclusters", "early", 2_030, 2_040, 200),
+            timed(assigner, "databaseclusters", "early", 2_050, 2_060, 200),
+            timed(assigner, "databaseclusters", "foreign", 3_000, 3_010, 200),
+        ]);
+        let ms = |ms| Timestamp::from_millisecond(ms).unwrap();
+        let timelines = log.label_timelines("shardop-bench/loadgen");
+        assert_eq!(
+            timelines["late"],
+            LabelTimeline {
+                create: Some((ms(1_000), ms(1_008))),
+                label: Some((ms(1_004), ms(1_006))),
+            }
+        );
+        // The first successful label write, not the refused one nor a later one.
+        assert_eq!(timelines["early"].label, Some((ms(2_030), ms(2_040))));
+        assert!(!timelines.contains_key("foreign"));
     }
 
     #[test]

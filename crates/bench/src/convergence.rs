@@ -63,6 +63,8 @@ struct ObjectTimes {
     /// When the load generator's create returned, and whether its response already
     /// carried a shard label (stamped at creation by the assigner's webhook).
     created: Option<(Instant, bool)>,
+    /// When the watch first showed it.
+    first_seen: Option<Instant>,
     /// When a shard label was first seen on it.
     first_labelled: Option<Instant>,
     /// Whether its create → labelled lag was recorded.
@@ -73,6 +75,18 @@ impl ObjectTimes {
     fn unassigned(&self) -> bool {
         !self.deleted && self.shard.is_none()
     }
+}
+
+/// When this watch first showed a created object, and first showed it labelled, in
+/// seconds after the create's response (0 when the watch was first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeenAfterCreate {
+    /// The object's name.
+    pub name: String,
+    /// Create response → first event of the object: the watch's own delivery latency.
+    pub delivered_s: f64,
+    /// Create response → first event showing a shard label.
+    pub labelled_s: f64,
 }
 
 /// An event of one of the two watches.
@@ -202,6 +216,7 @@ impl Convergence {
         } = &mut *state;
         let entry = objects.entry(name).or_default();
         let was_unassigned = entry.unassigned() && entry.generation != 0;
+        entry.first_seen.get_or_insert(now);
         if shard.is_some() && entry.first_labelled.is_none() {
             entry.first_labelled = Some(now);
         }
@@ -268,6 +283,29 @@ impl Convergence {
                 }
                 let first = o.first_labelled?;
                 Some(first.saturating_duration_since(created).as_secs_f64())
+            })
+            .collect()
+    }
+
+    /// What this watch saw of each of `names` after the load generator's create of it
+    /// returned, for the objects created, seen, and seen labelled.
+    pub fn seen_after_create<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Vec<SeenAfterCreate> {
+        let state = self.lock();
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let object = state.objects.get(name)?;
+                let (created, _) = object.created?;
+                let since_create =
+                    |at: Instant| at.saturating_duration_since(created).as_secs_f64();
+                Some(SeenAfterCreate {
+                    name: name.clone(),
+                    delivered_s: since_create(object.first_seen?),
+                    labelled_s: since_create(object.first_labelled?),
+                })
             })
             .collect()
     }

@@ -253,8 +253,11 @@ pub async fn unlimited_client(cluster: &Cluster) -> anyhow::Result<Client> {
         &args,
         KubeMetrics::register(&mut Registry::default()),
     );
-    Ok(factory.client("shardop-bench/loadgen")?)
+    Ok(factory.client(LOADGEN_USER_AGENT)?)
 }
+
+/// The load generator's user agent: the audit log tells its writes from shardop's by it.
+pub const LOADGEN_USER_AGENT: &str = "shardop-bench/loadgen";
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> anyhow::Result<u16> {

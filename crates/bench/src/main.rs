@@ -10,6 +10,7 @@
 
 mod apf;
 mod api_requests;
+mod assign_split;
 mod audit_tail;
 mod ceiling;
 mod convergence;

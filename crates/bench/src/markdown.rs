@@ -97,7 +97,13 @@ const SCENARIOS: &[(&str, &[&str])] = &[
     ),
     (
         "assign",
-        &["rate", "assign_latency_p50_s", "assign_latency_p99_s"],
+        &[
+            "rate",
+            "assign_latency_p50_s",
+            "assign_latency_p99_s",
+            "floor_p99_s",
+            "assigner_wait_p99_s",
+        ],
     ),
     (
         "freeze",
