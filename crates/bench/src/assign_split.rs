@@ -21,7 +21,7 @@ pub struct ObjectSplit {
     /// The create request in the API server (received → answered).
     pub create_s: f64,
     /// Create answered → the assigner's label write received: the assigner's watch
-    /// delivering the object plus the assigner's own time.
+    /// delivering the object, the assigner's own time, and the request's way in.
     pub pickup_s: f64,
     /// The label write in the API server (received → answered).
     pub write_s: f64,

@@ -48,7 +48,7 @@ pub struct WorkerDeath {
 pub struct LabelTimeline {
     /// The load generator's create.
     pub create: Option<(Timestamp, Timestamp)>,
-    /// The assigner's first successful label write after it.
+    /// The assigner's first successful label write of the object.
     pub label: Option<(Timestamp, Timestamp)>,
 }
 
