@@ -95,6 +95,9 @@ pub fn worker_stateful_set_named(
     serde_json::from_value(manifest).expect("the worker StatefulSet manifest is well-formed")
 }
 
+/// The label (value `true`) on every namespace a test or bench scenario creates.
+pub const TEST_NAMESPACE_LABEL: &str = "shardop.dev/e2e";
+
 /// Starts or reuses the control plane and installs the CRDs, once per test binary.
 ///
 /// Setup runs on a plain thread with its own runtime: a kube `Client` is bound to the
@@ -305,7 +308,7 @@ impl TestNamespace {
         let namespace = Namespace {
             metadata: kube::api::ObjectMeta {
                 name: Some(name.clone()),
-                labels: Some([("shardop.dev/e2e".to_owned(), "true".to_owned())].into()),
+                labels: Some([(TEST_NAMESPACE_LABEL.to_owned(), "true".to_owned())].into()),
                 ..Default::default()
             },
             ..Default::default()

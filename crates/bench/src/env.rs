@@ -32,6 +32,16 @@ pub struct BenchEnv {
     scenario: String,
 }
 
+impl Drop for BenchEnv {
+    /// Stops the operator's processes before the namespaces go: the objects' namespace
+    /// removes the DatabaseClusters' finalizers as it is deleted (fields drop after this),
+    /// and a worker still running would put them back, leaving the namespace Terminating.
+    fn drop(&mut self) {
+        self.assigner = None;
+        self.workers.clear();
+    }
+}
+
 /// One shardop process and its metrics port.
 pub struct Process {
     /// The process.
@@ -82,27 +92,24 @@ impl BenchEnv {
     }
 
     /// Starts worker `shardop-worker-<index>` with `extra` flags.
-    pub fn start_worker(&mut self, index: u32, extra: &[&str]) -> anyhow::Result<()> {
-        self.start_worker_with(index, extra, &[])
+    pub async fn start_worker(&mut self, index: u32, extra: &[&str]) -> anyhow::Result<()> {
+        self.start_worker_with(index, extra, &[]).await
     }
 
     /// Starts worker `shardop-worker-<index>` with `extra` flags and environment.
-    pub fn start_worker_with(
+    pub async fn start_worker_with(
         &mut self,
         index: u32,
         extra: &[&str],
         environment: &[(&str, &str)],
     ) -> anyhow::Result<()> {
-        let port = free_port()?;
         let mut spec = ProcessSpec::worker(
             &format!("bench-{}", self.scenario),
             &format!("shardop-worker-{index}"),
             &self.operator_ns.name,
         )
         .arg("--watch-namespaces")
-        .arg(&self.objects_ns.name)
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"));
+        .arg(&self.objects_ns.name);
         // A scenario may give a worker a budget of its own (clap refuses a flag twice).
         if !extra.iter().any(|a| a.starts_with("--kube-qps")) {
             spec = spec.arg("--kube-qps").arg(WORKER_KUBE_QPS.to_string());
@@ -129,21 +136,18 @@ impl BenchEnv {
         for (key, value) in environment {
             spec = spec.env(*key, *value);
         }
-        let process = spec.spawn(self.cluster)?;
-        self.workers.insert(
-            index,
-            Process {
-                process,
-                metrics_port: port,
-            },
-        );
+        let process = self.spawn(spec).await?;
+        self.workers.insert(index, process);
         Ok(())
     }
 
     /// Starts the assigner with a fixed shard count (`Some`), or with `extra` naming the
     /// source of N (`--worker-statefulset`).
-    pub fn start_assigner(&mut self, shards: Option<u32>, extra: &[&str]) -> anyhow::Result<()> {
-        let port = free_port()?;
+    pub async fn start_assigner(
+        &mut self,
+        shards: Option<u32>,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
         let mut spec = ProcessSpec::assigner(
             &format!("bench-{}", self.scenario),
             "shardop-assigner-0",
@@ -155,8 +159,6 @@ impl BenchEnv {
         spec = spec
             .arg("--watch-namespaces")
             .arg(&self.objects_ns.name)
-            .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{port}"))
             .arg("--kube-qps")
             .arg("500")
             .arg("--kube-burst")
@@ -171,11 +173,23 @@ impl BenchEnv {
         for arg in extra {
             spec = spec.arg(*arg);
         }
-        self.assigner = Some(Process {
-            process: spec.spawn(self.cluster)?,
-            metrics_port: port,
-        });
+        self.assigner = Some(self.spawn(spec).await?);
         Ok(())
+    }
+
+    /// Starts `spec` with its metrics on a port the kernel picks when the process binds it
+    /// (read back from its log): a port picked in advance can be taken by another process
+    /// before this one binds it, and the process then fails with "address in use".
+    async fn spawn(&self, spec: ProcessSpec) -> anyhow::Result<Process> {
+        let process = spec
+            .arg("--metrics-addr")
+            .arg("127.0.0.1:0")
+            .spawn(self.cluster)?;
+        let metrics_port = process.metrics_addr().await?.port();
+        Ok(Process {
+            process,
+            metrics_port,
+        })
     }
 
     /// Resource use of every running operator process, by process name.
@@ -258,12 +272,6 @@ pub async fn unlimited_client(cluster: &Cluster) -> anyhow::Result<Client> {
 
 /// The load generator's user agent: the audit log tells its writes from shardop's by it.
 pub const LOADGEN_USER_AGENT: &str = "shardop-bench/loadgen";
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
 
 /// `GET /metrics` on 127.0.0.1:`port`: the body.
 pub async fn scrape(port: u16) -> anyhow::Result<String> {

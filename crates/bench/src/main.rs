@@ -15,6 +15,7 @@ mod audit_tail;
 mod ceiling;
 mod convergence;
 mod env;
+mod leftovers;
 mod load;
 mod markdown;
 mod plot;
@@ -161,11 +162,16 @@ enum Scenario {
     Assign,
     /// Regenerate docs/performance.md from the JSON files in BENCH_DIR.
     Report,
+    /// After other scenarios on a reused control plane: every namespace they created is
+    /// gone within TIMEOUT (none stuck Terminating on objects whose finalizers nobody
+    /// removes).
+    Leftovers,
 }
 
 impl Scenario {
+    /// Whether it needs a control plane of its own (a clean one unless REUSE_CLUSTER).
     fn needs_cluster(self) -> bool {
-        self != Self::Report
+        !matches!(self, Self::Report | Self::Leftovers)
     }
 }
 
@@ -229,6 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Tenants => scenarios::tenants(knobs).await?,
         Scenario::Assign => scenarios::assign(knobs).await?,
         Scenario::Report => return Ok(()),
+        Scenario::Leftovers => return leftovers::check(knobs.converge_timeout()).await,
     };
     let mut report = outcome.report;
     let failed: Vec<&str> = outcome

@@ -251,9 +251,10 @@ impl Run {
     ) -> anyhow::Result<()> {
         for index in 0..shards {
             self.env
-                .start_worker_with(index, worker_flags, worker_env)?;
+                .start_worker_with(index, worker_flags, worker_env)
+                .await?;
         }
-        self.env.start_assigner(Some(shards), &[])?;
+        self.env.start_assigner(Some(shards), &[]).await?;
         self.wait_for_operator(shards).await
     }
 

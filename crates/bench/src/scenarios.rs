@@ -144,7 +144,7 @@ pub async fn restart(knobs: &Knobs) -> anyhow::Result<Outcome> {
     }
     for index in 0..shards {
         run.process_restarted(&format!("shardop-worker-{index}"));
-        run.env.start_worker(index, &[])?;
+        run.env.start_worker(index, &[]).await?;
     }
     let objects = knobs.objects as f64;
     let reverify = run
@@ -230,7 +230,9 @@ fn writes_per_moved_object(
 async fn scale_workers(run: &mut Run, from: u32, to: u32) -> anyhow::Result<()> {
     if to > from {
         for index in from..to {
-            run.env.start_worker(index, &env::DEFAULT_LEASE_FLAGS)?;
+            run.env
+                .start_worker(index, &env::DEFAULT_LEASE_FLAGS)
+                .await?;
         }
         worker_statefulset(run, i32::try_from(to)?).await?;
     } else {
@@ -297,14 +299,16 @@ pub async fn rescale(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let fixed = knobs.fixed_shards;
     worker_statefulset(&run, 3).await?;
     for index in 0..3 {
-        run.env.start_worker(index, &env::DEFAULT_LEASE_FLAGS)?;
+        run.env
+            .start_worker(index, &env::DEFAULT_LEASE_FLAGS)
+            .await?;
     }
     let fixed_flag = fixed.to_string();
     let mut assigner_flags = vec!["--worker-statefulset", "shardop-worker"];
     if fixed > 0 {
         assigner_flags.extend(["--shards", fixed_flag.as_str()]);
     }
-    run.env.start_assigner(None, &assigner_flags)?;
+    run.env.start_assigner(None, &assigner_flags).await?;
     run.wait_for_operator(if fixed > 0 { fixed } else { 3 })
         .await?;
     // Measured from quiet: moves share the API server with the controller manager's
@@ -466,7 +470,7 @@ pub async fn failover(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let back_at = Timestamp::now();
     let back_instant = Instant::now();
     run.process_restarted(&format!("shardop-worker-{victim}"));
-    run.env.start_worker(victim, &[])?;
+    run.env.start_worker(victim, &[]).await?;
     change_specs(&run, &slice, 2, knobs.concurrency).await?;
     let home = format!("shardop-worker-{victim}");
     let victim_label = victim.to_string();
@@ -999,9 +1003,9 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let fault = [("SHARDOP_FAULT_CRASH_AFTER_WRITES", crash_after.as_str())];
     for index in 0..shards {
         let environment: &[(&str, &str)] = if index == 0 { &fault } else { &[] };
-        run.env.start_worker_with(index, &[], environment)?;
+        run.env.start_worker_with(index, &[], environment).await?;
     }
-    run.env.start_assigner(Some(shards), &[])?;
+    run.env.start_assigner(Some(shards), &[]).await?;
     run.wait_for_operator(shards).await?;
     let (_, objects) = fault_names(knobs, 0);
     let api = run.api();
@@ -1038,7 +1042,7 @@ pub async fn crash(knobs: &Knobs) -> anyhow::Result<Outcome> {
             tracing::info!(crashes, "worker 0 crashed; restarting it");
             run.process_restarted("shardop-worker-0");
             let environment: &[(&str, &str)] = if crashes < knobs.crashes { &fault } else { &[] };
-            run.env.start_worker_with(0, &[], environment)?;
+            run.env.start_worker_with(0, &[], environment).await?;
         }
         if creates.is_finished() && run.conv.all_converged(&all) {
             break;

@@ -189,7 +189,8 @@ async fn restart_throttled(run: &mut Run, home: &str) -> anyhow::Result<()> {
     }
     run.process_restarted(home);
     run.env
-        .start_worker(VICTIM, &["--kube-qps", "1", "--kube-burst", "1"])?;
+        .start_worker(VICTIM, &["--kube-qps", "1", "--kube-burst", "1"])
+        .await?;
     let slice = on_shard(&run.conv, VICTIM).len() as f64;
     let port = run
         .env
