@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
+use kube::{Api, ResourceExt};
 use shardop_api::DatabaseCluster;
 use shardop_api::constants::{DRAIN_LABEL, SHARD_LABEL};
 
@@ -261,12 +261,22 @@ impl Convergence {
         }
     }
 
-    /// Records that the load generator's create of `name` returned, with a shard label in
-    /// the response (`labelled`) or not.
-    pub fn created(&self, name: &str, labelled: bool) {
-        let mut state = self.lock();
-        let entry = state.objects.entry(name.to_owned()).or_default();
-        entry.created = Some((Instant::now(), labelled));
+    /// Records that the load generator's create returned `object`: when, whether the
+    /// response already carried a shard label (stamped by the assigner's webhook), and its
+    /// generation as a change of kind `Create` to converge.
+    pub fn created(&self, object: &DatabaseCluster) {
+        let name = object.name_any();
+        let labelled = object.labels().contains_key(SHARD_LABEL);
+        {
+            let mut state = self.lock();
+            let entry = state.objects.entry(name.clone()).or_default();
+            entry.created = Some((Instant::now(), labelled));
+        }
+        self.changed(
+            &name,
+            object.metadata.generation.unwrap_or(1),
+            ChangeKind::Create,
+        );
     }
 
     /// Create → labelled, in seconds, of every created object seen labelled: 0 when the

@@ -51,8 +51,9 @@ pub struct Knobs {
     /// How many DatabaseClusters the scenario works with.
     #[arg(long, env = "OBJECTS", default_value_t = 1000, global = true)]
     pub objects: usize,
-    /// `create`: whether the assigner serves its mutating admission webhook (`on`, the
-    /// label is stamped at creation) or not (`off`, the watch path assigns every object).
+    /// `create` and `churn`: whether the assigner serves its mutating admission webhook
+    /// (`on`, as the chart does: the label is stamped at creation) or not (`off`, the watch
+    /// path assigns every object).
     #[arg(long, env = "WEBHOOK", default_value = "on", value_parser = parse_on_off, global = true)]
     pub webhook: bool,
     /// Shard counts (comma-separated; `create` runs each, the others use the first).

@@ -65,6 +65,7 @@ const SCENARIOS: &[(&str, &[&str])] = &[
     (
         "churn",
         &[
+            "webhook",
             "queue_p99_s",
             "lag_p99_s",
             "changes_per_s",

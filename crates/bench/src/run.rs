@@ -12,7 +12,7 @@ use shardop_api::DatabaseCluster;
 use shardop_e2e::metrics::{metric_value, samples};
 
 use crate::audit_tail::AuditTail;
-use crate::convergence::{ChangeKind, Convergence};
+use crate::convergence::Convergence;
 use crate::env::{self, BenchEnv};
 use crate::plot::Panel;
 use crate::procs;
@@ -499,17 +499,7 @@ pub async fn create_all(
                     )
                     .await
                     .with_context(|| format!("creating {name}"))?;
-                let labelled = created
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .is_some_and(|l| l.contains_key(shardop_api::constants::SHARD_LABEL));
-                conv.created(&name, labelled);
-                conv.changed(
-                    &name,
-                    created.metadata.generation.unwrap_or(1),
-                    ChangeKind::Create,
-                );
+                conv.created(&created);
                 anyhow::Ok(())
             }
         })

@@ -714,6 +714,7 @@ pub async fn throttle(knobs: &Knobs) -> anyhow::Result<Outcome> {
 pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let shards = knobs.first_shards();
     let (mut run, _, raw) = begin("churn", knobs).await?;
+    run.env.webhook = knobs.webhook;
     run.start_operator(shards, &[], &[]).await?;
     let create_rate = 12.0 * knobs.rate;
     let delete_rate = 2.0 * knobs.rate;
@@ -761,6 +762,7 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let worker_writes_total: usize = worker_writes.values().sum();
     // The ideal writer on this run's mix of creates and changes: what the load used of it.
     let (ceiling, _) = ideal_writer(&run, knobs, shards, knobs.raw_objects()).await?;
+    let stamped = run.conv.stamped_at_creation();
     let churn_per_s = (created + changes) as f64 / load_s;
     let ceiling_per_s = ceiling.mixed_rate(created, changes);
     let efficiency = churn_per_s / ceiling_per_s;
@@ -792,6 +794,8 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("lag_p50_s", quantile(&change_lags, 0.5))
         .set("lag_p99_s", lag_p99)
         .set("create_lag_p99_s", quantile(&create_lags, 0.99))
+        .set("webhook", knobs.webhook)
+        .set("stamped_at_creation", stamped)
         .set(
             "slo_met",
             queue_p99.is_some_and(|q| q <= 1.0) && lag_p99 <= 5.0,
@@ -811,10 +815,20 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("over_time", run.timeline.clone());
     draw(&run, knobs, "churn")?;
     run.finish();
-    Ok(Outcome {
-        report,
-        checks: ceiling::checks(ceiling_per_s, efficiency),
-    })
+    let mut checks = ceiling::checks(ceiling_per_s, efficiency);
+    checks.push(stamped_check(knobs.webhook, stamped, created));
+    Ok(Outcome { report, checks })
+}
+
+/// Whether `stamped` of `created` objects carried their shard label in the create
+/// response as the webhook mode says: some with the webhook on (it may time out and leave
+/// one to the watch path), none with it off.
+pub(crate) fn stamped_check(webhook: bool, stamped: usize, created: usize) -> (String, bool) {
+    let mode = if webhook { "on" } else { "off" };
+    (
+        format!("webhook {mode}: {stamped} of {created} created objects stamped at creation"),
+        if webhook { stamped > 0 } else { stamped == 0 },
+    )
 }
 
 /// The workers' queue wait: first unhandled event → reconcile start.
@@ -862,11 +876,7 @@ async fn churn_load(
                         &crate::load::database_cluster(&name, 1),
                     )
                     .await?;
-                conv.changed(
-                    &name,
-                    object.metadata.generation.unwrap_or(1),
-                    ChangeKind::Create,
-                );
+                conv.created(&object);
                 anyhow::Ok(())
             });
         }

@@ -284,21 +284,13 @@ fn webhook_checks(
     label_writes_per_object: f64,
 ) -> Vec<(String, bool)> {
     let mode = if knobs.webhook { "on" } else { "off" };
+    let (stamped_name, stamped_ok) = super::stamped_check(knobs.webhook, stamped, knobs.objects);
     vec![
         (
             format!("{shards} shards, webhook {mode}: every object's create → labelled measured"),
             lags.len() == knobs.objects && lags.iter().all(|l| l.is_finite() && *l >= 0.0),
         ),
-        (
-            format!(
-                "{shards} shards, webhook {mode}: stamped at creation ({stamped}) as the mode says"
-            ),
-            if knobs.webhook {
-                stamped > 0
-            } else {
-                stamped == 0
-            },
-        ),
+        (format!("{shards} shards, {stamped_name}"), stamped_ok),
         (
             format!(
                 "{shards} shards, webhook {mode}: label writes per object ({label_writes_per_object:.3}) sane"
