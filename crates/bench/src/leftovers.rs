@@ -3,15 +3,12 @@
 //! means a scenario's teardown left objects whose finalizers nobody will remove, e.g. a
 //! worker still running while the teardown took its finalizers off, putting them back.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ListParams, ResourceExt};
 use shardop_api::DatabaseCluster;
 use shardop_e2e::TEST_NAMESPACE_LABEL;
-
-/// How often the namespaces are listed while waiting.
-const POLL: Duration = Duration::from_secs(2);
 
 /// Waits up to `timeout` for every test and bench namespace to be gone; fails naming the
 /// ones left and how many DatabaseClusters each still holds.
@@ -19,29 +16,27 @@ pub async fn check(timeout: Duration) -> anyhow::Result<()> {
     let client = crate::env::unlimited_client(shardop_e2e::cluster()).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let selector = ListParams::default().labels(&format!("{TEST_NAMESPACE_LABEL}=true"));
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = namespaces.list_metadata(&selector).await?.items;
-        if left.is_empty() {
-            tracing::info!("no namespace of the scenarios is left");
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            let mut described = Vec::new();
-            for namespace in left {
-                let name = namespace.name_any();
-                let objects: Api<DatabaseCluster> = Api::namespaced(client.clone(), &name);
-                let held = objects
-                    .list_metadata(&ListParams::default())
-                    .await
-                    .map_or(0, |list| list.items.len());
-                described.push(format!("{name} ({held} DatabaseClusters)"));
-            }
-            anyhow::bail!(
-                "namespaces still there {timeout:?} after the scenarios: {}",
-                described.join(", ")
-            );
-        }
-        tokio::time::sleep(POLL).await;
+    let gone = shardop_e2e::wait_for("the scenarios' namespaces to be gone", timeout, || async {
+        let left = namespaces.list_metadata(&selector).await.ok()?.items;
+        left.is_empty().then_some(())
+    })
+    .await;
+    if gone.is_ok() {
+        tracing::info!("no namespace of the scenarios is left");
+        return Ok(());
     }
+    let mut described = Vec::new();
+    for namespace in namespaces.list_metadata(&selector).await?.items {
+        let name = namespace.name_any();
+        let objects: Api<DatabaseCluster> = Api::namespaced(client.clone(), &name);
+        let held = objects
+            .list_metadata(&ListParams::default())
+            .await
+            .map_or(0, |list| list.items.len());
+        described.push(format!("{name} ({held} DatabaseClusters)"));
+    }
+    anyhow::bail!(
+        "namespaces still there {timeout:?} after the scenarios: {}",
+        described.join(", ")
+    )
 }
