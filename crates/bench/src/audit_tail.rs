@@ -120,17 +120,18 @@ impl AuditTail {
     /// Successful writes by any worker since `since`, by `<verb> <resource>[/<subresource>]`
     /// (a server-side apply is a `patch`).
     pub fn worker_writes_by_kind_since(&self, since: Timestamp) -> BTreeMap<String, usize> {
-        let mut kinds = BTreeMap::new();
-        for event in self.worker_writes(since) {
-            let resource = match event.subresource() {
-                Some(sub) => format!("{}/{sub}", event.resource()),
-                None => event.resource().to_owned(),
-            };
-            *kinds
-                .entry(format!("{} {resource}", event.verb))
-                .or_insert(0) += 1;
-        }
-        kinds
+        by_kind(self.worker_writes(since))
+    }
+
+    /// Write requests by any worker received since `since`, whatever their answer (a
+    /// DELETE answered 404 included), by `<verb> <resource>[/<subresource>]`.
+    pub fn worker_write_requests_by_kind_since(&self, since: Timestamp) -> BTreeMap<String, usize> {
+        by_kind(
+            self.events
+                .iter()
+                .filter(move |e| e.request_received_timestamp >= since)
+                .filter(|e| e.worker_shard().is_some() && e.is_write()),
+        )
     }
 
     /// The last time a worker wrote (successfully) anything in the namespace.
@@ -337,6 +338,22 @@ impl AuditTail {
         }
         (throttled, early, min_gap)
     }
+}
+
+/// Counts `events` by `<verb> <resource>[/<subresource>]` (a server-side apply is a
+/// `patch`).
+fn by_kind<'a>(events: impl Iterator<Item = &'a AuditEvent>) -> BTreeMap<String, usize> {
+    let mut kinds = BTreeMap::new();
+    for event in events {
+        let resource = match event.subresource() {
+            Some(sub) => format!("{}/{sub}", event.resource()),
+            None => event.resource().to_owned(),
+        };
+        *kinds
+            .entry(format!("{} {resource}", event.verb))
+            .or_insert(0) += 1;
+    }
+    kinds
 }
 
 #[cfg(test)]

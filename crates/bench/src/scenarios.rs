@@ -561,6 +561,7 @@ pub async fn delete(knobs: &Knobs) -> anyhow::Result<Outcome> {
     populate(&mut run, knobs).await?;
     let children_before = children_left(&run).await?;
     let api = run.api();
+    let since = Timestamp::now();
     let deleting = Instant::now();
     tracing::info!(objects = knobs.objects, children_before, "deleting");
     let names = names("db", 0..knobs.objects);
@@ -608,6 +609,7 @@ pub async fn delete(knobs: &Knobs) -> anyhow::Result<Outcome> {
         orphaned_children = children_left(&run).await?;
     }
     let gc_s = gc_started.elapsed().as_secs_f64();
+    let cleanup_deletes = CleanupDeletes::read(&mut run, since, knobs.objects)?;
     let mut report = report(
         "delete",
         knobs,
@@ -624,16 +626,59 @@ pub async fn delete(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("children_after_drain", children_after_drain)
         .set("gc_window_s", gc_window.as_secs_f64())
         .set("gc_s", gc_s)
+        .set("worker_delete_requests", &cleanup_deletes.by_kind)
         .set("processes", run.process_table());
     draw(&run, knobs, "delete")?;
     run.finish();
-    Ok(Outcome {
-        report,
-        checks: vec![
-            ("stuck_terminating == 0".into(), stuck_terminating == 0),
-            ("orphaned_children == 0".into(), orphaned_children == 0),
-        ],
-    })
+    let mut checks = vec![
+        ("stuck_terminating == 0".into(), stuck_terminating == 0),
+        ("orphaned_children == 0".into(), orphaned_children == 0),
+    ];
+    checks.extend(cleanup_deletes.checks());
+    Ok(Outcome { report, checks })
+}
+
+/// The DELETE requests the workers' cleanups sent (audit log, whatever their answer),
+/// against what one DELETE per child allows: each object has one StatefulSet and, at one
+/// replica, one claim.
+struct CleanupDeletes {
+    by_kind: BTreeMap<String, usize>,
+    objects: usize,
+}
+
+impl CleanupDeletes {
+    fn read(run: &mut Run, since: Timestamp, objects: usize) -> anyhow::Result<Self> {
+        let by_kind = run
+            .audit()?
+            .worker_write_requests_by_kind_since(since)
+            .into_iter()
+            .filter(|(kind, _)| kind.starts_with("delete "))
+            .collect();
+        Ok(Self { by_kind, objects })
+    }
+
+    /// A pass that found claims still terminating sends neither the StatefulSet's DELETE
+    /// again (it would answer 404) nor the claims' (it would answer 200 and change
+    /// nothing): at most one of each per object.
+    fn checks(&self) -> Vec<(String, bool)> {
+        ["statefulsets", "persistentvolumeclaims"]
+            .iter()
+            .map(|resource| {
+                let sent = self
+                    .by_kind
+                    .get(&format!("delete {resource}"))
+                    .copied()
+                    .unwrap_or(0);
+                (
+                    format!(
+                        "DELETE {resource} by workers ({sent}) at most one per object ({})",
+                        self.objects
+                    ),
+                    sent <= self.objects,
+                )
+            })
+            .collect()
+    }
 }
 
 /// `throttle`: the workers' writes go through an APF priority level far too small for

@@ -56,6 +56,16 @@ impl<K: Eq + Hash> FailureCounts<K> {
         *count
     }
 
+    /// The consecutive failures of `key` so far: 0 when none since its last success.
+    pub fn count(&self, key: &K) -> u32 {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Forgets the failures of `key` after a success.
     pub fn reset(&self, key: &K) {
         self.counts
@@ -70,6 +80,18 @@ pub use shardop_runtime::retry::jitter_unit;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_failures_until_a_success() {
+        let counts = FailureCounts::default();
+        assert_eq!(counts.count(&"a"), 0);
+        assert_eq!(counts.record_failure("a"), 1);
+        assert_eq!(counts.record_failure("a"), 2);
+        assert_eq!(counts.count(&"a"), 2);
+        assert_eq!(counts.count(&"b"), 0);
+        counts.reset(&"a");
+        assert_eq!(counts.count(&"a"), 0);
+    }
 
     #[test]
     fn doubles_up_to_the_cap() {

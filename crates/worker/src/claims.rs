@@ -111,19 +111,55 @@ pub async fn delete_claims(
     let mut pass = DeletionPass::default();
     for name in names {
         guard.check()?;
-        match claims.delete(name, &DeleteParams::default()).await {
-            // The claim returned: it still exists (its finalizers run), look again.
-            Ok(deleted) => {
-                pass.deleted += 1;
-                if let Some(claim) = deleted.left() {
-                    pass.remaining.push(claim.name_any());
-                }
+        delete_claim(&claims, name, &mut pass).await?;
+    }
+    Ok(pass)
+}
+
+/// A later pass over claims an earlier pass deleted: looks at each and deletes only one
+/// that is not terminating (created again by a StatefulSet sync that raced the deletion).
+/// A terminating claim waits for its finalizers: another DELETE of it would answer 200 and
+/// change nothing, a write per claim per pass for as long as its pod takes to stop.
+pub async fn delete_remaining_claims(
+    client: &Client,
+    guard: &LeaseGuard,
+    namespace: &str,
+    names: &[String],
+) -> Result<DeletionPass, ClaimDeletionError> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let mut pass = DeletionPass::default();
+    for name in names {
+        guard.check()?;
+        match claims.get_opt(name).await {
+            Ok(None) => {}
+            Ok(Some(claim)) if claim.metadata.deletion_timestamp.is_some() => {
+                pass.remaining.push(name.clone());
             }
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Ok(Some(_)) => delete_claim(&claims, name, &mut pass).await?,
             Err(source) => return Err(ClaimDeletionError::of(name, source)),
         }
     }
     Ok(pass)
+}
+
+/// Deletes claim `name` and records in `pass` what is left of it.
+async fn delete_claim(
+    claims: &Api<PersistentVolumeClaim>,
+    name: &str,
+    pass: &mut DeletionPass,
+) -> Result<(), ClaimDeletionError> {
+    match claims.delete(name, &DeleteParams::default()).await {
+        // The claim returned: it still exists (its finalizers run), look again.
+        Ok(deleted) => {
+            pass.deleted += 1;
+            if let Some(claim) = deleted.left() {
+                pass.remaining.push(claim.name_any());
+            }
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(ClaimDeletionError::of(name, source)),
+    }
 }
 
 #[cfg(test)]

@@ -44,9 +44,9 @@ const CLEANUP_POLL: Duration = Duration::from_secs(1);
 const CLEANUP_POLL_CAP: Duration = Duration::from_secs(30);
 
 /// The wait before cleanup pass `passes + 1` of an object whose claims are still going:
-/// 1 s, 2 s, 4 s, ... up to 30 s. Every pass sends a DELETE per claim (a terminating claim
-/// answers 200 again), so a fixed 1 s poll would cost a request per claim per second for as
-/// long as the pods take to stop.
+/// 1 s, 2 s, 4 s, ... up to 30 s. Every pass sends a request per claim (a DELETE in the
+/// first, a GET in the later ones), so a fixed 1 s poll would cost a request per claim per
+/// second for as long as the pods take to stop.
 fn cleanup_poll(passes: u32) -> Duration {
     shardop_runtime::retry::doubling_delay(CLEANUP_POLL, CLEANUP_POLL_CAP, passes)
 }
@@ -687,13 +687,10 @@ async fn cleanup(
     let name = cluster.name_any();
     if cluster.spec.storage.reclaim_policy == ReclaimPolicy::Delete {
         let sts = cached(&ctx.stateful_sets, &namespace, &name);
-        // Also when the cache does not show it: a StatefulSet still labelled for the
-        // object's previous shard is invisible here, and left alone it would keep its pods
-        // and so its claims forever (404 is fine).
-        if sts
-            .as_ref()
-            .is_none_or(|s| s.metadata.deletion_timestamp.is_none())
-        {
+        // An earlier pass of this cleanup (one that left it pending) deleted the
+        // StatefulSet and the claims; see `CleanupPass`.
+        let pass_kind = CleanupPass::after(shared.cleanup_passes.count(&key.to_owned()));
+        if pass_kind.deletes_stateful_set(sts.as_deref()) {
             delete_stateful_set(ctx, &namespace, &name).await?;
         }
         let ordinals = {
@@ -702,7 +699,15 @@ async fn cleanup(
             claims::ordinals_to_record(cluster, known.as_ref(), sts.as_deref())
         };
         let names = claims::claim_names(&name, ordinals);
-        let pass = claims::delete_claims(&ctx.client, &shared.guard, &namespace, &names).await;
+        let pass = match pass_kind {
+            CleanupPass::First => {
+                claims::delete_claims(&ctx.client, &shared.guard, &namespace, &names).await
+            }
+            CleanupPass::Later => {
+                claims::delete_remaining_claims(&ctx.client, &shared.guard, &namespace, &names)
+                    .await
+            }
+        };
         if let Some(progress) = cleanup_progress(&pass) {
             write_cleanup_condition(cluster, ctx, key, progress).await?;
         }
@@ -711,7 +716,7 @@ async fn cleanup(
             Err(ClaimDeletionError::Refused { source, .. }) => {
                 return Err(ReconcileError::kube("deleting a volume claim")(source));
             }
-            Ok(pass) if pass.deleted > 0 => {
+            Ok(pass) if pass.deleted > 0 || !pass.remaining.is_empty() => {
                 tracing::info!(
                     claims = pass.deleted,
                     terminating = pass.remaining.len(),
@@ -734,6 +739,38 @@ async fn cleanup(
     shared.cleanup_passes.reset(&key.to_owned());
     tracing::info!("cleanup finished, finalizer removed");
     Ok(Outcome::Skipped)
+}
+
+/// Which cleanup pass of an object this is, in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CleanupPass {
+    /// No earlier pass left the cleanup pending: the StatefulSet and the claims may not
+    /// have been deleted yet.
+    First,
+    /// An earlier pass deleted the StatefulSet (200 or 404) and the claims and found some
+    /// claims still there. Nothing recreates the StatefulSet of an object being deleted
+    /// (converge never runs for it), so it is not deleted again: each DELETE would only
+    /// answer 404, once per pass, for as long as the claims take to go.
+    Later,
+}
+
+impl CleanupPass {
+    /// The pass after `pending_passes` passes that left the cleanup pending.
+    fn after(pending_passes: u32) -> Self {
+        if pending_passes == 0 {
+            Self::First
+        } else {
+            Self::Later
+        }
+    }
+
+    /// Whether this pass deletes the StatefulSet, given what the cache shows of it. The
+    /// first pass deletes it also when the cache does not show it: a StatefulSet still
+    /// labelled for the object's previous shard is invisible here, and left alone it would
+    /// keep its pods and so its claims forever (404 is fine).
+    fn deletes_stateful_set(self, cached: Option<&StatefulSet>) -> bool {
+        self == Self::First && cached.is_none_or(|s| s.metadata.deletion_timestamp.is_none())
+    }
 }
 
 async fn delete_stateful_set(
@@ -913,6 +950,28 @@ mod tests {
             claim: "data-db-1".into(),
             source: kube::Error::Api(Box::new(status)),
         })
+    }
+
+    #[test]
+    fn only_the_first_cleanup_pass_deletes_the_stateful_set() {
+        let live = StatefulSet::default();
+        let mut terminating = StatefulSet::default();
+        terminating.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        let first = CleanupPass::after(0);
+        assert_eq!(first, CleanupPass::First);
+        assert!(first.deletes_stateful_set(Some(&live)));
+        // Not in the cache: it may still carry the previous shard's label.
+        assert!(first.deletes_stateful_set(None));
+        assert!(!first.deletes_stateful_set(Some(&terminating)));
+        // After a pass that deleted it and left claims terminating: no DELETE that can only
+        // answer 404.
+        let later = CleanupPass::after(1);
+        assert_eq!(later, CleanupPass::Later);
+        assert_eq!(CleanupPass::after(7), CleanupPass::Later);
+        assert!(!later.deletes_stateful_set(None));
+        assert!(!later.deletes_stateful_set(Some(&live)));
     }
 
     #[test]
