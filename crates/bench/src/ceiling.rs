@@ -28,6 +28,9 @@ use shardop_api::constants::{
 use crate::env::{WORKER_KUBE_BURST, WORKER_KUBE_QPS, WORKER_KUBE_QPS_MAX};
 use crate::load;
 
+mod at_rate;
+pub use at_rate::{Served, stamped_at_creation};
+
 /// A worker's default `--concurrency`: reconciles in flight per shard.
 pub const WORKER_CONCURRENCY: usize = 16;
 
@@ -241,15 +244,7 @@ impl IdealWriter {
             "metadata": { "name": name, "finalizers": [FINALIZER] },
         });
         api.patch(name, &apply(), &Patch::Apply(&finalizer)).await?;
-        let services: Api<k8s_openapi::api::core::v1::Service> =
-            Api::namespaced(self.shards[shard].clone(), &self.namespace);
-        services
-            .patch(
-                &format!("{name}-headless"),
-                &apply(),
-                &Patch::Apply(&service(&cluster, shard)),
-            )
-            .await?;
+        self.apply_service(&cluster, shard).await?;
         self.apply_stateful_set(&cluster, shard).await?;
         self.write_status(name, cluster.metadata.generation, shard)
             .await
@@ -270,6 +265,20 @@ impl IdealWriter {
         self.apply_stateful_set(&cluster, shard).await?;
         self.write_status(&name, cluster.metadata.generation, shard)
             .await
+    }
+
+    async fn apply_service(&self, cluster: &DatabaseCluster, shard: usize) -> anyhow::Result<()> {
+        let services: Api<k8s_openapi::api::core::v1::Service> =
+            Api::namespaced(self.shards[shard].clone(), &self.namespace);
+        let name = cluster.metadata.name.clone().unwrap_or_default();
+        services
+            .patch(
+                &format!("{name}-headless"),
+                &apply(),
+                &Patch::Apply(&service(cluster, shard)),
+            )
+            .await?;
+        Ok(())
     }
 
     async fn apply_stateful_set(

@@ -13,6 +13,7 @@ mod api_requests;
 mod assign_split;
 mod audit_tail;
 mod ceiling;
+mod churn_load;
 mod convergence;
 mod env;
 mod leftovers;
@@ -56,6 +57,11 @@ pub struct Knobs {
     /// path assigns every object).
     #[arg(long, env = "WEBHOOK", default_value = "on", value_parser = parse_on_off, global = true)]
     pub webhook: bool,
+    /// `churn`: run the load against the ideal writer before shardop (`on`) instead of after
+    /// (`off`): each runs on a control plane that holds the other's objects, so swapping
+    /// the order shows what that costs either.
+    #[arg(long, env = "IDEAL_FIRST", default_value = "off", value_parser = parse_on_off, global = true)]
+    pub ideal_first: bool,
     /// Shard counts (comma-separated; `create` runs each, the others use the first).
     #[arg(
         long,

@@ -340,6 +340,15 @@ impl Run {
         }
     }
 
+    /// The CPU seconds every control-plane process has used since it started, by name: the
+    /// difference of two readings is what a phase of a scenario cost it.
+    pub fn control_plane_cpu_s(&self) -> BTreeMap<String, f64> {
+        self.control_plane
+            .iter()
+            .filter_map(|(name, pid)| Some((name.clone(), procs::sample(*pid)?.cpu_s)))
+            .collect()
+    }
+
     /// Peak RSS of every worker process (MiB), by name.
     pub fn worker_rss(&self) -> BTreeMap<String, f64> {
         self.processes

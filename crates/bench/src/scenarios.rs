@@ -10,15 +10,16 @@ use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Service};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
-use shardop_api::{DatabaseCluster, shard_for};
+use shardop_api::shard_for;
 use shardop_e2e::metrics::metric_value;
 
 use crate::api_requests::RequestTimes;
 use crate::audit_tail::WorkerDeath;
-use crate::ceiling::{self, Ceiling, IdealWriter};
-use crate::convergence::{ChangeKind, Convergence, quantile};
+use crate::ceiling::{Ceiling, IdealWriter};
+use crate::churn_load;
+use crate::convergence::{ChangeKind, quantile};
 use crate::env;
 use crate::plot;
 use crate::raw::RawCapacity;
@@ -27,12 +28,14 @@ use crate::run::{self, Run, names, on_shard};
 use crate::{Knobs, apf};
 
 mod assign;
+mod churn;
 mod cleanupdep;
 mod create;
 mod freeze;
 mod homes;
 mod tenants;
 pub use assign::assign;
+pub use churn::churn;
 pub use cleanupdep::cleanupdep;
 pub use create::create;
 pub use freeze::freeze;
@@ -390,36 +393,15 @@ async fn change_specs(
         .map(|name| {
             let api = api.clone();
             let conv = conv.clone();
-            async move { change_spec(&api, &conv, &name, round).await }
+            async move {
+                churn_load::change_spec(&api, &conv, &name, round)
+                    .await
+                    .map(|_| ())
+            }
         })
         .buffer_unordered(concurrency.max(1))
         .try_for_each(|()| async { Ok(()) })
         .await
-}
-
-async fn change_spec(
-    api: &Api<DatabaseCluster>,
-    conv: &Convergence,
-    name: &str,
-    round: usize,
-) -> anyhow::Result<()> {
-    let patch = json!({ "spec": { "image": format!("postgres:17.{round}") } });
-    match api
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(changed) => {
-            conv.changed(
-                name,
-                changed.metadata.generation.unwrap_or(0),
-                ChangeKind::Change,
-            );
-            Ok(())
-        }
-        // Deleted meanwhile (churn).
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(err) => Err(err).with_context(|| format!("changing {name}")),
-    }
 }
 
 /// Which worker process holds `shard`'s Lease (by process name), if any.
@@ -754,117 +736,6 @@ pub async fn throttle(knobs: &Knobs) -> anyhow::Result<Outcome> {
     })
 }
 
-/// `churn`: create 12·RATE/s, delete 2·RATE/s, change every live object's spec once a
-/// minute, for DURATION.
-pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
-    let shards = knobs.first_shards();
-    let (mut run, _, raw) = begin("churn", knobs).await?;
-    run.env.webhook = knobs.webhook;
-    run.start_operator(shards, &[], &[]).await?;
-    let create_rate = 12.0 * knobs.rate;
-    let delete_rate = 2.0 * knobs.rate;
-    let duration = knobs.duration;
-    let queue_before = run.env.worker_histogram(QUEUE_WAIT).await;
-    let lag_before = run.env.worker_histogram(RECONCILE_LAG).await;
-    let requests_before = RequestTimes::read(&run.env.client).await?;
-    let since = Timestamp::now();
-    let started = Instant::now();
-    let load_started = Instant::now();
-    let api = run.api();
-    let conv = run.conv.clone();
-    let concurrency = knobs.concurrency;
-    tracing::info!(?duration, create_rate, delete_rate, "churn");
-    let load = tokio::spawn(async move {
-        churn_load(api, conv, duration, create_rate, delete_rate, concurrency).await
-    });
-    while !load.is_finished() {
-        run.sample().await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (created, deleted, changes) = load.await??;
-    let load_s = load_started.elapsed().as_secs_f64();
-    let api_server_requests = RequestTimes::read(&run.env.client)
-        .await?
-        .since(&requests_before)
-        .top(12);
-    // Let the last changes converge before reading the figures.
-    let live = run.conv.live();
-    let _ = run
-        .wait_until(Duration::from_secs(60), |run| {
-            run.conv.converged() >= run.conv.live()
-        })
-        .await;
-    let queue_wait =
-        run::histogram_delta(&run.env.worker_histogram(QUEUE_WAIT).await, &queue_before);
-    let worker_lag =
-        run::histogram_delta(&run.env.worker_histogram(RECONCILE_LAG).await, &lag_before);
-    let queue_p99 = run::histogram_quantile(&queue_wait, 0.99);
-    let change_lags = run.conv.lags(ChangeKind::Change, None);
-    let create_lags = run.conv.lags(ChangeKind::Create, None);
-    let lag_p99 = quantile(&change_lags, 0.99);
-    // What the workers wrote for that load (including their converging after it).
-    let worker_writes = run.audit()?.worker_writes_by_kind_since(since);
-    let worker_writes_total: usize = worker_writes.values().sum();
-    // The ideal writer on this run's mix of creates and changes: what the load used of it.
-    let (ceiling, _) = ideal_writer(&run, knobs, shards, knobs.raw_objects()).await?;
-    let stamped = run.conv.stamped_at_creation();
-    let churn_per_s = (created + changes) as f64 / load_s;
-    let ceiling_per_s = ceiling.mixed_rate(created, changes);
-    let efficiency = churn_per_s / ceiling_per_s;
-    let mut report = report(
-        "churn",
-        knobs,
-        &[shards],
-        started.elapsed().as_secs_f64(),
-        raw,
-    );
-    report
-        .set("duration_s", load_s)
-        .set("rate", knobs.rate)
-        .set("created", created)
-        .set("deleted", deleted)
-        .set("live_at_end", live)
-        .set("changes", changes)
-        .set("changes_per_s", changes as f64 / load_s)
-        .set("churn_per_s", churn_per_s)
-        .set("ceiling_per_s", ceiling_per_s)
-        .set("efficiency", efficiency)
-        .set("ceiling", ceiling.to_json(knobs.raw_objects(), shards))
-        .set("queue_p99_s", queue_p99)
-        .set("queue_p50_s", run::histogram_quantile(&queue_wait, 0.5))
-        .set(
-            "worker_lag_p99_s",
-            run::histogram_quantile(&worker_lag, 0.99),
-        )
-        .set("lag_p50_s", quantile(&change_lags, 0.5))
-        .set("lag_p99_s", lag_p99)
-        .set("create_lag_p99_s", quantile(&create_lags, 0.99))
-        .set("webhook", knobs.webhook)
-        .set("stamped_at_creation", stamped)
-        .set(
-            "slo_met",
-            queue_p99.is_some_and(|q| q <= 1.0) && lag_p99 <= 5.0,
-        )
-        .set("longest_running_s", run.longest_running_s)
-        .set("api_server_requests", api_server_requests)
-        .set(
-            "worker_writes",
-            json!({
-                "total": worker_writes_total,
-                "per_create_or_change":
-                    worker_writes_total as f64 / (created + changes).max(1) as f64,
-                "by_kind": worker_writes,
-            }),
-        )
-        .set("processes", run.process_table())
-        .set("over_time", run.timeline.clone());
-    draw(&run, knobs, "churn")?;
-    run.finish();
-    let mut checks = ceiling::checks(ceiling_per_s, efficiency);
-    checks.push(stamped_check(knobs.webhook, stamped, created));
-    Ok(Outcome { report, checks })
-}
-
 /// Whether `stamped` of `created` objects carried their shard label in the create
 /// response as the webhook mode says: some with the webhook on (it may time out and leave
 /// one to the watch path), none with it off.
@@ -874,100 +745,6 @@ pub(crate) fn stamped_check(webhook: bool, stamped: usize, created: usize) -> (S
         format!("webhook {mode}: {stamped} of {created} created objects stamped at creation"),
         if webhook { stamped > 0 } else { stamped == 0 },
     )
-}
-
-/// The workers' queue wait: first unhandled event → reconcile start.
-const QUEUE_WAIT: &str = "shardop_queue_wait_seconds";
-/// The workers' lag: spec change seen → status of that generation written.
-const RECONCILE_LAG: &str = "shardop_reconcile_lag_seconds";
-
-/// The churn load generator: returns (created, deleted, spec changes).
-async fn churn_load(
-    api: Api<DatabaseCluster>,
-    conv: Convergence,
-    duration: Duration,
-    create_rate: f64,
-    delete_rate: f64,
-    concurrency: usize,
-) -> anyhow::Result<(usize, usize, usize)> {
-    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut live: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    let mut rotation: std::collections::VecDeque<String> = std::collections::VecDeque::new();
-    let mut deleted_names: HashSet<String> = HashSet::new();
-    let (mut created, mut deleted, mut changes) = (0_usize, 0_usize, 0_usize);
-    let mut round = 0_usize;
-    let mut change_budget = 0.0_f64;
-    let tick = Duration::from_millis(100);
-    let mut next = started;
-    while started.elapsed() < duration {
-        next += tick;
-        tokio::time::sleep_until(next.into()).await;
-        let t = started.elapsed().as_secs_f64();
-        round += 1;
-        // Creates due by now.
-        while (created as f64) < t * create_rate {
-            let name = format!("churn-{created:06}");
-            created += 1;
-            live.push_back(name.clone());
-            rotation.push_back(name.clone());
-            let (api, conv, permit) = (api.clone(), conv.clone(), semaphore.clone());
-            tasks.spawn(async move {
-                let _permit = permit.acquire_owned().await?;
-                let object = api
-                    .create(
-                        &PostParams::default(),
-                        &crate::load::database_cluster(&name, 1),
-                    )
-                    .await?;
-                conv.created(&object);
-                anyhow::Ok(())
-            });
-        }
-        // Deletes due by now: the oldest objects (older than a minute, so they have been
-        // changed at least once).
-        while (deleted as f64) < t * delete_rate {
-            let Some(name) = live.pop_front() else { break };
-            deleted += 1;
-            deleted_names.insert(name.clone());
-            let (api, permit) = (api.clone(), semaphore.clone());
-            tasks.spawn(async move {
-                let _permit = permit.acquire_owned().await?;
-                match api.delete(&name, &DeleteParams::default()).await {
-                    Ok(_) | Err(kube::Error::Api(_)) => anyhow::Ok(()),
-                    Err(e) => Err(e.into()),
-                }
-            });
-        }
-        // Spec changes: every live object once a minute, oldest change first.
-        change_budget += live.len() as f64 * tick.as_secs_f64() / 60.0;
-        while change_budget >= 1.0 {
-            change_budget -= 1.0;
-            let Some(name) = rotation.pop_front() else {
-                break;
-            };
-            if deleted_names.contains(&name) {
-                continue;
-            }
-            // A new object joins the back of the rotation, so its first change comes about a
-            // minute after its creation.
-            rotation.push_back(name.clone());
-            changes += 1;
-            let (api, conv, permit) = (api.clone(), conv.clone(), semaphore.clone());
-            tasks.spawn(async move {
-                let _permit = permit.acquire_owned().await?;
-                change_spec(&api, &conv, &name, round).await
-            });
-        }
-        while let Some(result) = tasks.try_join_next() {
-            result??;
-        }
-    }
-    while let Some(result) = tasks.join_next().await {
-        result??;
-    }
-    Ok((created, deleted, changes))
 }
 
 /// The objects the fault scenarios create: `slow` prefixed ones first, then the others at
