@@ -75,7 +75,26 @@ async fn ideal_writer(
     objects: usize,
 ) -> anyhow::Result<(Ceiling, RequestTimes)> {
     tracing::info!(shards, objects, "ideal writer");
-    let namespace = shardop_e2e::TestNamespace::create(&run.env.client, "bench-ceiling").await?;
+    // The namespace lives until the figures are taken (its guard deletes it).
+    let (_namespace, writer) = ideal_writer_in(run, knobs, shards, "bench-ceiling").await?;
+    let before = RequestTimes::read(&run.env.client).await?;
+    let creates_per_s = writer.measure_creates(objects).await?;
+    let served = RequestTimes::read(&run.env.client).await?.since(&before);
+    let changes_per_s = writer.measure_changes(objects).await?;
+    let ceiling = Ceiling::new(creates_per_s, changes_per_s);
+    tracing::info!(?ceiling, "ideal writer done");
+    Ok((ceiling, served))
+}
+
+/// The ideal writer of `shards` shards in a new namespace `<prefix>-<suffix>` of the run's
+/// control plane (deleted when the returned guard drops).
+async fn ideal_writer_in(
+    run: &Run,
+    knobs: &Knobs,
+    shards: u32,
+    prefix: &str,
+) -> anyhow::Result<(shardop_e2e::TestNamespace, IdealWriter)> {
+    let namespace = shardop_e2e::TestNamespace::create(&run.env.client, prefix).await?;
     let writer = IdealWriter::new(
         &shardop_e2e::cluster().kubeconfig,
         &namespace.name,
@@ -84,13 +103,7 @@ async fn ideal_writer(
         knobs.concurrency,
     )
     .await?;
-    let before = RequestTimes::read(&run.env.client).await?;
-    let creates_per_s = writer.measure_creates(objects).await?;
-    let served = RequestTimes::read(&run.env.client).await?.since(&before);
-    let changes_per_s = writer.measure_changes(objects).await?;
-    let ceiling = Ceiling::new(creates_per_s, changes_per_s);
-    tracing::info!(?ceiling, "ideal writer done");
-    Ok((ceiling, served))
+    Ok((namespace, writer))
 }
 
 /// Draws the run's panels to `<dir>/<name>.png`.
@@ -641,7 +654,9 @@ impl CleanupDeletes {
 
     /// A pass that found claims still terminating sends neither the StatefulSet's DELETE
     /// again (it would answer 404) nor the claims' (it would answer 200 and change
-    /// nothing): at most one of each per object.
+    /// nothing): one of each per object, and 5 % more for the rare pass that runs again from
+    /// the start (after an error, or on a cached version whose finalizer is already gone).
+    /// Sending them on every pass made 3.8 per object.
     fn checks(&self) -> Vec<(String, bool)> {
         ["statefulsets", "persistentvolumeclaims"]
             .iter()
@@ -653,10 +668,10 @@ impl CleanupDeletes {
                     .unwrap_or(0);
                 (
                     format!(
-                        "DELETE {resource} by workers ({sent}) at most one per object ({})",
+                        "DELETE {resource} by workers ({sent}) at most one per object ({}) + 5 %",
                         self.objects
                     ),
-                    sent <= self.objects,
+                    sent <= self.objects + self.objects.div_ceil(20),
                 )
             })
             .collect()

@@ -2,7 +2,7 @@
 //! of ordinal `i` `data-<name>-<i>`, so the worker never lists claims. Which ordinals may
 //! exist is recorded in `status.claimOrdinals` (claims of removed replicas are kept on
 //! scale-down, `whenScaled: Retain`), and the deletion pass of the cleanup deletes exactly
-//! those names.
+//! those names ([`CleanupPass`]: later passes read them first).
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
@@ -99,45 +99,67 @@ pub struct DeletionPass {
     pub remaining: Vec<String>,
 }
 
-/// Deletes every named claim (a missing one is fine), each request fenced by the Lease.
-/// Stops at the first refusal: the others are retried with it.
+/// Which cleanup pass of an object this is, in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CleanupPass {
+    /// No earlier pass left the cleanup pending: the StatefulSet and the claims may not
+    /// have been deleted yet.
+    First,
+    /// An earlier pass deleted the StatefulSet (200 or 404) and the claims and found some
+    /// claims still there. Nothing recreates the StatefulSet of an object being deleted
+    /// (converge never runs for it), so it is not deleted again: each DELETE would only
+    /// answer 404, once per pass, for as long as the claims take to go.
+    Later,
+}
+
+impl CleanupPass {
+    /// The pass after `pending_passes` passes that left the cleanup pending.
+    pub fn after(pending_passes: u32) -> Self {
+        if pending_passes == 0 {
+            Self::First
+        } else {
+            Self::Later
+        }
+    }
+
+    /// Whether this pass deletes the StatefulSet, given what the cache shows of it. The
+    /// first pass deletes it also when the cache does not show it: a StatefulSet still
+    /// labelled for the object's previous shard is invisible here, and left alone it would
+    /// keep its pods and so its claims forever (404 is fine).
+    pub fn deletes_stateful_set(self, cached: Option<&StatefulSet>) -> bool {
+        self == Self::First && cached.is_none_or(|s| s.metadata.deletion_timestamp.is_none())
+    }
+}
+
+/// Deletes the named claims (a missing one is fine), each request fenced by the Lease; stops
+/// at the first refusal (the others are retried with it). A later pass looks at each claim
+/// first and deletes only one that is not terminating (created again by a StatefulSet sync
+/// that raced the deletion): a terminating claim waits for its finalizers, and another
+/// DELETE of it would answer 200 and change nothing, a write per claim per pass for as long
+/// as its pod takes to stop.
 pub async fn delete_claims(
     client: &Client,
     guard: &LeaseGuard,
     namespace: &str,
     names: &[String],
+    cleanup_pass: CleanupPass,
 ) -> Result<DeletionPass, ClaimDeletionError> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let mut pass = DeletionPass::default();
     for name in names {
         guard.check()?;
-        delete_claim(&claims, name, &mut pass).await?;
-    }
-    Ok(pass)
-}
-
-/// A later pass over claims an earlier pass deleted: looks at each and deletes only one
-/// that is not terminating (created again by a StatefulSet sync that raced the deletion).
-/// A terminating claim waits for its finalizers: another DELETE of it would answer 200 and
-/// change nothing, a write per claim per pass for as long as its pod takes to stop.
-pub async fn delete_remaining_claims(
-    client: &Client,
-    guard: &LeaseGuard,
-    namespace: &str,
-    names: &[String],
-) -> Result<DeletionPass, ClaimDeletionError> {
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
-    let mut pass = DeletionPass::default();
-    for name in names {
-        guard.check()?;
-        match claims.get_opt(name).await {
-            Ok(None) => {}
-            Ok(Some(claim)) if claim.metadata.deletion_timestamp.is_some() => {
-                pass.remaining.push(name.clone());
+        if cleanup_pass == CleanupPass::Later {
+            match claims.get_opt(name).await {
+                Ok(None) => continue,
+                Ok(Some(claim)) if claim.metadata.deletion_timestamp.is_some() => {
+                    pass.remaining.push(name.clone());
+                    continue;
+                }
+                Ok(Some(_)) => {}
+                Err(source) => return Err(ClaimDeletionError::of(name, source)),
             }
-            Ok(Some(_)) => delete_claim(&claims, name, &mut pass).await?,
-            Err(source) => return Err(ClaimDeletionError::of(name, source)),
         }
+        delete_claim(&claims, name, &mut pass).await?;
     }
     Ok(pass)
 }
@@ -165,6 +187,28 @@ async fn delete_claim(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_first_cleanup_pass_deletes_the_stateful_set() {
+        let live = StatefulSet::default();
+        let mut terminating = StatefulSet::default();
+        terminating.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+        );
+        let first = CleanupPass::after(0);
+        assert_eq!(first, CleanupPass::First);
+        assert!(first.deletes_stateful_set(Some(&live)));
+        // Not in the cache: it may still carry the previous shard's label.
+        assert!(first.deletes_stateful_set(None));
+        assert!(!first.deletes_stateful_set(Some(&terminating)));
+        // After a pass that deleted it and left claims terminating: no DELETE that can only
+        // answer 404.
+        let later = CleanupPass::after(1);
+        assert_eq!(later, CleanupPass::Later);
+        assert_eq!(CleanupPass::after(7), CleanupPass::Later);
+        assert!(!later.deletes_stateful_set(None));
+        assert!(!later.deletes_stateful_set(Some(&live)));
+    }
 
     fn record(cluster: &DatabaseCluster, sts: Option<&StatefulSet>) -> i32 {
         ordinals_to_record(cluster, cluster.status.as_ref(), sts)

@@ -688,8 +688,8 @@ async fn cleanup(
     if cluster.spec.storage.reclaim_policy == ReclaimPolicy::Delete {
         let sts = cached(&ctx.stateful_sets, &namespace, &name);
         // An earlier pass of this cleanup (one that left it pending) deleted the
-        // StatefulSet and the claims; see `CleanupPass`.
-        let pass_kind = CleanupPass::after(shared.cleanup_passes.count(&key.to_owned()));
+        // StatefulSet and the claims; see `claims::CleanupPass`.
+        let pass_kind = claims::CleanupPass::after(shared.cleanup_passes.count(&key.to_owned()));
         if pass_kind.deletes_stateful_set(sts.as_deref()) {
             delete_stateful_set(ctx, &namespace, &name).await?;
         }
@@ -699,15 +699,8 @@ async fn cleanup(
             claims::ordinals_to_record(cluster, known.as_ref(), sts.as_deref())
         };
         let names = claims::claim_names(&name, ordinals);
-        let pass = match pass_kind {
-            CleanupPass::First => {
-                claims::delete_claims(&ctx.client, &shared.guard, &namespace, &names).await
-            }
-            CleanupPass::Later => {
-                claims::delete_remaining_claims(&ctx.client, &shared.guard, &namespace, &names)
-                    .await
-            }
-        };
+        let pass =
+            claims::delete_claims(&ctx.client, &shared.guard, &namespace, &names, pass_kind).await;
         if let Some(progress) = cleanup_progress(&pass) {
             write_cleanup_condition(cluster, ctx, key, progress).await?;
         }
@@ -739,38 +732,6 @@ async fn cleanup(
     shared.cleanup_passes.reset(&key.to_owned());
     tracing::info!("cleanup finished, finalizer removed");
     Ok(Outcome::Skipped)
-}
-
-/// Which cleanup pass of an object this is, in this process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CleanupPass {
-    /// No earlier pass left the cleanup pending: the StatefulSet and the claims may not
-    /// have been deleted yet.
-    First,
-    /// An earlier pass deleted the StatefulSet (200 or 404) and the claims and found some
-    /// claims still there. Nothing recreates the StatefulSet of an object being deleted
-    /// (converge never runs for it), so it is not deleted again: each DELETE would only
-    /// answer 404, once per pass, for as long as the claims take to go.
-    Later,
-}
-
-impl CleanupPass {
-    /// The pass after `pending_passes` passes that left the cleanup pending.
-    fn after(pending_passes: u32) -> Self {
-        if pending_passes == 0 {
-            Self::First
-        } else {
-            Self::Later
-        }
-    }
-
-    /// Whether this pass deletes the StatefulSet, given what the cache shows of it. The
-    /// first pass deletes it also when the cache does not show it: a StatefulSet still
-    /// labelled for the object's previous shard is invisible here, and left alone it would
-    /// keep its pods and so its claims forever (404 is fine).
-    fn deletes_stateful_set(self, cached: Option<&StatefulSet>) -> bool {
-        self == Self::First && cached.is_none_or(|s| s.metadata.deletion_timestamp.is_none())
-    }
 }
 
 async fn delete_stateful_set(
@@ -950,28 +911,6 @@ mod tests {
             claim: "data-db-1".into(),
             source: kube::Error::Api(Box::new(status)),
         })
-    }
-
-    #[test]
-    fn only_the_first_cleanup_pass_deletes_the_stateful_set() {
-        let live = StatefulSet::default();
-        let mut terminating = StatefulSet::default();
-        terminating.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
-        );
-        let first = CleanupPass::after(0);
-        assert_eq!(first, CleanupPass::First);
-        assert!(first.deletes_stateful_set(Some(&live)));
-        // Not in the cache: it may still carry the previous shard's label.
-        assert!(first.deletes_stateful_set(None));
-        assert!(!first.deletes_stateful_set(Some(&terminating)));
-        // After a pass that deleted it and left claims terminating: no DELETE that can only
-        // answer 404.
-        let later = CleanupPass::after(1);
-        assert_eq!(later, CleanupPass::Later);
-        assert_eq!(CleanupPass::after(7), CleanupPass::Later);
-        assert!(!later.deletes_stateful_set(None));
-        assert!(!later.deletes_stateful_set(Some(&live)));
     }
 
     #[test]

@@ -13,9 +13,9 @@ use kube::api::Api;
 use serde_json::{Value, json};
 use shardop_api::DatabaseCluster;
 
-use super::{Knobs, Outcome, begin, draw, ideal_writer, report, stamped_check};
+use super::{Knobs, Outcome, begin, draw, ideal_writer, ideal_writer_in, report, stamped_check};
 use crate::api_requests::RequestTimes;
-use crate::ceiling::{self, IdealWriter, Served, stamped_at_creation};
+use crate::ceiling::{self, Served, stamped_at_creation};
 use crate::churn_load::{self, ChurnCounts, ChurnRates};
 use crate::convergence::{ChangeKind, Convergence, quantile};
 use crate::run::{self, Run};
@@ -321,18 +321,9 @@ async fn ideal_under_load(
     shards: u32,
     rates: ChurnRates,
 ) -> anyhow::Result<IdealUnderLoad> {
-    let namespace =
-        shardop_e2e::TestNamespace::create(&run.env.client, "bench-ideal-churn").await?;
+    let (namespace, writer) = ideal_writer_in(run, knobs, shards, "bench-ideal-churn").await?;
     let api: Api<DatabaseCluster> = Api::namespaced(run.env.client.clone(), &namespace.name);
     let (conv, watch) = Convergence::watch(api.clone(), None);
-    let writer = IdealWriter::new(
-        &shardop_e2e::cluster().kubeconfig,
-        &namespace.name,
-        shards,
-        run.env.client.clone(),
-        knobs.concurrency,
-    )
-    .await?;
     let new_object = if knobs.webhook {
         stamped_at_creation(namespace.name.clone(), shards as usize)
     } else {
