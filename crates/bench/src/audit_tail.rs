@@ -10,6 +10,8 @@ use jiff::Timestamp;
 use serde::Serialize;
 use shardop_e2e::audit::{AuditEvent, LogTail, Ownership, Position, RevisionClock, Scope};
 
+use crate::change_split::ChangeTimeline;
+
 /// The ownership oracle's counts (docs/performance.md defines them).
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct OwnershipFigures {
@@ -195,6 +197,59 @@ impl AuditTail {
             timeline.label = labels.get(name.as_str()).copied();
         }
         timelines
+    }
+
+    /// Every spec change `changer` made (a successful PATCH of a DatabaseCluster received
+    /// since `since`) with the worker writes that carried it out: the first StatefulSet
+    /// apply of the object received after the change was answered, and the first status
+    /// patch answered after that apply.
+    pub fn change_timelines(&self, changer: &str, since: Timestamp) -> Vec<ChangeTimeline> {
+        let mut by_object: HashMap<&str, Vec<&AuditEvent>> = HashMap::new();
+        for event in self.events.iter().filter(|e| e.is_successful_write()) {
+            if let Some(owner) = event.owner() {
+                by_object.entry(owner).or_default().push(event);
+            }
+        }
+        let first_after =
+            |events: &[&AuditEvent], after: Timestamp, wanted: fn(&AuditEvent) -> bool| {
+                events
+                    .iter()
+                    .filter(|e| wanted(e) && e.request_received_timestamp >= after)
+                    .min_by_key(|e| e.request_received_timestamp)
+                    .map(|e| (e.request_received_timestamp, e.stage_timestamp))
+            };
+        let mut changes = Vec::new();
+        for events in by_object.values() {
+            let user_changes = events.iter().filter(|e| {
+                e.user_agent.starts_with(changer)
+                    && e.verb == "patch"
+                    && e.resource() == "databaseclusters"
+                    && e.subresource().is_none()
+                    && e.request_received_timestamp >= since
+            });
+            for change in user_changes {
+                let applied = first_after(events, change.stage_timestamp, |e| {
+                    e.worker_shard().is_some()
+                        && e.resource() == "statefulsets"
+                        && e.verb == "patch"
+                })
+                .map(|(received, _)| received);
+                let status_written = applied.and_then(|applied| {
+                    first_after(events, applied, |e| {
+                        e.worker_shard().is_some()
+                            && e.resource() == "databaseclusters"
+                            && e.subresource() == Some("status")
+                    })
+                    .map(|(_, answered)| answered)
+                });
+                changes.push(ChangeTimeline {
+                    changed: change.stage_timestamp,
+                    applied,
+                    status_written,
+                });
+            }
+        }
+        changes
     }
 
     /// Writes outside single ownership ([`Ownership::dual_ownership`]): foreign writes (by
@@ -456,6 +511,45 @@ mod tests {
         // The first successful label write, not the refused one nor a later one.
         assert_eq!(timelines["early"].label, Some((ms(2_030), ms(2_040))));
         assert!(!timelines.contains_key("foreign"));
+    }
+
+    #[test]
+    fn a_change_joins_the_first_apply_after_it_and_the_first_status_after_that() {
+        let user = "shardop-bench/loadgen";
+        let worker = "shardop-worker/shard-0 (shardop-worker-0)";
+        let log = tail(vec![
+            // A reconcile of something else, before the change: not the change's.
+            timed(worker, "statefulsets", "db", 900, 950, 200),
+            timed(worker, "databaseclusters/status", "db", 960, 990, 200),
+            timed(user, "databaseclusters", "db", 1_000, 1_010, 200),
+            // A status write before the change's apply is not the change's status.
+            timed(worker, "databaseclusters/status", "db", 1_100, 1_120, 200),
+            timed(worker, "statefulsets", "db", 1_500, 1_600, 200),
+            timed(worker, "databaseclusters/status", "db", 1_700, 1_750, 200),
+            timed(worker, "databaseclusters/status", "db", 1_800, 1_850, 200),
+            // Changed, then deleted before a worker carried it out.
+            timed(user, "databaseclusters", "gone", 1_000, 1_010, 200),
+            // A change before `since` is left out.
+            timed(user, "databaseclusters", "old", 10, 20, 200),
+        ]);
+        let ms = |ms| Timestamp::from_millisecond(ms).unwrap();
+        let mut changes = log.change_timelines(user, ms(500));
+        changes.sort_by_key(|c| c.applied.is_none());
+        assert_eq!(
+            changes,
+            vec![
+                ChangeTimeline {
+                    changed: ms(1_010),
+                    applied: Some(ms(1_500)),
+                    status_written: Some(ms(1_750)),
+                },
+                ChangeTimeline {
+                    changed: ms(1_010),
+                    applied: None,
+                    status_written: None,
+                },
+            ]
+        );
     }
 
     #[test]

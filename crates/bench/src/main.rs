@@ -13,6 +13,7 @@ mod api_requests;
 mod assign_split;
 mod audit_tail;
 mod ceiling;
+mod change_split;
 mod churn_load;
 mod convergence;
 mod env;

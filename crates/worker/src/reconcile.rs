@@ -711,9 +711,9 @@ async fn cleanup(
             }
             Ok(pass) if pass.deleted > 0 || !pass.remaining.is_empty() => {
                 tracing::info!(
-                    claims = pass.deleted,
+                    deleted = pass.deleted,
                     terminating = pass.remaining.len(),
-                    "deleted volume claims"
+                    "volume claims deleted or still terminating"
                 );
                 // Look again shortly: a claim created by a StatefulSet sync that raced the
                 // deletion is caught then, and only a pass finding none finishes.

@@ -16,8 +16,10 @@ use shardop_api::DatabaseCluster;
 use super::{Knobs, Outcome, begin, draw, ideal_writer, ideal_writer_in, report, stamped_check};
 use crate::api_requests::RequestTimes;
 use crate::ceiling::{self, Served, stamped_at_creation};
+use crate::change_split;
 use crate::churn_load::{self, ChurnCounts, ChurnRates};
 use crate::convergence::{ChangeKind, Convergence, quantile};
+use crate::env::LOADGEN_USER_AGENT;
 use crate::run::{self, Run};
 
 /// The workers' queue wait: first unhandled event → reconcile start.
@@ -149,6 +151,7 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
         .set("ceiling", ceiling.to_json(knobs.raw_objects(), shards))
         .set("worker_lag_p99_s", shardop.worker_lag_p99)
         .set("reconciles", &shardop.reconciles)
+        .set("change_split", &shardop.change_split)
         .set("webhook", knobs.webhook)
         .set("stamped_at_creation", stamped)
         .set("ideal_first", knobs.ideal_first)
@@ -183,6 +186,8 @@ async fn settle(run: &mut Run) -> anyhow::Result<bool> {
 struct ShardopUnderLoad {
     under_load: UnderLoad,
     live_at_end: usize,
+    /// Where the changes' time went in the audit log ([`change_split`]).
+    change_split: Value,
     /// The workers' reconciles over the load and its drain: per create or change, and
     /// their durations.
     reconciles: Value,
@@ -235,6 +240,8 @@ async fn shardop_under_load(run: &mut Run, rates: ChurnRates) -> anyhow::Result<
         &durations_before,
     );
     let reconciles = run.env.worker_metric_sum(RECONCILE_RUNS, &[]).await - runs_before;
+    let change_split =
+        change_split::summary(&run.audit()?.change_timelines(LOADGEN_USER_AGENT, since));
     // What the workers wrote for that load (including their converging after it).
     let by_kind = run.audit()?.worker_writes_by_kind_since(since);
     let total: usize = by_kind.values().sum();
@@ -250,6 +257,7 @@ async fn shardop_under_load(run: &mut Run, rates: ChurnRates) -> anyhow::Result<
             control_plane_cpu_s,
         },
         live_at_end,
+        change_split,
         reconciles: json!({
             "per_create_or_change": reconciles / (counts.created + counts.changes).max(1) as f64,
             "duration_p50_s": run::histogram_quantile(&durations, 0.5),
