@@ -97,6 +97,8 @@ impl UnderLoad {
     }
 }
 
+/// `churn` (see the module): shardop and the ideal writer under the same load, in the order
+/// `IDEAL_FIRST` says, then the ideal writer's burst on the load's mix.
 pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let shards = knobs.first_shards();
     let (mut run, _, raw) = begin("churn", knobs).await?;
