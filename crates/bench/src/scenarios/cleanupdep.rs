@@ -29,6 +29,10 @@ const BACKOFF_BASE_S: f64 = 0.5;
 const EVENT_TRIGGERED_ATTEMPTS: usize = 2;
 /// Attempts spanning less than this cannot tell a 1 s poll from doubling delays.
 const MIN_JUDGED_SPAN_S: f64 = 8.0;
+/// The longest the outage waits for a stuck cleanup to become [`judgeable`]: doubling
+/// delays get there with the fifth attempt, about 16 s in; a worker that stopped retrying
+/// never does, and fails the check.
+const MAX_OUTAGE: Duration = Duration::from_secs(60);
 
 /// The ValidatingAdmissionPolicy (and binding) of `cleanupdep`: the claim deletions of the
 /// finalizer cleanup are refused in `namespace`, i.e. the cleanup's dependency is down.
@@ -196,6 +200,33 @@ async fn create_and_change(run: &mut Run, knobs: &Knobs, others: &[String]) -> a
     Ok(())
 }
 
+/// Keeps the outage on until SLOW_DELAY has passed and at least one stuck cleanup has
+/// retried long enough to be judged ([`judgeable`]), or [`MAX_OUTAGE`] has passed: a
+/// quick machine converges the others early, and an outage that ended with the fifth
+/// attempt of doubling delays (about 16 s in) still ahead judged nothing. Returns the
+/// refused cleanups so far.
+async fn hold_outage(
+    run: &mut Run,
+    knobs: &Knobs,
+    outage_started: Instant,
+    outage_since: Timestamp,
+) -> anyhow::Result<BTreeMap<String, Vec<Attempt>>> {
+    loop {
+        let attempts = refused_cleanups(run, outage_since)?;
+        let elapsed = outage_started.elapsed();
+        if elapsed >= MAX_OUTAGE
+            || (elapsed >= knobs.slow_delay && attempts.values().any(|t| judgeable(t)))
+        {
+            return Ok(attempts);
+        }
+        let next_look = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < next_look {
+            run.sample().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// Deletes the outage's policy and waits until every object in `stuck` is gone. Returns
 /// the seconds that took, `None` on timeout.
 async fn end_claim_deletion_outage(
@@ -246,13 +277,9 @@ pub async fn cleanupdep(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let (_, others) = fault_names(knobs, 0);
     create_and_change(&mut run, knobs, &others).await?;
     let others_done = run.t();
-    while outage_started.elapsed() < knobs.slow_delay {
-        run.sample().await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let attempts = hold_outage(&mut run, knobs, outage_started, outage_since).await?;
     // Counts only objects that still exist: a cleanup that got through shows nothing.
     let condition_shown = cleanup_condition_shown(&run, &stuck).await;
-    let attempts = refused_cleanups(&mut run, outage_since)?;
     let outage_s = outage_started.elapsed().as_secs_f64();
     let recovery = end_claim_deletion_outage(&mut run, knobs, &policy, &stuck).await?;
 
@@ -330,10 +357,8 @@ impl StuckRetries {
         let growths: Vec<f64> = attempts.values().filter_map(|t| gap_growth(t)).collect();
         let over_allowed: Vec<f64> = attempts
             .values()
-            .filter_map(|t| {
-                let span = span_s(t);
-                (span >= MIN_JUDGED_SPAN_S).then(|| t.len() as f64 / retries_allowed(span) as f64)
-            })
+            .filter(|t| judgeable(t))
+            .map(|t| t.len() as f64 / retries_allowed(span_s(t)) as f64)
             .collect();
         Self {
             attempts_max: attempts.values().map(Vec::len).max().unwrap_or(0),
@@ -355,6 +380,12 @@ impl StuckRetries {
     fn backs_off(&self) -> bool {
         self.judged > 0 && self.over_allowed_max <= 1.0
     }
+}
+
+/// Whether `attempts` span long enough ([`MIN_JUDGED_SPAN_S`]) to tell a poll from
+/// doubling delays.
+fn judgeable(attempts: &[Attempt]) -> bool {
+    span_s(attempts) >= MIN_JUDGED_SPAN_S
 }
 
 /// Seconds from the first attempt's start to the last one's.
@@ -527,6 +558,17 @@ mod tests {
         let retries = retries_of(&[&[0.5, 1.0, 2.0]]);
         assert_eq!(retries.judged, 0);
         assert!(!retries.backs_off());
+    }
+
+    #[test]
+    fn doubling_delays_become_judgeable_with_the_fifth_attempt() {
+        // A CI run's stuck cleanup when the outage ended after 9.3 s: four attempts,
+        // 7.5 s apart, which judged nothing; the fifth is due about 8 s later.
+        let four = passes(&[0.02, 1.1, 2.0, 4.4], 0.01);
+        assert!(!judgeable(&four));
+        let five = [0.02, 1.1, 2.0, 4.4, 8.1];
+        assert!(judgeable(&passes(&five, 0.01)));
+        assert!(retries_of(&[&five]).backs_off());
     }
 
     #[test]
