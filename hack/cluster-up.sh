@@ -17,6 +17,9 @@
 #                                     WatchList=false (a server without streaming lists).
 #                                     Applies when kube-apiserver starts: use a cluster
 #                                     directory of its own rather than a running cluster.
+#   SHARDOP_APISERVER_PROFILING (false) true serves kube-apiserver's /debug/pprof (CPU
+#                                     profiles of a benchmark's phases); applies when it
+#                                     starts, like the feature gates.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=hack/lib.sh
@@ -231,7 +234,7 @@ if [[ -z "$(running_pid kube-apiserver)" ]]; then
     --audit-log-mode=blocking \
     --audit-log-maxsize=1024 \
     --audit-log-maxbackup=1 \
-    --profiling=false \
+    --profiling="${SHARDOP_APISERVER_PROFILING:-false}" \
     --kubelet-client-certificate="$pki/apiserver-kubelet-client.crt" \
     --kubelet-client-key="$pki/apiserver-kubelet-client.key" \
     --kubelet-preferred-address-types=InternalIP \

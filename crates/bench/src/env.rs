@@ -201,6 +201,14 @@ impl BenchEnv {
             .collect()
     }
 
+    /// Whether `name` is one of the operator's processes (a worker or the assigner).
+    pub fn is_operator_process(&self, name: &str) -> bool {
+        self.workers
+            .values()
+            .chain(self.assigner.iter())
+            .any(|p| p.process.name == name)
+    }
+
     /// Cumulative buckets of histogram `name`, summed over every running worker.
     pub async fn worker_histogram(&self, name: &str) -> Vec<(f64, f64)> {
         let mut total: Vec<(f64, f64)> = Vec::new();

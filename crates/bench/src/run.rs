@@ -18,6 +18,10 @@ use crate::plot::Panel;
 use crate::procs;
 use crate::raw::{self, RawCapacity};
 
+/// The bench's own process in [`Run::cpu_reading`] (its load generator, watches and, in
+/// `churn`, the ideal writer).
+pub const BENCH_PROCESS: &str = "bench";
+
 /// Seconds between samples.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -340,13 +344,45 @@ impl Run {
         }
     }
 
-    /// The CPU seconds every control-plane process has used since it started, by name: the
-    /// difference of two readings is what a phase of a scenario cost it.
-    pub fn control_plane_cpu_s(&self) -> BTreeMap<String, f64> {
-        self.control_plane
+    /// The CPU time every process of the run (control plane, operator, the bench itself as
+    /// [`BENCH_PROCESS`]) and the machine have used so far: the difference of two readings
+    /// is what a phase of a scenario cost each.
+    pub fn cpu_reading(&self) -> procs::CpuReading {
+        let mut processes: BTreeMap<String, f64> = self
+            .control_plane
             .iter()
             .filter_map(|(name, pid)| Some((name.clone(), procs::sample(*pid)?.cpu_s)))
-            .collect()
+            .collect();
+        processes.extend(
+            self.env
+                .sample_processes()
+                .into_iter()
+                .map(|(name, sample)| (name, sample.cpu_s)),
+        );
+        if let Some(own) = procs::sample(std::process::id()) {
+            processes.insert(BENCH_PROCESS.to_owned(), own.cpu_s);
+        }
+        procs::CpuReading {
+            processes,
+            machine: procs::MachineCpu::read(),
+        }
+    }
+
+    /// `used` as report figures: `control_plane_cpu_s` and `operator_cpu_s` (CPU seconds
+    /// by process), `bench_cpu_s` and `machine_busy` (the share of all cores busy).
+    pub fn cpu_figures(&self, used: &procs::CpuUse) -> serde_json::Map<String, Value> {
+        let control_plane = used.of(|name| self.control_plane.iter().any(|(n, _)| n == name));
+        let operator = used.of(|name| self.env.is_operator_process(name));
+        let bench = used.of(|name| name == BENCH_PROCESS);
+        let busy = used
+            .machine_busy
+            .map(|busy| (busy * 1000.0).round() / 1000.0);
+        serde_json::Map::from_iter([
+            ("control_plane_cpu_s".to_owned(), json!(control_plane)),
+            ("operator_cpu_s".to_owned(), json!(operator)),
+            ("bench_cpu_s".to_owned(), json!(bench.get(BENCH_PROCESS))),
+            ("machine_busy".to_owned(), json!(busy)),
+        ])
     }
 
     /// Peak RSS of every worker process (MiB), by name.

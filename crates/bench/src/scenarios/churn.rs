@@ -3,7 +3,6 @@
 //! the same control plane (does *any* operator keep the SLOs at this rate here?), and the
 //! ideal writer's burst rate on the load's mix (the ceiling).
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -49,19 +48,9 @@ struct UnderLoad {
     create_lags: Vec<f64>,
     /// Live objects not converged once the load stopped and had `DRAIN` to converge.
     unconverged: usize,
-    /// CPU seconds each control-plane process used while the load ran.
-    control_plane_cpu_s: BTreeMap<String, f64>,
-}
-
-/// The CPU seconds each control-plane process used between two readings.
-fn cpu_used(
-    before: &BTreeMap<String, f64>,
-    after: &BTreeMap<String, f64>,
-) -> BTreeMap<String, f64> {
-    after
-        .iter()
-        .filter_map(|(name, cpu)| Some((name.clone(), cpu - before.get(name)?)))
-        .collect()
+    /// CPU time each process and the machine used while the load ran
+    /// ([`Run::cpu_figures`]).
+    cpu: serde_json::Map<String, Value>,
 }
 
 impl UnderLoad {
@@ -77,9 +66,22 @@ impl UnderLoad {
         slo_met(self.queue_p99, self.lag_p99(), self.unconverged)
     }
 
+    /// Whether the CPU figures are there and sane: the machine's busy share in (0, 1] and
+    /// the control plane's CPU seconds positive.
+    fn cpu_measured(&self) -> bool {
+        let busy = self.cpu.get("machine_busy").and_then(Value::as_f64);
+        let api_server = self
+            .cpu
+            .get("control_plane_cpu_s")
+            .and_then(|cpu| cpu.get("kube-apiserver"))
+            .and_then(Value::as_f64);
+        busy.is_some_and(|busy| busy > 0.0 && busy <= 1.0)
+            && api_server.is_some_and(|cpu| cpu > 0.0)
+    }
+
     /// The figures every operator under the load has.
     fn to_json(&self) -> Value {
-        json!({
+        let mut figures = json!({
             "duration_s": self.load_s,
             "created": self.counts.created,
             "deleted": self.counts.deleted,
@@ -92,8 +94,11 @@ impl UnderLoad {
             "create_lag_p99_s": quantile(&self.create_lags, 0.99),
             "unconverged_at_end": self.unconverged,
             "slo_met": self.slo_met(),
-            "control_plane_cpu_s": self.control_plane_cpu_s,
-        })
+        });
+        if let Some(figures) = figures.as_object_mut() {
+            figures.extend(self.cpu.clone());
+        }
+        figures
     }
 }
 
@@ -174,6 +179,10 @@ pub async fn churn(knobs: &Knobs) -> anyhow::Result<Outcome> {
     let mut checks = ceiling::checks(ceiling_per_s, efficiency);
     checks.push(stamped_check(knobs.webhook, stamped, counts.created));
     checks.extend(ideal.checks());
+    checks.push((
+        "CPU per process and the machine's busy share measured in both phases".into(),
+        shardop.under_load.cpu_measured() && ideal.under_load.cpu_measured(),
+    ));
     Ok(Outcome { report, checks })
 }
 
@@ -207,7 +216,7 @@ async fn shardop_under_load(run: &mut Run, rates: ChurnRates) -> anyhow::Result<
     let runs_before = run.env.worker_metric_sum(RECONCILE_RUNS, &[]).await;
     let requests_before = RequestTimes::read(&run.env.client).await?;
     let since = Timestamp::now();
-    let cpu_before = run.control_plane_cpu_s();
+    let cpu_before = run.cpu_reading();
     let load_started = Instant::now();
     tracing::info!(?rates, "churn against shardop");
     let (api, conv) = (run.api(), run.conv.clone());
@@ -224,7 +233,7 @@ async fn shardop_under_load(run: &mut Run, rates: ChurnRates) -> anyhow::Result<
     }
     let counts = load.await??;
     let load_s = load_started.elapsed().as_secs_f64();
-    let control_plane_cpu_s = cpu_used(&cpu_before, &run.control_plane_cpu_s());
+    let cpu = run.cpu_reading().used_since(&cpu_before);
     let api_server_requests = RequestTimes::read(&run.env.client)
         .await?
         .since(&requests_before)
@@ -256,7 +265,7 @@ async fn shardop_under_load(run: &mut Run, rates: ChurnRates) -> anyhow::Result<
             change_lags: run.conv.lags(ChangeKind::Change, None),
             create_lags: run.conv.lags(ChangeKind::Create, None),
             unconverged: run.conv.live().saturating_sub(run.conv.converged()),
-            control_plane_cpu_s,
+            cpu: run.cpu_figures(&cpu),
         },
         live_at_end,
         change_split,
@@ -343,11 +352,11 @@ async fn ideal_under_load(
     let (writes, receiver) = mpsc::unbounded();
     let served = Mutex::new(Served::default());
     let requests_before = RequestTimes::read(&run.env.client).await?;
-    let cpu_before = run.control_plane_cpu_s();
+    let cpu_before = run.cpu_reading();
     let load_started = Instant::now();
     let load = async {
         let counts = churn_load::run(api, conv.clone(), rates, new_object, Some(writes)).await?;
-        let cpu = cpu_used(&cpu_before, &run.control_plane_cpu_s());
+        let cpu = run.cpu_reading().used_since(&cpu_before);
         anyhow::Ok((counts, load_started.elapsed().as_secs_f64(), cpu))
     };
     let serving = tokio::time::timeout(
@@ -355,7 +364,7 @@ async fn ideal_under_load(
         writer.serve(receiver, knobs.webhook, &served),
     );
     let (loaded, answered) = futures::future::join(load, serving).await;
-    let (counts, load_s, control_plane_cpu_s) = loaded?;
+    let (counts, load_s, cpu) = loaded?;
     let api_server_requests = RequestTimes::read(&run.env.client)
         .await?
         .since(&requests_before)
@@ -387,7 +396,7 @@ async fn ideal_under_load(
             change_lags: conv.lags(ChangeKind::Change, None),
             create_lags: conv.lags(ChangeKind::Create, None),
             unconverged: conv.live().saturating_sub(conv.converged()),
-            control_plane_cpu_s,
+            cpu: run.cpu_figures(&cpu),
         },
         served,
         drained,
