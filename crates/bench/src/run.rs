@@ -160,13 +160,7 @@ impl Run {
         for (shard, depth) in &queues {
             self.queue_panel.push(shard, t, *depth);
         }
-        let mut samples: Vec<(String, procs::ProcessSample)> =
-            self.env.sample_processes().into_iter().collect::<Vec<_>>();
-        samples.extend(
-            self.control_plane
-                .iter()
-                .filter_map(|(name, pid)| Some((name.clone(), procs::sample(*pid)?))),
-        );
+        let samples = self.process_samples();
         let mut point = serde_json::Map::new();
         point.insert("t".into(), json!((t * 10.0).round() / 10.0));
         point.insert("converged".into(), json!(self.conv.converged()));
@@ -349,16 +343,10 @@ impl Run {
     /// is what a phase of a scenario cost each.
     pub fn cpu_reading(&self) -> procs::CpuReading {
         let mut processes: BTreeMap<String, f64> = self
-            .control_plane
-            .iter()
-            .filter_map(|(name, pid)| Some((name.clone(), procs::sample(*pid)?.cpu_s)))
+            .process_samples()
+            .into_iter()
+            .map(|(name, sample)| (name, sample.cpu_s))
             .collect();
-        processes.extend(
-            self.env
-                .sample_processes()
-                .into_iter()
-                .map(|(name, sample)| (name, sample.cpu_s)),
-        );
         if let Some(own) = procs::sample(std::process::id()) {
             processes.insert(BENCH_PROCESS.to_owned(), own.cpu_s);
         }
@@ -366,6 +354,18 @@ impl Run {
             processes,
             machine: procs::MachineCpu::read(),
         }
+    }
+
+    /// One sample of every process under test: the operator's, then the control plane's.
+    fn process_samples(&self) -> Vec<(String, procs::ProcessSample)> {
+        let mut samples: Vec<(String, procs::ProcessSample)> =
+            self.env.sample_processes().into_iter().collect();
+        samples.extend(
+            self.control_plane
+                .iter()
+                .filter_map(|(name, pid)| Some((name.clone(), procs::sample(*pid)?))),
+        );
+        samples
     }
 
     /// `used` as report figures: `control_plane_cpu_s` and `operator_cpu_s` (CPU seconds
