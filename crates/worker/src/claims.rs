@@ -136,13 +136,16 @@ impl CleanupPass {
 /// first and deletes only one that is not terminating (created again by a StatefulSet sync
 /// that raced the deletion): a terminating claim waits for its finalizers, and another
 /// DELETE of it would answer 200 and change nothing, a write per claim per pass for as long
-/// as its pod takes to stop.
+/// as its pod takes to stop. Unless `name_every_claim_left`, a later pass also stops at the
+/// first claim still terminating: the cleanup looks again anyway, and only the pass that
+/// finds none (which has read every claim) ends it.
 pub async fn delete_claims(
     client: &Client,
     guard: &LeaseGuard,
     namespace: &str,
     names: &[String],
     cleanup_pass: CleanupPass,
+    name_every_claim_left: bool,
 ) -> Result<DeletionPass, ClaimDeletionError> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let mut pass = DeletionPass::default();
@@ -153,7 +156,10 @@ pub async fn delete_claims(
                 Ok(None) => continue,
                 Ok(Some(claim)) if claim.metadata.deletion_timestamp.is_some() => {
                     pass.remaining.push(name.clone());
-                    continue;
+                    if name_every_claim_left {
+                        continue;
+                    }
+                    return Ok(pass);
                 }
                 Ok(Some(_)) => {}
                 Err(source) => return Err(ClaimDeletionError::of(name, source)),

@@ -689,19 +689,26 @@ async fn cleanup(
         let sts = cached(&ctx.stateful_sets, &namespace, &name);
         // An earlier pass of this cleanup (one that left it pending) deleted the
         // StatefulSet and the claims; see `claims::CleanupPass`.
-        let pass_kind = claims::CleanupPass::after(shared.cleanup_passes.count(&key.to_owned()));
+        let pass_index = shared.cleanup_passes.count(&key.to_owned());
+        let pass_kind = claims::CleanupPass::after(pass_index);
         if pass_kind.deletes_stateful_set(sts.as_deref()) {
             delete_stateful_set(ctx, &namespace, &name).await?;
         }
-        let ordinals = {
-            // Our own newer status write counts too (see `ordinals_to_record`).
-            let known = status_known(ctx, cluster, key);
-            claims::ordinals_to_record(cluster, known.as_ref(), sts.as_deref())
-        };
+        // Our own newer status write counts too (see `ordinals_to_record`).
+        let known = status_known(ctx, cluster, key);
+        let ordinals = claims::ordinals_to_record(cluster, known.as_ref(), sts.as_deref());
+        let shows_progress = shows_cleanup_progress(pass_index, known.as_ref());
         let names = claims::claim_names(&name, ordinals);
-        let pass =
-            claims::delete_claims(&ctx.client, &shared.guard, &namespace, &names, pass_kind).await;
-        if let Some(progress) = cleanup_progress(&pass) {
+        let pass = claims::delete_claims(
+            &ctx.client,
+            &shared.guard,
+            &namespace,
+            &names,
+            pass_kind,
+            shows_progress,
+        )
+        .await;
+        if let Some(progress) = cleanup_progress(&pass, shows_progress) {
             write_cleanup_condition(cluster, ctx, key, progress).await?;
         }
         match pass {
@@ -752,11 +759,43 @@ async fn delete_stateful_set(
     }
 }
 
-/// The `Cleanup` condition after a claim deletion pass; `None` when nothing is left (the
-/// finalizer removal follows, a condition write would be wasted).
-fn cleanup_progress(pass: &Result<DeletionPass, ClaimDeletionError>) -> Option<ConditionValue> {
+/// Cleanup passes whose progress is not written: the first deletes the claims, and the
+/// next ones, 1 s and 3 s after it, usually find them gone and remove the finalizer. A
+/// `DeletingVolumeClaims` condition written in between cost a status write per deleted
+/// object that nobody saw; a cleanup still waiting on the pass after them (≈ 7 s in)
+/// shows it, and a refused deletion shows at once. A young pass also stops reading claims
+/// at the first one still terminating ([`claims::delete_claims`]).
+const QUIET_CLEANUP_PASSES: u32 = 3;
+
+/// The `Cleanup` reason of a claim deletion the API server refused.
+const CLAIM_DELETION_FAILED: &str = "VolumeClaimDeletionFailed";
+
+/// Whether cleanup pass `pass_index` (0 = the first) of an object with `status` shows its
+/// progress: once the cleanup is no longer young, or to replace a refusal the object still
+/// shows. A pass that shows it names every claim left; a young one needs only to know
+/// whether any is.
+fn shows_cleanup_progress(pass_index: u32, status: Option<&DatabaseClusterStatus>) -> bool {
+    let shows_refusal = status.is_some_and(|status| {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == CLEANUP && c.status == "True" && c.reason == CLAIM_DELETION_FAILED)
+    });
+    pass_index >= QUIET_CLEANUP_PASSES || shows_refusal
+}
+
+/// The `Cleanup` condition after a claim deletion pass: a refusal always; the progress
+/// only if `shows_progress` (the cleanup is no longer young, [`QUIET_CLEANUP_PASSES`], or
+/// the object still shows an earlier refusal that the progress replaces). `None` when
+/// nothing is left either way: the finalizer removal follows, a condition write would be
+/// wasted.
+fn cleanup_progress(
+    pass: &Result<DeletionPass, ClaimDeletionError>,
+    shows_progress: bool,
+) -> Option<ConditionValue> {
     match pass {
         Err(ClaimDeletionError::LeaseLost(_)) => None,
+        Ok(_) if !shows_progress => None,
         Err(ClaimDeletionError::Refused { claim, source }) => {
             let detail = match source {
                 kube::Error::Api(status) => status.message.clone(),
@@ -764,7 +803,7 @@ fn cleanup_progress(pass: &Result<DeletionPass, ClaimDeletionError>) -> Option<C
             };
             Some(ConditionValue {
                 status: "True",
-                reason: "VolumeClaimDeletionFailed",
+                reason: CLAIM_DELETION_FAILED,
                 message: format!(
                     "deleting volume claim {claim} failed, retrying with backoff: {detail}"
                 ),
@@ -915,6 +954,7 @@ mod tests {
 
     #[test]
     fn the_cleanup_condition_names_what_is_left_and_what_failed() {
+        let cleanup_progress = |pass: &_| cleanup_progress(pass, true);
         let failed = cleanup_progress(&refused("storage backend is down")).unwrap();
         assert_eq!(
             (failed.status, failed.reason),
@@ -948,6 +988,45 @@ mod tests {
             shardop_api::ShardIndex(0),
         )));
         assert_eq!(cleanup_progress(&lost), None, "nothing may be written");
+
+        // A young cleanup writes only a refusal: the next passes usually remove the
+        // finalizer.
+        let waiting = Ok(DeletionPass {
+            deleted: 3,
+            remaining: vec!["data-db-0".into()],
+        });
+        assert_eq!(super::cleanup_progress(&waiting, false), None);
+        let failed = super::cleanup_progress(&refused("denied"), false).unwrap();
+        assert_eq!(failed.reason, "VolumeClaimDeletionFailed");
+    }
+
+    #[test]
+    fn a_young_cleanup_shows_progress_only_to_replace_a_refusal() {
+        let condition = |reason: &str, status: &str| {
+            serde_json::from_value(json!({
+                "type": CLEANUP, "status": status, "reason": reason, "message": "",
+                "lastTransitionTime": "2026-12-04T00:00:00Z",
+            }))
+            .unwrap()
+        };
+        let mut status = DatabaseClusterStatus::default();
+        for young in 0..QUIET_CLEANUP_PASSES {
+            assert!(!shows_cleanup_progress(young, None), "{young}");
+            assert!(!shows_cleanup_progress(young, Some(&status)), "{young}");
+        }
+        assert!(shows_cleanup_progress(QUIET_CLEANUP_PASSES, None));
+        assert!(shows_cleanup_progress(
+            QUIET_CLEANUP_PASSES + 5,
+            Some(&status)
+        ));
+        status.conditions = vec![condition("DeletingVolumeClaims", "True")];
+        assert!(!shows_cleanup_progress(1, Some(&status)));
+        // A refusal shown earlier is replaced as soon as a pass goes through.
+        status.conditions = vec![condition(CLAIM_DELETION_FAILED, "True")];
+        assert!(shows_cleanup_progress(0, Some(&status)));
+        assert!(shows_cleanup_progress(2, Some(&status)));
+        status.conditions = vec![condition(CLAIM_DELETION_FAILED, "False")];
+        assert!(!shows_cleanup_progress(2, Some(&status)));
     }
 
     #[test]
