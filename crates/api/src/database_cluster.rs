@@ -260,11 +260,14 @@ pub struct DatabaseClusterStatus {
 impl DatabaseCluster {
     /// The condition of the given type, if set.
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
-        self.status
-            .as_ref()?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == type_)
+        self.status.as_ref()?.condition(type_)
+    }
+}
+
+impl DatabaseClusterStatus {
+    /// The condition of the given type, if set.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
     }
 }
 

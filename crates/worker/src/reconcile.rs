@@ -769,18 +769,17 @@ const QUIET_CLEANUP_PASSES: u32 = 3;
 
 /// The `Cleanup` reason of a claim deletion the API server refused.
 const CLAIM_DELETION_FAILED: &str = "VolumeClaimDeletionFailed";
+/// The `Cleanup` reason while deleted claims are still there.
+const DELETING_VOLUME_CLAIMS: &str = "DeletingVolumeClaims";
 
 /// Whether cleanup pass `pass_index` (0 = the first) of an object with `status` shows its
 /// progress: once the cleanup is no longer young, or to replace a refusal the object still
 /// shows. A pass that shows it names every claim left; a young one needs only to know
 /// whether any is.
 fn shows_cleanup_progress(pass_index: u32, status: Option<&DatabaseClusterStatus>) -> bool {
-    let shows_refusal = status.is_some_and(|status| {
-        status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == CLEANUP && c.status == "True" && c.reason == CLAIM_DELETION_FAILED)
-    });
+    let shows_refusal = status
+        .and_then(|status| status.condition(CLEANUP))
+        .is_some_and(|c| c.status == "True" && c.reason == CLAIM_DELETION_FAILED);
     pass_index >= QUIET_CLEANUP_PASSES || shows_refusal
 }
 
@@ -811,7 +810,7 @@ fn cleanup_progress(
         }
         Ok(pass) if !pass.remaining.is_empty() => Some(ConditionValue {
             status: "True",
-            reason: "DeletingVolumeClaims",
+            reason: DELETING_VOLUME_CLAIMS,
             message: format!(
                 "waiting for volume claims to be deleted: {}",
                 pass.remaining.join(", ")
@@ -819,7 +818,7 @@ fn cleanup_progress(
         }),
         Ok(pass) if pass.deleted > 0 => Some(ConditionValue {
             status: "True",
-            reason: "DeletingVolumeClaims",
+            reason: DELETING_VOLUME_CLAIMS,
             message: "volume claims deleted, checking that none is left".to_owned(),
         }),
         Ok(_) => None,
