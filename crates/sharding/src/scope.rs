@@ -4,7 +4,7 @@
 //! object in the slice, drains acknowledged and never delivered), children labels, and the
 //! per-shard bookkeeping behind the metrics and the Shard heartbeat.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
@@ -72,6 +72,9 @@ pub struct MoveIn(u64);
 
 type LoadReport = Box<dyn Fn() -> ShardLoad + Send + Sync>;
 
+/// How long a shard remembers the drains it acknowledged (one entry per moved object).
+const ACKNOWLEDGED_MEMORY: Duration = Duration::from_secs(600);
+
 /// Whether an object (by [`object_key`]) is in one of the shard's caches.
 type CacheLookup = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -96,8 +99,9 @@ struct ScopeBook {
     joined: HashMap<String, u64>,
     /// Joins numbered so far.
     joins: u64,
-    /// UIDs whose drain this shard acknowledged: a stale cache entry is not acted on again.
-    acknowledged: HashSet<String>,
+    /// UIDs whose drain this shard acknowledged, with when: no copy of the object from
+    /// before the acknowledgement is acted on (see [`ShardScope::already_acknowledged`]).
+    acknowledged: HashMap<String, Instant>,
     /// Objects whose drain is being acknowledged straight from their watch event (ahead
     /// of the reconcile queue), each with a lock the acknowledgement holds while it runs:
     /// a reconcile of the object waits for it to end before it starts.
@@ -130,6 +134,21 @@ impl ScopeBook {
     fn forget(&mut self, key: &str) {
         self.pending.remove(key);
         self.joined.remove(key);
+    }
+
+    /// A watch event shows the object `uid` owned by this shard again (the assigner
+    /// assigned it back after the acknowledgement): copies from now on are ours. Events
+    /// arrive in order, so this one is newer than the acknowledged version.
+    fn returned(&mut self, uid: &str) {
+        self.acknowledged.remove(uid);
+    }
+
+    /// Forgets acknowledgements older than [`ACKNOWLEDGED_MEMORY`]: by then the object's
+    /// watch has removed it from the cache, and a reconcile that read a copy from before
+    /// the acknowledgement has long been admitted or skipped.
+    fn prune_acknowledged(&mut self) {
+        self.acknowledged
+            .retain(|_, at| at.elapsed() < ACKNOWLEDGED_MEMORY);
     }
 
     /// Reserves `key` for an acknowledgement ahead of the queue: only while no reconcile
@@ -344,6 +363,7 @@ impl ShardScope {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let mut book = self.book();
+        book.prune_acknowledged();
         // Only objects still in a cache wait: one that left the shard (drain acknowledged,
         // deleted, relabelled) before its queued reconcile ran is not waiting any more.
         if !caches.is_empty() {
@@ -547,8 +567,12 @@ impl ShardScope {
         event: watcher::Event<K>,
         resource: &ApiResource,
     ) -> Option<K> {
-        if let watcher::Event::Delete(object) = &event {
-            self.book().forget(&object_key(object));
+        match &event {
+            watcher::Event::Delete(object) => self.book().forget(&object_key(object)),
+            watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
+                self.note_if_returned(object);
+            }
+            watcher::Event::Init | watcher::Event::InitDone => {}
         }
         let admitted = filter.admit(event)?;
         let key = object_key(&admitted.object);
@@ -564,6 +588,20 @@ impl ShardScope {
             self.spawn_acknowledgement(admitted.object.meta(), resource, key, guard);
         }
         Some(admitted.object)
+    }
+
+    /// Forgets an acknowledged drain of `object` once its watch shows it here without a
+    /// drain label (see [`already_acknowledged`](Self::already_acknowledged)).
+    fn note_if_returned<K: Resource>(&self, object: &K) {
+        let Some(uid) = object.meta().uid.as_deref() else {
+            return;
+        };
+        let mut book = self.book();
+        if book.acknowledged.contains_key(uid)
+            && !matches!(self.placement(object), ObjectPlacement::Draining { .. })
+        {
+            book.returned(uid);
+        }
     }
 
     /// Whether the event of `object` asks this shard to acknowledge a drain that can be
@@ -583,7 +621,7 @@ impl ShardScope {
             || meta
                 .uid
                 .as_ref()
-                .is_some_and(|uid| book.acknowledged.contains(uid))
+                .is_some_and(|uid| book.acknowledged.contains_key(uid))
         {
             return None;
         }
@@ -691,11 +729,11 @@ impl ShardScope {
         self.check()?;
         let key = object_key(object);
         self.start_run_after_acknowledgement(&key).await;
-        let placement = self.placement(object);
         let uid = object.meta().uid.clone().unwrap_or_default();
-        if self.already_acknowledged(&uid, &placement) {
+        if self.already_acknowledged(&uid) {
             return Ok(Admission::Skip);
         }
+        let placement = self.placement(object);
         let deleting = object.meta().deletion_timestamp.is_some();
         match worker_action(&placement, self.inner.shard, deleting) {
             WorkerAction::Reconcile => Ok(Admission::Reconcile),
@@ -737,18 +775,13 @@ impl ShardScope {
         metrics.runs.get_or_create(&label).inc();
     }
 
-    /// A stale cache entry of an object whose drain this shard acknowledged already is
-    /// skipped; once the object comes back without a drain label it is ours again.
-    fn already_acknowledged(&self, uid: &str, placement: &ObjectPlacement) -> bool {
-        let mut book = self.book();
-        if !book.acknowledged.contains(uid) {
-            return false;
-        }
-        if matches!(placement, ObjectPlacement::Draining { .. }) {
-            return true;
-        }
-        book.acknowledged.remove(uid);
-        false
+    /// Whether this shard acknowledged the drain of the object `uid` and no watch event
+    /// has shown it owned here again since. The copy a reconcile got may predate the
+    /// acknowledgement (read from the cache just before the drain event arrived, whose
+    /// early acknowledgement it then waited for), and then shows no drain label: only the
+    /// watch, whose events arrive in order, can tell that the object came back.
+    fn already_acknowledged(&self, uid: &str) -> bool {
+        self.book().acknowledged.contains_key(uid)
     }
 
     /// W2: removes the shard and drain labels in one merge patch, conditional on the
@@ -805,7 +838,7 @@ impl ShardScope {
     fn record_drain_acknowledged(&self, key: &str, uid: String) {
         {
             let mut book = self.book();
-            book.acknowledged.insert(uid);
+            book.acknowledged.insert(uid, Instant::now());
             book.forget(key);
         }
         self.inner
@@ -1097,6 +1130,79 @@ mod tests {
         let (called, result) = reconcile_once(&scope, draining).await;
         assert!(!called && result.is_ok());
         assert_eq!(requests.lock().unwrap().len(), 1);
+    }
+
+    /// The object as the cache held it just before the drain event: owned, no drain label.
+    fn before_the_drain() -> Namespace {
+        let mut before = assigned(&[], true);
+        before.metadata.resource_version = Some("6".into());
+        before
+    }
+
+    #[tokio::test]
+    async fn a_copy_read_before_an_early_acknowledgement_is_not_reconciled() {
+        let (scope, requests) = scope(Duration::from_secs(60));
+        let draining = assigned(&[("tenants.shardop.dev/drain", "2")], true);
+        through_filter(&scope, draining).await;
+        assert_eq!(requests_reach(&requests, 1).await, 1);
+        // A reconcile dispatched with the copy read just before the drain event: it waits
+        // for the acknowledgement, and must not act on the object it no longer owns.
+        let (called, result) = reconcile_once(&scope, before_the_drain()).await;
+        assert!(
+            !called,
+            "the stale copy shows no drain label, but the drain is acknowledged"
+        );
+        assert!(result.is_ok());
+        assert_eq!(
+            requests.lock().unwrap().len(),
+            1,
+            "no second acknowledgement"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_object_assigned_back_after_its_drain_is_reconciled_again() {
+        let (scope, requests) = scope(Duration::from_secs(60));
+        through_filter(
+            &scope,
+            assigned(&[("tenants.shardop.dev/drain", "2")], true),
+        )
+        .await;
+        assert_eq!(requests_reach(&requests, 1).await, 1);
+        let (called, _) = reconcile_once(&scope, before_the_drain()).await;
+        assert!(!called);
+        // The assigner assigns it to this shard again; the watch shows it owned, newer.
+        let mut back = assigned(&[], true);
+        back.metadata.resource_version = Some("9".into());
+        assert_eq!(through_filter(&scope, back.clone()).await.len(), 1);
+        let (called, result) = reconcile_once(&scope, back).await;
+        assert!(called && result.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acknowledged_drains_are_forgotten_after_a_while() {
+        let (scope, requests) = scope(Duration::from_secs(3600));
+        through_filter(
+            &scope,
+            assigned(&[("tenants.shardop.dev/drain", "2")], true),
+        )
+        .await;
+        assert_eq!(requests_reach(&requests, 1).await, 1);
+        for _ in 0..1000 {
+            if !scope.book().acknowledged.is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(scope.book().acknowledged.len(), 1);
+        scope.load();
+        assert_eq!(scope.book().acknowledged.len(), 1, "kept while young");
+        tokio::time::advance(ACKNOWLEDGED_MEMORY).await;
+        scope.load();
+        assert!(
+            scope.book().acknowledged.is_empty(),
+            "one entry per drain, not forever"
+        );
     }
 
     #[tokio::test]

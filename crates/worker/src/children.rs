@@ -161,7 +161,9 @@ pub fn desired_stateful_set(cluster: &DatabaseCluster, shard: ShardIndex) -> Sta
 /// with a matching value; arrays must have the same length and match element-wise. Fields
 /// the API server defaults (and status) are extra keys and do not matter. Quantities
 /// (`resources.limits` and `resources.requests` values) match by amount, since the API
-/// server stores them in canonical form (`1024Mi` as `1Gi`).
+/// server stores them in canonical form (`1024Mi` as `1Gi`). An empty desired map or list
+/// (`limits: {}`, `claims: []`) matches an absent key: the API server drops empty ones,
+/// and a write that can never show would be sent on every pass.
 pub fn is_subset<T: serde::Serialize, U: serde::Serialize>(desired: &T, actual: &U) -> bool {
     match (serde_json::to_value(desired), serde_json::to_value(actual)) {
         (Ok(desired), Ok(actual)) => json_subset(&desired, &actual, Position::Other),
@@ -195,9 +197,10 @@ impl Position {
 fn json_subset(desired: &serde_json::Value, actual: &serde_json::Value, at: Position) -> bool {
     use serde_json::Value;
     match (desired, actual) {
-        (Value::Object(d), Value::Object(a)) => d
-            .iter()
-            .all(|(k, dv)| a.get(k).is_some_and(|av| json_subset(dv, av, at.child(k)))),
+        (Value::Object(d), Value::Object(a)) => d.iter().all(|(k, dv)| match a.get(k) {
+            Some(av) => json_subset(dv, av, at.child(k)),
+            None => is_empty(dv),
+        }),
         (Value::Array(d), Value::Array(a)) => {
             d.len() == a.len()
                 && d.iter()
@@ -206,6 +209,17 @@ fn json_subset(desired: &serde_json::Value, actual: &serde_json::Value, at: Posi
         }
         (d, a) if at == Position::Quantity => crate::quantity::same_quantity_json(d, a),
         (d, a) => d == a,
+    }
+}
+
+/// What the API server does not store: `null`, `{}` and `[]`.
+fn is_empty(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Null => true,
+        Value::Object(map) => map.is_empty(),
+        Value::Array(list) => list.is_empty(),
+        _ => false,
     }
 }
 
@@ -346,5 +360,38 @@ mod tests {
         let mut actual = serde_json::to_value(&desired).unwrap();
         actual["spec"]["template"]["spec"]["containers"][0]["image"] = "1k".into();
         assert!(!is_subset(&desired, &actual));
+    }
+
+    #[test]
+    fn empty_resource_maps_match_what_the_api_server_stores() {
+        let mut spec = cluster();
+        spec.spec.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some(BTreeMap::from([(
+                "cpu".to_owned(),
+                Quantity("500m".into()),
+            )])),
+            limits: Some(BTreeMap::new()),
+            claims: Some(Vec::new()),
+        });
+        let desired = desired_stateful_set(&spec, ShardIndex(1));
+        // The API server omits empty maps and lists.
+        let mut actual = serde_json::to_value(&desired).unwrap();
+        let resources = &mut actual["spec"]["template"]["spec"]["containers"][0]["resources"];
+        let resources = resources.as_object_mut().unwrap();
+        resources.remove("limits");
+        resources.remove("claims");
+        assert!(
+            is_subset(&desired, &actual),
+            "a converged StatefulSet is not applied again"
+        );
+        resources_of(&mut actual)["requests"]["cpu"] = "1".into();
+        assert!(
+            !is_subset(&desired, &actual),
+            "a changed amount still counts"
+        );
+    }
+
+    fn resources_of(stateful_set: &mut serde_json::Value) -> &mut serde_json::Value {
+        &mut stateful_set["spec"]["template"]["spec"]["containers"][0]["resources"]
     }
 }
