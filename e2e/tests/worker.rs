@@ -1013,6 +1013,118 @@ async fn an_admitted_but_unappliable_spec_ends_degraded_without_a_requeue_storm(
     env.release_objects().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tools_objects_under_the_childrens_names_are_never_taken_over_or_deleted() {
+    let env = Env::new("w-foreign").await;
+    let _worker = env.worker(0, &[]);
+    // Another tool's release left a Service and a StatefulSet (with its claim) under the
+    // names a DatabaseCluster `db` needs.
+    let by_helm = PostParams {
+        field_manager: Some("helm".to_owned()),
+        ..PostParams::default()
+    };
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &env.objects.name);
+    let service = serde_json::from_value(json!({
+        "metadata": { "name": "db-headless" },
+        "spec": { "clusterIP": "None", "selector": { "app": "orders" },
+                  "ports": [{ "port": 5432 }] },
+    }))
+    .unwrap();
+    services.create(&by_helm, &service).await.unwrap();
+    let stateful_set = serde_json::from_value(json!({
+        "metadata": { "name": "db" },
+        "spec": {
+            "replicas": 1,
+            "serviceName": "db-headless",
+            "selector": { "matchLabels": { "app": "orders" } },
+            "template": {
+                "metadata": { "labels": { "app": "orders" } },
+                "spec": { "containers": [{ "name": "orders", "image": "orders:1" }] },
+            },
+            "volumeClaimTemplates": [{
+                "metadata": { "name": "data" },
+                "spec": { "accessModes": ["ReadWriteOnce"],
+                          "resources": { "requests": { "storage": "1Gi" } } },
+            }],
+        },
+    }))
+    .unwrap();
+    env.stateful_sets()
+        .create(&by_helm, &stateful_set)
+        .await
+        .unwrap();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), &env.objects.name);
+    wait_for(
+        "the other StatefulSet's claim",
+        Duration::from_secs(30),
+        || {
+            let claims = claims.clone();
+            async move { claims.get_opt("data-db-0").await.ok()? }
+        },
+    )
+    .await
+    .unwrap();
+
+    let mut spec = valid_spec(1);
+    spec["storage"]["reclaimPolicy"] = json!("Delete");
+    env.create("db", Some(0), spec).await;
+    let degraded = wait_for("Degraded", Duration::from_secs(30), || async {
+        let object = env.clusters().get("db").await.ok()?;
+        let degraded = object.condition(condition::DEGRADED)?.clone();
+        (degraded.status == "True").then_some(degraded)
+    })
+    .await
+    .unwrap();
+    assert!(degraded.reason.ends_with("NotOwned"), "{degraded:?}");
+    assert!(
+        degraded
+            .message
+            .contains("not controlled by this DatabaseCluster"),
+        "{}",
+        degraded.message
+    );
+
+    // Deleting the DatabaseCluster ends its cleanup without touching them.
+    env.clusters()
+        .delete("db", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the DatabaseCluster gone",
+        Duration::from_secs(30),
+        || async {
+            env.clusters()
+                .get_opt("db")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let service = services.get("db-headless").await.unwrap();
+    assert_eq!(
+        service.owner_references(),
+        &[],
+        "the Service was taken over"
+    );
+    assert_eq!(
+        service.spec.unwrap().selector,
+        Some(BTreeMap::from([("app".to_owned(), "orders".to_owned())]))
+    );
+    let stateful_set = env.stateful_sets().get("db").await.unwrap();
+    assert!(stateful_set.metadata.deletion_timestamp.is_none());
+    assert_eq!(stateful_set.owner_references(), &[]);
+    let template = stateful_set.spec.unwrap().template.spec.unwrap();
+    assert_eq!(template.containers[0].image.as_deref(), Some("orders:1"));
+    let claim = claims.get("data-db-0").await.unwrap();
+    assert!(
+        claim.metadata.deletion_timestamp.is_none(),
+        "its claim was deleted"
+    );
+}
+
 /// Throughput measurement, not run by default (`cargo test -p shardop-e2e --test worker
 /// -- --ignored --nocapture`): 1,000 objects are created with no worker running, then
 /// `SHARDOP_BENCH_WORKERS` workers (default 3) start and the time until every object has a

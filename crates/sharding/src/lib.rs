@@ -11,7 +11,7 @@
 //! # Shard your controller
 //!
 //! The sharding-specific lines of an existing kube-runtime controller (see
-//! `docs/library.md`; 9 lines here, marked `// shardop`):
+//! `docs/library.md`; 7 lines here, marked `// shardop`):
 //!
 //! ```no_run
 //! use std::sync::Arc;

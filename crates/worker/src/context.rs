@@ -10,7 +10,7 @@ use kube::{Client, ResourceExt};
 use shardop::{LeaseGuard, ShardIndex, ShardMetrics, ShardScope};
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
-use crate::book::{Bookkeeping, ObjectKey};
+use crate::book::{Bookkeeping, ObjectKey, key_of};
 use crate::child_store::ChildStore;
 use crate::cluster_cache::CachedCluster;
 
@@ -29,7 +29,7 @@ pub struct ShardShared {
     /// Consecutive failures per object.
     pub failures: FailureCounts<ObjectKey>,
     /// Cleanup passes per deleted object that still waited for claims to go: the poll
-    /// backs off, since every pass sends one DELETE per claim.
+    /// backs off, since every pass reads (and the first deletes) the object's claims.
     pub cleanup_passes: FailureCounts<ObjectKey>,
     /// Queue and lag bookkeeping.
     pub book: Mutex<Bookkeeping>,
@@ -41,6 +41,22 @@ impl ShardShared {
     /// Locks the bookkeeping (poisoning only means a panic elsewhere; the maps stay usable).
     pub fn book(&self) -> std::sync::MutexGuard<'_, Bookkeeping> {
         self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The object left the shard (drain acknowledged, relabelled, deleted, its finalizer
+    /// removed by hand): whatever this shard applied for it may be relabelled by its next
+    /// owner, so its memos are void, and its counters must not carry over to an object
+    /// created again under the same name (a cleanup that starts at a later pass would not
+    /// delete the StatefulSet).
+    pub fn forget_object(&self, cluster: &CachedCluster) {
+        let key = key_of(cluster);
+        {
+            let mut book = self.book();
+            book.forget_object(cluster);
+            book.converged(&key);
+        }
+        self.failures.reset(&key);
+        self.cleanup_passes.reset(&key);
     }
 }
 

@@ -42,7 +42,7 @@ pub struct ControllerSettings {
     pub concurrency: u16,
     /// Backoff of transient errors.
     pub backoff: BackoffPolicy,
-    /// How long the Lease may be unusable before a reconcile gives up waiting.
+    /// Requeue delay of a reconcile refused because the shard's Lease was not valid.
     pub retry_period: Duration,
 }
 
@@ -269,6 +269,27 @@ impl ChildWatches {
     }
 }
 
+/// Keeps the worker's memos and counters in step with what the DatabaseCluster watch
+/// delivered (after the reflector stored it).
+fn on_cluster_event(
+    shared: &ShardShared,
+    event: &Result<watcher::Event<CachedCluster>, watcher::Error>,
+    synced: &CancellationToken,
+) {
+    match event {
+        Ok(watcher::Event::InitDone) => synced.cancel(),
+        // A reconcile that finds the memo gone finds the write in the cache.
+        Ok(watcher::Event::Apply(cluster) | watcher::Event::InitApply(cluster)) => {
+            shared.book().forget_status_once_seen(cluster);
+        }
+        Ok(watcher::Event::Delete(cluster)) => shared.forget_object(cluster),
+        Ok(watcher::Event::Init) => {}
+        // Nothing else reports it: kube-runtime's watcher retries silently, and a missing
+        // permission or CRD would leave the shard unsynced without a word.
+        Err(err) => shardop::reachability::log_watch_error("DatabaseClusters", err),
+    }
+}
+
 /// An `Api` of one namespace, or of all (`None`).
 fn scoped_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -304,23 +325,7 @@ fn cluster_events(
     .default_backoff()
     .inspect({
         let shared = shared.clone();
-        move |event| match event {
-            Ok(watcher::Event::InitDone) => synced.cancel(),
-            // After the reflector stored the object: a reconcile that finds the memo gone
-            // finds the write in the cache.
-            Ok(watcher::Event::Apply(cluster) | watcher::Event::InitApply(cluster)) => {
-                shared.book().forget_status_once_seen(cluster);
-            }
-            // The object left the shard (drain acknowledged, relabelled, deleted):
-            // whatever this shard applied for it may be relabelled by its next owner, so
-            // its memos are void.
-            Ok(watcher::Event::Delete(cluster)) => {
-                let mut book = shared.book();
-                book.forget_object(cluster);
-                book.converged(&key_of(cluster));
-            }
-            Ok(watcher::Event::Init) | Err(_) => {}
-        }
+        move |event| on_cluster_event(&shared, event, &synced)
     });
     let shared = shared.clone();
     shared
@@ -425,6 +430,7 @@ fn parent_key(parent: &ObjectRef<CachedCluster>) -> ObjectKey {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use shardop::{OperatorNames, ShardIndex};
     use std::collections::BTreeMap;
 
     #[test]
@@ -463,5 +469,54 @@ mod tests {
         assert_eq!(cluster.metadata.finalizers, before.metadata.finalizers);
         assert_eq!(cluster.metadata.generation, Some(3));
         assert!(CachedCluster::of(cluster).is_behind());
+    }
+
+    /// The shared state of shard 1, with a client that answers every request `200 {}`.
+    fn shared() -> ShardShared {
+        let service = tower::service_fn(|_: http::Request<kube::client::Body>| async {
+            let body = kube::client::Body::from(b"{}".to_vec());
+            Ok::<_, std::convert::Infallible>(http::Response::new(body))
+        });
+        let client = Client::new(service, "default");
+        let shard = ShardIndex(1);
+        let valid_until = tokio::time::Instant::now() + Duration::from_secs(60);
+        let guard = shardop::LeaseGuard::detached(shard, valid_until);
+        let scope = ShardScope::detached(shard, OperatorNames::default(), client, guard.clone());
+        ShardShared {
+            metrics: scope.metrics().clone(),
+            scope,
+            shard,
+            guard,
+            backoff: BackoffPolicy {
+                base: Duration::from_millis(500),
+                cap: Duration::from_secs(300),
+            },
+            failures: FailureCounts::default(),
+            cleanup_passes: FailureCounts::default(),
+            book: Mutex::default(),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_object_that_left_the_shard_leaves_no_counts_for_its_name() {
+        let shared = shared();
+        let cluster: DatabaseCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "shardop.dev/v1alpha1",
+            "kind": "DatabaseCluster",
+            "metadata": { "name": "db", "namespace": "ns", "uid": "u" },
+            "spec": { "replicas": 1, "image": "postgres:17", "storage": { "size": "1Gi" } },
+        }))
+        .unwrap();
+        let cluster = CachedCluster::of(cluster);
+        let key = key_of(&cluster);
+        // A cleanup waited for claims, then somebody removed the finalizer by hand.
+        shared.cleanup_passes.record_failure(key.clone());
+        shared.failures.record_failure(key.clone());
+        let synced = CancellationToken::new();
+        on_cluster_event(&shared, &Ok(watcher::Event::Delete(cluster)), &synced);
+        // An object created again under the name starts its cleanup at the first pass.
+        assert_eq!(shared.cleanup_passes.count(&key), 0);
+        assert_eq!(shared.failures.count(&key), 0);
     }
 }

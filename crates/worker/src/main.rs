@@ -18,6 +18,7 @@ mod context;
 mod controller;
 mod error;
 mod fault;
+mod ownership;
 mod packed;
 mod quantity;
 mod reconcile;
@@ -91,6 +92,11 @@ struct RunArgs {
     /// Holder identity in the shard Leases; the pod name.
     #[arg(long, env = "POD_NAME")]
     identity: String,
+    /// Name of the sharded operator: the shard label on DatabaseClusters, the shard Lease
+    /// and Shard names and the field managers derive from it (docs/assigner.md, "Names").
+    /// The assigner must run with the same name.
+    #[arg(long, env = "SHARDOP_OPERATOR_NAME", default_value = shardop::names::DEFAULT_OPERATOR, value_parser = parse_operator_name)]
+    operator_name: OperatorNames,
     /// Namespace of the shard Leases and Shard objects.
     #[arg(
         long,
@@ -205,12 +211,7 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
         "starting shardop-worker"
     );
     let controller = controller::ControllerSettings {
-        namespaces: args
-            .watch_namespaces
-            .iter()
-            .map(|n| n.trim().to_owned())
-            .filter(|n| !n.is_empty())
-            .collect(),
+        namespaces: watched_namespaces(&args.watch_namespaces),
         concurrency: args.concurrency,
         backoff: backoff::BackoffPolicy {
             base: args.backoff_base,
@@ -232,6 +233,21 @@ async fn run_worker(args: RunArgs) -> anyhow::Result<()> {
     Ok(result?)
 }
 
+fn parse_operator_name(value: &str) -> Result<OperatorNames, String> {
+    OperatorNames::new(value.trim()).map_err(|e| e.to_string())
+}
+
+/// The namespaces to watch, each once: two controllers over one namespace would share
+/// the shard's bookkeeping and reconcile one object twice at a time.
+fn watched_namespaces(listed: &[String]) -> Vec<String> {
+    let unique: std::collections::BTreeSet<&str> = listed
+        .iter()
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .collect();
+    unique.into_iter().map(str::to_owned).collect()
+}
+
 /// The sharding settings from the flags (the chart and the bench set them as env).
 fn sharding_settings(args: &RunArgs) -> anyhow::Result<ShardingSettings> {
     let home = match args.shard {
@@ -251,7 +267,7 @@ fn sharding_settings(args: &RunArgs) -> anyhow::Result<ShardingSettings> {
         bail!("--retry-period must be shorter than --renew-deadline");
     }
     Ok(ShardingSettings {
-        names: OperatorNames::default(),
+        names: args.operator_name.clone(),
         identity: args.identity.clone(),
         home,
         namespace: args.operator_namespace.clone(),
@@ -333,8 +349,36 @@ mod tests {
         };
         assert!(matches!(args.shard, ShardArg::Auto));
         assert_eq!(args.watch_namespaces, ["a", "b"]);
+        assert!(args.operator_name.is_default());
         assert_eq!(args.lease_duration, Duration::from_secs(15));
         assert_eq!(args.kube.kube_qps, 50.0);
+    }
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let args = ["shardop-worker", "run", "--identity", "shardop-worker-1"]
+            .iter()
+            .chain(extra)
+            .copied();
+        match Cli::try_parse_from(args).unwrap().command {
+            Command::Run(args) => *args,
+            _ => panic!("run expected"),
+        }
+    }
+
+    #[test]
+    fn the_operator_name_reaches_the_sharding_settings() {
+        let args = run_args(&["--operator-name", "dbs"]);
+        let settings = sharding_settings(&args).unwrap();
+        assert_eq!(settings.names.operator(), "dbs");
+        assert_eq!(settings.names.shard_label(), "dbs.shardop.dev/shard");
+        let default = sharding_settings(&run_args(&[])).unwrap();
+        assert!(default.names.is_default());
+    }
+
+    #[test]
+    fn each_watched_namespace_gets_one_controller() {
+        let args = run_args(&["--watch-namespaces", "a, b,a,,b "]);
+        assert_eq!(watched_namespaces(&args.watch_namespaces), ["a", "b"]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -30,6 +30,7 @@ use crate::cluster_cache::CachedCluster;
 use crate::condition_set::{ConditionValue, set_condition};
 use crate::context::ScopeContext;
 pub use crate::error::ReconcileError;
+use crate::ownership;
 use crate::status::{
     Observed, TerminalProblem, WrittenStatus, desired_status, is_newer, known_status,
 };
@@ -52,13 +53,19 @@ fn cleanup_poll(passes: u32) -> Duration {
 }
 
 /// A terminal problem in an apply error: the API server will never accept this child for
-/// this spec. That is a 422 Invalid (e.g. an immutable StatefulSet field), a 400 Bad
+/// this spec. That is a 409 of an apply that would have taken over somebody else's
+/// same-named object ([`apply_child`]), a 422 Invalid (e.g. an immutable StatefulSet field), a 400 Bad
 /// Request, or a 500 that says our own object could not be decoded: the API server answers
 /// `cpu: lots` in a container's resources with 500 "failed to convert new object ...:
 /// quantities must match the regular expression ...", and retrying it as a server error
 /// would loop forever without a condition saying why.
 fn terminal_problem(err: &kube::Error, child: &'static str) -> Option<TerminalProblem> {
     match err {
+        // An apply that found the child's name taken by somebody else's object.
+        kube::Error::Api(status) if is_field_manager_conflict(status) => Some(TerminalProblem {
+            reason: format!("{child}NotOwned"),
+            message: ownership::not_owned_message(child, &status.message),
+        }),
         kube::Error::Api(status)
             if status.code == 422 || status.code == 400 || is_undecodable_object(status) =>
         {
@@ -69,6 +76,18 @@ fn terminal_problem(err: &kube::Error, child: &'static str) -> Option<TerminalPr
         }
         _ => None,
     }
+}
+
+/// Whether `status` is a server-side apply's conflict with fields another manager owns
+/// (not a resourceVersion conflict, which is retried).
+fn is_field_manager_conflict(status: &kube::core::Status) -> bool {
+    status.code == 409
+        && status.details.as_ref().is_some_and(|details| {
+            details
+                .causes
+                .iter()
+                .any(|cause| cause.reason == "FieldManagerConflict")
+        })
 }
 
 /// Messages of a 500 with which the API server rejects the object in the request itself
@@ -329,12 +348,10 @@ where
     }
     ctx.shared.guard.check()?;
     tracing::debug!(child = %children::describe(desired), "applying");
-    let applied = Api::<K>::namespaced(ctx.client.clone(), &namespace)
-        .patch(
-            &name,
-            &PatchParams::apply(WORKER_FIELD_MANAGER).force(),
-            &Patch::Apply(desired),
-        )
+    let known_own = cached
+        .as_deref()
+        .is_some_and(|c| ownership::same_controller(desired.meta(), c.meta()));
+    let applied = apply_child(ctx, desired, known_own)
         .await
         .map_err(ReconcileError::kube(action))?;
     crate::fault::after_write();
@@ -349,6 +366,35 @@ where
         ),
     );
     Ok(applied)
+}
+
+/// Server-side applies `desired`, taking over fields other managers set (drift, a hand
+/// edit) only on a child this object controls: known from the cache (`known_own`), or read
+/// back after a conflict. A same-named child somebody else made is left alone and the
+/// conflict returned (409: the object ends `Degraded`, see [`terminal_problem`]).
+async fn apply_child<K>(ctx: &ScopeContext, desired: &K, known_own: bool) -> Result<K, kube::Error>
+where
+    K: Projected<Scope = k8s_openapi::NamespaceResourceScope> + std::fmt::Debug,
+{
+    let namespace = desired.meta().namespace.clone().unwrap_or_default();
+    let name = desired.meta().name.clone().unwrap_or_default();
+    let api = Api::<K>::namespaced(ctx.client.clone(), &namespace);
+    let force = PatchParams::apply(WORKER_FIELD_MANAGER).force();
+    if known_own {
+        return api.patch(&name, &force, &Patch::Apply(desired)).await;
+    }
+    let unforced = PatchParams::apply(WORKER_FIELD_MANAGER);
+    match api.patch(&name, &unforced, &Patch::Apply(desired)).await {
+        Err(kube::Error::Api(status)) if is_field_manager_conflict(&status) => {
+            let current = api.get_opt(&name).await?;
+            if current.is_some_and(|c| ownership::same_controller(desired.meta(), c.meta())) {
+                api.patch(&name, &force, &Patch::Apply(desired)).await
+            } else {
+                Err(kube::Error::Api(status))
+            }
+        }
+        other => other,
+    }
 }
 
 /// The child as the server has it when no apply is needed: the cached object if it already
@@ -692,44 +738,85 @@ async fn cleanup(
         let pass_index = shared.cleanup_passes.count(&key.to_owned());
         let pass_kind = claims::CleanupPass::after(pass_index);
         if pass_kind.deletes_stateful_set(sts.as_deref()) {
-            delete_stateful_set(ctx, &namespace, &name).await?;
-        }
-        // Our own newer status write counts too (see `ordinals_to_record`).
-        let known = status_known(ctx, cluster, key);
-        let ordinals = claims::ordinals_to_record(cluster, known.as_ref(), sts.as_deref());
-        let shows_progress = shows_cleanup_progress(pass_index, known.as_ref());
-        let names = claims::claim_names(&name, ordinals);
-        let pass = claims::delete_claims(
-            &ctx.client,
-            &shared.guard,
-            &namespace,
-            &names,
-            pass_kind,
-            shows_progress,
-        )
-        .await;
-        if let Some(progress) = cleanup_progress(&pass, shows_progress) {
-            write_cleanup_condition(cluster, ctx, key, progress).await?;
-        }
-        match pass {
-            Err(ClaimDeletionError::LeaseLost(lost)) => return Err(lost.into()),
-            Err(ClaimDeletionError::Refused { source, .. }) => {
-                return Err(ReconcileError::kube("deleting a volume claim")(source));
+            match delete_stateful_set(cluster, ctx, sts.as_deref()).await {
+                Ok(StatefulSetDeletion::Deleted) => {}
+                // This object never had it (its apply found the name taken), so neither
+                // it nor the claims named after it are this object's to delete.
+                Ok(StatefulSetDeletion::NotOwned) => {
+                    tracing::info!(
+                        "the StatefulSet of this name is not this object's; left alone with its claims"
+                    );
+                    return finish_cleanup(cluster, ctx, key).await;
+                }
+                Err(err) => {
+                    if let Some(refusal) = stateful_set_refusal(&err, &name) {
+                        write_cleanup_condition(cluster, ctx, key, refusal).await?;
+                    }
+                    return Err(err);
+                }
             }
-            Ok(pass) if pass.deleted > 0 || !pass.remaining.is_empty() => {
-                tracing::info!(
-                    deleted = pass.deleted,
-                    terminating = pass.remaining.len(),
-                    "volume claims deleted or still terminating"
-                );
-                // Look again shortly: a claim created by a StatefulSet sync that raced the
-                // deletion is caught then, and only a pass finding none finishes.
-                return Ok(Outcome::CleanupPending);
-            }
-            Ok(_) => {}
+        }
+        if let Some(pending) = delete_claims(cluster, ctx, key, pass_index, sts.as_deref()).await? {
+            return Ok(pending);
         }
     }
+    finish_cleanup(cluster, ctx, key).await
+}
+
+/// The claim deletion pass of a cleanup: `Some(CleanupPending)` while claims are left.
+async fn delete_claims(
+    cluster: &DatabaseCluster,
+    ctx: &ScopeContext,
+    key: &str,
+    pass_index: u32,
+    sts: Option<&StatefulSet>,
+) -> Result<Option<Outcome>, ReconcileError> {
+    let namespace = cluster.namespace().unwrap_or_default();
+    // Our own newer status write counts too (see `ordinals_to_record`).
+    let known = status_known(ctx, cluster, key);
+    let ordinals = claims::ordinals_to_record(cluster, known.as_ref(), sts);
+    let shows_progress = shows_cleanup_progress(pass_index, known.as_ref());
+    let names = claims::claim_names(&cluster.name_any(), ordinals);
+    let pass = claims::delete_claims(
+        &ctx.client,
+        &ctx.shared.guard,
+        &namespace,
+        &names,
+        claims::CleanupPass::after(pass_index),
+        shows_progress,
+    )
+    .await;
+    if let Some(progress) = cleanup_progress(&pass, shows_progress) {
+        write_cleanup_condition(cluster, ctx, key, progress).await?;
+    }
+    match pass {
+        Err(ClaimDeletionError::LeaseLost(lost)) => Err(lost.into()),
+        Err(ClaimDeletionError::Refused { source, .. }) => {
+            Err(ReconcileError::kube("deleting a volume claim")(source))
+        }
+        Ok(pass) if pass.deleted > 0 || !pass.remaining.is_empty() => {
+            tracing::info!(
+                deleted = pass.deleted,
+                terminating = pass.remaining.len(),
+                "volume claims deleted or still terminating"
+            );
+            // Look again shortly: a claim created by a StatefulSet sync that raced the
+            // deletion is caught then, and only a pass finding none finishes.
+            Ok(Some(Outcome::CleanupPending))
+        }
+        Ok(_) => Ok(None),
+    }
+}
+
+/// The last step of a cleanup: the finalizer goes, and with it this shard's memory of the
+/// object.
+async fn finish_cleanup(
+    cluster: &DatabaseCluster,
+    ctx: &ScopeContext,
+    key: &str,
+) -> Result<Outcome, ReconcileError> {
     remove_finalizer(cluster, ctx).await?;
+    let shared = &ctx.shared;
     {
         shared
             .book()
@@ -741,22 +828,74 @@ async fn cleanup(
     Ok(Outcome::Skipped)
 }
 
+/// What the cleanup found of the object's StatefulSet.
+enum StatefulSetDeletion {
+    /// Deleted now, or already gone.
+    Deleted,
+    /// A StatefulSet of that name exists that this object does not control.
+    NotOwned,
+}
+
+/// Deletes the object's StatefulSet if the object controls it: the cached one, or (not in
+/// this shard's cache, e.g. still labelled for the previous shard) the one the API server
+/// has. The DELETE is conditional on its uid, so a same-named one created meanwhile by
+/// somebody else is not deleted either.
 async fn delete_stateful_set(
+    cluster: &DatabaseCluster,
     ctx: &ScopeContext,
-    namespace: &str,
-    name: &str,
-) -> Result<(), ReconcileError> {
-    let stateful_sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
+    cached: Option<&StatefulSet>,
+) -> Result<StatefulSetDeletion, ReconcileError> {
+    let name = cluster.name_any();
+    let stateful_sets: Api<StatefulSet> =
+        Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
+    let found = match cached {
+        Some(cached) => Some(cached.metadata.clone()),
+        None => {
+            ctx.shared.guard.check()?;
+            stateful_sets
+                .get_opt(&name)
+                .await
+                .map_err(ReconcileError::kube("reading the StatefulSet"))?
+                .map(|sts| sts.metadata)
+        }
+    };
+    let Some(found) = found else {
+        return Ok(StatefulSetDeletion::Deleted);
+    };
+    if !ownership::is_controlled_by(&found, cluster) {
+        return Ok(StatefulSetDeletion::NotOwned);
+    }
     ctx.shared.guard.check()?;
     let params = DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
+        preconditions: Some(Preconditions {
+            uid: found.uid,
+            resource_version: None,
+        }),
         ..Default::default()
     };
-    match stateful_sets.delete(name, &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+    match stateful_sets.delete(&name, &params).await {
+        Ok(_) => Ok(StatefulSetDeletion::Deleted),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(StatefulSetDeletion::Deleted),
         Err(err) => Err(ReconcileError::kube("deleting the StatefulSet")(err)),
     }
+}
+
+/// The `Cleanup` condition of a StatefulSet deletion the API server refused (a policy, a
+/// webhook, a missing permission): shown at once, like a refused claim deletion.
+fn stateful_set_refusal(err: &ReconcileError, name: &str) -> Option<ConditionValue> {
+    let ReconcileError::Kube { source, .. } = err else {
+        return None;
+    };
+    let detail = match source {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
+    };
+    Some(ConditionValue {
+        status: "True",
+        reason: STATEFUL_SET_DELETION_FAILED,
+        message: format!("deleting StatefulSet {name} failed, retrying with backoff: {detail}"),
+    })
 }
 
 /// Cleanup passes whose progress is not written: the first deletes the claims, and the
@@ -767,6 +906,8 @@ async fn delete_stateful_set(
 /// at the first one still terminating ([`claims::delete_claims`]).
 const QUIET_CLEANUP_PASSES: u32 = 3;
 
+/// The `Cleanup` reason of a StatefulSet deletion the API server refused.
+const STATEFUL_SET_DELETION_FAILED: &str = "StatefulSetDeletionFailed";
 /// The `Cleanup` reason of a claim deletion the API server refused.
 const CLAIM_DELETION_FAILED: &str = "VolumeClaimDeletionFailed";
 /// The `Cleanup` reason while deleted claims are still there.
@@ -913,6 +1054,31 @@ mod tests {
         for code in [400, 422] {
             assert!(terminal_problem(&api_error(code, "invalid"), "Service").is_some());
         }
+    }
+
+    #[test]
+    fn an_apply_conflicting_with_another_managers_object_is_terminal() {
+        let status: kube::core::Status = serde_json::from_value(json!({
+            "code": 409, "reason": "Conflict",
+            "message": "Apply failed with 1 conflict: conflict with \"helm\": .spec.selector",
+            "details": { "causes": [{
+                "reason": "FieldManagerConflict",
+                "message": "conflict with \"helm\"", "field": ".spec.selector"
+            }] },
+        }))
+        .unwrap();
+        let problem = terminal_problem(&kube::Error::Api(Box::new(status)), "Service").unwrap();
+        assert_eq!(problem.reason, "ServiceNotOwned");
+        assert!(
+            problem
+                .message
+                .contains("not controlled by this DatabaseCluster")
+        );
+        assert!(
+            problem.message.contains(".spec.selector"),
+            "{}",
+            problem.message
+        );
     }
 
     #[test]
