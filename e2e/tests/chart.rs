@@ -340,6 +340,36 @@ fn chart_lints_renders_and_rejects_bad_values() {
     ] {
         assert_eq!(k.get(kind), Some(&count), "{kind}: {k:?}");
     }
+    // The NetworkPolicies let the API server reach the assigner's webhook (on by default),
+    // and nothing reach the worker but scrapes and probes.
+    let ingress_ports = |name: &str| -> Vec<u64> {
+        find(&docs, "NetworkPolicy", name)["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|rule| rule["ports"].as_array().unwrap().clone())
+            .map(|port| port["port"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(ingress_ports("shardop-assigner"), [8080, 8081, 9443]);
+    assert_eq!(ingress_ports("shardop-worker"), [8080, 8081]);
+    // The FlowSchemas classify the writes of every sharded kind, not only shardop's groups.
+    let (_, apf_docs) = render(
+        cluster,
+        "shardop-system",
+        &[
+            "apf.enabled=true",
+            "assigner.shardedResources={databaseclusters.v1alpha1.shardop.dev,widgets.v1.example.com}",
+        ],
+    );
+    let writes = find(&apf_docs, "FlowSchema", "shardop-system-shardop-writes");
+    let groups = &writes["spec"]["rules"][0]["resourceRules"][0]["apiGroups"];
+    for group in ["example.com", "shardop.dev", "", "storage.k8s.io"] {
+        assert!(
+            groups.as_array().unwrap().contains(&json!(group)),
+            "{group:?} not in {groups}"
+        );
+    }
     let hpa = find(&docs, "HorizontalPodAutoscaler", "shardop-worker");
     assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "StatefulSet");
     assert_eq!(
@@ -1194,14 +1224,29 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// Starts a binary with exactly the arguments the chart renders for it, except the listen
 /// addresses (local ports instead of the pod's), authenticated as the chart's ServiceAccount.
+/// The `SHARDOP_*` variables the chart sets on `container` with a plain value.
+fn chart_env(container: &serde_json::Value) -> Vec<(String, String)> {
+    container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
+        .filter(|(name, _)| name.starts_with("SHARDOP_"))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
+}
+
+/// Runs `binary` as the chart's pod `pod_name` would: with `container`'s arguments and
+/// `SHARDOP_*` variables, the ServiceAccount token of `kubeconfig`, and free local ports.
 fn spawn_as_chart(
     cluster: &Cluster,
     binary: &str,
     pod_name: &str,
-    chart_args: &[String],
+    container: &serde_json::Value,
     kubeconfig: &Path,
     test: &str,
 ) -> (ShardopProcess, u16) {
+    let chart_args = string_args(container);
     let metrics = free_port();
     let health = free_port();
     let mut args: Vec<String> = chart_args
@@ -1217,11 +1262,13 @@ fn spawn_as_chart(
     }
     args.push(format!("--metrics-addr=127.0.0.1:{metrics}"));
     args.push(format!("--health-addr=127.0.0.1:{health}"));
+    let mut env = chart_env(container);
+    env.push(("KUBECONFIG".to_owned(), kubeconfig.display().to_string()));
     let spec = ProcessSpec {
         binary: binary.to_owned(),
         name: pod_name.to_owned(),
         args,
-        env: [("KUBECONFIG".to_owned(), kubeconfig.display().to_string())].into(),
+        env: env.into_iter().collect(),
         log_dir: log_dir(test),
     };
     (spec.spawn(cluster).unwrap(), metrics)
@@ -1235,10 +1282,12 @@ fn dbc_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), namespace, &resource)
 }
 
-/// Objects per shard label once every object is labelled and converged, else None.
+/// Objects per shard label (`<label_prefix>/shard`) once every object is labelled and
+/// converged, else None.
 async fn converged_shards(
     api: &Api<DynamicObject>,
     expected: usize,
+    label_prefix: &str,
 ) -> Option<BTreeMap<String, usize>> {
     let list = api.list(&ListParams::default()).await.ok()?;
     if list.items.len() != expected {
@@ -1246,8 +1295,14 @@ async fn converged_shards(
     }
     let mut shards = BTreeMap::new();
     for object in &list.items {
-        let shard = object.labels().get("shardop.dev/shard")?.clone();
-        if object.labels().contains_key("shardop.dev/drain") {
+        let shard = object
+            .labels()
+            .get(&format!("{label_prefix}/shard"))?
+            .clone();
+        if object
+            .labels()
+            .contains_key(&format!("{label_prefix}/drain"))
+        {
             return None;
         }
         let observed = object.data["status"]["observedGeneration"].as_i64()?;
@@ -1263,6 +1318,8 @@ async fn converged_shards(
 async fn chart_service_accounts_run_the_operator_end_to_end() {
     const TEST: &str = "chart_end_to_end";
     const OBJECTS: usize = 24;
+    const OPERATOR: &str = "dbs";
+    const LABEL_PREFIX: &str = "dbs.shardop.dev";
     let cluster = cluster();
     let client = cluster.client().await.unwrap();
     let operator = TestNamespace::create(&client, "e2e-chart-op")
@@ -1278,6 +1335,7 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
         &operator.name,
         &[
             scoped.as_str(),
+            "operatorName=dbs",
             "worker.replicas=2",
             // Every optional flag the chart can pass, so the binaries prove they accept them.
             "worker.concurrency=8",
@@ -1291,10 +1349,15 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
         ],
     );
     let manifest = parse_documents(&release.manifest());
-    let worker_args = string_args(container(find(&manifest, "StatefulSet", "shardop-worker")));
-    let assigner_args = string_args(container(find(&manifest, "Deployment", "shardop-assigner")));
-    assert!(worker_args.contains(&"--kube-qps-max=120".to_owned()));
-    assert!(assigner_args.contains(&"--kube-qps-max=60".to_owned()));
+    let worker = container(find(&manifest, "StatefulSet", "shardop-worker")).clone();
+    let assigner = container(find(&manifest, "Deployment", "shardop-assigner")).clone();
+    assert!(string_args(&worker).contains(&"--kube-qps-max=120".to_owned()));
+    assert!(string_args(&assigner).contains(&"--kube-qps-max=60".to_owned()));
+    // Not the default operator name: both binaries take it from the chart, so the workers
+    // serve the Leases the assigner waits for and the labels it writes.
+    for env in [chart_env(&worker), chart_env(&assigner)] {
+        assert!(env.contains(&("SHARDOP_OPERATOR_NAME".to_owned(), OPERATOR.to_owned())));
+    }
     let dir = log_dir(TEST);
     let worker_config = service_account_kubeconfig(cluster, &operator.name, "shardop-worker", &dir);
     let assigner_config =
@@ -1310,7 +1373,7 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
             cluster,
             "shardop-worker",
             &format!("shardop-worker-{i}"),
-            &worker_args,
+            &worker,
             &worker_config,
             TEST,
         );
@@ -1321,7 +1384,7 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
         cluster,
         "shardop-assigner",
         "shardop-assigner-0",
-        &assigner_args,
+        &assigner,
         &assigner_config,
         TEST,
     );
@@ -1345,7 +1408,7 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
     let shards = wait_for(
         "objects assigned to 2 shards and converged",
         Duration::from_secs(60),
-        || converged_shards(&dbcs, OBJECTS),
+        || converged_shards(&dbcs, OBJECTS, LABEL_PREFIX),
     )
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", logs(&processes)));
@@ -1365,7 +1428,7 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
         cluster,
         "shardop-worker",
         "shardop-worker-2",
-        &worker_args,
+        &worker,
         &worker_config,
         TEST,
     );
@@ -1377,7 +1440,7 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
         || {
             let dbcs = dbcs.clone();
             async move {
-                converged_shards(&dbcs, OBJECTS)
+                converged_shards(&dbcs, OBJECTS, LABEL_PREFIX)
                     .await
                     .filter(|s| s.len() == 3)
             }
@@ -1462,9 +1525,9 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
             let (dbcs, shard_objects, leases) =
                 (dbcs.clone(), shard_objects.clone(), leases.clone());
             async move {
-                let shards = converged_shards(&dbcs, OBJECTS).await?;
-                let gone = shard_objects.get_opt("shard-2").await.ok()?.is_none()
-                    && leases.get_opt("shardop-shard-2").await.ok()?.is_none();
+                let shards = converged_shards(&dbcs, OBJECTS, LABEL_PREFIX).await?;
+                let gone = shard_objects.get_opt("dbs-shard-2").await.ok()?.is_none()
+                    && leases.get_opt("dbs-shard-2").await.ok()?.is_none();
                 (shards.len() == 2 && gone).then_some(())
             }
         },
