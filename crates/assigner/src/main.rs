@@ -127,6 +127,7 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
         identity,
         duration: args.leader_lease_duration,
         grace: args.leader_lease_grace,
+        renew_deadline: args.leader_renew_deadline,
     };
     let lead = |term: CancellationToken| {
         let client = client.clone();
