@@ -21,6 +21,7 @@ use shardop::protocol::{
     AssignerAction, LeaseStep, ObjectPlacement, ShardTable, home_step, plan_shard, spread_homes,
 };
 use shardop::{OperatorNames, Shard, ShardCount, ShardIndex, ShardLeaseWatch, ShardState};
+use shardop_runtime::retry::jitter_unit;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -33,12 +34,11 @@ use crate::resources::{KindId, ShardedKind};
 use crate::shard_count::ShardCountRx;
 use crate::shard_objects::{self, AssignerStatus};
 use crate::stalls::{LongUnassigned, Rereads};
+use crate::write_backoff::WriteBackoff;
 use crate::writes::{self, Outcome, label_write_span, write_result};
 
 /// Passes run at most this often, so an event storm is handled in batches.
 const PASS_INTERVAL: Duration = Duration::from_millis(100);
-/// After a failed write (not a conflict), the object is left alone this long.
-const ERROR_BACKOFF: Duration = Duration::from_secs(2);
 /// A conflicted object waits for a newer observation, but not forever.
 const STALE_HOLD: Duration = Duration::from_secs(10);
 /// A Lease or Shard-object write is not repeated before the watch shows its effect,
@@ -111,6 +111,8 @@ pub struct Engine {
     /// Objects with a label write in flight, and the owner it moves them off (if any).
     in_flight: HashMap<ObjectKey, Option<ShardIndex>>,
     holds: HashMap<ObjectKey, Hold>,
+    /// Consecutive label-write failures per object, which set their holds.
+    write_backoff: WriteBackoff,
     /// Objects in a move (from the drain request or direct relabel to the new label).
     moves: HashMap<ObjectKey, Instant>,
     /// Shards with a Lease or Shard-object write in flight or recently done.
@@ -180,6 +182,7 @@ impl Engine {
             writes: JoinSet::new(),
             in_flight: HashMap::new(),
             holds: HashMap::new(),
+            write_backoff: WriteBackoff::default(),
             moves: HashMap::new(),
             shard_holds: HashMap::new(),
             statuses: HashMap::new(),
@@ -365,6 +368,7 @@ impl Engine {
         // Holds of deleted objects would otherwise stay forever.
         let objects = &self.objects;
         self.holds.retain(|key, _| objects.get(key).is_some());
+        self.write_backoff.retain(|key| objects.get(key).is_some());
         // Moves that ended without our write (object deleted, relabelled by someone else)
         // are forgotten; moves found in progress (a previous leader's) are adopted.
         self.moves.retain(|key, _| plan.in_move.contains(key));
@@ -737,6 +741,7 @@ impl Engine {
         let key = &write.key;
         match result {
             Ok(Outcome::Applied(meta)) => {
+                self.write_backoff.succeeded(key);
                 if !self
                     .objects
                     .observe_response(key.kind, &meta, &write.resource_version)
@@ -802,9 +807,15 @@ impl Engine {
                 );
             }
             Err(err) => {
-                tracing::warn!(object = %key, %err, "label write failed");
+                let failed = self.write_backoff.failed(key, &err, jitter_unit());
+                let retry_in_ms = u64::try_from(failed.hold.as_millis()).unwrap_or(u64::MAX);
+                if failed.warn {
+                    tracing::warn!(object = %key, %err, retry_in_ms, "label write failed");
+                } else {
+                    tracing::debug!(object = %key, %err, retry_in_ms, "label write failed");
+                }
                 self.holds
-                    .insert(key.clone(), Hold::Until(Instant::now() + ERROR_BACKOFF));
+                    .insert(key.clone(), Hold::Until(Instant::now() + failed.hold));
             }
         }
     }

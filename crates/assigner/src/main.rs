@@ -16,6 +16,7 @@ mod shard_count;
 mod shard_objects;
 mod stalls;
 mod webhook;
+mod write_backoff;
 mod writes;
 
 use std::sync::Arc;
