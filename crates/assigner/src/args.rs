@@ -80,9 +80,16 @@ pub struct RunArgs {
     /// Leader-election Lease duration (whole seconds).
     #[arg(long, env = "SHARDOP_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_positive_duration)]
     pub leader_lease_duration: Duration,
-    /// The leader renews this long before its Lease would expire (whole seconds).
-    #[arg(long, env = "SHARDOP_LEADER_LEASE_GRACE", default_value = "5s", value_parser = parse_positive_duration)]
+    /// The leader renews this long before its Lease would expire (whole seconds): every
+    /// duration minus grace.
+    #[arg(long, env = "SHARDOP_LEADER_LEASE_GRACE", default_value = "10s", value_parser = parse_positive_duration)]
     pub leader_lease_grace: Duration,
+    /// The leader stops leading once no renewal has succeeded for this long: more than
+    /// the renewal interval (duration minus grace), less than the duration, so it has
+    /// stopped before a standby may take the Lease over. Default: duration minus half the
+    /// grace (10s with the default duration and grace).
+    #[arg(long, env = "SHARDOP_LEADER_RENEW_DEADLINE", value_parser = parse_positive_duration)]
+    pub leader_renew_deadline: Option<Duration>,
     /// Minimum interval between two status writes to the same Shard object.
     #[arg(long, env = "SHARDOP_STATUS_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
     pub status_interval: Duration,

@@ -21,6 +21,7 @@ use shardop::protocol::{
     AssignerAction, LeaseStep, ObjectPlacement, ShardTable, home_step, plan_shard, spread_homes,
 };
 use shardop::{OperatorNames, Shard, ShardCount, ShardIndex, ShardLeaseWatch, ShardState};
+use shardop_runtime::retry::jitter_unit;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -33,12 +34,15 @@ use crate::resources::{KindId, ShardedKind};
 use crate::shard_count::ShardCountRx;
 use crate::shard_objects::{self, AssignerStatus};
 use crate::stalls::{LongUnassigned, Rereads};
+use crate::write_backoff::WriteBackoff;
 use crate::writes::{self, Outcome, label_write_span, write_result};
 
 /// Passes run at most this often, so an event storm is handled in batches.
 const PASS_INTERVAL: Duration = Duration::from_millis(100);
-/// After a failed write (not a conflict), the object is left alone this long.
-const ERROR_BACKOFF: Duration = Duration::from_secs(2);
+/// Stalled-move re-reads in flight at once take at most this share (1/n) of the write
+/// slots, and only slots the pass's label writes left free: a label write (one that ends
+/// a move, say) never waits behind re-reads.
+const REREAD_SHARE: usize = 16;
 /// A conflicted object waits for a newer observation, but not forever.
 const STALE_HOLD: Duration = Duration::from_secs(10);
 /// A Lease or Shard-object write is not repeated before the watch shows its effect,
@@ -111,6 +115,8 @@ pub struct Engine {
     /// Objects with a label write in flight, and the owner it moves them off (if any).
     in_flight: HashMap<ObjectKey, Option<ShardIndex>>,
     holds: HashMap<ObjectKey, Hold>,
+    /// Consecutive label-write failures per object, which set their holds.
+    write_backoff: WriteBackoff,
     /// Objects in a move (from the drain request or direct relabel to the new label).
     moves: HashMap<ObjectKey, Instant>,
     /// Shards with a Lease or Shard-object write in flight or recently done.
@@ -119,6 +125,8 @@ pub struct Engine {
     statuses: HashMap<ShardIndex, (AssignerStatus, Instant)>,
     exported_shards: BTreeSet<ShardIndex>,
     rereads: Rereads,
+    /// Stalled-move re-reads in flight (each also counts in `writes`).
+    rereads_in_flight: usize,
     /// Objects a watch event showed without a valid owner since the last pass: they are
     /// assigned at once ([`Engine::assign_unowned`]) instead of at the next pass.
     unowned_events: Vec<ObjectKey>,
@@ -180,11 +188,13 @@ impl Engine {
             writes: JoinSet::new(),
             in_flight: HashMap::new(),
             holds: HashMap::new(),
+            write_backoff: WriteBackoff::default(),
             moves: HashMap::new(),
             shard_holds: HashMap::new(),
             statuses: HashMap::new(),
             exported_shards: BTreeSet::new(),
             rereads: Rereads::default(),
+            rereads_in_flight: 0,
             unowned_events: Vec::new(),
         };
         (engine, events)
@@ -338,6 +348,7 @@ impl Engine {
 
         let (labelled, candidates) = self.plan_objects(&table);
         self.dispatch_labels(candidates);
+        self.reread_stalled_moves(Instant::now());
         self.plan_shards(&table, n, &labelled, &leases);
     }
 
@@ -365,6 +376,7 @@ impl Engine {
         // Holds of deleted objects would otherwise stay forever.
         let objects = &self.objects;
         self.holds.retain(|key, _| objects.get(key).is_some());
+        self.write_backoff.retain(|key| objects.get(key).is_some());
         // Moves that ended without our write (object deleted, relabelled by someone else)
         // are forgotten; moves found in progress (a previous leader's) are adopted.
         self.moves.retain(|key, _| plan.in_move.contains(key));
@@ -373,7 +385,6 @@ impl Engine {
         }
         self.export_counts(plan.unassigned, &plan.labelled);
         self.report_long_unassigned(&plan.long_unassigned, plan.oldest_unassigned);
-        self.reread_stalled_moves(now);
         (plan.labelled, plan.candidates)
     }
 
@@ -392,11 +403,14 @@ impl Engine {
     /// Re-reads the objects of moves stalled for [`crate::stalls::STALLED_MOVE`]: the watch
     /// normally brings every step, so a stall is either a slow owner or a record that fell
     /// behind its object, and only a fresh read tells them apart.
+    /// Runs after the pass's label writes started, in the slots they left (see
+    /// [`reread_room`]).
     fn reread_stalled_moves(&mut self, now: Instant) {
         let in_flight = &self.in_flight;
-        let (stalled, due) = self
-            .rereads
-            .due(&self.moves, |key| in_flight.contains_key(key), now);
+        let room = reread_room(self.limits(), self.writes.len(), self.rereads_in_flight);
+        let (stalled, due) =
+            self.rereads
+                .due(&self.moves, |key| in_flight.contains_key(key), now, room);
         self.metrics
             .stalled_moves
             .set(i64::try_from(stalled).unwrap_or(i64::MAX));
@@ -411,6 +425,7 @@ impl Engine {
             );
             let based_on = record.resource_version.clone();
             let client = self.client.clone();
+            self.rereads_in_flight += 1;
             self.writes.spawn(async move {
                 let result = writes::read_metadata(client, &kind, &key).await;
                 Done::Reread(Box::new((key, based_on, result)))
@@ -692,6 +707,7 @@ impl Engine {
                 self.on_label_done(write, result);
             }
             Done::Reread(done) => {
+                self.rereads_in_flight = self.rereads_in_flight.saturating_sub(1);
                 let (key, based_on, result) = *done;
                 match result {
                     Ok(meta) => {
@@ -737,6 +753,7 @@ impl Engine {
         let key = &write.key;
         match result {
             Ok(Outcome::Applied(meta)) => {
+                self.write_backoff.succeeded(key);
                 if !self
                     .objects
                     .observe_response(key.kind, &meta, &write.resource_version)
@@ -802,12 +819,28 @@ impl Engine {
                 );
             }
             Err(err) => {
-                tracing::warn!(object = %key, %err, "label write failed");
+                let failed = self.write_backoff.failed(key, &err, jitter_unit());
+                let retry_in_ms = u64::try_from(failed.hold.as_millis()).unwrap_or(u64::MAX);
+                if failed.warn {
+                    tracing::warn!(object = %key, %err, retry_in_ms, "label write failed");
+                } else {
+                    tracing::debug!(object = %key, %err, retry_in_ms, "label write failed");
+                }
                 self.holds
-                    .insert(key.clone(), Hold::Until(Instant::now() + ERROR_BACKOFF));
+                    .insert(key.clone(), Hold::Until(Instant::now() + failed.hold));
             }
         }
     }
+}
+
+/// How many stalled-move re-reads may start: up to [`REREAD_SHARE`]'s share of the write
+/// slots in flight at once, within the slots left free.
+fn reread_room(limits: Limits, writes_in_flight: usize, rereads_in_flight: usize) -> usize {
+    let share = (limits.max_concurrent_writes / REREAD_SHARE).max(1);
+    let free = limits
+        .max_concurrent_writes
+        .saturating_sub(writes_in_flight);
+    share.saturating_sub(rereads_in_flight).min(free)
 }
 
 /// One watch stream per namespaced kind and watched namespace (or one for all namespaces),
@@ -879,5 +912,22 @@ mod tests {
             source_scopes(&kinds, &["a".to_owned(), "b".to_owned()]),
             [in_ns("a"), in_ns("b"), all(1)]
         );
+    }
+
+    #[test]
+    fn rereads_take_a_small_share_of_the_write_slots_and_only_free_ones() {
+        let limits = Limits {
+            max_concurrent_writes: 256,
+            max_concurrent_moves: 1000,
+        };
+        assert_eq!(reread_room(limits, 0, 0), 16);
+        assert_eq!(reread_room(limits, 250, 0), 6, "what label writes left");
+        assert_eq!(reread_room(limits, 20, 16), 0, "the share is in flight");
+        let one = Limits {
+            max_concurrent_writes: 1,
+            ..limits
+        };
+        assert_eq!(reread_room(one, 0, 0), 1);
+        assert_eq!(reread_room(one, 1, 0), 0);
     }
 }

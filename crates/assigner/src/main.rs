@@ -16,6 +16,7 @@ mod shard_count;
 mod shard_objects;
 mod stalls;
 mod webhook;
+mod write_backoff;
 mod writes;
 
 use std::sync::Arc;
@@ -127,6 +128,7 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
         identity,
         duration: args.leader_lease_duration,
         grace: args.leader_lease_grace,
+        renew_deadline: args.leader_renew_deadline,
     };
     let lead = |term: CancellationToken| {
         let client = client.clone();

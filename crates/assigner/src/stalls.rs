@@ -99,13 +99,15 @@ pub struct Rereads {
 
 impl Rereads {
     /// Of `moves` (object → start of its move), how many have stalled, and the objects
-    /// due a re-read now (stalled, no write in flight, not re-read for [`STALLED_MOVE`]),
-    /// which are counted as re-read from `now`.
+    /// due a re-read now (stalled, no write in flight, not re-read for [`STALLED_MOVE`]):
+    /// at most `limit` of them, those never or least recently re-read first, then the
+    /// oldest moves; they are counted as re-read from `now`.
     pub fn due(
         &mut self,
         moves: &HashMap<ObjectKey, Instant>,
         in_flight: impl Fn(&ObjectKey) -> bool,
         now: Instant,
+        limit: usize,
     ) -> (usize, Vec<ObjectKey>) {
         self.last.retain(|key, _| moves.contains_key(key));
         let stalled = |since: &Instant| now.saturating_duration_since(*since) >= STALLED_MOVE;
@@ -116,10 +118,17 @@ impl Rereads {
                 continue;
             }
             count += 1;
-            if !in_flight(key) && self.last.get(key).is_none_or(stalled) {
-                due.push(key.clone());
+            let last = self.last.get(key);
+            if !in_flight(key) && last.is_none_or(stalled) {
+                due.push((last.copied(), *started, key));
             }
         }
+        due.sort_unstable();
+        let due: Vec<ObjectKey> = due
+            .into_iter()
+            .take(limit)
+            .map(|(_, _, key)| key.clone())
+            .collect();
         for key in &due {
             self.last.insert(key.clone(), now);
         }
@@ -185,18 +194,46 @@ mod tests {
         let moves = HashMap::from([(key("old"), start), (key("busy"), start)]);
         let busy = |k: &ObjectKey| *k.name == *"busy";
         let young = start + STALLED_MOVE - Duration::from_secs(1);
-        assert_eq!(rereads.due(&moves, busy, young), (0, vec![]));
+        assert_eq!(rereads.due(&moves, busy, young, usize::MAX), (0, vec![]));
         let stalled = start + STALLED_MOVE;
-        assert_eq!(rereads.due(&moves, busy, stalled), (2, vec![key("old")]));
         assert_eq!(
-            rereads.due(&moves, busy, stalled),
+            rereads.due(&moves, busy, stalled, usize::MAX),
+            (2, vec![key("old")])
+        );
+        assert_eq!(
+            rereads.due(&moves, busy, stalled, usize::MAX),
             (2, vec![]),
             "just re-read"
         );
         let again = stalled + STALLED_MOVE;
-        assert_eq!(rereads.due(&moves, busy, again), (2, vec![key("old")]));
+        assert_eq!(
+            rereads.due(&moves, busy, again, usize::MAX),
+            (2, vec![key("old")])
+        );
         // A finished move is forgotten.
-        assert_eq!(rereads.due(&HashMap::new(), busy, again), (0, vec![]));
+        assert_eq!(
+            rereads.due(&HashMap::new(), busy, again, usize::MAX),
+            (0, vec![])
+        );
         assert!(rereads.last.is_empty());
+    }
+
+    #[test]
+    fn rereads_beyond_the_limit_wait_for_a_later_pass_oldest_first() {
+        let mut rereads = Rereads::default();
+        let start = Instant::now();
+        let moves: HashMap<ObjectKey, Instant> = (0..5_u64)
+            .map(|i| (key(&format!("m-{i}")), start + Duration::from_secs(i)))
+            .collect();
+        let idle = |_: &ObjectKey| false;
+        let now = start + STALLED_MOVE + Duration::from_secs(10);
+        let (stalled, first) = rereads.due(&moves, idle, now, 2);
+        assert_eq!((stalled, first), (5, vec![key("m-0"), key("m-1")]));
+        let (_, next) = rereads.due(&moves, idle, now, 2);
+        assert_eq!(
+            next,
+            [key("m-2"), key("m-3")],
+            "the ones left out come next"
+        );
     }
 }

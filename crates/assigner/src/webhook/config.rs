@@ -89,6 +89,21 @@ pub async fn apply_url_configuration(
     Ok(())
 }
 
+/// Whether `config` has webhook `webhook` calling `url` and trusting exactly `ca_pem`.
+pub fn registers_url(
+    config: &MutatingWebhookConfiguration,
+    webhook: &str,
+    url: &str,
+    ca_pem: &str,
+) -> bool {
+    let want = ByteString(ca_pem.as_bytes().to_vec());
+    config.webhooks.iter().flatten().any(|w| {
+        w.name == webhook
+            && w.client_config.url.as_deref() == Some(url)
+            && w.client_config.ca_bundle.as_ref() == Some(&want)
+    })
+}
+
 /// The JSON patch that sets `ca_pem` as the caBundle of every webhook of `config` named
 /// `webhook` whose bundle differs (each guarded by a `test` of its name, so a concurrent
 /// reorder fails the patch instead of writing the wrong entry); `None` when all match.
@@ -220,5 +235,22 @@ mod tests {
         let hooks = patched.webhooks.unwrap();
         assert_eq!(hooks[1].client_config.ca_bundle.as_ref().unwrap().0, b"NEW");
         assert!(hooks[0].client_config.ca_bundle.is_none());
+    }
+
+    #[test]
+    fn a_url_registration_is_current_only_with_its_url_and_bundle() {
+        let names = OperatorNames::default();
+        let config = url_configuration("c", &registration(&names, &[], &[]), "PEM");
+        let config: MutatingWebhookConfiguration = serde_json::from_value(config).unwrap();
+        let url = "https://127.0.0.1:1234/mutate";
+        assert!(registers_url(&config, "assign.shardop.dev", url, "PEM"));
+        assert!(!registers_url(&config, "assign.shardop.dev", url, "NEW"));
+        assert!(!registers_url(
+            &config,
+            "assign.shardop.dev",
+            "https://x/mutate",
+            "PEM"
+        ));
+        assert!(!registers_url(&config, "other.example.com", url, "PEM"));
     }
 }

@@ -303,10 +303,8 @@ impl Webhook {
     /// configuration's caBundle equal to the Secret's CA bundle.
     pub async fn lead(self, term: CancellationToken) {
         let mut material = self.0.material.clone();
-        // What this term last wrote into the configuration.
-        let mut written: Option<String> = None;
         loop {
-            let wait = match self.check(&mut written).await {
+            let wait = match self.check().await {
                 Ok(()) => self.0.check_interval,
                 Err(err) => {
                     tracing::warn!(
@@ -324,38 +322,45 @@ impl Webhook {
         }
     }
 
-    async fn check(&self, written: &mut Option<String>) -> anyhow::Result<()> {
-        if !self.0.cert_manager {
-            let renewed = self
-                .0
-                .renewer
-                .renew_due(Timestamp::now(), |next| async move {
-                    // Trust the new CA before any replica serves a certificate from it.
-                    let mut not_yet = None;
-                    self.write_configuration(&next.ca_pem, &mut not_yet).await
-                })
-                .await?;
-            if renewed {
-                self.0.metrics.certificate_writes.inc();
-            }
-        }
-        let current = self.0.material.borrow().clone();
+    /// One check: renews what is due, then makes the live configuration trust the
+    /// Secret's CA bundle. The configuration is read every time, since anyone (a
+    /// `helm upgrade --force`, a `kubectl replace`) may have dropped the caBundle.
+    async fn check(&self) -> anyhow::Result<()> {
+        let read = if self.0.cert_manager {
+            None
+        } else {
+            self.renew_due().await?
+        };
+        // The Secret as this check read or wrote it beats the watched copy, which may
+        // still hold the bundle a rotation just replaced.
+        let current = read.or_else(|| self.0.material.borrow().clone());
         if let Some(current) = current {
-            self.write_configuration(&current.ca_pem, written).await?;
+            self.write_configuration(&current.ca_pem).await?;
         }
         Ok(())
     }
 
-    /// Makes the configuration trust `ca_pem`; skipped when this term already wrote it.
-    async fn write_configuration(
-        &self,
-        ca_pem: &str,
-        written: &mut Option<String>,
-    ) -> anyhow::Result<()> {
-        if written.as_deref() == Some(ca_pem) {
-            return Ok(());
+    /// Renews the certificate when due; the Secret's material as read or written.
+    async fn renew_due(&self) -> anyhow::Result<Option<Material>> {
+        let checked = self
+            .0
+            .renewer
+            .renew_due(Timestamp::now(), |next| async move {
+                // Trust the new CA before any replica serves a certificate from it.
+                self.write_configuration(&next.ca_pem).await
+            })
+            .await?;
+        if checked.written {
+            self.0.metrics.certificate_writes.inc();
         }
+        Ok(checked.material)
+    }
+
+    /// Makes the live configuration trust `ca_pem`: one read, and a write only where it
+    /// differs.
+    async fn write_configuration(&self, ca_pem: &str) -> anyhow::Result<()> {
         let api: Api<MutatingWebhookConfiguration> = Api::all(self.0.client.clone());
+        let webhook = config::webhook_name(&self.0.names);
         match &self.0.url {
             Some(url) => {
                 let registration = Registration {
@@ -364,6 +369,10 @@ impl Webhook {
                     namespaces: &self.0.watch_namespaces,
                     url,
                 };
+                let live = api.get_opt(&self.0.configuration).await?;
+                if live.is_some_and(|c| config::registers_url(&c, &webhook, url, ca_pem)) {
+                    return Ok(());
+                }
                 config::apply_url_configuration(&api, &self.0.configuration, &registration, ca_pem)
                     .await?;
                 tracing::info!(configuration = %self.0.configuration, %url, "registered the webhook by URL");
@@ -371,17 +380,190 @@ impl Webhook {
             // cert-manager injects the caBundle of the chart's configuration.
             None if self.0.cert_manager => {}
             None => {
-                let webhook = config::webhook_name(&self.0.names);
-                match config::sync_ca_bundle(&api, &self.0.configuration, &webhook, ca_pem).await? {
-                    config::Synced::Missing => return Ok(()),
-                    config::Synced::Unchanged => {}
-                    config::Synced::Written => {
-                        tracing::info!(configuration = %self.0.configuration, "updated the webhook caBundle");
-                    }
+                let synced =
+                    config::sync_ca_bundle(&api, &self.0.configuration, &webhook, ca_pem).await?;
+                if synced == config::Synced::Written {
+                    tracing::info!(configuration = %self.0.configuration, "updated the webhook caBundle");
                 }
             }
         }
-        *written = Some(ca_pem.to_owned());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http::{Method, Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::Value;
+
+    use super::*;
+
+    const CONFIGURATION: &str = "shardop-assigner";
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    /// What the mock API server holds: the certificate Secret and the configuration.
+    #[derive(Default)]
+    struct Cluster {
+        secret: Value,
+        configuration: Value,
+        /// Every JSON patch sent to the configuration.
+        patches: Vec<Value>,
+    }
+
+    type Shared = Arc<Mutex<Cluster>>;
+
+    fn api_server(cluster: Shared) -> Client {
+        let service = tower::service_fn(move |request: Request<Body>| {
+            let cluster = Arc::clone(&cluster);
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = body.collect_bytes().await?;
+                let path = parts.uri.path();
+                let mut cluster = cluster.lock().unwrap();
+                let answer = match (parts.method, path.contains("/secrets/")) {
+                    (Method::GET, true) => cluster.secret.clone(),
+                    (Method::PUT, true) => {
+                        cluster.secret = serde_json::from_slice(&body).unwrap();
+                        cluster.secret.clone()
+                    }
+                    (Method::GET, false) => cluster.configuration.clone(),
+                    (Method::PATCH, false) => {
+                        let patch: Value = serde_json::from_slice(&body).unwrap();
+                        let ops: json_patch::Patch = serde_json::from_value(patch.clone()).unwrap();
+                        json_patch::patch(&mut cluster.configuration, &ops).unwrap();
+                        cluster.patches.push(patch);
+                        cluster.configuration.clone()
+                    }
+                    (method, _) => panic!("unexpected {method} {path}"),
+                };
+                let mut response = Response::new(Body::from(serde_json::to_vec(&answer).unwrap()));
+                *response.status_mut() = StatusCode::OK;
+                Ok::<_, tower::BoxError>(response)
+            }
+        });
+        Client::new(service, "ns")
+    }
+
+    fn lifetimes() -> Lifetimes {
+        Lifetimes {
+            ca: 365 * DAY,
+            serving: 90 * DAY,
+        }
+    }
+
+    fn sans() -> Vec<rcgen::SanType> {
+        tls::subject_alt_names("shardop-assigner-webhook", "ns")
+    }
+
+    /// Fresh material, as if created `ago` before now.
+    fn material(ago: Duration) -> Material {
+        let now = Timestamp::now() - jiff::SignedDuration::try_from(ago).unwrap();
+        tls::renew(tls::Renewal::Create, None, &sans(), lifetimes(), now)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn secret_json(material: &Material) -> Value {
+        serde_json::to_value(Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("tls".to_owned()),
+                namespace: Some("ns".to_owned()),
+                resource_version: Some("1".to_owned()),
+                ..Default::default()
+            },
+            data: Some(secret::data(material)),
+            ..Secret::default()
+        })
+        .unwrap()
+    }
+
+    /// The chart's configuration, trusting `ca_pem`.
+    fn configuration_json(ca_pem: &str) -> Value {
+        let names = OperatorNames::default();
+        let registration = Registration {
+            names: &names,
+            kinds: &[],
+            namespaces: &[],
+            url: "https://unused",
+        };
+        config::url_configuration(CONFIGURATION, &registration, ca_pem)
+    }
+
+    fn webhook(client: &Client, watched: Option<Material>) -> Webhook {
+        let mut registry = prometheus_client::registry::Registry::default();
+        Webhook(Arc::new(Inner {
+            client: client.clone(),
+            names: OperatorNames::default(),
+            kinds: Vec::new(),
+            watch_namespaces: Vec::new(),
+            configuration: CONFIGURATION.to_owned(),
+            url: None,
+            cert_manager: false,
+            check_interval: Duration::from_secs(60),
+            renewer: Renewer {
+                api: Api::namespaced(client.clone(), "ns"),
+                name: "tls".to_owned(),
+                sans: sans(),
+                lifetimes: lifetimes(),
+            },
+            material: watch::channel(watched).1,
+            metrics: WebhookMetrics::register(&mut registry),
+        }))
+    }
+
+    fn trusted(cluster: &Shared) -> Option<String> {
+        let configuration = cluster.lock().unwrap().configuration.clone();
+        let configuration: MutatingWebhookConfiguration =
+            serde_json::from_value(configuration).unwrap();
+        let bundle = configuration.webhooks?[0].client_config.ca_bundle.clone()?;
+        Some(String::from_utf8(bundle.0).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_dropped_ca_bundle_is_put_back_at_the_next_check() {
+        let material = material(Duration::ZERO);
+        let cluster = Shared::new(Mutex::new(Cluster {
+            secret: secret_json(&material),
+            configuration: configuration_json(&material.ca_pem),
+            ..Cluster::default()
+        }));
+        let webhook = webhook(&api_server(Arc::clone(&cluster)), Some(material.clone()));
+        webhook.check().await.unwrap();
+        assert!(cluster.lock().unwrap().patches.is_empty(), "nothing to fix");
+        // `kubectl replace` of the chart's configuration, which has no caBundle.
+        let dropped = cluster.lock().unwrap().configuration["webhooks"][0]["clientConfig"]
+            .as_object_mut()
+            .unwrap()
+            .remove("caBundle");
+        assert!(dropped.is_some());
+        webhook.check().await.unwrap();
+        assert_eq!(cluster.lock().unwrap().patches.len(), 1);
+        assert_eq!(trusted(&cluster), Some(material.ca_pem));
+    }
+
+    #[tokio::test]
+    async fn a_rotation_in_a_terms_first_check_leaves_the_new_ca_trusted() {
+        // Created 300 days ago: the 365-day CA has less than a third left.
+        let old = material(300 * DAY);
+        let cluster = Shared::new(Mutex::new(Cluster {
+            secret: secret_json(&old),
+            configuration: configuration_json(&old.ca_pem),
+            ..Cluster::default()
+        }));
+        // The watched copy still shows the old material (the watch lags the write).
+        let webhook = webhook(&api_server(Arc::clone(&cluster)), Some(old.clone()));
+        webhook.check().await.unwrap();
+        let secret: Secret =
+            serde_json::from_value(cluster.lock().unwrap().secret.clone()).unwrap();
+        let rotated = secret::material(&secret).unwrap();
+        assert_ne!(rotated.ca_pem, old.ca_pem, "the CA was rotated");
+        assert!(
+            rotated.ca_pem.ends_with(&old.ca_pem),
+            "the old CA stays trusted"
+        );
+        assert_eq!(trusted(&cluster), Some(rotated.ca_pem));
     }
 }

@@ -32,7 +32,7 @@ pub fn material(secret: &Secret) -> Option<Material> {
     })
 }
 
-fn data(material: &Material) -> BTreeMap<String, ByteString> {
+pub(super) fn data(material: &Material) -> BTreeMap<String, ByteString> {
     let mut data = BTreeMap::from([
         (
             TLS_CRT.to_owned(),
@@ -91,21 +91,34 @@ impl Renewer {
     /// Renews what is due at `now` (with a resourceVersion precondition: a concurrent
     /// writer wins and the next check looks again). `before_write` runs with the new
     /// material before the Secret changes, so the CA bundle can be trusted before any
-    /// replica serves a certificate of a new CA. Returns whether the Secret was written.
-    pub async fn renew_due<F, Fut>(&self, now: Timestamp, before_write: F) -> anyhow::Result<bool>
+    /// replica serves a certificate of a new CA. Returns the material now in the Secret
+    /// as this call read or wrote it (fresher than the watched copy, which may still
+    /// show what a rotation replaced) and whether it wrote the Secret.
+    pub async fn renew_due<F, Fut>(
+        &self,
+        now: Timestamp,
+        before_write: F,
+    ) -> anyhow::Result<Checked>
     where
         F: FnOnce(Material) -> Fut,
         Fut: Future<Output = anyhow::Result<()>>,
     {
         let Some(mut secret) = self.api.get_opt(&self.name).await? else {
-            return self.create_if_absent(now).await;
+            let written = self.create_if_absent(now).await?;
+            return Ok(Checked {
+                material: None,
+                written,
+            });
         };
         let current = material(&secret);
         let observed = current.as_ref().and_then(|m| tls::observe(m).ok());
         let renewal = tls::renewal(observed.as_ref(), now);
         let Some(renewed) = tls::renew(renewal, current.as_ref(), &self.sans, self.lifetimes, now)?
         else {
-            return Ok(false);
+            return Ok(Checked {
+                material: current,
+                written: false,
+            });
         };
         tracing::info!(secret = %self.name, ?renewal, "renewing the webhook certificate");
         before_write(renewed.clone()).await?;
@@ -113,8 +126,20 @@ impl Renewer {
         self.api
             .replace(&self.name, &PostParams::default(), &secret)
             .await?;
-        Ok(true)
+        Ok(Checked {
+            material: Some(renewed),
+            written: true,
+        })
     }
+}
+
+/// What [`Renewer::renew_due`] found in, or wrote to, the Secret.
+pub struct Checked {
+    /// The Secret's material after the check; `None` when absent, incomplete or just
+    /// created (the watch brings it).
+    pub material: Option<Material>,
+    /// Whether the Secret was written.
+    pub written: bool,
 }
 
 /// Watches Secret `name` and publishes its material (`None` while absent or incomplete).
