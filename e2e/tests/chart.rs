@@ -301,9 +301,9 @@ fn chart_lints_renders_and_rejects_bad_values() {
         arg_value(&fixed_args, "--worker-statefulset").as_deref(),
         Some("shardop-worker")
     );
-    // No rule anywhere grants secrets, pods, configmaps or a wildcard; the one exception is
-    // the assigner's webhook certificate Secret: by name, and create (which cannot be
-    // limited to a name).
+    // No rule anywhere grants secrets, pods, configmaps or a wildcard; the exceptions are
+    // the assigner's webhook certificate Secret (by name, and create, which cannot be
+    // limited to a name) and the worker's deletecollection of pods.
     for doc in docs
         .iter()
         .filter(|d| d["kind"] == "Role" || d["kind"] == "ClusterRole")
@@ -312,6 +312,12 @@ fn chart_lints_renders_and_rejects_bad_values() {
             if rule["resources"] == json!(["secrets"])
                 && (rule["resourceNames"] == json!(["shardop-assigner-webhook-tls"])
                     || rule["verbs"] == json!(["create"]))
+            {
+                continue;
+            }
+            // The worker's cleanup of pods left without their StatefulSet: a collection
+            // by label, never one pod, never read.
+            if rule["resources"] == json!(["pods"]) && rule["verbs"] == json!(["deletecollection"])
             {
                 continue;
             }
@@ -1091,6 +1097,8 @@ async fn chart_service_account_tokens_are_denied_outside_their_roles() {
             false,
         ),
         (&worker, &["create", "pods"], w, false),
+        (&worker, &["delete", "pods"], w, false),
+        (&worker, &["deletecollection", "pods"], w, true),
         (&worker, &["get", "configmaps"], op, false),
         // The assigner: labels of DatabaseClusters, Shards, Leases, the worker StatefulSet.
         (

@@ -532,3 +532,57 @@ async fn every_claim_ordinal_is_deleted_and_a_refused_deletion_shows_in_the_clea
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_left_by_a_replaced_stateful_set_go_with_their_object() {
+    let env = Env::new("w-orphans").await;
+    let mut worker = env.worker();
+    let mut spec = valid_spec(1);
+    spec["storage"]["reclaimPolicy"] = json!("Delete");
+    env.create("db", spec).await;
+    env.converged("db").await;
+    let pods = env.pods();
+    wait_for("the StatefulSet's pod", TIMEOUT, || async {
+        pods.get_opt("db-0").await.ok()?
+    })
+    .await
+    .unwrap();
+
+    // A volume resize deletes the StatefulSet keeping its pods and creates it again; here
+    // the worker stops in between and the object is deleted before it comes back.
+    worker.terminate(Duration::from_secs(30)).unwrap();
+    let orphan = DeleteParams {
+        propagation_policy: Some(kube::api::PropagationPolicy::Orphan),
+        ..DeleteParams::default()
+    };
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(env.client.clone(), &env.objects.name);
+    stateful_sets.delete("db", &orphan).await.unwrap();
+    wait_for("StatefulSet gone, its pod kept", TIMEOUT, || async {
+        let gone = stateful_sets.get_opt("db").await.ok()?.is_none();
+        let pod = pods.get_opt("db-0").await.ok()??;
+        (gone && pod.owner_references().is_empty()).then_some(())
+    })
+    .await
+    .unwrap();
+    env.clusters()
+        .delete("db", &DeleteParams::default())
+        .await
+        .unwrap();
+
+    let _worker = env.worker();
+    let clusters = env.clusters();
+    wait_for("object gone", TIMEOUT, || async {
+        clusters.get_opt("db").await.ok()?.is_none().then_some(())
+    })
+    .await
+    .unwrap();
+    wait_for("the pod it left gone", TIMEOUT, || async {
+        pods.get_opt("db-0")
+            .await
+            .ok()?
+            .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+            .then_some(())
+    })
+    .await
+    .unwrap();
+}

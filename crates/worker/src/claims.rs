@@ -121,14 +121,6 @@ impl CleanupPass {
             Self::Later
         }
     }
-
-    /// Whether this pass deletes the StatefulSet, given what the cache shows of it. The
-    /// first pass deletes it also when the cache does not show it: a StatefulSet still
-    /// labelled for the object's previous shard is invisible here, and left alone it would
-    /// keep its pods and so its claims forever (404 is fine).
-    pub fn deletes_stateful_set(self, cached: Option<&StatefulSet>) -> bool {
-        self == Self::First && cached.is_none_or(|s| s.metadata.deletion_timestamp.is_none())
-    }
 }
 
 /// Deletes the named claims (a missing one is fine), each request fenced by the Lease; stops
@@ -195,25 +187,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_first_cleanup_pass_deletes_the_stateful_set() {
-        let live = StatefulSet::default();
-        let mut terminating = StatefulSet::default();
-        terminating.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
-        );
-        let first = CleanupPass::after(0);
-        assert_eq!(first, CleanupPass::First);
-        assert!(first.deletes_stateful_set(Some(&live)));
-        // Not in the cache: it may still carry the previous shard's label.
-        assert!(first.deletes_stateful_set(None));
-        assert!(!first.deletes_stateful_set(Some(&terminating)));
-        // After a pass that deleted it and left claims terminating: no DELETE that can only
-        // answer 404.
-        let later = CleanupPass::after(1);
-        assert_eq!(later, CleanupPass::Later);
+    fn only_a_cleanup_without_an_earlier_pending_pass_is_the_first() {
+        assert_eq!(CleanupPass::after(0), CleanupPass::First);
+        assert_eq!(CleanupPass::after(1), CleanupPass::Later);
         assert_eq!(CleanupPass::after(7), CleanupPass::Later);
-        assert!(!later.deletes_stateful_set(None));
-        assert!(!later.deletes_stateful_set(Some(&live)));
     }
 
     fn record(cluster: &DatabaseCluster, sts: Option<&StatefulSet>) -> i32 {

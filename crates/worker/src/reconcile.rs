@@ -9,14 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions, PropagationPolicy,
+};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use shardop::Admission;
 use shardop::protocol::{WorkerAction, worker_action};
 use shardop_api::constants::condition::CLEANUP;
-use shardop_api::constants::{FINALIZER, WORKER_FIELD_MANAGER};
+use shardop_api::constants::{FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, WORKER_FIELD_MANAGER};
 use shardop_api::{DatabaseCluster, DatabaseClusterStatus, ReclaimPolicy};
 use tracing::Instrument;
 
@@ -731,34 +735,33 @@ async fn cleanup(
     }
     let namespace = cluster.namespace().unwrap_or_default();
     let name = cluster.name_any();
-    if cluster.spec.storage.reclaim_policy == ReclaimPolicy::Delete {
-        let sts = cached(&ctx.stateful_sets, &namespace, &name);
-        // An earlier pass of this cleanup (one that left it pending) deleted the
-        // StatefulSet and the claims; see `claims::CleanupPass`.
-        let pass_index = shared.cleanup_passes.count(&key.to_owned());
-        let pass_kind = claims::CleanupPass::after(pass_index);
-        if pass_kind.deletes_stateful_set(sts.as_deref()) {
-            match delete_stateful_set(cluster, ctx, sts.as_deref()).await {
-                Ok(StatefulSetDeletion::Deleted) => {}
-                // This object never had it (its apply found the name taken), so neither
-                // it nor the claims named after it are this object's to delete.
-                Ok(StatefulSetDeletion::NotOwned) => {
-                    tracing::info!(
-                        "the StatefulSet of this name is not this object's; left alone with its claims"
-                    );
-                    return finish_cleanup(cluster, ctx, key).await;
+    let sts = cached(&ctx.stateful_sets, &namespace, &name);
+    // An earlier pass of this cleanup (one that left it pending) dealt with the
+    // StatefulSet and deleted the claims; see `claims::CleanupPass`.
+    let pass_index = shared.cleanup_passes.count(&key.to_owned());
+    if claims::CleanupPass::after(pass_index) == claims::CleanupPass::First {
+        match settle_stateful_set(cluster, ctx, sts.as_deref()).await {
+            Ok(StatefulSetCleanup::NotOwned) => {
+                // This object never had it (its apply found the name taken), so neither it
+                // nor the claims named after it are this object's to delete.
+                tracing::info!(
+                    "the StatefulSet of this name is not this object's; left alone with its claims"
+                );
+                return finish_cleanup(cluster, ctx, key).await;
+            }
+            Ok(_) => {}
+            Err((what, err)) => {
+                if let Some(refusal) = cleanup_refusal(&err, what) {
+                    write_cleanup_condition(cluster, ctx, key, refusal).await?;
                 }
-                Err(err) => {
-                    if let Some(refusal) = stateful_set_refusal(&err, &name) {
-                        write_cleanup_condition(cluster, ctx, key, refusal).await?;
-                    }
-                    return Err(err);
-                }
+                return Err(err);
             }
         }
-        if let Some(pending) = delete_claims(cluster, ctx, key, pass_index, sts.as_deref()).await? {
-            return Ok(pending);
-        }
+    }
+    if cluster.spec.storage.reclaim_policy == ReclaimPolicy::Delete
+        && let Some(pending) = delete_claims(cluster, ctx, key, pass_index, sts.as_deref()).await?
+    {
+        return Ok(pending);
     }
     finish_cleanup(cluster, ctx, key).await
 }
@@ -828,73 +831,167 @@ async fn finish_cleanup(
     Ok(Outcome::Skipped)
 }
 
-/// What the cleanup found of the object's StatefulSet.
-enum StatefulSetDeletion {
-    /// Deleted now, or already gone.
-    Deleted,
-    /// A StatefulSet of that name exists that this object does not control.
+/// What the first cleanup pass does about the object's StatefulSet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StatefulSetCleanup {
+    /// Somebody else's object of that name: it and the claims named after it are left
+    /// alone, and the cleanup ends.
     NotOwned,
+    /// The object's, live: deleted with its pods (with `reclaimPolicy: Retain` the
+    /// garbage collector does it once the object is gone).
+    Delete,
+    /// The object's, being deleted with its pods: nothing to do.
+    BeingDeleted,
+    /// Gone, or being deleted with its pods kept (`orphan`, as a volume resize replaces
+    /// it): pods it left have no controller any more, and nothing else would delete them
+    /// (with `reclaimPolicy: Delete` their claims would stay terminating, and the
+    /// finalizer with them). They are deleted by the object's pod labels.
+    SweepPods,
 }
 
-/// Deletes the object's StatefulSet if the object controls it: the cached one, or (not in
-/// this shard's cache, e.g. still labelled for the previous shard) the one the API server
-/// has. The DELETE is conditional on its uid, so a same-named one created meanwhile by
-/// somebody else is not deleted either.
-async fn delete_stateful_set(
+/// Decides [`StatefulSetCleanup`] from the StatefulSet `found` (its metadata; `None`: it
+/// does not exist).
+fn stateful_set_cleanup(
+    found: Option<&ObjectMeta>,
+    cluster: &DatabaseCluster,
+) -> StatefulSetCleanup {
+    let Some(found) = found else {
+        return StatefulSetCleanup::SweepPods;
+    };
+    if !ownership::is_controlled_by(found, cluster) {
+        return StatefulSetCleanup::NotOwned;
+    }
+    if found.deletion_timestamp.is_none() {
+        return StatefulSetCleanup::Delete;
+    }
+    let orphaning = found.finalizers.iter().flatten().any(|f| f == "orphan");
+    if orphaning {
+        StatefulSetCleanup::SweepPods
+    } else {
+        StatefulSetCleanup::BeingDeleted
+    }
+}
+
+/// Finds the object's StatefulSet (the cached one, or, not in this shard's cache — e.g.
+/// still labelled for the previous shard — the one the API server has) and carries out
+/// [`stateful_set_cleanup`]. The DELETE is conditional on its uid, so a same-named one
+/// created meanwhile by somebody else is not deleted either. An error says what failed.
+async fn settle_stateful_set(
     cluster: &DatabaseCluster,
     ctx: &ScopeContext,
     cached: Option<&StatefulSet>,
-) -> Result<StatefulSetDeletion, ReconcileError> {
+) -> Result<StatefulSetCleanup, (&'static str, ReconcileError)> {
     let name = cluster.name_any();
-    let stateful_sets: Api<StatefulSet> =
-        Api::namespaced(ctx.client.clone(), &cluster.namespace().unwrap_or_default());
+    let namespace = cluster.namespace().unwrap_or_default();
+    let stateful_sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
     let found = match cached {
         Some(cached) => Some(cached.metadata.clone()),
-        None => {
-            ctx.shared.guard.check()?;
-            stateful_sets
-                .get_opt(&name)
+        None => read_stateful_set(ctx, &stateful_sets, &name)
+            .await
+            .map_err(|err| ("StatefulSet", err))?,
+    };
+    let decision = stateful_set_cleanup(found.as_ref(), cluster);
+    match decision {
+        StatefulSetCleanup::Delete
+            if cluster.spec.storage.reclaim_policy == ReclaimPolicy::Delete =>
+        {
+            let uid = found.and_then(|meta| meta.uid);
+            delete_stateful_set(ctx, &stateful_sets, &name, uid)
                 .await
-                .map_err(ReconcileError::kube("reading the StatefulSet"))?
-                .map(|sts| sts.metadata)
+                .map_err(|err| ("StatefulSet", err))?;
         }
-    };
-    let Some(found) = found else {
-        return Ok(StatefulSetDeletion::Deleted);
-    };
-    if !ownership::is_controlled_by(&found, cluster) {
-        return Ok(StatefulSetDeletion::NotOwned);
+        StatefulSetCleanup::SweepPods => delete_orphaned_pods(ctx, &namespace, &name)
+            .await
+            .map_err(|err| ("pods", err))?,
+        _ => {}
     }
+    Ok(decision)
+}
+
+async fn read_stateful_set(
+    ctx: &ScopeContext,
+    stateful_sets: &Api<StatefulSet>,
+    name: &str,
+) -> Result<Option<ObjectMeta>, ReconcileError> {
+    ctx.shared.guard.check()?;
+    let found = stateful_sets
+        .get_opt(name)
+        .await
+        .map_err(ReconcileError::kube("reading the StatefulSet"))?;
+    Ok(found.map(|sts| sts.metadata))
+}
+
+async fn delete_stateful_set(
+    ctx: &ScopeContext,
+    stateful_sets: &Api<StatefulSet>,
+    name: &str,
+    uid: Option<String>,
+) -> Result<(), ReconcileError> {
     ctx.shared.guard.check()?;
     let params = DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
         preconditions: Some(Preconditions {
-            uid: found.uid,
+            uid,
             resource_version: None,
         }),
         ..Default::default()
     };
-    match stateful_sets.delete(&name, &params).await {
-        Ok(_) => Ok(StatefulSetDeletion::Deleted),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(StatefulSetDeletion::Deleted),
+    match stateful_sets.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(err) => Err(ReconcileError::kube("deleting the StatefulSet")(err)),
     }
 }
 
-/// The `Cleanup` condition of a StatefulSet deletion the API server refused (a policy, a
-/// webhook, a missing permission): shown at once, like a refused claim deletion.
-fn stateful_set_refusal(err: &ReconcileError, name: &str) -> Option<ConditionValue> {
-    let ReconcileError::Kube { source, .. } = err else {
+/// Deletes the pods of DatabaseCluster `name` whose StatefulSet is gone (see
+/// [`StatefulSetCleanup::SweepPods`]), by the labels the worker puts on its pods; one
+/// request, which matches nothing in the usual case of an object deleted before its
+/// StatefulSet was created.
+async fn delete_orphaned_pods(
+    ctx: &ScopeContext,
+    namespace: &str,
+    name: &str,
+) -> Result<(), ReconcileError> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut labels = children::selector_labels(name);
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
+    let selector = labels
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    ctx.shared.guard.check()?;
+    pods.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels(&selector),
+    )
+    .await
+    .map_err(ReconcileError::kube(
+        "deleting the pods its StatefulSet left behind",
+    ))?;
+    Ok(())
+}
+
+/// The `Cleanup` condition of a deletion of `what` (the StatefulSet, its pods) the API
+/// server refused (a policy, a webhook, a missing permission): shown at once, like a
+/// refused claim deletion.
+fn cleanup_refusal(err: &ReconcileError, what: &str) -> Option<ConditionValue> {
+    let ReconcileError::Kube { source, action } = err else {
         return None;
     };
     let detail = match source {
         kube::Error::Api(status) => status.message.clone(),
         other => other.to_string(),
     };
+    let reason = if what == "pods" {
+        POD_DELETION_FAILED
+    } else {
+        STATEFUL_SET_DELETION_FAILED
+    };
     Some(ConditionValue {
         status: "True",
-        reason: STATEFUL_SET_DELETION_FAILED,
-        message: format!("deleting StatefulSet {name} failed, retrying with backoff: {detail}"),
+        reason,
+        message: format!("{action} failed, retrying with backoff: {detail}"),
     })
 }
 
@@ -906,8 +1003,11 @@ fn stateful_set_refusal(err: &ReconcileError, name: &str) -> Option<ConditionVal
 /// at the first one still terminating ([`claims::delete_claims`]).
 const QUIET_CLEANUP_PASSES: u32 = 3;
 
-/// The `Cleanup` reason of a StatefulSet deletion the API server refused.
+/// The `Cleanup` reason of a StatefulSet deletion (or read) the API server refused.
 const STATEFUL_SET_DELETION_FAILED: &str = "StatefulSetDeletionFailed";
+/// The `Cleanup` reason of a deletion of pods left without their StatefulSet the API
+/// server refused.
+const POD_DELETION_FAILED: &str = "PodDeletionFailed";
 /// The `Cleanup` reason of a claim deletion the API server refused.
 const CLAIM_DELETION_FAILED: &str = "VolumeClaimDeletionFailed";
 /// The `Cleanup` reason while deleted claims are still there.
@@ -1054,6 +1154,49 @@ mod tests {
         for code in [400, 422] {
             assert!(terminal_problem(&api_error(code, "invalid"), "Service").is_some());
         }
+    }
+
+    #[test]
+    fn the_first_cleanup_pass_deletes_only_its_own_stateful_set_and_sweeps_pods_it_left() {
+        let mut cluster: DatabaseCluster = serde_json::from_value(json!({
+            "apiVersion": "shardop.dev/v1alpha1",
+            "kind": "DatabaseCluster",
+            "metadata": { "name": "db", "namespace": "ns", "uid": "u-1" },
+            "spec": { "replicas": 1, "image": "postgres:17", "storage": { "size": "1Gi" } },
+        }))
+        .unwrap();
+        cluster.metadata.uid = Some("u-1".into());
+        let ours = |deleting: bool, finalizers: &[&str]| ObjectMeta {
+            owner_references: Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    uid: "u-1".into(),
+                    controller: Some(true),
+                    ..Default::default()
+                },
+            ]),
+            deletion_timestamp: deleting.then_some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH),
+            ),
+            finalizers: Some(finalizers.iter().map(|f| (*f).to_owned()).collect()),
+            ..Default::default()
+        };
+        let decide = |found: Option<&ObjectMeta>| stateful_set_cleanup(found, &cluster);
+        assert_eq!(decide(Some(&ours(false, &[]))), StatefulSetCleanup::Delete);
+        assert_eq!(
+            decide(Some(&ObjectMeta::default())),
+            StatefulSetCleanup::NotOwned
+        );
+        assert_eq!(
+            decide(Some(&ours(true, &["foregroundDeletion"]))),
+            StatefulSetCleanup::BeingDeleted
+        );
+        // A volume resize deleted it keeping its pods, or it is gone already: the pods
+        // have no controller left.
+        assert_eq!(
+            decide(Some(&ours(true, &["orphan"]))),
+            StatefulSetCleanup::SweepPods
+        );
+        assert_eq!(decide(None), StatefulSetCleanup::SweepPods);
     }
 
     #[test]
