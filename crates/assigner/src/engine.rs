@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -27,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::fences::{self, Fences};
 use crate::metrics::{AssignerMetrics, ShardLabel};
 use crate::objects::{ObjectKey, ObjectMeta, ObjectStore, Source, SourceScope};
 use crate::planning::{self, Admitted, Candidate, Hold, Limits, Progress, Room};
@@ -95,6 +97,8 @@ enum Done {
     ShardObject(ShardIndex, &'static str, Result<(), kube::Error>),
     /// A stalled move's object re-read, and the resourceVersion its record had then.
     Reread(Box<(ObjectKey, Box<str>, Result<ObjectMeta, kube::Error>)>),
+    /// A fresh read of the Lease of a shard the watched copy shows fenced.
+    FenceRead(ShardIndex, Result<Option<Box<Lease>>, kube::Error>),
 }
 
 /// The leader's state; dropped with the leadership.
@@ -127,6 +131,8 @@ pub struct Engine {
     rereads: Rereads,
     /// Stalled-move re-reads in flight (each also counts in `writes`).
     rereads_in_flight: usize,
+    /// Which fences the watched Leases show were confirmed by a fresh read.
+    fences: Fences,
     /// Objects a watch event showed without a valid owner since the last pass: they are
     /// assigned at once ([`Engine::assign_unowned`]) instead of at the next pass.
     unowned_events: Vec<ObjectKey>,
@@ -195,6 +201,7 @@ impl Engine {
             exported_shards: BTreeSet::new(),
             rereads: Rereads::default(),
             rereads_in_flight: 0,
+            fences: Fences::default(),
             unowned_events: Vec::new(),
         };
         (engine, events)
@@ -303,7 +310,7 @@ impl Engine {
             return;
         }
         let leases = self.leases.all();
-        let table = planning::shard_table(&self.settings.names, n, &leases, Timestamp::now());
+        let table = self.object_table(n, &leases, Timestamp::now());
         let records = keys
             .iter()
             .collect::<BTreeSet<_>>()
@@ -346,10 +353,38 @@ impl Engine {
             .effective_shards
             .set(table.effective_count().map_or(0, |e| i64::from(e.get())));
 
-        let (labelled, candidates) = self.plan_objects(&table);
+        let object_table = self.object_table(n, &leases, now);
+        let (labelled, candidates) = self.plan_objects(&object_table);
         self.dispatch_labels(candidates);
         self.reread_stalled_moves(Instant::now());
+        // Every Lease step is conditional on the watched copy's resourceVersion (a create
+        // fails if the Lease exists), so a stale copy makes it fail rather than act on an
+        // old state: the watched table will do.
         self.plan_shards(&table, n, &labelled, &leases);
+    }
+
+    /// The shard table object decisions are made on: the watched `leases`, with the fences
+    /// no fresh read of the Lease confirmed yet lifted (see [`crate::fences`]). Starts the
+    /// reads those fences need.
+    fn object_table(
+        &mut self,
+        n: ShardCount,
+        leases: &BTreeMap<ShardIndex, Arc<Lease>>,
+        now: Timestamp,
+    ) -> ShardTable {
+        let names = &self.settings.names;
+        let watched = planning::shard_table(names, n, leases, now);
+        let review = self.fences.review(&watched, leases, Instant::now());
+        for shard in review.to_read {
+            let client = self.client.clone();
+            let names = names.clone();
+            let namespace = self.settings.operator_namespace.clone();
+            self.writes.spawn(async move {
+                let result = writes::read_lease(client, &names, &namespace, shard).await;
+                Done::FenceRead(shard, result.map(|lease| lease.map(Box::new)))
+            });
+        }
+        fences::object_table(names, n, leases, &review.unconfirmed, now)
     }
 
     /// Plans every object ([`planning::plan_objects`]) and keeps the engine's book-keeping
@@ -555,7 +590,7 @@ impl Engine {
         table: &ShardTable,
         n: ShardCount,
         labelled: &BTreeMap<ShardIndex, usize>,
-        leases: &BTreeMap<ShardIndex, Arc<k8s_openapi::api::coordination::v1::Lease>>,
+        leases: &BTreeMap<ShardIndex, Arc<Lease>>,
     ) {
         // Another operator's Shard objects in the same namespace are not this one's.
         let names = &self.settings.names;
@@ -720,6 +755,7 @@ impl Engine {
                     }
                 }
             }
+            Done::FenceRead(shard, result) => self.on_fence_read(shard, result),
             Done::Lease(shard, step, result) => match result {
                 Ok(Outcome::Applied(())) => tracing::info!(%shard, ?step, "shard lease updated"),
                 Ok(Outcome::Stale) => {
@@ -745,6 +781,32 @@ impl Engine {
                     self.statuses.remove(&shard);
                 }
             },
+        }
+    }
+
+    fn on_fence_read(
+        &mut self,
+        shard: ShardIndex,
+        result: Result<Option<Box<Lease>>, kube::Error>,
+    ) {
+        let now = Instant::now();
+        match result {
+            Ok(fresh) => {
+                let (names, wall) = (&self.settings.names, Timestamp::now());
+                if self.fences.read(shard, fresh.as_deref(), names, wall, now) {
+                    tracing::debug!(%shard, "a fresh read of the Lease confirmed the fence");
+                } else {
+                    tracing::debug!(
+                        %shard,
+                        "the watched Lease reads fenced but a fresh read does not: no direct \
+                         relabels off the shard for now"
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::debug!(%shard, %err, "reading the Lease to confirm its fence failed");
+                self.fences.read_failed(shard, now);
+            }
         }
     }
 

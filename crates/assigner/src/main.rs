@@ -7,6 +7,7 @@
 
 mod args;
 mod engine;
+mod fences;
 mod leader;
 mod metrics;
 mod objects;

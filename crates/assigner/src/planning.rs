@@ -397,6 +397,7 @@ mod tests {
     use shardop::protocol::{LeaseStep, plan_shard};
 
     use super::*;
+    use crate::fences::{self, Fences};
     use crate::objects::{ObjectMeta as Meta, ObjectStore, SourceScope};
 
     fn names() -> OperatorNames {
@@ -1057,5 +1058,145 @@ mod tests {
             plan_shard(ShardIndex(2), &table, 0, false).lease_step,
             Some(LeaseStep::MarkRetired)
         );
+    }
+
+    /// Shard `shard`'s Lease, held by its worker and renewed at `renewed` for 30 s.
+    fn held_lease(names: &OperatorNames, shard: u32, renewed: Timestamp, retired: bool) -> Lease {
+        let annotations = if retired {
+            serde_json::json!({ names.retired_annotation(): "true" })
+        } else {
+            serde_json::json!({})
+        };
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": names.shard_lease_name(ShardIndex(shard)),
+                "uid": format!("uid-{shard}"),
+                "annotations": annotations,
+            },
+            "spec": {
+                "holderIdentity": format!("tenants-worker-{shard}"),
+                "acquireTime": renewed,
+                "renewTime": renewed,
+                "leaseDurationSeconds": 30,
+            },
+        }))
+        .unwrap()
+    }
+
+    fn direct_relabels(plan: &ObjectPlan) -> usize {
+        plan.candidates
+            .iter()
+            .filter(|c| matches!(c.action, AssignerAction::Assign { .. }))
+            .count()
+    }
+
+    #[test]
+    fn objects_on_a_shard_fenced_only_in_the_watched_lease_move_directly_once_a_read_confirms_it() {
+        let names = names();
+        let two = ShardCount::new(2).unwrap();
+        let (wall, at) = (Timestamp::now(), Instant::now());
+        let two_minutes_ago = wall - jiff::SignedDuration::from_secs(120);
+        // Shard 2 is retired and, as watched, expired: its holder may still be renewing it.
+        let leases = BTreeMap::from([
+            (ShardIndex(0), Arc::new(held_lease(&names, 0, wall, false))),
+            (ShardIndex(1), Arc::new(held_lease(&names, 1, wall, false))),
+            (
+                ShardIndex(2),
+                Arc::new(held_lease(&names, 2, two_minutes_ago, true)),
+            ),
+        ]);
+        let store = store(
+            (0..20)
+                .map(|i| (0, object("a", &format!("o-{i}"), Some(2), None)))
+                .collect(),
+        );
+        let watched = shard_table(&names, two, &leases, wall);
+        assert!(watched.is_fenced(ShardIndex(2)));
+        let plan_with = |review: &fences::Review| {
+            let table = fences::object_table(&names, two, &leases, &review.unconfirmed, wall);
+            Book::new().plan(&store, &table)
+        };
+        let mut fences = Fences::default();
+
+        let review = fences.review(&watched, &leases, at);
+        assert_eq!(review.to_read, [ShardIndex(2)], "one read of the Lease");
+        let plan = plan_with(&review);
+        assert_eq!(plan.candidates.len(), 20);
+        assert_eq!(
+            direct_relabels(&plan),
+            0,
+            "drained, not relabelled directly"
+        );
+
+        // The read shows the Lease renewed: the watched copy was old.
+        let renewed = held_lease(&names, 2, wall, true);
+        assert!(!fences.read(ShardIndex(2), Some(&renewed), &names, wall, at));
+        let review = fences.review(&watched, &leases, at);
+        assert!(review.to_read.is_empty(), "not read again at once");
+        assert_eq!(direct_relabels(&plan_with(&review)), 0);
+
+        // A later read finds it expired after all.
+        let later = at + fences::RECHECK;
+        let review = fences.review(&watched, &leases, later);
+        assert_eq!(review.to_read, [ShardIndex(2)]);
+        assert!(fences.read(
+            ShardIndex(2),
+            Some(&leases[&ShardIndex(2)]),
+            &names,
+            wall,
+            later
+        ));
+        let review = fences.review(&watched, &leases, later + Duration::from_secs(3600));
+        assert_eq!(
+            review,
+            fences::Review::default(),
+            "confirmed: no more reads"
+        );
+        assert_eq!(direct_relabels(&plan_with(&review)), 20);
+
+        // The confirmation ends with the watched fence (the shard back in range).
+        let three = shard_table(&names, ShardCount::new(3).unwrap(), &leases, wall);
+        assert_eq!(
+            fences.review(&three, &leases, later),
+            fences::Review::default()
+        );
+        assert_eq!(
+            fences.review(&watched, &leases, later).to_read,
+            [ShardIndex(2)]
+        );
+    }
+
+    #[test]
+    fn a_fence_is_confirmed_only_by_a_read_of_the_same_lease_showing_it() {
+        let names = names();
+        let two = ShardCount::new(2).unwrap();
+        let (wall, at) = (Timestamp::now(), Instant::now());
+        let expired = held_lease(&names, 2, wall - jiff::SignedDuration::from_secs(120), true);
+        let leases = BTreeMap::from([(ShardIndex(2), Arc::new(expired.clone()))]);
+        let watched = shard_table(&names, two, &leases, wall);
+        let mut fences = Fences::default();
+        let mut read = |fresh: Option<&Lease>, at: Instant| {
+            fences.review(&watched, &leases, at);
+            fences.read(ShardIndex(2), fresh, &names, wall, at);
+            fences.review(&watched, &leases, at).unconfirmed
+        };
+        let unretired = {
+            let mut lease = expired.clone();
+            lease.metadata.annotations = None;
+            lease
+        };
+        let recreated = {
+            let mut lease = expired.clone();
+            lease.metadata.uid = Some("another".to_owned());
+            lease
+        };
+        let step = fences::RECHECK;
+        assert_eq!(read(None, at), [ShardIndex(2)].into(), "gone");
+        assert_eq!(read(Some(&unretired), at + step), [ShardIndex(2)].into());
+        assert_eq!(
+            read(Some(&recreated), at + step * 2),
+            [ShardIndex(2)].into()
+        );
+        assert!(read(Some(&expired), at + step * 3).is_empty());
     }
 }

@@ -185,6 +185,17 @@ pub async fn patch_labels(
     )
 }
 
+/// Reads `shard`'s Lease from the API server (`None`: there is none), past the watch.
+pub async fn read_lease(
+    client: Client,
+    names: &OperatorNames,
+    namespace: &str,
+    shard: ShardIndex,
+) -> Result<Option<Lease>, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, namespace);
+    api.get_opt(&names.shard_lease_name(shard)).await
+}
+
 /// Carries out a Lease step for `shard`, conditional on `resource_version` (the observed
 /// Lease; ignored for a create).
 pub async fn lease_step(

@@ -168,6 +168,7 @@ pub async fn start(
         slot.clone(),
         handler,
         setup.metrics.clone(),
+        server::Limits::default(),
         stop.clone(),
     )
     .await?;
