@@ -17,7 +17,7 @@ use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
-use shardop::{ShardLoad, ShardScope};
+use shardop::{ShardIndex, ShardLoad, ShardScope};
 use shardop_api::DatabaseCluster;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -184,26 +184,10 @@ fn scope_controller(
         .with_config(ControllerConfig::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(scope.stopped());
 
-    let shard = shared.shard;
-    let report_synced = {
-        let tokens = [clusters_synced, sts_synced, svc_synced];
-        async move {
-            for token in &tokens {
-                token.cancelled().await;
-            }
-            if synced.count.fetch_add(1, Ordering::AcqRel) + 1 >= synced.of {
-                scope.report_synced();
-            }
-        }
-    };
+    let report_synced = synced.report_when(scope, [clusters_synced, sts_synced, svc_synced]);
     let run = controller
         .run(reconcile::reconcile, reconcile::error_policy, context)
-        .for_each(move |result| {
-            if let Err(err) = result {
-                tracing::debug!(%shard, %err, "controller event");
-            }
-            futures::future::ready(())
-        });
+        .for_each(log_controller_error(shared.shard));
     let run = async move {
         // Dropped both when the controller ends and when this future is aborted (stop
         // timeout): the helper tasks never outlive their controller.
@@ -215,6 +199,32 @@ fn scope_controller(
         run.await;
     };
     (clusters, Box::pin(run))
+}
+
+impl SyncedScopes {
+    /// Waits until all `caches` of one namespace scope are synced, and reports the shard
+    /// synced once every scope's are.
+    async fn report_when(self, scope: ShardScope, caches: [CancellationToken; 3]) {
+        for cache in &caches {
+            cache.cancelled().await;
+        }
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 >= self.of {
+            scope.report_synced();
+        }
+    }
+}
+
+/// What the controller's result stream gets: errors are logged at debug (the reconcile
+/// and the watches report their own).
+fn log_controller_error<T, E: std::fmt::Display>(
+    shard: ShardIndex,
+) -> impl FnMut(Result<T, E>) -> futures::future::Ready<()> {
+    move |result| {
+        if let Err(err) = result {
+            tracing::debug!(%shard, %err, "controller event");
+        }
+        futures::future::ready(())
+    }
 }
 
 /// The parents whose children changed, for the controller.
@@ -430,7 +440,7 @@ fn parent_key(parent: &ObjectRef<CachedCluster>) -> ObjectKey {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use shardop::{OperatorNames, ShardIndex};
+    use shardop::OperatorNames;
     use std::collections::BTreeMap;
 
     #[test]

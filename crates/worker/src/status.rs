@@ -72,68 +72,12 @@ pub struct Observed<'a> {
 pub fn desired_status(observed: &Observed<'_>) -> DatabaseClusterStatus {
     let cluster = observed.cluster;
     let generation = cluster.metadata.generation;
-    let desired = cluster.spec.replicas;
-    let sts_status = observed.stateful_set.and_then(|s| s.status.as_ref());
-    let replicas = sts_status.map_or(0, |s| s.replicas);
-    let ready = sts_status.and_then(|s| s.ready_replicas).unwrap_or(0);
-    let updated = sts_status.and_then(|s| s.updated_replicas).unwrap_or(0);
-    let sts_current = observed.stateful_set.is_some_and(|s| {
-        s.status.as_ref().and_then(|st| st.observed_generation) >= s.metadata.generation
-    });
-    let rolled_out = sts_current && updated >= desired && replicas == desired;
+    let counts = ReplicaCounts::of(observed);
     let previous = observed
         .current_status
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
-
-    let available = if ready >= desired {
-        (
-            "True",
-            "AllReplicasReady",
-            format!("{ready}/{desired} replicas ready"),
-        )
-    } else {
-        (
-            "False",
-            "ReplicasNotReady",
-            format!("{ready}/{desired} replicas ready"),
-        )
-    };
-    let progressing = match observed.problem {
-        Some(_) => (
-            "False",
-            "Blocked",
-            "the spec cannot be applied, see Degraded".to_owned(),
-        ),
-        None if observed.stateful_set.is_none() => {
-            ("True", "Creating", "creating the StatefulSet".to_owned())
-        }
-        None if !rolled_out => (
-            "True",
-            "RollingOut",
-            format!("{updated}/{desired} replicas updated"),
-        ),
-        None if ready < desired => (
-            "True",
-            "WaitingForReplicas",
-            format!("{ready}/{desired} replicas ready"),
-        ),
-        None => (
-            "False",
-            "Converged",
-            "all replicas updated and ready".to_owned(),
-        ),
-    };
-    let degraded = match observed.problem {
-        Some(problem) => ("True", problem.reason.as_str(), problem.message.clone()),
-        None => (
-            "False",
-            "Reconciled",
-            "the children match the spec".to_owned(),
-        ),
-    };
-
-    let condition = |type_: &str, (status, reason, message): (&str, &str, String)| {
+    let condition = |type_: &str, (status, reason, message): ConditionParts<'_>| {
         let last_transition_time = previous
             .iter()
             .find(|c| c.type_ == type_ && c.status == status)
@@ -149,18 +93,101 @@ pub fn desired_status(observed: &Observed<'_>) -> DatabaseClusterStatus {
     };
     DatabaseClusterStatus {
         observed_generation: generation,
-        replicas,
-        ready_replicas: ready,
+        replicas: counts.replicas,
+        ready_replicas: counts.ready,
         conditions: vec![
-            condition(AVAILABLE, available),
-            condition(PROGRESSING, progressing),
-            condition(DEGRADED, degraded),
+            condition(AVAILABLE, available(&counts)),
+            condition(PROGRESSING, progressing(observed, &counts)),
+            condition(DEGRADED, degraded(observed)),
         ],
         claim_ordinals: Some(crate::claims::ordinals_to_record(
             cluster,
             observed.current_status,
             observed.stateful_set,
         )),
+    }
+}
+
+/// A condition's status, reason and message.
+type ConditionParts<'a> = (&'static str, &'a str, String);
+
+/// The replica counts the conditions are computed from: the spec's and the StatefulSet's.
+struct ReplicaCounts {
+    desired: i32,
+    replicas: i32,
+    ready: i32,
+    updated: i32,
+    /// The StatefulSet controller observed the applied spec and rolled it out.
+    rolled_out: bool,
+}
+
+impl ReplicaCounts {
+    fn of(observed: &Observed<'_>) -> Self {
+        let desired = observed.cluster.spec.replicas;
+        let sts_status = observed.stateful_set.and_then(|s| s.status.as_ref());
+        let replicas = sts_status.map_or(0, |s| s.replicas);
+        let ready = sts_status.and_then(|s| s.ready_replicas).unwrap_or(0);
+        let updated = sts_status.and_then(|s| s.updated_replicas).unwrap_or(0);
+        let sts_current = observed.stateful_set.is_some_and(|s| {
+            s.status.as_ref().and_then(|st| st.observed_generation) >= s.metadata.generation
+        });
+        Self {
+            desired,
+            replicas,
+            ready,
+            updated,
+            rolled_out: sts_current && updated >= desired && replicas == desired,
+        }
+    }
+}
+
+fn available(counts: &ReplicaCounts) -> ConditionParts<'static> {
+    let (ready, desired) = (counts.ready, counts.desired);
+    let message = format!("{ready}/{desired} replicas ready");
+    if ready >= desired {
+        ("True", "AllReplicasReady", message)
+    } else {
+        ("False", "ReplicasNotReady", message)
+    }
+}
+
+fn progressing(observed: &Observed<'_>, counts: &ReplicaCounts) -> ConditionParts<'static> {
+    let (ready, updated, desired) = (counts.ready, counts.updated, counts.desired);
+    match observed.problem {
+        Some(_) => (
+            "False",
+            "Blocked",
+            "the spec cannot be applied, see Degraded".to_owned(),
+        ),
+        None if observed.stateful_set.is_none() => {
+            ("True", "Creating", "creating the StatefulSet".to_owned())
+        }
+        None if !counts.rolled_out => (
+            "True",
+            "RollingOut",
+            format!("{updated}/{desired} replicas updated"),
+        ),
+        None if ready < desired => (
+            "True",
+            "WaitingForReplicas",
+            format!("{ready}/{desired} replicas ready"),
+        ),
+        None => (
+            "False",
+            "Converged",
+            "all replicas updated and ready".to_owned(),
+        ),
+    }
+}
+
+fn degraded<'a>(observed: &'a Observed<'_>) -> ConditionParts<'a> {
+    match observed.problem {
+        Some(problem) => ("True", problem.reason.as_str(), problem.message.clone()),
+        None => (
+            "False",
+            "Reconciled",
+            "the children match the spec".to_owned(),
+        ),
     }
 }
 
