@@ -812,86 +812,101 @@ impl Engine {
 
     fn on_label_done(&mut self, write: LabelWrite, result: LabelResult) {
         self.in_flight.remove(&write.key);
-        let key = &write.key;
         match result {
-            Ok(Outcome::Applied(meta)) => {
-                self.write_backoff.succeeded(key);
-                if !self
-                    .objects
-                    .observe_response(key.kind, &meta, &write.resource_version)
-                {
-                    tracing::debug!(object = %key, "the watch was ahead of the write's response");
-                }
-                match write.action {
-                    AssignerAction::Assign { to } => {
-                        if let Some(started) = self.moves.remove(key) {
-                            let phase = if write.owner.is_some() {
-                                "direct"
-                            } else {
-                                "complete"
-                            };
-                            self.metrics.move_step(phase);
-                            self.metrics
-                                .move_duration
-                                .observe(started.elapsed().as_secs_f64());
-                            tracing::info!(object = %key, shard = %to, phase, "move finished");
-                        } else {
-                            self.metrics.assignments.inc();
-                            if let Some(created) = write.first {
-                                let latency = Timestamp::now().duration_since(created);
-                                self.metrics
-                                    .assignment_latency
-                                    .observe(latency.as_secs_f64().max(0.0));
-                            }
-                            tracing::debug!(object = %key, shard = %to, "assigned");
-                        }
-                    }
-                    AssignerAction::RequestDrain { from, to } => {
-                        self.metrics.move_step("drain");
-                        tracing::info!(object = %key, %from, %to, "drain requested");
-                    }
-                    AssignerAction::CancelDrain => {
-                        self.metrics.move_step("cancel");
-                        self.moves.remove(key);
-                        tracing::info!(object = %key, "drain cancelled");
-                    }
-                    AssignerAction::ClearStrayDrain => {
-                        tracing::info!(object = %key, "stray drain label cleared");
-                    }
-                    AssignerAction::Nothing | AssignerAction::Wait => {}
-                }
+            Ok(Outcome::Applied(meta)) => self.on_label_applied(&write, &meta),
+            Ok(Outcome::Stale) => self.on_label_stale(&write),
+            Err(err) => self.on_label_failed(&write.key, &err),
+        }
+    }
+
+    /// A label write went through: the record follows the response, and the move or the
+    /// assignment it made is counted.
+    fn on_label_applied(&mut self, write: &LabelWrite, meta: &ObjectMeta) {
+        let key = &write.key;
+        self.write_backoff.succeeded(key);
+        if !self
+            .objects
+            .observe_response(key.kind, meta, &write.resource_version)
+        {
+            tracing::debug!(object = %key, "the watch was ahead of the write's response");
+        }
+        match write.action {
+            AssignerAction::Assign { to } => self.on_assigned(write, to),
+            AssignerAction::RequestDrain { from, to } => {
+                self.metrics.move_step("drain");
+                tracing::info!(object = %key, %from, %to, "drain requested");
             }
-            Ok(Outcome::Stale) => {
-                self.metrics.conflicts.inc();
-                if write.owner.is_some() && !matches!(write.action, AssignerAction::CancelDrain) {
-                    // Not started after all; a later pass re-decides.
-                    if !self
-                        .objects
-                        .get(key)
-                        .is_some_and(|r| matches!(r.placement, ObjectPlacement::Draining { .. }))
-                    {
-                        self.moves.remove(key);
-                    }
-                }
-                // Wait for a newer observation than the one the write was decided on (the
-                // watch may already have brought it).
-                self.holds.insert(
-                    key.clone(),
-                    Hold::UntilChanged(write.resource_version, Instant::now() + STALE_HOLD),
-                );
+            AssignerAction::CancelDrain => {
+                self.metrics.move_step("cancel");
+                self.moves.remove(key);
+                tracing::info!(object = %key, "drain cancelled");
             }
-            Err(err) => {
-                let failed = self.write_backoff.failed(key, &err, jitter_unit());
-                let retry_in_ms = u64::try_from(failed.hold.as_millis()).unwrap_or(u64::MAX);
-                if failed.warn {
-                    tracing::warn!(object = %key, %err, retry_in_ms, "label write failed");
-                } else {
-                    tracing::debug!(object = %key, %err, retry_in_ms, "label write failed");
-                }
-                self.holds
-                    .insert(key.clone(), Hold::Until(Instant::now() + failed.hold));
+            AssignerAction::ClearStrayDrain => {
+                tracing::info!(object = %key, "stray drain label cleared");
+            }
+            AssignerAction::Nothing | AssignerAction::Wait => {}
+        }
+    }
+
+    /// A shard label written: a move finished, or a first assignment.
+    fn on_assigned(&mut self, write: &LabelWrite, to: ShardIndex) {
+        let key = &write.key;
+        if let Some(started) = self.moves.remove(key) {
+            let phase = if write.owner.is_some() {
+                "direct"
+            } else {
+                "complete"
+            };
+            self.metrics.move_step(phase);
+            self.metrics
+                .move_duration
+                .observe(started.elapsed().as_secs_f64());
+            tracing::info!(object = %key, shard = %to, phase, "move finished");
+        } else {
+            self.metrics.assignments.inc();
+            if let Some(created) = write.first {
+                let latency = Timestamp::now().duration_since(created);
+                self.metrics
+                    .assignment_latency
+                    .observe(latency.as_secs_f64().max(0.0));
+            }
+            tracing::debug!(object = %key, shard = %to, "assigned");
+        }
+    }
+
+    /// A write decided on a version the object no longer has.
+    fn on_label_stale(&mut self, write: &LabelWrite) {
+        let key = &write.key;
+        self.metrics.conflicts.inc();
+        if write.owner.is_some() && !matches!(write.action, AssignerAction::CancelDrain) {
+            // Not started after all; a later pass re-decides.
+            if !self
+                .objects
+                .get(key)
+                .is_some_and(|r| matches!(r.placement, ObjectPlacement::Draining { .. }))
+            {
+                self.moves.remove(key);
             }
         }
+        // Wait for a newer observation than the one the write was decided on (the watch
+        // may already have brought it).
+        self.holds.insert(
+            key.clone(),
+            Hold::UntilChanged(write.resource_version.clone(), Instant::now() + STALE_HOLD),
+        );
+    }
+
+    /// A write that failed: the object waits out its backoff.
+    fn on_label_failed(&mut self, key: &ObjectKey, err: &kube::Error) {
+        let failed = self.write_backoff.failed(key, err, jitter_unit());
+        let retry_in_ms = u64::try_from(failed.hold.as_millis()).unwrap_or(u64::MAX);
+        if failed.warn {
+            tracing::warn!(object = %key, %err, retry_in_ms, "label write failed");
+        } else {
+            tracing::debug!(object = %key, %err, retry_in_ms, "label write failed");
+        }
+        self.holds
+            .insert(key.clone(), Hold::Until(Instant::now() + failed.hold));
     }
 }
 

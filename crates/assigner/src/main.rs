@@ -123,14 +123,7 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
     .await?;
 
     let settings = engine_settings(&args, &names);
-    let election = leader::Election {
-        names,
-        namespace: args.operator_namespace.clone(),
-        identity,
-        duration: args.leader_lease_duration,
-        grace: args.leader_lease_grace,
-        renew_deadline: args.leader_renew_deadline,
-    };
+    let election = election(&args, names, identity);
     let lead = |term: CancellationToken| {
         let client = client.clone();
         let settings = settings.clone();
@@ -150,6 +143,18 @@ async fn run_assigner(args: RunArgs) -> anyhow::Result<()> {
     while tasks.join_next().await.is_some() {}
     tracing::info!("shardop-assigner stopped");
     result
+}
+
+/// The leader election's settings from the flags.
+fn election(args: &RunArgs, names: OperatorNames, identity: String) -> leader::Election {
+    leader::Election {
+        names,
+        namespace: args.operator_namespace.clone(),
+        identity,
+        duration: args.leader_lease_duration,
+        grace: args.leader_lease_grace,
+        renew_deadline: args.leader_renew_deadline,
+    }
 }
 
 /// Serves /metrics, and /healthz and /readyz on their own address when it differs.

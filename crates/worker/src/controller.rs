@@ -147,13 +147,7 @@ fn scope_controller(
     let (sts_synced, svc_synced) = (children.sts_synced.clone(), children.svc_synced.clone());
     // DatabaseCluster events start flowing only once the child caches are complete, so the
     // first reconcile of every object sees its children (no blind re-apply after start-up).
-    let children_synced = {
-        let (sts, svc) = (sts_synced.clone(), svc_synced.clone());
-        async move {
-            sts.cancelled().await;
-            svc.cancelled().await;
-        }
-    };
+    let children_synced = all_cancelled([sts_synced.clone(), svc_synced.clone()]);
     let cluster_events = cluster_events(
         &shared,
         cluster_writer,
@@ -205,12 +199,17 @@ impl SyncedScopes {
     /// Waits until all `caches` of one namespace scope are synced, and reports the shard
     /// synced once every scope's are.
     async fn report_when(self, scope: ShardScope, caches: [CancellationToken; 3]) {
-        for cache in &caches {
-            cache.cancelled().await;
-        }
+        all_cancelled(caches).await;
         if self.count.fetch_add(1, Ordering::AcqRel) + 1 >= self.of {
             scope.report_synced();
         }
+    }
+}
+
+/// Completes once every one of `tokens` is cancelled (each marks a synced cache).
+async fn all_cancelled<const N: usize>(tokens: [CancellationToken; N]) {
+    for token in &tokens {
+        token.cancelled().await;
     }
 }
 

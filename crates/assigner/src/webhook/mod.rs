@@ -142,20 +142,14 @@ pub async fn start(
     };
     let names = setup.names.clone();
     let operator = names.operator().to_owned();
-    let (leases, lease_driver) = watch_operator_shard_leases(
-        setup.client.clone(),
+    let view = watch_shards(
+        setup.client,
         setup.operator_namespace,
-        false,
-        names.clone(),
+        &names,
+        setup.count,
+        tasks,
+        stop,
     );
-    spawn_until(tasks, stop, lease_driver);
-    let (count, count_driver) = setup.count;
-    spawn_until(tasks, stop, count_driver);
-    let view = ShardView {
-        names: names.clone(),
-        leases,
-        count,
-    };
     let reviewer = Reviewer {
         names: names.clone(),
         kinds: setup.kinds.clone(),
@@ -179,24 +173,12 @@ pub async fn start(
         .map(|u| u.replace("{port}", &bound.port().to_string()));
     tracing::info!(%bound, ?url, "serving the mutating admission webhook");
 
-    let secret_name = args
-        .webhook_secret
-        .clone()
-        .unwrap_or_else(|| format!("{operator}-assigner-webhook-tls"));
-    let secrets: Api<Secret> = Api::namespaced(setup.client.clone(), setup.operator_namespace);
-    let (material, secret_driver) = secret::watch_material(secrets.clone(), &secret_name);
-    spawn_until(tasks, stop, secret_driver);
-    spawn_until(
+    let (material, renewer) = certificate(
+        (args, setup.client, setup.operator_namespace),
+        &operator,
+        slot,
         tasks,
         stop,
-        Box::pin(serve_material(material.clone(), slot)),
-    );
-    let renewer = renewer(
-        args,
-        &operator,
-        secrets,
-        secret_name,
-        setup.operator_namespace,
     );
     let webhook = Webhook(Arc::new(Inner {
         client: setup.client.clone(),
@@ -218,6 +200,52 @@ pub async fn start(
         spawn_until(tasks, stop, Box::pin(webhook.clone().create_secret()));
     }
     Ok(Some(webhook))
+}
+
+/// The serving certificate: the Secret's material, watched and swapped into `slot` by
+/// tasks of `tasks` until `stop`, and the renewer the leader checks it with.
+fn certificate(
+    (args, client, operator_namespace): (&WebhookArgs, &Client, &str),
+    operator: &str,
+    slot: Arc<CertSlot>,
+    tasks: &mut JoinSet<()>,
+    stop: &CancellationToken,
+) -> (watch::Receiver<Option<Material>>, Renewer) {
+    let secret_name = args
+        .webhook_secret
+        .clone()
+        .unwrap_or_else(|| format!("{operator}-assigner-webhook-tls"));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), operator_namespace);
+    let (material, secret_driver) = secret::watch_material(secrets.clone(), &secret_name);
+    spawn_until(tasks, stop, secret_driver);
+    spawn_until(
+        tasks,
+        stop,
+        Box::pin(serve_material(material.clone(), slot)),
+    );
+    let renewer = renewer(args, operator, secrets, secret_name, operator_namespace);
+    (material, renewer)
+}
+
+/// The replica's own view of the shards the webhook stamps toward: the shard Leases and
+/// the shard count, each kept by a task of `tasks` until `stop`.
+fn watch_shards(
+    client: &Client,
+    operator_namespace: &str,
+    names: &OperatorNames,
+    (count, count_driver): (ShardCountRx, BoxFuture<'static, ()>),
+    tasks: &mut JoinSet<()>,
+    stop: &CancellationToken,
+) -> ShardView {
+    let (leases, lease_driver) =
+        watch_operator_shard_leases(client.clone(), operator_namespace, false, names.clone());
+    spawn_until(tasks, stop, lease_driver);
+    spawn_until(tasks, stop, count_driver);
+    ShardView {
+        names: names.clone(),
+        leases,
+        count,
+    }
 }
 
 /// Answers one AdmissionReview from the replica's current view of the shards, and counts
