@@ -57,9 +57,15 @@ pub struct LeaseSettings {
 }
 
 impl LeaseSettings {
-    /// `leaseDurationSeconds` as written to the Lease (at least 1).
+    /// `leaseDurationSeconds` as written to the Lease: the lease duration rounded *up* to
+    /// whole seconds (at least 1), so that others never wait less than this holder assumes.
+    /// [`crate::ShardingSettings::validate`] only accepts whole seconds, where this is exact.
     pub fn lease_duration_seconds(&self) -> i32 {
-        i32::try_from(self.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX)
+        let rounded_up = self
+            .lease_duration
+            .as_secs()
+            .saturating_add(u64::from(self.lease_duration.subsec_nanos() > 0));
+        i32::try_from(rounded_up.max(1)).unwrap_or(i32::MAX)
     }
 }
 
@@ -731,6 +737,11 @@ mod tests {
             retry_period: Duration::from_millis(100),
         };
         assert_eq!(settings.lease_duration_seconds(), 1);
+        let settings = LeaseSettings {
+            lease_duration: Duration::from_millis(10_500),
+            ..settings
+        };
+        assert_eq!(settings.lease_duration_seconds(), 11, "never shorter");
     }
 
     /// An API server that never answers.

@@ -188,8 +188,21 @@ impl ShardingSettings {
         Ok(settings)
     }
 
-    /// Checks the timings: retry period < renew deadline < lease duration.
+    /// Checks the timings: the lease duration is a whole number of seconds, and retry
+    /// period < renew deadline < lease duration.
     pub fn validate(&self) -> Result<(), ShardingError> {
+        // A Lease holds `leaseDurationSeconds`, an integer: a fractional duration would be
+        // written shorter than the one the renew deadline is compared with, and others
+        // could take over while this holder still writes.
+        if self.lease_duration.subsec_nanos() != 0
+            || self.lease_duration.is_zero()
+            || i32::try_from(self.lease_duration.as_secs()).is_err()
+        {
+            return Err(ShardingError::Settings(format!(
+                "the lease duration must be a whole number of seconds (at least 1s), not {:?}",
+                self.lease_duration
+            )));
+        }
         if self.renew_deadline >= self.lease_duration {
             return Err(ShardingError::Settings(
                 "the renew deadline must be shorter than the lease duration".into(),
@@ -538,6 +551,18 @@ mod tests {
             &[("POD_NAME", "w-0"), ("SHARDOP_SHARD", "1024")],
             &[("POD_NAME", "w-0"), ("SHARDOP_RENEW_DEADLINE", "15s")],
             &[("POD_NAME", "w-0"), ("SHARDOP_RETRY_PERIOD", "0s")],
+            // The Lease would say 10 s while the holder writes until 10.2 s.
+            &[
+                ("POD_NAME", "w-0"),
+                ("SHARDOP_LEASE_DURATION", "10.5s"),
+                ("SHARDOP_RENEW_DEADLINE", "10.2s"),
+            ],
+            &[
+                ("POD_NAME", "w-0"),
+                ("SHARDOP_LEASE_DURATION", "1500ms"),
+                ("SHARDOP_RENEW_DEADLINE", "1s"),
+                ("SHARDOP_RETRY_PERIOD", "500ms"),
+            ],
             &[
                 ("POD_NAME", "w-0"),
                 ("SHARDOP_MEMORY_RETURN_INTERVAL", "0s"),
