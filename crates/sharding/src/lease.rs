@@ -92,6 +92,9 @@ pub struct LeaseGuard {
 struct GuardInner {
     shard: ShardIndex,
     valid_until: Mutex<Instant>,
+    /// When a write for the shard was last given up while it may have been on the wire (its
+    /// future dropped before the answer): the server may still apply it.
+    abandoned_at: Mutex<Option<Instant>>,
     /// Cancelled once the guard is invalid for good (renew deadline passed, Lease taken by
     /// someone else, or released).
     lost: CancellationToken,
@@ -103,6 +106,7 @@ impl LeaseGuard {
             inner: Arc::new(GuardInner {
                 shard,
                 valid_until: Mutex::new(valid_until),
+                abandoned_at: Mutex::new(None),
                 lost: CancellationToken::new(),
             }),
         }
@@ -176,6 +180,29 @@ impl LeaseGuard {
                 return;
             }
         }
+    }
+
+    /// Records that a write may have been left on the wire just now: a request future
+    /// dropped before its answer, or a controller aborted with its writes. Aborting does not
+    /// un-send a request; the server may still apply it (see [`Self::abandoned_at`]).
+    pub fn note_abandoned_write(&self) {
+        let mut abandoned_at = self
+            .inner
+            .abandoned_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *abandoned_at = Some(Instant::now());
+    }
+
+    /// When a write for the shard was last abandoned while it may have been on the wire,
+    /// if ever; the release of the Lease waits for it (see
+    /// [`crate::protocol::failover::release_wait`]).
+    pub fn abandoned_at(&self) -> Option<Instant> {
+        *self
+            .inner
+            .abandoned_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Marks the guard invalid for good.

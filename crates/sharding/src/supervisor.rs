@@ -68,9 +68,38 @@ impl Served {
         clean
     }
 
+    /// Aborts the controller. Its writes on the wire are not un-sent by that: the guard
+    /// records an abandoned write, which delays the release (see [`release`]).
     async fn abort(&mut self) {
         self.task.abort();
         let _ = (&mut self.task).await;
+        self.lease.guard().note_abandoned_write();
+    }
+}
+
+/// Releases `lease` once no write abandoned for its shard can still land (see
+/// [`failover::release_wait`]), bounded like every Lease write of the supervisor: a
+/// release that does not finish within the lease duration is given up, and the Lease, no
+/// longer renewed, expires.
+async fn release(lease: HeldLease, runtime: &Runtime) -> Result<(), ShardingError> {
+    let shard = lease.shard();
+    let settings = &runtime.settings;
+    let since_abandoned = lease.guard().abandoned_at().map(|at| at.elapsed());
+    let wait = failover::release_wait(
+        since_abandoned,
+        settings.lease_duration,
+        settings.renew_deadline,
+    );
+    if !wait.is_zero() {
+        tracing::info!(%shard, ?wait, "a write of the stopped controller may still land: releasing the shard lease after the fencing margin");
+        tokio::time::sleep(wait).await;
+    }
+    match tokio::time::timeout(settings.lease_duration, lease.release()).await {
+        Ok(released) => Ok(released?),
+        Err(_) => {
+            tracing::warn!(%shard, "releasing the shard lease did not finish within the lease duration; it expires instead");
+            Ok(())
+        }
     }
 }
 
@@ -169,14 +198,14 @@ impl Supervisor {
         );
         let grace = self.stop_grace(StopReason::Shutdown);
         let stops = served.into_values().map(|mut s| {
-            let metrics = self.runtime.metrics.clone();
+            let runtime = &self.runtime;
             async move {
                 let shard = s.lease.shard();
                 s.stop(grace).await;
-                if let Err(err) = s.lease.release().await {
+                if let Err(err) = release(s.lease, runtime).await {
                     tracing::warn!(%shard, error = %err, "releasing the shard lease failed");
                 }
-                metrics.forget_shard(shard);
+                runtime.metrics.forget_shard(shard);
             }
         });
         futures::future::join_all(stops).await;
@@ -246,7 +275,7 @@ impl Supervisor {
             if let Some(mut s) = served.remove(&shard) {
                 tracing::info!(%shard, "release requested: stopping the shard controller, then releasing its lease");
                 s.stop(self.stop_grace(StopReason::HandBack)).await;
-                s.lease.release().await?;
+                release(s.lease, &self.runtime).await?;
                 self.runtime.metrics.forget_shard(shard);
             }
         }
@@ -452,6 +481,87 @@ fn home_shards(me: &Me<'_>, leases: &BTreeMap<ShardIndex, LeaseSnapshot>) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    use crate::sharding::{Sharding, ShardingSettings};
+
+    /// An API server with one shard Lease store, whose Shard status writes (heartbeats)
+    /// never answer if `hang` is set. Records when the Lease is released.
+    #[derive(Clone, Default)]
+    struct HangingHeartbeats {
+        hang: bool,
+        lease: Arc<Mutex<Option<serde_json::Value>>>,
+        released: Arc<Mutex<Option<tokio::time::Instant>>>,
+        heartbeats: Arc<Mutex<usize>>,
+    }
+
+    impl HangingHeartbeats {
+        fn client(&self) -> kube::Client {
+            let api = self.clone();
+            let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+                let api = api.clone();
+                async move { Ok::<_, std::convert::Infallible>(api.answer(request).await) }
+            });
+            kube::Client::new(service, "ops")
+        }
+
+        async fn answer(
+            &self,
+            request: http::Request<kube::client::Body>,
+        ) -> http::Response<kube::client::Body> {
+            let (parts, body) = request.into_parts();
+            let body = body.collect_bytes().await.unwrap_or_default();
+            let (path, query) = (parts.uri.path(), parts.uri.query().unwrap_or(""));
+            let method = parts.method.as_str();
+            if path.ends_with("/status") {
+                *self.heartbeats.lock().unwrap() += 1;
+                if self.hang {
+                    return futures::future::pending().await;
+                }
+            }
+            if path.ends_with("/leases") && query.contains("watch=true") {
+                return futures::future::pending().await;
+            }
+            let mut stored = self.lease.lock().unwrap();
+            let reply = match (method, path.ends_with("/leases")) {
+                _ if path.ends_with("/status") => Some(serde_json::json!({})),
+                ("GET", true) => Some(serde_json::json!({
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "LeaseList",
+                    "metadata": { "resourceVersion": "1" },
+                    "items": stored.iter().cloned().collect::<Vec<_>>(),
+                })),
+                ("GET", false) => stored.clone(),
+                ("POST" | "PUT", _) => {
+                    let mut lease: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    lease["metadata"]["resourceVersion"] = "2".into();
+                    if lease["spec"]["holderIdentity"].is_null() {
+                        *self.released.lock().unwrap() = Some(tokio::time::Instant::now());
+                    }
+                    *stored = Some(lease.clone());
+                    Some(lease)
+                }
+                _ => None,
+            };
+            let (status, reply) = match reply {
+                Some(reply) => (200, reply),
+                None => (
+                    404,
+                    serde_json::json!({
+                        "apiVersion": "v1", "kind": "Status", "status": "Failure",
+                        "reason": "NotFound", "code": 404, "message": "not found",
+                    }),
+                ),
+            };
+            http::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(
+                    serde_json::to_vec(&reply).unwrap(),
+                ))
+                .unwrap()
+        }
+    }
 
     fn me() -> Me<'static> {
         Me {
@@ -499,5 +609,41 @@ mod tests {
         // A worker the spread gave nothing is home for nothing (and so ready).
         let far = BTreeMap::from([(ShardIndex(1), homed(Some(0)))]);
         assert!(home_shards(&me(), &far).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_controller_aborted_at_shutdown_releases_its_lease_after_the_fencing_margin() {
+        let api = HangingHeartbeats::default();
+        let mut settings = ShardingSettings::new("shardop", "shardop-worker-0", "ops").unwrap();
+        settings.streaming_lists = false;
+        settings.memory_return_interval = None;
+        settings.shutdown_timeout = Duration::from_secs(1);
+        let shutdown = CancellationToken::new();
+        // A controller that ignores the stop: it is aborted after the shutdown timeout, and
+        // a write of it may still be on its way to the API server.
+        let run = tokio::spawn(
+            Sharding::new(api.client(), settings)
+                .with_shutdown(shutdown.clone())
+                .run(|_| futures::future::pending()),
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            api.lease.lock().unwrap().is_some(),
+            "the home shard is held"
+        );
+        let stopping = tokio::time::Instant::now();
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let released = api
+            .released
+            .lock()
+            .unwrap()
+            .expect("the lease was not released");
+        // Aborted at 1 s, released after the 5 s margin (15 s lease − 10 s renew deadline).
+        assert_eq!(released - stopping, Duration::from_secs(6));
     }
 }

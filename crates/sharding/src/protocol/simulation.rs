@@ -35,7 +35,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::admission::{Admission, Creation, admission};
-use super::failover::{Acquisition, Me, acquisition, should_release};
+use super::failover::{Acquisition, Me, acquisition, release_wait, should_release};
 use super::lease::LeaseSnapshot;
 use super::object::{AssignerAction, ObjectPlacement, WorkerAction, worker_action};
 use super::plan::{LeaseStep, ObjectFacts, plan_object, plan_shard};
@@ -126,6 +126,10 @@ struct Worker {
     cache: Vec<Option<Obj>>,
     /// In-flight reconciles: (shard, object).
     reconciling: BTreeSet<(u32, usize)>,
+    /// Writes of reconciles aborted when a hand-back's grace ran out: (shard, object). The
+    /// worker gave up on them, but the API server may still apply them at any later step,
+    /// so they count as writers until they land.
+    stray: BTreeSet<(u32, usize)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -177,6 +181,8 @@ struct Budget {
     /// The assigner naming another home worker on a shard's Lease (a rescale with a fixed
     /// shard count).
     rehomes: u8,
+    /// Hand-backs whose grace runs out with reconciles in flight (they are aborted).
+    aborts: u8,
 }
 
 /// What the webhook last observed of the shards: the desired count and the Leases.
@@ -225,6 +231,11 @@ enum Step {
     /// The assigner names worker `.1` home for shard `.0` on its Lease (a `SetHome` write
     /// landing; a stale one loses to the resourceVersion precondition like any other).
     Rehome(usize, usize),
+    /// Worker `.0`, asked to let shard `.1` go, aborts its in-flight reconciles of it: their
+    /// writes become stray.
+    Abort(usize, usize),
+    /// A stray write of worker `.0` for shard `.1` and object `.2` lands.
+    StrayLands(usize, usize, usize),
 }
 
 struct Model {
@@ -323,10 +334,15 @@ impl Model {
                     steps.push(Step::Acquire(wi, s));
                 }
                 let holds = holds(w, wi, s);
-                if must_release(w, wi, s)
-                    && !worker.reconciling.iter().any(|(rs, _)| *rs as usize == s)
-                {
+                let reconciling = worker.reconciling.iter().any(|(rs, _)| *rs as usize == s);
+                if must_release(w, wi, s) && !reconciling && release_is_due(worker, s) {
                     steps.push(Step::Release(wi, s));
+                }
+                if w.budget.aborts > 0 && must_release(w, wi, s) && reconciling {
+                    steps.push(Step::Abort(wi, s));
+                }
+                for &(rs, o) in worker.stray.iter().filter(|(rs, _)| *rs as usize == s) {
+                    steps.push(Step::StrayLands(wi, rs as usize, o));
                 }
                 for o in 0..w.objs.len() {
                     let key = (s as u32, o);
@@ -334,7 +350,8 @@ impl Model {
                         steps.push(Step::FinishReconcile(wi, s, o));
                         continue;
                     }
-                    if !holds {
+                    // A controller aborted on a hand-back is gone: it starts nothing more.
+                    if !holds || worker.stray.iter().any(|(rs, _)| *rs as usize == s) {
                         continue;
                     }
                     // The worker's own decision, from its cached copy.
@@ -359,7 +376,10 @@ impl Model {
             if w.budget.crashes > 0 {
                 steps.push(Step::Crash(wi));
             }
-            if w.budget.stops > 0 && worker.reconciling.is_empty() {
+            if w.budget.stops > 0
+                && worker.reconciling.is_empty()
+                && (0..SHARDS).all(|s| release_is_due(worker, s))
+            {
                 steps.push(Step::GracefulStop(wi));
             }
         }
@@ -554,11 +574,30 @@ impl Model {
                 }
             }
             Step::Release(_, s) => release(&mut w.leases[*s]),
+            Step::Abort(wi, s) => {
+                w.budget.aborts -= 1;
+                let worker = &mut w.workers[*wi];
+                let aborted: Vec<(u32, usize)> = worker
+                    .reconciling
+                    .iter()
+                    .filter(|(rs, _)| *rs as usize == *s)
+                    .copied()
+                    .collect();
+                for key in aborted {
+                    worker.reconciling.remove(&key);
+                    worker.stray.insert(key);
+                }
+            }
+            Step::StrayLands(wi, s, o) => {
+                w.workers[*wi].stray.remove(&(*s as u32, *o));
+            }
             Step::Crash(wi) => {
                 w.budget.crashes -= 1;
                 let worker = &mut w.workers[*wi];
                 worker.alive = false;
                 worker.reconciling.clear();
+                // Expiry waits out the fencing margin for a crashed holder's writes.
+                worker.stray.clear();
                 worker.cache.iter_mut().for_each(|c| *c = None);
             }
             Step::GracefulStop(wi) => {
@@ -640,6 +679,7 @@ impl Model {
                     worker
                         .reconciling
                         .iter()
+                        .chain(&worker.stray)
                         .filter(move |(_, ro)| *ro == o)
                         .map(move |(s, _)| (wi, *s))
                 })
@@ -670,6 +710,7 @@ impl Model {
         for wi in 0..SHARDS {
             let worker = &mut w.workers[wi];
             worker.reconciling.clear();
+            worker.stray.clear();
             if wi >= n {
                 worker.alive = false; // scaled in: the StatefulSet removed the pod
             }
@@ -851,6 +892,21 @@ fn must_release(w: &World, wi: usize, s: usize) -> bool {
     holds(w, wi, s) && should_release(&me, ShardIndex(s as u32), Some(&lease.snapshot()))
 }
 
+/// Whether worker `w` may release shard `s`'s Lease now: the worker's real rule
+/// ([`release_wait`]). The model has no clock; the protocol assumes a write abandoned on
+/// the wire lands within the fencing margin, so "the margin has passed" is "every stray
+/// write of the shard landed", and while one has not, it was abandoned just now.
+fn release_is_due(worker: &Worker, s: usize) -> bool {
+    let abandoned = worker.stray.iter().any(|(rs, _)| *rs as usize == s);
+    let since_abandoned = abandoned.then_some(Duration::ZERO);
+    release_wait(
+        since_abandoned,
+        Duration::from_secs(15),
+        Duration::from_secs(10),
+    )
+    .is_zero()
+}
+
 fn release(lease: &mut Lease) {
     lease.holder = None;
     lease.live = false;
@@ -970,6 +1026,7 @@ fn steady(objects: usize, n: u32, budget: Budget) -> (Model, World) {
             alive: true,
             cache: objs.iter().cloned().map(Some).collect(),
             reconciling: BTreeSet::new(),
+            stray: BTreeSet::new(),
         })
         .collect();
     let world = World {
@@ -1037,6 +1094,29 @@ fn shards_handed_to_a_newly_named_home_worker_are_never_served_twice() {
     );
     let w = with(w, &model, &[Step::StartReconcile(1, 1, 1)]);
     let states = model.explore(w, 14, max_states());
+    assert!(states > 100, "explored only {states} states");
+}
+
+#[test]
+fn a_hand_back_that_aborts_its_reconciles_releases_only_once_their_writes_landed() {
+    // A shard handed to a newly named home worker while its holder reconciles: the
+    // hand-back's grace may run out with the reconcile in flight. It is aborted, and its
+    // write may still reach the API server after the abort; the new home acquires a
+    // released Lease at once, so the release waits for the stray write.
+    let (model, w) = steady(
+        2,
+        3,
+        Budget {
+            aborts: 1,
+            ..Budget::default()
+        },
+    );
+    let mut w = with(w, &model, &[Step::StartReconcile(1, 1, 1)]);
+    // The assigner named worker 2 home for shard 1, and worker 2 asked for it back.
+    w.leases[1].home = Some(2);
+    w.leases[1].release_requested = true;
+    w.leases[1].rv += 1;
+    let states = model.explore(w, 12, max_states());
     assert!(states > 100, "explored only {states} states");
 }
 
@@ -1193,6 +1273,7 @@ fn random_walks_with_every_kind_of_failure() {
                 hand_edits: 2,
                 forged_creates: 1,
                 rehomes: 2,
+                aborts: 2,
             },
         );
         // The last object is created during the walk, through the webhook.
