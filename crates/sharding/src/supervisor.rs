@@ -332,24 +332,35 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Metrics and heartbeats of every served shard.
+    /// Metrics and heartbeats of every served shard. The heartbeats go out together and
+    /// are given up after a retry period: they are reports, and one stuck behind the bulk
+    /// budget or on a connection that never answers must not hold up the Lease handling
+    /// (hand-backs, acquisitions, lost shards, shutdown) of the next steps.
     async fn report(&self, served: &mut BTreeMap<ShardIndex, Served>) {
-        for (shard, s) in served.iter_mut() {
+        let runtime = &self.runtime;
+        let heartbeats = served.iter_mut().map(|(shard, s)| {
             let load = s.scope.load();
-            self.runtime.metrics.publish_load(*shard, &load);
+            runtime.metrics.publish_load(*shard, &load);
             let report = Report {
-                holder: self.runtime.settings.identity.clone(),
+                holder: runtime.settings.identity.clone(),
                 queue_depth: load.queue_depth,
                 backlog: load.backlog,
             };
-            s.heartbeat
-                .maybe_send(
-                    &s.shards,
-                    &self.runtime.settings.names,
-                    &s.lease.guard(),
-                    report,
-                )
-                .await;
+            let guard = s.lease.guard();
+            async move {
+                s.heartbeat
+                    .maybe_send(&s.shards, &runtime.settings.names, &guard, report)
+                    .await;
+            }
+        });
+        let all = futures::future::join_all(heartbeats);
+        if tokio::time::timeout(runtime.settings.retry_period, all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "shard heartbeats did not finish within the retry period, given up until the next step"
+            );
         }
     }
 
@@ -561,6 +572,46 @@ mod tests {
                 ))
                 .unwrap()
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_that_never_answers_does_not_hold_up_the_release() {
+        let api = HangingHeartbeats {
+            hang: true,
+            ..Default::default()
+        };
+        let mut settings = ShardingSettings::new("shardop", "shardop-worker-0", "ops").unwrap();
+        settings.streaming_lists = false;
+        settings.memory_return_interval = None;
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(
+            Sharding::new(api.client(), settings)
+                .with_shutdown(shutdown.clone())
+                .run(|scope| async move { scope.stopped().await }),
+        );
+        // The home shard is acquired and its first heartbeat hangs.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(*api.heartbeats.lock().unwrap() > 0, "no heartbeat sent");
+        assert!(api.released.lock().unwrap().is_none());
+        let stopping = tokio::time::Instant::now();
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the supervisor is stuck behind the heartbeat")
+            .unwrap()
+            .unwrap();
+        let released = api
+            .released
+            .lock()
+            .unwrap()
+            .expect("the lease was not released");
+        // The heartbeat was given up after a retry period (2 s); it may still land, so the
+        // release waits out the fencing margin (5 s) after that.
+        assert!(
+            released - stopping <= Duration::from_secs(8),
+            "released {:?} after the shutdown",
+            released - stopping
+        );
     }
 
     fn me() -> Me<'static> {
