@@ -382,8 +382,8 @@ impl Sharding {
     }
 
     /// Calls `hook` after every supervisor tick with whether the process is ready: each of
-    /// its home shards (its ordinal's, or those whose Leases name it home) is served and
-    /// its scope [reported synced](ShardScope::report_synced).
+    /// its home shards (its ordinal's, or those whose Leases name it home; not the retired
+    /// ones) is served and its scope [reported synced](ShardScope::report_synced).
     pub fn on_readiness(mut self, hook: impl Fn(bool) + Send + Sync + 'static) -> Self {
         self.on_readiness = Some(Arc::new(hook));
         self

@@ -475,12 +475,13 @@ fn worker_ring(leases: &BTreeMap<ShardIndex, LeaseSnapshot>, me: ShardIndex) -> 
         .unwrap_or(1)
 }
 
-/// The shards this worker is home for: those whose Leases name it (or, naming nobody,
-/// carry its ordinal as index), and its ordinal's shard while that has no Lease yet.
+/// The shards this worker is home for and must serve to be ready: those whose Leases name
+/// it (or, naming nobody, carry its ordinal as index) and are not retired (no worker
+/// acquires a retired shard), and its ordinal's shard while that has no Lease yet.
 fn home_shards(me: &Me<'_>, leases: &BTreeMap<ShardIndex, LeaseSnapshot>) -> Vec<ShardIndex> {
     let mut homes: Vec<ShardIndex> = leases
         .iter()
-        .filter(|(shard, lease)| failover::is_home(me, **shard, Some(lease)))
+        .filter(|(shard, lease)| !lease.retired && failover::is_home(me, **shard, Some(lease)))
         .map(|(shard, _)| *shard)
         .collect();
     if !leases.contains_key(&me.home) {
@@ -660,6 +661,14 @@ mod tests {
         // A worker the spread gave nothing is home for nothing (and so ready).
         let far = BTreeMap::from([(ShardIndex(1), homed(Some(0)))]);
         assert!(home_shards(&me(), &far).is_empty());
+        // Nor is a worker whose ordinal is beyond a fixed shard count, once the retired
+        // Lease of its ordinal's shard was let go: it never acquires it again.
+        let retired = LeaseSnapshot {
+            retired: true,
+            ..homed(Some(1))
+        };
+        let beyond = BTreeMap::from([(ShardIndex(1), retired)]);
+        assert!(home_shards(&me(), &beyond).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -97,6 +97,39 @@ pub fn home_step(
     }
 }
 
+/// The Lease write for `shard` when the shard count is fixed and spread over the workers:
+/// `planned` is [`plan_shard`](super::plan_shard)'s step for it, `home` the spread's home
+/// worker for a shard in range ([`spread_homes`]) and `None` for a shard out of range.
+///
+/// In range, the planned step goes first, then [`home_step`]. Out of range, a shard has no
+/// home worker: its workers are not going away with it, as the worker of a shard's own
+/// ordinal does on a scale-in. So:
+///
+/// * before its holder is asked to release it, the Lease names the shard's index home
+///   explicitly (if it names no one), which makes the worker of that ordinal let the
+///   retired shard go like any worker named home (see
+///   [`should_release`](super::should_release)) instead of keeping it as its own;
+/// * the retired Lease is not deleted once released: it is the tombstone that keeps the
+///   worker of that ordinal, which acquires its ordinal's shard when it has no Lease, from
+///   creating it anew (a worker never acquires a retired Lease).
+pub fn spread_lease_step(
+    shard: ShardIndex,
+    lease: Option<&LeaseSnapshot>,
+    planned: Option<LeaseStep>,
+    home: Option<ShardIndex>,
+) -> Option<LeaseStep> {
+    if let Some(home) = home {
+        return planned.or_else(|| home_step(shard, lease, home));
+    }
+    match planned {
+        Some(LeaseStep::RequestRelease) if lease.is_some_and(|l| l.home_worker.is_none()) => {
+            Some(LeaseStep::SetHome(shard))
+        }
+        Some(LeaseStep::Delete) => None,
+        step => step,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +225,69 @@ mod tests {
             home_worker: home.map(ShardIndex),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_shard_beyond_a_fixed_count_is_let_go_by_the_worker_of_its_ordinal_and_stays_retired() {
+        use crate::protocol::failover::{Acquisition, Me, acquisition, should_release};
+        use std::time::Duration;
+        // Two shards spread over three workers: worker 2 created its ordinal's Lease before
+        // the assigner retired it, and holds it.
+        let shard = ShardIndex(2);
+        let me = Me {
+            identity: "shardop-worker-2",
+            home: shard,
+            lease_duration: Duration::from_secs(15),
+            retry_period: Duration::from_secs(2),
+        };
+        let held = LeaseSnapshot {
+            holder: Some(me.identity.into()),
+            acquired_once: true,
+            retired: true,
+            ..Default::default()
+        };
+        // Asked to release as it is, the worker would keep it as its own shard.
+        let planned = Some(LeaseStep::RequestRelease);
+        assert_eq!(
+            spread_lease_step(shard, Some(&held), planned, None),
+            Some(LeaseStep::SetHome(shard)),
+            "named home first"
+        );
+        let named = LeaseSnapshot {
+            home_worker: Some(shard),
+            release_requested_by: Some("shardop-assigner".into()),
+            ..held.clone()
+        };
+        assert_eq!(
+            spread_lease_step(shard, Some(&named), planned, None),
+            planned
+        );
+        assert!(should_release(&me, shard, Some(&named)), "then let go");
+        // Released, it stays as a retired tombstone the worker never acquires again.
+        let released = LeaseSnapshot {
+            holder: None,
+            release_requested_by: None,
+            ..named
+        };
+        let planned = Some(LeaseStep::Delete);
+        assert_eq!(
+            spread_lease_step(shard, Some(&released), planned, None),
+            None
+        );
+        let now = jiff::Timestamp::UNIX_EPOCH;
+        assert_eq!(
+            acquisition(&me, shard, Some(&released), 3, now),
+            Acquisition::Wait
+        );
+        // In range, the plan goes first, then the spread's home.
+        assert_eq!(
+            spread_lease_step(shard, None, None, Some(ShardIndex(1))),
+            Some(LeaseStep::CreateHomed(ShardIndex(1)))
+        );
+        assert_eq!(
+            spread_lease_step(shard, None, planned, Some(ShardIndex(1))),
+            planned
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ use jiff::Timestamp;
 
 use super::admission::{Admission, Creation, admission};
 use super::failover::{Acquisition, Me, acquisition, release_wait, should_release};
+use super::homes::spread_lease_step;
 use super::lease::LeaseSnapshot;
 use super::object::{AssignerAction, ObjectPlacement, WorkerAction, worker_action};
 use super::plan::{LeaseStep, ObjectFacts, plan_object, plan_shard};
@@ -195,6 +196,9 @@ struct WebhookView {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct World {
     n: u32,
+    /// The shard count is fixed and spread over all the workers (the assigner's `--shards`
+    /// with `--worker-statefulset`): workers beyond `n` keep running.
+    fixed: bool,
     objs: Vec<Obj>,
     leases: Vec<Lease>,
     workers: Vec<Worker>,
@@ -486,7 +490,16 @@ impl Model {
             .pending
             .iter()
             .any(|p| matches!(p, Write::Object { from: Some(f), .. } if *f as usize == s));
-        let plan = plan_shard(ShardIndex(s as u32), &self.table(seen), labelled, in_flight);
+        let shard = ShardIndex(s as u32);
+        let table = self.table(seen);
+        let mut plan = plan_shard(shard, &table, labelled, in_flight);
+        if w.fixed {
+            // The model's spread is the homes the Leases name (moved by `Rehome`).
+            let home = table
+                .in_range(shard)
+                .then(|| table.lease(shard).map_or(shard, |l| l.home_of(shard)));
+            plan.lease_step = spread_lease_step(shard, table.lease(shard), plan.lease_step, home);
+        }
         plan.lease_step.map(|step| Write::Lease {
             shard: s,
             rv: seen.leases[s].rv,
@@ -697,6 +710,9 @@ impl Model {
         let mut w = start.clone();
         w.budget = Budget::default();
         let n = w.n as usize;
+        // Scaled in, the StatefulSet removes the pods beyond `n`; with a fixed shard count
+        // they are workers like the others.
+        let running = if w.fixed { SHARDS } else { n };
         // Objects not created yet are created now, through the webhook's (maybe stale)
         // snapshot.
         for o in 0..w.objs.len() {
@@ -711,18 +727,18 @@ impl Model {
             let worker = &mut w.workers[wi];
             worker.reconciling.clear();
             worker.stray.clear();
-            if wi >= n {
-                worker.alive = false; // scaled in: the StatefulSet removed the pod
+            if wi >= running {
+                worker.alive = false;
             }
             for lease in &mut w.leases {
                 if lease.holder == Some(wi) && !w.workers[wi].alive {
                     lease.live = false;
                 }
             }
-            w.workers[wi].alive = wi < n;
+            w.workers[wi].alive = wi < running;
         }
         for _round in 0..12 {
-            for wi in 0..n {
+            for wi in 0..running {
                 for o in 0..w.objs.len() {
                     w.workers[wi].cache[o] = Some(w.objs[o].clone());
                 }
@@ -779,8 +795,15 @@ impl Model {
             );
         }
         for (s, lease) in w.leases.iter().enumerate() {
+            // With a fixed count, a retired Lease stays as a tombstone for the worker of
+            // its ordinal, but nobody holds it (an expired one may still name its holder).
+            let cleaned_up = if w.fixed {
+                lease.retired && !lease.live
+            } else {
+                !lease.exists
+            };
             assert!(
-                s < n || !lease.exists,
+                s < n || !lease.exists || cleaned_up,
                 "retired shard {s} not cleaned up: {lease:?}\ntrace: {trace:#?}\nfinal: {w:#?}"
             );
         }
@@ -1031,6 +1054,7 @@ fn steady(objects: usize, n: u32, budget: Budget) -> (Model, World) {
         .collect();
     let world = World {
         n,
+        fixed: false,
         assigner: Assigner {
             seen: None,
             last_owner: vec![None; objs.len()],
@@ -1116,6 +1140,24 @@ fn a_hand_back_that_aborts_its_reconciles_releases_only_once_their_writes_landed
     w.leases[1].home = Some(2);
     w.leases[1].release_requested = true;
     w.leases[1].rv += 1;
+    let states = model.explore(w, 12, max_states());
+    assert!(states > 100, "explored only {states} states");
+}
+
+#[test]
+fn a_worker_beyond_a_fixed_shard_count_lets_its_ordinals_shard_go_for_good() {
+    // Two shards spread over three workers: worker 2 has no shard, but it creates and
+    // acquires its ordinal's Lease whenever none exists. The assigner retires it; worker 2
+    // must let it go and never take it again, while it keeps running (and may crash).
+    let (model, w) = steady(
+        2,
+        2,
+        Budget {
+            crashes: 1,
+            ..Budget::default()
+        },
+    );
+    let w = World { fixed: true, ..w };
     let states = model.explore(w, 12, max_states());
     assert!(states > 100, "explored only {states} states");
 }
