@@ -506,9 +506,12 @@ impl ShardScope {
     }
 
     /// Drops from a cached object what the assignment strategy does not need (for the
-    /// label strategy: every managedFields entry but a marker of the assigner's ownership
-    /// of the shard label). Use with `WatchStreamExt::modify` on a watch of the shard's
-    /// objects.
+    /// label strategy: every managedFields entry, replaced by a marker of the assigner's
+    /// ownership of the shard label, see [`crate::label_trust::trim_to_trust_marker`]). Use
+    /// with `WatchStreamExt::modify` on a watch of the shard's objects, on the objects as
+    /// the API server sent them: an object whose managed fields were already dropped
+    /// otherwise (kube's `managed_fields_mut().clear()`) cannot say who wrote its shard
+    /// label and reads as untrusted.
     pub fn trim_cached<K: Resource>(&self, object: &mut K) {
         self.inner.strategy.trim_cached(object.meta_mut());
     }
