@@ -60,6 +60,8 @@ pub struct ShardingSettings {
     pub retry_period: Duration,
     /// How long in-flight reconciles may run after a shutdown signal before they are
     /// abandoned and the Leases released (hand-backs get at most half a lease duration).
+    /// Abandoned reconciles may leave writes on the wire: their Leases are then released
+    /// only after the fencing margin, `lease_duration − renew_deadline`.
     pub shutdown_timeout: Duration,
     /// Use streaming lists (WatchList) for initial lists where the API server serves them.
     pub streaming_lists: bool,
@@ -395,7 +397,10 @@ impl Sharding {
     /// is lost, handed back or the process shuts down, the scope's
     /// [`stopped`](ShardScope::stopped) completes; the future then has up to the stop grace
     /// (none for a lost Lease, half a lease duration for a hand-back, the shutdown timeout
-    /// at shutdown) before it is aborted and the Lease released.
+    /// at shutdown) before it is aborted and the Lease released: at once after a clean
+    /// stop, and after the fencing margin (`lease_duration − renew_deadline`) when a write
+    /// may still be on the wire (the future was aborted, or a write was given up without
+    /// an answer).
     pub async fn run<F, Fut>(self, serve: F) -> Result<(), ShardingError>
     where
         F: Fn(ShardScope) -> Fut + Send + Sync + 'static,
