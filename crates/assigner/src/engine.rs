@@ -18,8 +18,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use shardop::protocol::{
-    AssignerAction, LeaseStep, ObjectPlacement, ShardTable, plan_shard, spread_homes,
-    spread_lease_step,
+    AssignerAction, LeaseStep, ObjectPlacement, ShardTable, plan_shard, spread_homes, spread_plan,
 };
 use shardop::{OperatorNames, Shard, ShardCount, ShardIndex, ShardLeaseWatch, ShardState};
 use tokio::task::JoinSet;
@@ -565,14 +564,10 @@ impl Engine {
             let count = labelled.get(&shard).copied().unwrap_or(0);
             let mut plan = plan_shard(shard, table, count, direct_from.contains(&shard));
             // Spread over the workers (a fixed shard count), a shard's worker stays when the
-            // shard leaves the count: see `spread_lease_step`.
+            // shard leaves the count: see `spread_plan`.
             if !homes.is_empty() {
-                plan.lease_step = spread_lease_step(
-                    shard,
-                    table.lease(shard),
-                    plan.lease_step,
-                    homes.get(shard.0 as usize).copied(),
-                );
+                let home = homes.get(shard.0 as usize).copied();
+                plan = spread_plan(shard, table.lease(shard), plan, home);
             }
             let lease = leases.get(&shard);
             let lease_rv = lease.and_then(|l| l.resource_version());

@@ -36,7 +36,7 @@ use jiff::Timestamp;
 
 use super::admission::{Admission, Creation, admission};
 use super::failover::{Acquisition, Me, acquisition, release_wait, should_release};
-use super::homes::spread_lease_step;
+use super::homes::spread_plan;
 use super::lease::LeaseSnapshot;
 use super::object::{AssignerAction, ObjectPlacement, WorkerAction, worker_action};
 use super::plan::{LeaseStep, ObjectFacts, plan_object, plan_shard};
@@ -498,7 +498,7 @@ impl Model {
             let home = table
                 .in_range(shard)
                 .then(|| table.lease(shard).map_or(shard, |l| l.home_of(shard)));
-            plan.lease_step = spread_lease_step(shard, table.lease(shard), plan.lease_step, home);
+            plan = spread_plan(shard, table.lease(shard), plan, home);
         }
         plan.lease_step.map(|step| Write::Lease {
             shard: s,
