@@ -326,66 +326,8 @@ impl Model {
         if w.budget.assigner_restarts > 0 {
             steps.push(Step::AssignerRestart);
         }
-        for (wi, worker) in w.workers.iter().enumerate() {
-            if !worker.alive {
-                if w.leases.iter().all(|l| !(l.live && l.holder == Some(wi))) {
-                    steps.push(Step::RestartWorker(wi));
-                }
-                continue;
-            }
-            for s in 0..SHARDS {
-                if can_acquire(w, wi, s) {
-                    steps.push(Step::Acquire(wi, s));
-                }
-                let holds = holds(w, wi, s);
-                let reconciling = worker.reconciling.iter().any(|(rs, _)| *rs as usize == s);
-                if must_release(w, wi, s) && !reconciling && release_is_due(worker, s) {
-                    steps.push(Step::Release(wi, s));
-                }
-                if w.budget.aborts > 0 && must_release(w, wi, s) && reconciling {
-                    steps.push(Step::Abort(wi, s));
-                }
-                for &(rs, o) in worker.stray.iter().filter(|(rs, _)| *rs as usize == s) {
-                    steps.push(Step::StrayLands(wi, rs as usize, o));
-                }
-                for o in 0..w.objs.len() {
-                    let key = (s as u32, o);
-                    if worker.reconciling.contains(&key) {
-                        steps.push(Step::FinishReconcile(wi, s, o));
-                        continue;
-                    }
-                    // A controller aborted on a hand-back is gone: it starts nothing more.
-                    if !holds || worker.stray.iter().any(|(rs, _)| *rs as usize == s) {
-                        continue;
-                    }
-                    // The worker's own decision, from its cached copy.
-                    let shard = ShardIndex(s as u32);
-                    match worker.cache[o]
-                        .as_ref()
-                        .map(|cached| worker_action(&cached.placement(), shard, false))
-                    {
-                        Some(WorkerAction::AcknowledgeDrain) => steps.push(Step::Ack(wi, s, o)),
-                        Some(WorkerAction::Reconcile) => {
-                            steps.push(Step::StartReconcile(wi, s, o));
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            for o in 0..w.objs.len() {
-                if worker.cache[o].as_ref() != Some(&w.objs[o]) {
-                    steps.push(Step::Sync(wi, o));
-                }
-            }
-            if w.budget.crashes > 0 {
-                steps.push(Step::Crash(wi));
-            }
-            if w.budget.stops > 0
-                && worker.reconciling.is_empty()
-                && (0..SHARDS).all(|s| release_is_due(worker, s))
-            {
-                steps.push(Step::GracefulStop(wi));
-            }
+        for wi in 0..w.workers.len() {
+            worker_steps(w, wi, &mut steps);
         }
         for (s, lease) in w.leases.iter().enumerate() {
             if lease.live && lease.holder.is_some_and(|h| !w.workers[h].alive) {
@@ -913,6 +855,71 @@ fn must_release(w: &World, wi: usize, s: usize) -> bool {
     };
     let lease = &w.leases[s];
     holds(w, wi, s) && should_release(&me, ShardIndex(s as u32), Some(&lease.snapshot()))
+}
+
+/// The steps worker `wi` can take in `w`: its real decisions about Leases and objects, and
+/// the failures left in the budget.
+fn worker_steps(w: &World, wi: usize, steps: &mut Vec<Step>) {
+    let worker = &w.workers[wi];
+    if !worker.alive {
+        if w.leases.iter().all(|l| !(l.live && l.holder == Some(wi))) {
+            steps.push(Step::RestartWorker(wi));
+        }
+        return;
+    }
+    for s in 0..SHARDS {
+        if can_acquire(w, wi, s) {
+            steps.push(Step::Acquire(wi, s));
+        }
+        let holds = holds(w, wi, s);
+        let reconciling = worker.reconciling.iter().any(|(rs, _)| *rs as usize == s);
+        if must_release(w, wi, s) && !reconciling && release_is_due(worker, s) {
+            steps.push(Step::Release(wi, s));
+        }
+        if w.budget.aborts > 0 && must_release(w, wi, s) && reconciling {
+            steps.push(Step::Abort(wi, s));
+        }
+        for &(rs, o) in worker.stray.iter().filter(|(rs, _)| *rs as usize == s) {
+            steps.push(Step::StrayLands(wi, rs as usize, o));
+        }
+        for o in 0..w.objs.len() {
+            let key = (s as u32, o);
+            if worker.reconciling.contains(&key) {
+                steps.push(Step::FinishReconcile(wi, s, o));
+                continue;
+            }
+            // A controller aborted on a hand-back is gone: it starts nothing more.
+            if !holds || worker.stray.iter().any(|(rs, _)| *rs as usize == s) {
+                continue;
+            }
+            // The worker's own decision, from its cached copy.
+            let shard = ShardIndex(s as u32);
+            match worker.cache[o]
+                .as_ref()
+                .map(|cached| worker_action(&cached.placement(), shard, false))
+            {
+                Some(WorkerAction::AcknowledgeDrain) => steps.push(Step::Ack(wi, s, o)),
+                Some(WorkerAction::Reconcile) => {
+                    steps.push(Step::StartReconcile(wi, s, o));
+                }
+                _ => {}
+            }
+        }
+    }
+    for o in 0..w.objs.len() {
+        if worker.cache[o].as_ref() != Some(&w.objs[o]) {
+            steps.push(Step::Sync(wi, o));
+        }
+    }
+    if w.budget.crashes > 0 {
+        steps.push(Step::Crash(wi));
+    }
+    if w.budget.stops > 0
+        && worker.reconciling.is_empty()
+        && (0..SHARDS).all(|s| release_is_due(worker, s))
+    {
+        steps.push(Step::GracefulStop(wi));
+    }
 }
 
 /// Whether worker `w` may release shard `s`'s Lease now: the worker's real rule
