@@ -19,7 +19,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use shardop::protocol::{
-    AssignerAction, LeaseStep, ObjectPlacement, ShardTable, home_step, plan_shard, spread_homes,
+    AssignerAction, LeaseStep, ObjectPlacement, ShardTable, plan_shard, spread_homes, spread_plan,
 };
 use shardop::{OperatorNames, Shard, ShardCount, ShardIndex, ShardLeaseWatch, ShardState};
 use shardop_runtime::retry::jitter_unit;
@@ -613,10 +613,11 @@ impl Engine {
         for shard in indices {
             let count = labelled.get(&shard).copied().unwrap_or(0);
             let mut plan = plan_shard(shard, table, count, direct_from.contains(&shard));
-            if plan.lease_step.is_none()
-                && let Some(home) = homes.get(shard.0 as usize)
-            {
-                plan.lease_step = home_step(shard, table.lease(shard), *home);
+            // Spread over the workers (a fixed shard count), a shard's worker stays when the
+            // shard leaves the count: see `spread_plan`.
+            if !homes.is_empty() {
+                let home = homes.get(shard.0 as usize).copied();
+                plan = spread_plan(shard, table.lease(shard), plan, home);
             }
             let lease = leases.get(&shard);
             let lease_rv = lease.and_then(|l| l.resource_version());

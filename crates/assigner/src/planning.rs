@@ -393,7 +393,6 @@ mod tests {
     use kube::core::PartialObjectMeta;
     use kube::runtime::watcher;
     use shardop::assignment::shard_for;
-    use shardop::label_trust::trust_marker_for;
     use shardop::protocol::{LeaseStep, plan_shard};
 
     use super::*;
@@ -429,7 +428,7 @@ mod tests {
                 name: Some(name.to_owned()),
                 resource_version: Some("1".to_owned()),
                 labels: Some(labels),
-                managed_fields: trust_marker_for(Some(written.as_slice()), &names),
+                managed_fields: Some(written.to_vec()),
                 ..Default::default()
             },
             _phantom: Default::default(),

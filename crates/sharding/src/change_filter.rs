@@ -18,7 +18,7 @@ use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use kube::Resource;
 use kube::runtime::watcher::Event;
 
-use crate::label_trust::shard_label_written_by;
+use crate::label_trust::shard_label_trusted;
 use crate::names::OperatorNames;
 
 /// What the filter remembers of an object in the watch.
@@ -137,7 +137,7 @@ impl ChangeFilter {
 
 /// Whether the assigner wrote the object's shard label (kept in the cache as a marker).
 fn label_trusted<K: Resource>(object: &K, names: &OperatorNames) -> bool {
-    shard_label_written_by(object.meta().managed_fields.as_deref(), names)
+    shard_label_trusted(object.meta(), names)
 }
 
 /// A hash of the fields whose change triggers a reconcile.
@@ -182,8 +182,8 @@ mod tests {
 
     /// `object` as cached after the assigner wrote its shard label.
     fn trusted<K: Resource>(mut object: K) -> K {
-        object.meta_mut().managed_fields =
-            crate::label_trust::trust_marker_for(Some(&written_by_assigner()), &names());
+        object.meta_mut().managed_fields = Some(written_by_assigner());
+        crate::label_trust::trim_to_trust_marker(object.meta_mut(), &names());
         object
     }
 

@@ -57,9 +57,15 @@ pub struct LeaseSettings {
 }
 
 impl LeaseSettings {
-    /// `leaseDurationSeconds` as written to the Lease (at least 1).
+    /// `leaseDurationSeconds` as written to the Lease: the lease duration rounded *up* to
+    /// whole seconds (at least 1), so that others never wait less than this holder assumes.
+    /// [`crate::ShardingSettings::validate`] only accepts whole seconds, where this is exact.
     pub fn lease_duration_seconds(&self) -> i32 {
-        i32::try_from(self.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX)
+        let rounded_up = self
+            .lease_duration
+            .as_secs()
+            .saturating_add(u64::from(self.lease_duration.subsec_nanos() > 0));
+        i32::try_from(rounded_up.max(1)).unwrap_or(i32::MAX)
     }
 }
 
@@ -86,6 +92,9 @@ pub struct LeaseGuard {
 struct GuardInner {
     shard: ShardIndex,
     valid_until: Mutex<Instant>,
+    /// When a write for the shard was last given up while it may have been on the wire (its
+    /// future dropped before the answer): the server may still apply it.
+    abandoned_at: Mutex<Option<Instant>>,
     /// Cancelled once the guard is invalid for good (renew deadline passed, Lease taken by
     /// someone else, or released).
     lost: CancellationToken,
@@ -97,6 +106,7 @@ impl LeaseGuard {
             inner: Arc::new(GuardInner {
                 shard,
                 valid_until: Mutex::new(valid_until),
+                abandoned_at: Mutex::new(None),
                 lost: CancellationToken::new(),
             }),
         }
@@ -170,6 +180,29 @@ impl LeaseGuard {
                 return;
             }
         }
+    }
+
+    /// Records that a write may have been left on the wire just now: a request future
+    /// dropped before its answer, or a controller aborted with its writes. Aborting does not
+    /// un-send a request; the server may still apply it (see [`Self::abandoned_at`]).
+    pub fn note_abandoned_write(&self) {
+        let mut abandoned_at = self
+            .inner
+            .abandoned_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *abandoned_at = Some(Instant::now());
+    }
+
+    /// When a write for the shard was last abandoned while it may have been on the wire,
+    /// if ever; the release of the Lease waits for it (see
+    /// [`crate::protocol::failover::release_wait`]).
+    pub fn abandoned_at(&self) -> Option<Instant> {
+        *self
+            .inner
+            .abandoned_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Marks the guard invalid for good.
@@ -731,6 +764,11 @@ mod tests {
             retry_period: Duration::from_millis(100),
         };
         assert_eq!(settings.lease_duration_seconds(), 1);
+        let settings = LeaseSettings {
+            lease_duration: Duration::from_millis(10_500),
+            ..settings
+        };
+        assert_eq!(settings.lease_duration_seconds(), 11, "never shorter");
     }
 
     /// An API server that never answers.

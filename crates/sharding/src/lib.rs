@@ -120,7 +120,9 @@ pub use metrics::{ShardLoad, ShardMetrics};
 pub use names::OperatorNames;
 pub use reachability::ApiReachability;
 pub use retry::RetrySchedule;
-pub use scope::{Admission, MoveIn, ScopeError, ShardScope, object_key};
+pub use scope::{
+    Admission, MoveIn, ScopeError, ShardScope, bookkeeping_key, bookkeeping_key_of_ref, object_key,
+};
 pub use shard::{Shard, ShardSpec, ShardState, ShardStatus};
 pub use shard_index::{
     ParseShardIndexError, ShardCount, ShardIndex, capped_shard_count, parse_shard_count,

@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
@@ -31,8 +31,8 @@ use crate::protocol::{ObjectPlacement, WorkerAction, worker_action};
 use crate::shard_index::ShardIndex;
 use crate::strategy::AssignmentStrategy;
 
-/// `namespace/name` of an object (`/name` for a cluster-scoped one): the key of the
-/// per-shard bookkeeping.
+/// `namespace/name` of an object (`/name` for a cluster-scoped one). It does not say the
+/// kind: the per-shard bookkeeping keys objects by [`bookkeeping_key`].
 pub fn object_key<K: Resource>(object: &K) -> String {
     let meta = object.meta();
     format!(
@@ -40,6 +40,45 @@ pub fn object_key<K: Resource>(object: &K) -> String {
         meta.namespace.as_deref().unwrap_or_default(),
         meta.name.as_deref().unwrap_or_default()
     )
+}
+
+/// `group/kind/namespace/name` of an object of the kind `dyntype` (an empty group for the
+/// core API, an empty namespace for a cluster-scoped object): the key of the per-shard
+/// bookkeeping. One scope may run controllers of several kinds, and objects of two kinds
+/// with the same namespace and name hash to the same shard: without the kind, the end of
+/// one's reconcile would count as the end of the other's.
+pub fn bookkeeping_key<K: Resource>(object: &K, dyntype: &K::DynamicType) -> String {
+    let meta = object.meta();
+    key_of(
+        &K::group(dyntype),
+        &K::kind(dyntype),
+        meta.namespace.as_deref(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
+/// [`bookkeeping_key`] of the object `object` refers to.
+pub fn bookkeeping_key_of_ref<K: Resource>(object: &ObjectRef<K>) -> String {
+    key_of(
+        &K::group(&object.dyntype),
+        &K::kind(&object.dyntype),
+        object.namespace.as_deref(),
+        &object.name,
+    )
+}
+
+/// [`bookkeeping_key`] of an object of kind `resource`, from its metadata.
+fn resource_key(resource: &ApiResource, meta: &kube::api::ObjectMeta) -> String {
+    key_of(
+        &resource.group,
+        &resource.kind,
+        meta.namespace.as_deref(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
+fn key_of(group: &str, kind: &str, namespace: Option<&str>, name: &str) -> String {
+    format!("{group}/{kind}/{}/{name}", namespace.unwrap_or_default())
 }
 
 /// What a reconcile may do with an object, decided by [`ShardScope::admit`].
@@ -75,7 +114,7 @@ type LoadReport = Box<dyn Fn() -> ShardLoad + Send + Sync>;
 /// How long a shard remembers the drains it acknowledged (one entry per moved object).
 const ACKNOWLEDGED_MEMORY: Duration = Duration::from_secs(600);
 
-/// Whether an object (by [`object_key`]) is in one of the shard's caches.
+/// Whether an object (by [`bookkeeping_key`]) is in one of the shard's caches.
 type CacheLookup = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// Aborts a task when dropped.
@@ -166,6 +205,18 @@ impl ScopeBook {
     }
 }
 
+/// Two controllers' loads together: counts add, the oldest ages win.
+fn add_loads(total: ShardLoad, load: ShardLoad) -> ShardLoad {
+    ShardLoad {
+        objects: total.objects.saturating_add(load.objects),
+        backlog: total.backlog.saturating_add(load.backlog),
+        terminating: total.terminating.saturating_add(load.terminating),
+        queue_depth: total.queue_depth.saturating_add(load.queue_depth),
+        longest_running: total.longest_running.max(load.longest_running),
+        oldest_unconverged: total.oldest_unconverged.max(load.oldest_unconverged),
+    }
+}
+
 struct ScopeInner {
     shard: ShardIndex,
     names: OperatorNames,
@@ -176,7 +227,8 @@ struct ScopeInner {
     metrics: ShardMetrics,
     streaming_lists: bool,
     book: Mutex<ScopeBook>,
-    load: Mutex<Option<LoadReport>>,
+    /// One report per controller (or per caller of [`ShardScope::report_load`]).
+    load: Mutex<Vec<LoadReport>>,
     caches: Mutex<Vec<CacheLookup>>,
     synced: AtomicBool,
 }
@@ -221,7 +273,7 @@ impl ShardScope {
                 metrics: parts.metrics,
                 streaming_lists: parts.streaming_lists,
                 book: Mutex::default(),
-                load: Mutex::new(None),
+                load: Mutex::default(),
                 caches: Mutex::default(),
                 synced: AtomicBool::new(false),
             }),
@@ -336,27 +388,29 @@ impl ShardScope {
         self.inner.strategy.placement(object.meta())
     }
 
-    /// Reports the shard's load to the gauges and the Shard heartbeat: `report` is called
-    /// once per supervisor tick. [`controller`](Self::controller) installs one that counts
-    /// its cache; queue depth and the longest running reconcile are added by the scope.
+    /// Adds a report of the shard's load to the gauges and the Shard heartbeat: `report` is
+    /// called once per supervisor tick. The reports of several controllers (one per kind)
+    /// add up: counts are summed, and the oldest unconverged change is the oldest of all.
+    /// [`controller`](Self::controller) installs one that counts its cache; queue depth and
+    /// the longest running reconcile are added by the scope.
     pub fn report_load(&self, report: impl Fn() -> ShardLoad + Send + Sync + 'static) {
-        *self
-            .inner
+        self.inner
             .load
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Box::new(report));
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Box::new(report));
     }
 
-    /// The shard's load: the controller's report plus the scope's queue bookkeeping.
+    /// The shard's load: the controllers' reports plus the scope's queue bookkeeping.
     pub(crate) fn load(&self) -> ShardLoad {
         let mut load = self
             .inner
             .load
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
+            .iter()
             .map(|report| report())
-            .unwrap_or_default();
+            .fold(ShardLoad::default(), add_loads);
         let caches = self
             .inner
             .caches
@@ -393,10 +447,11 @@ impl ShardScope {
         self.inner.synced.load(Ordering::Acquire)
     }
 
-    /// Records an event for an object (`object_key`) that a reconcile has not picked up
-    /// yet: it counts in the queue depth until [`admit`](Self::admit) starts its reconcile.
-    pub fn mark_pending(&self, key: String) {
-        self.book().mark_pending(key);
+    /// Records an event for the object `object` refers to that a reconcile has not picked
+    /// up yet (a child's event queueing its parent): it counts in the queue depth until
+    /// [`admit`](Self::admit) starts its reconcile.
+    pub fn mark_pending<K: Resource>(&self, object: &ObjectRef<K>) {
+        self.book().mark_pending(bookkeeping_key_of_ref(object));
     }
 
     /// The shard's objects of kind `K` from `api`: a stream for `Controller::for_stream`
@@ -451,9 +506,12 @@ impl ShardScope {
     }
 
     /// Drops from a cached object what the assignment strategy does not need (for the
-    /// label strategy: every managedFields entry but a marker of the assigner's ownership
-    /// of the shard label). Use with `WatchStreamExt::modify` on a watch of the shard's
-    /// objects.
+    /// label strategy: every managedFields entry, replaced by a marker of the assigner's
+    /// ownership of the shard label, see [`crate::label_trust::trim_to_trust_marker`]). Use
+    /// with `WatchStreamExt::modify` on a watch of the shard's objects, on the objects as
+    /// the API server sent them: an object whose managed fields were already dropped
+    /// otherwise (kube's `managed_fields_mut().clear()`) cannot say who wrote its shard
+    /// label and reads as untrusted.
     pub fn trim_cached<K: Resource>(&self, object: &mut K) {
         self.inner.strategy.trim_cached(object.meta_mut());
     }
@@ -474,8 +532,13 @@ impl ShardScope {
         K: Resource + Clone + Send + Sync + 'static,
         K::DynamicType: Clone + Eq + Hash + Send + Sync,
     {
+        // Keys of this cache's kind start with its group and kind.
+        let kind = format!("{}/{}/", K::group(&dyntype), K::kind(&dyntype));
         let lookup: CacheLookup = Box::new(move |key: &str| {
-            let Some((namespace, name)) = key.split_once('/') else {
+            let Some((namespace, name)) = key
+                .strip_prefix(kind.as_str())
+                .and_then(|key| key.split_once('/'))
+            else {
                 return false;
             };
             let object = reflector::ObjectRef::new_with(name, dyntype.clone());
@@ -568,14 +631,16 @@ impl ShardScope {
         resource: &ApiResource,
     ) -> Option<K> {
         match &event {
-            watcher::Event::Delete(object) => self.book().forget(&object_key(object)),
+            watcher::Event::Delete(object) => {
+                self.book().forget(&resource_key(resource, object.meta()));
+            }
             watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
                 self.note_if_returned(object);
             }
             watcher::Event::Init | watcher::Event::InitDone => {}
         }
         let admitted = filter.admit(event)?;
-        let key = object_key(&admitted.object);
+        let key = resource_key(resource, admitted.object.meta());
         let early = {
             let mut book = self.book();
             if admitted.joined {
@@ -727,7 +792,7 @@ impl ShardScope {
         dyntype: &K::DynamicType,
     ) -> Result<Admission, ScopeError> {
         self.check()?;
-        let key = object_key(object);
+        let key = bookkeeping_key(object, dyntype);
         self.start_run_after_acknowledgement(&key).await;
         let uid = object.meta().uid.clone().unwrap_or_default();
         if self.already_acknowledged(&uid) {
@@ -850,8 +915,19 @@ impl ShardScope {
     }
 
     /// A reconcile of `object` ended.
-    pub fn finished<K: Resource>(&self, object: &K) {
-        self.book().running.remove(&object_key(object));
+    pub fn finished<K>(&self, object: &K)
+    where
+        K: Resource,
+        K::DynamicType: Default,
+    {
+        self.finished_with(object, &K::DynamicType::default());
+    }
+
+    /// [`finished`](Self::finished) for a kind with dynamic type `dyntype`.
+    pub fn finished_with<K: Resource>(&self, object: &K, dyntype: &K::DynamicType) {
+        self.book()
+            .running
+            .remove(&bookkeeping_key(object, dyntype));
     }
 
     /// Whether `object` joined this shard (moved in from another shard, or its label
@@ -859,18 +935,47 @@ impl ShardScope {
     /// the previous shard's label, invisible to this shard's child watch, so the reconcile
     /// must apply every child even if its cache shows none or an unchanged one. Pass the
     /// returned value to [`children_relabelled`](Self::children_relabelled) once it did.
-    pub fn moved_in<K: Resource>(&self, object: &K) -> Option<MoveIn> {
+    pub fn moved_in<K>(&self, object: &K) -> Option<MoveIn>
+    where
+        K: Resource,
+        K::DynamicType: Default,
+    {
+        self.moved_in_with(object, &K::DynamicType::default())
+    }
+
+    /// [`moved_in`](Self::moved_in) for a kind with dynamic type `dyntype`.
+    pub fn moved_in_with<K: Resource>(
+        &self,
+        object: &K,
+        dyntype: &K::DynamicType,
+    ) -> Option<MoveIn> {
         self.book()
             .joined
-            .get(&object_key(object))
+            .get(&bookkeeping_key(object, dyntype))
             .copied()
             .map(MoveIn)
     }
 
     /// The children of `object` were applied with this shard's labels after the join
     /// `move_in`: forgets it, unless the object joined again meanwhile.
-    pub fn children_relabelled<K: Resource>(&self, object: &K, move_in: MoveIn) {
-        self.book().clear_join(&object_key(object), move_in.0);
+    pub fn children_relabelled<K>(&self, object: &K, move_in: MoveIn)
+    where
+        K: Resource,
+        K::DynamicType: Default,
+    {
+        self.children_relabelled_with(object, &K::DynamicType::default(), move_in);
+    }
+
+    /// [`children_relabelled`](Self::children_relabelled) for a kind with dynamic type
+    /// `dyntype`.
+    pub fn children_relabelled_with<K: Resource>(
+        &self,
+        object: &K,
+        dyntype: &K::DynamicType,
+        move_in: MoveIn,
+    ) {
+        self.book()
+            .clear_join(&bookkeeping_key(object, dyntype), move_in.0);
     }
 
     /// Wraps a reconcile function for `Controller::run`: each call is first
@@ -1233,8 +1338,8 @@ mod tests {
     #[tokio::test]
     async fn a_drain_is_not_acknowledged_ahead_of_a_running_reconcile_of_the_object() {
         let (scope, requests) = scope(Duration::from_secs(60));
-        scope.book().start_running("/a");
         let draining = assigned(&[("tenants.shardop.dev/drain", "2")], true);
+        scope.book().start_running(&bookkeeping_key(&draining, &()));
         through_filter(&scope, draining.clone()).await;
         assert_eq!(
             requests_reach(&requests, 1).await,
@@ -1246,6 +1351,70 @@ mod tests {
         let (called, _) = reconcile_once(&scope, draining).await;
         assert!(!called);
         assert_eq!(requests.lock().unwrap().len(), 1);
+    }
+
+    /// A `Node` with the same name, labels and uid scheme as `namespace`: an object of
+    /// another kind that the hash places on the same shard.
+    fn same_name_of_another_kind(namespace: &Namespace) -> k8s_openapi::api::core::v1::Node {
+        let mut metadata = namespace.metadata.clone();
+        metadata.uid = Some("u-node-a".into());
+        k8s_openapi::api::core::v1::Node {
+            metadata,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn two_kinds_with_the_same_name_keep_their_own_bookkeeping() {
+        let (scope, requests) = scope(Duration::from_secs(60));
+        let namespace = assigned(&[], true);
+        let node = same_name_of_another_kind(&namespace);
+        assert_eq!(scope.admit(&namespace).await.unwrap(), Admission::Reconcile);
+        assert_eq!(scope.admit(&node).await.unwrap(), Admission::Reconcile);
+        // The Namespace's reconcile ends; the Node's still writes.
+        scope.finished(&namespace);
+        assert!(
+            scope
+                .book()
+                .running
+                .contains_key(&bookkeeping_key(&node, &()))
+        );
+        // So the Node's drain is not acknowledged ahead of its running reconcile (W2).
+        let draining =
+            same_name_of_another_kind(&assigned(&[("tenants.shardop.dev/drain", "2")], true));
+        let events = futures::stream::iter([Ok(watcher::Event::Apply(draining))]);
+        let passed: Vec<_> = scope.filter_events(events).collect().await;
+        assert_eq!(passed.len(), 1);
+        assert_eq!(
+            requests_reach(&requests, 1).await,
+            0,
+            "acknowledged while the Node's reconcile runs"
+        );
+        // Each kind's cache answers for its own objects only.
+        let (reader, mut writer) = reflector::store::<Namespace>();
+        writer.apply_watcher_event(&watcher::Event::Apply(namespace.clone()));
+        scope.track_cache(reader);
+        scope.mark_pending(&ObjectRef::from_obj(&node));
+        assert_eq!(scope.load().queue_depth, 0, "no Node cache holds it");
+        scope.mark_pending(&ObjectRef::from_obj(&namespace));
+        assert_eq!(scope.load().queue_depth, 1);
+    }
+
+    #[tokio::test]
+    async fn the_loads_of_several_controllers_add_up() {
+        let (scope, _) = scope(Duration::from_secs(60));
+        let load = |objects, oldest| ShardLoad {
+            objects,
+            backlog: objects / 2,
+            oldest_unconverged: Duration::from_secs(oldest),
+            ..ShardLoad::default()
+        };
+        scope.report_load(move || load(4, 30));
+        scope.report_load(move || load(6, 10));
+        let total = scope.load();
+        assert_eq!(total.objects, 10);
+        assert_eq!(total.backlog, 5);
+        assert_eq!(total.oldest_unconverged, Duration::from_secs(30));
     }
 
     #[tokio::test]

@@ -60,6 +60,8 @@ pub struct ShardingSettings {
     pub retry_period: Duration,
     /// How long in-flight reconciles may run after a shutdown signal before they are
     /// abandoned and the Leases released (hand-backs get at most half a lease duration).
+    /// Abandoned reconciles may leave writes on the wire: their Leases are then released
+    /// only after the fencing margin, `lease_duration − renew_deadline`.
     pub shutdown_timeout: Duration,
     /// Use streaming lists (WatchList) for initial lists where the API server serves them.
     pub streaming_lists: bool,
@@ -188,8 +190,21 @@ impl ShardingSettings {
         Ok(settings)
     }
 
-    /// Checks the timings: retry period < renew deadline < lease duration.
+    /// Checks the timings: the lease duration is a whole number of seconds, and retry
+    /// period < renew deadline < lease duration.
     pub fn validate(&self) -> Result<(), ShardingError> {
+        // A Lease holds `leaseDurationSeconds`, an integer: a fractional duration would be
+        // written shorter than the one the renew deadline is compared with, and others
+        // could take over while this holder still writes.
+        if self.lease_duration.subsec_nanos() != 0
+            || self.lease_duration.is_zero()
+            || i32::try_from(self.lease_duration.as_secs()).is_err()
+        {
+            return Err(ShardingError::Settings(format!(
+                "the lease duration must be a whole number of seconds (at least 1s), not {:?}",
+                self.lease_duration
+            )));
+        }
         if self.renew_deadline >= self.lease_duration {
             return Err(ShardingError::Settings(
                 "the renew deadline must be shorter than the lease duration".into(),
@@ -369,8 +384,8 @@ impl Sharding {
     }
 
     /// Calls `hook` after every supervisor tick with whether the process is ready: each of
-    /// its home shards (its ordinal's, or those whose Leases name it home) is served and
-    /// its scope [reported synced](ShardScope::report_synced).
+    /// its home shards (its ordinal's, or those whose Leases name it home; not the retired
+    /// ones) is served and its scope [reported synced](ShardScope::report_synced).
     pub fn on_readiness(mut self, hook: impl Fn(bool) + Send + Sync + 'static) -> Self {
         self.on_readiness = Some(Arc::new(hook));
         self
@@ -382,7 +397,10 @@ impl Sharding {
     /// is lost, handed back or the process shuts down, the scope's
     /// [`stopped`](ShardScope::stopped) completes; the future then has up to the stop grace
     /// (none for a lost Lease, half a lease duration for a hand-back, the shutdown timeout
-    /// at shutdown) before it is aborted and the Lease released.
+    /// at shutdown) before it is aborted and the Lease released: at once after a clean
+    /// stop, and after the fencing margin (`lease_duration − renew_deadline`) when a write
+    /// may still be on the wire (the future was aborted, or a write was given up without
+    /// an answer).
     pub async fn run<F, Fut>(self, serve: F) -> Result<(), ShardingError>
     where
         F: Fn(ShardScope) -> Fut + Send + Sync + 'static,
@@ -538,6 +556,18 @@ mod tests {
             &[("POD_NAME", "w-0"), ("SHARDOP_SHARD", "1024")],
             &[("POD_NAME", "w-0"), ("SHARDOP_RENEW_DEADLINE", "15s")],
             &[("POD_NAME", "w-0"), ("SHARDOP_RETRY_PERIOD", "0s")],
+            // The Lease would say 10 s while the holder writes until 10.2 s.
+            &[
+                ("POD_NAME", "w-0"),
+                ("SHARDOP_LEASE_DURATION", "10.5s"),
+                ("SHARDOP_RENEW_DEADLINE", "10.2s"),
+            ],
+            &[
+                ("POD_NAME", "w-0"),
+                ("SHARDOP_LEASE_DURATION", "1500ms"),
+                ("SHARDOP_RENEW_DEADLINE", "1s"),
+                ("SHARDOP_RETRY_PERIOD", "500ms"),
+            ],
             &[
                 ("POD_NAME", "w-0"),
                 ("SHARDOP_MEMORY_RETURN_INTERVAL", "0s"),

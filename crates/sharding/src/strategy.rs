@@ -22,7 +22,7 @@ use std::fmt::Debug;
 use kube::api::ObjectMeta;
 use kube::runtime::watcher;
 
-use crate::label_trust::{shard_label_written_by, trust_marker_for};
+use crate::label_trust::{shard_label_trusted, trim_to_trust_marker};
 use crate::names::OperatorNames;
 use crate::protocol::ObjectPlacement;
 use crate::shard_index::ShardIndex;
@@ -69,7 +69,7 @@ impl AssignmentStrategy for LabelAssignment {
     }
 
     fn placement(&self, meta: &ObjectMeta) -> ObjectPlacement {
-        let trusted = shard_label_written_by(meta.managed_fields.as_deref(), &self.names);
+        let trusted = shard_label_trusted(meta, &self.names);
         ObjectPlacement::from_labels_of(meta.labels.as_ref(), trusted, &self.names)
     }
 
@@ -78,8 +78,7 @@ impl AssignmentStrategy for LabelAssignment {
     }
 
     fn trim_cached(&self, meta: &mut ObjectMeta) {
-        let managed_fields = meta.managed_fields.take();
-        meta.managed_fields = trust_marker_for(managed_fields.as_deref(), &self.names);
+        trim_to_trust_marker(meta, &self.names);
     }
 
     fn drain_acknowledgement(&self) -> Option<serde_json::Value> {

@@ -68,9 +68,38 @@ impl Served {
         clean
     }
 
+    /// Aborts the controller. Its writes on the wire are not un-sent by that: the guard
+    /// records an abandoned write, which delays the release (see [`release`]).
     async fn abort(&mut self) {
         self.task.abort();
         let _ = (&mut self.task).await;
+        self.lease.guard().note_abandoned_write();
+    }
+}
+
+/// Releases `lease` once no write abandoned for its shard can still land (see
+/// [`failover::release_wait`]), bounded like every Lease write of the supervisor: a
+/// release that does not finish within the lease duration is given up, and the Lease, no
+/// longer renewed, expires.
+async fn release(lease: HeldLease, runtime: &Runtime) -> Result<(), ShardingError> {
+    let shard = lease.shard();
+    let settings = &runtime.settings;
+    let since_abandoned = lease.guard().abandoned_at().map(|at| at.elapsed());
+    let wait = failover::release_wait(
+        since_abandoned,
+        settings.lease_duration,
+        settings.renew_deadline,
+    );
+    if !wait.is_zero() {
+        tracing::info!(%shard, ?wait, "a write of the stopped controller may still land: releasing the shard lease after the fencing margin");
+        tokio::time::sleep(wait).await;
+    }
+    match tokio::time::timeout(settings.lease_duration, lease.release()).await {
+        Ok(released) => Ok(released?),
+        Err(_) => {
+            tracing::warn!(%shard, "releasing the shard lease did not finish within the lease duration; it expires instead");
+            Ok(())
+        }
     }
 }
 
@@ -169,14 +198,14 @@ impl Supervisor {
         );
         let grace = self.stop_grace(StopReason::Shutdown);
         let stops = served.into_values().map(|mut s| {
-            let metrics = self.runtime.metrics.clone();
+            let runtime = &self.runtime;
             async move {
                 let shard = s.lease.shard();
                 s.stop(grace).await;
-                if let Err(err) = s.lease.release().await {
+                if let Err(err) = release(s.lease, runtime).await {
                     tracing::warn!(%shard, error = %err, "releasing the shard lease failed");
                 }
-                metrics.forget_shard(shard);
+                runtime.metrics.forget_shard(shard);
             }
         });
         futures::future::join_all(stops).await;
@@ -246,7 +275,7 @@ impl Supervisor {
             if let Some(mut s) = served.remove(&shard) {
                 tracing::info!(%shard, "release requested: stopping the shard controller, then releasing its lease");
                 s.stop(self.stop_grace(StopReason::HandBack)).await;
-                s.lease.release().await?;
+                release(s.lease, &self.runtime).await?;
                 self.runtime.metrics.forget_shard(shard);
             }
         }
@@ -303,24 +332,35 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Metrics and heartbeats of every served shard.
+    /// Metrics and heartbeats of every served shard. The heartbeats go out together and
+    /// are given up after a retry period: they are reports, and one stuck behind the bulk
+    /// budget or on a connection that never answers must not hold up the Lease handling
+    /// (hand-backs, acquisitions, lost shards, shutdown) of the next steps.
     async fn report(&self, served: &mut BTreeMap<ShardIndex, Served>) {
-        for (shard, s) in served.iter_mut() {
+        let runtime = &self.runtime;
+        let heartbeats = served.iter_mut().map(|(shard, s)| {
             let load = s.scope.load();
-            self.runtime.metrics.publish_load(*shard, &load);
+            runtime.metrics.publish_load(*shard, &load);
             let report = Report {
-                holder: self.runtime.settings.identity.clone(),
+                holder: runtime.settings.identity.clone(),
                 queue_depth: load.queue_depth,
                 backlog: load.backlog,
             };
-            s.heartbeat
-                .maybe_send(
-                    &s.shards,
-                    &self.runtime.settings.names,
-                    &s.lease.guard(),
-                    report,
-                )
-                .await;
+            let guard = s.lease.guard();
+            async move {
+                s.heartbeat
+                    .maybe_send(&s.shards, &runtime.settings.names, &guard, report)
+                    .await;
+            }
+        });
+        let all = futures::future::join_all(heartbeats);
+        if tokio::time::timeout(runtime.settings.retry_period, all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "shard heartbeats did not finish within the retry period, given up until the next step"
+            );
         }
     }
 
@@ -435,12 +475,13 @@ fn worker_ring(leases: &BTreeMap<ShardIndex, LeaseSnapshot>, me: ShardIndex) -> 
         .unwrap_or(1)
 }
 
-/// The shards this worker is home for: those whose Leases name it (or, naming nobody,
-/// carry its ordinal as index), and its ordinal's shard while that has no Lease yet.
+/// The shards this worker is home for and must serve to be ready: those whose Leases name
+/// it (or, naming nobody, carry its ordinal as index) and are not retired (no worker
+/// acquires a retired shard), and its ordinal's shard while that has no Lease yet.
 fn home_shards(me: &Me<'_>, leases: &BTreeMap<ShardIndex, LeaseSnapshot>) -> Vec<ShardIndex> {
     let mut homes: Vec<ShardIndex> = leases
         .iter()
-        .filter(|(shard, lease)| failover::is_home(me, **shard, Some(lease)))
+        .filter(|(shard, lease)| !lease.retired && failover::is_home(me, **shard, Some(lease)))
         .map(|(shard, _)| *shard)
         .collect();
     if !leases.contains_key(&me.home) {
@@ -452,6 +493,127 @@ fn home_shards(me: &Me<'_>, leases: &BTreeMap<ShardIndex, LeaseSnapshot>) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    use crate::sharding::{Sharding, ShardingSettings};
+
+    /// An API server with one shard Lease store, whose Shard status writes (heartbeats)
+    /// never answer if `hang` is set. Records when the Lease is released.
+    #[derive(Clone, Default)]
+    struct HangingHeartbeats {
+        hang: bool,
+        lease: Arc<Mutex<Option<serde_json::Value>>>,
+        released: Arc<Mutex<Option<tokio::time::Instant>>>,
+        heartbeats: Arc<Mutex<usize>>,
+    }
+
+    impl HangingHeartbeats {
+        fn client(&self) -> kube::Client {
+            let api = self.clone();
+            let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+                let api = api.clone();
+                async move { Ok::<_, std::convert::Infallible>(api.answer(request).await) }
+            });
+            kube::Client::new(service, "ops")
+        }
+
+        async fn answer(
+            &self,
+            request: http::Request<kube::client::Body>,
+        ) -> http::Response<kube::client::Body> {
+            let (parts, body) = request.into_parts();
+            let body = body.collect_bytes().await.unwrap_or_default();
+            let (path, query) = (parts.uri.path(), parts.uri.query().unwrap_or(""));
+            let method = parts.method.as_str();
+            if path.ends_with("/status") {
+                *self.heartbeats.lock().unwrap() += 1;
+                if self.hang {
+                    return futures::future::pending().await;
+                }
+            }
+            if path.ends_with("/leases") && query.contains("watch=true") {
+                return futures::future::pending().await;
+            }
+            let mut stored = self.lease.lock().unwrap();
+            let reply = match (method, path.ends_with("/leases")) {
+                _ if path.ends_with("/status") => Some(serde_json::json!({})),
+                ("GET", true) => Some(serde_json::json!({
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "LeaseList",
+                    "metadata": { "resourceVersion": "1" },
+                    "items": stored.iter().cloned().collect::<Vec<_>>(),
+                })),
+                ("GET", false) => stored.clone(),
+                ("POST" | "PUT", _) => {
+                    let mut lease: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    lease["metadata"]["resourceVersion"] = "2".into();
+                    if lease["spec"]["holderIdentity"].is_null() {
+                        *self.released.lock().unwrap() = Some(tokio::time::Instant::now());
+                    }
+                    *stored = Some(lease.clone());
+                    Some(lease)
+                }
+                _ => None,
+            };
+            let (status, reply) = match reply {
+                Some(reply) => (200, reply),
+                None => (
+                    404,
+                    serde_json::json!({
+                        "apiVersion": "v1", "kind": "Status", "status": "Failure",
+                        "reason": "NotFound", "code": 404, "message": "not found",
+                    }),
+                ),
+            };
+            http::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(kube::client::Body::from(
+                    serde_json::to_vec(&reply).unwrap(),
+                ))
+                .unwrap()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_that_never_answers_does_not_hold_up_the_release() {
+        let api = HangingHeartbeats {
+            hang: true,
+            ..Default::default()
+        };
+        let mut settings = ShardingSettings::new("shardop", "shardop-worker-0", "ops").unwrap();
+        settings.streaming_lists = false;
+        settings.memory_return_interval = None;
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(
+            Sharding::new(api.client(), settings)
+                .with_shutdown(shutdown.clone())
+                .run(|scope| async move { scope.stopped().await }),
+        );
+        // The home shard is acquired and its first heartbeat hangs.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(*api.heartbeats.lock().unwrap() > 0, "no heartbeat sent");
+        assert!(api.released.lock().unwrap().is_none());
+        let stopping = tokio::time::Instant::now();
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the supervisor is stuck behind the heartbeat")
+            .unwrap()
+            .unwrap();
+        let released = api
+            .released
+            .lock()
+            .unwrap()
+            .expect("the lease was not released");
+        // The heartbeat was given up after a retry period (2 s); it may still land, so the
+        // release waits out the fencing margin (5 s) after that.
+        assert!(
+            released - stopping <= Duration::from_secs(8),
+            "released {:?} after the shutdown",
+            released - stopping
+        );
+    }
 
     fn me() -> Me<'static> {
         Me {
@@ -499,5 +661,49 @@ mod tests {
         // A worker the spread gave nothing is home for nothing (and so ready).
         let far = BTreeMap::from([(ShardIndex(1), homed(Some(0)))]);
         assert!(home_shards(&me(), &far).is_empty());
+        // Nor is a worker whose ordinal is beyond a fixed shard count, once the retired
+        // Lease of its ordinal's shard was let go: it never acquires it again.
+        let retired = LeaseSnapshot {
+            retired: true,
+            ..homed(Some(1))
+        };
+        let beyond = BTreeMap::from([(ShardIndex(1), retired)]);
+        assert!(home_shards(&me(), &beyond).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_controller_aborted_at_shutdown_releases_its_lease_after_the_fencing_margin() {
+        let api = HangingHeartbeats::default();
+        let mut settings = ShardingSettings::new("shardop", "shardop-worker-0", "ops").unwrap();
+        settings.streaming_lists = false;
+        settings.memory_return_interval = None;
+        settings.shutdown_timeout = Duration::from_secs(1);
+        let shutdown = CancellationToken::new();
+        // A controller that ignores the stop: it is aborted after the shutdown timeout, and
+        // a write of it may still be on its way to the API server.
+        let run = tokio::spawn(
+            Sharding::new(api.client(), settings)
+                .with_shutdown(shutdown.clone())
+                .run(|_| futures::future::pending()),
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(
+            api.lease.lock().unwrap().is_some(),
+            "the home shard is held"
+        );
+        let stopping = tokio::time::Instant::now();
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let released = api
+            .released
+            .lock()
+            .unwrap()
+            .expect("the lease was not released");
+        // Aborted at 1 s, released after the 5 s margin (15 s lease − 10 s renew deadline).
+        assert_eq!(released - stopping, Duration::from_secs(6));
     }
 }

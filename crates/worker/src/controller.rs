@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{BackoffPolicy, FailureCounts};
-use crate::book::{ObjectKey, key_of};
+use crate::book::key_of;
 use crate::child_cache::Projected;
 use crate::child_events::ChildCache;
 use crate::child_store::ChildStore;
@@ -414,7 +414,7 @@ where
                     synced.cancel();
                 }
                 for parent in parents {
-                    shared.scope.mark_pending(parent_key(&parent));
+                    shared.scope.mark_pending(&parent);
                     // The receiver is gone only when the controller stopped.
                     let _ = tx.unbounded_send(parent);
                 }
@@ -424,15 +424,6 @@ where
         futures::future::ready(())
     });
     (tokio::spawn(driver), rx)
-}
-
-/// The bookkeeping key (`namespace/name`) of `parent`.
-fn parent_key(parent: &ObjectRef<CachedCluster>) -> ObjectKey {
-    format!(
-        "{}/{}",
-        parent.namespace.as_deref().unwrap_or_default(),
-        parent.name
-    )
 }
 
 #[cfg(test)]

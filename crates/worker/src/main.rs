@@ -32,7 +32,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use shardop::{
     ClientFactory, KubeClientArgs, KubeMetrics, OperatorNames, ShardIndex, ShardMetrics, Sharding,
@@ -260,13 +260,7 @@ fn sharding_settings(args: &RunArgs) -> anyhow::Result<ShardingSettings> {
             )
         })?,
     };
-    if args.renew_deadline >= args.lease_duration {
-        bail!("--renew-deadline must be shorter than --lease-duration");
-    }
-    if args.retry_period >= args.renew_deadline {
-        bail!("--retry-period must be shorter than --renew-deadline");
-    }
-    Ok(ShardingSettings {
+    let settings = ShardingSettings {
         names: args.operator_name.clone(),
         identity: args.identity.clone(),
         home,
@@ -277,7 +271,13 @@ fn sharding_settings(args: &RunArgs) -> anyhow::Result<ShardingSettings> {
         shutdown_timeout: args.shutdown_timeout,
         streaming_lists: args.streaming_lists,
         memory_return_interval: args.memory_return_interval,
-    })
+    };
+    // The library's check, so that the worker accepts exactly the timings a Lease can
+    // express (whole-second lease durations) and the library runs with.
+    settings
+        .validate()
+        .context("--lease-duration, --renew-deadline or --retry-period")?;
+    Ok(settings)
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until `servers` is cancelled; the returned
@@ -407,6 +407,29 @@ mod tests {
         ] {
             let err = parse(bad).expect_err(&format!("{bad:?} must be rejected"));
             assert!(err.contains(bad[0].split('=').next().unwrap()), "{err}");
+        }
+    }
+
+    #[test]
+    fn lease_timings_are_checked_as_the_library_checks_them() {
+        let settings = |extra: &[&str]| {
+            let args = ["shardop-worker", "run", "--identity", "w-0"]
+                .iter()
+                .chain(extra)
+                .copied();
+            let Command::Run(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("run expected")
+            };
+            sharding_settings(&args)
+        };
+        assert!(settings(&[]).is_ok());
+        for bad in [
+            // The Lease would say 10 s while the holder writes until 10.2 s.
+            &["--lease-duration=10.5s", "--renew-deadline=10.2s"][..],
+            &["--lease-duration=15s", "--renew-deadline=15s"],
+            &["--renew-deadline=2s", "--retry-period=2s"],
+        ] {
+            assert!(settings(bad).is_err(), "{bad:?} accepted");
         }
     }
 

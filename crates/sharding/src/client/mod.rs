@@ -461,14 +461,43 @@ pub fn fence_client(client: kube::Client, guard: LeaseGuard) -> kube::Client {
                 return client.send(request).await.map_err(BoxError::from);
             }
             guard.check()?;
-            tokio::select! {
+            let on_the_wire = AbandonedWrite::new(guard.clone());
+            let sent = tokio::select! {
                 biased;
                 () = guard.invalidated() => Err(LeaseLost(guard.shard()).into()),
                 sent = client.send(request) => sent.map_err(BoxError::from),
+            };
+            // A transport error (a timeout, a reset) does not say the server never got it.
+            if sent.is_ok() {
+                on_the_wire.answered();
             }
+            sent
         }
     });
     kube::Client::new(service, default_namespace)
+}
+
+/// A fenced write on the wire: dropped before [`Self::answered`] (given up, or failed
+/// without an answer), it tells its guard that the write may still land.
+struct AbandonedWrite(Option<LeaseGuard>);
+
+impl AbandonedWrite {
+    fn new(guard: LeaseGuard) -> Self {
+        Self(Some(guard))
+    }
+
+    /// The server answered: nothing of this write is left in flight.
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbandonedWrite {
+    fn drop(&mut self) {
+        if let Some(guard) = self.0.take() {
+            guard.note_abandoned_write();
+        }
+    }
 }
 
 /// Whether a request changes state (everything but reads and watches).
@@ -503,10 +532,19 @@ where
         token.consume();
         let mutating = is_mutating(request.method());
         let sent = Instant::now();
+        // Dropped before the answer (the caller gave up, the controller was aborted), a
+        // write may still be applied by the server: the guard remembers it.
+        let on_the_wire = fence
+            .filter(|_| mutating)
+            .map(|guard| AbandonedWrite::new(guard.clone()));
         let result = match inner.ready().await {
             Ok(ready) => ready.call(request).await.map_err(Into::into),
             Err(err) => Err(err.into()),
         };
+        // A transport error (a timeout, a reset) does not say the server never got it.
+        if let (Some(write), Ok(_)) = (on_the_wire, &result) {
+            write.answered();
+        }
         shared.observe_answer(
             waited,
             mutating,
@@ -947,6 +985,24 @@ mod tests {
         let abandoned = tokio::time::timeout(Duration::from_secs(30), write).await;
         assert!(lease_lost(abandoned.expect("still in flight").unwrap()));
         assert_eq!(start.elapsed(), Duration::from_secs(1), "cancelled at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_given_up_on_the_wire_is_remembered_by_its_guard() {
+        let guard = LeaseGuard::detached(ShardIndex(1), Instant::now() + Duration::from_secs(60));
+        // Answered: nothing is left in flight.
+        let mut policy = Fake::throttling(0).policy(TokenBucket::new(0.0, 1), Some(guard.clone()));
+        send(&mut policy, Method::PATCH).await.unwrap();
+        assert_eq!(guard.abandoned_at(), None);
+        // Given up (the controller aborted) while the server has not answered.
+        let fake = Fake::hanging();
+        let mut policy = fake.policy(TokenBucket::new(0.0, 1), Some(guard.clone()));
+        let write = tokio::spawn(async move { send(&mut policy, Method::PATCH).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(fake.sent(), 1, "the write is in flight");
+        write.abort();
+        let _ = write.await;
+        assert_eq!(guard.abandoned_at(), Some(Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -152,6 +152,27 @@ pub fn stop_grace(reason: StopReason, me: &Me<'_>, shutdown_timeout: Duration) -
     }
 }
 
+/// How long the holder of a stopped shard still waits before it releases the Lease, when
+/// a write for the shard was last abandoned `since_abandoned` ago (`None`: never) — given
+/// up on while it may have been on the wire, or aborted with the controller after the stop
+/// grace ran out.
+///
+/// Aborting a request does not un-send it: the API server may still apply a write queued
+/// behind others (priority and fairness, a slow webhook). A released Lease is acquired by
+/// its home worker at once, so releasing right away could let such a write land after the
+/// next holder started. The wait is the margin that protects expiry the same way
+/// (`lease_duration − renew_deadline`, see "Fencing" in `docs/shard-protocol.md`), counted
+/// from the abandonment. After a clean stop nothing is in flight and the release is
+/// immediate.
+pub fn release_wait(
+    since_abandoned: Option<Duration>,
+    lease_duration: Duration,
+    renew_deadline: Duration,
+) -> Duration {
+    let margin = lease_duration.saturating_sub(renew_deadline);
+    since_abandoned.map_or(Duration::ZERO, |since| margin.saturating_sub(since))
+}
+
 /// Whether the worker should let go of a shard it serves: a hand-back or retirement was
 /// requested and the shard is not its home. A home worker keeps the shard of its ordinal
 /// (retired, it is on its way out with its pod); a worker the assigner named home lets a
@@ -414,6 +435,26 @@ mod tests {
         assert_eq!(
             acquisition(&me(), ShardIndex(1), Some(&fresh_home), 3, now),
             Acquisition::RequestHandBack
+        );
+    }
+
+    #[test]
+    fn an_abandoned_write_delays_the_release_by_the_fencing_margin() {
+        let (duration, deadline) = (Duration::from_secs(15), Duration::from_secs(10));
+        assert_eq!(release_wait(None, duration, deadline), Duration::ZERO);
+        assert_eq!(
+            release_wait(Some(Duration::ZERO), duration, deadline),
+            Duration::from_secs(5),
+            "aborted just now: the whole margin"
+        );
+        assert_eq!(
+            release_wait(Some(Duration::from_secs(2)), duration, deadline),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            release_wait(Some(Duration::from_secs(60)), duration, deadline),
+            Duration::ZERO,
+            "abandoned long ago"
         );
     }
 

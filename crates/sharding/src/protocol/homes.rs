@@ -11,7 +11,7 @@
 //! moves as few shards as that allows.
 
 use super::lease::LeaseSnapshot;
-use super::plan::LeaseStep;
+use super::plan::{LeaseStep, ShardPlan};
 use crate::shard_index::{ShardCount, ShardIndex};
 
 /// The home worker of every shard `0..shards` among `workers` workers (ordinals
@@ -94,6 +94,52 @@ pub fn home_step(
         None => Some(LeaseStep::CreateHomed(home)),
         Some(lease) if lease.home_of(shard) == home => None,
         Some(_) => Some(LeaseStep::SetHome(home)),
+    }
+}
+
+/// [`plan_shard`](super::plan_shard)'s `plan` for `shard` when the shard count is fixed
+/// and spread over the workers, with `home` the spread's home worker for a shard in range
+/// ([`spread_homes`]) and `None` for a shard out of range.
+///
+/// In range, the planned Lease step goes first, then [`home_step`]. Out of range, a shard
+/// has no home worker: its workers are not going away with it, as the worker of a shard's
+/// own ordinal does on a scale-in. So:
+///
+/// * before its holder is asked to release it, the Lease names the shard's index home
+///   explicitly (if it names no one), which makes the worker of that ordinal let the
+///   retired shard go like any worker named home (see
+///   [`should_release`](super::should_release)) instead of keeping it as its own;
+/// * the retired Lease is not deleted once released and empty (its Shard object is): it is
+///   the tombstone that keeps the worker of that ordinal, which acquires its ordinal's
+///   shard when it has no Lease, from creating it anew (a worker never acquires a retired
+///   Lease).
+pub fn spread_plan(
+    shard: ShardIndex,
+    lease: Option<&LeaseSnapshot>,
+    plan: ShardPlan,
+    home: Option<ShardIndex>,
+) -> ShardPlan {
+    let planned = plan.lease_step;
+    if let Some(home) = home {
+        return ShardPlan {
+            lease_step: planned.or_else(|| home_step(shard, lease, home)),
+            ..plan
+        };
+    }
+    match planned {
+        Some(LeaseStep::RequestRelease) if lease.is_some_and(|l| l.home_worker.is_none()) => {
+            ShardPlan {
+                lease_step: Some(LeaseStep::SetHome(shard)),
+                ..plan
+            }
+        }
+        // Planned only for a retired, released, empty Lease with no move off it in flight.
+        Some(LeaseStep::Delete) => ShardPlan {
+            lease_step: None,
+            delete_shard_object: true,
+            ..plan
+        },
+        _ => plan,
     }
 }
 
@@ -192,6 +238,72 @@ mod tests {
             home_worker: home.map(ShardIndex),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_shard_beyond_a_fixed_count_is_let_go_by_the_worker_of_its_ordinal_and_stays_retired() {
+        use crate::protocol::failover::{Acquisition, Me, acquisition, should_release};
+        use crate::shard::ShardState;
+        use std::time::Duration;
+        let plan = |lease_step| ShardPlan {
+            state: ShardState::Retired,
+            lease_step,
+            delete_shard_object: false,
+        };
+        let step = |lease: Option<&LeaseSnapshot>, planned, home| {
+            spread_plan(ShardIndex(2), lease, plan(planned), home).lease_step
+        };
+        // Two shards spread over three workers: worker 2 created its ordinal's Lease before
+        // the assigner retired it, and holds it.
+        let shard = ShardIndex(2);
+        let me = Me {
+            identity: "shardop-worker-2",
+            home: shard,
+            lease_duration: Duration::from_secs(15),
+            retry_period: Duration::from_secs(2),
+        };
+        let held = LeaseSnapshot {
+            holder: Some(me.identity.into()),
+            acquired_once: true,
+            retired: true,
+            ..Default::default()
+        };
+        // Asked to release as it is, the worker would keep it as its own shard.
+        let planned = Some(LeaseStep::RequestRelease);
+        assert_eq!(
+            step(Some(&held), planned, None),
+            Some(LeaseStep::SetHome(shard)),
+            "named home first"
+        );
+        let named = LeaseSnapshot {
+            home_worker: Some(shard),
+            release_requested_by: Some("shardop-assigner".into()),
+            ..held.clone()
+        };
+        assert_eq!(step(Some(&named), planned, None), planned);
+        assert!(should_release(&me, shard, Some(&named)), "then let go");
+        // Released, it stays as a retired tombstone the worker never acquires again; its
+        // Shard object goes.
+        let released = LeaseSnapshot {
+            holder: None,
+            release_requested_by: None,
+            ..named
+        };
+        let delete = Some(LeaseStep::Delete);
+        let kept = spread_plan(shard, Some(&released), plan(delete), None);
+        assert_eq!(kept.lease_step, None);
+        assert!(kept.delete_shard_object);
+        let now = jiff::Timestamp::UNIX_EPOCH;
+        assert_eq!(
+            acquisition(&me, shard, Some(&released), 3, now),
+            Acquisition::Wait
+        );
+        // In range, the plan goes first, then the spread's home.
+        assert_eq!(
+            step(None, None, Some(ShardIndex(1))),
+            Some(LeaseStep::CreateHomed(ShardIndex(1)))
+        );
+        assert_eq!(step(None, delete, Some(ShardIndex(1))), delete);
     }
 
     #[test]

@@ -24,10 +24,10 @@ mod simulation;
 
 pub use admission::{Admission, Creation, SkipReason, admission};
 pub use failover::{
-    Acquisition, LEASE_WRITE_ATTEMPTS, Me, StopReason, acquisition, is_home, ring_distance,
-    should_release, stop_grace,
+    Acquisition, LEASE_WRITE_ATTEMPTS, Me, StopReason, acquisition, is_home, release_wait,
+    ring_distance, should_release, stop_grace,
 };
-pub use homes::{home_step, spread_homes};
+pub use homes::{home_step, spread_homes, spread_plan};
 pub use lease::{LeaseSnapshot, LeaseState, home_shard_of};
 pub use object::{
     AssignerAction, ObjectPlacement, WorkerAction, assigner_action, assigner_decision,

@@ -35,7 +35,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::admission::{Admission, Creation, admission};
-use super::failover::{Acquisition, Me, acquisition, should_release};
+use super::failover::{Acquisition, Me, acquisition, release_wait, should_release};
+use super::homes::spread_plan;
 use super::lease::LeaseSnapshot;
 use super::object::{AssignerAction, ObjectPlacement, WorkerAction, worker_action};
 use super::plan::{LeaseStep, ObjectFacts, plan_object, plan_shard};
@@ -126,6 +127,10 @@ struct Worker {
     cache: Vec<Option<Obj>>,
     /// In-flight reconciles: (shard, object).
     reconciling: BTreeSet<(u32, usize)>,
+    /// Writes of reconciles aborted when a hand-back's grace ran out: (shard, object). The
+    /// worker gave up on them, but the API server may still apply them at any later step,
+    /// so they count as writers until they land.
+    stray: BTreeSet<(u32, usize)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -177,6 +182,8 @@ struct Budget {
     /// The assigner naming another home worker on a shard's Lease (a rescale with a fixed
     /// shard count).
     rehomes: u8,
+    /// Hand-backs whose grace runs out with reconciles in flight (they are aborted).
+    aborts: u8,
 }
 
 /// What the webhook last observed of the shards: the desired count and the Leases.
@@ -189,6 +196,9 @@ struct WebhookView {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct World {
     n: u32,
+    /// The shard count is fixed and spread over all the workers (the assigner's `--shards`
+    /// with `--worker-statefulset`): workers beyond `n` keep running.
+    fixed: bool,
     objs: Vec<Obj>,
     leases: Vec<Lease>,
     workers: Vec<Worker>,
@@ -225,6 +235,11 @@ enum Step {
     /// The assigner names worker `.1` home for shard `.0` on its Lease (a `SetHome` write
     /// landing; a stale one loses to the resourceVersion precondition like any other).
     Rehome(usize, usize),
+    /// Worker `.0`, asked to let shard `.1` go, aborts its in-flight reconciles of it: their
+    /// writes become stray.
+    Abort(usize, usize),
+    /// A stray write of worker `.0` for shard `.1` and object `.2` lands.
+    StrayLands(usize, usize, usize),
 }
 
 struct Model {
@@ -311,57 +326,8 @@ impl Model {
         if w.budget.assigner_restarts > 0 {
             steps.push(Step::AssignerRestart);
         }
-        for (wi, worker) in w.workers.iter().enumerate() {
-            if !worker.alive {
-                if w.leases.iter().all(|l| !(l.live && l.holder == Some(wi))) {
-                    steps.push(Step::RestartWorker(wi));
-                }
-                continue;
-            }
-            for s in 0..SHARDS {
-                if can_acquire(w, wi, s) {
-                    steps.push(Step::Acquire(wi, s));
-                }
-                let holds = holds(w, wi, s);
-                if must_release(w, wi, s)
-                    && !worker.reconciling.iter().any(|(rs, _)| *rs as usize == s)
-                {
-                    steps.push(Step::Release(wi, s));
-                }
-                for o in 0..w.objs.len() {
-                    let key = (s as u32, o);
-                    if worker.reconciling.contains(&key) {
-                        steps.push(Step::FinishReconcile(wi, s, o));
-                        continue;
-                    }
-                    if !holds {
-                        continue;
-                    }
-                    // The worker's own decision, from its cached copy.
-                    let shard = ShardIndex(s as u32);
-                    match worker.cache[o]
-                        .as_ref()
-                        .map(|cached| worker_action(&cached.placement(), shard, false))
-                    {
-                        Some(WorkerAction::AcknowledgeDrain) => steps.push(Step::Ack(wi, s, o)),
-                        Some(WorkerAction::Reconcile) => {
-                            steps.push(Step::StartReconcile(wi, s, o));
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            for o in 0..w.objs.len() {
-                if worker.cache[o].as_ref() != Some(&w.objs[o]) {
-                    steps.push(Step::Sync(wi, o));
-                }
-            }
-            if w.budget.crashes > 0 {
-                steps.push(Step::Crash(wi));
-            }
-            if w.budget.stops > 0 && worker.reconciling.is_empty() {
-                steps.push(Step::GracefulStop(wi));
-            }
+        for wi in 0..w.workers.len() {
+            worker_steps(w, wi, &mut steps);
         }
         for (s, lease) in w.leases.iter().enumerate() {
             if lease.live && lease.holder.is_some_and(|h| !w.workers[h].alive) {
@@ -466,7 +432,16 @@ impl Model {
             .pending
             .iter()
             .any(|p| matches!(p, Write::Object { from: Some(f), .. } if *f as usize == s));
-        let plan = plan_shard(ShardIndex(s as u32), &self.table(seen), labelled, in_flight);
+        let shard = ShardIndex(s as u32);
+        let table = self.table(seen);
+        let mut plan = plan_shard(shard, &table, labelled, in_flight);
+        if w.fixed {
+            // The model's spread is the homes the Leases name (moved by `Rehome`).
+            let home = table
+                .in_range(shard)
+                .then(|| table.lease(shard).map_or(shard, |l| l.home_of(shard)));
+            plan = spread_plan(shard, table.lease(shard), plan, home);
+        }
         plan.lease_step.map(|step| Write::Lease {
             shard: s,
             rv: seen.leases[s].rv,
@@ -554,11 +529,30 @@ impl Model {
                 }
             }
             Step::Release(_, s) => release(&mut w.leases[*s]),
+            Step::Abort(wi, s) => {
+                w.budget.aborts -= 1;
+                let worker = &mut w.workers[*wi];
+                let aborted: Vec<(u32, usize)> = worker
+                    .reconciling
+                    .iter()
+                    .filter(|(rs, _)| *rs as usize == *s)
+                    .copied()
+                    .collect();
+                for key in aborted {
+                    worker.reconciling.remove(&key);
+                    worker.stray.insert(key);
+                }
+            }
+            Step::StrayLands(wi, s, o) => {
+                w.workers[*wi].stray.remove(&(*s as u32, *o));
+            }
             Step::Crash(wi) => {
                 w.budget.crashes -= 1;
                 let worker = &mut w.workers[*wi];
                 worker.alive = false;
                 worker.reconciling.clear();
+                // Expiry waits out the fencing margin for a crashed holder's writes.
+                worker.stray.clear();
                 worker.cache.iter_mut().for_each(|c| *c = None);
             }
             Step::GracefulStop(wi) => {
@@ -640,6 +634,7 @@ impl Model {
                     worker
                         .reconciling
                         .iter()
+                        .chain(&worker.stray)
                         .filter(move |(_, ro)| *ro == o)
                         .map(move |(s, _)| (wi, *s))
                 })
@@ -657,6 +652,9 @@ impl Model {
         let mut w = start.clone();
         w.budget = Budget::default();
         let n = w.n as usize;
+        // Scaled in, the StatefulSet removes the pods beyond `n`; with a fixed shard count
+        // they are workers like the others.
+        let running = if w.fixed { SHARDS } else { n };
         // Objects not created yet are created now, through the webhook's (maybe stale)
         // snapshot.
         for o in 0..w.objs.len() {
@@ -670,18 +668,19 @@ impl Model {
         for wi in 0..SHARDS {
             let worker = &mut w.workers[wi];
             worker.reconciling.clear();
-            if wi >= n {
-                worker.alive = false; // scaled in: the StatefulSet removed the pod
+            worker.stray.clear();
+            if wi >= running {
+                worker.alive = false;
             }
             for lease in &mut w.leases {
                 if lease.holder == Some(wi) && !w.workers[wi].alive {
                     lease.live = false;
                 }
             }
-            w.workers[wi].alive = wi < n;
+            w.workers[wi].alive = wi < running;
         }
         for _round in 0..12 {
-            for wi in 0..n {
+            for wi in 0..running {
                 for o in 0..w.objs.len() {
                     w.workers[wi].cache[o] = Some(w.objs[o].clone());
                 }
@@ -738,8 +737,15 @@ impl Model {
             );
         }
         for (s, lease) in w.leases.iter().enumerate() {
+            // With a fixed count, a retired Lease stays as a tombstone for the worker of
+            // its ordinal, but nobody holds it (an expired one may still name its holder).
+            let cleaned_up = if w.fixed {
+                lease.retired && !lease.live
+            } else {
+                !lease.exists
+            };
             assert!(
-                s < n || !lease.exists,
+                s < n || !lease.exists || cleaned_up,
                 "retired shard {s} not cleaned up: {lease:?}\ntrace: {trace:#?}\nfinal: {w:#?}"
             );
         }
@@ -849,6 +855,86 @@ fn must_release(w: &World, wi: usize, s: usize) -> bool {
     };
     let lease = &w.leases[s];
     holds(w, wi, s) && should_release(&me, ShardIndex(s as u32), Some(&lease.snapshot()))
+}
+
+/// The steps worker `wi` can take in `w`: its real decisions about Leases and objects, and
+/// the failures left in the budget.
+fn worker_steps(w: &World, wi: usize, steps: &mut Vec<Step>) {
+    let worker = &w.workers[wi];
+    if !worker.alive {
+        if w.leases.iter().all(|l| !(l.live && l.holder == Some(wi))) {
+            steps.push(Step::RestartWorker(wi));
+        }
+        return;
+    }
+    for s in 0..SHARDS {
+        if can_acquire(w, wi, s) {
+            steps.push(Step::Acquire(wi, s));
+        }
+        let holds = holds(w, wi, s);
+        let reconciling = worker.reconciling.iter().any(|(rs, _)| *rs as usize == s);
+        if must_release(w, wi, s) && !reconciling && release_is_due(worker, s) {
+            steps.push(Step::Release(wi, s));
+        }
+        if w.budget.aborts > 0 && must_release(w, wi, s) && reconciling {
+            steps.push(Step::Abort(wi, s));
+        }
+        for &(rs, o) in worker.stray.iter().filter(|(rs, _)| *rs as usize == s) {
+            steps.push(Step::StrayLands(wi, rs as usize, o));
+        }
+        for o in 0..w.objs.len() {
+            let key = (s as u32, o);
+            if worker.reconciling.contains(&key) {
+                steps.push(Step::FinishReconcile(wi, s, o));
+                continue;
+            }
+            // A controller aborted on a hand-back is gone: it starts nothing more.
+            if !holds || worker.stray.iter().any(|(rs, _)| *rs as usize == s) {
+                continue;
+            }
+            // The worker's own decision, from its cached copy.
+            let shard = ShardIndex(s as u32);
+            match worker.cache[o]
+                .as_ref()
+                .map(|cached| worker_action(&cached.placement(), shard, false))
+            {
+                Some(WorkerAction::AcknowledgeDrain) => steps.push(Step::Ack(wi, s, o)),
+                Some(WorkerAction::Reconcile) => {
+                    steps.push(Step::StartReconcile(wi, s, o));
+                }
+                _ => {}
+            }
+        }
+    }
+    for o in 0..w.objs.len() {
+        if worker.cache[o].as_ref() != Some(&w.objs[o]) {
+            steps.push(Step::Sync(wi, o));
+        }
+    }
+    if w.budget.crashes > 0 {
+        steps.push(Step::Crash(wi));
+    }
+    if w.budget.stops > 0
+        && worker.reconciling.is_empty()
+        && (0..SHARDS).all(|s| release_is_due(worker, s))
+    {
+        steps.push(Step::GracefulStop(wi));
+    }
+}
+
+/// Whether worker `w` may release shard `s`'s Lease now: the worker's real rule
+/// ([`release_wait`]). The model has no clock; the protocol assumes a write abandoned on
+/// the wire lands within the fencing margin, so "the margin has passed" is "every stray
+/// write of the shard landed", and while one has not, it was abandoned just now.
+fn release_is_due(worker: &Worker, s: usize) -> bool {
+    let abandoned = worker.stray.iter().any(|(rs, _)| *rs as usize == s);
+    let since_abandoned = abandoned.then_some(Duration::ZERO);
+    release_wait(
+        since_abandoned,
+        Duration::from_secs(15),
+        Duration::from_secs(10),
+    )
+    .is_zero()
 }
 
 fn release(lease: &mut Lease) {
@@ -970,10 +1056,12 @@ fn steady(objects: usize, n: u32, budget: Budget) -> (Model, World) {
             alive: true,
             cache: objs.iter().cloned().map(Some).collect(),
             reconciling: BTreeSet::new(),
+            stray: BTreeSet::new(),
         })
         .collect();
     let world = World {
         n,
+        fixed: false,
         assigner: Assigner {
             seen: None,
             last_owner: vec![None; objs.len()],
@@ -1037,6 +1125,47 @@ fn shards_handed_to_a_newly_named_home_worker_are_never_served_twice() {
     );
     let w = with(w, &model, &[Step::StartReconcile(1, 1, 1)]);
     let states = model.explore(w, 14, max_states());
+    assert!(states > 100, "explored only {states} states");
+}
+
+#[test]
+fn a_hand_back_that_aborts_its_reconciles_releases_only_once_their_writes_landed() {
+    // A shard handed to a newly named home worker while its holder reconciles: the
+    // hand-back's grace may run out with the reconcile in flight. It is aborted, and its
+    // write may still reach the API server after the abort; the new home acquires a
+    // released Lease at once, so the release waits for the stray write.
+    let (model, w) = steady(
+        2,
+        3,
+        Budget {
+            aborts: 1,
+            ..Budget::default()
+        },
+    );
+    let mut w = with(w, &model, &[Step::StartReconcile(1, 1, 1)]);
+    // The assigner named worker 2 home for shard 1, and worker 2 asked for it back.
+    w.leases[1].home = Some(2);
+    w.leases[1].release_requested = true;
+    w.leases[1].rv += 1;
+    let states = model.explore(w, 12, max_states());
+    assert!(states > 100, "explored only {states} states");
+}
+
+#[test]
+fn a_worker_beyond_a_fixed_shard_count_lets_its_ordinals_shard_go_for_good() {
+    // Two shards spread over three workers: worker 2 has no shard, but it creates and
+    // acquires its ordinal's Lease whenever none exists. The assigner retires it; worker 2
+    // must let it go and never take it again, while it keeps running (and may crash).
+    let (model, w) = steady(
+        2,
+        2,
+        Budget {
+            crashes: 1,
+            ..Budget::default()
+        },
+    );
+    let w = World { fixed: true, ..w };
+    let states = model.explore(w, 12, max_states());
     assert!(states > 100, "explored only {states} states");
 }
 
@@ -1193,6 +1322,7 @@ fn random_walks_with_every_kind_of_failure() {
                 hand_edits: 2,
                 forged_creates: 1,
                 rehomes: 2,
+                aborts: 2,
             },
         );
         // The last object is created during the walk, through the webhook.
