@@ -483,7 +483,7 @@ impl ShardScope {
     )
     where
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-        K::DynamicType: Clone + Eq + Hash + Default,
+        K::DynamicType: Clone + Eq + Hash,
     {
         let dyntype_of_store = dyntype.clone();
         let dyntype_of_store_events = dyntype.clone();
@@ -738,11 +738,13 @@ impl ShardScope {
     }
 
     /// [`controller`](Self::controller) for a kind with dynamic type `dyntype` (e.g.
-    /// `DynamicObject` with its `ApiResource`).
+    /// `DynamicObject` with its `ApiResource`). Run it with a reconcile that calls
+    /// [`admit_with`](Self::admit_with) and [`finished_with`](Self::finished_with):
+    /// [`reconciler`](Self::reconciler) serves kinds known at compile time.
     pub fn controller_with<K>(&self, api: Api<K>, dyntype: K::DynamicType) -> Controller<K>
     where
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-        K::DynamicType: Clone + Eq + Hash + Default + Debug + Unpin,
+        K::DynamicType: Clone + Eq + Hash + Debug + Unpin,
     {
         let (store, stream) = self.objects_with(api, dyntype.clone());
         self.report_cache_load(store.clone());
@@ -1134,6 +1136,17 @@ mod tests {
             });
         let result = reconcile(Arc::new(object), called.clone()).await;
         (called.load(Ordering::SeqCst), result)
+    }
+
+    /// A controller over a kind known only at run time builds (its dynamic type, an
+    /// `ApiResource`, has no `Default`).
+    #[allow(dead_code)]
+    fn a_dynamic_kind_gets_a_controller(
+        scope: &ShardScope,
+        api: Api<DynamicObject>,
+        resource: ApiResource,
+    ) -> Controller<DynamicObject> {
+        scope.controller_with(api, resource)
     }
 
     #[tokio::test]
