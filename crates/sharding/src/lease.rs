@@ -454,7 +454,9 @@ impl HeldLease {
                     return Ok(());
                 }
                 Err(err) if is_conflict(&err) => match self.leases.get(shard).await? {
-                    Some(fresh) if self.leases.holds(&fresh) => current = fresh,
+                    Some(fresh) if self.leases.holds(&fresh) && same_tenure(&current, &fresh) => {
+                        current = fresh;
+                    }
                     _ => return Ok(()),
                 },
                 Err(err) => return Err(err.into()),
@@ -521,7 +523,7 @@ async fn renew_loop(
                 // Timed out at the deadline: the top of the loop gives the Lease up.
                 let Ok(fresh) = fresh else { continue };
                 match fresh {
-                    Ok(Some(fresh)) if leases.holds(&fresh) => {
+                    Ok(Some(fresh)) if leases.holds(&fresh) && same_tenure(&latest, &fresh) => {
                         latest = fresh;
                         next = Instant::now();
                     }
@@ -541,6 +543,16 @@ async fn renew_loop(
             Err(err) => tracing::warn!(%shard, %err, "renewing the shard lease failed, retrying"),
         }
     }
+}
+
+/// Whether `fresh` is still the tenure this process acquired as `held`: the same
+/// `acquireTime`. A hand-back request or a retirement changes the Lease but not that; an
+/// acquisition under the same identity does, by another process of the same name (a pod
+/// force-deleted and started again while the old one still runs), which must not be
+/// taken for our own: both would keep renewing and writing.
+fn same_tenure(held: &Lease, fresh: &Lease) -> bool {
+    let acquired = |lease: &Lease| lease.spec.as_ref().and_then(|s| s.acquire_time.clone());
+    acquired(held) == acquired(fresh)
 }
 
 /// A write that lost a race: an update on a stale resourceVersion (409 Conflict) or a
@@ -830,5 +842,78 @@ mod tests {
             "the release waited {:?} for a renew in flight",
             stopped.elapsed()
         );
+    }
+
+    /// An API server holding one Lease that another process under our identity acquired
+    /// after us: every write conflicts, every read shows the newer tenure. After a few
+    /// requests it stops answering, so a loop that adopts the Lease again and again waits
+    /// instead of spinning.
+    fn reacquired_under_our_name(lease: Lease) -> Client {
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let lease = lease.clone();
+            let seen = requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if seen >= 4 {
+                    futures::future::pending::<()>().await;
+                }
+                let (status, body) = if request.method() == http::Method::GET {
+                    (http::StatusCode::OK, serde_json::to_vec(&lease).unwrap())
+                } else {
+                    let conflict = serde_json::json!({
+                        "apiVersion": "v1", "kind": "Status", "status": "Failure",
+                        "reason": "Conflict", "code": 409, "message": "the object has been modified",
+                    });
+                    (
+                        http::StatusCode::CONFLICT,
+                        serde_json::to_vec(&conflict).unwrap(),
+                    )
+                };
+                let mut response = http::Response::new(kube::client::Body::from(body));
+                *response.status_mut() = status;
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        Client::new(service, "ns")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_acquired_again_under_our_name_is_lost_not_adopted() {
+        let held_since = |seconds: i64| Lease {
+            metadata: ObjectMeta {
+                name: Some(ShardIndex(0).lease_name()),
+                namespace: Some("ns".into()),
+                resource_version: Some("1".into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("w-0".into()),
+                acquire_time: Some(MicroTime(jiff::Timestamp::from_second(seconds).unwrap())),
+                ..Default::default()
+            }),
+        };
+        let settings = LeaseSettings {
+            namespace: "ns".into(),
+            identity: "w-0".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        };
+        // The pod was force-deleted and its successor acquired the Lease at t = 200 s.
+        let leases = ShardLeases::new(reacquired_under_our_name(held_since(200)), settings);
+        let guard = LeaseGuard::new(ShardIndex(0), Instant::now() + Duration::from_secs(10));
+        let task = tokio::spawn(renew_loop(
+            leases,
+            held_since(100),
+            guard.clone(),
+            CancellationToken::new(),
+        ));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!guard.is_valid(), "the old process stops writing at once");
+        assert!(
+            task.await.unwrap().is_none(),
+            "and does not release the successor's Lease"
+        );
+        assert!(same_tenure(&held_since(100), &held_since(100)));
     }
 }
