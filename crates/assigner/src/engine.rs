@@ -310,7 +310,7 @@ impl Engine {
             return;
         }
         let leases = self.leases.all();
-        let table = self.object_table(n, &leases, Timestamp::now());
+        let (table, _) = self.object_table(n, &leases, Timestamp::now());
         let records = keys
             .iter()
             .collect::<BTreeSet<_>>()
@@ -353,8 +353,9 @@ impl Engine {
             .effective_shards
             .set(table.effective_count().map_or(0, |e| i64::from(e.get())));
 
-        let object_table = self.object_table(n, &leases, now);
-        let (labelled, candidates) = self.plan_objects(&object_table);
+        let (object_table, pending) = self.object_table(n, &leases, now);
+        let (labelled, mut candidates) = self.plan_objects(&object_table);
+        hold_drains_off(&mut candidates, &pending);
         self.dispatch_labels(candidates);
         self.reread_stalled_moves(Instant::now());
         // Every Lease step is conditional on the watched copy's resourceVersion (a create
@@ -365,13 +366,13 @@ impl Engine {
 
     /// The shard table object decisions are made on: the watched `leases`, with the fences
     /// no fresh read of the Lease confirmed yet lifted (see [`crate::fences`]). Starts the
-    /// reads those fences need.
+    /// reads those fences need; also returns the shards none of those reads answered yet.
     fn object_table(
         &mut self,
         n: ShardCount,
         leases: &BTreeMap<ShardIndex, Arc<Lease>>,
         now: Timestamp,
-    ) -> ShardTable {
+    ) -> (ShardTable, BTreeSet<ShardIndex>) {
         let names = &self.settings.names;
         let watched = planning::shard_table(names, n, leases, now);
         let review = self.fences.review(&watched, leases, Instant::now());
@@ -384,7 +385,8 @@ impl Engine {
                 Done::FenceRead(shard, result.map(|lease| lease.map(Box::new)))
             });
         }
-        fences::object_table(names, n, leases, &review.unconfirmed, now)
+        let table = fences::object_table(names, n, leases, &review.unconfirmed, now);
+        (table, review.pending)
     }
 
     /// Plans every object ([`planning::plan_objects`]) and keeps the engine's book-keeping
@@ -911,6 +913,16 @@ impl Engine {
     }
 }
 
+/// Drops the drain requests off the `pending` shards (see [`fences::Review::pending`]).
+fn hold_drains_off(candidates: &mut Vec<Candidate>, pending: &BTreeSet<ShardIndex>) {
+    if pending.is_empty() {
+        return;
+    }
+    candidates.retain(|candidate| {
+        !matches!(candidate.action, AssignerAction::RequestDrain { from, .. } if pending.contains(&from))
+    });
+}
+
 /// How many stalled-move re-reads may start: up to [`REREAD_SHARE`]'s share of the write
 /// slots in flight at once, within the slots left free.
 fn reread_room(limits: Limits, writes_in_flight: usize, rereads_in_flight: usize) -> usize {
@@ -990,6 +1002,31 @@ mod tests {
             source_scopes(&kinds, &["a".to_owned(), "b".to_owned()]),
             [in_ns("a"), in_ns("b"), all(1)]
         );
+    }
+
+    #[test]
+    fn no_drain_is_requested_off_a_shard_whose_fence_awaits_its_read() {
+        let candidate = |name: &str, action| Candidate {
+            created: None,
+            key: ObjectKey {
+                kind: 0,
+                namespace: Arc::from("ns"),
+                name: name.into(),
+            },
+            action,
+        };
+        let drain = |from| AssignerAction::RequestDrain {
+            from: ShardIndex(from),
+            to: ShardIndex(0),
+        };
+        let mut candidates = vec![
+            candidate("off-3", drain(3)),
+            candidate("off-2", drain(2)),
+            candidate("new", AssignerAction::Assign { to: ShardIndex(1) }),
+        ];
+        hold_drains_off(&mut candidates, &BTreeSet::from([ShardIndex(3)]));
+        let names: Vec<&str> = candidates.iter().map(|c| &*c.key.name).collect();
+        assert_eq!(names, ["off-2", "new"]);
     }
 
     #[test]

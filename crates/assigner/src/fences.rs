@@ -43,6 +43,9 @@ pub struct Fences {
     /// Shards whose Lease is not to be read again before the instant: a read is in flight,
     /// or the last one did not confirm the fence.
     reads: HashMap<ShardIndex, Instant>,
+    /// Shards a read answered since the watched copy showed them fenced (confirming it or
+    /// not): no longer [`Review::pending`].
+    answered: BTreeSet<ShardIndex>,
 }
 
 /// What [`Fences::review`] found in one pass's table.
@@ -53,6 +56,12 @@ pub struct Review {
     pub unconfirmed: BTreeSet<ShardIndex>,
     /// Of those, the ones whose Lease to read now (a read is then counted as in flight).
     pub to_read: Vec<ShardIndex>,
+    /// Of the unconfirmed, those no read has answered yet: most likely fenced (the watch
+    /// is usually right), so their objects get no drain request either — it would never be
+    /// acknowledged, and cost a write per object before the direct relabel a confirmation
+    /// brings a moment later. Once a read says the shard is live after all, its objects are
+    /// drained the normal way.
+    pub pending: BTreeSet<ShardIndex>,
 }
 
 impl Fences {
@@ -72,6 +81,7 @@ impl Fences {
             .collect();
         self.confirmed
             .retain(|shard, uid| fenced.get(shard) == Some(&uid.as_deref()));
+        self.answered.retain(|shard| fenced.contains_key(shard));
         self.reads.retain(|_, until| now < *until);
         let unconfirmed: BTreeSet<ShardIndex> = fenced
             .keys()
@@ -86,9 +96,15 @@ impl Fences {
         for shard in &to_read {
             self.reads.insert(*shard, now + READ_HOLD);
         }
+        let pending = unconfirmed
+            .iter()
+            .filter(|shard| !self.answered.contains(shard))
+            .copied()
+            .collect();
         Review {
             unconfirmed,
             to_read,
+            pending,
         }
     }
 
@@ -102,6 +118,7 @@ impl Fences {
         wall: Timestamp,
         now: Instant,
     ) -> bool {
+        self.answered.insert(shard);
         match fresh.filter(|lease| reads_fenced(lease, names, wall)) {
             Some(lease) => {
                 self.reads.remove(&shard);

@@ -385,7 +385,7 @@ pub fn admit(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::time::Duration;
 
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
@@ -1119,6 +1119,11 @@ mod tests {
 
         let review = fences.review(&watched, &leases, at);
         assert_eq!(review.to_read, [ShardIndex(2)], "one read of the Lease");
+        assert_eq!(
+            review.pending,
+            BTreeSet::from([ShardIndex(2)]),
+            "no drain requests until the read answers"
+        );
         let plan = plan_with(&review);
         assert_eq!(plan.candidates.len(), 20);
         assert_eq!(
@@ -1132,6 +1137,10 @@ mod tests {
         assert!(!fences.read(ShardIndex(2), Some(&renewed), &names, wall, at));
         let review = fences.review(&watched, &leases, at);
         assert!(review.to_read.is_empty(), "not read again at once");
+        assert!(
+            review.pending.is_empty(),
+            "live after all: drained the normal way"
+        );
         assert_eq!(direct_relabels(&plan_with(&review)), 0);
 
         // A later read finds it expired after all.
