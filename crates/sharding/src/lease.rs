@@ -783,6 +783,17 @@ mod tests {
         assert_eq!(settings.lease_duration_seconds(), 11, "never shorter");
     }
 
+    /// Worker `w-0`'s settings with the production Lease timings (15 s / 10 s / 2 s).
+    fn production_timings() -> LeaseSettings {
+        LeaseSettings {
+            namespace: "ns".into(),
+            identity: "w-0".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+
     /// An API server that never answers.
     #[derive(Clone)]
     struct Unanswered;
@@ -806,13 +817,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stop_abandons_a_renew_in_flight() {
-        let settings = LeaseSettings {
-            namespace: "ns".into(),
-            identity: "w-0".into(),
-            lease_duration: Duration::from_secs(15),
-            renew_deadline: Duration::from_secs(10),
-            retry_period: Duration::from_secs(2),
-        };
+        let settings = production_timings();
         let leases = ShardLeases::new(Client::new(Unanswered, "ns"), settings);
         let lease = Lease {
             metadata: ObjectMeta {
@@ -892,13 +897,7 @@ mod tests {
                 ..Default::default()
             }),
         };
-        let settings = LeaseSettings {
-            namespace: "ns".into(),
-            identity: "w-0".into(),
-            lease_duration: Duration::from_secs(15),
-            renew_deadline: Duration::from_secs(10),
-            retry_period: Duration::from_secs(2),
-        };
+        let settings = production_timings();
         // The pod was force-deleted and its successor acquired the Lease at t = 200 s.
         let leases = ShardLeases::new(reacquired_under_our_name(held_since(200)), settings);
         let guard = LeaseGuard::new(ShardIndex(0), Instant::now() + Duration::from_secs(10));
