@@ -517,6 +517,24 @@ mod tests {
             kube::Client::new(service, "ops")
         }
 
+        /// Shuts the supervisor `run` down and returns how long after that it released
+        /// the Lease (the run must end within a minute).
+        async fn released_after_shutdown(
+            &self,
+            shutdown: &CancellationToken,
+            run: tokio::task::JoinHandle<Result<(), crate::ShardingError>>,
+        ) -> Duration {
+            let stopping = tokio::time::Instant::now();
+            shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(60), run)
+                .await
+                .expect("the supervisor is stuck on its way out")
+                .unwrap()
+                .unwrap();
+            let released = self.released.lock().unwrap();
+            released.expect("the lease was not released") - stopping
+        }
+
         async fn answer(
             &self,
             request: http::Request<kube::client::Body>,
@@ -594,24 +612,12 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(*api.heartbeats.lock().unwrap() > 0, "no heartbeat sent");
         assert!(api.released.lock().unwrap().is_none());
-        let stopping = tokio::time::Instant::now();
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(60), run)
-            .await
-            .expect("the supervisor is stuck behind the heartbeat")
-            .unwrap()
-            .unwrap();
-        let released = api
-            .released
-            .lock()
-            .unwrap()
-            .expect("the lease was not released");
+        let released = api.released_after_shutdown(&shutdown, run).await;
         // The heartbeat was given up after a retry period (2 s); it may still land, so the
         // release waits out the fencing margin (5 s) after that.
         assert!(
-            released - stopping <= Duration::from_secs(8),
-            "released {:?} after the shutdown",
-            released - stopping
+            released <= Duration::from_secs(8),
+            "released {released:?} after the shutdown"
         );
     }
 
@@ -691,19 +697,8 @@ mod tests {
             api.lease.lock().unwrap().is_some(),
             "the home shard is held"
         );
-        let stopping = tokio::time::Instant::now();
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(60), run)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let released = api
-            .released
-            .lock()
-            .unwrap()
-            .expect("the lease was not released");
+        let released = api.released_after_shutdown(&shutdown, run).await;
         // Aborted at 1 s, released after the 5 s margin (15 s lease − 10 s renew deadline).
-        assert_eq!(released - stopping, Duration::from_secs(6));
+        assert_eq!(released, Duration::from_secs(6));
     }
 }
