@@ -431,6 +431,94 @@ async fn storage_that_cannot_expand_is_degraded_and_later_changes_still_apply() 
     );
 }
 
+/// A size change made together with a spec error the CRD lets through (requests above
+/// limits) and with claims the StatefulSet does not own (`Retain`, so nothing to let go
+/// of first): the replacement StatefulSet would be rejected, so the old one must stay with
+/// its pods; once the spec is fixed the resize goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_whose_replacement_would_be_rejected_keeps_the_old_stateful_set() {
+    let env = Env::new("w-badresize").await;
+    let class = env.storage_class("expandable", true).await;
+    let claims = claim_names(1);
+    env.volume(&class, &claims[0]).await;
+    let _worker = env.worker();
+    let mut spec = valid_spec(1);
+    spec["storage"]["storageClassName"] = json!(class);
+    spec["storage"]["reclaimPolicy"] = json!("Retain");
+    env.create("db", spec).await;
+    env.claims_bound(&claims).await;
+    let sts_api = env.stateful_sets();
+    wait_for("the pod of the StatefulSet", TIMEOUT, || async {
+        let pods = env.pods_by_name().await;
+        (pods.len() == 1 && pods.values().all(|(_, _, owner)| owner.is_some())).then_some(())
+    })
+    .await
+    .unwrap();
+    env.converged("db").await;
+    let uid = sts_api.get("db").await.unwrap().uid().unwrap();
+
+    env.patch_spec(
+        "db",
+        json!({
+            "storage": { "size": "2Gi" },
+            "resources": { "requests": { "cpu": "2" }, "limits": { "cpu": "1" } },
+        }),
+    )
+    .await;
+    let resizing = env
+        .condition(
+            "db",
+            condition::STORAGE_RESIZING,
+            "False",
+            "ReplacementRejected",
+        )
+        .await;
+    assert!(
+        resizing.message.contains("cpu limit"),
+        "{}",
+        resizing.message
+    );
+    let object = env.converged("db").await;
+    assert_eq!(
+        object.condition(condition::DEGRADED).unwrap().status,
+        "True"
+    );
+    let kept = sts_api.get("db").await.unwrap();
+    assert_eq!(
+        kept.uid().as_deref(),
+        Some(uid.as_str()),
+        "the old StatefulSet stays"
+    );
+    assert!(
+        kept.metadata.deletion_timestamp.is_none(),
+        "not being deleted"
+    );
+    assert_eq!(template_size(&kept).as_deref(), Some("1Gi"));
+    let pods = env.pods_by_name().await;
+    assert!(
+        pods.values()
+            .all(|(_, _, owner)| owner.as_deref() == Some(uid.as_str())),
+        "the pods keep their StatefulSet: {pods:?}"
+    );
+
+    // The spec fixed: the StatefulSet is replaced around the new template.
+    env.patch_spec(
+        "db",
+        json!({ "resources": { "requests": { "cpu": "1" }, "limits": { "cpu": "1" } } }),
+    )
+    .await;
+    env.condition("db", condition::STORAGE_RESIZING, "False", "Resized")
+        .await;
+    let replaced = sts_api.get("db").await.unwrap();
+    assert_ne!(replaced.uid().as_deref(), Some(uid.as_str()));
+    assert_eq!(template_size(&replaced).as_deref(), Some("2Gi"));
+    let object = env.converged("db").await;
+    assert_eq!(
+        object.condition(condition::DEGRADED).unwrap().status,
+        "False"
+    );
+}
+
 /// A ValidatingAdmissionPolicy that refuses every claim deletion in `namespace`, and its
 /// binding; returns the binding's name.
 fn refuse_claim_deletion(env: &Env, namespace: &str) -> String {

@@ -491,6 +491,7 @@ async fn converge(
             let io = ResizeIo {
                 client: &ctx.client,
                 guard: &shared.guard,
+                shard: shared.shard,
             };
             // The status as it is, including our own write the cache has not delivered yet.
             let status = status_known(ctx, &cluster, key);

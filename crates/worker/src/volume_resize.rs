@@ -14,7 +14,12 @@
 //!    lagging cache while the StatefulSet is deleted can put its owner reference back after
 //!    the garbage collector took it off: the collector then deletes the claim (and, with a
 //!    `Delete` volume reclaim policy, the data);
-//! 3. delete the StatefulSet with `propagationPolicy: Orphan`: its pods and claims stay;
+//! 3. delete the StatefulSet with `propagationPolicy: Orphan`: its pods and claims stay.
+//!    Only once a dry-run create of its replacement passes the API server's validation
+//!    ([`replacement_rejection`]): a spec error made together with the size change (say
+//!    requests above limits, which the CRD does not check) would otherwise leave the pods
+//!    without a StatefulSet until the spec is fixed. A rejected replacement keeps the old
+//!    StatefulSet and ends `StorageResizing=False`, `ReplacementRejected`;
 //! 4. while it is being deleted ([`Phase::Replacing`]) it is not applied at all: an apply
 //!    landing after the deletion completed would create it again with the old template;
 //! 5. once it is gone the normal apply creates it with the new template; it adopts the
@@ -34,15 +39,17 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy};
+use kube::api::{
+    Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy,
+};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use shardop_api::constants::WORKER_FIELD_MANAGER;
 use shardop_api::constants::condition::{DEGRADED, STORAGE_RESIZING};
-use shardop_api::{DatabaseCluster, DatabaseClusterStatus};
+use shardop_api::{DatabaseCluster, DatabaseClusterStatus, ShardIndex};
 use shardop_runtime::LeaseGuard;
 
-use crate::children::DATA_VOLUME;
+use crate::children::{DATA_VOLUME, desired_stateful_set};
 use crate::claims;
 use crate::condition_set::{ConditionValue, keep_condition, set_condition};
 use crate::error::ReconcileError;
@@ -453,6 +460,8 @@ pub struct ResizeIo<'a> {
     pub client: &'a Client,
     /// The shard's Lease fence.
     pub guard: &'a LeaseGuard,
+    /// The shard, whose label the replacement StatefulSet carries.
+    pub shard: ShardIndex,
 }
 
 /// Whether `status` shows a resize under way.
@@ -488,8 +497,11 @@ pub async fn advance(
             }
             expand_claims(io, cluster, &plan.expand).await?;
             if let Some(stateful_set) = stateful_set {
-                let step = replace_step(size, template, stateful_set);
+                let step = replace_step(size, template.clone(), stateful_set);
                 if step.stateful_set == StatefulSetPlan::LeaveAlone {
+                    if let Some(reason) = replacement_rejection(io, cluster).await? {
+                        return Ok(replacement_rejected(size, template, &reason));
+                    }
                     delete_orphaning(io, stateful_set).await?;
                 }
                 return Ok(step);
@@ -639,6 +651,60 @@ async fn expand_claims(
         tracing::info!(claims = names.len(), size = %cluster.spec.storage.size.0, "volume claims expanded");
     }
     Ok(())
+}
+
+/// Why the API server would refuse the StatefulSet that replaces the old one, if it would:
+/// a dry-run create of it. The old StatefulSet still holds the name, and the API server
+/// validates an object (and runs validating admission) before it looks the name up, so
+/// 409 AlreadyExists says the replacement passed; 422 or 400 says why it would not.
+async fn replacement_rejection(
+    io: &ResizeIo<'_>,
+    cluster: &DatabaseCluster,
+) -> Result<Option<String>, ReconcileError> {
+    let replacement = desired_stateful_set(cluster, io.shard);
+    let api: Api<StatefulSet> =
+        Api::namespaced(io.client.clone(), &cluster.namespace().unwrap_or_default());
+    let params = PostParams {
+        dry_run: true,
+        field_manager: Some(WORKER_FIELD_MANAGER.to_owned()),
+    };
+    io.guard.check()?;
+    match api.create(&params, &replacement).await {
+        // Gone meanwhile: nothing to delete, the next pass creates it (and learns why not).
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(status)) if status.code == 409 && status.reason == "AlreadyExists" => {
+            Ok(None)
+        }
+        Err(kube::Error::Api(status)) if status.code == 422 || status.code == 400 => {
+            Ok(Some(status.message.clone()))
+        }
+        Err(err) => Err(ReconcileError::kube("checking the replacement StatefulSet")(err)),
+    }
+}
+
+/// The pass that finds the replacement StatefulSet rejected: the old one stays (its
+/// template keeps its size, the rest of the spec is applied and rejected as usual, so the
+/// object shows Degraded for the spec error) until the spec changes.
+fn replacement_rejected(size: &Quantity, template: Quantity, reason: &str) -> Resize {
+    Resize {
+        stateful_set: StatefulSetPlan::KeepTemplate(template),
+        condition: Some(ConditionValue {
+            status: "False",
+            reason: "ReplacementRejected",
+            message: format!(
+                "claims expanded to {}, but the API server would reject the StatefulSet that replaces the old one ({reason}); the old StatefulSet and its pods are kept until the spec is fixed",
+                size.0
+            ),
+        }),
+        problem: Some(TerminalProblem {
+            reason: "StatefulSetReplacementRejected".to_owned(),
+            message: format!(
+                "the StatefulSet with the {} claim template would be rejected: {reason}",
+                size.0
+            ),
+        }),
+        requeue: None,
+    }
 }
 
 /// Deletes the StatefulSet we saw (uid precondition) and nothing else: its pods and claims
@@ -897,6 +963,24 @@ mod tests {
                 .not_allowed
                 .is_some()
         );
+    }
+
+    #[test]
+    fn a_rejected_replacement_keeps_the_old_template_ends_the_resize_and_says_why() {
+        let why = "spec.template.spec.containers[0].resources.requests: Invalid value: \"2\": must be less than or equal to cpu limit of 1";
+        let resize = replacement_rejected(&q("2Gi"), q("1Gi"), why);
+        // Applied with the old template (never left alone: that is the deletion's plan).
+        assert_eq!(resize.stateful_set, StatefulSetPlan::KeepTemplate(q("1Gi")));
+        assert_eq!(resize.requeue, None, "waits for a spec change, no polling");
+        let condition = resize.condition.as_ref().unwrap();
+        assert_eq!(
+            (condition.status, condition.reason),
+            ("False", "ReplacementRejected")
+        );
+        assert!(condition.message.contains(why), "{}", condition.message);
+        let problem = resize.problem.as_ref().unwrap();
+        assert_eq!(problem.reason, "StatefulSetReplacementRejected");
+        assert!(problem.message.contains("2Gi") && problem.message.contains(why));
     }
 
     #[test]
