@@ -270,9 +270,9 @@ fn chart_lints_renders_and_rejects_bad_values() {
         Some("shardop-worker")
     );
     assert_eq!(
-        arg_value(&string_args(container(assigner)), "--shards"),
-        None,
-        "one shard per worker unless assigner.shards is set"
+        arg_value(&string_args(container(assigner)), "--shards").as_deref(),
+        Some("12"),
+        "12 shards spread over the workers unless assigner.shards says otherwise"
     );
     assert_eq!(
         arg_value(&string_args(container(assigner)), "--webhook-finalizers").as_deref(),
@@ -293,12 +293,23 @@ fn chart_lints_renders_and_rejects_bad_values() {
     ] {
         assert!(!k.contains_key(absent), "{absent} must be opt-in: {k:?}");
     }
-    // A fixed shard count, spread over the worker StatefulSet's replicas.
-    let (_, fixed) = render(cluster, "shardop-system", &["assigner.shards=12"]);
+    // Another fixed shard count, and one shard per worker replica (`null`).
+    let (_, fixed) = render(cluster, "shardop-system", &["assigner.shards=48"]);
     let fixed_args = string_args(container(find(&fixed, "Deployment", "shardop-assigner")));
-    assert_eq!(arg_value(&fixed_args, "--shards").as_deref(), Some("12"));
+    assert_eq!(arg_value(&fixed_args, "--shards").as_deref(), Some("48"));
     assert_eq!(
         arg_value(&fixed_args, "--worker-statefulset").as_deref(),
+        Some("shardop-worker")
+    );
+    let (_, per_worker) = render(cluster, "shardop-system", &["assigner.shards=null"]);
+    let per_worker_args = string_args(container(find(
+        &per_worker,
+        "Deployment",
+        "shardop-assigner",
+    )));
+    assert_eq!(arg_value(&per_worker_args, "--shards"), None);
+    assert_eq!(
+        arg_value(&per_worker_args, "--worker-statefulset").as_deref(),
         Some("shardop-worker")
     );
     // No rule anywhere grants secrets, pods, configmaps or a wildcard; the exceptions are
@@ -1345,6 +1356,9 @@ async fn chart_service_accounts_run_the_operator_end_to_end() {
             scoped.as_str(),
             "operatorName=dbs",
             "worker.replicas=2",
+            // One shard per worker: the scale-out below adds a shard and the scale-in
+            // retires it (the default, a fixed shard count, moves shards instead).
+            "assigner.shards=null",
             // Every optional flag the chart can pass, so the binaries prove they accept them.
             "worker.concurrency=8",
             "worker.kubeQps=40",

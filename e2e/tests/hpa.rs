@@ -2,8 +2,14 @@
 //! (hack/obs-up.sh, a local process) scrapes the worker pods at their pod IPs,
 //! prometheus-adapter serves `shardop_queue_depth` through the custom metrics API, and the
 //! chart's HPA scales the worker StatefulSet from 2 up to 4 under a create storm of
-//! DatabaseClusters and back down to 2 once the queues drain; the assigner expands to four
-//! shards and contracts to two; never two owners (audit log).
+//! DatabaseClusters and back down to 2 once the queues drain; never two owners (audit log).
+//! Both ways the chart shards, one test each (run one after the other, as they share the
+//! node and the release name):
+//!
+//! * a fixed shard count (`assigner.shards`, the chart's default way; 4 here): whole shards
+//!   move between the workers and no object is ever relabelled;
+//! * one shard per worker (`assigner.shards=null`): the assigner expands to four shards and
+//!   contracts to two, moving objects.
 //!
 //! The queue builds because the workers are throttled by chart values, not by fault
 //! injection (the image runs the workspace's binaries, built without the fault-injection
@@ -17,8 +23,8 @@
 //! A ResourceQuota of zero pods in the objects' namespace keeps the storm's database pods
 //! off the single node: a DatabaseCluster counts as converged when its status reports the
 //! generation the worker last reconciled. Replicas, per-shard queue depth and converged
-//! objects are written to target/hpa/hpa.json and plotted to target/hpa/hpa.png; the
-//! scale-up and scale-down times are printed (docs/operations.md records them).
+//! objects are written to target/hpa/hpa-<mode>.json and plotted to target/hpa/hpa-<mode>.png;
+//! the scale-up and scale-down times are printed (docs/operations.md records them).
 
 // Tests fail by panicking; the workspace lints forbid unwrap/expect only in production code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -41,12 +47,15 @@ use shardop::constants::SHARD_LABEL;
 use shardop_api::DatabaseCluster;
 use shardop_e2e::node::{HelmRelease, LocalNode, helm_ok};
 use shardop_e2e::obs::{Observability, ScrapeTarget, observability, sample_value};
-use shardop_e2e::{Cluster, TestNamespace, audit, cluster, wait_for};
+use shardop_e2e::{Cluster, TestNamespace, audit, cluster};
 
 const RELEASE: &str = "shardop";
 const STORM: usize = 240;
 const MIN_WORKERS: i32 = 2;
 const MAX_WORKERS: i32 = 4;
+/// `assigner.shards` of the fixed-shard test: one shard per worker at the most workers, two
+/// at the fewest.
+const FIXED_SHARDS: i32 = 4;
 /// The worker pods' metrics port (the chart's default).
 const METRICS_PORT: u16 = 8080;
 /// Generous: pods start slowly on a busy 2-core machine, and the HPA syncs every 15 s.
@@ -72,6 +81,69 @@ const HPA_VALUES: [(&str, &str); 10] = [
     ),
 ];
 
+/// The two tests share the node and the release name: one at a time.
+static NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// How the chart shards: what moves when the HPA scales the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `assigner.shards` (the chart's default way): whole shards move between workers.
+    FixedShards,
+    /// `assigner.shards=null`: one shard per worker, objects move between shards.
+    ShardPerWorker,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::FixedShards => "fixed-shards",
+            Mode::ShardPerWorker => "shard-per-worker",
+        }
+    }
+
+    fn shards_value(self) -> String {
+        match self {
+            Mode::FixedShards => format!("assigner.shards={FIXED_SHARDS}"),
+            Mode::ShardPerWorker => "assigner.shards=null".to_owned(),
+        }
+    }
+
+    /// Every shard held by its home among `workers` workers: with fixed shards, all of them
+    /// spread evenly over those workers; with one shard per worker, shard `i` by worker `i`
+    /// and no object labelled for a shard beyond them.
+    fn at_home(self, sample: &Sample, workers: i32) -> bool {
+        match self {
+            Mode::FixedShards => {
+                let mut held = BTreeMap::<&str, i32>::new();
+                for shard in 0..FIXED_SHARDS {
+                    let Some(holder) = sample.holders.get(&shard) else {
+                        return false;
+                    };
+                    *held.entry(holder.as_str()).or_default() += 1;
+                }
+                let homes: BTreeSet<String> = (0..workers).map(worker_pod).collect();
+                let (fewest, most) = (
+                    FIXED_SHARDS / workers,
+                    (FIXED_SHARDS + workers - 1) / workers,
+                );
+                held.len() == homes.len()
+                    && held
+                        .iter()
+                        .all(|(h, n)| homes.contains(*h) && (fewest..=most).contains(n))
+            }
+            Mode::ShardPerWorker => {
+                let home: BTreeSet<String> = (0..workers).map(|s| s.to_string()).collect();
+                (0..workers).all(|s| sample.holders.get(&s) == Some(&worker_pod(s)))
+                    && sample.shards_labelled.is_subset(&home)
+            }
+        }
+    }
+}
+
+fn worker_pod(ordinal: i32) -> String {
+    format!("{RELEASE}-worker-{ordinal}")
+}
+
 /// One observation of the loop.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Sample {
@@ -87,6 +159,10 @@ struct Sample {
     converged: usize,
     /// Shard label values on the DatabaseClusters.
     shards_labelled: BTreeSet<String>,
+    /// Holder of each shard Lease `0..MAX_WORKERS` that has one.
+    holders: BTreeMap<i32, String>,
+    /// DatabaseClusters seen so far with a shard label other than the first they had.
+    relabelled: usize,
 }
 
 /// Lets Prometheus scrape every Running worker pod at its pod IP, as a ServiceMonitor would.
@@ -144,6 +220,8 @@ struct Probe {
     objects: String,
     obs: &'static Observability,
     began: Instant,
+    /// Each DatabaseCluster's first shard label seen, and those seen with another since.
+    first_labels: Mutex<(BTreeMap<String, String>, BTreeSet<String>)>,
 }
 
 impl Probe {
@@ -176,6 +254,13 @@ impl Probe {
             .collect();
         let dcs: Api<DatabaseCluster> = Api::namespaced(self.client.clone(), &self.objects);
         let objects = dcs.list(&ListParams::default()).await?.items;
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.operator);
+        let mut holders = BTreeMap::new();
+        for shard in 0..MAX_WORKERS {
+            if let Some(h) = holder(&leases, shard).await {
+                holders.insert(shard, h);
+            }
+        }
         Ok(Sample {
             t: self.began.elapsed().as_secs_f64(),
             replicas,
@@ -186,7 +271,24 @@ impl Probe {
                 .iter()
                 .filter_map(|dc| dc.labels().get(SHARD_LABEL).cloned())
                 .collect(),
+            holders,
+            relabelled: self.relabelled(&objects),
         })
+    }
+
+    fn relabelled(&self, objects: &[DatabaseCluster]) -> usize {
+        let mut guard = self.first_labels.lock().unwrap();
+        let (first, moved) = &mut *guard;
+        for dc in objects {
+            let Some(label) = dc.labels().get(SHARD_LABEL) else {
+                continue;
+            };
+            let seen = first.entry(dc.name_any()).or_insert_with(|| label.clone());
+            if seen != label {
+                moved.insert(dc.name_any());
+            }
+        }
+        moved.len()
     }
 }
 
@@ -214,10 +316,25 @@ async fn record(
     }
 }
 
-fn write_report(samples: &[Sample], scale_up: f64, scale_down: f64, drained: f64, rescaled: usize) {
+/// What one test measured, for target/hpa/hpa-<mode>.json.
+struct Figures {
+    scale_up: f64,
+    scale_down: f64,
+    drained: f64,
+    rescaled: usize,
+}
+
+fn write_report(mode: Mode, samples: &[Sample], figures: &Figures) {
+    let Figures {
+        scale_up,
+        scale_down,
+        drained,
+        rescaled,
+    } = *figures;
     let dir = shardop_e2e::repo_root().join("target/hpa");
     std::fs::create_dir_all(&dir).unwrap();
     let report = serde_json::json!({
+        "mode": mode.name(),
         "storm": STORM,
         "scale_up_seconds": scale_up,
         "scale_down_seconds": scale_down,
@@ -226,7 +343,7 @@ fn write_report(samples: &[Sample], scale_up: f64, scale_down: f64, drained: f64
         "samples": samples,
     });
     std::fs::write(
-        dir.join("hpa.json"),
+        dir.join(format!("hpa-{}.json", mode.name())),
         serde_json::to_vec_pretty(&report).unwrap(),
     )
     .unwrap();
@@ -241,13 +358,18 @@ fn write_report(samples: &[Sample], scale_up: f64, scale_down: f64, drained: f64
         }
         converged.push("converged", s.t, s.converged as f64);
     }
-    let title = format!("HPA on queue depth: {STORM} DatabaseClusters created at t = 0");
-    plot::draw(&dir.join("hpa.png"), &title, &[replicas, queues, converged]).unwrap();
-    println!("wrote {}/hpa.{{json,png}}", dir.display());
+    let title = format!(
+        "HPA on queue depth ({}): {STORM} DatabaseClusters created at t = 0",
+        mode.name()
+    );
+    let png = dir.join(format!("hpa-{}.png", mode.name()));
+    plot::draw(&png, &title, &[replicas, queues, converged]).unwrap();
+    println!("wrote {}", png.display());
 }
 
-async fn install(cluster: &Cluster, node: &LocalNode, namespace: &str) {
+async fn install(cluster: &Cluster, node: &LocalNode, namespace: &str, mode: Mode) {
     let values = node.values_local.display().to_string();
+    let shards = mode.shards_value();
     let mut args = vec![
         "install",
         RELEASE,
@@ -260,6 +382,7 @@ async fn install(cluster: &Cluster, node: &LocalNode, namespace: &str) {
     for (flag, value) in HPA_VALUES {
         args.extend([flag, value]);
     }
+    args.extend(["--set", &shards]);
     helm_ok(cluster, &args).unwrap();
 }
 
@@ -300,17 +423,52 @@ async fn holder(leases: &Api<Lease>, shard: i32) -> Option<String> {
 }
 
 #[tokio::test]
-async fn the_hpa_scales_the_workers_out_under_a_create_storm_and_back_in_when_queues_drain() {
+async fn with_fixed_shards_the_hpa_moves_whole_shards_and_relabels_nothing() {
+    let _node = NODE.lock().await;
+    let samples = hpa_loop(Mode::FixedShards).await;
+    let Some(last) = samples.last() else {
+        return; // no node on this machine (hpa_loop said why)
+    };
+    assert_eq!(
+        last.relabelled, 0,
+        "objects changed shards while only workers came and went"
+    );
+    let labels: BTreeSet<String> = (0..FIXED_SHARDS).map(|s| s.to_string()).collect();
+    assert!(
+        samples.iter().all(|s| s.shards_labelled.is_subset(&labels)),
+        "an object was labelled beyond the {FIXED_SHARDS} fixed shards"
+    );
+}
+
+#[tokio::test]
+async fn with_a_shard_per_worker_the_hpa_expands_and_contracts_the_shards() {
+    let _node = NODE.lock().await;
+    let samples = hpa_loop(Mode::ShardPerWorker).await;
+    if samples.is_empty() {
+        return; // no node on this machine (hpa_loop said why)
+    }
+    let labelled: BTreeSet<&String> = samples.iter().flat_map(|s| &s.shards_labelled).collect();
+    assert!(
+        labelled.contains(&"3".to_owned()),
+        "no object was ever assigned to shard 3: {labelled:?}"
+    );
+}
+
+/// Installs the chart sharding `mode`'s way, creates the storm, follows the HPA out to
+/// four workers and back to two with every shard at home, and checks the bounds and the
+/// audit log. Returns the samples for the mode's own checks: none when this machine
+/// cannot run a node (`LocalNode::start` has printed why).
+async fn hpa_loop(mode: Mode) -> Vec<Sample> {
     let cluster = cluster();
     let Some(node) = LocalNode::start(cluster).unwrap() else {
-        return;
+        return vec![];
     };
     let obs = observability(cluster);
     let client = cluster.client().await.unwrap();
     let objects = TestNamespace::create(&client, "hpa-db").await.unwrap();
     let operator = TestNamespace::create(&client, "hpa-op").await.unwrap();
     forbid_pods(&client, &objects.name).await;
-    install(cluster, &node, &operator.name).await;
+    install(cluster, &node, &operator.name, mode).await;
     let _release = HelmRelease {
         cluster,
         name: RELEASE,
@@ -327,46 +485,61 @@ async fn the_hpa_scales_the_workers_out_under_a_create_storm_and_back_in_when_qu
         objects: objects.name.clone(),
         obs,
         began: Instant::now(),
+        first_labels: Mutex::default(),
     };
     let samples = Arc::new(Mutex::new(Vec::new()));
-
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &operator.name);
-    wait_for("workers 0 and 1 holding their shards", DEADLINE, || async {
-        for shard in 0..MIN_WORKERS {
-            (holder(&leases, shard).await? == format!("{RELEASE}-worker-{shard}")).then_some(())?;
-        }
-        Some(())
-    })
-    .await
-    .unwrap();
+    record(
+        &probe,
+        &mut scrapes,
+        &Arc::default(),
+        "2 Ready workers holding every shard",
+        |s| s.ready_workers == MIN_WORKERS && mode.at_home(s, MIN_WORKERS),
+    )
+    .await;
 
     probe.began = Instant::now();
     create_storm(&client, &objects.name, node.db_standin_image).await;
     let created = probe.began.elapsed().as_secs_f64();
-    println!("created {STORM} DatabaseClusters in {created:.1} s");
+    println!(
+        "{}: created {STORM} DatabaseClusters in {created:.1} s",
+        mode.name()
+    );
+    let figures = follow_the_loop(mode, &probe, &mut scrapes, &samples).await;
+    let samples = samples.lock().unwrap().clone();
+    write_report(mode, &samples, &figures);
 
-    let scaled_up = record(&probe, &mut scrapes, &samples, "4 Ready workers", |s| {
-        s.replicas == MAX_WORKERS && s.ready_workers == MAX_WORKERS
+    // The HPA never went past either bound.
+    assert!(
+        samples
+            .iter()
+            .all(|s| (MIN_WORKERS..=MAX_WORKERS).contains(&s.replicas))
+    );
+    audit::assert_one_owner(cluster.audit_log().unwrap(), &operator.name, &objects.name);
+    samples
+}
+
+/// Samples the loop from the storm to two workers with everything converged: scale-up
+/// (four Ready workers, every shard at home among them), scale-down (from the first step
+/// below four to two workers with every shard at home) and the drain.
+async fn follow_the_loop(
+    mode: Mode,
+    probe: &Probe,
+    scrapes: &mut Scrapes,
+    samples: &Arc<Mutex<Vec<Sample>>>,
+) -> Figures {
+    let name = mode.name();
+    let scaled_up = record(probe, scrapes, samples, "4 Ready workers at home", |s| {
+        s.replicas == MAX_WORKERS && s.ready_workers == MAX_WORKERS && mode.at_home(s, MAX_WORKERS)
     })
     .await;
     let scale_up = scaled_up.t;
-    println!("scale-up 2 → 4 Ready workers: {scale_up:.1} s after the storm began");
+    println!("{name}: scale-up 2 → 4 Ready workers at home: {scale_up:.1} s after the storm began");
 
     // The HPA scales in once the queued objects fit on fewer workers at the target, before
-    // they have all converged. The scale-down time runs from its first step (the
-    // StatefulSet below 4) to two Ready workers with every object back on shards 0 and 1.
-    let home: BTreeSet<String> = (0..MIN_WORKERS).map(|s| s.to_string()).collect();
-    let scaled_down = record(
-        &probe,
-        &mut scrapes,
-        &samples,
-        "2 workers and every object back on shards 0 and 1",
-        |s| {
-            s.replicas == MIN_WORKERS
-                && s.ready_workers == MIN_WORKERS
-                && s.shards_labelled.is_subset(&home)
-        },
-    )
+    // they have all converged.
+    let scaled_down = record(probe, scrapes, samples, "2 workers at home", |s| {
+        s.replicas == MIN_WORKERS && s.ready_workers == MIN_WORKERS && mode.at_home(s, MIN_WORKERS)
+    })
     .await;
     let first_step = samples
         .lock()
@@ -376,7 +549,7 @@ async fn the_hpa_scales_the_workers_out_under_a_create_storm_and_back_in_when_qu
         .map_or(scaled_down.t, |s| s.t);
     let scale_down = scaled_down.t - first_step;
     println!(
-        "scale-down 4 → 2 workers, shards contracted: {scale_down:.1} s from the first step \
+        "{name}: scale-down 4 → 2 workers at home: {scale_down:.1} s from the first step \
          (t = {first_step:.1} s, total queue then {:.0})",
         samples
             .lock()
@@ -387,52 +560,34 @@ async fn the_hpa_scales_the_workers_out_under_a_create_storm_and_back_in_when_qu
     );
 
     let drained = record(
-        &probe,
-        &mut scrapes,
-        &samples,
+        probe,
+        scrapes,
+        samples,
         "every DatabaseCluster converged with empty queues on 2 workers",
         |s| {
             s.converged == STORM
                 && s.queue_depth.values().all(|d| *d == 0.0)
                 && s.replicas == MIN_WORKERS
-                && s.shards_labelled.is_subset(&home)
+                && mode.at_home(s, MIN_WORKERS)
         },
     )
     .await;
     println!(
-        "every DatabaseCluster converged, queues empty: {:.1} s after the storm began",
+        "{name}: every DatabaseCluster converged, queues empty: {:.1} s after the storm began",
         drained.t
     );
-
-    let samples = samples.lock().unwrap().clone();
     // Scale-outs after the first scale-in: a contraction's queue spike passing the target.
     let rescaled = samples
+        .lock()
+        .unwrap()
         .windows(2)
         .filter(|w| w[0].t >= first_step && w[1].replicas > w[0].replicas)
         .count();
-    println!("scale-outs after the first scale-in step: {rescaled}");
-    write_report(&samples, scale_up, scale_down, drained.t, rescaled);
-
-    // The assigner expanded to four shards and contracted to two.
-    let labelled: BTreeSet<&String> = samples.iter().flat_map(|s| &s.shards_labelled).collect();
-    assert!(
-        labelled.contains(&"3".to_owned()),
-        "no object was ever assigned to shard 3: {labelled:?}"
-    );
-    // The HPA never went past either bound.
-    assert!(
-        samples
-            .iter()
-            .all(|s| (MIN_WORKERS..=MAX_WORKERS).contains(&s.replicas))
-    );
-
-    let ownership =
-        audit::ownership(cluster.audit_log().unwrap(), &operator.name, &objects.name).unwrap();
-    assert_eq!(
-        ownership.dual_ownership(),
-        0,
-        "{}",
-        ownership.violations().join("\n")
-    );
-    assert!(!ownership.writes.is_empty());
+    println!("{name}: scale-outs after the first scale-in step: {rescaled}");
+    Figures {
+        scale_up,
+        scale_down,
+        drained: drained.t,
+        rescaled,
+    }
 }

@@ -67,6 +67,26 @@ pub fn ownership(
     Ok(ownership)
 }
 
+/// Panics unless the whole log shows shard writes to the objects of `objects_namespace`
+/// and every one of them came from the holder of its shard's Lease (in
+/// `leases_namespace`) at the time: never two owners.
+pub fn assert_one_owner(path: &Path, leases_namespace: &str, objects_namespace: &str) {
+    let ownership = match ownership(path, leases_namespace, objects_namespace) {
+        Ok(ownership) => ownership,
+        Err(error) => panic!("reading the audit log: {error:#}"),
+    };
+    assert_eq!(
+        ownership.dual_ownership(),
+        0,
+        "{}",
+        ownership.violations().join("\n")
+    );
+    assert!(
+        !ownership.writes.is_empty(),
+        "no shard write in the audit log"
+    );
+}
+
 /// [`ownership`] for the shards of `operated` (another sharded operator).
 pub fn ownership_of(
     path: &Path,
